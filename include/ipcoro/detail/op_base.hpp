@@ -1,0 +1,77 @@
+// The state every io_uring operation keeps inside its awaiter (so inside the coroutine frame).
+#pragma once
+
+#include <linux/time_types.h>
+
+#include <coroutine>
+#include <cstdint>
+#include <optional>
+#include <stop_token>
+
+struct io_uring_sqe;
+
+namespace ipcoro {
+class io_context;
+}
+
+namespace ipcoro::detail {
+
+/// An entry in the io_context's queue of coroutines to resume; lives in an awaiter.
+struct ready_node {
+  ready_node* next_ready = nullptr;
+  std::coroutine_handle<> handle;
+};
+
+/// One io_uring request. Its address is the SQE's user_data, so it must not move or die
+/// between submission and the reaping of its CQE: awaiters guarantee that by staying
+/// suspended until then, cancelled or not.
+class op_base {
+public:
+  /// Fills the SQE for (re)submission.
+  using prep_fn = void (*)(op_base&, ::io_uring_sqe*) noexcept;
+  /// Sees each CQE result first. Returns true when the operation is finished; false after
+  /// updating its state to be submitted again (short reads and writes).
+  using progress_fn = bool (*)(op_base&, int res) noexcept;
+
+  explicit op_base(prep_fn prep, progress_fn progress = nullptr) noexcept
+      : prep_(prep), progress_(progress) {}
+  op_base(const op_base&) = delete;
+  op_base& operator=(const op_base&) = delete;
+
+  prep_fn prep_;
+  progress_fn progress_;
+  std::coroutine_handle<> waiter_;
+  io_context* ctx_ = nullptr;
+  op_base* next_pending_ = nullptr;  ///< link in the io_context's backlog while the SQ is full
+  ::__kernel_timespec deadline_{};  ///< absolute CLOCK_MONOTONIC; tv_sec == 0: no deadline
+  int result_ = 0;
+  int retry_fd_ = -1;                    ///< descriptor to poll before retrying -EAGAIN
+  std::uint16_t retry_poll_events_ = 0;  ///< POLLIN/POLLOUT to await before retrying -EAGAIN
+  bool cancel_requested_ = false;
+
+  bool has_deadline() const noexcept { return deadline_.tv_sec != 0 || deadline_.tv_nsec != 0; }
+};
+
+/// The non-template half of every awaitable operation: starting, cancelling, finishing.
+class op_awaiter_base : public op_base {
+public:
+  using op_base::op_base;
+
+protected:
+  /// Submits the operation for `waiter`. Returns false when the awaiter must not suspend
+  /// (stop already requested, or the io_context is shutting down).
+  bool begin(std::coroutine_handle<> waiter, const std::stop_token& token);
+  /// Ends the wait: throws operation_cancelled or timed_out; returns the CQE result otherwise.
+  int end();
+  void set_timeout(std::int64_t nanoseconds) noexcept;
+  void set_deadline(std::int64_t monotonic_nanoseconds) noexcept;
+
+private:
+  struct canceller {
+    op_base* op;
+    void operator()() const noexcept;
+  };
+  std::optional<std::stop_callback<canceller>> stop_callback_;
+};
+
+}  // namespace ipcoro::detail

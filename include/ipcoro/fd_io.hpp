@@ -1,0 +1,121 @@
+// Awaitable reads, writes and splices on any file descriptor, through the io_uring loop.
+#pragma once
+
+#include "ipcoro/io_operation.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace ipcoro {
+
+/// One read(2): completes with the number of bytes read, 0 at end of stream.
+class [[nodiscard]] read_operation : public io_operation<read_operation> {
+public:
+  read_operation(int fd, std::span<std::byte> buffer) noexcept;
+  std::size_t finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  std::byte* data_;
+  std::uint32_t size_;
+  int fd_;
+};
+
+/// One write(2): completes with the number of bytes written, which may be short.
+/// Writing to a pipe or FIFO with no reader throws std::system_error with EPIPE.
+class [[nodiscard]] write_operation : public io_operation<write_operation> {
+public:
+  write_operation(int fd, std::span<const std::byte> buffer) noexcept;
+  std::size_t finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  const std::byte* data_;
+  std::uint32_t size_;
+  int fd_;
+};
+
+/// Reads until the buffer is full or the stream ends, resubmitting after short reads
+/// without resuming the coroutine. Completes with the bytes read: `buffer.size()`, or
+/// fewer only when end of stream came first.
+class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operation> {
+public:
+  read_exact_operation(int fd, std::span<std::byte> buffer) noexcept;
+  std::size_t finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  static bool progress(detail::op_base& op, int res) noexcept;
+  std::byte* data_;
+  std::size_t size_;
+  std::size_t done_ = 0;
+  int fd_;
+};
+
+/// Writes the whole buffer, resubmitting after short writes. Throws on error (EPIPE when
+/// the reader is gone); on error the bytes already written are not reported.
+class [[nodiscard]] write_all_operation : public io_operation<write_all_operation> {
+public:
+  write_all_operation(int fd, std::span<const std::byte> buffer) noexcept;
+  void finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  static bool progress(detail::op_base& op, int res) noexcept;
+  const std::byte* data_;
+  std::size_t size_;
+  std::size_t done_ = 0;
+  int fd_;
+};
+
+/// splice(2) through the ring: moves up to `length` bytes from `fd_in` to `fd_out`
+/// without copying them through user space; one of the two must be a pipe. An offset of
+/// -1 means "the descriptor's current position" (required for pipes). Completes with the
+/// bytes moved, 0 at end of input.
+class [[nodiscard]] splice_operation : public io_operation<splice_operation> {
+public:
+  splice_operation(int fd_in, std::int64_t off_in, int fd_out, std::int64_t off_out,
+                   std::uint32_t length, unsigned flags) noexcept;
+  std::size_t finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  std::int64_t off_in_;
+  std::int64_t off_out_;
+  int fd_in_;
+  int fd_out_;
+  std::uint32_t length_;
+  unsigned flags_;
+};
+
+/// IORING_OP_NOP: a round trip through the kernel that does nothing.
+class [[nodiscard]] nop_operation : public io_operation<nop_operation> {
+public:
+  nop_operation() noexcept;
+  void finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+};
+
+[[nodiscard]] inline read_operation read(int fd, std::span<std::byte> buffer) noexcept {
+  return {fd, buffer};
+}
+[[nodiscard]] inline write_operation write(int fd, std::span<const std::byte> buffer) noexcept {
+  return {fd, buffer};
+}
+[[nodiscard]] inline read_exact_operation read_exact(int fd, std::span<std::byte> buffer) noexcept {
+  return {fd, buffer};
+}
+[[nodiscard]] inline write_all_operation write_all(int fd, std::span<const std::byte> buffer) noexcept {
+  return {fd, buffer};
+}
+[[nodiscard]] inline splice_operation splice(int fd_in, std::int64_t off_in, int fd_out,
+                                             std::int64_t off_out, std::uint32_t length,
+                                             unsigned flags = 0) noexcept {
+  return {fd_in, off_in, fd_out, off_out, length, flags};
+}
+[[nodiscard]] inline nop_operation nop() noexcept { return {}; }
+
+}  // namespace ipcoro

@@ -1,0 +1,94 @@
+// io_context: the per-thread io_uring event loop that resumes coroutines.
+#pragma once
+
+#include "ipcoro/detail/op_base.hpp"
+#include "ipcoro/task.hpp"
+
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+
+namespace ipcoro {
+
+/// What the kernel offered when the ring was set up (probed once, at construction).
+struct ring_features {
+  bool single_issuer = false;   ///< IORING_SETUP_SINGLE_ISSUER (Linux 6.0)
+  bool defer_taskrun = false;   ///< IORING_SETUP_DEFER_TASKRUN (Linux 6.1)
+  bool nodrop = false;          ///< completions survive a full CQ (Linux 5.5)
+  bool splice = false;          ///< IORING_OP_SPLICE (Linux 5.7)
+  bool msg_ring = false;        ///< IORING_OP_MSG_RING (Linux 5.18)
+  bool waitid = false;          ///< IORING_OP_WAITID (Linux 6.7)
+  bool futex = false;           ///< IORING_OP_FUTEX_WAIT / WAKE (Linux 6.7)
+  int kernel_major = 0;
+  int kernel_minor = 0;
+};
+
+/// The event loop. One per thread, owning one io_uring. Awaitables started on a thread
+/// use that thread's io_context (`io_context::current()`).
+///
+/// Shutdown: destroying an io_context with operations in flight cancels them all, keeps
+/// reaping until the kernel has posted every completion (so no buffer is written after
+/// its coroutine is gone), lets the coroutines unwind with `operation_cancelled`, and only
+/// then unmaps the ring. Detached tasks still suspended after that are destroyed.
+class io_context {
+public:
+  struct options {
+    unsigned entries = 256;     ///< submission queue size
+    unsigned cq_entries = 0;    ///< completion queue size; 0 means 4 × entries
+    bool single_issuer = true;  ///< use SINGLE_ISSUER | DEFER_TASKRUN where the kernel has them
+  };
+  struct counters {
+    std::uint64_t submitted = 0;   ///< SQEs handed to the kernel
+    std::uint64_t completed = 0;   ///< CQEs reaped
+    std::uint64_t overflowed = 0;  ///< times the CQ was full and the kernel's backlog was flushed
+  };
+
+  /// Sets up the ring. Throws std::system_error when io_uring is unavailable (naming
+  /// what to change) and std::logic_error when this thread already has an io_context.
+  io_context();
+  explicit io_context(const options& opts);
+  ~io_context();
+  io_context(const io_context&) = delete;
+  io_context& operator=(const io_context&) = delete;
+
+  /// This thread's io_context. Throws std::logic_error when there is none.
+  static io_context& current();
+  static io_context* current_or_null() noexcept;
+
+  /// Runs until no operation is in flight and no coroutine is ready, or `stop()`.
+  /// Rethrows the first failure of a detached task unless an error handler is set.
+  void run();
+  /// Makes `run()` return after the current iteration. Call it on the loop's thread.
+  void stop() noexcept;
+
+  /// Starts `t` detached: the io_context owns it until it finishes. Its failure goes to
+  /// the error handler (by default: rethrown from `run()` / `sync_wait`), never swallowed.
+  void spawn(task<void> t);
+  /// Receives every exception a detached task ends with.
+  void set_error_handler(std::function<void(std::exception_ptr)> handler);
+
+  counters stats() const noexcept;
+  const ring_features& features() const noexcept;
+  /// True while the destructor cancels and drains.
+  bool stopping() const noexcept;
+
+  // ---- used by the library's awaitables; not part of the user-facing API ----
+  /// Queues `op`'s SQE (and its linked timeout). Returns false when the context is
+  /// shutting down; `op.result_` then holds -ECANCELED.
+  bool start_op(detail::op_base& op);
+  /// Asks the kernel to cancel `op`; its CQE still arrives and resumes it.
+  void cancel_op(detail::op_base& op) noexcept;
+  /// Resumes `node.handle` from the loop, after what is already queued.
+  void schedule(detail::ready_node& node) noexcept;
+  /// Runs the loop until `done` turns true. Throws std::logic_error if nothing is left
+  /// that could make it true (a deadlock), and rethrows detached-task failures.
+  void run_until(const bool& done);
+
+  struct impl;
+
+private:
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace ipcoro

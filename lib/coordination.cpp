@@ -1,0 +1,83 @@
+// Out-of-line parts of wait lists (event, semaphore, mutex) and task groups.
+#include "ipcoro/detail/group.hpp"
+#include "ipcoro/detail/wait_list.hpp"
+#include "ipcoro/error.hpp"
+#include "ipcoro/io_context.hpp"
+
+namespace ipcoro::detail {
+
+// ---- wait_list ----
+
+bool waiter::park(wait_list& list, std::coroutine_handle<> h, const std::stop_token& token) {
+  handle = h;
+  cancelled_ = false;
+  if (token.stop_requested()) {
+    cancelled_ = true;
+    return false;
+  }
+  list.push_back(*this);
+  if (token.stop_possible()) stop_callback_.emplace(token, canceller{this});
+  return true;
+}
+
+void waiter::unpark() {
+  stop_callback_.reset();
+  if (cancelled_) throw operation_cancelled{};
+}
+
+void waiter::canceller::operator()() const noexcept {
+  // Already granted (unlinked and scheduled): the grant stands.
+  if (self->list_ == nullptr) return;
+  self->list_->remove(*self);
+  self->cancelled_ = true;
+  io_context::current().schedule(*self);
+}
+
+void wait_list::push_back(waiter& w) noexcept {
+  w.list_ = this;
+  w.next_ = nullptr;
+  w.prev_ = tail_;
+  if (tail_) tail_->next_ = &w;
+  else head_ = &w;
+  tail_ = &w;
+}
+
+void wait_list::remove(waiter& w) noexcept {
+  if (w.prev_) w.prev_->next_ = w.next_;
+  else head_ = w.next_;
+  if (w.next_) w.next_->prev_ = w.prev_;
+  else tail_ = w.prev_;
+  w.prev_ = w.next_ = nullptr;
+  w.list_ = nullptr;
+}
+
+void wait_list::wake_one() noexcept {
+  waiter* w = head_;
+  if (w == nullptr) return;
+  remove(*w);
+  io_context::current().schedule(*w);
+}
+
+void wait_list::wake_all() noexcept {
+  while (head_ != nullptr) wake_one();
+}
+
+// ---- group_state ----
+
+void group_state::follow(const std::stop_token& parent) {
+  if (parent.stop_possible()) parent_link_.emplace(parent, forward_stop{&source_});
+}
+
+void group_state::record_failure(std::exception_ptr e) noexcept {
+  try {
+    std::rethrow_exception(e);
+  } catch (const operation_cancelled&) {
+    if (!cancelled_) cancelled_ = e;
+    return;
+  } catch (...) {
+    if (!error_) error_ = e;
+  }
+  source_.request_stop();
+}
+
+}  // namespace ipcoro::detail

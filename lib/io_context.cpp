@@ -1,0 +1,487 @@
+// The io_uring event loop: submission, reaping, the ready queue, detached tasks, shutdown.
+#include "ipcoro/io_context.hpp"
+
+#include "ipcoro/error.hpp"
+#include "ipcoro/pipe.hpp"
+#include "ipcoro/sync_wait.hpp"
+#include "uring/ring.hpp"
+
+#include <fmt/core.h>
+#include <poll.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <mutex>
+#include <stdexcept>
+#include <time.h>
+
+namespace ipcoro {
+
+namespace {
+
+thread_local io_context* current_context = nullptr;
+
+// A forked child inherits the parent's io_context object but must not drive its ring
+// (the ring belongs to the parent's task); it starts its own.
+void forget_context_in_child() noexcept { current_context = nullptr; }
+
+std::int64_t monotonic_now_ns() noexcept {
+  ::timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+[[noreturn]] void throw_setup_error(int err) {
+  switch (err) {
+    case ENOSYS:
+      throw std::system_error(err, std::system_category(),
+                              "io_uring_setup: this kernel has no io_uring (needs Linux 5.11 or later, "
+                              "built with CONFIG_IO_URING)");
+    case EPERM:
+      throw std::system_error(err, std::system_category(),
+                              "io_uring_setup: io_uring is disabled for this process; set "
+                              "/proc/sys/kernel/io_uring_disabled to 0 (or allow this user's group)");
+    case ENOMEM:
+      throw std::system_error(err, std::system_category(),
+                              "io_uring_setup: cannot lock the ring's memory; raise RLIMIT_MEMLOCK "
+                              "(ulimit -l) or use fewer entries");
+    default:
+      throw_errno(err, "io_uring_setup");
+  }
+}
+
+}  // namespace
+
+struct io_context::impl {
+  uring::ring ring;
+  ring_features features;
+  counters stats;
+  std::size_t in_flight = 0;            // operations started whose last CQE is not yet reaped
+  detail::op_base* backlog_head = nullptr;  // operations waiting for SQ space
+  detail::op_base* backlog_tail = nullptr;
+  detail::ready_node* ready_head = nullptr;
+  detail::ready_node* ready_tail = nullptr;
+  bool stop_requested = false;
+  bool stopping = false;
+  pid_t owner_pid = ::getpid();
+  std::size_t detached_alive = 0;
+  std::stop_source detached_stop;
+  std::function<void(std::exception_ptr)> error_handler;
+  std::exception_ptr pending_error;
+
+  // ---- submission ----
+
+  ::io_uring_sqe* take_sqes(unsigned n) noexcept {
+    if (ring.sq_space_left() < n) {
+      int rc = ring.submit();
+      if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
+      if (ring.sq_space_left() < n) return nullptr;
+    }
+    return ring.try_get_sqe();
+  }
+
+  void prepare(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+    const bool poll_first = op.retry_poll_events_ != 0 && op.result_ == -EAGAIN;
+    if (poll_first) {
+      // The descriptor is non-blocking: wait for readiness, then retry in the same chain.
+      ::io_uring_prep_poll_add(sqe, op.retry_fd_, op.retry_poll_events_);
+      ::io_uring_sqe_set_data64(sqe, 0);
+      sqe->flags |= IOSQE_IO_LINK;
+      sqe = ring.try_get_sqe();
+    }
+    op.prep_(op, sqe);
+    ::io_uring_sqe_set_data(sqe, &op);
+    if (op.has_deadline()) {
+      sqe->flags |= IOSQE_IO_LINK;
+      ::io_uring_sqe* t = ring.try_get_sqe();
+      ::io_uring_prep_link_timeout(t, &op.deadline_, IORING_TIMEOUT_ABS);
+      ::io_uring_sqe_set_data64(t, 0);
+    }
+  }
+
+  static unsigned sqes_needed(const detail::op_base& op) noexcept {
+    return 1u + (op.has_deadline() ? 1u : 0u) +
+           (op.retry_poll_events_ != 0 && op.result_ == -EAGAIN ? 1u : 0u);
+  }
+
+  /// Queues `op`'s SQEs, or parks it in the backlog when the SQ is full and the kernel
+  /// cannot take more right now.
+  void submit_op(detail::op_base& op) noexcept {
+    const unsigned n = sqes_needed(op);
+    if (backlog_head == nullptr) {
+      if (::io_uring_sqe* sqe = take_sqes(n)) {
+        prepare(op, sqe);
+        return;
+      }
+    }
+    op.next_pending_ = nullptr;
+    if (backlog_tail) backlog_tail->next_pending_ = &op;
+    else backlog_head = &op;
+    backlog_tail = &op;
+  }
+
+  void flush_backlog() {
+    while (backlog_head != nullptr) {
+      detail::op_base& op = *backlog_head;
+      if (op.cancel_requested_ || stopping) {
+        backlog_head = op.next_pending_;
+        if (backlog_head == nullptr) backlog_tail = nullptr;
+        finish_op(op, -ECANCELED);
+        continue;
+      }
+      ::io_uring_sqe* sqe = take_sqes(sqes_needed(op));
+      if (sqe == nullptr) return;
+      backlog_head = op.next_pending_;
+      if (backlog_head == nullptr) backlog_tail = nullptr;
+      prepare(op, sqe);
+    }
+  }
+
+  bool cancel_from_backlog(detail::op_base& op) noexcept {
+    for (detail::op_base* p = backlog_head; p != nullptr; p = p->next_pending_) {
+      if (p == &op) return true;  // flush_backlog completes it with -ECANCELED
+    }
+    return false;
+  }
+
+  // ---- completion ----
+
+  void finish_op(detail::op_base& op, int res) {
+    op.result_ = res;
+    --in_flight;
+    op.waiter_.resume();
+  }
+
+  void complete(detail::op_base& op, int res) {
+    const bool cancelled = op.cancel_requested_ || stopping;
+    if (res == -EINTR) {
+      // An io-wq worker interrupted by a cancellation reports EINTR; otherwise retry.
+      const bool expired = op.has_deadline() &&
+                           monotonic_now_ns() >= op.deadline_.tv_sec * 1'000'000'000 + op.deadline_.tv_nsec;
+      if (cancelled || expired) {
+        finish_op(op, -ECANCELED);
+      } else {
+        submit_op(op);
+      }
+      return;
+    }
+    if (res == -EAGAIN && op.retry_poll_events_ != 0 && !cancelled) {
+      op.result_ = -EAGAIN;  // makes prepare() link a poll in front
+      submit_op(op);
+      return;
+    }
+    if (op.progress_ != nullptr && !op.progress_(op, res)) {
+      op.result_ = 0;
+      if (cancelled) {
+        finish_op(op, -ECANCELED);
+      } else {
+        submit_op(op);
+      }
+      return;
+    }
+    finish_op(op, res);
+  }
+
+  // ---- the ready queue ----
+
+  void push_ready(detail::ready_node& node) noexcept {
+    node.next_ready = nullptr;
+    if (ready_tail) ready_tail->next_ready = &node;
+    else ready_head = &node;
+    ready_tail = &node;
+  }
+
+  /// Resumes what was ready when called; what those coroutines schedule waits a turn,
+  /// so I/O completions are not starved.
+  void drain_ready() {
+    detail::ready_node* node = ready_head;
+    detail::ready_node* const last = ready_tail;
+    if (node == nullptr) return;
+    ready_head = last->next_ready;
+    if (ready_head == nullptr) ready_tail = nullptr;
+    for (;;) {
+      detail::ready_node* next = node->next_ready;
+      const bool was_last = node == last;
+      node->handle.resume();  // may free `node`
+      if (was_last) break;
+      node = next;
+    }
+  }
+
+  // ---- the loop ----
+
+  void reap() {
+    constexpr unsigned batch = 64;
+    ::io_uring_cqe* cqes[batch];
+    struct completion {
+      std::uint64_t user_data;
+      int res;
+    } done[batch];
+    for (;;) {
+      if (ring.cq_overflow_pending()) {
+        ++stats.overflowed;
+        // Pull the kernel's backlog of completions into the CQ as room appears.
+        (void)ring.submit_and_wait(0);
+      }
+      const unsigned n = ring.peek_batch(cqes, batch);
+      if (n == 0) return;
+      // Copy and release the slots first: resumed coroutines may need the CQ.
+      for (unsigned i = 0; i < n; ++i) done[i] = {cqes[i]->user_data, cqes[i]->res};
+      ring.advance(n);
+      stats.completed += n;
+      for (unsigned i = 0; i < n; ++i) {
+        if (done[i].user_data != 0) {
+          complete(*reinterpret_cast<detail::op_base*>(done[i].user_data), done[i].res);
+        }
+      }
+      if (n < batch && !ring.cq_overflow_pending()) return;
+    }
+  }
+
+  /// One turn: resume the ready, submit, wait if nothing else is runnable, reap.
+  /// Returns false when there is nothing at all to wait for.
+  bool turn() {
+    flush_backlog();
+    drain_ready();
+    flush_backlog();
+    if (in_flight == 0 && ready_head == nullptr) return false;
+    const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
+    const int rc = ring.submit_and_wait(must_not_wait ? 0 : 1);
+    if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
+    else if (rc < 0 && rc != -EBUSY && rc != -EAGAIN) throw_errno(-rc, "io_uring_enter");
+    reap();
+    return true;
+  }
+
+  void rethrow_pending() {
+    if (pending_error) std::rethrow_exception(std::exchange(pending_error, nullptr));
+  }
+
+  void report(std::exception_ptr e) noexcept {
+    if (error_handler) {
+      try {
+        error_handler(e);
+        return;
+      } catch (...) {
+        e = std::current_exception();
+      }
+    }
+    if (!pending_error && !stopping) {
+      pending_error = e;
+      return;
+    }
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "ipcoro: a detached task failed: %s\n", ex.what());
+    } catch (...) {
+      std::fprintf(stderr, "ipcoro: a detached task failed with a non-standard exception\n");
+    }
+  }
+
+  void shutdown() noexcept {
+    stopping = true;
+    detached_stop.request_stop();
+    if (in_flight > 0) {
+      if (::io_uring_sqe* sqe = take_sqes(1)) {
+        ::io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+        ::io_uring_sqe_set_data64(sqe, 0);
+      }
+    }
+    while (in_flight > 0 || ready_head != nullptr || backlog_head != nullptr) {
+      try {
+        if (!turn()) break;
+      } catch (const std::exception& ex) {
+        std::fprintf(stderr, "ipcoro: while shutting down: %s\n", ex.what());
+        if (in_flight > 0) {
+          // The ring is broken; waiting more could hang. Leak the frames rather than let
+          // the kernel write into freed memory.
+          std::fprintf(stderr, "ipcoro: %zu operations still in flight; leaking the ring\n", in_flight);
+          leak_ring = true;
+          return;
+        }
+      }
+    }
+    if (pending_error) report(std::exchange(pending_error, nullptr));
+    if (detached_alive > 0) {
+      std::fprintf(stderr,
+                   "ipcoro: %zu detached tasks were still suspended at shutdown on something that "
+                   "ignores cancellation; they were not destroyed\n",
+                   detached_alive);
+    }
+  }
+
+  bool leak_ring = false;
+};
+
+// ---- io_context ----
+
+io_context::io_context() : io_context(options{}) {}
+
+io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
+  if (current_context != nullptr) {
+    throw std::logic_error("ipcoro::io_context: this thread already has an io_context (one per thread)");
+  }
+  static std::once_flag once;
+  std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, &forget_context_in_child); });
+  ignore_sigpipe();
+
+  uring::setup_request req;
+  req.entries = opts.entries;
+  req.cq_entries = opts.cq_entries;
+  req.single_issuer = opts.single_issuer;
+  if (int rc = impl_->ring.init(req); rc < 0) throw_setup_error(-rc);
+
+  const uring::features& f = impl_->ring.probed();
+  auto& out = impl_->features;
+  out.single_issuer = f.single_issuer;
+  out.defer_taskrun = f.defer_taskrun;
+  out.nodrop = f.nodrop;
+  out.splice = f.op_splice;
+  out.msg_ring = f.op_msg_ring;
+  out.waitid = f.op_waitid;
+  out.futex = f.op_futex_wait && f.op_futex_wake;
+  out.kernel_major = f.kernel_major;
+  out.kernel_minor = f.kernel_minor;
+  if (!f.op_async_cancel || !f.op_link_timeout || !f.ext_arg) {
+    throw std::system_error(ENOSYS, std::system_category(),
+                            fmt::format("ipcoro needs Linux 5.11 or later (io_uring async cancel, linked "
+                                        "timeouts, IORING_FEAT_EXT_ARG); this kernel is {}.{}",
+                                        f.kernel_major, f.kernel_minor));
+  }
+  current_context = this;
+}
+
+io_context::~io_context() {
+  if (impl_->owner_pid != ::getpid()) {
+    // A copy inherited through fork(): the ring and its operations belong to the parent.
+    // Unmapping our view is all that is ours to do; frames stay as they are.
+    impl_->ring.exit();
+    return;
+  }
+  impl_->shutdown();
+  if (current_context == this) current_context = nullptr;
+  if (impl_->leak_ring) {
+    (void)impl_.release();
+    return;
+  }
+}
+
+io_context& io_context::current() {
+  if (current_context == nullptr) {
+    throw std::logic_error("ipcoro: no io_context on this thread; create one before awaiting I/O");
+  }
+  return *current_context;
+}
+
+io_context* io_context::current_or_null() noexcept { return current_context; }
+
+void io_context::run() {
+  impl_->stop_requested = false;
+  while (!impl_->stop_requested) {
+    const bool more = impl_->turn();
+    impl_->rethrow_pending();
+    if (!more) break;
+  }
+}
+
+void io_context::stop() noexcept { impl_->stop_requested = true; }
+
+void io_context::run_until(const bool& done) {
+  impl_->stop_requested = false;
+  while (!done) {
+    if (impl_->stop_requested) {
+      throw std::logic_error("ipcoro: io_context::stop() called while sync_wait was waiting");
+    }
+    const bool more = impl_->turn();
+    impl_->rethrow_pending();
+    if (!more && !done) {
+      throw std::logic_error(
+          "ipcoro: deadlock: the awaited task is suspended but nothing is in flight that could resume it");
+    }
+  }
+}
+
+namespace {
+detail::root_task run_detached(task<void> t, io_context::impl* owner) {
+  try {
+    co_await std::move(t);
+  } catch (const operation_cancelled&) {
+    if (!owner->stopping) owner->report(std::current_exception());
+  } catch (...) {
+    owner->report(std::current_exception());
+  }
+}
+
+std::coroutine_handle<> detached_done(void* owner) noexcept {
+  --static_cast<io_context::impl*>(owner)->detached_alive;
+  return std::noop_coroutine();
+}
+}  // namespace
+
+void io_context::spawn(task<void> t) {
+  if (!t.valid()) throw std::invalid_argument("ipcoro::io_context::spawn: empty task");
+  ++impl_->detached_alive;
+  run_detached(std::move(t), impl_.get()).start(impl_->detached_stop.get_token(), &detached_done, impl_.get());
+}
+
+void io_context::set_error_handler(std::function<void(std::exception_ptr)> handler) {
+  impl_->error_handler = std::move(handler);
+}
+
+io_context::counters io_context::stats() const noexcept { return impl_->stats; }
+const ring_features& io_context::features() const noexcept { return impl_->features; }
+bool io_context::stopping() const noexcept { return impl_->stopping; }
+
+bool io_context::start_op(detail::op_base& op) {
+  if (impl_->stopping) {
+    op.result_ = -ECANCELED;
+    return false;
+  }
+  op.ctx_ = this;
+  ++impl_->in_flight;
+  impl_->submit_op(op);
+  return true;
+}
+
+void io_context::cancel_op(detail::op_base& op) noexcept {
+  op.cancel_requested_ = true;
+  if (impl_->cancel_from_backlog(op)) return;
+  ::io_uring_sqe* sqe = impl_->take_sqes(1);
+  if (sqe == nullptr) return;  // the kernel is refusing work; the op still ends by itself
+  ::io_uring_prep_cancel(sqe, &op, 0);
+  ::io_uring_sqe_set_data64(sqe, 0);
+  // Submit now, not at the next turn: by then this op may have completed and its awaiter
+  // reused the address for a new operation that the request would wrongly cancel.
+  const int rc = impl_->ring.submit();
+  if (rc > 0) impl_->stats.submitted += static_cast<unsigned>(rc);
+}
+
+void io_context::schedule(detail::ready_node& node) noexcept { impl_->push_ready(node); }
+
+// ---- sync_wait's loop driver ----
+
+void detail::drive(io_context& ctx, const bool& done, std::stop_source& source) {
+  try {
+    ctx.run_until(done);
+  } catch (...) {
+    std::exception_ptr first = std::current_exception();
+    source.request_stop();
+    // Destroying the task while the kernel may still write into its buffers would be
+    // use-after-free: let it unwind through cancellation first.
+    while (!done) {
+      try {
+        ctx.run_until(done);
+      } catch (const std::logic_error&) {
+        break;  // nothing in flight: the frames are safe to leave
+      } catch (...) {
+        // another detached failure: keep the first
+      }
+    }
+    std::rethrow_exception(first);
+  }
+}
+
+}  // namespace ipcoro

@@ -1,0 +1,220 @@
+// The non-template parts of awaitable operations: begin/end, timeouts, and each opcode.
+#include "ipcoro/error.hpp"
+#include "ipcoro/fd_io.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/timer.hpp"
+
+#include <liburing.h>
+#include <poll.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <ctime>
+
+namespace ipcoro {
+
+namespace detail {
+
+namespace {
+::__kernel_timespec to_timespec(std::int64_t ns) noexcept {
+  return {ns / 1'000'000'000, ns % 1'000'000'000};
+}
+std::int64_t monotonic_ns() noexcept {
+  ::timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+}  // namespace
+
+bool op_awaiter_base::begin(std::coroutine_handle<> waiter, const std::stop_token& token) {
+  waiter_ = waiter;
+  cancel_requested_ = false;
+  if (token.stop_requested()) {
+    cancel_requested_ = true;
+    result_ = -ECANCELED;
+    return false;
+  }
+  if (!io_context::current().start_op(*this)) return false;
+  if (token.stop_possible()) stop_callback_.emplace(token, canceller{this});
+  return true;
+}
+
+int op_awaiter_base::end() {
+  stop_callback_.reset();
+  if (result_ == -ECANCELED) {
+    const bool shutting_down = ctx_ != nullptr && ctx_->stopping();
+    if (has_deadline() && !cancel_requested_ && !shutting_down) throw timed_out{};
+    throw operation_cancelled{};
+  }
+  return result_;
+}
+
+void op_awaiter_base::set_timeout(std::int64_t nanoseconds) noexcept {
+  set_deadline(monotonic_ns() + std::max<std::int64_t>(nanoseconds, 1));
+}
+
+void op_awaiter_base::set_deadline(std::int64_t monotonic_nanoseconds) noexcept {
+  // tv_sec == 0 && tv_nsec == 0 means "no deadline"; the epoch itself is long past anyway.
+  deadline_ = to_timespec(std::max<std::int64_t>(monotonic_nanoseconds, 1));
+}
+
+void op_awaiter_base::canceller::operator()() const noexcept {
+  if (op->ctx_ != nullptr) op->ctx_->cancel_op(*op);
+}
+
+}  // namespace detail
+
+namespace {
+std::uint32_t clamp_len(std::size_t n) noexcept {
+  // A single read/write moves at most INT_MAX bytes (the CQE result is an int).
+  return static_cast<std::uint32_t>(std::min<std::size_t>(n, INT_MAX));
+}
+}  // namespace
+
+// ---- read ----
+
+read_operation::read_operation(int fd, std::span<std::byte> buffer) noexcept
+    : io_operation(&prep), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
+  retry_fd_ = fd;
+  retry_poll_events_ = POLLIN;
+}
+
+void read_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<read_operation&>(op);
+  ::io_uring_prep_read(sqe, self.fd_, self.data_, self.size_, static_cast<std::uint64_t>(-1));
+}
+
+std::size_t read_operation::finish(int res) const {
+  if (res < 0) throw_errno(-res, "read");
+  return static_cast<std::size_t>(res);
+}
+
+// ---- write ----
+
+namespace {
+[[noreturn]] void throw_write_error(int err) {
+  if (err == EPIPE) throw_errno(err, "write: the reading end of the pipe is closed");
+  throw_errno(err, "write");
+}
+}  // namespace
+
+write_operation::write_operation(int fd, std::span<const std::byte> buffer) noexcept
+    : io_operation(&prep), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
+  retry_fd_ = fd;
+  retry_poll_events_ = POLLOUT;
+}
+
+void write_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<write_operation&>(op);
+  ::io_uring_prep_write(sqe, self.fd_, self.data_, self.size_, static_cast<std::uint64_t>(-1));
+}
+
+std::size_t write_operation::finish(int res) const {
+  if (res < 0) throw_write_error(-res);
+  return static_cast<std::size_t>(res);
+}
+
+// ---- read_exact ----
+
+read_exact_operation::read_exact_operation(int fd, std::span<std::byte> buffer) noexcept
+    : io_operation(&prep, &progress), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
+  retry_fd_ = fd;
+  retry_poll_events_ = POLLIN;
+}
+
+void read_exact_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<read_exact_operation&>(op);
+  ::io_uring_prep_read(sqe, self.fd_, self.data_ + self.done_, clamp_len(self.size_ - self.done_),
+                       static_cast<std::uint64_t>(-1));
+}
+
+bool read_exact_operation::progress(detail::op_base& op, int res) noexcept {
+  auto& self = static_cast<read_exact_operation&>(op);
+  if (res <= 0) return true;
+  self.done_ += static_cast<std::size_t>(res);
+  return self.done_ >= self.size_;
+}
+
+std::size_t read_exact_operation::finish(int res) const {
+  if (res < 0) throw_errno(-res, "read");
+  return done_;
+}
+
+// ---- write_all ----
+
+write_all_operation::write_all_operation(int fd, std::span<const std::byte> buffer) noexcept
+    : io_operation(&prep, &progress), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
+  retry_fd_ = fd;
+  retry_poll_events_ = POLLOUT;
+}
+
+void write_all_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<write_all_operation&>(op);
+  ::io_uring_prep_write(sqe, self.fd_, self.data_ + self.done_, clamp_len(self.size_ - self.done_),
+                        static_cast<std::uint64_t>(-1));
+}
+
+bool write_all_operation::progress(detail::op_base& op, int res) noexcept {
+  auto& self = static_cast<write_all_operation&>(op);
+  if (res < 0) return true;
+  self.done_ += static_cast<std::size_t>(res);
+  return self.done_ >= self.size_;
+}
+
+void write_all_operation::finish(int res) const {
+  if (res < 0) throw_write_error(-res);
+}
+
+// ---- splice ----
+
+splice_operation::splice_operation(int fd_in, std::int64_t off_in, int fd_out, std::int64_t off_out,
+                                   std::uint32_t length, unsigned flags) noexcept
+    : io_operation(&prep),
+      off_in_(off_in),
+      off_out_(off_out),
+      fd_in_(fd_in),
+      fd_out_(fd_out),
+      length_(length),
+      flags_(flags) {}
+
+void splice_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<splice_operation&>(op);
+  ::io_uring_prep_splice(sqe, self.fd_in_, self.off_in_, self.fd_out_, self.off_out_, self.length_,
+                         self.flags_);
+}
+
+std::size_t splice_operation::finish(int res) const {
+  if (res == -EPIPE) throw_write_error(EPIPE);
+  if (res < 0) throw_errno(-res, "splice");
+  return static_cast<std::size_t>(res);
+}
+
+// ---- nop ----
+
+nop_operation::nop_operation() noexcept : io_operation(&prep) {}
+
+void nop_operation::prep(detail::op_base&, ::io_uring_sqe* sqe) noexcept { ::io_uring_prep_nop(sqe); }
+
+void nop_operation::finish(int res) const {
+  if (res < 0) throw_errno(-res, "nop");
+}
+
+// ---- timer ----
+
+timer_operation::timer_operation(std::chrono::steady_clock::time_point when) noexcept
+    : io_operation(&prep) {
+  const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(when.time_since_epoch()).count();
+  when_ = {ns / 1'000'000'000, ns % 1'000'000'000};
+}
+
+void timer_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<timer_operation&>(op);
+  ::io_uring_prep_timeout(sqe, &self.when_, 0, IORING_TIMEOUT_ABS);
+}
+
+void timer_operation::finish(int res) const {
+  if (res < 0 && res != -ETIME) throw_errno(-res, "timeout");
+}
+
+}  // namespace ipcoro
