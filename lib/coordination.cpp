@@ -11,6 +11,7 @@ namespace ipcoro::detail {
 bool waiter::park(wait_list& list, std::coroutine_handle<> h, const std::stop_token& token) {
   handle = h;
   cancelled_ = false;
+  ctx_ = &io_context::current();
   if (token.stop_requested()) {
     cancelled_ = true;
     return false;
@@ -21,16 +22,25 @@ bool waiter::park(wait_list& list, std::coroutine_handle<> h, const std::stop_to
 }
 
 void waiter::unpark() {
-  stop_callback_.reset();
+  stop_callback_.reset();  // waits for a callback running on another thread to return
+  if (cancel_queued_remotely_) {
+    cancel_queued_remotely_ = false;
+    ctx_->forget_calls(this);
+  }
   if (cancelled_) throw operation_cancelled{};
 }
 
 void waiter::canceller::operator()() const noexcept {
+  if (!self->ctx_->call_on_loop(&cancel_on_loop, self)) self->cancel_queued_remotely_ = true;
+}
+
+void waiter::cancel_on_loop(void* arg) noexcept {
+  auto* self = static_cast<waiter*>(arg);
   // Already granted (unlinked and scheduled): the grant stands.
   if (self->list_ == nullptr) return;
   self->list_->remove(*self);
   self->cancelled_ = true;
-  io_context::current().schedule(*self);
+  self->ctx_->schedule(*self);
 }
 
 void wait_list::push_back(waiter& w) noexcept {
@@ -55,7 +65,7 @@ void wait_list::wake_one() noexcept {
   waiter* w = head_;
   if (w == nullptr) return;
   remove(*w);
-  io_context::current().schedule(*w);
+  w->ctx_->schedule(*w);
 }
 
 void wait_list::wake_all() noexcept {

@@ -9,12 +9,15 @@
 #include <fmt/core.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <mutex>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 #include <time.h>
 
 namespace ipcoro {
@@ -22,6 +25,9 @@ namespace ipcoro {
 namespace {
 
 thread_local io_context* current_context = nullptr;
+
+// user_data of the loop's own eventfd read; operation addresses are never this small.
+constexpr std::uint64_t wake_tag = 1;
 
 // A forked child inherits the parent's io_context object but must not drive its ring
 // (the ring belongs to the parent's task); it starts its own.
@@ -70,6 +76,36 @@ struct io_context::impl {
   std::stop_source detached_stop;
   std::function<void(std::exception_ptr)> error_handler;
   std::exception_ptr pending_error;
+
+  // Calls queued by other threads (stop requests), and the eventfd that wakes the loop.
+  struct remote_call {
+    void (*fn)(void*) noexcept;
+    void* arg;
+  };
+  std::mutex remote_mutex;
+  std::vector<remote_call> remote_calls;
+  std::vector<remote_call> remote_batch;  // swapped in, so the lock is not held while calling
+  unique_fd wake_fd;
+  std::uint64_t wake_value = 0;  // the kernel writes the eventfd counter here
+  bool wake_armed = false;
+
+  void arm_wake() noexcept {
+    if (wake_armed || stopping || !wake_fd) return;
+    ::io_uring_sqe* sqe = take_sqes(1);
+    if (sqe == nullptr) return;  // re-armed on the next turn
+    ::io_uring_prep_read(sqe, wake_fd.get(), &wake_value, sizeof wake_value, 0);
+    ::io_uring_sqe_set_data64(sqe, wake_tag);
+    wake_armed = true;
+  }
+
+  void run_remote_calls() {
+    {
+      std::lock_guard lock(remote_mutex);
+      remote_batch.swap(remote_calls);
+    }
+    for (const remote_call& c : remote_batch) c.fn(c.arg);
+    remote_batch.clear();
+  }
 
   // ---- submission ----
 
@@ -232,7 +268,10 @@ struct io_context::impl {
       ring.advance(n);
       stats.completed += n;
       for (unsigned i = 0; i < n; ++i) {
-        if (done[i].user_data != 0) {
+        if (done[i].user_data == wake_tag) {
+          wake_armed = false;
+          run_remote_calls();
+        } else if (done[i].user_data != 0) {
           complete(*reinterpret_cast<detail::op_base*>(done[i].user_data), done[i].res);
         }
       }
@@ -247,6 +286,7 @@ struct io_context::impl {
     drain_ready();
     flush_backlog();
     if (in_flight == 0 && ready_head == nullptr) return false;
+    arm_wake();
     const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
     const int rc = ring.submit_and_wait(must_not_wait ? 0 : 1);
     if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
@@ -284,7 +324,7 @@ struct io_context::impl {
   void shutdown() noexcept {
     stopping = true;
     detached_stop.request_stop();
-    if (in_flight > 0) {
+    if (in_flight > 0 || wake_armed) {
       if (::io_uring_sqe* sqe = take_sqes(1)) {
         ::io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
         ::io_uring_sqe_set_data64(sqe, 0);
@@ -303,6 +343,14 @@ struct io_context::impl {
           return;
         }
       }
+    }
+    // The wake read's buffer lives here: wait for its CQE as for any operation's.
+    while (wake_armed) {
+      if (ring.submit_and_wait(1) < 0) {
+        leak_ring = true;
+        return;
+      }
+      reap();
     }
     if (pending_error) report(std::exchange(pending_error, nullptr));
     if (detached_alive > 0) {
@@ -333,6 +381,8 @@ io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
   req.cq_entries = opts.cq_entries;
   req.single_issuer = opts.single_issuer;
   if (int rc = impl_->ring.init(req); rc < 0) throw_setup_error(-rc);
+  impl_->wake_fd.reset(::eventfd(0, EFD_CLOEXEC));
+  if (!impl_->wake_fd) throw_errno(errno, "eventfd (the io_context's cross-thread wake-up)");
 
   const uring::features& f = impl_->ring.probed();
   auto& out = impl_->features;
@@ -460,6 +510,28 @@ void io_context::cancel_op(detail::op_base& op) noexcept {
 }
 
 void io_context::schedule(detail::ready_node& node) noexcept { impl_->push_ready(node); }
+
+bool io_context::call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept {
+  if (current_context == this) {
+    fn(arg);
+    return true;
+  }
+  try {
+    std::lock_guard lock(impl_->remote_mutex);
+    impl_->remote_calls.push_back({fn, arg});
+  } catch (...) {
+    std::fprintf(stderr, "ipcoro: out of memory queueing a cross-thread stop request\n");
+    std::terminate();
+  }
+  const std::uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(impl_->wake_fd.get(), &one, sizeof one);
+  return false;
+}
+
+void io_context::forget_calls(void* arg) noexcept {
+  std::lock_guard lock(impl_->remote_mutex);
+  std::erase_if(impl_->remote_calls, [arg](const impl::remote_call& c) { return c.arg == arg; });
+}
 
 // ---- sync_wait's loop driver ----
 

@@ -35,13 +35,19 @@ bool op_awaiter_base::begin(std::coroutine_handle<> waiter, const std::stop_toke
     result_ = -ECANCELED;
     return false;
   }
-  if (!io_context::current().start_op(*this)) return false;
+  io_context& ctx = io_context::current();
+  ctx_ = &ctx;
+  if (!ctx.start_op(*this)) return false;
   if (token.stop_possible()) stop_callback_.emplace(token, canceller{this});
   return true;
 }
 
 int op_awaiter_base::end() {
-  stop_callback_.reset();
+  stop_callback_.reset();  // waits for a callback running on another thread to return
+  if (cancel_queued_remotely_) {
+    cancel_queued_remotely_ = false;
+    ctx_->forget_calls(static_cast<op_base*>(this));
+  }
   if (result_ == -ECANCELED) {
     const bool shutting_down = ctx_ != nullptr && ctx_->stopping();
     if (has_deadline() && !cancel_requested_ && !shutting_down) throw timed_out{};
@@ -60,7 +66,12 @@ void op_awaiter_base::set_deadline(std::int64_t monotonic_nanoseconds) noexcept 
 }
 
 void op_awaiter_base::canceller::operator()() const noexcept {
-  if (op->ctx_ != nullptr) op->ctx_->cancel_op(*op);
+  if (!op->ctx_->call_on_loop(&cancel_on_loop, op)) op->cancel_queued_remotely_ = true;
+}
+
+void op_awaiter_base::cancel_on_loop(void* op) noexcept {
+  auto* self = static_cast<op_base*>(op);
+  self->ctx_->cancel_op(*self);
 }
 
 }  // namespace detail

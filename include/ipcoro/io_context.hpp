@@ -81,6 +81,13 @@ public:
   void cancel_op(detail::op_base& op) noexcept;
   /// Resumes `node.handle` from the loop, after what is already queued.
   void schedule(detail::ready_node& node) noexcept;
+  /// Runs `fn(arg)` on the loop's thread: at once when called there (returns true);
+  /// from any other thread it is queued, the loop is woken through an eventfd, and it
+  /// runs on the loop's next turn (returns false). This is how a std::stop_source
+  /// triggered on another thread reaches the ring, which only its own thread may touch.
+  bool call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept;
+  /// Drops queued calls whose argument is `arg`, before the object behind it goes away.
+  void forget_calls(void* arg) noexcept;
   /// Runs the loop until `done` turns true. Throws std::logic_error if nothing is left
   /// that could make it true (a deadlock), and rethrows detached-task failures.
   void run_until(const bool& done);

@@ -48,6 +48,7 @@ public:
   int retry_fd_ = -1;                    ///< descriptor to poll before retrying -EAGAIN
   std::uint16_t retry_poll_events_ = 0;  ///< POLLIN/POLLOUT to await before retrying -EAGAIN
   bool cancel_requested_ = false;
+  bool cancel_queued_remotely_ = false;  ///< a stop request from another thread is queued
 
   bool has_deadline() const noexcept { return deadline_.tv_sec != 0 || deadline_.tv_nsec != 0; }
 };
@@ -71,6 +72,7 @@ private:
     op_base* op;
     void operator()() const noexcept;
   };
+  static void cancel_on_loop(void* op) noexcept;
   std::optional<std::stop_callback<canceller>> stop_callback_;
 };
 

@@ -32,11 +32,14 @@ private:
     waiter* self;
     void operator()() const noexcept;
   };
+  static void cancel_on_loop(void* self) noexcept;
 
   waiter* prev_ = nullptr;
   waiter* next_ = nullptr;
   wait_list* list_ = nullptr;  // non-null while parked
+  io_context* ctx_ = nullptr;
   bool cancelled_ = false;
+  bool cancel_queued_remotely_ = false;
   std::optional<std::stop_callback<canceller>> stop_callback_;
 };
 
