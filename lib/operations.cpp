@@ -6,6 +6,7 @@
 
 #include <liburing.h>
 #include <poll.h>
+#include <sys/uio.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -34,6 +35,13 @@ bool op_awaiter_base::begin(std::coroutine_handle<> waiter, const std::stop_toke
     cancel_requested_ = true;
     result_ = -ECANCELED;
     return false;
+  }
+  if (attempt_ != nullptr) {
+    const int res = attempt_(*this);
+    if (res != -EAGAIN && (progress_ == nullptr || progress_(*this, res))) {
+      result_ = res;
+      return false;  // finished without the ring: no suspension, no syscall beyond the attempt
+    }
   }
   io_context& ctx = io_context::current();
   ctx_ = &ctx;
@@ -104,6 +112,16 @@ std::size_t read_operation::finish(int res) const {
 // ---- write ----
 
 namespace {
+// A write that never blocks: pipes and FIFOs honour RWF_NOWAIT (Linux 4.14+). Anything
+// that cannot be done at once, or is not supported, goes through the ring instead.
+int write_nowait(int fd, const std::byte* data, std::size_t size) noexcept {
+  ::iovec iov{const_cast<std::byte*>(data), size};
+  const ssize_t n = ::pwritev2(fd, &iov, 1, -1, RWF_NOWAIT);
+  if (n >= 0) return static_cast<int>(n);
+  const int err = errno;
+  return (err == EAGAIN || err == EOPNOTSUPP || err == EINTR) ? -EAGAIN : -err;
+}
+
 [[noreturn]] void throw_write_error(int err) {
   if (err == EPIPE) throw_errno(err, "write: the reading end of the pipe is closed");
   throw_errno(err, "write");
@@ -111,7 +129,7 @@ namespace {
 }  // namespace
 
 write_operation::write_operation(int fd, std::span<const std::byte> buffer) noexcept
-    : io_operation(&prep), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
+    : io_operation(&prep, nullptr, &attempt), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLOUT;
 }
@@ -119,6 +137,11 @@ write_operation::write_operation(int fd, std::span<const std::byte> buffer) noex
 void write_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
   auto& self = static_cast<write_operation&>(op);
   ::io_uring_prep_write(sqe, self.fd_, self.data_, self.size_, static_cast<std::uint64_t>(-1));
+}
+
+int write_operation::attempt(detail::op_base& op) noexcept {
+  auto& self = static_cast<write_operation&>(op);
+  return write_nowait(self.fd_, self.data_, self.size_);
 }
 
 std::size_t write_operation::finish(int res) const {
@@ -155,7 +178,7 @@ std::size_t read_exact_operation::finish(int res) const {
 // ---- write_all ----
 
 write_all_operation::write_all_operation(int fd, std::span<const std::byte> buffer) noexcept
-    : io_operation(&prep, &progress), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
+    : io_operation(&prep, &progress, &attempt), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLOUT;
 }
@@ -164,6 +187,11 @@ void write_all_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcep
   auto& self = static_cast<write_all_operation&>(op);
   ::io_uring_prep_write(sqe, self.fd_, self.data_ + self.done_, clamp_len(self.size_ - self.done_),
                         static_cast<std::uint64_t>(-1));
+}
+
+int write_all_operation::attempt(detail::op_base& op) noexcept {
+  auto& self = static_cast<write_all_operation&>(op);
+  return write_nowait(self.fd_, self.data_, clamp_len(self.size_));
 }
 
 bool write_all_operation::progress(detail::op_base& op, int res) noexcept {

@@ -22,7 +22,9 @@ private:
   int fd_;
 };
 
-/// One write(2): completes with the number of bytes written, which may be short.
+/// One write(2): completes with the number of bytes written, which may be short. When the
+/// descriptor can take the bytes at once (RWF_NOWAIT), the write is done without the ring
+/// and without suspending; otherwise it waits in the ring.
 /// Writing to a pipe or FIFO with no reader throws std::system_error with EPIPE.
 class [[nodiscard]] write_operation : public io_operation<write_operation> {
 public:
@@ -31,6 +33,7 @@ public:
 
 private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  static int attempt(detail::op_base& op) noexcept;
   const std::byte* data_;
   std::uint32_t size_;
   int fd_;
@@ -53,7 +56,8 @@ private:
   int fd_;
 };
 
-/// Writes the whole buffer, resubmitting after short writes. Throws on error (EPIPE when
+/// Writes the whole buffer, resubmitting after short writes (first trying, like
+/// write_operation, to write without the ring). Throws on error (EPIPE when
 /// the reader is gone); on error the bytes already written are not reported.
 class [[nodiscard]] write_all_operation : public io_operation<write_all_operation> {
 public:
@@ -63,6 +67,7 @@ public:
 private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   static bool progress(detail::op_base& op, int res) noexcept;
+  static int attempt(detail::op_base& op) noexcept;
   const std::byte* data_;
   std::size_t size_;
   std::size_t done_ = 0;

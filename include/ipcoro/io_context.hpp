@@ -30,7 +30,10 @@ struct ring_features {
 /// Shutdown: destroying an io_context with operations in flight cancels them all, keeps
 /// reaping until the kernel has posted every completion (so no buffer is written after
 /// its coroutine is gone), lets the coroutines unwind with `operation_cancelled`, and only
-/// then unmaps the ring. Detached tasks still suspended after that are destroyed.
+/// then unmaps the ring. Detached tasks are stopped through their stop token, so waits on
+/// events, semaphores and mutexes end too. A detached task still suspended after that
+/// (on an awaitable that ignores cancellation) is reported on stderr and left alone:
+/// destroying a frame that something may still resume would be worse than leaking it.
 class io_context {
 public:
   struct options {

@@ -32,14 +32,18 @@ public:
   /// Sees each CQE result first. Returns true when the operation is finished; false after
   /// updating its state to be submitted again (short reads and writes).
   using progress_fn = bool (*)(op_base&, int res) noexcept;
+  /// The cheap path, tried before the ring: a non-blocking attempt (e.g. RWF_NOWAIT)
+  /// whose result is handled like a CQE's. Returns -EAGAIN to go through the ring.
+  using attempt_fn = int (*)(op_base&) noexcept;
 
-  explicit op_base(prep_fn prep, progress_fn progress = nullptr) noexcept
-      : prep_(prep), progress_(progress) {}
+  explicit op_base(prep_fn prep, progress_fn progress = nullptr, attempt_fn attempt = nullptr) noexcept
+      : prep_(prep), progress_(progress), attempt_(attempt) {}
   op_base(const op_base&) = delete;
   op_base& operator=(const op_base&) = delete;
 
   prep_fn prep_;
   progress_fn progress_;
+  attempt_fn attempt_;
   std::coroutine_handle<> waiter_;
   io_context* ctx_ = nullptr;
   op_base* next_pending_ = nullptr;  ///< link in the io_context's backlog while the SQ is full
