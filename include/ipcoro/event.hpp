@@ -6,7 +6,8 @@
 namespace ipcoro {
 
 /// Coroutines `co_await ev.wait()` until another sets the event. Single-threaded: use it
-/// from coroutines of one io_context. It must outlive its waiters.
+/// from coroutines of one io_context. It must outlive its waiters. A stop request ends a
+/// wait that is suspended; a wait that can complete at once completes regardless.
 class event {
 public:
   explicit event(bool initially_set = false) noexcept : set_(initially_set) {}

@@ -8,7 +8,8 @@
 namespace ipcoro {
 
 /// Counts permits; `co_await sem.acquire()` takes one, waiting in FIFO order when none is
-/// left. Single-threaded; must outlive its waiters.
+/// left. Single-threaded; must outlive its waiters. A stop request ends a suspended
+/// acquire; an acquire that can take a permit at once takes it regardless.
 class semaphore {
 public:
   explicit semaphore(std::size_t initial) noexcept : count_(initial) {}

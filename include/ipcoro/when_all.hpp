@@ -28,9 +28,10 @@ root_task run_into(task<T> t, std::optional<value_or_monostate<T>>& slot, group_
 }  // namespace detail
 
 /// Runs every task concurrently on this loop and completes when all have finished, with
-/// their results in order (`std::monostate` for `task<void>`). When one fails, the others
-/// are cancelled through their stop token, all are awaited, and the first error is
-/// rethrown.
+/// their results in order (`std::monostate` for `task<void>`, std::reference_wrapper for
+/// `task<U&>`). When one fails, the others are cancelled through their stop token, all are
+/// awaited, and the first error is rethrown. If a child ends with operation_cancelled
+/// (there is then no complete result), when_all throws operation_cancelled too.
 template <class... T>
 [[nodiscard]] task<std::tuple<detail::value_or_monostate<T>...>> when_all(task<T>... tasks) {
   detail::group_state group;
@@ -49,7 +50,7 @@ template <class... T>
 
 /// when_all over a run-time number of tasks of one type; results in input order.
 template <class T>
-[[nodiscard]] task<std::conditional_t<std::is_void_v<T>, void, std::vector<T>>> when_all(
+[[nodiscard]] task<std::conditional_t<std::is_void_v<T>, void, std::vector<detail::value_or_monostate<T>>>> when_all(
     std::vector<task<T>> tasks) {
   detail::group_state group;
   group.follow(co_await get_stop_token());
@@ -61,7 +62,7 @@ template <class T>
   group.rethrow_error();
   group.rethrow_cancellation();
   if constexpr (!std::is_void_v<T>) {
-    std::vector<T> out;
+    std::vector<detail::value_or_monostate<T>> out;
     out.reserve(slots.size());
     for (auto& slot : slots) out.push_back(std::move(*slot));
     co_return out;

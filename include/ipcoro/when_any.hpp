@@ -19,8 +19,8 @@ root_task run_race(task<T> t, std::optional<Result>& winner, group_state& group)
       co_await std::move(t);
       if (group.claim(I)) winner.emplace(std::in_place_index<I>);
     } else {
-      auto value = co_await std::move(t);
-      if (group.claim(I)) winner.emplace(std::in_place_index<I>, std::move(value));
+      decltype(auto) value = co_await std::move(t);  // T& stays a reference
+      if (group.claim(I)) winner.emplace(std::in_place_index<I>, static_cast<T&&>(value));
     }
   } catch (...) {
     group.claim(I);
@@ -36,8 +36,8 @@ root_task run_race_at(task<T> t, std::size_t index,
       co_await std::move(t);
       if (group.claim(index)) winner.emplace();
     } else {
-      auto value = co_await std::move(t);
-      if (group.claim(index)) winner.emplace(std::move(value));
+      decltype(auto) value = co_await std::move(t);  // T& stays a reference
+      if (group.claim(index)) winner.emplace(static_cast<T&&>(value));
     }
   } catch (...) {
     group.claim(index);

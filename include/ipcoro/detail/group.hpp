@@ -7,6 +7,7 @@
 #include <coroutine>
 #include <cstddef>
 #include <exception>
+#include <functional>
 #include <optional>
 #include <stop_token>
 #include <type_traits>
@@ -14,8 +15,14 @@
 
 namespace ipcoro::detail {
 
+/// How a task's result is held by sync_wait, when_all and when_any: `void` becomes
+/// std::monostate and `U&` becomes std::reference_wrapper<U> (optionals, tuples of
+/// results and variants cannot hold references).
 template <class T>
-using value_or_monostate = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+using value_or_monostate =
+    std::conditional_t<std::is_void_v<T>, std::monostate,
+                       std::conditional_t<std::is_reference_v<T>,
+                                          std::reference_wrapper<std::remove_reference_t<T>>, T>>;
 
 /// Children run under the group's stop token, which also follows the owner's token. The
 /// owner must outlive every child: it awaits `join()` before leaving.

@@ -1,0 +1,127 @@
+// Implementation of the test helpers for real processes.
+#include "process.hpp"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <utility>
+
+namespace ipcoro::test {
+
+child_process::child_process(std::function<int()> body) {
+  std::fflush(nullptr);
+  pid_ = ::fork();
+  if (pid_ < 0) throw std::runtime_error("fork failed");
+  if (pid_ == 0) {
+    int code = 99;
+    try {
+      code = body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child %d: uncaught exception: %s\n", ::getpid(), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "child %d: uncaught non-standard exception\n", ::getpid());
+    }
+    std::fflush(nullptr);
+    ::_exit(code);
+  }
+  pidfd_ = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
+}
+
+child_process::child_process(child_process&& other) noexcept
+    : pid_(std::exchange(other.pid_, -1)),
+      pidfd_(std::exchange(other.pidfd_, -1)),
+      reaped_(std::exchange(other.reaped_, true)) {}
+
+child_process::~child_process() {
+  if (pid_ > 0 && !reaped_) {
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+  }
+  if (pidfd_ >= 0) ::close(pidfd_);
+}
+
+void child_process::kill(int sig) noexcept {
+  if (pid_ > 0 && !reaped_) ::kill(pid_, sig);
+}
+
+int child_process::wait(std::chrono::milliseconds timeout) {
+  if (reaped_) throw std::logic_error("child_process::wait called twice");
+  if (pidfd_ >= 0) {
+    ::pollfd p{pidfd_, POLLIN, 0};
+    int rc;
+    do {
+      rc = ::poll(&p, 1, static_cast<int>(timeout.count()));
+    } while (rc < 0 && errno == EINTR);
+    if (rc == 0) {
+      std::fprintf(stderr, "child %d did not exit within %lld ms: killing it\n", pid_,
+                   static_cast<long long>(timeout.count()));
+      ::kill(pid_, SIGKILL);
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+      reaped_ = true;
+      return -1;
+    }
+  }
+  int status = 0;
+  while (::waitpid(pid_, &status, 0) < 0) {
+    if (errno != EINTR) throw std::runtime_error("waitpid failed");
+  }
+  reaped_ = true;
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
+std::string unique_name(const std::string& tag) {
+  static std::atomic<unsigned> counter{0};
+  return "ipcoro-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" + tag;
+}
+
+namespace {
+// splitmix64 of the 8-byte word index: any piece of the stream can be produced alone.
+std::uint64_t pattern_word(std::uint64_t seed, std::uint64_t word) noexcept {
+  std::uint64_t z = seed + (word + 1) * 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+std::byte pattern_byte(std::uint64_t seed, std::uint64_t pos) noexcept {
+  return static_cast<std::byte>(pattern_word(seed, pos / 8) >> ((pos % 8) * 8));
+}
+}  // namespace
+
+void fill_pattern(std::span<std::byte> out, std::uint64_t seed, std::uint64_t offset) {
+  // Byte k of a word is bits 8k..8k+7 (little-endian order), so whole words are produced
+  // at once: the stream is the same whatever the piece boundaries.
+  std::size_t i = 0;
+  const std::size_t n = out.size();
+  for (; i < n && (offset + i) % 8 != 0; ++i) out[i] = pattern_byte(seed, offset + i);
+  for (; n - i >= 8; i += 8) {
+    std::uint64_t z = pattern_word(seed, (offset + i) / 8);
+    if constexpr (std::endian::native != std::endian::little) z = __builtin_bswap64(z);
+    std::memcpy(out.data() + i, &z, 8);
+  }
+  for (; i < n; ++i) out[i] = pattern_byte(seed, offset + i);
+}
+
+void checksum::update(std::span<const std::byte> data) noexcept {
+  for (std::byte b : data) {
+    h_ ^= static_cast<std::uint64_t>(b);
+    h_ *= 1099511628211ull;
+  }
+}
+
+}  // namespace ipcoro::test

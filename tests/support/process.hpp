@@ -1,0 +1,57 @@
+// Test helpers for real processes: forked children that are always reaped, unique names,
+// and counted payloads with checksums.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+
+namespace ipcoro::test {
+
+/// A forked child running `body`; its return value is the exit code (an escaping exception
+/// prints and exits 99). The child never returns into the test framework. If the test
+/// ends without waiting, the destructor kills and reaps the child, so no test leaves a
+/// process behind.
+class child_process {
+public:
+  explicit child_process(std::function<int()> body);
+  child_process(child_process&& other) noexcept;
+  child_process& operator=(child_process&&) = delete;
+  ~child_process();
+
+  pid_t pid() const noexcept { return pid_; }
+  /// Waits for the exit and returns the exit code, or 128 + signal number if it was
+  /// killed. Past `timeout` the child is killed with SIGKILL and -1 is returned.
+  int wait(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  /// Sends `sig` to the child.
+  void kill(int sig) noexcept;
+
+private:
+  pid_t pid_ = -1;
+  int pidfd_ = -1;
+  bool reaped_ = false;
+};
+
+/// A name unique to this process and call: "ipcoro-test-<pid>-<counter>-<tag>".
+std::string unique_name(const std::string& tag);
+
+/// Fills `out` with a deterministic pseudo-random stream; `offset` is the position of
+/// out[0] in the stream, so a stream can be produced in pieces.
+void fill_pattern(std::span<std::byte> out, std::uint64_t seed, std::uint64_t offset);
+
+/// A running 64-bit checksum (FNV-1a) of a byte stream.
+class checksum {
+public:
+  void update(std::span<const std::byte> data) noexcept;
+  std::uint64_t value() const noexcept { return h_; }
+
+private:
+  std::uint64_t h_ = 14695981039346656037ull;
+};
+
+}  // namespace ipcoro::test
