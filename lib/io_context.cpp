@@ -28,6 +28,11 @@ thread_local io_context* current_context = nullptr;
 
 // user_data of the loop's own eventfd read; operation addresses are never this small.
 constexpr std::uint64_t wake_tag = 1;
+// Operations are 8-byte aligned: the low bit of user_data marks a worker-bound
+// operation's deadline timer (see op_base::worker_bound_).
+constexpr std::uint64_t timer_bit = 1;
+
+constexpr int erestartsys = 512;  // leaks out of io-wq when a blocked open is interrupted
 
 // A forked child inherits the parent's io_context object but must not drive its ring
 // (the ring belongs to the parent's task); it starts its own.
@@ -129,7 +134,16 @@ struct io_context::impl {
     }
     op.prep_(op, sqe);
     ::io_uring_sqe_set_data(sqe, &op);
-    if (op.has_deadline()) {
+    if (op.has_deadline() && op.worker_bound_) {
+      // Measured on 6.18: a linked timeout does not interrupt a FIFO open blocked in an
+      // io-wq worker, while IORING_OP_ASYNC_CANCEL does. So: a plain timer that cancels.
+      if (!op.timer_armed_) {
+        ::io_uring_sqe* t = ring.try_get_sqe();
+        ::io_uring_prep_timeout(t, &op.deadline_, 0, IORING_TIMEOUT_ABS);
+        ::io_uring_sqe_set_data64(t, reinterpret_cast<std::uintptr_t>(&op) | timer_bit);
+        op.timer_armed_ = true;
+      }
+    } else if (op.has_deadline()) {
       sqe->flags |= IOSQE_IO_LINK;
       ::io_uring_sqe* t = ring.try_get_sqe();
       ::io_uring_prep_link_timeout(t, &op.deadline_, IORING_TIMEOUT_ABS);
@@ -186,13 +200,45 @@ struct io_context::impl {
 
   void finish_op(detail::op_base& op, int res) {
     op.result_ = res;
+    if (op.timer_armed_) {
+      // The timer's CQE names this operation: resume only once it has been reaped.
+      op.waiting_for_timer_ = true;
+      if (::io_uring_sqe* sqe = take_sqes(1)) {
+        ::io_uring_prep_timeout_remove(sqe, reinterpret_cast<std::uintptr_t>(&op) | timer_bit, 0);
+        ::io_uring_sqe_set_data64(sqe, 0);
+      }
+      return;
+    }
     --in_flight;
     op.waiter_.resume();
   }
 
+  /// The CQE of a worker-bound operation's deadline timer.
+  void timer_fired(detail::op_base& op, int res) {
+    op.timer_armed_ = false;
+    if (op.waiting_for_timer_) {
+      op.waiting_for_timer_ = false;
+      --in_flight;
+      op.waiter_.resume();
+    } else if (res == -ETIME) {
+      cancel_now(op);  // its CQE follows, as -ECANCELED or an interrupted -EINTR
+    }
+  }
+
+  void cancel_now(detail::op_base& op) noexcept {
+    ::io_uring_sqe* sqe = take_sqes(1);
+    if (sqe == nullptr) return;  // the kernel is refusing work; the op still ends by itself
+    ::io_uring_prep_cancel(sqe, &op, 0);
+    ::io_uring_sqe_set_data64(sqe, 0);
+    // Submit now, not at the next turn: by then this op may have completed and its awaiter
+    // reused the address for a new operation that the request would wrongly cancel.
+    const int rc = ring.submit();
+    if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
+  }
+
   void complete(detail::op_base& op, int res) {
     const bool cancelled = op.cancel_requested_ || stopping;
-    if (res == -EINTR) {
+    if (res == -EINTR || res == -erestartsys) {
       // An io-wq worker interrupted by a cancellation reports EINTR; otherwise retry.
       const bool expired = op.has_deadline() &&
                            monotonic_now_ns() >= op.deadline_.tv_sec * 1'000'000'000 + op.deadline_.tv_nsec;
@@ -271,6 +317,8 @@ struct io_context::impl {
         if (done[i].user_data == wake_tag) {
           wake_armed = false;
           run_remote_calls();
+        } else if ((done[i].user_data & timer_bit) != 0) {
+          timer_fired(*reinterpret_cast<detail::op_base*>(done[i].user_data & ~timer_bit), done[i].res);
         } else if (done[i].user_data != 0) {
           complete(*reinterpret_cast<detail::op_base*>(done[i].user_data), done[i].res);
         }
@@ -498,15 +546,8 @@ bool io_context::start_op(detail::op_base& op) {
 
 void io_context::cancel_op(detail::op_base& op) noexcept {
   op.cancel_requested_ = true;
-  if (impl_->cancel_from_backlog(op)) return;
-  ::io_uring_sqe* sqe = impl_->take_sqes(1);
-  if (sqe == nullptr) return;  // the kernel is refusing work; the op still ends by itself
-  ::io_uring_prep_cancel(sqe, &op, 0);
-  ::io_uring_sqe_set_data64(sqe, 0);
-  // Submit now, not at the next turn: by then this op may have completed and its awaiter
-  // reused the address for a new operation that the request would wrongly cancel.
-  const int rc = impl_->ring.submit();
-  if (rc > 0) impl_->stats.submitted += static_cast<unsigned>(rc);
+  if (op.waiting_for_timer_ || impl_->cancel_from_backlog(op)) return;
+  impl_->cancel_now(op);
 }
 
 void io_context::schedule(detail::ready_node& node) noexcept { impl_->push_ready(node); }

@@ -31,6 +31,7 @@ std::int64_t monotonic_ns() noexcept {
 bool op_awaiter_base::begin(std::coroutine_handle<> waiter, const std::stop_token& token) {
   waiter_ = waiter;
   cancel_requested_ = false;
+  timer_armed_ = waiting_for_timer_ = false;
   if (token.stop_requested()) {
     cancel_requested_ = true;
     result_ = -ECANCELED;
@@ -227,6 +228,42 @@ std::size_t splice_operation::finish(int res) const {
   if (res == -EPIPE) throw_write_error(EPIPE);
   if (res < 0) throw_errno(-res, "splice");
   return static_cast<std::size_t>(res);
+}
+
+// ---- openat ----
+
+openat_operation::openat_operation(int dir_fd, const char* path, int flags, unsigned mode) noexcept
+    : io_operation(&prep), path_(path), dir_fd_(dir_fd), flags_(flags), mode_(mode) {
+  worker_bound_ = true;
+}
+
+void openat_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<openat_operation&>(op);
+  ::io_uring_prep_openat(sqe, self.dir_fd_, self.path_, self.flags_, self.mode_);
+  // Straight to an io-wq worker, where the open may block. Issued inline, io_uring first
+  // tries the open with O_NONBLOCK (Linux 5.6+), and for a FIFO that changes its meaning:
+  // a reader opens at once without waiting for a writer, and a writer fails with ENXIO
+  // when no reader is there yet, instead of waiting for one.
+  sqe->flags |= IOSQE_ASYNC;
+}
+
+int openat_operation::finish(int res) const {
+  if (res < 0) throw_errno(-res, std::string("open ") + path_);
+  return res;
+}
+
+// ---- poll ----
+
+poll_operation::poll_operation(int fd, unsigned events) noexcept : io_operation(&prep), fd_(fd), events_(events) {}
+
+void poll_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<poll_operation&>(op);
+  ::io_uring_prep_poll_add(sqe, self.fd_, self.events_);
+}
+
+unsigned poll_operation::finish(int res) const {
+  if (res < 0) throw_errno(-res, "poll");
+  return static_cast<unsigned>(res);
 }
 
 // ---- nop ----

@@ -94,6 +94,37 @@ private:
   unsigned flags_;
 };
 
+/// openat(2) through the ring (IORING_OP_OPENAT), run by an io_uring worker thread: an
+/// open that blocks — a FIFO waiting for its other end — has the classic blocking meaning
+/// but never blocks the loop, and can be timed out or cancelled. Completes with the new descriptor,
+/// owned by the caller; throws std::system_error with the errno otherwise. `path` must
+/// stay valid until the operation completes.
+class [[nodiscard]] openat_operation : public io_operation<openat_operation> {
+public:
+  openat_operation(int dir_fd, const char* path, int flags, unsigned mode) noexcept;
+  int finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  const char* path_;
+  int dir_fd_;
+  int flags_;
+  unsigned mode_;
+};
+
+/// Waits until `fd` is ready for `events` (POLLIN, POLLOUT, ...; IORING_OP_POLL_ADD, one
+/// shot). Completes with the returned events, which may include POLLERR or POLLHUP.
+class [[nodiscard]] poll_operation : public io_operation<poll_operation> {
+public:
+  poll_operation(int fd, unsigned events) noexcept;
+  unsigned finish(int res) const;
+
+private:
+  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  int fd_;
+  unsigned events_;
+};
+
 /// IORING_OP_NOP: a round trip through the kernel that does nothing.
 class [[nodiscard]] nop_operation : public io_operation<nop_operation> {
 public:
@@ -122,5 +153,11 @@ private:
   return {fd_in, off_in, fd_out, off_out, length, flags};
 }
 [[nodiscard]] inline nop_operation nop() noexcept { return {}; }
+/// Opens `path` (relative to `dir_fd`, or AT_FDCWD) through the ring; add O_CLOEXEC yourself.
+[[nodiscard]] inline openat_operation openat(int dir_fd, const char* path, int flags,
+                                             unsigned mode = 0) noexcept {
+  return {dir_fd, path, flags, mode};
+}
+[[nodiscard]] inline poll_operation poll(int fd, unsigned events) noexcept { return {fd, events}; }
 
 }  // namespace ipcoro

@@ -53,6 +53,11 @@ public:
   std::uint16_t retry_poll_events_ = 0;  ///< POLLIN/POLLOUT to await before retrying -EAGAIN
   bool cancel_requested_ = false;
   bool cancel_queued_remotely_ = false;  ///< a stop request from another thread is queued
+  /// The request runs in an io_uring worker thread (IOSQE_ASYNC), where a linked timeout
+  /// does not interrupt it; its deadline is a separate timer that cancels it explicitly.
+  bool worker_bound_ = false;
+  bool timer_armed_ = false;      ///< the separate deadline timer's CQE is still to come
+  bool waiting_for_timer_ = false;  ///< finished, but the timer's CQE must be reaped first
 
   bool has_deadline() const noexcept { return deadline_.tv_sec != 0 || deadline_.tv_nsec != 0; }
 };
