@@ -70,6 +70,7 @@ struct io_context::impl {
   ring_features features;
   counters stats;
   std::size_t in_flight = 0;            // operations started whose last CQE is not yet reaped
+  std::size_t external_work = 0;        // waits that other threads end through call_on_loop
   detail::op_base* backlog_head = nullptr;  // operations waiting for SQ space
   detail::op_base* backlog_tail = nullptr;
   detail::ready_node* ready_head = nullptr;
@@ -95,7 +96,8 @@ struct io_context::impl {
   bool wake_armed = false;
 
   void arm_wake() noexcept {
-    if (wake_armed || stopping || !wake_fd) return;
+    // While shutting down, only waits ended by other threads still need waking.
+    if (wake_armed || !wake_fd || (stopping && external_work == 0)) return;
     ::io_uring_sqe* sqe = take_sqes(1);
     if (sqe == nullptr) return;  // re-armed on the next turn
     ::io_uring_prep_read(sqe, wake_fd.get(), &wake_value, sizeof wake_value, 0);
@@ -333,7 +335,7 @@ struct io_context::impl {
     flush_backlog();
     drain_ready();
     flush_backlog();
-    if (in_flight == 0 && ready_head == nullptr) return false;
+    if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
     arm_wake();
     const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
     const int rc = ring.submit_and_wait(must_not_wait ? 0 : 1);
@@ -378,7 +380,7 @@ struct io_context::impl {
         ::io_uring_sqe_set_data64(sqe, 0);
       }
     }
-    while (in_flight > 0 || ready_head != nullptr || backlog_head != nullptr) {
+    while (in_flight > 0 || ready_head != nullptr || backlog_head != nullptr || external_work > 0) {
       try {
         if (!turn()) break;
       } catch (const std::exception& ex) {
@@ -392,7 +394,13 @@ struct io_context::impl {
         }
       }
     }
-    // The wake read's buffer lives here: wait for its CQE as for any operation's.
+    // The wake read's buffer lives here: cancel it and wait for its CQE as for any operation's.
+    if (wake_armed) {
+      if (::io_uring_sqe* sqe = take_sqes(1)) {
+        ::io_uring_prep_cancel64(sqe, wake_tag, 0);
+        ::io_uring_sqe_set_data64(sqe, 0);
+      }
+    }
     while (wake_armed) {
       if (ring.submit_and_wait(1) < 0) {
         leak_ring = true;
@@ -568,6 +576,9 @@ bool io_context::call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept {
   [[maybe_unused]] ssize_t n = ::write(impl_->wake_fd.get(), &one, sizeof one);
   return false;
 }
+
+void io_context::hold_work() noexcept { ++impl_->external_work; }
+void io_context::release_work() noexcept { --impl_->external_work; }
 
 void io_context::forget_calls(void* arg) noexcept {
   std::lock_guard lock(impl_->remote_mutex);

@@ -59,7 +59,10 @@ int op_awaiter_base::end() {
   }
   if (result_ == -ECANCELED) {
     const bool shutting_down = ctx_ != nullptr && ctx_->stopping();
-    if (has_deadline() && !cancel_requested_ && !shutting_down) throw timed_out{};
+    if (has_deadline() && !cancel_requested_ && !shutting_down) {
+      if (timeout_is_result_) return -ETIMEDOUT;
+      throw timed_out{};
+    }
     throw operation_cancelled{};
   }
   return result_;

@@ -91,6 +91,10 @@ public:
   bool call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept;
   /// Drops queued calls whose argument is `arg`, before the object behind it goes away.
   void forget_calls(void* arg) noexcept;
+  /// Counts a wait that another thread will end through call_on_loop (a fallback that
+  /// cannot use the ring): while held, run() keeps waiting and sync_wait sees no deadlock.
+  void hold_work() noexcept;
+  void release_work() noexcept;
   /// Runs the loop until `done` turns true. Throws std::logic_error if nothing is left
   /// that could make it true (a deadlock), and rethrows detached-task failures.
   void run_until(const bool& done);

@@ -58,6 +58,8 @@ public:
   bool worker_bound_ = false;
   bool timer_armed_ = false;      ///< the separate deadline timer's CQE is still to come
   bool waiting_for_timer_ = false;  ///< finished, but the timer's CQE must be reaped first
+  /// An expired deadline is an ordinary outcome (finish() sees -ETIMEDOUT), not timed_out.
+  bool timeout_is_result_ = false;
 
   bool has_deadline() const noexcept { return deadline_.tv_sec != 0 || deadline_.tv_nsec != 0; }
 };
