@@ -130,19 +130,8 @@ task<std::string> pipe_round_trip(const ipcoro::pipe_reader& r, const ipcoro::pi
   co_return string_of(std::span(buf).first(n));
 }
 
-struct kernel_version {
-  int major = 0;
-  int minor = 0;
-  bool at_least(int maj, int min) const noexcept { return major > maj || (major == maj && minor >= min); }
-};
-
-kernel_version running_kernel() {
-  ::utsname u{};
-  REQUIRE(::uname(&u) == 0);
-  kernel_version v;
-  REQUIRE(std::sscanf(u.release, "%d.%d", &v.major, &v.minor) == 2);
-  return v;
-}
+using ipcoro::test::kernel_version;
+using ipcoro::test::running_kernel;
 
 // ---- for the shutdown tests: detached tasks record how they ended ----
 

@@ -14,7 +14,20 @@ using ipcoro::task;
 
 namespace {
 
-// Signals `started` once the loop has begun waiting, then waits for the stop request.
+/// A thread that requests stop on `source` once the loop says its waits have started.
+struct remote_stopper {
+  std::stop_source source;
+  std::latch started{1};
+  std::thread thread{[this] {
+    started.wait();
+    source.request_stop();
+  }};
+  ~remote_stopper() {
+    if (!started.try_wait()) started.count_down();  // a failed test must not hang here
+    thread.join();
+  }
+};
+
 task<void> announce(std::latch& started) {
   started.count_down();
   co_return;
@@ -25,12 +38,7 @@ task<void> announce(std::latch& started) {
 TEST_CASE("a stop requested on another thread cancels a pipe read in flight", "[thread][cancel]") {
   ipcoro::io_context ctx;
   auto [r, w] = ipcoro::make_pipe();
-  std::stop_source source;
-  std::latch started{1};
-  std::thread stopper([&] {
-    started.wait();
-    source.request_stop();
-  });
+  remote_stopper stopper;
 
   auto reader = [&]() -> task<bool> {
     std::array<std::byte, 16> buf{};
@@ -43,13 +51,12 @@ TEST_CASE("a stop requested on another thread cancels a pipe read in flight", "[
     co_return false;
   };
   auto body = [&]() -> task<bool> {
-    auto [cancelled, unit] = co_await ipcoro::when_all(reader().with_stop_token(source.get_token()),
-                                                       announce(started));
+    auto [cancelled, unit] = co_await ipcoro::when_all(reader().with_stop_token(stopper.source.get_token()),
+                                                       announce(stopper.started));
     (void)unit;
     co_return cancelled;
   };
   const bool cancelled = ipcoro::sync_wait(ctx, body());
-  stopper.join();
   CHECK(cancelled);
 
   // The pipe is intact: the cancelled read consumed nothing.
@@ -65,12 +72,7 @@ TEST_CASE("a stop requested on another thread cancels a pipe read in flight", "[
 TEST_CASE("a stop requested on another thread cancels an event wait", "[thread][event]") {
   ipcoro::io_context ctx;
   ipcoro::event never_set;
-  std::stop_source source;
-  std::latch started{1};
-  std::thread stopper([&] {
-    started.wait();
-    source.request_stop();
-  });
+  remote_stopper stopper;
   auto waiter = [&]() -> task<bool> {
     try {
       co_await never_set.wait();
@@ -82,15 +84,14 @@ TEST_CASE("a stop requested on another thread cancels an event wait", "[thread][
   // A long timer keeps the loop waiting in the kernel, where only the eventfd can wake it;
   // it is cancelled once the waiter has been.
   auto body = [&]() -> task<bool> {
-    auto result = co_await ipcoro::when_any(waiter().with_stop_token(source.get_token()),
+    auto result = co_await ipcoro::when_any(waiter().with_stop_token(stopper.source.get_token()),
                                             [&]() -> task<void> {
-                                              started.count_down();
+                                              stopper.started.count_down();
                                               co_await ipcoro::sleep_for(20s);
                                             }());
     co_return result.index() == 0 && std::get<0>(result);
   };
   const bool cancelled = ipcoro::sync_wait(ctx, body());
-  stopper.join();
   CHECK(cancelled);
 }
 
@@ -101,12 +102,7 @@ TEST_CASE("many cross-thread stop requests racing with completions leave the loo
   int completed = 0;
   for (int i = 0; i < rounds; ++i) {
     auto [r, w] = ipcoro::make_pipe();
-    std::stop_source source;
-    std::latch started{1};
-    std::thread stopper([&] {
-      started.wait();
-      source.request_stop();
-    });
+    remote_stopper stopper;
     auto reader = [&]() -> task<void> {
       std::array<std::byte, 1> buf{};
       try {
@@ -117,13 +113,12 @@ TEST_CASE("many cross-thread stop requests racing with completions leave the loo
       }
     };
     auto writer = [&]() -> task<void> {
-      started.count_down();
+      stopper.started.count_down();
       // Races the stop request: either outcome is fine, but exactly one must happen.
       const std::array<std::byte, 1> one{std::byte{7}};
       co_await w.write_all(one);
     };
-    ipcoro::sync_wait(ctx, ipcoro::when_all(reader().with_stop_token(source.get_token()), writer()));
-    stopper.join();
-  }
+    ipcoro::sync_wait(ctx, ipcoro::when_all(reader().with_stop_token(stopper.source.get_token()), writer()));
+    }
   CHECK(cancelled + completed == rounds);
 }

@@ -27,19 +27,8 @@ using ipcoro::uring::ring;
 using ipcoro::uring::setup_request;
 using namespace std::chrono_literals;
 
-struct kernel_version {
-  int major = 0;
-  int minor = 0;
-  bool at_least(int maj, int min) const noexcept { return major > maj || (major == maj && minor >= min); }
-};
-
-kernel_version running_kernel() {
-  ::utsname u{};
-  REQUIRE(::uname(&u) == 0);
-  kernel_version v;
-  REQUIRE(std::sscanf(u.release, "%d.%d", &v.major, &v.minor) == 2);
-  return v;
-}
+using ipcoro::test::kernel_version;
+using ipcoro::test::running_kernel;
 
 struct completion {
   std::uint64_t user_data;

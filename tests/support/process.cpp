@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -82,6 +83,15 @@ int child_process::wait(std::chrono::milliseconds timeout) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;
+}
+
+kernel_version running_kernel() {
+  ::utsname u{};
+  kernel_version v;
+  if (::uname(&u) != 0 || std::sscanf(u.release, "%d.%d", &v.major, &v.minor) != 2) {
+    throw std::runtime_error("cannot read the kernel version from uname");
+  }
+  return v;
 }
 
 std::string unique_name(const std::string& tag) {

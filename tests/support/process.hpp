@@ -37,6 +37,14 @@ private:
   bool reaped_ = false;
 };
 
+/// The running kernel's major.minor version, from uname(2).
+struct kernel_version {
+  int major = 0;
+  int minor = 0;
+  bool at_least(int maj, int min) const noexcept { return major > maj || (major == maj && minor >= min); }
+};
+kernel_version running_kernel();
+
 /// A name unique to this process and call: "ipcoro-test-<pid>-<counter>-<tag>".
 std::string unique_name(const std::string& tag);
 
