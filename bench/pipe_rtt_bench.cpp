@@ -55,7 +55,8 @@ void raw_full(int fd, void* buf, bool reading) {
   auto* p = static_cast<char*>(buf);
   std::size_t done = 0;
   while (done < message_size) {
-    const ssize_t n = reading ? ::read(fd, p + done, message_size - done) : ::write(fd, p + done, message_size - done);
+    const ssize_t n =
+        reading ? ::read(fd, p + done, message_size - done) : ::write(fd, p + done, message_size - done);
     if (n <= 0) {
       if (n < 0 && errno == EINTR) continue;
       std::exit(3);
@@ -84,7 +85,8 @@ void raw_ping(int out, int in, std::size_t count, std::vector<double>& rtt) {
 
 // ---- ipcoro ----
 
-ipcoro::task<void> coro_echo(const ipcoro::pipe_reader& in, const ipcoro::pipe_writer& out, std::size_t count) {
+ipcoro::task<void> coro_echo(const ipcoro::pipe_reader& in, const ipcoro::pipe_writer& out,
+                             std::size_t count) {
   message m{};
   for (std::size_t i = 0; i < count; ++i) {
     co_await in.read_exact(m);

@@ -59,8 +59,12 @@ void fill_payload(std::uint32_t seq, std::span<std::byte> out) {
 }
 
 // The transformer's byte map and its inverse.
-std::byte encode(std::byte b) { return static_cast<std::byte>((std::to_integer<unsigned>(b) + 0x35u) ^ 0x5au); }
-std::byte decode(std::byte b) { return static_cast<std::byte>((std::to_integer<unsigned>(b) ^ 0x5au) - 0x35u); }
+std::byte encode(std::byte b) {
+  return static_cast<std::byte>((std::to_integer<unsigned>(b) + 0x35u) ^ 0x5au);
+}
+std::byte decode(std::byte b) {
+  return static_cast<std::byte>((std::to_integer<unsigned>(b) ^ 0x5au) - 0x35u);
+}
 
 struct fnv1a {
   std::uint64_t h = 14695981039346656037ull;
@@ -94,8 +98,8 @@ task<void> produce(ipcoro::pipe_writer out, config cfg) {
   record_header trailer{trailer_seq, sizeof sum.h};
   co_await out.write_all(bytes_of(trailer));
   co_await out.write_all(std::as_bytes(std::span{&sum.h, 1}));
-  fmt::print("producer:    {} records, {} payload bytes, checksum {:016x} ({:.2f} s)\n", cfg.records,
-             bytes, sum.h, seconds_since(t0));
+  fmt::print("producer:    {} records, {} payload bytes, checksum {:016x} ({:.2f} s)\n", cfg.records, bytes,
+             sum.h, seconds_since(t0));
 }
 
 // A record in flight inside the transformer.
@@ -127,7 +131,8 @@ task<void> transform(ipcoro::pipe_reader in, ipcoro::pipe_writer out, config cfg
         throw std::runtime_error("transformer: malformed record header");
       }
       auto body = std::span{s.payload}.first(s.header.length);
-      if (co_await in.read_exact(body) != body.size()) throw std::runtime_error("transformer: truncated record");
+      if (co_await in.read_exact(body) != body.size())
+        throw std::runtime_error("transformer: truncated record");
       if (s.header.seq != trailer_seq) {
         for (std::byte& b : body) b = encode(b);
       }
@@ -175,10 +180,10 @@ task<bool> consume(ipcoro::pipe_reader in, config cfg) {
       std::memcpy(&sent, body.data(), sizeof sent);
       const double s = seconds_since(t0);
       const bool ok = sent == sum.h && expected_seq == cfg.records;
-      fmt::print("consumer:    {} records, {} payload bytes, checksum {:016x} (producer said {:016x}), "
-                 "{:.1f} MB/s, {:.0f} records/s: {}\n",
-                 expected_seq, bytes, sum.h, sent, bytes / s / 1e6, expected_seq / s,
-                 ok ? "verified" : "MISMATCH");
+      fmt::print(
+          "consumer:    {} records, {} payload bytes, checksum {:016x} (producer said {:016x}), "
+          "{:.1f} MB/s, {:.0f} records/s: {}\n",
+          expected_seq, bytes, sum.h, sent, bytes / s / 1e6, expected_seq / s, ok ? "verified" : "MISMATCH");
       co_return ok;
     }
     if (h.seq != expected_seq) {
@@ -262,16 +267,20 @@ int main(int argc, char** argv) {
   a_in.close(), a_out.close(), b_in.close(), b_out.close();
 
   bool ok = true;
-  for (auto [pid, name] : {std::pair{producer, "producer"}, {transformer, "transformer"}, {consumer, "consumer"}}) {
+  for (auto [pid, name] :
+       {std::pair{producer, "producer"}, {transformer, "transformer"}, {consumer, "consumer"}}) {
     int status = 0;
     while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
       ok = false;
-      if (WIFSIGNALED(status)) fmt::print(stderr, "{} (pid {}) was killed by signal {}\n", name, pid, WTERMSIG(status));
-      else fmt::print(stderr, "{} (pid {}) failed with exit code {}\n", name, pid, WEXITSTATUS(status));
+      if (WIFSIGNALED(status))
+        fmt::print(stderr, "{} (pid {}) was killed by signal {}\n", name, pid, WTERMSIG(status));
+      else
+        fmt::print(stderr, "{} (pid {}) failed with exit code {}\n", name, pid, WEXITSTATUS(status));
     }
   }
-  fmt::print("pipeline:    {} in {:.2f} s\n", ok ? "all three stages succeeded" : "FAILED", seconds_since(t0));
+  fmt::print("pipeline:    {} in {:.2f} s\n", ok ? "all three stages succeeded" : "FAILED",
+             seconds_since(t0));
   return ok ? 0 : 1;
 }

@@ -47,16 +47,22 @@ void wait_list::push_back(waiter& w) noexcept {
   w.list_ = this;
   w.next_ = nullptr;
   w.prev_ = tail_;
-  if (tail_) tail_->next_ = &w;
-  else head_ = &w;
+  if (tail_)
+    tail_->next_ = &w;
+  else
+    head_ = &w;
   tail_ = &w;
 }
 
 void wait_list::remove(waiter& w) noexcept {
-  if (w.prev_) w.prev_->next_ = w.next_;
-  else head_ = w.next_;
-  if (w.next_) w.next_->prev_ = w.prev_;
-  else tail_ = w.prev_;
+  if (w.prev_)
+    w.prev_->next_ = w.next_;
+  else
+    head_ = w.next_;
+  if (w.next_)
+    w.next_->prev_ = w.prev_;
+  else
+    tail_ = w.prev_;
   w.prev_ = w.next_ = nullptr;
   w.list_ = nullptr;
 }

@@ -12,13 +12,13 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <time.h>
 #include <cerrno>
 #include <cstdio>
 #include <mutex>
 #include <stdexcept>
 #include <utility>
 #include <vector>
-#include <time.h>
 
 namespace ipcoro {
 
@@ -69,8 +69,8 @@ struct io_context::impl {
   uring::ring ring;
   ring_features features;
   counters stats;
-  std::size_t in_flight = 0;            // operations started whose last CQE is not yet reaped
-  std::size_t external_work = 0;        // waits that other threads end through call_on_loop
+  std::size_t in_flight = 0;                // operations started whose last CQE is not yet reaped
+  std::size_t external_work = 0;            // waits that other threads end through call_on_loop
   detail::op_base* backlog_head = nullptr;  // operations waiting for SQ space
   detail::op_base* backlog_tail = nullptr;
   detail::ready_node* ready_head = nullptr;
@@ -169,8 +169,10 @@ struct io_context::impl {
       }
     }
     op.next_pending_ = nullptr;
-    if (backlog_tail) backlog_tail->next_pending_ = &op;
-    else backlog_head = &op;
+    if (backlog_tail)
+      backlog_tail->next_pending_ = &op;
+    else
+      backlog_head = &op;
     backlog_tail = &op;
   }
 
@@ -272,8 +274,10 @@ struct io_context::impl {
 
   void push_ready(detail::ready_node& node) noexcept {
     node.next_ready = nullptr;
-    if (ready_tail) ready_tail->next_ready = &node;
-    else ready_head = &node;
+    if (ready_tail)
+      ready_tail->next_ready = &node;
+    else
+      ready_head = &node;
     ready_tail = &node;
   }
 
@@ -339,8 +343,10 @@ struct io_context::impl {
     arm_wake();
     const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
     const int rc = ring.submit_and_wait(must_not_wait ? 0 : 1);
-    if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
-    else if (rc < 0 && rc != -EBUSY && rc != -EAGAIN) throw_errno(-rc, "io_uring_enter");
+    if (rc > 0)
+      stats.submitted += static_cast<unsigned>(rc);
+    else if (rc < 0 && rc != -EBUSY && rc != -EAGAIN)
+      throw_errno(-rc, "io_uring_enter");
     reap();
     return true;
   }
@@ -530,7 +536,8 @@ std::coroutine_handle<> detached_done(void* owner) noexcept {
 void io_context::spawn(task<void> t) {
   if (!t.valid()) throw std::invalid_argument("ipcoro::io_context::spawn: empty task");
   ++impl_->detached_alive;
-  run_detached(std::move(t), impl_.get()).start(impl_->detached_stop.get_token(), &detached_done, impl_.get());
+  run_detached(std::move(t), impl_.get())
+      .start(impl_->detached_stop.get_token(), &detached_done, impl_.get());
 }
 
 void io_context::set_error_handler(std::function<void(std::exception_ptr)> handler) {

@@ -18,9 +18,7 @@ namespace ipcoro {
 namespace detail {
 
 namespace {
-::__kernel_timespec to_timespec(std::int64_t ns) noexcept {
-  return {ns / 1'000'000'000, ns % 1'000'000'000};
-}
+::__kernel_timespec to_timespec(std::int64_t ns) noexcept { return {ns / 1'000'000'000, ns % 1'000'000'000}; }
 std::int64_t monotonic_ns() noexcept {
   ::timespec ts{};
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -257,7 +255,8 @@ int openat_operation::finish(int res) const {
 
 // ---- poll ----
 
-poll_operation::poll_operation(int fd, unsigned events) noexcept : io_operation(&prep), fd_(fd), events_(events) {}
+poll_operation::poll_operation(int fd, unsigned events) noexcept
+    : io_operation(&prep), fd_(fd), events_(events) {}
 
 void poll_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
   auto& self = static_cast<poll_operation&>(op);
@@ -281,8 +280,7 @@ void nop_operation::finish(int res) const {
 
 // ---- timer ----
 
-timer_operation::timer_operation(std::chrono::steady_clock::time_point when) noexcept
-    : io_operation(&prep) {
+timer_operation::timer_operation(std::chrono::steady_clock::time_point when) noexcept : io_operation(&prep) {
   const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(when.time_since_epoch()).count();
   when_ = {ns / 1'000'000'000, ns % 1'000'000'000};
 }

@@ -68,9 +68,9 @@ std::size_t set_pipe_capacity(int fd, std::size_t bytes) {
                                           bytes, read_proc_size("/proc/sys/fs/pipe-user-pages-soft", 0)));
     }
     if (err == EBUSY) {
-      throw std::system_error(err, std::system_category(),
-                              fmt::format("pipe capacity {} bytes is smaller than the data already in the pipe",
-                                          bytes));
+      throw std::system_error(
+          err, std::system_category(),
+          fmt::format("pipe capacity {} bytes is smaller than the data already in the pipe", bytes));
     }
     throw_errno(err, "fcntl(F_SETPIPE_SZ)");
   }

@@ -44,7 +44,8 @@ task<int> error_of(task<void> attempt) {
 
 }  // namespace
 
-TEST_CASE("opening a FIFO through the ring waits for the other end without blocking the loop", "[fd_io][fifo]") {
+TEST_CASE("opening a FIFO through the ring waits for the other end without blocking the loop",
+          "[fd_io][fifo]") {
   temp_fifo fifo;
   ipcoro::io_context ctx;
   ipcoro::test::child_process writer([&] {
@@ -80,19 +81,22 @@ TEST_CASE("opening a FIFO through the ring waits for the other end without block
   CHECK(writer.wait() == 0);
 }
 
-TEST_CASE("a FIFO open that nobody answers times out, for a reader and for a writer", "[fd_io][fifo][timeout]") {
+TEST_CASE("a FIFO open that nobody answers times out, for a reader and for a writer",
+          "[fd_io][fifo][timeout]") {
   temp_fifo fifo;
   ipcoro::io_context ctx;
   const auto t0 = std::chrono::steady_clock::now();
   auto open_with_timeout = [&](int flags) -> task<void> {
-    ipcoro::unique_fd fd{co_await ipcoro::openat(AT_FDCWD, fifo.path.c_str(), flags | O_CLOEXEC).with_timeout(30ms)};
+    ipcoro::unique_fd fd{
+        co_await ipcoro::openat(AT_FDCWD, fifo.path.c_str(), flags | O_CLOEXEC).with_timeout(30ms)};
   };
   CHECK(ipcoro::sync_wait(ctx, error_of(open_with_timeout(O_WRONLY))) == ETIMEDOUT);
   CHECK(ipcoro::sync_wait(ctx, error_of(open_with_timeout(O_RDONLY))) == ETIMEDOUT);
   CHECK(std::chrono::steady_clock::now() - t0 >= 60ms);
 }
 
-TEST_CASE("a FIFO open that nobody answers can be cancelled through its stop token", "[fd_io][fifo][cancel]") {
+TEST_CASE("a FIFO open that nobody answers can be cancelled through its stop token",
+          "[fd_io][fifo][cancel]") {
   temp_fifo fifo;
   ipcoro::io_context ctx;
   std::stop_source source;
@@ -105,7 +109,8 @@ TEST_CASE("a FIFO open that nobody answers can be cancelled through its stop tok
     co_await ipcoro::sleep_for(20ms);  // lets the open reach its worker; the outcome does not depend on it
     source.request_stop();
   };
-  auto [err, unit] = ipcoro::sync_wait(ctx, ipcoro::when_all(opener().with_stop_token(source.get_token()), canceller()));
+  auto [err, unit] =
+      ipcoro::sync_wait(ctx, ipcoro::when_all(opener().with_stop_token(source.get_token()), canceller()));
   (void)unit;
   CHECK(err == ECANCELED);
 }
@@ -147,8 +152,7 @@ TEST_CASE("poll completes when the descriptor becomes readable, with the events 
   w.close();
   std::array<std::byte, 1> drain{};
   CHECK(ipcoro::sync_wait(ctx, [&]() -> task<std::size_t> { co_return co_await r.read(drain); }()) == 1);
-  const unsigned hangup = ipcoro::sync_wait(ctx, [&]() -> task<unsigned> {
-    co_return co_await ipcoro::poll(r.native_handle(), POLLIN);
-  }());
+  const unsigned hangup = ipcoro::sync_wait(
+      ctx, [&]() -> task<unsigned> { co_return co_await ipcoro::poll(r.native_handle(), POLLIN); }());
   CHECK((hangup & POLLHUP) != 0);
 }

@@ -84,18 +84,19 @@ TEST_CASE("a stop requested on another thread cancels an event wait", "[thread][
   // A long timer keeps the loop waiting in the kernel, where only the eventfd can wake it;
   // it is cancelled once the waiter has been.
   auto body = [&]() -> task<bool> {
-    auto result = co_await ipcoro::when_any(waiter().with_stop_token(stopper.source.get_token()),
-                                            [&]() -> task<void> {
-                                              stopper.started.count_down();
-                                              co_await ipcoro::sleep_for(20s);
-                                            }());
+    auto result =
+        co_await ipcoro::when_any(waiter().with_stop_token(stopper.source.get_token()), [&]() -> task<void> {
+          stopper.started.count_down();
+          co_await ipcoro::sleep_for(20s);
+        }());
     co_return result.index() == 0 && std::get<0>(result);
   };
   const bool cancelled = ipcoro::sync_wait(ctx, body());
   CHECK(cancelled);
 }
 
-TEST_CASE("many cross-thread stop requests racing with completions leave the loop consistent", "[thread][stress]") {
+TEST_CASE("many cross-thread stop requests racing with completions leave the loop consistent",
+          "[thread][stress]") {
   ipcoro::io_context ctx;
   constexpr int rounds = 200;
   int cancelled = 0;
@@ -119,6 +120,6 @@ TEST_CASE("many cross-thread stop requests racing with completions leave the loo
       co_await w.write_all(one);
     };
     ipcoro::sync_wait(ctx, ipcoro::when_all(reader().with_stop_token(stopper.source.get_token()), writer()));
-    }
+  }
   CHECK(cancelled + completed == rounds);
 }

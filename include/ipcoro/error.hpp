@@ -9,14 +9,14 @@ namespace ipcoro {
 /// Thrown by an awaitable whose operation was cancelled through a std::stop_token, or
 /// because its io_context is shutting down. Carries std::errc::operation_canceled.
 class operation_cancelled : public std::system_error {
-public:
+ public:
   operation_cancelled();
 };
 
 /// Thrown by an awaitable whose timeout (`with_timeout`, `with_deadline`) expired first.
 /// Carries std::errc::timed_out.
 class timed_out : public std::system_error {
-public:
+ public:
   timed_out();
 };
 

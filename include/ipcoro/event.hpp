@@ -9,7 +9,7 @@ namespace ipcoro {
 /// from coroutines of one io_context. It must outlive its waiters. A stop request ends a
 /// wait that is suspended; a wait that can complete at once completes regardless.
 class event {
-public:
+ public:
   explicit event(bool initially_set = false) noexcept : set_(initially_set) {}
   event(const event&) = delete;
   event& operator=(const event&) = delete;
@@ -23,7 +23,7 @@ public:
   void reset() noexcept { set_ = false; }
 
   class [[nodiscard]] wait_operation : detail::waiter {
-  public:
+   public:
     explicit wait_operation(event& ev) noexcept : event_(ev) {}
     bool await_ready() const noexcept { return event_.set_; }
     template <class P>
@@ -33,13 +33,13 @@ public:
     /// Throws operation_cancelled when the awaiting task was stopped first.
     void await_resume() { unpark(); }
 
-  private:
+   private:
     event& event_;
   };
   /// Completes once the event is set (at once if it already is).
   wait_operation wait() noexcept { return wait_operation{*this}; }
 
-private:
+ private:
   bool set_;
   detail::wait_list waiters_;
 };

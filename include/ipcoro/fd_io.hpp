@@ -11,11 +11,11 @@ namespace ipcoro {
 
 /// One read(2): completes with the number of bytes read, 0 at end of stream.
 class [[nodiscard]] read_operation : public io_operation<read_operation> {
-public:
+ public:
   read_operation(int fd, std::span<std::byte> buffer) noexcept;
   std::size_t finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   std::byte* data_;
   std::uint32_t size_;
@@ -27,11 +27,11 @@ private:
 /// and without suspending; otherwise it waits in the ring.
 /// Writing to a pipe or FIFO with no reader throws std::system_error with EPIPE.
 class [[nodiscard]] write_operation : public io_operation<write_operation> {
-public:
+ public:
   write_operation(int fd, std::span<const std::byte> buffer) noexcept;
   std::size_t finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   static int attempt(detail::op_base& op) noexcept;
   const std::byte* data_;
@@ -43,11 +43,11 @@ private:
 /// without resuming the coroutine. Completes with the bytes read: `buffer.size()`, or
 /// fewer only when end of stream came first.
 class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operation> {
-public:
+ public:
   read_exact_operation(int fd, std::span<std::byte> buffer) noexcept;
   std::size_t finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   static bool progress(detail::op_base& op, int res) noexcept;
   std::byte* data_;
@@ -60,11 +60,11 @@ private:
 /// write_operation, to write without the ring). Throws on error (EPIPE when
 /// the reader is gone); on error the bytes already written are not reported.
 class [[nodiscard]] write_all_operation : public io_operation<write_all_operation> {
-public:
+ public:
   write_all_operation(int fd, std::span<const std::byte> buffer) noexcept;
   void finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   static bool progress(detail::op_base& op, int res) noexcept;
   static int attempt(detail::op_base& op) noexcept;
@@ -79,12 +79,12 @@ private:
 /// -1 means "the descriptor's current position" (required for pipes). Completes with the
 /// bytes moved, 0 at end of input.
 class [[nodiscard]] splice_operation : public io_operation<splice_operation> {
-public:
-  splice_operation(int fd_in, std::int64_t off_in, int fd_out, std::int64_t off_out,
-                   std::uint32_t length, unsigned flags) noexcept;
+ public:
+  splice_operation(int fd_in, std::int64_t off_in, int fd_out, std::int64_t off_out, std::uint32_t length,
+                   unsigned flags) noexcept;
   std::size_t finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   std::int64_t off_in_;
   std::int64_t off_out_;
@@ -100,11 +100,11 @@ private:
 /// owned by the caller; throws std::system_error with the errno otherwise. `path` must
 /// stay valid until the operation completes.
 class [[nodiscard]] openat_operation : public io_operation<openat_operation> {
-public:
+ public:
   openat_operation(int dir_fd, const char* path, int flags, unsigned mode) noexcept;
   int finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   const char* path_;
   int dir_fd_;
@@ -115,11 +115,11 @@ private:
 /// Waits until `fd` is ready for `events` (POLLIN, POLLOUT, ...; IORING_OP_POLL_ADD, one
 /// shot). Completes with the returned events, which may include POLLERR or POLLHUP.
 class [[nodiscard]] poll_operation : public io_operation<poll_operation> {
-public:
+ public:
   poll_operation(int fd, unsigned events) noexcept;
   unsigned finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   int fd_;
   unsigned events_;
@@ -127,11 +127,11 @@ private:
 
 /// IORING_OP_NOP: a round trip through the kernel that does nothing.
 class [[nodiscard]] nop_operation : public io_operation<nop_operation> {
-public:
+ public:
   nop_operation() noexcept;
   void finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
 };
 
@@ -147,9 +147,8 @@ private:
 [[nodiscard]] inline write_all_operation write_all(int fd, std::span<const std::byte> buffer) noexcept {
   return {fd, buffer};
 }
-[[nodiscard]] inline splice_operation splice(int fd_in, std::int64_t off_in, int fd_out,
-                                             std::int64_t off_out, std::uint32_t length,
-                                             unsigned flags = 0) noexcept {
+[[nodiscard]] inline splice_operation splice(int fd_in, std::int64_t off_in, int fd_out, std::int64_t off_out,
+                                             std::uint32_t length, unsigned flags = 0) noexcept {
   return {fd_in, off_in, fd_out, off_out, length, flags};
 }
 [[nodiscard]] inline nop_operation nop() noexcept { return {}; }

@@ -13,13 +13,13 @@ namespace ipcoro {
 
 /// What the kernel offered when the ring was set up (probed once, at construction).
 struct ring_features {
-  bool single_issuer = false;   ///< IORING_SETUP_SINGLE_ISSUER (Linux 6.0)
-  bool defer_taskrun = false;   ///< IORING_SETUP_DEFER_TASKRUN (Linux 6.1)
-  bool nodrop = false;          ///< completions survive a full CQ (Linux 5.5)
-  bool splice = false;          ///< IORING_OP_SPLICE (Linux 5.7)
-  bool msg_ring = false;        ///< IORING_OP_MSG_RING (Linux 5.18)
-  bool waitid = false;          ///< IORING_OP_WAITID (Linux 6.7)
-  bool futex = false;           ///< IORING_OP_FUTEX_WAIT / WAKE (Linux 6.7)
+  bool single_issuer = false;  ///< IORING_SETUP_SINGLE_ISSUER (Linux 6.0)
+  bool defer_taskrun = false;  ///< IORING_SETUP_DEFER_TASKRUN (Linux 6.1)
+  bool nodrop = false;         ///< completions survive a full CQ (Linux 5.5)
+  bool splice = false;         ///< IORING_OP_SPLICE (Linux 5.7)
+  bool msg_ring = false;       ///< IORING_OP_MSG_RING (Linux 5.18)
+  bool waitid = false;         ///< IORING_OP_WAITID (Linux 6.7)
+  bool futex = false;          ///< IORING_OP_FUTEX_WAIT / WAKE (Linux 6.7)
   int kernel_major = 0;
   int kernel_minor = 0;
 };
@@ -35,7 +35,7 @@ struct ring_features {
 /// (on an awaitable that ignores cancellation) is reported on stderr and left alone:
 /// destroying a frame that something may still resume would be worse than leaking it.
 class io_context {
-public:
+ public:
   struct options {
     unsigned entries = 256;     ///< submission queue size
     unsigned cq_entries = 0;    ///< completion queue size; 0 means 4 × entries
@@ -101,7 +101,7 @@ public:
 
   struct impl;
 
-private:
+ private:
   std::unique_ptr<impl> impl_;
 };
 

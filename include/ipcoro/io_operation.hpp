@@ -33,7 +33,7 @@ struct [[nodiscard]] awaiter_ref {
 /// posted the final completion, so buffers passed to the operation stay in use until then.
 template <class Derived>
 class [[nodiscard]] io_operation : public detail::op_awaiter_base {
-public:
+ public:
   bool await_ready() const noexcept { return false; }
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) {
@@ -56,7 +56,7 @@ public:
     return {static_cast<Derived&>(*this)};
   }
 
-protected:
+ protected:
   using detail::op_awaiter_base::op_awaiter_base;
 };
 

@@ -10,12 +10,12 @@ namespace ipcoro {
 /// `auto guard = co_await m.lock();` suspends until the lock is free (FIFO, no barging);
 /// the guard unlocks when destroyed. Single-threaded; must outlive its waiters.
 class mutex {
-public:
+ public:
   mutex() noexcept = default;
 
   /// Owns the lock until destroyed or `unlock()`ed. Move-only.
   class [[nodiscard]] guard {
-  public:
+   public:
     explicit guard(mutex& m) noexcept : mutex_(&m) {}
     guard(guard&& other) noexcept : mutex_(std::exchange(other.mutex_, nullptr)) {}
     guard& operator=(guard&&) = delete;
@@ -25,12 +25,12 @@ public:
     }
     bool owns_lock() const noexcept { return mutex_ != nullptr; }
 
-  private:
+   private:
     mutex* mutex_;
   };
 
   class [[nodiscard]] lock_operation {
-  public:
+   public:
     explicit lock_operation(mutex& m) noexcept : mutex_(m), acquire_(m.permits_) {}
     bool await_ready() noexcept { return acquire_.await_ready(); }
     template <class P>
@@ -43,7 +43,7 @@ public:
       return guard{mutex_};
     }
 
-  private:
+   private:
     mutex& mutex_;
     semaphore::acquire_operation acquire_;
   };
@@ -54,7 +54,7 @@ public:
   void unlock() noexcept { permits_.release(); }
   bool locked() const noexcept { return permits_.available() == 0; }
 
-private:
+ private:
   semaphore permits_{1};
 };
 

@@ -12,37 +12,33 @@ namespace ipcoro {
 
 /// The reading end of a pipe. Owns its descriptor (close-on-exec).
 class pipe_reader {
-public:
+ public:
   pipe_reader() noexcept = default;
   explicit pipe_reader(unique_fd fd) noexcept : fd_(std::move(fd)) {}
 
   /// One read: the bytes read, 0 once every writer has closed.
   read_operation read(std::span<std::byte> buffer) const noexcept { return {fd_.get(), buffer}; }
   /// Fills `buffer` unless the stream ends first; returns the bytes read.
-  read_exact_operation read_exact(std::span<std::byte> buffer) const noexcept {
-    return {fd_.get(), buffer};
-  }
+  read_exact_operation read_exact(std::span<std::byte> buffer) const noexcept { return {fd_.get(), buffer}; }
   int native_handle() const noexcept { return fd_.get(); }
   explicit operator bool() const noexcept { return static_cast<bool>(fd_); }
   /// Closes this end now (writers then get EPIPE once every reader has closed).
   void close() noexcept { fd_.reset(); }
   unique_fd release_fd() noexcept { return std::move(fd_); }
 
-private:
+ private:
   unique_fd fd_;
 };
 
 /// The writing end of a pipe. Owns its descriptor (close-on-exec). Writing when every
 /// reader has closed throws std::system_error(EPIPE); SIGPIPE is never raised by ipcoro.
 class pipe_writer {
-public:
+ public:
   pipe_writer() noexcept = default;
   explicit pipe_writer(unique_fd fd) noexcept : fd_(std::move(fd)) {}
 
   /// One write: the bytes written, possibly fewer than asked.
-  write_operation write(std::span<const std::byte> buffer) const noexcept {
-    return {fd_.get(), buffer};
-  }
+  write_operation write(std::span<const std::byte> buffer) const noexcept { return {fd_.get(), buffer}; }
   /// Writes all of `buffer`. Writes of at most PIPE_BUF (4096) bytes are atomic.
   write_all_operation write_all(std::span<const std::byte> buffer) const noexcept {
     return {fd_.get(), buffer};
@@ -53,7 +49,7 @@ public:
   void close() noexcept { fd_.reset(); }
   unique_fd release_fd() noexcept { return std::move(fd_); }
 
-private:
+ private:
   unique_fd fd_;
 };
 
@@ -86,7 +82,7 @@ std::size_t pipe_max_size();
 /// writes and writes what the other end reads. Pipes are one-way; this is the classic
 /// answer. After fork(), each process keeps one end and drops the other.
 class duplex_pipe {
-public:
+ public:
   duplex_pipe() noexcept = default;
   duplex_pipe(pipe_reader in, pipe_writer out) noexcept : in_(std::move(in)), out_(std::move(out)) {}
 
@@ -107,7 +103,7 @@ public:
   pipe_reader& reader() noexcept { return in_; }
   pipe_writer& writer() noexcept { return out_; }
 
-private:
+ private:
   pipe_reader in_;
   pipe_writer out_;
 };

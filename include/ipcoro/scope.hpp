@@ -16,7 +16,7 @@ task<void> with_scope(F body);
 /// A set of concurrently running tasks that `with_scope` joins before it returns. Only
 /// `with_scope` creates one, so no child can outlive its scope.
 class scope {
-public:
+ public:
   scope(const scope&) = delete;
   scope& operator=(const scope&) = delete;
 
@@ -33,7 +33,7 @@ public:
   /// Cancels every child and the body.
   void request_stop() noexcept { group_.request_stop(); }
 
-private:
+ private:
   template <class F>
   friend task<void> with_scope(F body);
   scope() = default;

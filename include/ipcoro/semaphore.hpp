@@ -11,7 +11,7 @@ namespace ipcoro {
 /// left. Single-threaded; must outlive its waiters. A stop request ends a suspended
 /// acquire; an acquire that can take a permit at once takes it regardless.
 class semaphore {
-public:
+ public:
   explicit semaphore(std::size_t initial) noexcept : count_(initial) {}
   semaphore(const semaphore&) = delete;
   semaphore& operator=(const semaphore&) = delete;
@@ -29,7 +29,7 @@ public:
   }
 
   class [[nodiscard]] acquire_operation : detail::waiter {
-  public:
+   public:
     explicit acquire_operation(semaphore& s) noexcept : sem_(s) {}
     bool await_ready() noexcept { return sem_.try_acquire(); }
     template <class P>
@@ -39,12 +39,12 @@ public:
     /// Throws operation_cancelled (holding no permit) when stopped before a permit came.
     void await_resume() { unpark(); }
 
-  private:
+   private:
     semaphore& sem_;
   };
   acquire_operation acquire() noexcept { return acquire_operation{*this}; }
 
-private:
+ private:
   std::size_t count_;
   detail::wait_list waiters_;
 };

@@ -33,7 +33,7 @@ std::stop_token stop_token_of(std::coroutine_handle<P> h) noexcept {
 }
 
 class task_promise_base {
-public:
+ public:
   struct final_awaiter {
     bool await_ready() const noexcept { return false; }
     template <class P>
@@ -76,7 +76,7 @@ public:
     return true;
   }
 
-private:
+ private:
   enum class state : unsigned char { starting, awaiter_suspended, completed_inline };
 
   std::coroutine_handle<> continuation_ = std::noop_coroutine();
@@ -89,12 +89,12 @@ template <class T>
 class task_promise final : public task_promise_base {
   using stored = std::conditional_t<std::is_reference_v<T>, std::add_pointer_t<T>, T>;
 
-public:
+ public:
   task<T> get_return_object() noexcept;
   void unhandled_exception() noexcept { result_.template emplace<2>(std::current_exception()); }
 
   template <class U>
-    requires std::is_convertible_v<U&&, T>
+  requires std::is_convertible_v<U&&, T>
   void return_value(U&& value) noexcept(std::is_nothrow_constructible_v<T, U&&>) {
     if constexpr (std::is_reference_v<T>) {
       T ref = std::forward<U>(value);
@@ -113,13 +113,13 @@ public:
     }
   }
 
-private:
+ private:
   std::variant<std::monostate, stored, std::exception_ptr> result_;
 };
 
 template <>
 class task_promise<void> final : public task_promise_base {
-public:
+ public:
   task<void> get_return_object() noexcept;
   void unhandled_exception() noexcept { exception_ = std::current_exception(); }
   void return_void() const noexcept {}
@@ -127,7 +127,7 @@ public:
     if (exception_) std::rethrow_exception(exception_);
   }
 
-private:
+ private:
   std::exception_ptr exception_;
 };
 
@@ -139,7 +139,7 @@ private:
 /// waiting on. Move-only; await it once.
 template <class T>
 class [[nodiscard]] task {
-public:
+ public:
   using promise_type = detail::task_promise<T>;
   using value_type = T;
   using handle_type = std::coroutine_handle<promise_type>;
@@ -187,7 +187,7 @@ public:
   /// For the library's own runners: the coroutine handle, still owned by this task.
   handle_type handle() const noexcept { return handle_; }
 
-private:
+ private:
   void destroy() noexcept {
     if (handle_) std::exchange(handle_, {}).destroy();
   }

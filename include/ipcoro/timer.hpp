@@ -9,11 +9,11 @@ namespace ipcoro {
 
 /// Suspends the awaiting coroutine until a CLOCK_MONOTONIC instant (IORING_OP_TIMEOUT).
 class [[nodiscard]] timer_operation : public io_operation<timer_operation> {
-public:
+ public:
   explicit timer_operation(std::chrono::steady_clock::time_point when) noexcept;
   void finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   ::__kernel_timespec when_{};
 };

@@ -7,7 +7,7 @@ namespace ipcoro {
 
 /// Owns one file descriptor and closes it on destruction. Move-only.
 class unique_fd {
-public:
+ public:
   unique_fd() noexcept = default;
   explicit unique_fd(int fd) noexcept : fd_(fd) {}
   unique_fd(unique_fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
@@ -26,7 +26,7 @@ public:
   /// Closes the current descriptor (errors are ignored: the descriptor is gone either way).
   void reset(int fd = -1) noexcept;
 
-private:
+ private:
   int fd_ = -1;
 };
 

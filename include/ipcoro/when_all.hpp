@@ -39,19 +39,19 @@ template <class... T>
   std::tuple<std::optional<detail::value_or_monostate<T>>...> slots;
   [&]<std::size_t... I>(std::index_sequence<I...>) {
     (group.launch(detail::run_into(std::move(tasks), std::get<I>(slots), group)), ...);
-  }(std::index_sequence_for<T...>{});
+  }
+  (std::index_sequence_for<T...>{});
   co_await group.join();
   group.rethrow_error();
   group.rethrow_cancellation();
   co_return std::apply(
-      [](auto&... slot) { return std::tuple<detail::value_or_monostate<T>...>(std::move(*slot)...); },
-      slots);
+      [](auto&... slot) { return std::tuple<detail::value_or_monostate<T>...>(std::move(*slot)...); }, slots);
 }
 
 /// when_all over a run-time number of tasks of one type; results in input order.
 template <class T>
-[[nodiscard]] task<std::conditional_t<std::is_void_v<T>, void, std::vector<detail::value_or_monostate<T>>>> when_all(
-    std::vector<task<T>> tasks) {
+[[nodiscard]] task<std::conditional_t<std::is_void_v<T>, void, std::vector<detail::value_or_monostate<T>>>>
+when_all(std::vector<task<T>> tasks) {
   detail::group_state group;
   group.follow(co_await get_stop_token());
   std::vector<std::optional<detail::value_or_monostate<T>>> slots(tasks.size());

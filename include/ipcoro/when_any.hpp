@@ -29,8 +29,8 @@ root_task run_race(task<T> t, std::optional<Result>& winner, group_state& group)
 }
 
 template <class T>
-root_task run_race_at(task<T> t, std::size_t index,
-                      std::optional<value_or_monostate<T>>& winner, group_state& group) {
+root_task run_race_at(task<T> t, std::size_t index, std::optional<value_or_monostate<T>>& winner,
+                      group_state& group) {
   try {
     if constexpr (std::is_void_v<T>) {
       co_await std::move(t);
@@ -59,7 +59,8 @@ template <class... T>
   std::optional<result> winner;
   [&]<std::size_t... I>(std::index_sequence<I...>) {
     (group.launch(detail::run_race<I>(std::move(tasks), winner, group)), ...);
-  }(std::index_sequence_for<T...>{});
+  }
+  (std::index_sequence_for<T...>{});
   co_await group.join();
   group.rethrow_error();
   if (!winner) group.rethrow_cancellation();

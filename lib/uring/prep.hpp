@@ -26,16 +26,14 @@ inline constexpr std::uint64_t futex_bitset_match_any = 0xffffffffu;
 /// Completes with 0 on wake, -EAGAIN when the word already differs.
 inline void prep_futex_wait(::io_uring_sqe* sqe, std::uint32_t* addr, std::uint64_t expected,
                             std::uint64_t mask, std::uint32_t futex2_flags) noexcept {
-  ::io_uring_prep_rw(IPCORO_IORING_OP_FUTEX_WAIT, sqe, static_cast<int>(futex2_flags), addr, 0,
-                     expected);
+  ::io_uring_prep_rw(IPCORO_IORING_OP_FUTEX_WAIT, sqe, static_cast<int>(futex2_flags), addr, 0, expected);
   sqe->addr3 = mask;
 }
 
 /// Wakes up to `count` waiters on `addr`; completes with the number woken.
-inline void prep_futex_wake(::io_uring_sqe* sqe, std::uint32_t* addr, std::uint64_t count,
-                            std::uint64_t mask, std::uint32_t futex2_flags) noexcept {
-  ::io_uring_prep_rw(IPCORO_IORING_OP_FUTEX_WAKE, sqe, static_cast<int>(futex2_flags), addr, 0,
-                     count);
+inline void prep_futex_wake(::io_uring_sqe* sqe, std::uint32_t* addr, std::uint64_t count, std::uint64_t mask,
+                            std::uint32_t futex2_flags) noexcept {
+  ::io_uring_prep_rw(IPCORO_IORING_OP_FUTEX_WAKE, sqe, static_cast<int>(futex2_flags), addr, 0, count);
   sqe->addr3 = mask;
 }
 
@@ -46,8 +44,7 @@ inline void prep_futex_waitv(::io_uring_sqe* sqe, const void* waitv, unsigned co
 }
 
 /// waitid(2) through the ring: `info` must stay valid until the CQE is reaped.
-inline void prep_waitid(::io_uring_sqe* sqe, idtype_t which, id_t id, siginfo_t* info,
-                        int options) noexcept {
+inline void prep_waitid(::io_uring_sqe* sqe, idtype_t which, id_t id, siginfo_t* info, int options) noexcept {
   ::io_uring_prep_rw(IPCORO_IORING_OP_WAITID, sqe, static_cast<int>(id), nullptr,
                      static_cast<unsigned>(which), 0);
   sqe->file_index = static_cast<std::uint32_t>(options);

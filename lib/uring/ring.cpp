@@ -78,8 +78,8 @@ int ring::submit() noexcept {
 }
 
 int ring::submit_and_wait(unsigned wait_nr) noexcept {
-  int rc = wait_nr == 0 ? ::io_uring_submit_and_get_events(&ring_)
-                        : ::io_uring_submit_and_wait(&ring_, wait_nr);
+  int rc =
+      wait_nr == 0 ? ::io_uring_submit_and_get_events(&ring_) : ::io_uring_submit_and_wait(&ring_, wait_nr);
   return (rc == -EINTR || rc == -ETIME) ? 0 : rc;
 }
 

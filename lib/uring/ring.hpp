@@ -9,19 +9,19 @@ namespace ipcoro::uring {
 
 /// What the running kernel offers, probed once when a ring is set up.
 struct features {
-  unsigned setup_flags = 0;       ///< flags the ring was actually created with
-  bool single_issuer = false;     ///< IORING_SETUP_SINGLE_ISSUER (6.0)
-  bool defer_taskrun = false;     ///< IORING_SETUP_DEFER_TASKRUN (6.1)
-  bool nodrop = false;            ///< IORING_FEAT_NODROP: CQ overflow is held, not lost (5.5)
-  bool ext_arg = false;           ///< IORING_FEAT_EXT_ARG (5.11)
+  unsigned setup_flags = 0;    ///< flags the ring was actually created with
+  bool single_issuer = false;  ///< IORING_SETUP_SINGLE_ISSUER (6.0)
+  bool defer_taskrun = false;  ///< IORING_SETUP_DEFER_TASKRUN (6.1)
+  bool nodrop = false;         ///< IORING_FEAT_NODROP: CQ overflow is held, not lost (5.5)
+  bool ext_arg = false;        ///< IORING_FEAT_EXT_ARG (5.11)
   bool op_async_cancel = false;
   bool op_link_timeout = false;
   bool op_splice = false;
-  bool op_msg_ring = false;       ///< 5.18
-  bool op_waitid = false;         ///< 6.7
-  bool op_futex_wait = false;     ///< 6.7
-  bool op_futex_wake = false;     ///< 6.7
-  bool op_futex_waitv = false;    ///< 6.7
+  bool op_msg_ring = false;     ///< 5.18
+  bool op_waitid = false;       ///< 6.7
+  bool op_futex_wait = false;   ///< 6.7
+  bool op_futex_wake = false;   ///< 6.7
+  bool op_futex_waitv = false;  ///< 6.7
   int kernel_major = 0;
   int kernel_minor = 0;
 };
@@ -29,13 +29,13 @@ struct features {
 /// How the caller would like the ring set up; the probe may grant less.
 struct setup_request {
   unsigned entries = 256;
-  unsigned cq_entries = 0;        ///< 0: four times `entries`
-  bool single_issuer = true;      ///< ask for SINGLE_ISSUER | DEFER_TASKRUN
+  unsigned cq_entries = 0;    ///< 0: four times `entries`
+  bool single_issuer = true;  ///< ask for SINGLE_ISSUER | DEFER_TASKRUN
 };
 
 /// One io_uring instance. Not copyable, not movable (the kernel maps its memory).
 class ring {
-public:
+ public:
   ring() noexcept = default;
   ring(const ring&) = delete;
   ring& operator=(const ring&) = delete;
@@ -71,7 +71,7 @@ public:
   }
   void advance(unsigned count) noexcept { ::io_uring_cq_advance(&ring_, count); }
 
-private:
+ private:
   void probe_opcodes() noexcept;
 
   ::io_uring ring_{};

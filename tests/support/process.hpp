@@ -18,7 +18,7 @@ namespace ipcoro::test {
 /// ends without waiting, the destructor kills and reaps the child, so no test leaves a
 /// process behind.
 class child_process {
-public:
+ public:
   explicit child_process(std::function<int()> body);
   child_process(child_process&& other) noexcept;
   child_process& operator=(child_process&&) = delete;
@@ -31,7 +31,7 @@ public:
   /// Sends `sig` to the child.
   void kill(int sig) noexcept;
 
-private:
+ private:
   pid_t pid_ = -1;
   int pidfd_ = -1;
   bool reaped_ = false;
@@ -54,11 +54,11 @@ void fill_pattern(std::span<std::byte> out, std::uint64_t seed, std::uint64_t of
 
 /// A running 64-bit checksum (FNV-1a) of a byte stream.
 class checksum {
-public:
+ public:
   void update(std::span<const std::byte> data) noexcept;
   std::uint64_t value() const noexcept { return h_; }
 
-private:
+ private:
   std::uint64_t h_ = 14695981039346656037ull;
 };
 

@@ -19,15 +19,14 @@ namespace ipcoro::detail {
 /// std::monostate and `U&` becomes std::reference_wrapper<U> (optionals, tuples of
 /// results and variants cannot hold references).
 template <class T>
-using value_or_monostate =
-    std::conditional_t<std::is_void_v<T>, std::monostate,
-                       std::conditional_t<std::is_reference_v<T>,
-                                          std::reference_wrapper<std::remove_reference_t<T>>, T>>;
+using value_or_monostate = std::conditional_t<
+    std::is_void_v<T>, std::monostate,
+    std::conditional_t<std::is_reference_v<T>, std::reference_wrapper<std::remove_reference_t<T>>, T>>;
 
 /// Children run under the group's stop token, which also follows the owner's token. The
 /// owner must outlive every child: it awaits `join()` before leaving.
 class group_state {
-public:
+ public:
   group_state() = default;
   group_state(const group_state&) = delete;
   group_state& operator=(const group_state&) = delete;
@@ -76,7 +75,7 @@ public:
 
   static constexpr std::size_t no_winner = static_cast<std::size_t>(-1);
 
-private:
+ private:
   static std::coroutine_handle<> child_done(void* self) noexcept {
     auto& g = *static_cast<group_state*>(self);
     return --g.pending_ == 0 ? g.waiter_ : std::noop_coroutine();

@@ -26,7 +26,7 @@ struct ready_node {
 /// between submission and the reaping of its CQE: awaiters guarantee that by staying
 /// suspended until then, cancelled or not.
 class op_base {
-public:
+ public:
   /// Fills the SQE for (re)submission.
   using prep_fn = void (*)(op_base&, ::io_uring_sqe*) noexcept;
   /// Sees each CQE result first. Returns true when the operation is finished; false after
@@ -47,7 +47,7 @@ public:
   std::coroutine_handle<> waiter_;
   io_context* ctx_ = nullptr;
   op_base* next_pending_ = nullptr;  ///< link in the io_context's backlog while the SQ is full
-  ::__kernel_timespec deadline_{};  ///< absolute CLOCK_MONOTONIC; tv_sec == 0: no deadline
+  ::__kernel_timespec deadline_{};   ///< absolute CLOCK_MONOTONIC; tv_sec == 0: no deadline
   int result_ = 0;
   int retry_fd_ = -1;                    ///< descriptor to poll before retrying -EAGAIN
   std::uint16_t retry_poll_events_ = 0;  ///< POLLIN/POLLOUT to await before retrying -EAGAIN
@@ -56,7 +56,7 @@ public:
   /// The request runs in an io_uring worker thread (IOSQE_ASYNC), where a linked timeout
   /// does not interrupt it; its deadline is a separate timer that cancels it explicitly.
   bool worker_bound_ = false;
-  bool timer_armed_ = false;      ///< the separate deadline timer's CQE is still to come
+  bool timer_armed_ = false;        ///< the separate deadline timer's CQE is still to come
   bool waiting_for_timer_ = false;  ///< finished, but the timer's CQE must be reaped first
   /// An expired deadline is an ordinary outcome (finish() sees -ETIMEDOUT), not timed_out.
   bool timeout_is_result_ = false;
@@ -66,10 +66,10 @@ public:
 
 /// The non-template half of every awaitable operation: starting, cancelling, finishing.
 class op_awaiter_base : public op_base {
-public:
+ public:
   using op_base::op_base;
 
-protected:
+ protected:
   /// Submits the operation for `waiter`. Returns false when the awaiter must not suspend
   /// (stop already requested, or the io_context is shutting down).
   bool begin(std::coroutine_handle<> waiter, const std::stop_token& token);
@@ -78,7 +78,7 @@ protected:
   void set_timeout(std::int64_t nanoseconds) noexcept;
   void set_deadline(std::int64_t monotonic_nanoseconds) noexcept;
 
-private:
+ private:
   struct canceller {
     op_base* op;
     void operator()() const noexcept;

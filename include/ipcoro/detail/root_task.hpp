@@ -13,7 +13,7 @@ namespace ipcoro::detail {
 /// `on_done(arg)`, frees its frame, and transfers to the coroutine that `on_done` returns.
 /// Its body must catch every exception.
 class root_task {
-public:
+ public:
   using on_done_fn = std::coroutine_handle<> (*)(void* arg) noexcept;
 
   struct promise_type {
@@ -57,7 +57,7 @@ public:
     h.resume();
   }
 
-private:
+ private:
   std::coroutine_handle<promise_type> handle_;
 };
 

@@ -15,18 +15,18 @@ class wait_list;
 /// One coroutine waiting in a wait_list; lives in the awaiter (no allocation). A stop
 /// request unlinks it and resumes it with operation_cancelled; a grant that came first wins.
 class waiter : public ready_node {
-public:
+ public:
   waiter() = default;
   waiter(const waiter&) = delete;
   waiter& operator=(const waiter&) = delete;
 
-protected:
+ protected:
   /// Parks the coroutine in `list` unless its stop token is already stopped.
   bool park(wait_list& list, std::coroutine_handle<> h, const std::stop_token& token);
   /// Throws operation_cancelled if the wait was cancelled.
   void unpark();
 
-private:
+ private:
   friend class wait_list;
   struct canceller {
     waiter* self;
@@ -44,13 +44,13 @@ private:
 };
 
 class wait_list {
-public:
+ public:
   bool empty() const noexcept { return head_ == nullptr; }
   /// Unlinks the oldest waiter and schedules it on this thread's io_context.
   void wake_one() noexcept;
   void wake_all() noexcept;
 
-private:
+ private:
   friend class waiter;
   void push_back(waiter& w) noexcept;
   void remove(waiter& w) noexcept;
