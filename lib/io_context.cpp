@@ -438,6 +438,15 @@ io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
   std::call_once(once, [] { ::pthread_atfork(nullptr, nullptr, &forget_context_in_child); });
   ignore_sigpipe();
 
+  // The kernel's limits (IORING_MAX_ENTRIES, IORING_MAX_CQ_ENTRIES); CLAMP would silently
+  // shrink a larger request, so say it instead.
+  if (opts.entries == 0 || opts.entries > 32768 || opts.cq_entries > 65536 ||
+      (opts.cq_entries != 0 && opts.cq_entries < opts.entries)) {
+    throw std::invalid_argument(fmt::format(
+        "ipcoro::io_context: entries must be 1..32768 and cq_entries 0 (4 x entries) or entries..65536; got "
+        "entries={}, cq_entries={}",
+        opts.entries, opts.cq_entries));
+  }
   uring::setup_request req;
   req.entries = opts.entries;
   req.cq_entries = opts.cq_entries;

@@ -241,6 +241,17 @@ TEST_CASE("a second io_context on the same thread throws std::logic_error, and a
   CHECK(ipcoro::sync_wait(again, nop_then(4)) == 4);
 }
 
+TEST_CASE("queue sizes the kernel cannot have are refused with std::invalid_argument", "[io_context]") {
+  using opts = ipcoro::io_context::options;
+  CHECK_THROWS_AS(ipcoro::io_context(opts{.entries = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(ipcoro::io_context(opts{.entries = 65536}), std::invalid_argument);
+  CHECK_THROWS_AS(ipcoro::io_context(opts{.entries = 64, .cq_entries = 32}), std::invalid_argument);
+  CHECK_THROWS_WITH(ipcoro::io_context(opts{.entries = 0}), Catch::Contains("entries=0"));
+  CHECK(ipcoro::io_context::current_or_null() == nullptr);  // a refused context leaves nothing behind
+  ipcoro::io_context ok(opts{.entries = 8, .cq_entries = 8});
+  CHECK(&ipcoro::io_context::current() == &ok);
+}
+
 TEST_CASE("io_context::current throws std::logic_error when the thread has no io_context", "[io_context]") {
   REQUIRE(io_context::current_or_null() == nullptr);
   CHECK_THROWS_AS(io_context::current(), std::logic_error);

@@ -48,7 +48,8 @@ class io_context {
   };
 
   /// Sets up the ring. Throws std::system_error when io_uring is unavailable (naming
-  /// what to change) and std::logic_error when this thread already has an io_context.
+  /// what to change), std::invalid_argument for queue sizes the kernel cannot have, and
+  /// std::logic_error when this thread already has an io_context.
   io_context();
   explicit io_context(const options& opts);
   ~io_context();
