@@ -1,6 +1,7 @@
 // pipe_rtt_bench: 64-byte round trip between two processes over a pair of pipes, through
 // ipcoro beside plain blocking read/write, with both processes on different cores and on
-// the same core, measured in one run.
+// the same core, measured in one run. "ipcoro+poll" is ipcoro with the opt-in busy polling
+// (io_context::options::busy_poll) on both sides; its CPU column shows what that costs.
 //
 // Usage: pipe_rtt_bench [--iterations N] [--quick]
 #include <ipcoro/ipcoro.hpp>
@@ -25,7 +26,28 @@ constexpr std::size_t message_size = 64;
 using clock_type = std::chrono::steady_clock;
 using message = std::array<std::byte, message_size>;
 
-enum class impl { raw, ipcoro };
+enum class impl { raw, ipcoro, ipcoro_busy_poll };
+
+// Busy polling spends up to this long checking for completions before sleeping.
+constexpr std::chrono::microseconds busy_poll_budget{200};
+
+ipcoro::io_context::options context_options(impl which) {
+  ipcoro::io_context::options o;
+  if (which == impl::ipcoro_busy_poll) o.busy_poll = busy_poll_budget;
+  return o;
+}
+
+const char* name_of(impl which) {
+  switch (which) {
+    case impl::raw:
+      return "raw";
+    case impl::ipcoro:
+      return "ipcoro";
+    case impl::ipcoro_busy_poll:
+      return "ipcoro+poll";
+  }
+  return "?";
+}
 
 struct result {
   std::vector<double> rtt_us;  // one per round trip
@@ -120,7 +142,7 @@ result measure(impl which, bool same_core, std::size_t iterations) {
     if (which == impl::raw) {
       raw_echo(to_child_r.native_handle(), to_parent_w.native_handle(), warmup + iterations);
     } else {
-      ipcoro::io_context ctx;
+      ipcoro::io_context ctx(context_options(which));
       ipcoro::sync_wait(ctx, coro_echo(to_child_r, to_parent_w, warmup + iterations));
     }
     ::_exit(0);
@@ -137,7 +159,7 @@ result measure(impl which, bool same_core, std::size_t iterations) {
     raw_ping(to_child_w.native_handle(), to_parent_r.native_handle(), warmup, discard);
     raw_ping(to_child_w.native_handle(), to_parent_r.native_handle(), iterations, r.rtt_us);
   } else {
-    ipcoro::io_context ctx;
+    ipcoro::io_context ctx(context_options(which));
     ipcoro::sync_wait(ctx, coro_ping(to_child_w, to_parent_r, warmup, discard));
     ipcoro::sync_wait(ctx, coro_ping(to_child_w, to_parent_r, iterations, r.rtt_us));
   }
@@ -185,22 +207,21 @@ int main(int argc, char** argv) {
   }
   const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
   fmt::print("64-byte round trip over two pipes between two processes, {} round trips each\n", iterations);
-  fmt::print("{:<11} {:<7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>13}\n", "placement", "impl", "mean us", "p50 us",
-             "p99 us", "p99.9 us", "mean/raw", "cpu us/rtt");
+  fmt::print("{:<11} {:<12} {:>9} {:>9} {:>9} {:>9} {:>11} {:>13}\n", "placement", "impl", "mean us",
+             "p50 us", "p99 us", "p99.9 us", "mean/raw", "cpu us/rtt");
   for (bool same_core : {false, true}) {
     if (!same_core && cpus < 2) {
       fmt::print("cross-core  skipped: only one CPU online\n");
       continue;
     }
     double raw_mean = 0;
-    for (impl which : {impl::raw, impl::ipcoro}) {
+    for (impl which : {impl::raw, impl::ipcoro, impl::ipcoro_busy_poll}) {
       result r = measure(which, same_core, iterations);
       const double m = mean(r.rtt_us);
       if (which == impl::raw) raw_mean = m;
-      fmt::print("{:<11} {:<7} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.3f}x {:>13.2f}\n",
-                 same_core ? "same-core" : "cross-core", which == impl::raw ? "raw" : "ipcoro", m,
-                 percentile(r.rtt_us, 50), percentile(r.rtt_us, 99), percentile(r.rtt_us, 99.9), m / raw_mean,
-                 r.cpu_us_per_rtt);
+      fmt::print("{:<11} {:<12} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>10.3f}x {:>13.2f}\n",
+                 same_core ? "same-core" : "cross-core", name_of(which), m, percentile(r.rtt_us, 50),
+                 percentile(r.rtt_us, 99), percentile(r.rtt_us, 99.9), m / raw_mean, r.cpu_us_per_rtt);
     }
   }
   return 0;

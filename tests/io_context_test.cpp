@@ -252,6 +252,39 @@ TEST_CASE("queue sizes the kernel cannot have are refused with std::invalid_argu
   CHECK(&ipcoro::io_context::current() == &ok);
 }
 
+TEST_CASE("with busy polling a forked peer's answers arrive and the loop counts its non-sleeping checks", "[io_context]") {
+  auto [parent_end, child_end] = ipcoro::make_duplex_pipe();
+  ipcoro::test::child_process echo([&] {
+    parent_end.close();
+    ipcoro::io_context ctx;
+    auto body = [&]() -> task<int> {
+      std::array<std::byte, 64> buf{};
+      while (const std::size_t n = co_await child_end.read(buf)) {
+        co_await child_end.write_all(std::span(buf).first(n));
+      }
+      co_return 0;
+    };
+    return ipcoro::sync_wait(ctx, body());
+  });
+  child_end.close();
+  ipcoro::io_context ctx(ipcoro::io_context::options{.busy_poll = std::chrono::microseconds(500)});
+  auto body = [&]() -> task<int> {
+    int verified = 0;
+    for (int i = 0; i < 200; ++i) {
+      std::array<std::byte, 64> out{};
+      ipcoro::test::fill_pattern(out, 7, static_cast<std::uint64_t>(i) * out.size());
+      co_await parent_end.write_all(out);
+      std::array<std::byte, 64> in{};
+      if (co_await parent_end.read_exact(in) == in.size() && in == out) ++verified;
+    }
+    co_return verified;
+  };
+  CHECK(ipcoro::sync_wait(ctx, body()) == 200);
+  CHECK(ctx.stats().busy_polls > 0);
+  parent_end.close_write();
+  CHECK(echo.wait() == 0);
+}
+
 TEST_CASE("io_context::current throws std::logic_error when the thread has no io_context", "[io_context]") {
   REQUIRE(io_context::current_or_null() == nullptr);
   CHECK_THROWS_AS(io_context::current(), std::logic_error);
