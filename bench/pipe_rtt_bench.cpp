@@ -6,6 +6,10 @@
 // Usage: pipe_rtt_bench [--iterations N] [--quick]
 #include <ipcoro/ipcoro.hpp>
 
+#if IPCORO_BENCH_ASIO
+#include <asio.hpp>
+#endif
+
 #include <fmt/core.h>
 #include <sched.h>
 #include <sys/resource.h>
@@ -26,7 +30,7 @@ constexpr std::size_t message_size = 64;
 using clock_type = std::chrono::steady_clock;
 using message = std::array<std::byte, message_size>;
 
-enum class impl { raw, ipcoro, ipcoro_busy_poll };
+enum class impl { raw, ipcoro, ipcoro_busy_poll, asio };
 
 // Busy polling spends up to this long checking for completions before sleeping.
 constexpr std::chrono::microseconds busy_poll_budget{200};
@@ -45,6 +49,8 @@ const char* name_of(impl which) {
       return "ipcoro";
     case impl::ipcoro_busy_poll:
       return "ipcoro+poll";
+    case impl::asio:
+      return "asio";
   }
   return "?";
 }
@@ -127,6 +133,40 @@ ipcoro::task<void> coro_ping(const ipcoro::pipe_writer& out, const ipcoro::pipe_
   }
 }
 
+// ---- standalone Asio, C++20 coroutines on posix::stream_descriptor (epoll reactor) ----
+
+#if IPCORO_BENCH_ASIO
+asio::awaitable<void> asio_echo(asio::posix::stream_descriptor& in, asio::posix::stream_descriptor& out,
+                                std::size_t count) {
+  message m{};
+  for (std::size_t i = 0; i < count; ++i) {
+    co_await asio::async_read(in, asio::buffer(m), asio::use_awaitable);
+    co_await asio::async_write(out, asio::buffer(m), asio::use_awaitable);
+  }
+}
+
+asio::awaitable<void> asio_ping(asio::posix::stream_descriptor& out, asio::posix::stream_descriptor& in,
+                                std::size_t count, std::vector<double>& rtt) {
+  message m{};
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto t0 = clock_type::now();
+    co_await asio::async_write(out, asio::buffer(m), asio::use_awaitable);
+    co_await asio::async_read(in, asio::buffer(m), asio::use_awaitable);
+    rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+  }
+}
+
+/// Runs `make(in, out)` on a fresh single-threaded io_context over duplicates of the fds.
+template <class Make>
+void run_asio(int in_fd, int out_fd, Make make) {
+  asio::io_context io(1);
+  asio::posix::stream_descriptor in(io, ::dup(in_fd));
+  asio::posix::stream_descriptor out(io, ::dup(out_fd));
+  asio::co_spawn(io, make(in, out), asio::detached);
+  io.run();
+}
+#endif
+
 result measure(impl which, bool same_core, std::size_t iterations) {
   const std::size_t warmup = std::max<std::size_t>(iterations / 10, 100);
   auto [to_child_r, to_child_w] = ipcoro::make_pipe();
@@ -141,6 +181,11 @@ result measure(impl which, bool same_core, std::size_t iterations) {
     to_parent_r.close();
     if (which == impl::raw) {
       raw_echo(to_child_r.native_handle(), to_parent_w.native_handle(), warmup + iterations);
+    } else if (which == impl::asio) {
+#if IPCORO_BENCH_ASIO
+      run_asio(to_child_r.native_handle(), to_parent_w.native_handle(),
+               [&](auto& in, auto& out) { return asio_echo(in, out, warmup + iterations); });
+#endif
     } else {
       ipcoro::io_context ctx(context_options(which));
       ipcoro::sync_wait(ctx, coro_echo(to_child_r, to_parent_w, warmup + iterations));
@@ -158,6 +203,16 @@ result measure(impl which, bool same_core, std::size_t iterations) {
   if (which == impl::raw) {
     raw_ping(to_child_w.native_handle(), to_parent_r.native_handle(), warmup, discard);
     raw_ping(to_child_w.native_handle(), to_parent_r.native_handle(), iterations, r.rtt_us);
+  } else if (which == impl::asio) {
+#if IPCORO_BENCH_ASIO
+    run_asio(to_parent_r.native_handle(), to_child_w.native_handle(), [&](auto& in, auto& out) {
+      return [](auto& out, auto& in, std::size_t w, std::size_t n, std::vector<double>& d,
+                std::vector<double>& rtt) -> asio::awaitable<void> {
+        co_await asio_ping(out, in, w, d);
+        co_await asio_ping(out, in, n, rtt);
+      }(out, in, warmup, iterations, discard, r.rtt_us);
+    });
+#endif
   } else {
     ipcoro::io_context ctx(context_options(which));
     ipcoro::sync_wait(ctx, coro_ping(to_child_w, to_parent_r, warmup, discard));
@@ -215,7 +270,8 @@ int main(int argc, char** argv) {
       continue;
     }
     double raw_mean = 0;
-    for (impl which : {impl::raw, impl::ipcoro, impl::ipcoro_busy_poll}) {
+    for (impl which : {impl::raw, impl::ipcoro, impl::ipcoro_busy_poll, impl::asio}) {
+      if (which == impl::asio && !IPCORO_BENCH_ASIO) continue;
       result r = measure(which, same_core, iterations);
       const double m = mean(r.rtt_us);
       if (which == impl::raw) raw_mean = m;
