@@ -95,8 +95,18 @@ std::uint32_t clamp_len(std::size_t n) noexcept {
 
 // ---- read ----
 
+// An empty read finishes at once: through the ring, a zero-length read of an empty pipe
+// waits until data arrives.
+int read_operation::attempt(detail::op_base& op) noexcept {
+  return static_cast<read_operation&>(op).size_ == 0 ? 0 : -EAGAIN;
+}
+
+int read_exact_operation::attempt(detail::op_base& op) noexcept {
+  return static_cast<read_exact_operation&>(op).size_ == 0 ? 0 : -EAGAIN;
+}
+
 read_operation::read_operation(int fd, std::span<std::byte> buffer) noexcept
-    : io_operation(&prep), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
+    : io_operation(&prep, nullptr, &attempt), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLIN;
 }
@@ -130,8 +140,8 @@ int write_nowait(int fd, const std::byte* data, std::size_t size) noexcept {
 }
 }  // namespace
 
-write_operation::write_operation(int fd, std::span<const std::byte> buffer) noexcept
-    : io_operation(&prep, nullptr, &attempt), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
+write_operation::write_operation(int fd, std::span<const std::byte> buffer, write_path path) noexcept
+    : io_operation(&prep, nullptr, path == write_path::try_nowait_first ? &attempt : nullptr), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLOUT;
 }
@@ -154,7 +164,7 @@ std::size_t write_operation::finish(int res) const {
 // ---- read_exact ----
 
 read_exact_operation::read_exact_operation(int fd, std::span<std::byte> buffer) noexcept
-    : io_operation(&prep, &progress), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
+    : io_operation(&prep, &progress, &attempt), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLIN;
 }
@@ -179,8 +189,8 @@ std::size_t read_exact_operation::finish(int res) const {
 
 // ---- write_all ----
 
-write_all_operation::write_all_operation(int fd, std::span<const std::byte> buffer) noexcept
-    : io_operation(&prep, &progress, &attempt), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
+write_all_operation::write_all_operation(int fd, std::span<const std::byte> buffer, write_path path) noexcept
+    : io_operation(&prep, &progress, path == write_path::try_nowait_first ? &attempt : nullptr), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLOUT;
 }

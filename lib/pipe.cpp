@@ -88,7 +88,7 @@ pipe_pair make_pipe(const pipe_options& opts) {
     if (err == ENFILE) throw_errno(err, "pipe2: the system file table is full (/proc/sys/fs/file-max)");
     throw_errno(err, "pipe2");
   }
-  pipe_pair p{pipe_reader{unique_fd{fds[0]}}, pipe_writer{unique_fd{fds[1]}}};
+  pipe_pair p{pipe_reader{unique_fd{fds[0]}}, pipe_writer{unique_fd{fds[1]}, write_path::try_nowait_first}};
   if (opts.capacity != 0) set_pipe_capacity(p.writer.native_handle(), opts.capacity);
   return p;
 }

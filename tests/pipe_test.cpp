@@ -180,6 +180,40 @@ int run_self_with_default_sigpipe(const char* tag) {
 
 // ---- one process ----
 
+TEST_CASE("reads into an empty buffer complete at once with 0, even on an empty pipe", "[pipe]") {
+  ipcoro::io_context ctx;
+  auto [r, w] = ipcoro::make_pipe();
+  auto body = [&]() -> ipcoro::task<std::size_t> {
+    std::span<std::byte> none;
+    const std::size_t a = co_await r.read(none);
+    const std::size_t b = co_await r.read_exact(none);
+    co_return a + b + 1;
+  };
+  const auto before = ctx.stats().submitted;
+  CHECK(ipcoro::sync_wait(ctx, body()) == 1);
+  CHECK(ctx.stats().submitted == before);  // neither went through the ring
+}
+
+TEST_CASE("a writer from make_pipe writes without the ring when there is room; other writers use the ring",
+          "[pipe]") {
+  ipcoro::io_context ctx;
+  auto [r, w] = ipcoro::make_pipe();
+  CHECK(w.path() == ipcoro::write_path::try_nowait_first);
+  ipcoro::pipe_writer ring_writer{ipcoro::unique_fd{::dup(w.native_handle())}};
+  CHECK(ring_writer.path() == ipcoro::write_path::ring_only);
+  const std::array<std::byte, 8> msg{};
+  auto write_with = [&](const ipcoro::pipe_writer& writer) -> ipcoro::task<std::uint64_t> {
+    const auto before = ctx.stats().submitted;
+    co_await writer.write_all(msg);
+    co_return ctx.stats().submitted - before;
+  };
+  CHECK(ipcoro::sync_wait(ctx, write_with(w)) == 0);
+  CHECK(ipcoro::sync_wait(ctx, write_with(ring_writer)) >= 1);
+  std::array<std::byte, 16> in{};
+  auto drain = [&]() -> ipcoro::task<std::size_t> { co_return co_await r.read_exact(in); };
+  CHECK(ipcoro::sync_wait(ctx, drain()) == 16);
+}
+
 TEST_CASE("a write is read back whole", "[pipe]") {
   ipcoro::io_context ctx;
   auto [r, w] = ipcoro::make_pipe();

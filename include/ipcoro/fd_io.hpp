@@ -9,7 +9,13 @@
 
 namespace ipcoro {
 
-/// One read(2): completes with the number of bytes read, 0 at end of stream.
+/// How a write starts. Anonymous pipes take RWF_NOWAIT, so a write with room completes
+/// at once without the ring; files that refuse it (FIFOs on Linux 6.18 return EOPNOTSUPP)
+/// would pay a wasted syscall per write, so their writers go straight to the ring.
+enum class write_path : unsigned char { try_nowait_first, ring_only };
+
+/// One read(2): completes with the number of bytes read, 0 at end of stream. An empty
+/// buffer completes at once with 0 (through the ring it would wait for data).
 class [[nodiscard]] read_operation : public io_operation<read_operation> {
  public:
   read_operation(int fd, std::span<std::byte> buffer) noexcept;
@@ -17,6 +23,7 @@ class [[nodiscard]] read_operation : public io_operation<read_operation> {
 
  private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  static int attempt(detail::op_base& op) noexcept;
   std::byte* data_;
   std::uint32_t size_;
   int fd_;
@@ -28,7 +35,8 @@ class [[nodiscard]] read_operation : public io_operation<read_operation> {
 /// Writing to a pipe or FIFO with no reader throws std::system_error with EPIPE.
 class [[nodiscard]] write_operation : public io_operation<write_operation> {
  public:
-  write_operation(int fd, std::span<const std::byte> buffer) noexcept;
+  write_operation(int fd, std::span<const std::byte> buffer,
+                  write_path path = write_path::try_nowait_first) noexcept;
   std::size_t finish(int res) const;
 
  private:
@@ -49,6 +57,7 @@ class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operat
 
  private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
+  static int attempt(detail::op_base& op) noexcept;
   static bool progress(detail::op_base& op, int res) noexcept;
   std::byte* data_;
   std::size_t size_;
@@ -61,7 +70,8 @@ class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operat
 /// the reader is gone); on error the bytes already written are not reported.
 class [[nodiscard]] write_all_operation : public io_operation<write_all_operation> {
  public:
-  write_all_operation(int fd, std::span<const std::byte> buffer) noexcept;
+  write_all_operation(int fd, std::span<const std::byte> buffer,
+                      write_path path = write_path::try_nowait_first) noexcept;
   void finish(int res) const;
 
  private:

@@ -35,15 +35,19 @@ class pipe_reader {
 class pipe_writer {
  public:
   pipe_writer() noexcept = default;
-  explicit pipe_writer(unique_fd fd) noexcept : fd_(std::move(fd)) {}
+  /// `path`: whether writes first try RWF_NOWAIT (right for anonymous pipes, which
+  /// make_pipe creates that way) or go straight to the ring (FIFOs, other files).
+  explicit pipe_writer(unique_fd fd, write_path path = write_path::ring_only) noexcept
+      : fd_(std::move(fd)), path_(path) {}
 
   /// One write: the bytes written, possibly fewer than asked.
-  write_operation write(std::span<const std::byte> buffer) const noexcept { return {fd_.get(), buffer}; }
+  write_operation write(std::span<const std::byte> buffer) const noexcept { return {fd_.get(), buffer, path_}; }
   /// Writes all of `buffer`. Writes of at most PIPE_BUF (4096) bytes are atomic.
   write_all_operation write_all(std::span<const std::byte> buffer) const noexcept {
-    return {fd_.get(), buffer};
+    return {fd_.get(), buffer, path_};
   }
   int native_handle() const noexcept { return fd_.get(); }
+  write_path path() const noexcept { return path_; }
   explicit operator bool() const noexcept { return static_cast<bool>(fd_); }
   /// Closes this end now: readers see end of stream once every writer has closed.
   void close() noexcept { fd_.reset(); }
@@ -51,6 +55,7 @@ class pipe_writer {
 
  private:
   unique_fd fd_;
+  write_path path_ = write_path::ring_only;
 };
 
 struct pipe_options {
