@@ -4,6 +4,7 @@
 #include "ipcoro/error.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/fd_io.hpp"
+#include "ipcoro/fifo.hpp"
 #include "ipcoro/futex.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/io_operation.hpp"
