@@ -8,6 +8,7 @@
 #include "ipcoro/futex.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/io_operation.hpp"
+#include "ipcoro/mqueue.hpp"
 #include "ipcoro/mutex.hpp"
 #include "ipcoro/pipe.hpp"
 #include "ipcoro/scope.hpp"

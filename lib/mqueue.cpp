@@ -1,0 +1,644 @@
+// POSIX message queues: opening with checked limits, send/receive operations that poll
+// through the ring and transfer with the non-blocking mq_* calls, and the label demux.
+#include "ipcoro/mqueue.hpp"
+
+#include "ipcoro/error.hpp"
+#include "ipcoro/io_context.hpp"
+
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <liburing.h>
+#include <mqueue.h>
+#include <poll.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+
+namespace ipcoro {
+
+namespace {
+
+constexpr const char* msg_max_file = "/proc/sys/fs/mqueue/msg_max";
+constexpr const char* msgsize_max_file = "/proc/sys/fs/mqueue/msgsize_max";
+constexpr const char* msg_default_file = "/proc/sys/fs/mqueue/msg_default";
+constexpr const char* msgsize_default_file = "/proc/sys/fs/mqueue/msgsize_default";
+constexpr const char* queues_max_file = "/proc/sys/fs/mqueue/queues_max";
+
+/// A value from /proc/sys (they follow the caller's IPC namespace); -1 when unreadable.
+long read_proc_long(const char* path) noexcept {
+  std::FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return -1;
+  long v = -1;
+  if (std::fscanf(f, "%ld", &v) != 1) v = -1;
+  std::fclose(f);
+  return v;
+}
+
+std::string rlimit_text(rlim_t v) {
+  return v == RLIM_INFINITY ? std::string("unlimited") : fmt::format("{} bytes", static_cast<unsigned long long>(v));
+}
+
+[[noreturn]] void throw_error(int err, const std::string& what) {
+  throw std::system_error(err, std::system_category(), what);
+}
+
+/// The kernel's rules (glibc strips the '/', the kernel looks the rest up as one name).
+void check_name(std::string_view name) {
+  auto bad = [&](const char* rule, int err = EINVAL) {
+    throw_error(err, fmt::format("message queue name \"{}\": {}", name, rule));
+  };
+  if (name.empty() || name.front() != '/') bad("must start with '/', as in \"/jobs\"");
+  const std::string_view rest = name.substr(1);
+  if (rest.empty()) bad("needs a name after the '/', as in \"/jobs\"");
+  if (rest.find('/') != std::string_view::npos) bad("must contain no '/' after the first character");
+  if (rest.find('\0') != std::string_view::npos) bad("must contain no NUL character");
+  if (rest == "." || rest == "..") bad("\".\" and \"..\" are not queue names");
+  if (rest.size() > NAME_MAX) {
+    throw_error(ENAMETOOLONG, fmt::format("message queue name \"{:.40}...\": {} bytes after the '/', at most "
+                                          "NAME_MAX ({}) allowed; use a shorter name",
+                                          name, rest.size(), NAME_MAX));
+  }
+}
+
+/// Checks the attributes against the /proc limits for every caller: the kernel lets a
+/// process with CAP_SYS_RESOURCE (root) exceed them, and a program should not behave
+/// differently depending on who runs it.
+void check_attributes(std::string_view name, const mq_attributes& a) {
+  if (a.max_messages < 0 || a.message_size < 0) {
+    throw_error(EINVAL, fmt::format("message queue {}: max_messages ({}) and message_size ({}) must be positive "
+                                    "(0 picks the system default)",
+                                    name, a.max_messages, a.message_size));
+  }
+  const long msg_max = read_proc_long(msg_max_file);
+  if (msg_max > 0 && a.max_messages > msg_max) {
+    throw_error(EINVAL, fmt::format("message queue {}: max_messages {} is above {} ({}); ask for at most {} or "
+                                    "raise the limit (sysctl fs.mqueue.msg_max={})",
+                                    name, a.max_messages, msg_max_file, msg_max, msg_max, a.max_messages));
+  }
+  const long msgsize_max = read_proc_long(msgsize_max_file);
+  if (msgsize_max > 0 && a.message_size > msgsize_max) {
+    throw_error(EINVAL, fmt::format("message queue {}: message_size {} bytes is above {} ({}); ask for at most {} "
+                                    "or raise the limit (sysctl fs.mqueue.msgsize_max={})",
+                                    name, a.message_size, msgsize_max_file, msgsize_max, msgsize_max,
+                                    a.message_size));
+  }
+}
+
+/// Fills in the system default for an attribute left at 0.
+mq_attributes complete_attributes(const mq_attributes& a) {
+  mq_attributes r = a;
+  if (r.max_messages == 0) {
+    r.max_messages = read_proc_long(msg_default_file);
+    if (r.max_messages <= 0) r.max_messages = 10;  // the kernel's DFLT_MSG
+  }
+  if (r.message_size == 0) {
+    r.message_size = read_proc_long(msgsize_default_file);
+    if (r.message_size <= 0) r.message_size = 8192;  // the kernel's DFLT_MSGSIZE
+  }
+  return r;
+}
+
+/// True when the process could still open a descriptor (so EMFILE came from elsewhere).
+bool descriptor_available() noexcept {
+  const int fd = ::fcntl(0, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return errno != EMFILE;
+  ::close(fd);
+  return true;
+}
+
+[[noreturn]] void throw_open_error(int err, std::string_view name, bool creating, const mq_attributes& wanted) {
+  switch (err) {
+    case EEXIST:
+      throw_error(err, fmt::format("message queue {} already exists: another program uses it, or a crashed one "
+                                   "left it behind; pick another name or remove it (message_queue::unlink)",
+                                   name));
+    case ENOENT:
+      throw_error(err, fmt::format("message queue {} does not exist: create it first (message_queue::create, or "
+                                   "open with mq_open_options::create)",
+                                   name));
+    case EACCES:
+      throw_error(err, fmt::format("message queue {}: permission denied; the queue's mode or owner does not allow "
+                                   "this access",
+                                   name));
+    case ENOSPC:
+      throw_error(err, fmt::format("message queue {}: too many queues in the system: {} allows {}; remove unused "
+                                   "queues (mount -t mqueue none /dev/mqueue to list them) or raise the limit "
+                                   "(sysctl fs.mqueue.queues_max)",
+                                   name, queues_max_file, read_proc_long(queues_max_file)));
+    case ENFILE:
+      throw_error(err, fmt::format("message queue {}: the system's file table is full (/proc/sys/fs/file-max)", name));
+    case EMFILE: {
+      rlimit lim{};
+      if (creating && descriptor_available()) {
+        ::getrlimit(RLIMIT_MSGQUEUE, &lim);
+        const mq_attributes a = complete_attributes(wanted);
+        throw_error(err, fmt::format("message queue {}: creating it would exceed this user's RLIMIT_MSGQUEUE ({}), "
+                                     "which counts every queue's max_messages x message_size ({} x {} here) plus "
+                                     "overhead; remove unused queues, ask for fewer or smaller messages, or raise "
+                                     "the limit (ulimit -q, setrlimit(RLIMIT_MSGQUEUE))",
+                                     name, rlimit_text(lim.rlim_cur), a.max_messages, a.message_size));
+      }
+      ::getrlimit(RLIMIT_NOFILE, &lim);
+      throw_error(err, fmt::format("message queue {}: this process has too many open descriptors (RLIMIT_NOFILE "
+                                   "{}); close some or raise it (ulimit -n)",
+                                   name, static_cast<unsigned long long>(lim.rlim_cur)));
+    }
+    case EINVAL:
+      throw_error(err, fmt::format("message queue {}: the kernel refused the name or the attributes (max_messages "
+                                   "{}, message_size {}; limits in {} and {})",
+                                   name, wanted.max_messages, wanted.message_size, msg_max_file, msgsize_max_file));
+    case ENAMETOOLONG:
+      throw_error(err, fmt::format("message queue name \"{:.40}...\" is too long (at most NAME_MAX = {} bytes)",
+                                   name, NAME_MAX));
+    default:
+      throw_error(err, fmt::format("mq_open {}", name));
+  }
+}
+
+int open_flags(mq_access access) noexcept {
+  switch (access) {
+    case mq_access::read_only: return O_RDONLY;
+    case mq_access::write_only: return O_WRONLY;
+    case mq_access::read_write: break;
+  }
+  return O_RDWR;
+}
+
+std::pair<int, mq_attributes> open_queue(std::string_view name, const mq_open_options& opts) {
+  check_name(name);
+  const std::string path(name);
+  int flags = open_flags(opts.access) | O_NONBLOCK | O_CLOEXEC;
+  ::mq_attr attr{};
+  ::mq_attr* attr_ptr = nullptr;
+  if (opts.create) {
+    flags |= O_CREAT;
+    if (opts.exclusive) flags |= O_EXCL;
+    if (opts.attributes.max_messages != 0 || opts.attributes.message_size != 0) {
+      // mq_open takes both attributes or neither: the one left at 0 gets its default.
+      const mq_attributes full = complete_attributes(opts.attributes);
+      check_attributes(name, full);
+      attr.mq_maxmsg = full.max_messages;
+      attr.mq_msgsize = full.message_size;
+      attr_ptr = &attr;
+    }
+  }
+  const mqd_t mqd = ::mq_open(path.c_str(), flags, static_cast<mode_t>(opts.mode), attr_ptr);
+  if (mqd == static_cast<mqd_t>(-1)) throw_open_error(errno, name, opts.create, opts.attributes);
+  ::mq_attr got{};
+  if (::mq_getattr(mqd, &got) != 0) {
+    const int err = errno;
+    ::mq_close(mqd);
+    throw_error(err, fmt::format("mq_getattr {}", name));
+  }
+  return {static_cast<int>(mqd), mq_attributes{got.mq_maxmsg, got.mq_msgsize}};
+}
+
+}  // namespace
+
+std::optional<mq_labelled_view> mq_split_label(std::span<const std::byte> message) noexcept {
+  if (message.size() < mq_label_header_size) return std::nullopt;
+  mq_labelled_view v;
+  std::memcpy(&v.label, message.data(), sizeof v.label);
+  v.payload = message.subspan(mq_label_header_size);
+  return v;
+}
+
+// ---- message_queue ----
+
+message_queue::message_queue(message_queue&& other) noexcept
+    : mqd_(std::exchange(other.mqd_, -1)),
+      name_(std::move(other.name_)),
+      attributes_(other.attributes_),
+      owner_pid_(std::exchange(other.owner_pid_, 0)),
+      scratch_(std::move(other.scratch_)) {}
+
+message_queue& message_queue::operator=(message_queue&& other) noexcept {
+  if (this != &other) {
+    close();
+    mqd_ = std::exchange(other.mqd_, -1);
+    name_ = std::move(other.name_);
+    attributes_ = other.attributes_;
+    owner_pid_ = std::exchange(other.owner_pid_, 0);
+    scratch_ = std::move(other.scratch_);
+  }
+  return *this;
+}
+
+message_queue::~message_queue() { close(); }
+
+void message_queue::close() noexcept {
+  if (mqd_ >= 0) ::mq_close(static_cast<mqd_t>(mqd_));
+  mqd_ = -1;
+  // A forked child that inherited this object must not remove its parent's queue.
+  if (owner_pid_ != 0 && owner_pid_ == ::getpid()) ::mq_unlink(name_.c_str());
+  owner_pid_ = 0;
+}
+
+message_queue message_queue::create(std::string_view name, const mq_attributes& attributes, mq_access access,
+                                    unsigned mode) {
+  mq_open_options opts;
+  opts.access = access;
+  opts.create = true;
+  opts.exclusive = true;
+  opts.attributes = attributes;
+  opts.mode = mode;
+  auto [mqd, attrs] = open_queue(name, opts);
+  return message_queue{mqd, std::string(name), attrs, ::getpid()};
+}
+
+message_queue message_queue::open(std::string_view name, const mq_open_options& opts) {
+  auto [mqd, attrs] = open_queue(name, opts);
+  return message_queue{mqd, std::string(name), attrs, 0};
+}
+
+bool message_queue::unlink(std::string_view name) {
+  check_name(name);
+  const std::string path(name);
+  if (::mq_unlink(path.c_str()) == 0) return true;
+  const int err = errno;
+  if (err == ENOENT) return false;
+  if (err == EACCES) {
+    throw_error(err, fmt::format("mq_unlink {}: permission denied (the queue belongs to another user)", name));
+  }
+  throw_error(err, fmt::format("mq_unlink {}", name));
+}
+
+long message_queue::current_messages() const {
+  ::mq_attr a{};
+  if (::mq_getattr(static_cast<mqd_t>(mqd_), &a) != 0) throw_error(errno, fmt::format("mq_getattr {}", name_));
+  return a.mq_curmsgs;
+}
+
+mq_send_operation message_queue::send_labelled(std::uint32_t label, std::span<const std::byte> payload,
+                                               unsigned priority) const {
+  if (!scratch_) scratch_ = std::make_unique<std::byte[]>(static_cast<std::size_t>(attributes_.message_size));
+  return {*this, label, payload, priority};
+}
+
+// ---- mq_send_operation ----
+
+mq_send_operation::mq_send_operation(const message_queue& queue, std::span<const std::byte> message,
+                                     unsigned priority) noexcept
+    : io_operation(&prep, &progress, &attempt),
+      queue_(&queue),
+      data_(message.data()),
+      size_(message.size()),
+      priority_(priority) {}
+
+mq_send_operation::mq_send_operation(const message_queue& queue, std::uint32_t label,
+                                     std::span<const std::byte> payload, unsigned priority) noexcept
+    : io_operation(&prep, &progress, &attempt),
+      queue_(&queue),
+      data_(payload.data()),
+      size_(payload.size()),
+      priority_(priority),
+      label_(label),
+      labelled_(true) {}
+
+void mq_send_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<mq_send_operation&>(op);
+  ::io_uring_prep_poll_add(sqe, self.queue_->mqd_, POLLOUT);
+}
+
+bool mq_send_operation::try_send() noexcept {
+  const auto limit = static_cast<std::size_t>(queue_->attributes_.message_size);
+  const std::size_t total = size_ + (labelled_ ? mq_label_header_size : 0);
+  if (total > limit) {
+    error_ = EMSGSIZE;
+    return done_ = true;
+  }
+  if (priority_ >= mq_priority_max) {
+    error_ = EINVAL;
+    return done_ = true;
+  }
+  const char* data = reinterpret_cast<const char*>(data_);
+  if (labelled_) {
+    // Copied right before the call, with no suspension in between, so one scratch buffer
+    // per queue serves every labelled send of this thread.
+    std::byte* scratch = queue_->scratch_.get();
+    std::memcpy(scratch, &label_, sizeof label_);
+    if (size_ != 0) std::memcpy(scratch + mq_label_header_size, data_, size_);
+    data = reinterpret_cast<const char*>(scratch);
+  }
+  for (;;) {
+    if (::mq_send(static_cast<mqd_t>(queue_->mqd_), data, total, priority_) == 0) return done_ = true;
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return false;  // full: wait for POLLOUT
+    error_ = errno;
+    return done_ = true;
+  }
+}
+
+int mq_send_operation::attempt(detail::op_base& op) noexcept {
+  auto& self = static_cast<mq_send_operation&>(op);
+  return self.try_send() ? 0 : -EAGAIN;
+}
+
+bool mq_send_operation::progress(detail::op_base& op, int res) noexcept {
+  auto& self = static_cast<mq_send_operation&>(op);
+  if (self.done_ || res < 0) return true;
+  // POLLOUT fired, but another sender may fill the room first: then poll again.
+  return self.try_send();
+}
+
+void mq_send_operation::finish(int res) const {
+  const std::string& name = queue_->name_;
+  if (!done_) throw_errno(-res, fmt::format("waiting to send to message queue {}", name));
+  switch (error_) {
+    case 0: return;
+    case EMSGSIZE:
+      throw_error(error_, fmt::format("message of {} bytes{} is larger than the message size of queue {} ({} "
+                                      "bytes); send smaller messages or create the queue with a larger "
+                                      "message_size (at most {}: {})",
+                                      size_ + (labelled_ ? mq_label_header_size : 0),
+                                      labelled_ ? " (with its label header)" : "", name,
+                                      queue_->attributes_.message_size, msgsize_max_file,
+                                      read_proc_long(msgsize_max_file)));
+    case EINVAL:
+      if (priority_ >= mq_priority_max) {
+        throw_error(error_, fmt::format("send to message queue {}: priority {} is not below MQ_PRIO_MAX ({})",
+                                        name, priority_, mq_priority_max));
+      }
+      break;
+    case EBADF:
+      throw_error(error_, fmt::format("send to message queue {}: the queue was opened read-only (or is closed)",
+                                      name));
+    default: break;
+  }
+  throw_errno(error_, fmt::format("mq_send {}", name));
+}
+
+// ---- mq_receive_operation ----
+
+mq_receive_operation::mq_receive_operation(const message_queue& queue, std::span<std::byte> buffer) noexcept
+    : io_operation(&prep, &progress, &attempt), queue_(&queue), data_(buffer.data()), size_(buffer.size()) {}
+
+void mq_receive_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<mq_receive_operation&>(op);
+  ::io_uring_prep_poll_add(sqe, self.queue_->mqd_, POLLIN);
+}
+
+bool mq_receive_operation::try_receive() noexcept {
+  if (size_ < static_cast<std::size_t>(queue_->attributes_.message_size)) {
+    error_ = EMSGSIZE;
+    return done_ = true;
+  }
+  for (;;) {
+    unsigned prio = 0;
+    const ssize_t n = ::mq_receive(static_cast<mqd_t>(queue_->mqd_), reinterpret_cast<char*>(data_), size_, &prio);
+    if (n >= 0) {
+      received_ = {static_cast<std::size_t>(n), prio};
+      return done_ = true;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return false;  // empty: wait for POLLIN
+    error_ = errno;
+    return done_ = true;
+  }
+}
+
+int mq_receive_operation::attempt(detail::op_base& op) noexcept {
+  auto& self = static_cast<mq_receive_operation&>(op);
+  return self.try_receive() ? 0 : -EAGAIN;
+}
+
+bool mq_receive_operation::progress(detail::op_base& op, int res) noexcept {
+  auto& self = static_cast<mq_receive_operation&>(op);
+  if (self.done_ || res < 0) return true;
+  // POLLIN fired, but a receiver in another process may have taken the message: poll again.
+  return self.try_receive();
+}
+
+mq_message mq_receive_operation::finish(int res) const {
+  const std::string& name = queue_->name_;
+  if (!done_) throw_errno(-res, fmt::format("waiting to receive from message queue {}", name));
+  switch (error_) {
+    case 0: return received_;
+    case EMSGSIZE:
+      throw_error(error_, fmt::format("receive from message queue {}: the buffer of {} bytes is smaller than the "
+                                      "queue's message size ({} bytes); pass a buffer of at least that size",
+                                      name, size_, queue_->attributes_.message_size));
+    case EBADF:
+      throw_error(error_, fmt::format("receive from message queue {}: the queue was opened write-only (or is "
+                                      "closed)",
+                                      name));
+    default: break;
+  }
+  throw_errno(error_, fmt::format("mq_receive {}", name));
+}
+
+// ---- mq_demux ----
+
+struct mq_demux::slot {
+  slot* next = nullptr;
+  std::byte* data = nullptr;  ///< the whole message: header, then payload
+  mq_message message{};       ///< the payload's size and the priority
+};
+
+struct mq_demux::label_state {
+  detail::wait_list waiters;
+  slot* head = nullptr;  ///< held messages, oldest first
+  slot* tail = nullptr;
+  std::size_t held = 0;
+  std::size_t reserved = 0;  ///< held messages promised to consumers already woken
+  std::size_t waiting = 0;   ///< consumers parked with nothing reserved
+};
+
+mq_demux::mq_demux(const message_queue& queue, std::uint32_t labels, std::size_t max_held)
+    : queue_(&queue), labels_(labels), slot_size_(static_cast<std::size_t>(queue.attributes().message_size)) {
+  if (labels == 0) throw std::invalid_argument("mq_demux: needs at least one label");
+  if (max_held == 0) throw std::invalid_argument("mq_demux: max_held must be at least 1");
+  if (slot_size_ < mq_label_header_size) {
+    throw std::invalid_argument(fmt::format("mq_demux: queue {} has a message size of {} bytes, too small for the "
+                                            "{}-byte label header",
+                                            queue.name(), slot_size_, mq_label_header_size));
+  }
+  storage_ = std::make_unique<std::byte[]>(slot_size_ * max_held);
+  slots_ = std::make_unique<slot[]>(max_held);
+  states_ = std::make_unique<label_state[]>(labels);
+  for (std::size_t i = max_held; i-- > 0;) {
+    slots_[i].data = storage_.get() + i * slot_size_;
+    slots_[i].next = free_;
+    free_ = &slots_[i];
+  }
+}
+
+mq_demux::~mq_demux() = default;
+
+task<void> mq_demux::run() {
+  if (started_) throw std::logic_error("mq_demux::run: a demux runs once");
+  started_ = true;
+  if (closed_) co_return;  // closed before it ran: consumers have been told already
+  struct forward_stop {
+    std::stop_source* source;
+    void operator()() const noexcept { source->request_stop(); }
+  };
+  const std::stop_token outer = co_await get_stop_token();
+  std::optional<std::stop_callback<forward_stop>> link;
+  if (outer.stop_possible()) link.emplace(outer, forward_stop{&stop_});
+  std::exception_ptr failure;
+  try {
+    co_await pump().with_stop_token(stop_.get_token());
+  } catch (const operation_cancelled&) {
+    if (!closed_) failure = std::current_exception();
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  end(failure);
+  if (failure) std::rethrow_exception(failure);
+}
+
+task<void> mq_demux::pump() {
+  for (;;) {
+    // Take a message off the queue only for a waiting consumer, so that a process does
+    // not hoard what other processes could handle, and only into a free slot.
+    while (!closed_ && (parked_ == 0 || free_ == nullptr)) {
+      demand_.reset();
+      co_await demand_.wait();
+    }
+    if (closed_) co_return;
+    slot* s = free_;
+    free_ = s->next;
+    mq_message m;
+    try {
+      m = co_await queue_->receive(std::span<std::byte>(s->data, slot_size_));
+    } catch (...) {
+      s->next = free_;
+      free_ = s;
+      throw;
+    }
+    deliver(*s, m);
+  }
+}
+
+void mq_demux::deliver(slot& s, const mq_message& m) {
+  std::uint32_t label = 0;
+  if (m.size >= mq_label_header_size) std::memcpy(&label, s.data, sizeof label);
+  if (m.size < mq_label_header_size || label >= labels_) {
+    s.next = free_;
+    free_ = &s;
+    if (m.size < mq_label_header_size) {
+      throw_error(EBADMSG, fmt::format("mq_demux on queue {}: a message of {} bytes has no label header ({} bytes); "
+                                       "send with message_queue::send_labelled. The message was dropped",
+                                       queue_->name(), m.size, mq_label_header_size));
+    }
+    throw_error(EBADMSG, fmt::format("mq_demux on queue {}: a message with label {} arrived, but this demux routes "
+                                     "labels 0 to {}; construct it with more labels or fix the sender. The "
+                                     "message ({} bytes, priority {}) was dropped",
+                                     queue_->name(), label, labels_ - 1, m.size, m.priority));
+  }
+  s.message = {m.size - mq_label_header_size, m.priority};
+  s.next = nullptr;
+  label_state& st = states_[label];
+  if (st.tail != nullptr) st.tail->next = &s;
+  else st.head = &s;
+  st.tail = &s;
+  ++st.held;
+  ++held_total_;
+  // A consumer cancelled but not yet resumed has left the list already: it gets nothing.
+  if (!st.waiters.empty()) {
+    --st.waiting;
+    --parked_;
+    ++st.reserved;
+    st.waiters.wake_one();
+  }
+}
+
+void mq_demux::end(std::exception_ptr failure) noexcept {
+  ended_ = true;
+  failure_ = std::move(failure);
+  for (std::uint32_t i = 0; i < labels_; ++i) {
+    states_[i].waiting = 0;
+    states_[i].waiters.wake_all();
+  }
+  parked_ = 0;
+}
+
+void mq_demux::close() noexcept {
+  if (closed_) return;
+  closed_ = true;
+  stop_.request_stop();
+  demand_.set();
+  if (!started_) end(nullptr);  // no pump will run to do it
+}
+
+std::optional<mq_message> mq_demux::take(mq_demux_receive_operation& op) {
+  label_state& st = states_[op.label_];
+  const bool granted = op.parked_ && st.reserved != 0;
+  if (!granted && st.held == st.reserved) {
+    if (failure_) std::rethrow_exception(failure_);
+    return std::nullopt;  // ended, with nothing left for this label
+  }
+  if (granted) --st.reserved;
+  slot* s = st.head;
+  st.head = s->next;
+  if (st.head == nullptr) st.tail = nullptr;
+  --st.held;
+  --held_total_;
+  const mq_message m = s->message;
+  if (m.size != 0) std::memcpy(op.buffer_.data(), s->data + mq_label_header_size, m.size);
+  s->next = free_;
+  free_ = s;
+  demand_.set();  // the pump may be waiting for a free slot
+  return m;
+}
+
+// ---- mq_demux_receive_operation ----
+
+bool mq_demux_receive_operation::await_ready() noexcept {
+  if (label_ >= demux_.labels_) {
+    error_ = EINVAL;
+    return true;
+  }
+  if (buffer_.size() < demux_.max_payload()) {
+    error_ = EMSGSIZE;
+    return true;
+  }
+  const auto& st = demux_.states_[label_];
+  return st.held > st.reserved || demux_.ended_;
+}
+
+bool mq_demux_receive_operation::suspend(std::coroutine_handle<> h, const std::stop_token& token) {
+  auto& st = demux_.states_[label_];
+  if (!park(st.waiters, h, token)) return false;  // already stopped: await_resume throws
+  parked_ = true;
+  ++st.waiting;
+  ++demux_.parked_;
+  demux_.demand_.set();
+  return true;
+}
+
+std::optional<mq_message> mq_demux_receive_operation::await_resume() {
+  if (error_ == EINVAL) {
+    throw_error(EINVAL, fmt::format("mq_demux on queue {}: label {} is not below the demux's label count {}",
+                                    demux_.queue_->name(), label_, demux_.labels_));
+  }
+  if (error_ == EMSGSIZE) {
+    throw_error(EMSGSIZE, fmt::format("mq_demux on queue {}: the buffer of {} bytes is smaller than the largest "
+                                      "payload ({} bytes: message size less the label header)",
+                                      demux_.queue_->name(), buffer_.size(), demux_.max_payload()));
+  }
+  if (parked_) {
+    try {
+      unpark();
+    } catch (...) {
+      // Cancelled while still parked: nothing was reserved for it.
+      auto& st = demux_.states_[label_];
+      if (!demux_.ended_) {
+        --st.waiting;
+        --demux_.parked_;
+      }
+      parked_ = false;
+      throw;
+    }
+  }
+  return demux_.take(*this);
+}
+
+}  // namespace ipcoro
