@@ -15,6 +15,7 @@
 #include "ipcoro/process_mutex.hpp"
 #include "ipcoro/scope.hpp"
 #include "ipcoro/semaphore.hpp"
+#include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"

@@ -1,0 +1,361 @@
+// SPSC and MPMC message rings in shared memory, shm segments and mapped files alike.
+#pragma once
+
+#include "ipcoro/detail/region.hpp"
+#include "ipcoro/task.hpp"
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stop_token>
+#include <string>
+#include <system_error>
+
+// How the rings work, and what they promise
+// ----------------------------------------
+// A ring lives in a byte region that the caller maps into every process (shm_segment's or
+// mapped_file's payload, or anonymous MAP_SHARED memory created before fork()). The region
+// starts with the ring's own header: magic, layout version, kind, capacity, a check word
+// over them, then each side's position, two futex words, the close flags and a table of
+// the attached processes (pid + process start time). Attaching validates all of it and
+// copies the geometry into the process, so a peer that rewrites the header later cannot
+// move this process's reads and writes outside the region; every position, length and
+// index read from the region afterwards is bounds-checked, and a violation throws
+// std::system_error(EBADMSG) naming what was wrong.
+//
+// SPSC (spsc_ring_sender / spsc_ring_receiver): variable-length messages as 8-byte-aligned
+// length-prefixed records in a power-of-two byte ring; a record that does not fit before
+// the end is preceded by a padding record and written at the start. Positions only grow
+// (64-bit), so full and empty need no extra state. A message of up to capacity/2 - 8 bytes
+// always fits.
+//
+// MPMC (mpmc_ring_sender / mpmc_ring_receiver): a power-of-two array of fixed-size slots
+// with a per-slot sequence word (Vyukov's bounded queue). A slot is claimed by a
+// compare-and-swap that also records the claimer's pid, so a slot left half-written or
+// half-read by a process that was killed can be recognised and released by the others.
+// Each message is delivered to exactly one receiver; a receiver killed while copying a
+// message out takes that message with it.
+//
+// No syscall while data flows. A side that finds the ring empty (or full) announces that
+// it sleeps — it reads the futex word, increments a waiter count, then issues a seq_cst
+// fence and looks at the ring once more — and only then parks with futex_wait (through
+// the loop, always with a timeout) on the value it read. The other side publishes its
+// position, issues a seq_cst fence, and reads the waiter count: only when it is non-zero
+// does it bump the futex word and call futex_wake. Why no wake-up is lost: the two fences
+// are ordered one way or the other. If the sleeper's fence comes first, the publisher's
+// read of the count (after its fence) sees the increment and wakes; if the publisher's
+// fence comes first, the sleeper's second look at the ring sees the new position and it
+// does not sleep. And a bump that lands between the sleeper's read of the futex word and
+// its entry into the kernel makes FUTEX_WAIT return at once, since the word no longer
+// holds the value it waits on. With `ring_options::spin` a side busy-polls the ring for a
+// bounded, adaptive time before announcing its sleep (CPU spent for latency saved).
+//
+// Every wait can end: by data or space, by the peer closing (end of stream / EPIPE), by
+// the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out), by
+// cancellation through the awaiting task's stop token (ipcoro::operation_cancelled), or by
+// the peer's death: a sleeper wakes every `peer_check_interval`, checks the processes
+// recorded for the other side (alive, not a zombie, same start time, so a reused pid is
+// not mistaken for them) and throws ipcoro::peer_died once they are all gone.
+//
+// Durability of a ring in a mapped file: everything written to the mapping — messages
+// sent, the acknowledged position — survives the crash of any process, because it lives
+// in the kernel's page cache, not in the process. After a machine crash only what was
+// flushed with msync (mapped_file::sync()) survives, and since pages are written back in
+// no particular order, call sync() at the points you need to survive (e.g. after ack()).
+// A receiver restarted after a crash resumes after the last acknowledged message: nothing
+// acknowledged comes again; messages received but not acknowledged come again. The ring
+// itself never calls msync (it would cost a disk flush per message): between syncs, a
+// machine crash may leave a position on disk ahead of the bytes it publishes, which the
+// ring then reports as EBADMSG or, if the stale bytes look like records, delivers. So
+// sync() after the sends (sender) and the acks (receiver) that must survive one.
+//
+// Limits: all processes share one pid namespace (pids are compared). An endpoint belongs
+// to the thread that uses it (coroutines of that thread may share it). A process killed
+// while asleep on an MPMC ring leaves its waiter count behind, so later sends on that
+// ring pay a futex_wake syscall each (correct, slower); an SPSC side resets its count when
+// it attaches.
+//
+// Steady state allocates nothing: the fast paths work in the caller's coroutine frame,
+// and a sleep runs in a small coroutine whose frame is recycled per thread.
+
+namespace ipcoro {
+
+/// Thrown by a wait on a ring whose peer process died without closing: the sender of an
+/// SPSC ring, or every sender (receiver) of an MPMC ring. Carries ECONNRESET.
+class peer_died : public std::system_error {
+public:
+  peer_died(pid_t pid, const std::string& what);
+  /// The pid the dead peer had.
+  pid_t pid() const noexcept { return pid_; }
+
+private:
+  pid_t pid_;
+};
+
+/// Per-endpoint settings (not stored in the region).
+struct ring_options {
+  /// Busy-poll the ring for at most this long before sleeping. The budget adapts: it
+  /// shrinks when spinning does not pay off and grows back when it does. 0: sleep at once.
+  /// Spinning burns CPU on the loop thread; it pays when the peer answers within microseconds.
+  std::chrono::nanoseconds spin{0};
+  /// How often a sleeping waiter wakes to check that its peer is still alive.
+  std::chrono::milliseconds peer_check_interval{100};
+  /// Receivers of an SPSC ring: false (default) frees each message's space as it is
+  /// received; true keeps received messages in the ring until ack(), so that a receiver
+  /// restarted after a crash gets the unacknowledged ones again. The sender can then
+  /// only reuse acknowledged space.
+  bool manual_ack = false;
+};
+
+/// Size of the ring header at the start of a region; the data follows it.
+inline constexpr std::size_t ring_header_size = 4096;
+
+/// Region size for an SPSC ring with `capacity` data bytes (rounded up to a power of two,
+/// at least 4096).
+std::size_t spsc_ring_region_size(std::size_t capacity) noexcept;
+/// Region size for an MPMC ring with `slots` slots (rounded up to a power of two) of
+/// messages of up to `max_message` bytes.
+std::size_t mpmc_ring_region_size(std::size_t slots, std::size_t max_message) noexcept;
+
+/// Type tags and layout version for a shm_segment or mapped_file that holds a ring.
+inline constexpr std::uint32_t spsc_ring_type_tag = 0x43535053;  // "SPSC"
+inline constexpr std::uint32_t mpmc_ring_type_tag = 0x434d504d;  // "MPMC"
+inline constexpr std::uint32_t ring_layout_version = 1;
+
+/// The region_layout to create (or open) a shm_segment or mapped_file for an SPSC ring of
+/// `capacity` data bytes: `shm_segment::create(name, spsc_ring_layout(1 << 20))`.
+inline region_layout spsc_ring_layout(std::size_t capacity) noexcept {
+  return {spsc_ring_type_tag, ring_layout_version, spsc_ring_region_size(capacity)};
+}
+/// The region_layout for an MPMC ring (see mpmc_ring_region_size).
+inline region_layout mpmc_ring_layout(std::size_t slots, std::size_t max_message) noexcept {
+  return {mpmc_ring_type_tag, ring_layout_version, mpmc_ring_region_size(slots, max_message)};
+}
+
+/// Writes an empty SPSC ring into `region` (overwriting it): the capacity is the largest
+/// power of two that fits after the header. `region` must be 64-byte aligned and hold at
+/// least ring_header_size + 4096 bytes; throws std::system_error(EINVAL) otherwise. Do it
+/// once, before any process attaches (e.g. before fork(), or right after creating the
+/// segment); the magic number is written last.
+void format_spsc_ring(std::span<std::byte> region);
+/// Writes an empty MPMC ring into `region`: slots for messages of up to `max_message`
+/// bytes, as many as fit (a power of two, at least 2). Same requirements as above.
+void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message);
+
+namespace detail {
+class ring_endpoint;
+}  // namespace detail
+
+/// Sends one message: completes once the whole message is in the ring (waiting for space
+/// while the ring is full). Throws std::system_error: EMSGSIZE when the message exceeds
+/// the ring's max_message_size(), EPIPE once the receiving side closed the ring, EBADMSG
+/// when the region is corrupt; ipcoro::peer_died when the receiving side died while this
+/// waited for space; timed_out / operation_cancelled. The message is copied; it need only
+/// live until the co_await returns.
+class [[nodiscard]] ring_send_operation {
+public:
+  ring_send_operation(detail::ring_endpoint* endpoint, std::span<const std::byte> message) noexcept
+      : endpoint_(endpoint), message_(message) {}
+
+  /// Fails with timed_out unless sent within `d` from now.
+  template <class Rep, class Period>
+  ring_send_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
+    ring_send_operation copy = *this;
+    copy.deadline_ = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::nanoseconds>(d);
+    return copy;
+  }
+  /// Fails with timed_out unless sent by `when`.
+  template <class Duration>
+  ring_send_operation with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
+    ring_send_operation copy = *this;
+    copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
+    return copy;
+  }
+
+  bool await_ready();
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) {
+    return suspend(h, detail::stop_token_of(h));
+  }
+  void await_resume();
+
+private:
+  friend class detail::ring_endpoint;
+  bool suspend(std::coroutine_handle<> h, std::stop_token token);
+
+  detail::ring_endpoint* endpoint_;
+  std::span<const std::byte> message_;
+  std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
+  std::exception_ptr error_;
+  unsigned char state_ = 0;
+};
+
+/// Receives one message into `buffer`: its size, or an empty optional at end of stream
+/// (the sending side closed and every message before the close has been received).
+/// Throws std::system_error: EMSGSIZE when the next message is larger than `buffer` (it
+/// stays in the ring: receive again with a buffer of max_message_size()), EBADMSG when
+/// the region is corrupt; ipcoro::peer_died when the sending side died and the ring is
+/// drained; timed_out / operation_cancelled.
+class [[nodiscard]] ring_receive_operation {
+public:
+  ring_receive_operation(detail::ring_endpoint* endpoint, std::span<std::byte> buffer) noexcept
+      : endpoint_(endpoint), buffer_(buffer) {}
+
+  /// Fails with timed_out unless a message (or end of stream) arrives within `d`.
+  template <class Rep, class Period>
+  ring_receive_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
+    ring_receive_operation copy = *this;
+    copy.deadline_ = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::nanoseconds>(d);
+    return copy;
+  }
+  /// Fails with timed_out unless a message (or end of stream) arrives by `when`.
+  template <class Duration>
+  ring_receive_operation with_deadline(
+      std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
+    ring_receive_operation copy = *this;
+    copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
+    return copy;
+  }
+
+  bool await_ready();
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) {
+    return suspend(h, detail::stop_token_of(h));
+  }
+  std::optional<std::size_t> await_resume();
+
+private:
+  friend class detail::ring_endpoint;
+  bool suspend(std::coroutine_handle<> h, std::stop_token token);
+
+  detail::ring_endpoint* endpoint_;
+  std::span<std::byte> buffer_;
+  std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
+  std::exception_ptr error_;
+  std::size_t size_ = 0;
+  bool end_of_stream_ = false;
+  unsigned char state_ = 0;
+};
+
+/// The one sending end of an SPSC ring. Move-only; keep the region mapped while it
+/// exists, and do not move or destroy it while one of its operations is in flight.
+class spsc_ring_sender {
+public:
+  spsc_ring_sender() noexcept;
+  /// Attaches to the ring formatted in `region` as its sender, recording this process.
+  /// Throws std::system_error: EINVAL when the region holds no valid SPSC ring (what
+  /// mismatched is in the message), EBUSY when another live process is its sender. A
+  /// sender that died is replaced: sending resumes after its last complete message.
+  explicit spsc_ring_sender(std::span<std::byte> region, const ring_options& options = {});
+  spsc_ring_sender(spsc_ring_sender&&) noexcept;
+  spsc_ring_sender& operator=(spsc_ring_sender&&) noexcept;
+  /// close().
+  ~spsc_ring_sender();
+
+  /// Copies `message` into the ring, waiting for space while it is full.
+  ring_send_operation send(std::span<const std::byte> message) noexcept { return {endpoint_.get(), message}; }
+  /// Ends the stream: the receiver gets the messages already sent, then an empty
+  /// optional. Detaches. Idempotent; the destructor calls it.
+  void close() noexcept;
+  /// Detaches without ending the stream: a later sender (another process, or after a
+  /// restart) continues it.
+  void detach() noexcept;
+  /// The largest message this ring carries: capacity / 2 - 8.
+  std::size_t max_message_size() const noexcept;
+  /// Data bytes in the ring.
+  std::size_t capacity() const noexcept;
+  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
+
+private:
+  std::unique_ptr<detail::ring_endpoint> endpoint_;
+};
+
+/// The one receiving end of an SPSC ring. Move-only; same lifetime rules as the sender.
+class spsc_ring_receiver {
+public:
+  spsc_ring_receiver() noexcept;
+  /// Attaches as the receiver (EINVAL: no valid SPSC ring; EBUSY: another live receiver).
+  /// Reading starts at the last acknowledged position: after a previous receiver's crash
+  /// or detach(), its unacknowledged messages come again.
+  explicit spsc_ring_receiver(std::span<std::byte> region, const ring_options& options = {});
+  spsc_ring_receiver(spsc_ring_receiver&&) noexcept;
+  spsc_ring_receiver& operator=(spsc_ring_receiver&&) noexcept;
+  /// close().
+  ~spsc_ring_receiver();
+
+  /// Copies the next message into `buffer`; see ring_receive_operation.
+  ring_receive_operation receive(std::span<std::byte> buffer) noexcept { return {endpoint_.get(), buffer}; }
+  /// Acknowledges every message received so far (with ring_options::manual_ack): they
+  /// will not come again, and the sender may reuse their space. A store and at most one
+  /// futex wake; no wait.
+  void ack() noexcept;
+  /// Messages received but not yet acknowledged are given back (manual_ack), then the
+  /// ring is closed for the sender (its sends fail with EPIPE) and this end detaches.
+  /// The destructor calls it.
+  void close() noexcept;
+  /// Detaches without closing; unacknowledged messages go to the next receiver.
+  void detach() noexcept;
+  std::size_t max_message_size() const noexcept;
+  std::size_t capacity() const noexcept;
+  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
+
+private:
+  std::unique_ptr<detail::ring_endpoint> endpoint_;
+};
+
+/// One of the sending ends of an MPMC ring (any number of processes, and several
+/// endpoints per process). Move-only; same lifetime rules as above.
+class mpmc_ring_sender {
+public:
+  mpmc_ring_sender() noexcept;
+  /// Attaches to the MPMC ring in `region` as a sender (EINVAL: no valid MPMC ring;
+  /// EUSERS: the ring's table of 64 attached endpoints is full).
+  explicit mpmc_ring_sender(std::span<std::byte> region, const ring_options& options = {});
+  mpmc_ring_sender(mpmc_ring_sender&&) noexcept;
+  mpmc_ring_sender& operator=(mpmc_ring_sender&&) noexcept;
+  /// Detaches (does not close the ring: other senders may go on).
+  ~mpmc_ring_sender();
+
+  ring_send_operation send(std::span<const std::byte> message) noexcept { return {endpoint_.get(), message}; }
+  /// Closes the whole ring: sends fail with EPIPE from now on, receivers get an empty
+  /// optional once it is drained. Call it once every sender has finished.
+  void close() noexcept;
+  std::size_t max_message_size() const noexcept;
+  /// Number of slots.
+  std::size_t capacity() const noexcept;
+  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
+
+private:
+  std::unique_ptr<detail::ring_endpoint> endpoint_;
+};
+
+/// One of the receiving ends of an MPMC ring. Each message goes to exactly one receiver.
+class mpmc_ring_receiver {
+public:
+  mpmc_ring_receiver() noexcept;
+  /// Attaches as a receiver (EINVAL, EUSERS as for the sender).
+  explicit mpmc_ring_receiver(std::span<std::byte> region, const ring_options& options = {});
+  mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept;
+  mpmc_ring_receiver& operator=(mpmc_ring_receiver&&) noexcept;
+  /// Detaches.
+  ~mpmc_ring_receiver();
+
+  ring_receive_operation receive(std::span<std::byte> buffer) noexcept { return {endpoint_.get(), buffer}; }
+  /// Closes the whole ring (see mpmc_ring_sender::close).
+  void close() noexcept;
+  std::size_t max_message_size() const noexcept;
+  std::size_t capacity() const noexcept;
+  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
+
+private:
+  std::unique_ptr<detail::ring_endpoint> endpoint_;
+};
+
+}  // namespace ipcoro

@@ -1,0 +1,1121 @@
+// The rings: in-region layout, fast paths, futex sleeps, peer liveness, endpoints.
+#include "ipcoro/shm_ring.hpp"
+
+#include "ipcoro/error.hpp"
+#include "ipcoro/futex.hpp"
+
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <utility>
+
+namespace ipcoro {
+
+peer_died::peer_died(pid_t pid, const std::string& what)
+    : std::system_error(ECONNRESET, std::system_category(), what), pid_(pid) {}
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+constexpr std::uint64_t ring_magic = 0x31474e4952435049ull;  // "IPCRING1" in memory order
+constexpr std::uint32_t ring_version = 1;
+constexpr std::uint32_t kind_spsc = 1;
+constexpr std::uint32_t kind_mpmc = 2;
+constexpr std::size_t participant_count = 64;
+constexpr std::size_t min_spsc_capacity = 4096;
+constexpr std::size_t max_spsc_capacity = std::size_t{1} << 40;
+constexpr std::size_t max_mpmc_slots = std::size_t{1} << 30;
+constexpr std::size_t max_mpmc_message = std::size_t{1} << 30;
+constexpr std::size_t slot_header_size = 16;
+
+// ---- the layout in the region ----
+
+// The immutable description of a ring, written by format_*() and copied out on attach.
+struct ring_config {
+  std::uint64_t magic;
+  std::uint32_t version;
+  std::uint32_t kind;
+  std::uint64_t region_size;
+  std::uint64_t capacity;  // SPSC: data bytes; MPMC: slots
+  std::uint32_t slot_stride;
+  std::uint32_t max_message;
+  std::uint32_t header_size;
+  std::uint32_t participants;
+  std::uint64_t check;  // FNV-1a of the fields above
+};
+
+struct event_count {
+  std::atomic<std::uint32_t> seq;      // the futex word: bumped by a wake
+  std::atomic<std::uint32_t> waiters;  // sleepers that announced themselves
+};
+
+// An attached process, packed into one word so that it is claimed, read and released
+// atomically: pid (24 bits; pid_max is at most 2^22), role (2 bits), start time (38 bits of
+// clock ticks since boot, 87 years at 100 Hz). 0: free.
+using participant_word = std::atomic<std::uint64_t>;
+constexpr std::uint32_t role_sender = 1;
+constexpr std::uint32_t role_receiver = 2;
+
+struct ring_header {
+  ring_config config;
+  alignas(64) std::atomic<std::uint32_t> sender_closed;  // SPSC: end of stream; MPMC: ring closed
+  std::atomic<std::uint32_t> receiver_closed;            // SPSC only: sends fail with EPIPE
+  alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
+  alignas(64) std::atomic<std::uint64_t> head;           // SPSC: bytes released (acknowledged); MPMC: next receive position
+  alignas(64) event_count data;                          // receivers sleep here
+  alignas(64) event_count space;                         // senders sleep here
+  alignas(64) participant_word participants[participant_count];  // SPSC: [0] sender, [1] receiver
+};
+static_assert(sizeof(ring_header) <= ring_header_size);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+              "the ring's words must be address-free lock-free atomics to live in shared memory");
+
+// SPSC: every record starts 8-aligned with this header.
+struct record_header {
+  std::uint32_t length;
+  std::uint32_t type;
+};
+constexpr std::uint32_t record_data = 0x44;
+constexpr std::uint32_t record_padding = 0x50;
+
+// MPMC: a slot is this header followed by the payload. The word holds the slot's sequence
+// (low 32 bits), the pid of a process that has claimed it (bits 32-62), and a flag marking a
+// message abandoned by a sender that died while writing it (bit 63).
+struct slot_header {
+  std::atomic<std::uint64_t> word;
+  std::atomic<std::uint32_t> size;
+  std::uint32_t reserved;
+};
+static_assert(sizeof(slot_header) == slot_header_size);
+constexpr std::uint64_t abandoned_bit = std::uint64_t{1} << 63;
+
+constexpr std::uint64_t make_slot_word(std::uint32_t seq, std::uint32_t owner, bool abandoned = false) noexcept {
+  return std::uint64_t{seq} | (std::uint64_t{owner & 0x7fffffffu} << 32) | (abandoned ? abandoned_bit : 0);
+}
+constexpr std::uint32_t slot_seq(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w); }
+constexpr std::uint32_t slot_owner(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32) & 0x7fffffffu; }
+constexpr bool slot_abandoned(std::uint64_t w) noexcept { return (w & abandoned_bit) != 0; }
+
+constexpr std::uint64_t align8(std::uint64_t n) noexcept { return (n + 7) & ~std::uint64_t{7}; }
+constexpr std::size_t mpmc_stride(std::size_t max_message) noexcept {
+  return (slot_header_size + align8(max_message) + 63) & ~std::size_t{63};
+}
+
+std::uint64_t config_check(const ring_config& c) noexcept {
+  std::uint64_t h = 14695981039346656037ull;
+  const auto* p = reinterpret_cast<const unsigned char*>(&c);
+  for (std::size_t i = 0; i < offsetof(ring_config, check); ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+[[noreturn]] void throw_corrupt(const std::string& what) {
+  throw std::system_error(EBADMSG, std::system_category(), "shm ring is corrupt: " + what);
+}
+
+[[noreturn]] void throw_invalid(const std::string& what) {
+  throw std::system_error(EINVAL, std::system_category(), what);
+}
+
+void check_region(std::span<std::byte> region, std::size_t minimum, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(region.data()) % 64 != 0) {
+    throw_invalid(fmt::format("{}: the region must be 64-byte aligned (a segment's or mapping's payload is)", what));
+  }
+  if (region.size() < minimum) {
+    throw_invalid(fmt::format("{}: the region has {} bytes; this ring needs at least {}", what, region.size(),
+                              minimum));
+  }
+}
+
+// ---- process identity ----
+
+struct proc_stat {
+  char state = '?';
+  std::uint64_t start_time = 0;
+};
+
+// Reads the state and start time (field 22, clock ticks since boot) from /proc/<pid>/stat.
+bool read_proc_stat(pid_t pid, proc_stat& out) noexcept {
+  char path[48];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[1024];
+  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+  const char* p = std::strrchr(buf, ')');
+  if (p == nullptr || p[1] != ' ') return false;
+  p += 2;
+  out.state = *p;
+  for (int field = 3; field < 22; ++field) {
+    p = std::strchr(p, ' ');
+    if (p == nullptr) return false;
+    ++p;
+  }
+  out.start_time = std::strtoull(p, nullptr, 10);
+  return true;
+}
+
+bool proc_available() noexcept {
+  static const bool available = ::access("/proc/self/stat", R_OK) == 0;
+  return available;
+}
+
+constexpr std::uint64_t start_mask = (std::uint64_t{1} << 38) - 1;
+
+std::uint64_t self_start_time() noexcept {
+  static std::atomic<pid_t> cached_pid{0};
+  static std::atomic<std::uint64_t> cached_start{0};
+  const pid_t me = ::getpid();
+  if (cached_pid.load(std::memory_order_acquire) != me) {
+    proc_stat st;
+    cached_start.store(read_proc_stat(me, st) ? st.start_time & start_mask : 0, std::memory_order_relaxed);
+    cached_pid.store(me, std::memory_order_release);
+  }
+  return cached_start.load(std::memory_order_relaxed);
+}
+
+/// Alive, not a zombie, and (when known) started at `start`: a reused pid is not the same process.
+bool pid_alive(pid_t pid, std::uint64_t start) noexcept {
+  if (pid <= 0) return false;  // never kill(0) or kill(-1): those are process groups
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+  if (!proc_available()) return true;
+  proc_stat st;
+  if (!read_proc_stat(pid, st)) return false;  // it went away between the two looks
+  if (st.state == 'Z' || st.state == 'X' || st.state == 'x') return false;
+  return start == 0 || (st.start_time & start_mask) == start;
+}
+
+constexpr std::uint64_t pack_participant(pid_t pid, std::uint32_t role, std::uint64_t start) noexcept {
+  return (static_cast<std::uint64_t>(pid) & 0xffffffu) | (std::uint64_t{role & 3u} << 24) | ((start & start_mask) << 26);
+}
+constexpr pid_t participant_pid(std::uint64_t v) noexcept { return static_cast<pid_t>(v & 0xffffffu); }
+constexpr std::uint32_t participant_role(std::uint64_t v) noexcept { return static_cast<std::uint32_t>(v >> 24) & 3u; }
+constexpr std::uint64_t participant_start(std::uint64_t v) noexcept { return v >> 26; }
+
+bool participant_alive(std::uint64_t v) noexcept {
+  return v != 0 && pid_alive(participant_pid(v), participant_start(v));
+}
+
+// ---- sleeping and waking ----
+
+/// A seq_cst fence. On x86-64 a locked no-op RMW on the stack orders exactly like mfence
+/// for ordinary memory and costs less (it is Linux's smp_mb() there); it runs once per
+/// message on each side.
+inline void full_fence() noexcept {
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
+  asm volatile("lock orq $0, (%%rsp)" ::: "memory", "cc");
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+/// Wakes sleepers on `ev` if any announced themselves. See the header for why the
+/// fence makes this safe against a sleeper announcing itself at the same moment.
+void notify(event_count& ev, int count) noexcept {
+  full_fence();
+  if (ev.waiters.load(std::memory_order_relaxed) != 0) {
+    ev.seq.fetch_add(1, std::memory_order_release);
+    futex_wake(ev.seq, count);
+  }
+}
+
+/// A sleeper's announcement, withdrawn when it stops waiting (also by an exception).
+class waiter_announcement {
+public:
+  explicit waiter_announcement(event_count& ev) noexcept : ev_(ev) {
+    ev_.waiters.fetch_add(1, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+  ~waiter_announcement() { ev_.waiters.fetch_sub(1, std::memory_order_relaxed); }
+  waiter_announcement(const waiter_announcement&) = delete;
+  waiter_announcement& operator=(const waiter_announcement&) = delete;
+
+private:
+  event_count& ev_;
+};
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// ---- the coroutine a sleep runs in, with frames recycled per thread ----
+
+/// Keeps a few freed coroutine frames for reuse, so that sleeping allocates nothing once
+/// warm. Frames are allocated and freed on the loop's thread.
+class frame_pool {
+public:
+  frame_pool() = default;
+  frame_pool(const frame_pool&) = delete;
+  frame_pool& operator=(const frame_pool&) = delete;
+  ~frame_pool() {
+    for (void* block : free_) ::operator delete(block);
+  }
+
+  void* allocate(std::size_t n) {
+    const std::size_t need = n + prefix;
+    for (void*& block : free_) {
+      if (block != nullptr && *static_cast<std::size_t*>(block) >= need) {
+        return static_cast<std::byte*>(std::exchange(block, nullptr)) + prefix;
+      }
+    }
+    const std::size_t size = std::max<std::size_t>((need + 63) & ~std::size_t{63}, 512);
+    void* block = ::operator new(size);
+    *static_cast<std::size_t*>(block) = size;
+    return static_cast<std::byte*>(block) + prefix;
+  }
+
+  void deallocate(void* frame) noexcept {
+    void* block = static_cast<std::byte*>(frame) - prefix;
+    for (void*& slot : free_) {
+      if (slot == nullptr) {
+        slot = block;
+        return;
+      }
+    }
+    ::operator delete(block);
+  }
+
+private:
+  static constexpr std::size_t prefix = alignof(std::max_align_t);
+  std::array<void*, 4> free_{};
+};
+
+thread_local frame_pool wait_frames;
+
+// Where an operation's wait stands (the operations' state_ member).
+constexpr unsigned char wait_idle = 0;
+constexpr unsigned char wait_starting = 1;
+constexpr unsigned char wait_suspended = 2;
+constexpr unsigned char wait_done_inline = 3;
+
+struct wait_promise;
+
+/// A sleep in progress: owns its frame until started, then the frame frees itself at the
+/// end and resumes the operation's awaiter (or returns to it, when it finished inline).
+class wait_task {
+public:
+  using promise_type = wait_promise;
+  explicit wait_task(std::coroutine_handle<wait_promise> h) noexcept : h_(h) {}
+  wait_task(wait_task&& other) noexcept : h_(std::exchange(other.h_, {})) {}
+  wait_task& operator=(wait_task&&) = delete;
+  ~wait_task() {
+    if (h_) h_.destroy();
+  }
+  /// Runs the sleep until its first suspension. Returns true when the awaiter must suspend.
+  bool start(std::coroutine_handle<> awaiter, std::stop_token token, unsigned char& state,
+             std::exception_ptr& error);
+
+private:
+  std::coroutine_handle<wait_promise> h_;
+};
+
+struct wait_promise {
+  std::stop_token token_;
+  std::coroutine_handle<> continuation_;
+  unsigned char* state_ = nullptr;
+  std::exception_ptr* error_ = nullptr;
+
+  static void* operator new(std::size_t n) { return wait_frames.allocate(n); }
+  static void operator delete(void* p) noexcept { wait_frames.deallocate(p); }
+
+  wait_task get_return_object() noexcept { return wait_task{std::coroutine_handle<wait_promise>::from_promise(*this)}; }
+  std::suspend_always initial_suspend() const noexcept { return {}; }
+  struct final_awaiter {
+    bool await_ready() const noexcept { return false; }
+    std::coroutine_handle<> await_suspend(std::coroutine_handle<wait_promise> h) const noexcept {
+      unsigned char* state = h.promise().state_;
+      const std::coroutine_handle<> continuation = h.promise().continuation_;
+      h.destroy();
+      if (*state == wait_suspended) return continuation;
+      *state = wait_done_inline;  // finished inside start(): the awaiter does not suspend
+      return std::noop_coroutine();
+    }
+    void await_resume() const noexcept {}
+  };
+  final_awaiter final_suspend() const noexcept { return {}; }
+  void return_void() const noexcept {}
+  void unhandled_exception() noexcept { *error_ = std::current_exception(); }
+  const std::stop_token& stop_token() const noexcept { return token_; }
+};
+
+bool wait_task::start(std::coroutine_handle<> awaiter, std::stop_token token, unsigned char& state,
+                      std::exception_ptr& error) {
+  wait_promise& p = h_.promise();
+  p.token_ = std::move(token);
+  p.continuation_ = awaiter;
+  p.state_ = &state;
+  p.error_ = &error;
+  state = wait_starting;
+  std::exchange(h_, {}).resume();
+  if (state == wait_done_inline) return false;
+  state = wait_suspended;
+  return true;
+}
+
+}  // namespace
+
+// ---- formatting ----
+
+std::size_t spsc_ring_region_size(std::size_t capacity) noexcept {
+  return ring_header_size + std::bit_ceil(std::clamp(capacity, min_spsc_capacity, max_spsc_capacity));
+}
+
+std::size_t mpmc_ring_region_size(std::size_t slots, std::size_t max_message) noexcept {
+  return ring_header_size + std::bit_ceil(std::clamp<std::size_t>(slots, 2, max_mpmc_slots)) *
+                                mpmc_stride(std::clamp<std::size_t>(max_message, 1, max_mpmc_message));
+}
+
+namespace {
+ring_header& write_header(std::span<std::byte> region, const ring_config& geometry) {
+  std::memset(region.data(), 0, ring_header_size);
+  auto* h = new (region.data()) ring_header{};
+  h->config = geometry;
+  h->config.magic = 0;
+  h->config.check = config_check(geometry);  // computed over the final magic
+  return *h;
+}
+
+void publish_header(ring_header& h) noexcept {
+  // Last, so that a process attaching early finds no magic rather than half a header.
+  std::atomic_ref<std::uint64_t>(h.config.magic).store(ring_magic, std::memory_order_release);
+}
+}  // namespace
+
+void format_spsc_ring(std::span<std::byte> region) {
+  check_region(region, ring_header_size + min_spsc_capacity, "format_spsc_ring");
+  const std::size_t capacity = std::min(std::bit_floor(region.size() - ring_header_size), max_spsc_capacity);
+  ring_config c{};
+  c.magic = ring_magic;
+  c.version = ring_version;
+  c.kind = kind_spsc;
+  c.region_size = ring_header_size + capacity;
+  c.capacity = capacity;
+  c.slot_stride = 0;
+  c.max_message = static_cast<std::uint32_t>(std::min<std::uint64_t>(capacity / 2 - sizeof(record_header), UINT32_MAX));
+  c.header_size = ring_header_size;
+  c.participants = participant_count;
+  publish_header(write_header(region, c));
+}
+
+void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message) {
+  if (max_message == 0 || max_message > max_mpmc_message) {
+    throw_invalid(fmt::format("format_mpmc_ring: max_message {} must be between 1 and {}", max_message,
+                              max_mpmc_message));
+  }
+  const std::size_t stride = mpmc_stride(max_message);
+  check_region(region, ring_header_size + 2 * stride, "format_mpmc_ring");
+  const std::size_t slots = std::min(std::bit_floor((region.size() - ring_header_size) / stride), max_mpmc_slots);
+  ring_config c{};
+  c.magic = ring_magic;
+  c.version = ring_version;
+  c.kind = kind_mpmc;
+  c.region_size = ring_header_size + slots * stride;
+  c.capacity = slots;
+  c.slot_stride = static_cast<std::uint32_t>(stride);
+  c.max_message = static_cast<std::uint32_t>(max_message);
+  c.header_size = ring_header_size;
+  c.participants = participant_count;
+  ring_header& h = write_header(region, c);
+  std::byte* data = region.data() + ring_header_size;
+  for (std::size_t i = 0; i < slots; ++i) {
+    auto* s = new (data + i * stride) slot_header{};
+    s->word.store(make_slot_word(static_cast<std::uint32_t>(i), 0), std::memory_order_relaxed);
+  }
+  publish_header(h);
+}
+
+// ---- the endpoint ----
+
+namespace detail {
+
+class ring_endpoint {
+public:
+  enum class outcome : unsigned char { done, would_block, end_of_stream };
+
+  ring_endpoint(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role, const ring_options& options);
+  ~ring_endpoint() { detach(); }
+  ring_endpoint(const ring_endpoint&) = delete;
+  ring_endpoint& operator=(const ring_endpoint&) = delete;
+
+  outcome try_send(std::span<const std::byte> message) {
+    return kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+  }
+  outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
+    return kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+  }
+
+  template <class Attempt>
+  bool spin(Attempt attempt);
+
+  bool start_send_wait(ring_send_operation& op, std::coroutine_handle<> h, std::stop_token token);
+  bool start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h, std::stop_token token);
+
+  void close() noexcept;
+  void detach() noexcept;
+  void ack() noexcept;
+  std::size_t max_message() const noexcept { return max_message_; }
+  std::size_t capacity() const noexcept { return capacity_; }
+
+private:
+  wait_task send_wait(ring_send_operation& op);
+  wait_task receive_wait(ring_receive_operation& op);
+
+  outcome spsc_try_send(std::span<const std::byte> message);
+  outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  outcome mpmc_try_send(std::span<const std::byte> message);
+  outcome mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+
+  void attach();
+  void release_read_position() noexcept;
+  /// After a sleep timed out: the pid of a dead peer when the other side is gone (every
+  /// process recorded for it died without closing), else 0. For MPMC it first releases a
+  /// slot that blocks this side and is held by a dead process.
+  pid_t dead_peer();
+  bool slot_owner_alive(std::uint32_t pid) const noexcept;
+  slot_header& slot_at(std::uint64_t pos) const noexcept {
+    return *reinterpret_cast<slot_header*>(data_ + (pos & mask_) * stride_);
+  }
+  std::byte* slot_payload(slot_header& s) const noexcept { return reinterpret_cast<std::byte*>(&s) + slot_header_size; }
+  const char* role_name() const noexcept { return role_ == role_sender ? "sender" : "receiver"; }
+  const char* kind_name() const noexcept { return kind_ == kind_spsc ? "SPSC" : "MPMC"; }
+
+  ring_header* hdr_;
+  std::byte* data_;
+  std::uint32_t kind_;
+  std::uint32_t role_;
+  std::uint64_t capacity_;  // SPSC: bytes; MPMC: slots
+  std::uint64_t mask_;
+  std::size_t stride_ = 0;
+  std::size_t max_message_;
+  ring_options options_;
+  pid_t self_pid_;
+  std::uint64_t identity_ = 0;  // our participant word
+  int participant_index_ = -1;  // -1: detached
+  // SPSC positions kept privately: only this side moves them.
+  std::uint64_t tail_ = 0;        // sender: bytes written
+  std::uint64_t head_cache_ = 0;  // sender: last seen release position of the receiver
+  std::uint64_t read_pos_ = 0;    // receiver: next record
+  std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
+  std::chrono::nanoseconds spin_budget_;
+};
+
+ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role,
+                             const ring_options& options)
+    : kind_(kind), role_(role), options_(options), self_pid_(::getpid()), spin_budget_(options.spin) {
+  const char* what = kind == kind_spsc ? (role == role_sender ? "spsc_ring_sender" : "spsc_ring_receiver")
+                                       : (role == role_sender ? "mpmc_ring_sender" : "mpmc_ring_receiver");
+  check_region(region, ring_header_size, what);
+  hdr_ = std::launder(reinterpret_cast<ring_header*>(region.data()));
+  // Copy the description out once; from here on only the copy is used, so a peer that
+  // rewrites the header cannot steer this process outside the region.
+  ring_config c{};
+  c.magic = std::atomic_ref<std::uint64_t>(hdr_->config.magic).load(std::memory_order_acquire);
+  if (c.magic != ring_magic) {
+    throw_invalid(fmt::format("{}: no ring in this region (magic {:#018x}, expected {:#018x}): not formatted yet, "
+                              "or not a ring",
+                              what, c.magic, ring_magic));
+  }
+  std::memcpy(reinterpret_cast<std::byte*>(&c) + sizeof c.magic,
+              reinterpret_cast<const std::byte*>(&hdr_->config) + sizeof c.magic, sizeof c - sizeof c.magic);
+  if (c.version != ring_version) {
+    throw_invalid(fmt::format("{}: the ring has layout version {}; this ipcoro reads version {}", what, c.version,
+                              ring_version));
+  }
+  if (c.check != config_check(c)) {
+    throw_invalid(fmt::format("{}: the ring header is corrupt: its check word does not match its fields", what));
+  }
+  if (c.kind != kind) {
+    throw_invalid(fmt::format("{}: the region holds an {} ring, not an {} ring", what,
+                              c.kind == kind_spsc ? "SPSC" : (c.kind == kind_mpmc ? "MPMC" : "unknown"),
+                              kind == kind_spsc ? "SPSC" : "MPMC"));
+  }
+  if (c.header_size != ring_header_size || c.participants != participant_count) {
+    throw_invalid(fmt::format("{}: the ring header has size {} and {} participant entries; expected {} and {}", what,
+                              c.header_size, c.participants, ring_header_size, participant_count));
+  }
+  if (c.region_size > region.size() || c.region_size < ring_header_size) {
+    throw_invalid(fmt::format("{}: the ring was formatted for a region of {} bytes, but this region has {}", what,
+                              c.region_size, region.size()));
+  }
+  const std::uint64_t data_bytes = c.region_size - ring_header_size;
+  if (kind == kind_spsc) {
+    if (!std::has_single_bit(c.capacity) || c.capacity < min_spsc_capacity || c.capacity > data_bytes ||
+        c.max_message != std::min<std::uint64_t>(c.capacity / 2 - sizeof(record_header), UINT32_MAX)) {
+      throw_invalid(fmt::format("{}: the ring's geometry is inconsistent (capacity {}, max message {}, {} data bytes)",
+                                what, c.capacity, c.max_message, data_bytes));
+    }
+  } else {
+    if (!std::has_single_bit(c.capacity) || c.capacity < 2 || c.capacity > max_mpmc_slots || c.max_message == 0 ||
+        c.max_message > max_mpmc_message || c.slot_stride != mpmc_stride(c.max_message) ||
+        c.capacity > data_bytes / c.slot_stride) {
+      throw_invalid(fmt::format("{}: the ring's geometry is inconsistent ({} slots of {} bytes for messages of {}, "
+                                "{} data bytes)",
+                                what, c.capacity, c.slot_stride, c.max_message, data_bytes));
+    }
+    stride_ = c.slot_stride;
+  }
+  data_ = region.data() + ring_header_size;
+  capacity_ = c.capacity;
+  mask_ = c.capacity - 1;
+  max_message_ = c.max_message;
+  if (options_.peer_check_interval <= std::chrono::milliseconds::zero()) {
+    options_.peer_check_interval = std::chrono::milliseconds(1);
+  }
+  attach();
+}
+
+void ring_endpoint::attach() {
+  identity_ = pack_participant(self_pid_, role_, self_start_time());
+  if (kind_ == kind_spsc) {
+    const int index = role_ == role_sender ? 0 : 1;
+    participant_word& entry = hdr_->participants[index];
+    std::uint64_t current = entry.load(std::memory_order_acquire);
+    for (;;) {
+      if (current != 0 && participant_alive(current)) {
+        throw std::system_error(EBUSY, std::system_category(),
+                                fmt::format("spsc_ring_{}: the ring already has a {}: process {} is alive", role_name(),
+                                            role_name(), participant_pid(current)));
+      }
+      if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) break;
+    }
+    participant_index_ = index;
+    const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
+    const std::uint64_t tail = hdr_->tail.load(std::memory_order_acquire);
+    if (head > tail || tail - head > capacity_ || head % 8 != 0 || tail % 8 != 0) {
+      detach();
+      throw_corrupt(fmt::format("positions {} (receiver) and {} (sender) do not fit a ring of {} bytes", head, tail,
+                                capacity_));
+    }
+    if (role_ == role_sender) {
+      // Only this process can sleep on space now: a count left by a dead predecessor goes.
+      hdr_->space.waiters.store(0, std::memory_order_relaxed);
+      hdr_->sender_closed.store(0, std::memory_order_release);
+      tail_ = tail;
+      head_cache_ = head;
+    } else {
+      hdr_->data.waiters.store(0, std::memory_order_relaxed);
+      hdr_->receiver_closed.store(0, std::memory_order_release);
+      read_pos_ = head;  // resume after the last acknowledged message
+      tail_cache_ = head;
+    }
+    return;
+  }
+  for (int i = 0; i < static_cast<int>(participant_count); ++i) {
+    participant_word& entry = hdr_->participants[i];
+    std::uint64_t current = entry.load(std::memory_order_acquire);
+    while (current == 0 || !participant_alive(current)) {
+      if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) {
+        participant_index_ = i;
+        return;
+      }
+    }
+  }
+  throw std::system_error(EUSERS, std::system_category(),
+                          fmt::format("mpmc_ring_{}: the ring's table of {} attached endpoints is full (all alive); "
+                                      "detach some first",
+                                      role_name(), participant_count));
+}
+
+void ring_endpoint::detach() noexcept {
+  if (participant_index_ < 0) return;
+  std::uint64_t expected = identity_;
+  hdr_->participants[participant_index_].compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
+  participant_index_ = -1;
+}
+
+void ring_endpoint::close() noexcept {
+  if (kind_ == kind_mpmc) {
+    hdr_->sender_closed.store(1, std::memory_order_release);
+    notify(hdr_->data, INT_MAX);
+    notify(hdr_->space, INT_MAX);
+    return;
+  }
+  if (participant_index_ < 0) return;
+  if (role_ == role_sender) {
+    // After the last tail store: a receiver that sees the flag sees every message.
+    hdr_->sender_closed.store(1, std::memory_order_release);
+    notify(hdr_->data, INT_MAX);
+  } else {
+    hdr_->receiver_closed.store(1, std::memory_order_release);
+    notify(hdr_->space, INT_MAX);
+  }
+  detach();
+}
+
+void ring_endpoint::ack() noexcept {
+  if (kind_ == kind_spsc && role_ == role_receiver) release_read_position();
+}
+
+void ring_endpoint::release_read_position() noexcept {
+  hdr_->head.store(read_pos_, std::memory_order_release);
+  notify(hdr_->space, 1);
+}
+
+// ---- SPSC ----
+
+ring_endpoint::outcome ring_endpoint::spsc_try_send(std::span<const std::byte> message) {
+  if (message.size() > max_message_) {
+    throw std::system_error(EMSGSIZE, std::system_category(),
+                            fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
+                                        "(capacity / 2 - 8); format a larger region",
+                                        message.size(), max_message_));
+  }
+  if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
+  }
+  const std::uint64_t record = align8(sizeof(record_header) + message.size());
+  std::uint64_t offset = tail_ & mask_;
+  const std::uint64_t to_end = capacity_ - offset;
+  const std::uint64_t needed = record <= to_end ? record : to_end + record;
+  if (tail_ - head_cache_ + needed > capacity_) {
+    const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
+    if (head > tail_ || tail_ - head > capacity_) {
+      throw_corrupt(fmt::format("the receiver's position {} is outside [{}, {}]", head, tail_ - capacity_, tail_));
+    }
+    head_cache_ = head;
+    if (tail_ - head_cache_ + needed > capacity_) return outcome::would_block;
+  }
+  std::uint64_t tail = tail_;
+  if (record > to_end) {
+    // Does not fit before the end: pad to the end, start over at offset 0.
+    const record_header pad{static_cast<std::uint32_t>(to_end - sizeof(record_header)), record_padding};
+    std::memcpy(data_ + offset, &pad, sizeof pad);
+    tail += to_end;
+    offset = 0;
+  }
+  const record_header rh{static_cast<std::uint32_t>(message.size()), record_data};
+  std::memcpy(data_ + offset, &rh, sizeof rh);
+  if (!message.empty()) std::memcpy(data_ + offset + sizeof rh, message.data(), message.size());
+  tail_ = tail + record;
+  hdr_->tail.store(tail_, std::memory_order_release);
+  notify(hdr_->data, 1);
+  return outcome::done;
+}
+
+ring_endpoint::outcome ring_endpoint::spsc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
+  const auto refresh_tail = [this] {
+    const std::uint64_t t = hdr_->tail.load(std::memory_order_acquire);
+    if (t < read_pos_ || t - read_pos_ > capacity_ || t % 8 != 0) {
+      throw_corrupt(fmt::format("the sender's position {} is outside [{}, {}]", t, read_pos_, read_pos_ + capacity_));
+    }
+    tail_cache_ = t;
+  };
+  for (;;) {
+    if (read_pos_ == tail_cache_) {
+      refresh_tail();
+      if (read_pos_ == tail_cache_) {
+        if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
+        refresh_tail();  // the flag is set after the last message: this sees it
+        if (read_pos_ == tail_cache_) return outcome::end_of_stream;
+      }
+    }
+    const std::uint64_t offset = read_pos_ & mask_;
+    const std::uint64_t to_end = capacity_ - offset;
+    const std::uint64_t available = tail_cache_ - read_pos_;
+    record_header rh;
+    std::memcpy(&rh, data_ + offset, sizeof rh);
+    if (rh.type == record_padding) {
+      if (rh.length != to_end - sizeof rh || to_end > available) {
+        throw_corrupt(fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
+                                  rh.length, offset));
+      }
+      read_pos_ += to_end;
+      continue;
+    }
+    if (rh.type != record_data) {
+      throw_corrupt(fmt::format("unknown record type {:#x} at offset {}", rh.type, offset));
+    }
+    const std::uint64_t record = align8(sizeof rh + std::uint64_t{rh.length});
+    if (rh.length > max_message_ || record > to_end || record > available) {
+      throw_corrupt(fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} "
+                                "published)",
+                                rh.length, offset, to_end, available));
+    }
+    if (rh.length > buffer.size()) {
+      throw std::system_error(EMSGSIZE, std::system_category(),
+                              fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
+                                          "it stays in the ring (max_message_size() is {})",
+                                          rh.length, buffer.size(), max_message_));
+    }
+    if (rh.length != 0) std::memcpy(buffer.data(), data_ + offset + sizeof rh, rh.length);
+    read_pos_ += record;
+    size = rh.length;
+    if (!options_.manual_ack) release_read_position();
+    return outcome::done;
+  }
+}
+
+// ---- MPMC ----
+
+ring_endpoint::outcome ring_endpoint::mpmc_try_send(std::span<const std::byte> message) {
+  if (message.size() > max_message_) {
+    throw std::system_error(EMSGSIZE, std::system_category(),
+                            fmt::format("mpmc ring send: a message of {} bytes exceeds this ring's slot size of {}",
+                                        message.size(), max_message_));
+  }
+  if (hdr_->sender_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(), "mpmc ring send: the ring was closed");
+  }
+  std::atomic<std::uint64_t>& next = hdr_->tail;
+  std::uint64_t pos = next.load(std::memory_order_relaxed);
+  // Bounded, so that a peer scribbling on the positions cannot keep this loop turning.
+  for (std::uint64_t round = 0; round < 4 * capacity_ + 64; ++round) {
+    slot_header& s = slot_at(pos);
+    std::uint64_t w = s.word.load(std::memory_order_acquire);
+    const auto d = static_cast<std::int32_t>(slot_seq(w) - static_cast<std::uint32_t>(pos));
+    if (d == 0 && slot_owner(w) == 0 && !slot_abandoned(w)) {
+      // Claim the slot, recording who holds it, then move the shared position on
+      // (someone else may already have, seeing the claim).
+      if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos), static_cast<std::uint32_t>(self_pid_)),
+                                         std::memory_order_acquire)) {
+        std::uint64_t expected = pos;
+        next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+        s.size.store(static_cast<std::uint32_t>(message.size()), std::memory_order_relaxed);
+        if (!message.empty()) std::memcpy(slot_payload(s), message.data(), message.size());
+        s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + 1), 0), std::memory_order_release);
+        notify(hdr_->data, INT_MAX);
+        return outcome::done;
+      }
+      continue;
+    }
+    if (d < 0) {
+      // The slot still holds the message of the previous lap: full, unless others moved on.
+      const std::uint64_t now = next.load(std::memory_order_relaxed);
+      if (now == pos) return outcome::would_block;
+      pos = now;
+      continue;
+    }
+    // Claimed for this position by another sender, or already past it: help move on.
+    std::uint64_t expected = pos;
+    next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+    pos = next.load(std::memory_order_relaxed);
+  }
+  return outcome::would_block;
+}
+
+ring_endpoint::outcome ring_endpoint::mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
+  std::atomic<std::uint64_t>& next = hdr_->head;
+  std::uint64_t pos = next.load(std::memory_order_relaxed);
+  for (std::uint64_t round = 0; round < 4 * capacity_ + 64; ++round) {
+    slot_header& s = slot_at(pos);
+    std::uint64_t w = s.word.load(std::memory_order_acquire);
+    const auto d = static_cast<std::int32_t>(slot_seq(w) - static_cast<std::uint32_t>(pos + 1));
+    if (d == 0 && slot_owner(w) == 0) {
+      const bool skip = slot_abandoned(w);
+      const std::uint32_t length = s.size.load(std::memory_order_relaxed);
+      if (!skip && (length > max_message_ || length > buffer.size())) {
+        // Only meaningful if the slot still holds the message the length was read from.
+        if (s.word.load(std::memory_order_acquire) != w) continue;
+        if (length > max_message_) {
+          throw_corrupt(fmt::format("slot {} holds a message of {} bytes, above the slot size {}", pos & mask_, length,
+                                    max_message_));
+        }
+        throw std::system_error(EMSGSIZE, std::system_category(),
+                                fmt::format("mpmc ring receive: the next message has {} bytes but the buffer only {}; "
+                                            "it stays in the ring (max_message_size() is {})",
+                                            length, buffer.size(), max_message_));
+      }
+      if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos + 1), static_cast<std::uint32_t>(self_pid_)),
+                                         std::memory_order_acquire)) {
+        std::uint64_t expected = pos;
+        next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+        if (!skip && length != 0) std::memcpy(buffer.data(), slot_payload(s), length);
+        s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + capacity_), 0), std::memory_order_release);
+        notify(hdr_->space, INT_MAX);
+        if (skip) {
+          pos = next.load(std::memory_order_relaxed);
+          continue;
+        }
+        size = length;
+        return outcome::done;
+      }
+      continue;
+    }
+    if (d < 0) {
+      // Nothing published at this position yet: empty, unless others moved on.
+      const std::uint64_t now = next.load(std::memory_order_relaxed);
+      if (now != pos) {
+        pos = now;
+        continue;
+      }
+      if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
+      const std::uint64_t again = s.word.load(std::memory_order_acquire);
+      if (static_cast<std::int32_t>(slot_seq(again) - static_cast<std::uint32_t>(pos + 1)) >= 0) continue;
+      // Closed and drained, unless a sender is still writing this slot.
+      return slot_owner(again) == 0 ? outcome::end_of_stream : outcome::would_block;
+    }
+    std::uint64_t expected = pos;
+    next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+    pos = next.load(std::memory_order_relaxed);
+  }
+  return outcome::would_block;
+}
+
+bool ring_endpoint::slot_owner_alive(std::uint32_t pid) const noexcept {
+  for (const participant_word& entry : hdr_->participants) {
+    const std::uint64_t v = entry.load(std::memory_order_acquire);
+    if (v != 0 && static_cast<std::uint32_t>(participant_pid(v)) == pid) {
+      return pid_alive(static_cast<pid_t>(pid), participant_start(v));
+    }
+  }
+  return pid_alive(static_cast<pid_t>(pid), 0);
+}
+
+pid_t ring_endpoint::dead_peer() {
+  const std::uint32_t peer_role = role_ == role_sender ? role_receiver : role_sender;
+  if (kind_ == kind_spsc) {
+    const std::uint64_t v = hdr_->participants[role_ == role_sender ? 1 : 0].load(std::memory_order_acquire);
+    if (v == 0 || participant_alive(v)) return 0;  // no peer attached (yet), or alive
+    return participant_pid(v);
+  }
+  if (role_ == role_receiver) {
+    // A sender killed between claiming a slot and publishing it blocks every receiver at
+    // that position: mark its message abandoned so that receivers skip it.
+    const std::uint64_t pos = hdr_->head.load(std::memory_order_relaxed);
+    slot_header& s = slot_at(pos);
+    std::uint64_t w = s.word.load(std::memory_order_acquire);
+    if (slot_seq(w) == static_cast<std::uint32_t>(pos) && slot_owner(w) != 0 && !slot_owner_alive(slot_owner(w))) {
+      if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos + 1), 0, true),
+                                         std::memory_order_acq_rel)) {
+        notify(hdr_->data, INT_MAX);
+      }
+    }
+  } else {
+    // A receiver killed while copying a message out holds its slot: free it (the message
+    // went with the receiver).
+    const std::uint64_t pos = hdr_->tail.load(std::memory_order_relaxed);
+    slot_header& s = slot_at(pos);
+    std::uint64_t w = s.word.load(std::memory_order_acquire);
+    if (slot_seq(w) == static_cast<std::uint32_t>(pos - capacity_ + 1) && slot_owner(w) != 0 &&
+        !slot_owner_alive(slot_owner(w))) {
+      if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos), 0),
+                                         std::memory_order_acq_rel)) {
+        notify(hdr_->space, INT_MAX);
+      }
+    }
+  }
+  pid_t dead = 0;
+  for (const participant_word& entry : hdr_->participants) {
+    const std::uint64_t v = entry.load(std::memory_order_acquire);
+    if (v == 0 || participant_role(v) != peer_role) continue;
+    if (participant_alive(v)) return 0;
+    dead = participant_pid(v);
+  }
+  return dead;
+}
+
+// ---- waiting ----
+
+template <class Attempt>
+bool ring_endpoint::spin(Attempt attempt) {
+  if (spin_budget_ <= std::chrono::nanoseconds::zero()) return false;
+  const auto start = clock::now();
+  for (unsigned i = 1;; ++i) {
+    cpu_relax();
+    if (attempt()) {
+      spin_budget_ = std::min(options_.spin, spin_budget_ * 2);
+      return true;
+    }
+    if (i % 32 == 0 && clock::now() - start >= spin_budget_) {
+      // Did not pay off: spin less next time, but keep a floor so that it can recover.
+      spin_budget_ = std::max(options_.spin / 16, spin_budget_ / 2);
+      return false;
+    }
+  }
+}
+
+wait_task ring_endpoint::send_wait(ring_send_operation& op) {
+  event_count& ev = hdr_->space;
+  pid_t dead = 0;
+  for (;;) {
+    const std::uint32_t key = ev.seq.load(std::memory_order_acquire);
+    waiter_announcement announced(ev);
+    if (try_send(op.message_) == outcome::done) co_return;
+    if (dead != 0) {
+      throw peer_died(dead, fmt::format("{} ring send: peer process {} died (it was the ring's {}receiver) while "
+                                        "this waited for space",
+                                        kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
+    }
+    const auto now = clock::now();
+    if (now >= op.deadline_) throw timed_out{};
+    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, op.deadline_ - now);
+    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out) dead = dead_peer();
+  }
+}
+
+wait_task ring_endpoint::receive_wait(ring_receive_operation& op) {
+  event_count& ev = hdr_->data;
+  pid_t dead = 0;
+  for (;;) {
+    const std::uint32_t key = ev.seq.load(std::memory_order_acquire);
+    waiter_announcement announced(ev);
+    const outcome r = try_receive(op.buffer_, op.size_);
+    if (r != outcome::would_block) {
+      op.end_of_stream_ = r == outcome::end_of_stream;
+      co_return;
+    }
+    if (dead != 0) {
+      // It can send no more, and everything it sent has been received.
+      throw peer_died(dead, fmt::format("{} ring receive: peer process {} died (it was the ring's {}sender) without "
+                                        "closing the ring",
+                                        kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
+    }
+    const auto now = clock::now();
+    if (now >= op.deadline_) throw timed_out{};
+    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, op.deadline_ - now);
+    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out) dead = dead_peer();
+  }
+}
+
+bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h, std::stop_token token) {
+  if (spin([&] { return try_send(op.message_) == outcome::done; })) return false;
+  return send_wait(op).start(h, std::move(token), op.state_, op.error_);
+}
+
+bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h, std::stop_token token) {
+  if (spin([&] {
+        const outcome r = try_receive(op.buffer_, op.size_);
+        op.end_of_stream_ = r == outcome::end_of_stream;
+        return r != outcome::would_block;
+      })) {
+    return false;
+  }
+  return receive_wait(op).start(h, std::move(token), op.state_, op.error_);
+}
+
+}  // namespace detail
+
+// ---- operations ----
+
+namespace {
+[[noreturn]] void throw_no_endpoint(const char* what) {
+  throw std::system_error(EBADF, std::system_category(),
+                          fmt::format("{} on an empty ring endpoint (default-constructed or moved from)", what));
+}
+}  // namespace
+
+bool ring_send_operation::await_ready() {
+  if (endpoint_ == nullptr) throw_no_endpoint("ring send");
+  return endpoint_->try_send(message_) == detail::ring_endpoint::outcome::done;
+}
+
+bool ring_send_operation::suspend(std::coroutine_handle<> h, std::stop_token token) {
+  return endpoint_->start_send_wait(*this, h, std::move(token));
+}
+
+void ring_send_operation::await_resume() {
+  state_ = wait_idle;
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+}
+
+bool ring_receive_operation::await_ready() {
+  if (endpoint_ == nullptr) throw_no_endpoint("ring receive");
+  const auto r = endpoint_->try_receive(buffer_, size_);
+  end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
+  return r != detail::ring_endpoint::outcome::would_block;
+}
+
+bool ring_receive_operation::suspend(std::coroutine_handle<> h, std::stop_token token) {
+  return endpoint_->start_receive_wait(*this, h, std::move(token));
+}
+
+std::optional<std::size_t> ring_receive_operation::await_resume() {
+  state_ = wait_idle;
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  if (end_of_stream_) return std::nullopt;
+  return size_;
+}
+
+// ---- endpoints ----
+
+spsc_ring_sender::spsc_ring_sender() noexcept = default;
+spsc_ring_sender::spsc_ring_sender(std::span<std::byte> region, const ring_options& options)
+    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_spsc, role_sender, options)) {}
+spsc_ring_sender::spsc_ring_sender(spsc_ring_sender&&) noexcept = default;
+spsc_ring_sender& spsc_ring_sender::operator=(spsc_ring_sender&& other) noexcept {
+  if (this != &other) {
+    close();
+    endpoint_ = std::move(other.endpoint_);
+  }
+  return *this;
+}
+spsc_ring_sender::~spsc_ring_sender() { close(); }
+void spsc_ring_sender::close() noexcept {
+  if (endpoint_) endpoint_->close();
+}
+void spsc_ring_sender::detach() noexcept {
+  if (endpoint_) endpoint_->detach();
+}
+std::size_t spsc_ring_sender::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t spsc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
+
+spsc_ring_receiver::spsc_ring_receiver() noexcept = default;
+spsc_ring_receiver::spsc_ring_receiver(std::span<std::byte> region, const ring_options& options)
+    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_spsc, role_receiver, options)) {}
+spsc_ring_receiver::spsc_ring_receiver(spsc_ring_receiver&&) noexcept = default;
+spsc_ring_receiver& spsc_ring_receiver::operator=(spsc_ring_receiver&& other) noexcept {
+  if (this != &other) {
+    close();
+    endpoint_ = std::move(other.endpoint_);
+  }
+  return *this;
+}
+spsc_ring_receiver::~spsc_ring_receiver() { close(); }
+void spsc_ring_receiver::ack() noexcept {
+  if (endpoint_) endpoint_->ack();
+}
+void spsc_ring_receiver::close() noexcept {
+  if (endpoint_) endpoint_->close();
+}
+void spsc_ring_receiver::detach() noexcept {
+  if (endpoint_) endpoint_->detach();
+}
+std::size_t spsc_ring_receiver::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t spsc_ring_receiver::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
+
+mpmc_ring_sender::mpmc_ring_sender() noexcept = default;
+mpmc_ring_sender::mpmc_ring_sender(std::span<std::byte> region, const ring_options& options)
+    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_mpmc, role_sender, options)) {}
+mpmc_ring_sender::mpmc_ring_sender(mpmc_ring_sender&&) noexcept = default;
+mpmc_ring_sender& mpmc_ring_sender::operator=(mpmc_ring_sender&&) noexcept = default;
+mpmc_ring_sender::~mpmc_ring_sender() = default;
+void mpmc_ring_sender::close() noexcept {
+  if (endpoint_) endpoint_->close();
+}
+std::size_t mpmc_ring_sender::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t mpmc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
+
+mpmc_ring_receiver::mpmc_ring_receiver() noexcept = default;
+mpmc_ring_receiver::mpmc_ring_receiver(std::span<std::byte> region, const ring_options& options)
+    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_mpmc, role_receiver, options)) {}
+mpmc_ring_receiver::mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept = default;
+mpmc_ring_receiver& mpmc_ring_receiver::operator=(mpmc_ring_receiver&&) noexcept = default;
+mpmc_ring_receiver::~mpmc_ring_receiver() = default;
+void mpmc_ring_receiver::close() noexcept {
+  if (endpoint_) endpoint_->close();
+}
+std::size_t mpmc_ring_receiver::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t mpmc_ring_receiver::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
+
+}  // namespace ipcoro
