@@ -21,90 +21,16 @@
 #include <new>
 #include <vector>
 
-// ---- counting replacements of every global operator new / delete ----
+#include "counting_new.hpp"
 
-namespace {
-
-std::atomic<std::uint64_t> allocation_count{0};
-std::atomic<std::uint64_t> deallocation_count{0};
-
-void* allocate(std::size_t size) noexcept {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  return std::malloc(size == 0 ? 1 : size);
-}
-
-void* allocate_aligned(std::size_t size, std::align_val_t align) noexcept {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  const std::size_t a = std::max(static_cast<std::size_t>(align), sizeof(void*));
-  // aligned_alloc wants a size that is a multiple of the alignment.
-  const std::size_t rounded = (std::max<std::size_t>(size, 1) + a - 1) / a * a;
-  return std::aligned_alloc(a, rounded);
-}
-
-void deallocate(void* p) noexcept {
-  if (p == nullptr) return;
-  deallocation_count.fetch_add(1, std::memory_order_relaxed);
-  std::free(p);
-}
-
-// The throwing forms retry through the new-handler, as the standard ones do.
-void* allocate_or_throw(std::size_t size) {
-  for (;;) {
-    if (void* p = allocate(size)) return p;
-    std::new_handler h = std::get_new_handler();
-    if (h == nullptr) throw std::bad_alloc();
-    h();
-  }
-}
-
-void* allocate_aligned_or_throw(std::size_t size, std::align_val_t align) {
-  for (;;) {
-    if (void* p = allocate_aligned(size, align)) return p;
-    std::new_handler h = std::get_new_handler();
-    if (h == nullptr) throw std::bad_alloc();
-    h();
-  }
-}
-
-}  // namespace
-
-void* operator new(std::size_t size) { return allocate_or_throw(size); }
-void* operator new[](std::size_t size) { return allocate_or_throw(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept { return allocate(size); }
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept { return allocate(size); }
-void* operator new(std::size_t size, std::align_val_t align) {
-  return allocate_aligned_or_throw(size, align);
-}
-void* operator new[](std::size_t size, std::align_val_t align) {
-  return allocate_aligned_or_throw(size, align);
-}
-void* operator new(std::size_t size, std::align_val_t align, const std::nothrow_t&) noexcept {
-  return allocate_aligned(size, align);
-}
-void* operator new[](std::size_t size, std::align_val_t align, const std::nothrow_t&) noexcept {
-  return allocate_aligned(size, align);
-}
-
-void operator delete(void* p) noexcept { deallocate(p); }
-void operator delete[](void* p) noexcept { deallocate(p); }
-void operator delete(void* p, std::size_t) noexcept { deallocate(p); }
-void operator delete[](void* p, std::size_t) noexcept { deallocate(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { deallocate(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { deallocate(p); }
-void operator delete(void* p, std::align_val_t) noexcept { deallocate(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { deallocate(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { deallocate(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { deallocate(p); }
-void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { deallocate(p); }
-void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { deallocate(p); }
 
 namespace {
 
 using namespace std::chrono_literals;
 
 struct alloc_snapshot {
-  std::uint64_t allocations = allocation_count.load(std::memory_order_relaxed);
-  std::uint64_t deallocations = deallocation_count.load(std::memory_order_relaxed);
+  std::uint64_t allocations = ipcoro::test::allocations();
+  std::uint64_t deallocations = ipcoro::test::deallocations();
 };
 
 // Keeps the optimiser from eliding a new/delete pair whose result is otherwise unused.

@@ -41,31 +41,7 @@
 #include <system_error>
 #include <vector>
 
-// ---- counting replacements of operator new / delete (for the steady-state test) ----
-
-// (Aligned forms are left to the runtime: they pair with its own aligned deletes.)
-namespace {
-std::atomic<std::uint64_t> allocation_count{0};
-void* counted_allocate(std::size_t size) noexcept {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  return std::malloc(size == 0 ? 1 : size);
-}
-void* counted_allocate_or_throw(std::size_t size) {
-  if (void* p = counted_allocate(size)) return p;
-  throw std::bad_alloc();
-}
-}  // namespace
-
-void* operator new(std::size_t size) { return counted_allocate_or_throw(size); }
-void* operator new[](std::size_t size) { return counted_allocate_or_throw(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept { return counted_allocate(size); }
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept { return counted_allocate(size); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+#include "counting_new.hpp"
 
 namespace {
 
@@ -1029,7 +1005,7 @@ TEST_CASE("steady-state message writes and reads on a FIFO allocate nothing", "[
                              [&]() -> task<void> {
                                std::array<std::byte, 3000> message{};
                                for (int i = 0; i < messages; ++i) {
-                                 if (i == warm_up) before = allocation_count.load();
+                                 if (i == warm_up) before = ipcoro::test::allocations();
                                  message[0] = static_cast<std::byte>(i);
                                  co_await ipcoro::write_message(w, message).with_timeout(30s);
                                }
@@ -1040,7 +1016,7 @@ TEST_CASE("steady-state message writes and reads on a FIFO allocate nothing", "[
                                  const std::size_t n = co_await server.read_exact(message);
                                  intact = intact && n == message.size() && message[0] == static_cast<std::byte>(i);
                                }
-                               after = allocation_count.load();
+                               after = ipcoro::test::allocations();
                              }()));
   CHECK(intact);
   CHECK(before != 0);

@@ -21,30 +21,7 @@
 #include <thread>
 #include <vector>
 
-// Every operator new of the program is counted, to prove that waits allocate nothing.
-namespace {
-std::atomic<std::uint64_t> allocations{0};
-}  // namespace
-
-// Every form that a sanitizer runtime would otherwise supply is replaced, so that memory
-// is always freed by the family that allocated it. (Over-aligned forms stay the runtime's:
-// nothing here allocates over-aligned objects.)
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  allocations.fetch_add(1, std::memory_order_relaxed);
-  return std::malloc(size == 0 ? 1 : size);
-}
-void* operator new(std::size_t size) {
-  if (void* p = operator new(size, std::nothrow)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) { return operator new(size); }
-void* operator new[](std::size_t size, const std::nothrow_t& tag) noexcept { return operator new(size, tag); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+#include "counting_new.hpp"
 
 namespace {
 
@@ -332,9 +309,9 @@ TEST_CASE("steady-state futex waits and wakes allocate nothing", "[futex][paths]
         }
         v = word.load();
       }
-      if (v == warm_up) at_start = allocations.load();
+      if (v == warm_up) at_start = ipcoro::test::allocations();
       if (v >= rounds) {
-        if (at_end == 0) at_end = allocations.load();
+        if (at_end == 0) at_end = ipcoro::test::allocations();
         co_return;
       }
       word.store(v + 1);

@@ -49,61 +49,9 @@
 #include <utility>
 #include <vector>
 
-// ---- counting operator new, for the allocation test ----
+// ---- allocation counting, for the allocation test ----
 
-namespace {
-std::atomic<std::uint64_t> allocation_count{0};
-
-void* counted_allocate(std::size_t size) {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-
-void* counted_allocate_aligned(std::size_t size, std::align_val_t align) {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  const std::size_t a = std::max(static_cast<std::size_t>(align), sizeof(void*));
-  // aligned_alloc wants a size that is a multiple of the alignment.
-  if (void* p = std::aligned_alloc(a, (std::max<std::size_t>(size, 1) + a - 1) / a * a)) return p;
-  throw std::bad_alloc();
-}
-}  // namespace
-
-// Every form is replaced, so that whatever allocates, a matching form frees it.
-void* operator new(std::size_t size) { return counted_allocate(size); }
-void* operator new[](std::size_t size) { return counted_allocate(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  try {
-    return counted_allocate(size);
-  } catch (...) {
-    return nullptr;
-  }
-}
-void* operator new[](std::size_t size, const std::nothrow_t& t) noexcept { return operator new(size, t); }
-void* operator new(std::size_t size, std::align_val_t align) { return counted_allocate_aligned(size, align); }
-void* operator new[](std::size_t size, std::align_val_t align) { return counted_allocate_aligned(size, align); }
-void* operator new(std::size_t size, std::align_val_t align, const std::nothrow_t&) noexcept {
-  try {
-    return counted_allocate_aligned(size, align);
-  } catch (...) {
-    return nullptr;
-  }
-}
-void* operator new[](std::size_t size, std::align_val_t align, const std::nothrow_t& t) noexcept {
-  return operator new(size, align, t);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+#include "counting_new.hpp"
 
 namespace {
 
@@ -1110,10 +1058,10 @@ TEST_CASE("steady-state send, receive and demux receive allocate nothing, waitin
     auto consumer = [&]() -> task<void> {
       std::uint64_t before = 0;
       for (int i = 0; i < rounds; ++i) {
-        if (i == measure_from) before = allocation_count.load();
+        if (i == measure_from) before = ipcoro::test::allocations();
         const mq_message m = co_await q.receive(in).with_timeout(10s);
         if (m.size != 16) ++mismatches;
-        if (i == measure_to) plain_allocations = allocation_count.load() - before;
+        if (i == measure_to) plain_allocations = ipcoro::test::allocations() - before;
         ++received;
       }
     };
@@ -1130,10 +1078,10 @@ TEST_CASE("steady-state send, receive and demux receive allocate nothing, waitin
       std::array<std::byte, 60> buf{};
       std::uint64_t before = 0;
       for (int i = 0; i < rounds / 2; ++i) {
-        if (label == 0 && i == measure_from / 2) before = allocation_count.load();
+        if (label == 0 && i == measure_from / 2) before = ipcoro::test::allocations();
         auto m = co_await demux.receive(label, buf);
         if (!m || m->size != 8 || read_as<int>(buf) % 2 != static_cast<int>(label)) ++mismatches;
-        if (label == 0 && i == measure_to / 2) labelled_allocations = allocation_count.load() - before;
+        if (label == 0 && i == measure_to / 2) labelled_allocations = ipcoro::test::allocations() - before;
         ++labelled_received;
       }
     };

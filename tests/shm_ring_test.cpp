@@ -39,58 +39,9 @@
 #include <system_error>
 #include <vector>
 
-// ---- counting every global operator new (for the steady-state test) ----
+// ---- allocation counting (for the steady-state test) ----
 
-namespace {
-std::atomic<std::uint64_t> allocation_count{0};
-void* counted_allocate(std::size_t size) {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-void* counted_allocate_aligned(std::size_t size, std::align_val_t align) {
-  allocation_count.fetch_add(1, std::memory_order_relaxed);
-  const std::size_t a = std::max(static_cast<std::size_t>(align), sizeof(void*));
-  if (void* p = std::aligned_alloc(a, (std::max<std::size_t>(size, 1) + a - 1) / a * a)) return p;
-  throw std::bad_alloc();
-}
-}  // namespace
-
-// Every form, so that no allocation escapes the count and every pair matches (ASan checks).
-void* operator new(std::size_t size) { return counted_allocate(size); }
-void* operator new[](std::size_t size) { return counted_allocate(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  try {
-    return counted_allocate(size);
-  } catch (...) {
-    return nullptr;
-  }
-}
-void* operator new[](std::size_t size, const std::nothrow_t& tag) noexcept { return operator new(size, tag); }
-void* operator new(std::size_t size, std::align_val_t align) { return counted_allocate_aligned(size, align); }
-void* operator new[](std::size_t size, std::align_val_t align) { return counted_allocate_aligned(size, align); }
-void* operator new(std::size_t size, std::align_val_t align, const std::nothrow_t&) noexcept {
-  try {
-    return counted_allocate_aligned(size, align);
-  } catch (...) {
-    return nullptr;
-  }
-}
-void* operator new[](std::size_t size, std::align_val_t align, const std::nothrow_t& tag) noexcept {
-  return operator new(size, align, tag);
-}
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { std::free(p); }
+#include "counting_new.hpp"
 
 namespace {
 
@@ -1211,11 +1162,11 @@ TEST_CASE("steady-state sends and receives allocate nothing, sleeps included", "
     std::array<std::byte, 64> in{};
     std::uint64_t before = 0;
     for (int i = 0; i < warm_up + rounds; ++i) {
-      if (i == warm_up) before = allocation_count.load();
+      if (i == warm_up) before = ipcoro::test::allocations();
       co_await ping_tx.send(out);
       if (co_await pong_rx.receive(in).with_timeout(20s) != out.size()) throw std::runtime_error("short reply");
     }
-    measured = allocation_count.load() - before;
+    measured = ipcoro::test::allocations() - before;
     ping_tx.close();
   };
   ipcoro::sync_wait(ctx, [&]() -> task<void> {

@@ -1,0 +1,10 @@
+// Counts of global operator new / delete calls in this process (tests/support/counting_new.cpp
+// replaces every form). Calling either function links the replacements into the program.
+#pragma once
+
+#include <cstdint>
+
+namespace ipcoro::test {
+std::uint64_t allocations() noexcept;
+std::uint64_t deallocations() noexcept;
+}  // namespace ipcoro::test
