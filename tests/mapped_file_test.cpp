@@ -3,6 +3,11 @@
 
 #include "process.hpp"
 
+using ipcoro::test::handshake;
+using ipcoro::test::contains;
+using ipcoro::test::failure;
+using ipcoro::test::failure_of;
+
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
@@ -46,23 +51,6 @@ struct temp_path {
   temp_path& operator=(const temp_path&) = delete;
 };
 
-struct failure {
-  int code = 0;
-  std::string what;
-};
-template <class F>
-failure failure_of(F&& f) {
-  try {
-    f();
-  } catch (const std::system_error& e) {
-    return {e.code().value(), e.what()};
-  }
-  return {};
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 void poke(const std::string& path, off_t offset, const void* bytes, std::size_t n) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
@@ -79,21 +67,6 @@ bool holds_pattern(std::span<const std::byte> data, std::uint64_t seed) {
   return std::memcmp(expected.data(), data.data(), data.size()) == 0;
 }
 
-struct handshake {
-  int fds[2] = {-1, -1};
-  handshake() { REQUIRE(::pipe2(fds, O_CLOEXEC) == 0); }
-  ~handshake() {
-    ::close(fds[0]);
-    ::close(fds[1]);
-  }
-  handshake(const handshake&) = delete;
-  handshake& operator=(const handshake&) = delete;
-  void signal() const { [[maybe_unused]] ssize_t n = ::write(fds[1], "x", 1); }
-  bool wait() const {
-    char c;
-    return ::read(fds[0], &c, 1) == 1;
-  }
-};
 
 }  // namespace
 

@@ -4,6 +4,8 @@
 
 #include "process.hpp"
 
+using ipcoro::test::handshake;
+
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
@@ -74,21 +76,6 @@ struct name_guard {
 };
 
 /// A one-byte handshake between processes over a pipe.
-struct handshake {
-  int fds[2] = {-1, -1};
-  handshake() { REQUIRE(::pipe2(fds, O_CLOEXEC) == 0); }
-  ~handshake() {
-    ::close(fds[0]);
-    ::close(fds[1]);
-  }
-  handshake(const handshake&) = delete;
-  handshake& operator=(const handshake&) = delete;
-  void signal() const { [[maybe_unused]] ssize_t n = ::write(fds[1], "x", 1); }
-  bool wait() const {
-    char c;
-    return ::read(fds[0], &c, 1) == 1;
-  }
-};
 
 /// A read-modify-write that suspends in the middle, so an unprotected increment would lose
 /// updates whenever another holder runs in between.

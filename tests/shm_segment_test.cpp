@@ -3,6 +3,11 @@
 
 #include "process.hpp"
 
+using ipcoro::test::handshake;
+using ipcoro::test::contains;
+using ipcoro::test::failure;
+using ipcoro::test::failure_of;
+
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
@@ -51,23 +56,6 @@ struct name_guard {
 bool exists_in_dev_shm(const std::string& name) { return std::filesystem::exists("/dev/shm/" + name); }
 
 /// The std::system_error a call throws: its errno (0 if it returned) and message.
-struct failure {
-  int code = 0;
-  std::string what;
-};
-template <class F>
-failure failure_of(F&& f) {
-  try {
-    f();
-  } catch (const std::system_error& e) {
-    return {e.code().value(), e.what()};
-  }
-  return {};
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 /// Writes `bytes` at `offset` of /dev/shm/<name>, behind the library's back.
 void poke(const std::string& name, off_t offset, const void* bytes, std::size_t n) {
@@ -78,21 +66,6 @@ void poke(const std::string& name, off_t offset, const void* bytes, std::size_t 
 }
 
 /// A one-byte handshake between processes over a pipe (blocking; no loop needed here).
-struct handshake {
-  int fds[2] = {-1, -1};
-  handshake() { REQUIRE(::pipe2(fds, O_CLOEXEC) == 0); }
-  ~handshake() {
-    ::close(fds[0]);
-    ::close(fds[1]);
-  }
-  handshake(const handshake&) = delete;
-  handshake& operator=(const handshake&) = delete;
-  void signal() const { [[maybe_unused]] ssize_t n = ::write(fds[1], "x", 1); }
-  bool wait() const {
-    char c;
-    return ::read(fds[0], &c, 1) == 1;
-  }
-};
 
 }  // namespace
 

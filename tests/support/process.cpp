@@ -1,6 +1,7 @@
 // Implementation of the test helpers for real processes.
 #include "process.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
@@ -83,6 +84,22 @@ int child_process::wait(std::chrono::milliseconds timeout) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;
+}
+
+handshake::handshake() {
+  if (::pipe2(fds_, O_CLOEXEC) != 0) throw std::runtime_error("handshake: pipe2 failed");
+}
+
+handshake::~handshake() {
+  ::close(fds_[0]);
+  ::close(fds_[1]);
+}
+
+void handshake::signal() const noexcept { [[maybe_unused]] ssize_t n = ::write(fds_[1], "x", 1); }
+
+bool handshake::wait() const noexcept {
+  char c;
+  return ::read(fds_[0], &c, 1) == 1;
 }
 
 kernel_version running_kernel() {

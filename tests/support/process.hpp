@@ -10,6 +10,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <system_error>
 
 namespace ipcoro::test {
 
@@ -36,6 +37,41 @@ class child_process {
   int pidfd_ = -1;
   bool reaped_ = false;
 };
+
+/// A one-shot "go" between processes over a pipe made before fork(): one side signals,
+/// the other waits (false if the signalling side died without signalling).
+class handshake {
+ public:
+  handshake();
+  ~handshake();
+  handshake(const handshake&) = delete;
+  handshake& operator=(const handshake&) = delete;
+  void signal() const noexcept;
+  bool wait() const noexcept;
+
+ private:
+  int fds_[2] = {-1, -1};
+};
+
+/// How a call failed: the error code and message of the std::system_error it threw
+/// (code 0 if it did not throw).
+struct failure {
+  int code = 0;
+  std::string what;
+};
+template <class F>
+failure failure_of(F&& f) {
+  try {
+    f();
+  } catch (const std::system_error& e) {
+    return {e.code().value(), e.what()};
+  }
+  return {};
+}
+
+inline bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
 
 /// The running kernel's major.minor version, from uname(2).
 struct kernel_version {
