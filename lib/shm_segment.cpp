@@ -206,6 +206,17 @@ shm_segment shm_segment::create_or_reclaim(const std::string& name, const region
   return create_impl(name, layout, opts, true);
 }
 
+void shm_segment::adopt(int fd, const std::string& name) {
+  name_ = name;
+  creator_ = region_.header().creator;
+  // The file's identity, so that unlink() removes the name only while it is still ours.
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw_errno(errno, fmt::format("shm segment {}: fstat", name));
+  dev_ = st.st_dev;
+  ino_ = st.st_ino;
+  owner_pid_ = ::getpid();
+}
+
 shm_segment shm_segment::create_impl(const std::string& raw_name, const region_layout& layout, const options& opts,
                                      bool reclaim) {
   const std::string name = normalise_name(raw_name);
@@ -214,13 +225,7 @@ shm_segment shm_segment::create_impl(const std::string& raw_name, const region_l
   shm_segment seg;
   seg.region_ = detail::mapped_region::create(fd.get(), layout, origin_of(name));
   if (opts.initialize) opts.initialize(seg.region_.payload());
-  seg.name_ = name;
-  seg.creator_ = seg.region_.header().creator;
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) throw_errno(errno, fmt::format("shm segment {}: fstat", name));
-  seg.dev_ = st.st_dev;
-  seg.ino_ = st.st_ino;
-  seg.owner_pid_ = ::getpid();
+  seg.adopt(fd.get(), name);
 
   const std::string path = path_of(name);
   // Bounded: each round either names our segment, fails, or removes a dead creator's.
@@ -289,13 +294,7 @@ shm_segment shm_segment::open(const std::string& raw_name, const region_layout& 
   if (!fd) throw_open_error(errno, name);
   shm_segment seg;
   seg.region_ = detail::mapped_region::open(fd.get(), expected, origin_of(name));
-  seg.name_ = name;
-  seg.creator_ = seg.region_.header().creator;
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) throw_errno(errno, fmt::format("shm segment {}: fstat", name));
-  seg.dev_ = st.st_dev;
-  seg.ino_ = st.st_ino;
-  seg.owner_pid_ = ::getpid();
+  seg.adopt(fd.get(), name);
   return seg;
 }
 

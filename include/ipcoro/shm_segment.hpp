@@ -103,6 +103,8 @@ public:
 private:
   static shm_segment create_impl(const std::string& name, const region_layout& layout, const options& opts,
                                  bool reclaim);
+  /// Records the name, the creator and the file identity of the mapped region behind `fd`.
+  void adopt(int fd, const std::string& name);
 
   detail::mapped_region region_;
   std::string name_;
