@@ -621,18 +621,41 @@ void ring_endpoint::attach() {
     }
     return;
   }
-  for (int i = 0; i < static_cast<int>(participant_count); ++i) {
-    participant_word& entry = hdr_->participants[i];
-    std::uint64_t current = entry.load(std::memory_order_acquire);
-    while (current == 0 || !participant_alive(current)) {
-      if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) {
-        participant_index_ = i;
-        return;
+  // A dead process's entry is the only evidence that it was attached: a receiver that took
+  // over the entry of the ring's last (killed) sender would find no sender recorded, take
+  // that for "no sender attached yet" (dead_peer) and sleep until its own timeout instead of
+  // throwing peer_died. So take a free entry first, then one left by a dead process of this
+  // side, and one of the other side only when the table holds no other choice and that side
+  // keeps another entry.
+  const auto role_recorded_elsewhere = [this](int except, std::uint32_t role) {
+    for (int j = 0; j < static_cast<int>(participant_count); ++j) {
+      const std::uint64_t v = hdr_->participants[j].load(std::memory_order_acquire);
+      if (j != except && v != 0 && participant_role(v) == role) return true;
+    }
+    return false;
+  };
+  for (int pass = 0; pass < 3; ++pass) {
+    for (int i = 0; i < static_cast<int>(participant_count); ++i) {
+      participant_word& entry = hdr_->participants[i];
+      std::uint64_t current = entry.load(std::memory_order_acquire);
+      for (;;) {
+        if (current != 0) {
+          if (pass == 0) break;
+          const bool own_side = participant_role(current) == role_;
+          if (pass == 1 && !own_side) break;
+          if (!own_side && !role_recorded_elsewhere(i, participant_role(current))) break;
+          if (participant_alive(current)) break;
+        }
+        if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) {
+          participant_index_ = i;
+          return;
+        }
       }
     }
   }
   throw std::system_error(EUSERS, std::system_category(),
-                          fmt::format("mpmc_ring_{}: the ring's table of {} attached endpoints is full (all alive); "
+                          fmt::format("mpmc_ring_{}: the ring's table of {} attached endpoints is full (all alive, or "
+                                      "the last record of a dead other side); "
                                       "detach some first",
                                       role_name(), participant_count));
 }

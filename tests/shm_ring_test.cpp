@@ -916,6 +916,49 @@ TEST_CASE("MPMC receivers learn that every sender died, and senders that every r
   }());
 }
 
+TEST_CASE("an MPMC endpoint attaching after the whole other side was killed learns that it died",
+          "[shm_ring][mpmc][dead-peer]") {
+  // The dead peer's entry in the participants table is the only trace of it: attaching must
+  // not take it over, or the newcomer would wait for a peer it believes has not come yet.
+  shared_memory mem(ipcoro::mpmc_ring_region_size(4, 64));
+  ipcoro::format_mpmc_ring(mem.bytes(), 64);
+  auto [ready_r, ready_w] = ipcoro::make_pipe();
+  ipcoro::ring_options opts;
+  opts.peer_check_interval = 20ms;
+  const bool sender_dies = GENERATE(true, false);
+
+  child_process peer([&, &ready_w = ready_w] {
+    std::optional<ipcoro::mpmc_ring_sender> tx;
+    std::optional<ipcoro::mpmc_ring_receiver> rx;
+    if (sender_dies) tx.emplace(mem.bytes());
+    else rx.emplace(mem.bytes());
+    send_byte(ready_w.native_handle());
+    ::pause();
+    return 1;
+  });
+  REQUIRE(wait_byte(ready_r.native_handle(), 20s));
+  peer.kill(SIGKILL);
+  REQUIRE(peer.wait(20s) == 128 + SIGKILL);
+  ipcoro::io_context ctx;
+  ipcoro::sync_wait(ctx, [&]() -> task<void> {
+    std::array<std::byte, 64> buf{};
+    pid_t dead = 0;
+    try {
+      if (sender_dies) {
+        ipcoro::mpmc_ring_receiver rx(mem.bytes(), opts);
+        (void)co_await rx.receive(buf).with_timeout(20s);
+      } else {
+        ipcoro::mpmc_ring_sender tx(mem.bytes(), opts);
+        for (std::size_t i = 0; i < tx.capacity(); ++i) co_await tx.send(buf).with_timeout(20s);
+        co_await tx.send(buf).with_timeout(20s);
+      }
+    } catch (const ipcoro::peer_died& e) {
+      dead = e.pid();
+    }
+    REQUIRE(dead == peer.pid());
+  }());
+}
+
 TEST_CASE("SIGKILL of MPMC senders at random points: every message whose send completed is received once, intact",
           "[shm_ring][mpmc][sigkill]") {
   // The test below makes a process die inside a send or receive on purpose; here the
