@@ -63,13 +63,9 @@ std::uint64_t boot_id_hash() noexcept {
   return hash;
 }
 
-struct stat_fields {
-  char state = '?';
-  std::uint64_t start_time = 0;
-};
+}  // namespace
 
-/// Fields 3 (state) and 22 (starttime) of /proc/<pid>/stat; -errno when unreadable.
-int read_proc_stat(pid_t pid, stat_fields& out) noexcept {
+int read_proc_stat(pid_t pid, proc_stat_fields& out) noexcept {
   char path[48];
   std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
   const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
@@ -103,6 +99,8 @@ int read_proc_stat(pid_t pid, stat_fields& out) noexcept {
   return -EINVAL;
 }
 
+namespace {
+
 struct identity_cache {
   std::mutex lock;
   std::atomic<bool> valid{false};
@@ -133,7 +131,7 @@ const process_identity& this_process() {
   std::lock_guard guard(c.lock);
   if (!c.valid.load(std::memory_order_relaxed)) {
     const pid_t pid = ::getpid();
-    stat_fields f;
+    proc_stat_fields f;
     if (const int rc = read_proc_stat(pid, f); rc < 0) {
       throw_errno(-rc, fmt::format("reading /proc/{}/stat for this process's start time (is /proc mounted?)", pid));
     }
@@ -146,7 +144,7 @@ const process_identity& this_process() {
 bool process_alive(const process_identity& who) noexcept {
   if (who.pid <= 0) return false;
   if (who.boot_id != boot_id_hash()) return false;
-  stat_fields f;
+  proc_stat_fields f;
   const int rc = read_proc_stat(who.pid, f);
   if (rc == -ENOENT || rc == -ESRCH) return false;
   if (rc < 0) return true;  // cannot tell: do not take anything from it
@@ -156,7 +154,7 @@ bool process_alive(const process_identity& who) noexcept {
 
 bool pid_running(pid_t pid) noexcept {
   if (pid <= 0) return false;
-  stat_fields f;
+  proc_stat_fields f;
   const int rc = read_proc_stat(pid, f);
   if (rc == -ENOENT || rc == -ESRCH) return false;
   return rc < 0 || (f.state != 'Z' && f.state != 'X');

@@ -142,36 +142,6 @@ void check_region(std::span<std::byte> region, std::size_t minimum, const char* 
 
 // ---- process identity ----
 
-struct proc_stat {
-  char state = '?';
-  std::uint64_t start_time = 0;
-};
-
-// Reads the state and start time (field 22, clock ticks since boot) from /proc/<pid>/stat.
-bool read_proc_stat(pid_t pid, proc_stat& out) noexcept {
-  char path[48];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char buf[1024];
-  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
-  ::close(fd);
-  if (n <= 0) return false;
-  buf[n] = '\0';
-  // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-  const char* p = std::strrchr(buf, ')');
-  if (p == nullptr || p[1] != ' ') return false;
-  p += 2;
-  out.state = *p;
-  for (int field = 3; field < 22; ++field) {
-    p = std::strchr(p, ' ');
-    if (p == nullptr) return false;
-    ++p;
-  }
-  out.start_time = std::strtoull(p, nullptr, 10);
-  return true;
-}
-
 bool proc_available() noexcept {
   static const bool available = ::access("/proc/self/stat", R_OK) == 0;
   return available;
@@ -184,8 +154,8 @@ std::uint64_t self_start_time() noexcept {
   static std::atomic<std::uint64_t> cached_start{0};
   const pid_t me = ::getpid();
   if (cached_pid.load(std::memory_order_acquire) != me) {
-    proc_stat st;
-    cached_start.store(read_proc_stat(me, st) ? st.start_time & start_mask : 0, std::memory_order_relaxed);
+    detail::proc_stat_fields st;
+    cached_start.store(detail::read_proc_stat(me, st) == 0 ? st.start_time & start_mask : 0, std::memory_order_relaxed);
     cached_pid.store(me, std::memory_order_release);
   }
   return cached_start.load(std::memory_order_relaxed);
@@ -196,8 +166,8 @@ bool pid_alive(pid_t pid, std::uint64_t start) noexcept {
   if (pid <= 0) return false;  // never kill(0) or kill(-1): those are process groups
   if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
   if (!proc_available()) return true;
-  proc_stat st;
-  if (!read_proc_stat(pid, st)) return false;  // it went away between the two looks
+  detail::proc_stat_fields st;
+  if (detail::read_proc_stat(pid, st) != 0) return false;  // it went away between the two looks
   if (st.state == 'Z' || st.state == 'X' || st.state == 'x') return false;
   return start == 0 || (st.start_time & start_mask) == start;
 }
