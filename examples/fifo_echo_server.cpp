@@ -26,6 +26,8 @@
 // Try it:  ./fifo_echo_server /tmp/echo.fifo &  ./fifo_echo_client /tmp/echo.fifo --requests 100
 #include <ipcoro/ipcoro.hpp>
 
+#include "fifo_echo_protocol.hpp"
+
 #include <fmt/core.h>
 #include <poll.h>
 #include <signal.h>
@@ -50,20 +52,7 @@ namespace {
 using namespace std::chrono_literals;
 using ipcoro::task;
 
-// ---- the protocol (the same in fifo_echo_client.cpp) ----
-
-constexpr std::uint32_t protocol_magic = 0x45435049;  // "IPCE"
-enum message_type : std::uint16_t { hello = 1, welcome = 2, echo = 3, bye = 4 };
-
-struct message_header {
-  std::uint32_t magic;
-  std::uint16_t type;
-  std::uint16_t length;  ///< payload bytes after the header
-  std::uint32_t client;  ///< the client's pid
-  std::uint32_t seq;
-};
-static_assert(sizeof(message_header) == 16);
-constexpr std::size_t max_payload = ipcoro::fifo_message_max - sizeof(message_header);
+using namespace fifo_echo;
 
 // ---- the server ----
 
