@@ -12,6 +12,7 @@
 #include "ipcoro/mqueue.hpp"
 #include "ipcoro/mutex.hpp"
 #include "ipcoro/pipe.hpp"
+#include "ipcoro/process.hpp"
 #include "ipcoro/process_mutex.hpp"
 #include "ipcoro/scope.hpp"
 #include "ipcoro/semaphore.hpp"
