@@ -1,6 +1,9 @@
 // The whole public API of ipcoro in one include.
 #pragma once
 
+#include "ipcoro/channel.hpp"
+#include "ipcoro/channel_address.hpp"
+#include "ipcoro/codec.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/fd_io.hpp"

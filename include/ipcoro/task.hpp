@@ -1,7 +1,10 @@
 // task<T>: a lazy coroutine that starts when awaited and hands its result to its awaiter.
 #pragma once
 
+#include "ipcoro/detail/frame_pool.hpp"
+
 #include <coroutine>
+#include <cstddef>
 #include <exception>
 #include <stdexcept>
 #include <stop_token>
@@ -54,6 +57,10 @@ class task_promise_base {
     void await_resume() const noexcept {}
   };
 
+  /// Frames come from the heap; pooled_task_promise takes them from the thread's pool.
+  static void* operator new(std::size_t size) { return allocate_frame(size, false); }
+  static void operator delete(void* frame) noexcept { deallocate_frame(frame); }
+
   std::suspend_always initial_suspend() const noexcept { return {}; }
   final_awaiter final_suspend() const noexcept { return {}; }
 
@@ -86,7 +93,7 @@ class task_promise_base {
 };
 
 template <class T>
-class task_promise final : public task_promise_base {
+class task_promise : public task_promise_base {
   using stored = std::conditional_t<std::is_reference_v<T>, std::add_pointer_t<T>, T>;
 
  public:
@@ -118,7 +125,7 @@ class task_promise final : public task_promise_base {
 };
 
 template <>
-class task_promise<void> final : public task_promise_base {
+class task_promise<void> : public task_promise_base {
  public:
   task<void> get_return_object() noexcept;
   void unhandled_exception() noexcept { exception_ = std::current_exception(); }
@@ -203,6 +210,19 @@ task<T> task_promise<T>::get_return_object() noexcept {
 inline task<void> task_promise<void>::get_return_object() noexcept {
   return task<void>{std::coroutine_handle<task_promise<void>>::from_promise(*this)};
 }
+
+/// The promise of a task coroutine that opted into the frame pool (see pooled_frame): the
+/// same promise, with its frame taken from and returned to the thread's pool. It adds no
+/// members, so the task's handle to the base promise names the same frame.
+template <class T>
+class pooled_task_promise final : public task_promise<T> {
+ public:
+  static void* operator new(std::size_t size) { return allocate_frame(size, true); }
+  static void operator delete(void* frame) noexcept { deallocate_frame(frame); }
+  task<T> get_return_object() noexcept {
+    return task<T>{std::coroutine_handle<task_promise<T>>::from_promise(*this)};
+  }
+};
 }  // namespace detail
 
 /// `co_await get_stop_token()` gives the stop token of the current task.
@@ -219,3 +239,14 @@ struct [[nodiscard]] get_stop_token_awaiter {
 [[nodiscard]] inline get_stop_token_awaiter get_stop_token() noexcept { return {}; }
 
 }  // namespace ipcoro
+
+/// A task coroutine whose first parameter (after the object, for a member coroutine) is a
+/// detail::pooled_frame gets pooled_task_promise.
+template <class T, class... Args>
+struct std::coroutine_traits<ipcoro::task<T>, ipcoro::detail::pooled_frame, Args...> {
+  using promise_type = ipcoro::detail::pooled_task_promise<T>;
+};
+template <class T, class Owner, class... Args>
+struct std::coroutine_traits<ipcoro::task<T>, Owner, ipcoro::detail::pooled_frame, Args...> {
+  using promise_type = ipcoro::detail::pooled_task_promise<T>;
+};

@@ -1,0 +1,391 @@
+// channel: typed senders and receivers between coroutines, in one process or across
+// processes over any transport.
+#pragma once
+
+#include "ipcoro/channel_address.hpp"
+#include "ipcoro/codec.hpp"
+#include "ipcoro/detail/channel_port.hpp"
+#include "ipcoro/detail/frame_pool.hpp"
+#include "ipcoro/detail/wait_list.hpp"
+#include "ipcoro/task.hpp"
+#include "ipcoro/when_any.hpp"
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace ipcoro {
+
+/// Base of the errors a channel reports; the message names the channel's address.
+class channel_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A send on a channel whose receiver has gone, or that was closed.
+class channel_closed : public channel_error {
+ public:
+  using channel_error::channel_error;
+};
+
+/// The peer speaks another type (or another codec version) than this end expects.
+class channel_type_mismatch : public channel_error {
+ public:
+  using channel_error::channel_error;
+};
+
+template <class T>
+class channel_sender;
+template <class T>
+class channel_receiver;
+
+namespace detail {
+
+[[noreturn]] void throw_channel_closed(const char* what);
+
+/// Parks a coroutine in a wait_list until woken (or cancelled).
+class [[nodiscard]] park_operation : waiter {
+ public:
+  explicit park_operation(wait_list& list) noexcept : list_(list) {}
+  bool await_ready() const noexcept { return false; }
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) {
+    return park(list_, h, stop_token_of(h));
+  }
+  void await_resume() { unpark(); }
+
+ private:
+  wait_list& list_;
+};
+
+/// The shared state of an in-process channel: a bounded ring of values and the
+/// coroutines waiting for space or for data. Lives on one loop's thread.
+template <class T>
+struct local_channel {
+  explicit local_channel(std::size_t capacity) : slots(capacity) {}
+  std::vector<std::optional<T>> slots;
+  std::size_t head = 0;
+  std::size_t count = 0;
+  bool sender_closed = false;
+  bool receiver_closed = false;
+  wait_list senders;
+  wait_list receivers;
+
+  bool readable() const noexcept { return count > 0 || sender_closed || receiver_closed; }
+};
+
+[[nodiscard]] std::unique_ptr<send_port> link_send_port(void* state);
+[[nodiscard]] std::unique_ptr<receive_port> link_receive_port(void* state);
+[[nodiscard]] task<std::unique_ptr<send_port>> open_send_port(channel_address address);
+[[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(channel_address address);
+
+}  // namespace detail
+
+/// The sending half of a channel. Move-only; destroying it closes it.
+template <class T>
+class channel_sender {
+ public:
+  channel_sender() noexcept = default;
+  channel_sender(channel_sender&&) noexcept = default;
+  channel_sender& operator=(channel_sender&& other) noexcept {
+    if (this != &other) {
+      close();
+      local_ = std::move(other.local_);
+      port_ = std::move(other.port_);
+    }
+    return *this;
+  }
+  ~channel_sender() { close(); }
+
+  /// Sends one value, waiting while the channel is full (backpressure). Throws
+  /// channel_closed when the receiving side has gone, channel_error for a message the
+  /// transport cannot carry; cancellable through the caller's stop token.
+  [[nodiscard]] task<void> send(T value) {
+    if (local_) return send_local(detail::pooled_frame{}, *local_, std::move(value));
+    if constexpr (encodable<T>) {
+      if (port_) return send_port(detail::pooled_frame{}, *port_, std::move(value));
+    }
+    detail::throw_channel_closed("channel send: this sender is empty (moved from or closed)");
+  }
+
+  /// Ends the stream: receivers get what was sent, then an empty optional. Waiting
+  /// senders and receivers wake up. Never throws; a second close does nothing.
+  void close() noexcept {
+    if (local_) {
+      local_->sender_closed = true;
+      local_->receivers.wake_all();
+      local_->senders.wake_all();
+      local_.reset();
+    }
+    if (port_) {
+      port_->close();
+      port_.reset();
+    }
+  }
+
+  /// Leaves without ending the stream, for one of several senders on a transport that
+  /// carries many (message queues, MPMC rings). For a pipe or FIFO this is close(): the
+  /// stream ends when every writer has closed.
+  void detach() noexcept {
+    if (port_) {
+      port_->detach();
+      port_.reset();
+    }
+    local_.reset();
+  }
+
+  /// Messages and payload bytes sent through this sender.
+  std::uint64_t messages_sent() const noexcept { return port_ ? port_->messages : sent_local_; }
+  /// The largest encoded value the transport carries (unlimited in process).
+  std::size_t max_message_size() const noexcept { return port_ ? port_->max_payload() : SIZE_MAX; }
+  explicit operator bool() const noexcept { return local_ || port_; }
+
+  explicit channel_sender(std::shared_ptr<detail::local_channel<T>> state) noexcept : local_(std::move(state)) {}
+  explicit channel_sender(std::unique_ptr<detail::send_port> port) noexcept : port_(std::move(port)) {}
+
+ private:
+  task<void> send_local(detail::pooled_frame, detail::local_channel<T>& s, T value) {
+    for (;;) {
+      if (s.receiver_closed) detail::throw_channel_closed("channel send: the receiver has closed the channel");
+      if (s.sender_closed) detail::throw_channel_closed("channel send: the channel was closed");
+      if (s.count < s.slots.size()) {
+        s.slots[(s.head + s.count) % s.slots.size()].emplace(std::move(value));
+        ++s.count;
+        ++sent_local_;
+        s.receivers.wake_one();
+        co_return;
+      }
+      co_await detail::park_operation{s.senders};
+    }
+  }
+
+  static task<void> send_port(detail::pooled_frame, detail::send_port& port, T value) {
+    mutex::guard guard = co_await port.lock.lock();
+    const std::size_t size = codec<T>::size(value);
+    codec<T>::encode(value, port.prepare(size));
+    co_await port.commit(detail::pooled_frame{});
+    ++port.messages;
+    port.bytes += size;
+  }
+
+  std::shared_ptr<detail::local_channel<T>> local_;
+  std::unique_ptr<detail::send_port> port_;
+  std::uint64_t sent_local_ = 0;
+};
+
+/// The receiving half of a channel. Move-only; destroying it closes it.
+template <class T>
+class channel_receiver {
+ public:
+  channel_receiver() noexcept = default;
+  channel_receiver(channel_receiver&&) noexcept = default;
+  channel_receiver& operator=(channel_receiver&& other) noexcept {
+    if (this != &other) {
+      close();
+      local_ = std::move(other.local_);
+      port_ = std::move(other.port_);
+    }
+    return *this;
+  }
+  ~channel_receiver() { close(); }
+
+  /// The next value, or an empty optional once the stream has ended (every sender closed,
+  /// or this receiver was closed). Throws channel_type_mismatch for a peer of another
+  /// type, peer_died when a shared-memory sender died without closing, decode_error for
+  /// bytes the codec rejects; cancellable through the caller's stop token (nothing is
+  /// lost: a message read from the transport stays buffered for the next receive).
+  [[nodiscard]] task<std::optional<T>> receive() {
+    if (local_) return receive_local(detail::pooled_frame{}, *local_);
+    if constexpr (encodable<T>) {
+      if (port_) return receive_port(detail::pooled_frame{}, *port_);
+    }
+    return nothing(detail::pooled_frame{});
+  }
+
+  /// Completes once receive() would not wait: a value is ready or the stream has ended.
+  /// Consumes nothing. select() is built on it.
+  [[nodiscard]] task<void> ready() {
+    if (local_) return ready_local(detail::pooled_frame{}, *local_);
+    if constexpr (encodable<T>) {
+      if (port_) return ready_port(detail::pooled_frame{}, *port_);
+    }
+    return nothing_void(detail::pooled_frame{});
+  }
+
+  /// Stops receiving: senders of an in-process channel, pipe, FIFO or SPSC ring get
+  /// channel_closed; values not yet received are dropped. Never throws.
+  void close() noexcept {
+    if (local_) {
+      local_->receiver_closed = true;
+      local_->senders.wake_all();
+      local_->receivers.wake_all();
+      local_.reset();
+    }
+    if (port_) {
+      port_->close();
+      port_.reset();
+    }
+  }
+
+  std::uint64_t messages_received() const noexcept { return port_ ? port_->messages : received_local_; }
+  explicit operator bool() const noexcept { return local_ || port_; }
+
+  /// For select(): another waiting receiver of the same in-process channel gets the turn
+  /// this one was woken for but did not use.
+  void pass_on() noexcept {
+    if (local_ && local_->count > 0) local_->receivers.wake_one();
+  }
+
+  explicit channel_receiver(std::shared_ptr<detail::local_channel<T>> state) noexcept : local_(std::move(state)) {}
+  explicit channel_receiver(std::unique_ptr<detail::receive_port> port) noexcept : port_(std::move(port)) {}
+
+ private:
+  task<std::optional<T>> receive_local(detail::pooled_frame, detail::local_channel<T>& s) {
+    for (;;) {
+      if (s.receiver_closed) co_return std::nullopt;
+      if (s.count > 0) {
+        std::optional<T> value = std::move(s.slots[s.head]);
+        s.slots[s.head].reset();
+        s.head = (s.head + 1) % s.slots.size();
+        --s.count;
+        ++received_local_;
+        s.senders.wake_one();
+        co_return value;
+      }
+      if (s.sender_closed) co_return std::nullopt;
+      co_await detail::park_operation{s.receivers};
+    }
+  }
+
+  static task<void> ready_local(detail::pooled_frame, detail::local_channel<T>& s) {
+    while (!s.readable()) co_await detail::park_operation{s.receivers};
+  }
+
+  static task<std::optional<T>> receive_port(detail::pooled_frame, detail::receive_port& port) {
+    mutex::guard guard = co_await port.lock.lock();
+    const bool got = co_await port.fill(detail::pooled_frame{});
+    if (!got) co_return std::nullopt;
+    const std::span<const std::byte> payload = port.current();
+    std::optional<T> value;
+    try {
+      value.emplace(codec<T>::decode(payload));
+    } catch (...) {
+      port.consume();
+      throw;
+    }
+    ++port.messages;
+    port.bytes += payload.size();
+    port.consume();
+    co_return value;
+  }
+
+  static task<void> ready_port(detail::pooled_frame, detail::receive_port& port) {
+    mutex::guard guard = co_await port.lock.lock();
+    co_await port.fill(detail::pooled_frame{});
+  }
+
+  static task<std::optional<T>> nothing(detail::pooled_frame) { co_return std::nullopt; }
+  static task<void> nothing_void(detail::pooled_frame) { co_return; }
+
+  std::shared_ptr<detail::local_channel<T>> local_;
+  std::unique_ptr<detail::receive_port> port_;
+  std::uint64_t received_local_ = 0;
+};
+
+template <class T>
+struct channel_pair {
+  channel_sender<T> sender;
+  channel_receiver<T> receiver;
+};
+
+/// An in-process channel holding up to `capacity` values: no syscalls, no encoding, and no
+/// allocation per message once warm. Both halves must be used on one loop's thread.
+/// Throws std::invalid_argument for a capacity of 0.
+template <class T>
+[[nodiscard]] channel_pair<T> make_channel(std::size_t capacity) {
+  if (capacity == 0) throw std::invalid_argument("ipcoro::make_channel: capacity must be at least 1");
+  auto state = std::make_shared<detail::local_channel<T>>(capacity);
+  return {channel_sender<T>{state}, channel_receiver<T>{state}};
+}
+
+/// Both ends of a cross-process channel, made before fork: each process then takes the
+/// end it uses and destroys the link, which closes the end it did not take. Names
+/// (FIFO path, queue, segment, file) are removed as soon as both ends are open, so
+/// nothing is left behind even if every process crashes. `fd:` addresses are not links.
+class channel_link {
+ public:
+  channel_link() noexcept;
+  channel_link(channel_link&&) noexcept;
+  channel_link& operator=(channel_link&&) noexcept;
+  ~channel_link();
+
+  /// Creates the transport named by `address` (see channel_address). Throws
+  /// bad_channel_address, or std::system_error naming the object and the limit to raise.
+  [[nodiscard]] static channel_link create(std::string_view address);
+
+  /// Takes the sending end. Throws std::logic_error if it was taken already.
+  template <encodable T>
+  [[nodiscard]] channel_sender<T> sender() {
+    std::unique_ptr<detail::send_port> port = detail::link_send_port(state_.get());
+    port->set_identity(identity_of<T>());
+    return channel_sender<T>{std::move(port)};
+  }
+  /// Takes the receiving end. Throws std::logic_error if it was taken already.
+  template <encodable T>
+  [[nodiscard]] channel_receiver<T> receiver() {
+    std::unique_ptr<detail::receive_port> port = detail::link_receive_port(state_.get());
+    port->set_identity(identity_of<T>());
+    return channel_receiver<T>{std::move(port)};
+  }
+
+  /// Closes whatever end has not been taken.
+  void reset() noexcept;
+  const channel_address& address() const;
+
+  struct state;
+
+ private:
+  std::unique_ptr<state> state_;
+};
+
+/// Opens the receiving end of a named channel, creating the FIFO, queue, segment or file
+/// (removed again when the receiver is destroyed). For a FIFO this waits for the first
+/// sender. `fd:N` takes over descriptor N as a byte stream.
+template <encodable T>
+[[nodiscard]] task<channel_receiver<T>> open_receiver(std::string address) {
+  std::unique_ptr<detail::receive_port> port = co_await detail::open_receive_port(channel_address::parse(address));
+  port->set_identity(identity_of<T>());
+  co_return channel_receiver<T>{std::move(port)};
+}
+
+/// Opens the sending end of a named channel whose receiver exists (for a FIFO, waits for
+/// the receiver to open it). Throws channel_error when there is no such channel.
+template <encodable T>
+[[nodiscard]] task<channel_sender<T>> open_sender(std::string address) {
+  std::unique_ptr<detail::send_port> port = co_await detail::open_send_port(channel_address::parse(address));
+  port->set_identity(identity_of<T>());
+  co_return channel_sender<T>{std::move(port)};
+}
+
+/// Waits until one of `receivers` has a value ready (or has ended) and returns its index;
+/// a receive() on that receiver then completes without waiting. The other waits are
+/// cancelled, and nothing is consumed from them.
+template <class... R>
+[[nodiscard]] task<std::size_t> select(R&... receivers) {
+  static_assert(sizeof...(R) > 0, "ipcoro::select: give at least one receiver");
+  std::vector<task<void>> waits;
+  waits.reserve(sizeof...(R));
+  (waits.push_back(receivers.ready()), ...);
+  when_any_result<void> result = co_await when_any(std::move(waits));
+  std::size_t i = 0;
+  ((i++ != result.index ? receivers.pass_on() : void()), ...);
+  co_return result.index;
+}
+
+}  // namespace ipcoro

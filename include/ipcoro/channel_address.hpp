@@ -1,0 +1,46 @@
+// channel_address: the string form of a channel's transport, name and options.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace ipcoro {
+
+/// Thrown for an address that cannot be parsed; the message quotes it and says what is
+/// expected instead.
+class bad_channel_address : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+enum class channel_transport { pipe, fifo, mq, shm, file, fd };
+
+/// `pipe:`, `fifo:/path`, `mq:/name`, `shm:/name`, `file:/path` or `fd:N`, optionally
+/// followed by `?option=value&...`. Options:
+///   capacity=N      bytes of pipe / FIFO buffer or shm / file ring; messages of a queue
+///   message_size=N  largest message in bytes (queue message size, or the largest
+///                   record of an MPMC ring)
+///   mode=0NNN       permission bits of what the receiver creates (octal)
+///   ring=spsc|mpmc  the kind of shared-memory ring (shm: and file:); mpmc lets several
+///                   processes send and receive
+/// Sizes accept a k/m suffix (1024, 1048576).
+struct channel_address {
+  channel_transport transport = channel_transport::pipe;
+  std::string name;                         ///< path, queue or segment name; the number for fd:
+  std::optional<std::size_t> capacity;
+  std::optional<std::size_t> message_size;
+  unsigned mode = 0600;
+  bool mpmc = false;
+  std::string text;                         ///< the address as given, for messages
+
+  /// Parses and checks an address; throws bad_channel_address naming what is wrong.
+  [[nodiscard]] static channel_address parse(std::string_view address);
+  int fd() const;  ///< the descriptor of an fd: address
+};
+
+const char* to_string(channel_transport t) noexcept;
+
+}  // namespace ipcoro

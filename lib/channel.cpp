@@ -1,0 +1,980 @@
+// channel: addresses, the wire format, and the send / receive ports of every transport.
+#include "ipcoro/channel.hpp"
+
+#include "ipcoro/error.hpp"
+#include "ipcoro/fd_io.hpp"
+#include "ipcoro/fifo.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/mapped_file.hpp"
+#include "ipcoro/mqueue.hpp"
+#include "ipcoro/pipe.hpp"
+#include "ipcoro/shm_ring.hpp"
+#include "ipcoro/shm_segment.hpp"
+#include "ipcoro/unique_fd.hpp"
+
+#include <fcntl.h>
+#include <fmt/core.h>
+#include <mqueue.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <system_error>
+
+namespace ipcoro {
+
+// ---- addresses ----
+
+const char* to_string(channel_transport t) noexcept {
+  switch (t) {
+    case channel_transport::pipe: return "pipe";
+    case channel_transport::fifo: return "fifo";
+    case channel_transport::mq: return "mq";
+    case channel_transport::shm: return "shm";
+    case channel_transport::file: return "file";
+    case channel_transport::fd: return "fd";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr const char* address_forms = "pipe:, fifo:/path, mq:/name, shm:/name, file:/path or fd:N";
+
+[[noreturn]] void bad_address(std::string_view address, const std::string& why) {
+  throw bad_channel_address(fmt::format("channel address \"{}\": {}", address, why));
+}
+
+std::size_t parse_size(std::string_view address, std::string_view key, std::string_view value) {
+  std::size_t n = 0;
+  const char* end = value.data() + value.size();
+  auto [p, ec] = std::from_chars(value.data(), end, n);
+  std::size_t scale = 1;
+  if (ec == std::errc{} && p + 1 == end) {
+    if (*p == 'k' || *p == 'K') scale = 1024;
+    if (*p == 'm' || *p == 'M') scale = 1024 * 1024;
+    if (scale != 1) ++p;
+  }
+  if (ec != std::errc{} || p != end || n == 0 || n > SIZE_MAX / scale) {
+    bad_address(address, fmt::format("option {}={} is not a positive size (digits, optionally followed by k or m)",
+                                     key, value));
+  }
+  return n * scale;
+}
+
+}  // namespace
+
+channel_address channel_address::parse(std::string_view address) {
+  channel_address a;
+  a.text = std::string(address);
+  const std::size_t colon = address.find(':');
+  if (colon == std::string_view::npos) {
+    bad_address(address, fmt::format("no transport; expected one of {}", address_forms));
+  }
+  const std::string_view scheme = address.substr(0, colon);
+  std::string_view rest = address.substr(colon + 1);
+  std::string_view options;
+  if (const std::size_t q = rest.find('?'); q != std::string_view::npos) {
+    options = rest.substr(q + 1);
+    rest = rest.substr(0, q);
+  }
+  if (scheme == "pipe") {
+    a.transport = channel_transport::pipe;
+    if (!rest.empty()) bad_address(address, "a pipe has no name: write just \"pipe:\"");
+  } else if (scheme == "fifo" || scheme == "file") {
+    a.transport = scheme == "fifo" ? channel_transport::fifo : channel_transport::file;
+    if (rest.empty() || rest.front() != '/') {
+      bad_address(address, fmt::format("a {} needs an absolute path, as in {}:/tmp/name", scheme, scheme));
+    }
+    if (rest.back() == '/') bad_address(address, "the path names a directory");
+  } else if (scheme == "mq" || scheme == "shm") {
+    a.transport = scheme == "mq" ? channel_transport::mq : channel_transport::shm;
+    if (rest.size() < 2 || rest.front() != '/' || rest.find('/', 1) != std::string_view::npos) {
+      bad_address(address, fmt::format("a {} name is one '/' followed by a name without further slashes, as in {}:/jobs",
+                                       scheme == "mq" ? "message queue" : "shared-memory segment", scheme));
+    }
+    if (rest.size() > NAME_MAX) bad_address(address, fmt::format("the name is longer than NAME_MAX ({})", NAME_MAX));
+  } else if (scheme == "fd") {
+    a.transport = channel_transport::fd;
+    int fd = -1;
+    auto [p, ec] = std::from_chars(rest.data(), rest.data() + rest.size(), fd);
+    if (rest.empty() || ec != std::errc{} || p != rest.data() + rest.size() || fd < 0) {
+      bad_address(address, "fd: takes a descriptor number, as in fd:3");
+    }
+  } else {
+    bad_address(address, fmt::format("unknown transport \"{}\"; expected one of {}", scheme, address_forms));
+  }
+  a.name = std::string(rest);
+
+  bool seen_capacity = false, seen_size = false, seen_mode = false, seen_ring = false;
+  while (!options.empty()) {
+    const std::size_t amp = options.find('&');
+    const std::string_view item = options.substr(0, amp);
+    options = amp == std::string_view::npos ? std::string_view{} : options.substr(amp + 1);
+    const std::size_t eq = item.find('=');
+    if (eq == std::string_view::npos || eq == 0 || eq + 1 == item.size()) {
+      bad_address(address, fmt::format("option \"{}\" is not key=value", item));
+    }
+    const std::string_view key = item.substr(0, eq);
+    const std::string_view value = item.substr(eq + 1);
+    const auto once = [&](bool& seen) {
+      if (seen) bad_address(address, fmt::format("option {} is given twice", key));
+      seen = true;
+    };
+    const bool named = a.transport != channel_transport::pipe && a.transport != channel_transport::fd;
+    if (key == "capacity" && a.transport != channel_transport::fd) {
+      once(seen_capacity);
+      a.capacity = parse_size(address, key, value);
+    } else if (key == "message_size" &&
+               (a.transport == channel_transport::mq || a.transport == channel_transport::shm ||
+                a.transport == channel_transport::file)) {
+      once(seen_size);
+      a.message_size = parse_size(address, key, value);
+    } else if (key == "mode" && named) {
+      once(seen_mode);
+      unsigned mode = 0;
+      auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), mode, 8);
+      if (ec != std::errc{} || p != value.data() + value.size() || mode > 0777) {
+        bad_address(address, fmt::format("mode={} is not octal permission bits such as 0600", value));
+      }
+      a.mode = mode;
+    } else if (key == "ring" && (a.transport == channel_transport::shm || a.transport == channel_transport::file)) {
+      once(seen_ring);
+      if (value != "spsc" && value != "mpmc") bad_address(address, "ring= takes spsc or mpmc");
+      a.mpmc = value == "mpmc";
+    } else {
+      bad_address(address, fmt::format("option \"{}\" does not apply to {}: transports take capacity (not fd:), "
+                                        "message_size (mq, shm, file), mode (named transports) and ring (shm, file)",
+                                        key, scheme));
+    }
+  }
+  if (a.message_size && !a.mpmc && a.transport != channel_transport::mq) {
+    bad_address(address, "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
+                         "follows from its capacity");
+  }
+  return a;
+}
+
+int channel_address::fd() const {
+  if (transport != channel_transport::fd) throw std::logic_error("channel_address::fd: not an fd: address");
+  return std::stoi(name);
+}
+
+namespace detail {
+
+void throw_channel_closed(const char* what) { throw channel_closed(what); }
+
+void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got) {
+  throw decode_error(fmt::format("decoding {}: a message of {} bytes, expected {}", type, got, expected));
+}
+
+// ---- the wire format ----
+
+namespace {
+
+constexpr std::uint32_t greeting_magic = 0x48435049;  // "IPCH"
+constexpr std::uint16_t wire_protocol = 1;
+
+struct greeting_head {
+  std::uint32_t magic;
+  std::uint16_t protocol;
+  std::uint16_t name_size;
+  std::uint32_t version;
+  std::uint32_t reserved;
+  std::uint64_t fingerprint;
+};
+static_assert(sizeof(greeting_head) == 24);
+
+/// A frame on a byte stream: {payload length, kind} then the payload.
+struct stream_head {
+  std::uint32_t length;
+  std::uint32_t kind;
+};
+/// A frame on a message transport (queue, ring): {kind, short fingerprint} then the payload.
+struct message_head {
+  std::uint32_t kind;
+  std::uint32_t fingerprint;
+};
+static_assert(sizeof(stream_head) == 8 && sizeof(message_head) == 8);
+constexpr std::size_t head_size = 8;
+constexpr std::size_t max_stream_payload = std::size_t{1} << 30;
+
+std::uint32_t short_fingerprint(std::uint64_t f) noexcept { return static_cast<std::uint32_t>(f ^ (f >> 32)); }
+
+/// Storage that grows without zero-filling and keeps its contents.
+class byte_buffer {
+ public:
+  std::byte* data() noexcept { return data_.get(); }
+  std::size_t size() const noexcept { return size_; }
+  void grow(std::size_t need, std::size_t keep) {
+    if (need <= size_) return;
+    std::size_t n = std::max<std::size_t>(need, size_ * 2);
+    auto fresh = std::make_unique_for_overwrite<std::byte[]>(n);
+    if (keep > 0) std::memcpy(fresh.get(), data_.get(), keep);
+    data_ = std::move(fresh);
+    size_ = n;
+  }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  std::size_t size_ = 0;
+};
+
+template <class Head>
+Head read_head(const std::byte* p) noexcept {
+  Head h;
+  std::memcpy(&h, p, sizeof h);
+  return h;
+}
+
+long read_proc_long(const char* path) {
+  std::ifstream in(path);
+  long v = -1;
+  in >> v;
+  return v;
+}
+
+}  // namespace
+
+std::span<const std::byte> send_port::greeting() {
+  if (greeting_.empty()) {
+    const std::string& name = identity_.name;
+    const std::size_t name_size = std::min<std::size_t>(name.size(), 1024);
+    greeting_head h{greeting_magic, wire_protocol, static_cast<std::uint16_t>(name_size), identity_.version, 0,
+                    identity_.fingerprint};
+    greeting_.resize(sizeof h + name_size);
+    std::memcpy(greeting_.data(), &h, sizeof h);
+    std::memcpy(greeting_.data() + sizeof h, name.data(), name_size);
+  }
+  return std::as_bytes(std::span{greeting_.data(), greeting_.size()});
+}
+
+void receive_port::check_greeting(std::span<const std::byte> payload) const {
+  if (payload.size() < sizeof(greeting_head)) {
+    throw channel_error(fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
+                                    "channel sender",
+                                    address_, payload.size()));
+  }
+  const auto h = read_head<greeting_head>(payload.data());
+  if (h.magic != greeting_magic) {
+    throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address_));
+  }
+  if (h.protocol != wire_protocol) {
+    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}", address_,
+                                    h.protocol, wire_protocol));
+  }
+  if (h.fingerprint != identity_.fingerprint) {
+    const std::size_t n = std::min<std::size_t>(h.name_size, payload.size() - sizeof h);
+    const std::string_view name(reinterpret_cast<const char*>(payload.data() + sizeof h), n);
+    throw channel_type_mismatch(fmt::format("channel {}: the sender sends '{}' (codec version {}), but this receiver "
+                                            "expects '{}' (codec version {})",
+                                            address_, name, h.version, identity_.name, identity_.version));
+  }
+}
+
+// ---- byte streams: pipes, FIFOs, inherited descriptors ----
+
+namespace {
+
+class stream_send_port final : public send_port {
+ public:
+  stream_send_port(std::string address, unique_fd fd, write_path path, std::shared_ptr<void> keep = {})
+      : send_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)), path_(path) {}
+
+  std::span<std::byte> prepare(std::size_t size) override {
+    if (size > max_stream_payload) {
+      throw channel_error(fmt::format("channel {}: a message of {} bytes is larger than a stream frame allows ({})",
+                                      address(), size, max_stream_payload));
+    }
+    used_ = 0;
+    if (!greeted_) {
+      const std::span<const std::byte> g = greeting();
+      buf_.grow(2 * head_size + g.size() + size, 0);
+      put(frame_kind::hello, g.size());
+      std::memcpy(buf_.data() + used_, g.data(), g.size());
+      used_ += g.size();
+    } else {
+      buf_.grow(head_size + size, 0);
+    }
+    put(frame_kind::data, size);
+    std::span<std::byte> out{buf_.data() + used_, size};
+    used_ += size;
+    return out;
+  }
+
+  task<void> commit(pooled_frame) override {
+    try {
+      co_await write_all_operation{fd_.get(), std::span<const std::byte>{buf_.data(), used_}, path_};
+    } catch (const std::system_error& e) {
+      if (e.code() == std::errc::broken_pipe) {
+        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+      }
+      throw;
+    }
+    greeted_ = true;
+  }
+
+  void close() noexcept override { fd_.reset(); }
+  std::size_t max_payload() const noexcept override { return max_stream_payload; }
+
+ private:
+  void put(frame_kind kind, std::size_t length) noexcept {
+    const stream_head h{static_cast<std::uint32_t>(length), static_cast<std::uint32_t>(kind)};
+    std::memcpy(buf_.data() + used_, &h, sizeof h);
+    used_ += sizeof h;
+  }
+
+  std::shared_ptr<void> keep_;
+  unique_fd fd_;
+  write_path path_;
+  byte_buffer buf_;
+  std::size_t used_ = 0;
+  bool greeted_ = false;
+};
+
+class stream_receive_port final : public receive_port {
+ public:
+  stream_receive_port(std::string address, unique_fd fd, std::shared_ptr<void> keep = {})
+      : receive_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)) {
+    buf_.grow(64 * 1024, 0);
+  }
+
+  task<bool> fill(pooled_frame) override {
+    if (current_) co_return true;
+    if (ended_) co_return false;
+    for (;;) {
+      const std::size_t avail = end_ - begin_;
+      std::size_t need = head_size;
+      if (avail >= head_size) {
+        const auto h = read_head<stream_head>(buf_.data() + begin_);
+        if (h.length > max_stream_payload) {
+          throw channel_error(fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
+                                          "channel sender, or the stream is corrupt",
+                                          address(), h.length));
+        }
+        need = head_size + h.length;
+        if (avail >= need) {
+          const std::span<const std::byte> payload{buf_.data() + begin_ + head_size, h.length};
+          if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
+            check_greeting(payload);
+            greeted_ = true;
+            begin_ += need;
+            continue;
+          }
+          if (!greeted_ || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+            throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
+                                            "message is not a greeting)",
+                                            address()));
+          }
+          length_ = h.length;
+          current_ = true;
+          co_return true;
+        }
+      }
+      if (begin_ + need > buf_.size()) {
+        std::memmove(buf_.data(), buf_.data() + begin_, avail);
+        begin_ = 0;
+        end_ = avail;
+        buf_.grow(need, avail);
+      }
+      const std::size_t n =
+          co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, buf_.size() - end_}};
+      if (n == 0) {
+        if (avail > 0) {
+          throw channel_error(fmt::format("channel {}: the stream ended inside a message ({} of {} bytes came)",
+                                          address(), avail, need));
+        }
+        ended_ = true;
+        co_return false;
+      }
+      end_ += n;
+    }
+  }
+
+  std::span<const std::byte> current() const noexcept override {
+    return {buf_data() + begin_ + head_size, length_};
+  }
+  void consume() noexcept override {
+    begin_ += head_size + length_;
+    current_ = false;
+    if (begin_ == end_) begin_ = end_ = 0;
+  }
+  void close() noexcept override {
+    fd_.reset();
+    ended_ = true;
+    current_ = false;
+  }
+
+ private:
+  const std::byte* buf_data() const noexcept { return const_cast<byte_buffer&>(buf_).data(); }
+
+  std::shared_ptr<void> keep_;
+  unique_fd fd_;
+  byte_buffer buf_;
+  std::size_t begin_ = 0;
+  std::size_t end_ = 0;
+  std::size_t length_ = 0;
+  bool current_ = false;
+  bool greeted_ = false;
+  bool ended_ = false;
+};
+
+// ---- message queues ----
+
+std::string mq_size_advice(std::size_t wanted) {
+  const long limit = read_proc_long("/proc/sys/fs/mqueue/msgsize_max");
+  return fmt::format("create the channel with message_size={} or more (this system allows up to {}, "
+                     "/proc/sys/fs/mqueue/msgsize_max)",
+                     wanted, limit);
+}
+
+bool try_send_end(int mqd, std::uint32_t fingerprint) noexcept {
+  const message_head h{static_cast<std::uint32_t>(frame_kind::end), fingerprint};
+  const timespec now{0, 0};  // an absolute time in the past: never block
+  return ::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(&h), sizeof h, 0, &now) == 0;
+}
+
+/// Sends the end marker to a full queue, waiting up to `patience` for room. The queue's
+/// descriptor is non-blocking and about to be closed, so it is made blocking for this.
+void send_end_blocking(int mqd, std::uint32_t fingerprint, std::chrono::seconds patience) noexcept {
+  mq_attr blocking{};
+  ::mq_setattr(static_cast<mqd_t>(mqd), &blocking, nullptr);
+  timespec deadline{};
+  ::clock_gettime(CLOCK_REALTIME, &deadline);
+  deadline.tv_sec += patience.count();
+  const message_head h{static_cast<std::uint32_t>(frame_kind::end), fingerprint};
+  while (::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(&h), sizeof h, 0, &deadline) != 0 &&
+         errno == EINTR) {
+  }
+}
+
+constexpr std::chrono::seconds end_patience{30};
+
+class mq_send_port final : public send_port {
+ public:
+  mq_send_port(std::string address, message_queue queue)
+      : send_port(std::move(address)), queue_(std::move(queue)) {
+    buf_.grow(static_cast<std::size_t>(queue_.attributes().message_size), 0);
+  }
+  ~mq_send_port() override { close(); }
+
+  std::span<std::byte> prepare(std::size_t size) override {
+    const std::size_t limit = buf_.size();
+    if (head_size + size > limit) {
+      throw channel_error(fmt::format("channel {}: a message of {} bytes does not fit the queue's message size of {} "
+                                      "bytes ({} of them frame it); {}",
+                                      address(), size, limit, head_size, mq_size_advice(size + head_size)));
+    }
+    const message_head h{static_cast<std::uint32_t>(frame_kind::data), short_fingerprint(identity().fingerprint)};
+    std::memcpy(buf_.data(), &h, sizeof h);
+    used_ = head_size + size;
+    return {buf_.data() + head_size, size};
+  }
+
+  task<void> commit(pooled_frame) override {
+    if (!greeted_) {
+      // The greeting shares the buffer's size limit; a long type name is cut (the
+      // fingerprint is what is compared).
+      std::span<const std::byte> g = greeting();
+      g = g.first(std::min(g.size(), buf_.size() - head_size));
+      std::vector<std::byte> frame(head_size + g.size());
+      const message_head h{static_cast<std::uint32_t>(frame_kind::hello), short_fingerprint(identity().fingerprint)};
+      std::memcpy(frame.data(), &h, sizeof h);
+      std::memcpy(frame.data() + head_size, g.data(), g.size());
+      co_await queue_.send(frame);
+      greeted_ = true;
+    }
+    co_await queue_.send(std::span<const std::byte>{buf_.data(), used_});
+  }
+
+  void close() noexcept override {
+    if (!queue_) return;
+    // A queue has no end of its own: the marker must get in, so a close on a full queue
+    // waits (bounded) for the receivers to make room.
+    const std::uint32_t f = short_fingerprint(identity().fingerprint);
+    if (!try_send_end(queue_.native_handle(), f)) send_end_blocking(queue_.native_handle(), f, end_patience);
+    queue_.close();
+  }
+  void detach() noexcept override { queue_.close(); }
+  std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
+
+ private:
+  message_queue queue_;
+  byte_buffer buf_;
+  std::size_t used_ = 0;
+  bool greeted_ = false;
+};
+
+class mq_receive_port final : public receive_port {
+ public:
+  mq_receive_port(std::string address, message_queue queue)
+      : receive_port(std::move(address)), queue_(std::move(queue)) {
+    buf_.grow(static_cast<std::size_t>(queue_.attributes().message_size), 0);
+  }
+
+  task<bool> fill(pooled_frame) override {
+    if (current_) co_return true;
+    if (ended_) co_return false;
+    for (;;) {
+      const mq_message m = co_await queue_.receive(std::span<std::byte>{buf_.data(), buf_.size()});
+      if (m.size < head_size) {
+        throw channel_error(fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
+                                        address(), m.size));
+      }
+      const auto h = read_head<message_head>(buf_.data());
+      const std::span<const std::byte> payload{buf_.data() + head_size, m.size - head_size};
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
+        check_greeting(payload);
+        continue;
+      }
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::end)) {
+        // Put the marker back so that every other receiver of the queue ends too.
+        try_send_end(queue_.native_handle(), h.fingerprint);
+        ended_ = true;
+        co_return false;
+      }
+      if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+        throw channel_error(fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
+      }
+      if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
+        throw channel_type_mismatch(fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
+                                                "this receiver expects '{}'",
+                                                address(), h.fingerprint, identity().name));
+      }
+      length_ = payload.size();
+      current_ = true;
+      co_return true;
+    }
+  }
+
+  std::span<const std::byte> current() const noexcept override {
+    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
+  }
+  void consume() noexcept override { current_ = false; }
+  void close() noexcept override {
+    queue_.close();
+    ended_ = true;
+    current_ = false;
+  }
+
+ private:
+  message_queue queue_;
+  byte_buffer buf_;
+  std::size_t length_ = 0;
+  bool current_ = false;
+  bool ended_ = false;
+};
+
+// ---- shared-memory and file rings ----
+
+template <class Ring>
+class ring_send_port final : public send_port {
+ public:
+  ring_send_port(std::string address, std::shared_ptr<void> region, Ring ring)
+      : send_port(std::move(address)), region_(std::move(region)), ring_(std::move(ring)) {
+    buf_.grow(ring_.max_message_size(), 0);
+  }
+  std::span<std::byte> prepare(std::size_t size) override {
+    if (head_size + size > buf_.size()) {
+      throw channel_error(fmt::format("channel {}: a message of {} bytes does not fit the ring, whose largest "
+                                      "message is {} bytes ({} of them frame it); raise the address's {}",
+                                      address(), size, buf_.size(), head_size,
+                                      std::is_same_v<Ring, spsc_ring_sender> ? "capacity=" : "message_size="));
+    }
+    const message_head h{static_cast<std::uint32_t>(frame_kind::data), short_fingerprint(identity().fingerprint)};
+    std::memcpy(buf_.data(), &h, sizeof h);
+    used_ = head_size + size;
+    return {buf_.data() + head_size, size};
+  }
+
+  task<void> commit(pooled_frame) override {
+    try {
+      if (!greeted_) {
+        std::span<const std::byte> g = greeting();
+        g = g.first(std::min(g.size(), buf_.size() - head_size));
+        std::vector<std::byte> frame(head_size + g.size());
+        const message_head h{static_cast<std::uint32_t>(frame_kind::hello),
+                             short_fingerprint(identity().fingerprint)};
+        std::memcpy(frame.data(), &h, sizeof h);
+        std::memcpy(frame.data() + head_size, g.data(), g.size());
+        co_await ring_.send(frame);
+        greeted_ = true;
+      }
+      co_await ring_.send(std::span<const std::byte>{buf_.data(), used_});
+    } catch (const peer_died&) {
+      throw;
+    } catch (const std::system_error& e) {
+      if (e.code() == std::errc::broken_pipe) {
+        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+      }
+      throw;
+    }
+  }
+
+  void close() noexcept override { ring_.close(); }
+  void detach() noexcept override {
+    if constexpr (requires { ring_.detach(); }) {
+      ring_.detach();
+    } else {
+      ring_.close();
+    }
+  }
+  std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
+
+ private:
+  std::shared_ptr<void> region_;  // declared first: the ring goes before its memory
+  Ring ring_;
+  byte_buffer buf_;
+  std::size_t used_ = 0;
+  bool greeted_ = false;
+};
+
+template <class Ring>
+class ring_receive_port final : public receive_port {
+ public:
+  ring_receive_port(std::string address, std::shared_ptr<void> region, Ring ring)
+      : receive_port(std::move(address)), region_(std::move(region)), ring_(std::move(ring)) {
+    buf_.grow(ring_.max_message_size(), 0);
+  }
+
+  task<bool> fill(pooled_frame) override {
+    if (current_) co_return true;
+    if (ended_) co_return false;
+    for (;;) {
+      const std::optional<std::size_t> size = co_await ring_.receive(std::span<std::byte>{buf_.data(), buf_.size()});
+      if (!size) {
+        ended_ = true;
+        co_return false;
+      }
+      if (*size < head_size) {
+        throw channel_error(fmt::format("channel {}: a record of {} bytes is not an ipcoro channel frame",
+                                        address(), *size));
+      }
+      const auto h = read_head<message_head>(buf_.data());
+      const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
+        check_greeting(payload);
+        continue;
+      }
+      if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+        throw channel_error(fmt::format("channel {}: a record of unknown kind {}", address(), h.kind));
+      }
+      if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
+        throw channel_type_mismatch(fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
+                                                "this receiver expects '{}'",
+                                                address(), h.fingerprint, identity().name));
+      }
+      length_ = payload.size();
+      current_ = true;
+      co_return true;
+    }
+  }
+
+  std::span<const std::byte> current() const noexcept override {
+    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
+  }
+  void consume() noexcept override { current_ = false; }
+  void close() noexcept override {
+    ring_.close();
+    ended_ = true;
+    current_ = false;
+  }
+
+ private:
+  std::shared_ptr<void> region_;
+  Ring ring_;
+  byte_buffer buf_;
+  std::size_t length_ = 0;
+  bool current_ = false;
+  bool ended_ = false;
+};
+
+// ---- creating and opening transports ----
+
+constexpr std::size_t default_ring_capacity = 1024 * 1024;
+constexpr std::size_t default_mpmc_slots = 256;
+constexpr std::size_t default_mpmc_message = 4096;
+constexpr long default_mq_messages = 10;
+constexpr long default_mq_message_size = 8192;
+
+region_layout ring_layout(const channel_address& a) {
+  if (a.mpmc) {
+    return mpmc_ring_layout(a.capacity.value_or(default_mpmc_slots), a.message_size.value_or(default_mpmc_message));
+  }
+  return spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
+}
+
+std::function<void(std::span<std::byte>)> ring_formatter(const channel_address& a) {
+  if (a.mpmc) {
+    const std::size_t message = a.message_size.value_or(default_mpmc_message);
+    return [message](std::span<std::byte> r) { format_mpmc_ring(r, message); };
+  }
+  return [](std::span<std::byte> r) { format_spsc_ring(r); };
+}
+
+region_layout expected_ring_layout(const channel_address& a) {
+  region_layout l = ring_layout(a);
+  l.payload_size = 0;  // the creator chose the size
+  return l;
+}
+
+mq_attributes queue_attributes(const channel_address& a) {
+  mq_attributes attrs;
+  attrs.max_messages = a.capacity ? static_cast<long>(*a.capacity) : default_mq_messages;
+  attrs.message_size = a.message_size ? static_cast<long>(*a.message_size) : default_mq_message_size;
+  return attrs;
+}
+
+/// A mapped file that is removed when the receiver that created it goes.
+struct owned_file {
+  explicit owned_file(mapped_file f) noexcept : file(std::move(f)) {}
+  owned_file(const owned_file&) = delete;
+  owned_file& operator=(const owned_file&) = delete;
+  mapped_file file;
+  ~owned_file() {
+    if (file) ::unlink(file.path().c_str());
+  }
+};
+
+std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
+                                            std::span<std::byte> payload) {
+  if (a.mpmc) {
+    mpmc_ring_sender ring(payload);
+    return std::make_unique<ring_send_port<mpmc_ring_sender>>(a.text, std::move(region), std::move(ring));
+  }
+  spsc_ring_sender ring(payload);
+  return std::make_unique<ring_send_port<spsc_ring_sender>>(a.text, std::move(region), std::move(ring));
+}
+
+std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
+                                                 std::span<std::byte> payload) {
+  if (a.mpmc) {
+    mpmc_ring_receiver ring(payload);
+    return std::make_unique<ring_receive_port<mpmc_ring_receiver>>(a.text, std::move(region), std::move(ring));
+  }
+  spsc_ring_receiver ring(payload);
+  return std::make_unique<ring_receive_port<spsc_ring_receiver>>(a.text, std::move(region), std::move(ring));
+}
+
+[[noreturn]] void no_channel(const channel_address& a, const std::system_error& e) {
+  throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
+}
+
+[[noreturn]] void pipe_has_no_name(const channel_address& a) {
+  throw bad_channel_address(fmt::format("channel address \"{}\": a pipe has no name another process could open; "
+                                        "make a channel_link before fork, or pass a descriptor as fd:N",
+                                        a.text));
+}
+
+}  // namespace
+
+task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
+  switch (a.transport) {
+    case channel_transport::pipe: pipe_has_no_name(a);
+    case channel_transport::fd:
+      co_return std::make_unique<stream_receive_port>(a.text, unique_fd{a.fd()});
+    case channel_transport::fifo: {
+      auto node = std::make_shared<fifo>(a.name, fifo_options{a.mode, false});
+      pipe_reader reader = co_await open_fifo_reader(a.name);
+      if (a.capacity) set_pipe_capacity(reader.native_handle(), *a.capacity);
+      co_return std::make_unique<stream_receive_port>(a.text, reader.release_fd(), std::move(node));
+    }
+    case channel_transport::mq: {
+      message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
+      co_return std::make_unique<mq_receive_port>(a.text, std::move(q));
+    }
+    case channel_transport::shm: {
+      auto seg = std::make_shared<shm_segment>(
+          shm_segment::create(a.name, ring_layout(a), shm_segment::options{a.mode, ring_formatter(a)}));
+      const std::span<std::byte> payload = seg->payload();
+      co_return make_ring_receiver(a, std::move(seg), payload);
+    }
+    case channel_transport::file: {
+      auto file = std::make_shared<owned_file>(
+          mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a)));
+      const std::span<std::byte> payload = file->file.payload();
+      co_return make_ring_receiver(a, std::move(file), payload);
+    }
+  }
+  throw std::logic_error("open_receive_port: unknown transport");
+}
+
+task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
+  switch (a.transport) {
+    case channel_transport::pipe: pipe_has_no_name(a);
+    case channel_transport::fd:
+      co_return std::make_unique<stream_send_port>(a.text, unique_fd{a.fd()}, write_path::ring_only);
+    case channel_transport::fifo: {
+      pipe_writer writer = co_await open_fifo_writer(a.name);
+      co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only);
+    }
+    case channel_transport::mq: {
+      std::optional<message_queue> q;
+      try {
+        q.emplace(message_queue::open(a.name, mq_open_options{mq_access::write_only}));
+      } catch (const std::system_error& e) {
+        if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
+        throw;
+      }
+      co_return std::make_unique<mq_send_port>(a.text, std::move(*q));
+    }
+    case channel_transport::shm: {
+      std::shared_ptr<shm_segment> seg;
+      try {
+        seg = std::make_shared<shm_segment>(shm_segment::open(a.name, expected_ring_layout(a)));
+      } catch (const std::system_error& e) {
+        if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
+        throw;
+      }
+      const std::span<std::byte> payload = seg->payload();
+      co_return make_ring_sender(a, std::move(seg), payload);
+    }
+    case channel_transport::file: {
+      std::shared_ptr<mapped_file> file;
+      try {
+        file = std::make_shared<mapped_file>(mapped_file::open(a.name, expected_ring_layout(a)));
+      } catch (const std::system_error& e) {
+        if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
+        throw;
+      }
+      const std::span<std::byte> payload = file->payload();
+      co_return make_ring_sender(a, std::move(file), payload);
+    }
+  }
+  throw std::logic_error("open_send_port: unknown transport");
+}
+
+}  // namespace detail
+
+// ---- links ----
+
+struct channel_link::state {
+  channel_address address;
+  unique_fd read_fd;
+  unique_fd write_fd;
+  write_path path = write_path::ring_only;
+  message_queue send_queue;
+  message_queue receive_queue;
+  std::shared_ptr<void> region;
+  std::span<std::byte> payload;
+  bool sender_taken = false;
+  bool receiver_taken = false;
+};
+
+channel_link::channel_link() noexcept = default;
+channel_link::channel_link(channel_link&&) noexcept = default;
+channel_link& channel_link::operator=(channel_link&&) noexcept = default;
+channel_link::~channel_link() = default;
+
+void channel_link::reset() noexcept { state_.reset(); }
+
+const channel_address& channel_link::address() const {
+  if (!state_) throw std::logic_error("channel_link: empty link");
+  return state_->address;
+}
+
+channel_link channel_link::create(std::string_view text) {
+  auto s = std::make_unique<state>();
+  s->address = channel_address::parse(text);
+  const channel_address& a = s->address;
+  switch (a.transport) {
+    case channel_transport::fd:
+      throw bad_channel_address(fmt::format("channel address \"{}\": an fd: address names one end of an existing "
+                                            "stream; open it with open_sender / open_receiver",
+                                            a.text));
+    case channel_transport::pipe: {
+      pipe_pair p = make_pipe(pipe_options{a.capacity.value_or(0)});
+      s->path = p.writer.path();
+      s->read_fd = p.reader.release_fd();
+      s->write_fd = p.writer.release_fd();
+      break;
+    }
+    case channel_transport::fifo: {
+      // Both ends are opened here, then the name goes: the link needs nobody to open it.
+      fifo node(a.name, fifo_options{a.mode, false});
+      const int r = ::open(a.name.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+      if (r < 0) throw_errno(errno, fmt::format("channel {}: opening the FIFO for reading", a.text));
+      s->read_fd = unique_fd{r};
+      const int w = ::open(a.name.c_str(), O_WRONLY | O_CLOEXEC);
+      if (w < 0) throw_errno(errno, fmt::format("channel {}: opening the FIFO for writing", a.text));
+      s->write_fd = unique_fd{w};
+      if (::fcntl(r, F_SETFL, ::fcntl(r, F_GETFL) & ~O_NONBLOCK) != 0) {
+        throw_errno(errno, fmt::format("channel {}: fcntl", a.text));
+      }
+      if (a.capacity) set_pipe_capacity(w, *a.capacity);
+      node.remove();
+      break;
+    }
+    case channel_transport::mq: {
+      s->receive_queue = message_queue::create(a.name, detail::queue_attributes(a), mq_access::read_write, a.mode);
+      s->send_queue = message_queue::open(a.name, mq_open_options{mq_access::write_only});
+      s->receive_queue.disown();
+      message_queue::unlink(a.name);
+      break;
+    }
+    case channel_transport::shm: {
+      auto seg = std::make_shared<shm_segment>(shm_segment::create(
+          a.name, detail::ring_layout(a), shm_segment::options{a.mode, detail::ring_formatter(a)}));
+      seg->unlink();
+      s->payload = seg->payload();
+      s->region = std::move(seg);
+      break;
+    }
+    case channel_transport::file: {
+      auto file = std::make_shared<mapped_file>(
+          mapped_file::create(a.name, detail::ring_layout(a), a.mode, detail::ring_formatter(a)));
+      if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));
+      s->payload = file->payload();
+      s->region = std::move(file);
+      break;
+    }
+  }
+  channel_link link;
+  link.state_ = std::move(s);
+  return link;
+}
+
+namespace detail {
+
+std::unique_ptr<send_port> link_send_port(void* raw) {
+  auto* s = static_cast<channel_link::state*>(raw);
+  if (s == nullptr) throw std::logic_error("channel_link::sender: empty link");
+  if (s->sender_taken) throw std::logic_error("channel_link::sender: the sending end was taken already");
+  s->sender_taken = true;
+  const channel_address& a = s->address;
+  switch (a.transport) {
+    case channel_transport::pipe:
+    case channel_transport::fifo:
+      return std::make_unique<stream_send_port>(a.text, std::move(s->write_fd), s->path);
+    case channel_transport::mq: return std::make_unique<mq_send_port>(a.text, std::move(s->send_queue));
+    case channel_transport::shm:
+    case channel_transport::file: return make_ring_sender(a, s->region, s->payload);
+    case channel_transport::fd: break;
+  }
+  throw std::logic_error("channel_link::sender: no such transport");
+}
+
+std::unique_ptr<receive_port> link_receive_port(void* raw) {
+  auto* s = static_cast<channel_link::state*>(raw);
+  if (s == nullptr) throw std::logic_error("channel_link::receiver: empty link");
+  if (s->receiver_taken) throw std::logic_error("channel_link::receiver: the receiving end was taken already");
+  s->receiver_taken = true;
+  const channel_address& a = s->address;
+  switch (a.transport) {
+    case channel_transport::pipe:
+    case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
+    case channel_transport::mq: return std::make_unique<mq_receive_port>(a.text, std::move(s->receive_queue));
+    case channel_transport::shm:
+    case channel_transport::file: return make_ring_receiver(a, s->region, s->payload);
+    case channel_transport::fd: break;
+  }
+  throw std::logic_error("channel_link::receiver: no such transport");
+}
+
+}  // namespace detail
+}  // namespace ipcoro

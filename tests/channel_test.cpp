@@ -1,0 +1,625 @@
+// Typed channels: in process and across real processes over every transport, codecs, close
+// semantics, backpressure, select, mismatched peers, bad addresses, and zero allocations.
+#include "ipcoro/channel.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/shm_ring.hpp"
+#include "ipcoro/sync_wait.hpp"
+#include "ipcoro/task.hpp"
+#include "ipcoro/timer.hpp"
+#include "ipcoro/when_all.hpp"
+
+#include "counting_new.hpp"
+#include "process.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <dirent.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace std::chrono_literals;
+using ipcoro::channel_link;
+using ipcoro::channel_receiver;
+using ipcoro::channel_sender;
+using ipcoro::task;
+using ipcoro::test::child_process;
+using ipcoro::test::contains;
+using ipcoro::test::unique_name;
+
+struct point {
+  std::int32_t x;
+  std::int32_t y;
+  std::uint64_t seq;
+};
+
+/// A user type with its own codec: a name and a list of scores, encoded by hand.
+struct player {
+  std::string name;
+  std::vector<std::uint16_t> scores;
+};
+
+}  // namespace
+
+template <>
+struct ipcoro::codec<player> {
+  static std::string type_name() { return "test::player"; }
+  static constexpr std::uint32_t version = 2;
+  static std::size_t size(const player& p) { return 4 + p.name.size() + 2 * p.scores.size(); }
+  static void encode(const player& p, std::span<std::byte> out) {
+    const auto n = static_cast<std::uint32_t>(p.name.size());
+    std::memcpy(out.data(), &n, 4);
+    std::memcpy(out.data() + 4, p.name.data(), n);
+    if (!p.scores.empty()) std::memcpy(out.data() + 4 + n, p.scores.data(), 2 * p.scores.size());
+  }
+  static player decode(std::span<const std::byte> in) {
+    std::uint32_t n = 0;
+    if (in.size() < 4) throw ipcoro::decode_error("player: too short");
+    std::memcpy(&n, in.data(), 4);
+    if (in.size() < 4 + n || (in.size() - 4 - n) % 2 != 0) throw ipcoro::decode_error("player: bad size");
+    player p;
+    p.name.assign(reinterpret_cast<const char*>(in.data() + 4), n);
+    p.scores.resize((in.size() - 4 - n) / 2);
+    if (!p.scores.empty()) std::memcpy(p.scores.data(), in.data() + 4 + n, 2 * p.scores.size());
+    return p;
+  }
+};
+
+namespace {
+
+/// A channel address of the given transport with a fresh name.
+std::string fresh_address(const std::string& transport, const std::string& options = "") {
+  const std::string name = unique_name("ch");
+  std::string a;
+  if (transport == "pipe") a = "pipe:";
+  if (transport == "fifo") a = "fifo:/tmp/" + name;
+  if (transport == "mq") a = "mq:/" + name;
+  if (transport == "shm") a = "shm:/" + name;
+  if (transport == "shm-mpmc") a = "shm:/" + name + "?ring=mpmc";
+  if (transport == "file") a = "file:/tmp/" + name;
+  if (!options.empty()) a += (a.find('?') == std::string::npos ? "?" : "&") + options;
+  return a;
+}
+
+/// Nothing named after this process is left in /dev/shm, /dev/mqueue or /tmp.
+bool nothing_left_behind() {
+  const std::string prefix = "ipcoro-test-" + std::to_string(::getpid()) + "-";
+  for (const char* dir : {"/dev/shm", "/dev/mqueue", "/tmp"}) {
+    DIR* d = ::opendir(dir);
+    if (d == nullptr) continue;
+    bool found = false;
+    while (dirent* e = ::readdir(d)) {
+      if (std::string(e->d_name).rfind(prefix, 0) == 0) found = true;
+    }
+    ::closedir(d);
+    if (found) return false;
+  }
+  return true;
+}
+
+template <class T>
+task<std::vector<T>> drain(channel_receiver<T>& rx) {
+  std::vector<T> out;
+  for (;;) {
+    std::optional<T> v = co_await rx.receive();
+    if (!v) break;
+    out.push_back(std::move(*v));
+  }
+  co_return out;
+}
+
+}  // namespace
+
+// ---- in process ----
+
+TEST_CASE("an in-process channel delivers values in order and ends when the sender closes", "[channel]") {
+  ipcoro::io_context ctx;
+  auto [tx, rx] = ipcoro::make_channel<std::string>(4);
+  std::vector<std::string> got;
+  ipcoro::sync_wait(ctx, ipcoro::when_all(
+                             [](channel_sender<std::string> tx) -> task<void> {
+                               for (int i = 0; i < 100; ++i) co_await tx.send("value " + std::to_string(i));
+                               tx.close();
+                             }(std::move(tx)),
+                             [](channel_receiver<std::string>& rx, std::vector<std::string>& got) -> task<void> {
+                               got = co_await drain(rx);
+                             }(rx, got)));
+  REQUIRE(got.size() == 100);
+  CHECK(got.front() == "value 0");
+  CHECK(got.back() == "value 99");
+  std::optional<std::string> after = ipcoro::sync_wait(ctx, rx.receive());
+  CHECK_FALSE(after);
+}
+
+TEST_CASE("an in-process channel makes senders wait when full (backpressure)", "[channel]") {
+  ipcoro::io_context ctx;
+  auto [tx, rx] = ipcoro::make_channel<int>(2);
+  int sent = 0;
+  int seen_when_blocked = -1;
+  ipcoro::sync_wait(ctx, ipcoro::when_all(
+                             [](channel_sender<int>& tx, int& sent) -> task<void> {
+                               for (int i = 0; i < 3; ++i) {
+                                 co_await tx.send(i);
+                                 ++sent;
+                               }
+                             }(tx, sent),
+                             [](channel_receiver<int>& rx, int& sent, int& seen) -> task<void> {
+                               // The sender ran until it blocked on the third value.
+                               seen = sent;
+                               for (int i = 0; i < 3; ++i) {
+                                 std::optional<int> v = co_await rx.receive();
+                                 if (!v || *v != i) throw std::runtime_error("wrong value");
+                               }
+                             }(rx, sent, seen_when_blocked)));
+  CHECK(seen_when_blocked == 2);
+  CHECK(sent == 3);
+}
+
+TEST_CASE("closing an in-process channel wakes waiting senders and receivers", "[channel]") {
+  ipcoro::io_context ctx;
+  SECTION("a waiting receiver gets the end of the stream") {
+    auto [tx, rx] = ipcoro::make_channel<int>(1);
+    bool ended = false;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_receiver<int>& rx, bool& ended) -> task<void> {
+                                 std::optional<int> v = co_await rx.receive();
+                                 ended = !v;
+                               }(rx, ended),
+                               [](channel_sender<int>& tx) -> task<void> {
+                                 tx.close();
+                                 co_return;
+                               }(tx)));
+    CHECK(ended);
+  }
+  SECTION("a sender waiting for room gets channel_closed when the receiver closes") {
+    auto [tx, rx] = ipcoro::make_channel<int>(1);
+    std::string error;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_sender<int>& tx, std::string& error) -> task<void> {
+                                 co_await tx.send(1);
+                                 try {
+                                   co_await tx.send(2);  // full: waits
+                                 } catch (const ipcoro::channel_closed& e) {
+                                   error = e.what();
+                                 }
+                               }(tx, error),
+                               [](channel_receiver<int>& rx) -> task<void> {
+                                 rx.close();
+                                 co_return;
+                               }(rx)));
+    CHECK(contains(error, "receiver has closed"));
+  }
+  SECTION("values sent before close are still received") {
+    auto [tx, rx] = ipcoro::make_channel<int>(8);
+    ipcoro::sync_wait(ctx, [](channel_sender<int>& tx) -> task<void> {
+      co_await tx.send(7);
+      co_await tx.send(8);
+      tx.close();
+    }(tx));
+    std::vector<int> got = ipcoro::sync_wait(ctx, drain(rx));
+    CHECK(got == std::vector<int>{7, 8});
+  }
+}
+
+TEST_CASE("make_channel refuses a capacity of zero", "[channel]") {
+  CHECK_THROWS_AS(ipcoro::make_channel<int>(0), std::invalid_argument);
+}
+
+TEST_CASE("in-process channel round trips allocate nothing once warm", "[channel][alloc]") {
+  ipcoro::io_context ctx;
+  auto [tx, rx] = ipcoro::make_channel<point>(4);
+  auto run = [&](int n) {
+    ipcoro::sync_wait(ctx, [](channel_sender<point>& tx, channel_receiver<point>& rx, int n) -> task<void> {
+      for (int i = 0; i < n; ++i) {
+        co_await tx.send(point{i, -i, static_cast<std::uint64_t>(i)});
+        std::optional<point> p = co_await rx.receive();
+        if (!p || p->seq != static_cast<std::uint64_t>(i)) throw std::runtime_error("lost a value");
+      }
+    }(tx, rx, n));
+  };
+  run(100);
+  const std::uint64_t before_short = ipcoro::test::allocations();
+  run(100);
+  const std::uint64_t before_long = ipcoro::test::allocations();
+  run(10000);
+  const std::uint64_t after = ipcoro::test::allocations();
+  // A run costs its driving coroutine's frame and nothing per message.
+  CHECK(after - before_long == before_long - before_short);
+}
+
+TEST_CASE("select returns a ready receiver and loses nothing from the others", "[channel]") {
+  ipcoro::io_context ctx;
+  auto a = ipcoro::make_channel<int>(4);
+  auto b = ipcoro::make_channel<std::string>(4);
+  std::vector<std::size_t> order;
+  int ints = 0;
+  std::size_t strings = 0;
+  ipcoro::sync_wait(ctx, [](auto& a, auto& b, std::vector<std::size_t>& order, int& ints,
+                            std::size_t& strings) -> task<void> {
+    co_await b.sender.send("hello");
+    co_await a.sender.send(1);
+    co_await a.sender.send(2);
+    a.sender.close();
+    b.sender.close();
+    bool a_open = true, b_open = true;
+    while (a_open || b_open) {
+      std::size_t i = 0;
+      if (a_open && b_open) {
+        i = co_await ipcoro::select(a.receiver, b.receiver);
+      } else {
+        i = a_open ? 0 : 1;
+      }
+      order.push_back(i);
+      if (i == 0) {
+        std::optional<int> v = co_await a.receiver.receive();
+        if (v) ints += *v; else a_open = false;
+      } else {
+        std::optional<std::string> v = co_await b.receiver.receive();
+        if (v) strings += v->size(); else b_open = false;
+      }
+    }
+  }(a, b, order, ints, strings));
+  CHECK(ints == 3);
+  CHECK(strings == 5);
+  CHECK(order.size() == 5);  // three ints + end, one string + end
+}
+
+TEST_CASE("select waits until some receiver has a value", "[channel]") {
+  ipcoro::io_context ctx;
+  auto a = ipcoro::make_channel<int>(1);
+  auto b = ipcoro::make_channel<int>(1);
+  std::size_t chosen = 99;
+  int value = 0;
+  ipcoro::sync_wait(ctx, ipcoro::when_all(
+                             [](auto& a, auto& b, std::size_t& chosen, int& value) -> task<void> {
+                               chosen = co_await ipcoro::select(a.receiver, b.receiver);
+                               std::optional<int> v = co_await b.receiver.receive();
+                               value = v.value_or(-1);
+                             }(a, b, chosen, value),
+                             [](auto& b) -> task<void> {
+                               co_await ipcoro::sleep_for(5ms);
+                               co_await b.sender.send(42);
+                             }(b)));
+  CHECK(chosen == 1);
+  CHECK(value == 42);
+}
+
+// ---- codecs ----
+
+TEST_CASE("codecs round-trip trivially copyable types, strings, vectors and user types", "[channel][codec]") {
+  const point p{1, -2, 3};
+  std::array<std::byte, sizeof(point)> buf{};
+  ipcoro::codec<point>::encode(p, buf);
+  const point q = ipcoro::codec<point>::decode(buf);
+  CHECK((q.x == 1 && q.y == -2 && q.seq == 3));
+  CHECK_THROWS_AS(ipcoro::codec<point>::decode(std::span<const std::byte>(buf).first(3)), ipcoro::decode_error);
+
+  const std::vector<std::uint32_t> v{1, 2, 3};
+  std::vector<std::byte> vb(ipcoro::codec<std::vector<std::uint32_t>>::size(v));
+  ipcoro::codec<std::vector<std::uint32_t>>::encode(v, vb);
+  CHECK(ipcoro::codec<std::vector<std::uint32_t>>::decode(vb) == v);
+  CHECK_THROWS_AS(ipcoro::codec<std::vector<std::uint32_t>>::decode(std::span<const std::byte>(vb).first(5)),
+                  ipcoro::decode_error);
+
+  CHECK(ipcoro::identity_of<point>().fingerprint != ipcoro::identity_of<std::string>().fingerprint);
+  CHECK(ipcoro::identity_of<std::int32_t>().fingerprint != ipcoro::identity_of<std::uint32_t>().fingerprint);
+  CHECK(ipcoro::identity_of<player>().name == "test::player");
+  CHECK(contains(ipcoro::identity_of<point>().name, "point"));
+}
+
+// ---- across processes, every transport ----
+
+TEST_CASE("a channel carries values between processes over every transport", "[channel][ipc]") {
+  const std::string transport = GENERATE("pipe", "fifo", "mq", "shm", "shm-mpmc", "file");
+  const std::string address = fresh_address(transport);
+  CAPTURE(address);
+  constexpr int count = 5000;
+  {
+    channel_link points = channel_link::create(address);
+    channel_link players = channel_link::create(fresh_address(transport));
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<point> tx = points.sender<point>();
+      channel_sender<player> ptx = players.sender<player>();
+      points.reset();
+      players.reset();
+      ipcoro::sync_wait(ctx, [](channel_sender<point>& tx, channel_sender<player>& ptx) -> task<void> {
+        for (int i = 0; i < count; ++i) co_await tx.send(point{i, 2 * i, static_cast<std::uint64_t>(i)});
+        player ada;
+        ada.name = "ada";
+        ada.scores.assign(3, 10);
+        ada.scores[1] = 20;
+        ada.scores[2] = 30;
+        co_await ptx.send(std::move(ada));
+        player long_name;
+        long_name.name.assign(300, 'b');
+        co_await ptx.send(std::move(long_name));
+      }(tx, ptx));
+      return 0;
+    });
+    channel_receiver<point> rx = points.receiver<point>();
+    channel_receiver<player> prx = players.receiver<player>();
+    points.reset();
+    players.reset();
+    ipcoro::io_context ctx;
+    std::vector<point> got = ipcoro::sync_wait(ctx, drain(rx));
+    std::vector<player> people = ipcoro::sync_wait(ctx, drain(prx));
+    REQUIRE(got.size() == count);
+    bool in_order = true;
+    for (int i = 0; i < count; ++i) {
+      in_order = in_order && got[i].seq == static_cast<std::uint64_t>(i) && got[i].y == 2 * i;
+    }
+    CHECK(in_order);
+    REQUIRE(people.size() == 2);
+    CHECK(people[0].name == "ada");
+    CHECK(people[0].scores == std::vector<std::uint16_t>{10, 20, 30});
+    CHECK(people[1].name.size() == 300);
+    CHECK(child.wait() == 0);
+    CHECK(rx.messages_received() == count);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("named channels: a receiver creates the name and a sender in another process opens it",
+          "[channel][ipc]") {
+  const std::string transport = GENERATE("fifo", "mq", "shm", "file");
+  const std::string address = fresh_address(transport, transport == "mq" ? "capacity=4&message_size=256" : "");
+  CAPTURE(address);
+  {
+    ipcoro::test::handshake created;
+    child_process child([&]() -> int {
+      if (!created.wait()) return 3;
+      ipcoro::io_context ctx;
+      ipcoro::sync_wait(ctx, [](std::string address) -> task<void> {
+        channel_sender<std::string> tx = co_await ipcoro::open_sender<std::string>(address);
+        for (int i = 0; i < 200; ++i) co_await tx.send(std::string(static_cast<std::size_t>(i), 'x'));
+      }(address));
+      return 0;
+    });
+    ipcoro::io_context ctx;
+    std::vector<std::string> got = ipcoro::sync_wait(ctx, [](std::string address,
+                                                             const ipcoro::test::handshake& created)
+                                                              -> task<std::vector<std::string>> {
+      if (address.rfind("fifo:", 0) == 0) {
+        // Opening a FIFO's receiver waits for the sender: let the child go first.
+        created.signal();
+        channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
+        co_return co_await drain(rx);
+      }
+      channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
+      created.signal();
+      co_return co_await drain(rx);
+    }(address, created));
+    REQUIRE(got.size() == 200);
+    CHECK(got[199].size() == 199);
+    CHECK(child.wait() == 0);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a receiver of another type refuses the peer with an error naming both types", "[channel][ipc]") {
+  const std::string transport = GENERATE("pipe", "fifo", "mq", "shm", "file");
+  const std::string address = fresh_address(transport);
+  CAPTURE(address);
+  {
+    channel_link link = channel_link::create(address);
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<std::string> tx = link.sender<std::string>();
+      link.reset();
+      try {
+        ipcoro::sync_wait(ctx, tx.send("this is not a point"));
+      } catch (const ipcoro::channel_closed&) {
+      }
+      return 0;
+    });
+    channel_receiver<point> rx = link.receiver<point>();
+    link.reset();
+    ipcoro::io_context ctx;
+    std::string error;
+    try {
+      (void)ipcoro::sync_wait(ctx, rx.receive());
+    } catch (const ipcoro::channel_type_mismatch& e) {
+      error = e.what();
+    }
+    CHECK(contains(error, "std::string"));
+    CHECK(contains(error, "point"));
+    CHECK(contains(error, address));
+    rx.close();
+    CHECK(child.wait() == 0);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a sender gets channel_closed once the receiver has closed", "[channel][ipc]") {
+  const std::string transport = GENERATE("pipe", "fifo", "shm", "file");
+  const std::string address = fresh_address(transport);
+  CAPTURE(address);
+  channel_link link = channel_link::create(address);
+  ipcoro::test::handshake closed;
+  child_process child([&]() -> int {
+    channel_receiver<int> rx = link.receiver<int>();
+    link.reset();
+    rx.close();
+    closed.signal();
+    return 0;
+  });
+  channel_sender<int> tx = link.sender<int>();
+  link.reset();
+  REQUIRE(closed.wait());
+  REQUIRE(child.wait() == 0);
+  ipcoro::io_context ctx;
+  bool got_closed = false;
+  try {
+    ipcoro::sync_wait(ctx, [](channel_sender<int>& tx) -> task<void> {
+      // A stream may take a few messages into the pipe buffer before noticing.
+      for (int i = 0; i < 100000; ++i) co_await tx.send(i);
+    }(tx));
+  } catch (const ipcoro::channel_closed& e) {
+    got_closed = contains(e.what(), "closed");
+  }
+  CHECK(got_closed);
+}
+
+TEST_CASE("every receiver of a message queue channel sees the end of the stream", "[channel][ipc]") {
+  const std::string address = fresh_address("mq");
+  channel_link link = channel_link::create(address);
+  auto consumer = [&]() -> int {
+    ipcoro::io_context ctx;
+    channel_receiver<int> rx = link.receiver<int>();
+    link.reset();
+    std::vector<int> got = ipcoro::sync_wait(ctx, drain(rx));
+    return static_cast<int>(got.size());
+  };
+  child_process first(consumer);
+  child_process second(consumer);
+  {
+    channel_sender<int> tx = link.sender<int>();
+    link.reset();
+    ipcoro::io_context ctx;
+    ipcoro::sync_wait(ctx, [](channel_sender<int>& tx) -> task<void> {
+      for (int i = 0; i < 100; ++i) co_await tx.send(i);
+      tx.close();
+    }(tx));
+  }
+  const int a = first.wait();
+  const int b = second.wait();
+  CHECK(a + b == 100);
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a message larger than the transport carries is refused with the option to raise", "[channel][ipc]") {
+  const std::string address = fresh_address("mq", "message_size=128");
+  channel_link link = channel_link::create(address);
+  channel_sender<std::string> tx = link.sender<std::string>();
+  ipcoro::io_context ctx;
+  std::string error;
+  try {
+    ipcoro::sync_wait(ctx, tx.send(std::string(500, 'x')));
+  } catch (const ipcoro::channel_error& e) {
+    error = e.what();
+  }
+  CHECK(contains(error, "500 bytes"));
+  CHECK(contains(error, "message_size="));
+}
+
+TEST_CASE("a sender killed mid-stream ends the receive with an error or a clean end, never garbage",
+          "[channel][ipc]") {
+  const std::string transport = GENERATE("pipe", "shm");
+  const std::string address = fresh_address(transport);
+  CAPTURE(address);
+  channel_link link = channel_link::create(address);
+  ipcoro::test::handshake started;
+  child_process child([&]() -> int {
+    ipcoro::io_context ctx;
+    channel_sender<std::vector<std::uint64_t>> tx = link.sender<std::vector<std::uint64_t>>();
+    link.reset();
+    ipcoro::sync_wait(ctx, [](channel_sender<std::vector<std::uint64_t>>& tx,
+                              const ipcoro::test::handshake& started) -> task<void> {
+      std::vector<std::uint64_t> v(1000);
+      for (std::uint64_t i = 0;; ++i) {
+        for (auto& x : v) x = i;
+        co_await tx.send(v);
+        if (i == 3) started.signal();
+      }
+    }(tx, started));
+    return 0;
+  });
+  channel_receiver<std::vector<std::uint64_t>> rx = link.receiver<std::vector<std::uint64_t>>();
+  link.reset();
+  REQUIRE(started.wait());
+  child.kill(SIGKILL);
+  REQUIRE(child.wait() == 128 + SIGKILL);
+  ipcoro::io_context ctx;
+  std::uint64_t expected = 0;
+  bool consistent = true;
+  std::string error;
+  try {
+    for (;;) {
+      std::optional<std::vector<std::uint64_t>> v = ipcoro::sync_wait(ctx, rx.receive());
+      if (!v) break;
+      consistent = consistent && v->size() == 1000 && v->front() == expected && v->back() == expected;
+      ++expected;
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  CHECK(consistent);
+  CHECK(expected >= 3);
+  if (transport == "shm") CHECK(contains(error, "died"));
+}
+
+// ---- addresses ----
+
+TEST_CASE("bad channel addresses are refused with a message saying what is expected", "[channel]") {
+  struct bad {
+    const char* address;
+    const char* says;
+  };
+  const bad cases[] = {
+      {"nothing", "no transport"},
+      {"tcp://host", "unknown transport \"tcp\""},
+      {"pipe:/x", "a pipe has no name"},
+      {"fifo:relative", "absolute path"},
+      {"file:", "absolute path"},
+      {"mq:jobs", "one '/'"},
+      {"mq:/a/b", "one '/'"},
+      {"shm:/", "one '/'"},
+      {"fd:x", "descriptor number"},
+      {"mq:/q?capacity=0", "not a positive size"},
+      {"mq:/q?capacity=ten", "not a positive size"},
+      {"mq:/q?colour=red", "does not apply"},
+      {"pipe:?mode=0600", "does not apply"},
+      {"shm:/s?mode=999", "octal"},
+      {"shm:/s?ring=ring", "spsc or mpmc"},
+      {"shm:/s?capacity=1k&capacity=2k", "twice"},
+      {"mq:/q?capacity", "key=value"},
+      {"shm:/s?message_size=64", "ring=mpmc"},
+  };
+  for (const bad& b : cases) {
+    CAPTURE(b.address);
+    std::string error;
+    try {
+      (void)ipcoro::channel_address::parse(b.address);
+    } catch (const ipcoro::bad_channel_address& e) {
+      error = e.what();
+    }
+    CHECK(contains(error, b.says));
+    CHECK(contains(error, b.address));
+  }
+  const ipcoro::channel_address a = ipcoro::channel_address::parse("shm:/frames?capacity=4m&ring=mpmc&mode=0640&message_size=2k");
+  CHECK(a.transport == ipcoro::channel_transport::shm);
+  CHECK(a.name == "/frames");
+  CHECK(a.capacity == std::size_t{4} << 20);
+  CHECK(a.message_size == 2048);
+  CHECK(a.mode == 0640);
+  CHECK(a.mpmc);
+}
+
+TEST_CASE("opening a sender where nobody listens says so", "[channel][ipc]") {
+  const std::string transport = GENERATE("mq", "shm", "file");
+  const std::string address = fresh_address(transport);
+  ipcoro::io_context ctx;
+  std::string error;
+  try {
+    (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address));
+  } catch (const ipcoro::channel_error& e) {
+    error = e.what();
+  }
+  CHECK(contains(error, "nobody has opened its receiver"));
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a pipe address cannot be opened by name", "[channel]") {
+  ipcoro::io_context ctx;
+  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, ipcoro::open_sender<int>("pipe:")), ipcoro::bad_channel_address);
+}
