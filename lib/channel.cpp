@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <mqueue.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -281,10 +282,36 @@ void receive_port::check_greeting(std::span<const std::byte> payload) const {
 
 namespace {
 
+/// How long a close waits for room for its end marker before giving up.
+constexpr std::chrono::seconds end_patience{30};
+
+/// Writes a few bytes to a blocking or non-blocking descriptor from a close(), which
+/// cannot await: waits for room with poll(), bounded by `patience`.
+void write_patiently(int fd, const void* data, std::size_t size, std::chrono::seconds patience) noexcept {
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  const auto* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, size);
+    if (n > 0) {
+      p += n;
+      size -= static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != EAGAIN) return;  // EPIPE: nobody reads any more
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return;
+    pollfd pfd{fd, POLLOUT, 0};
+    ::poll(&pfd, 1, static_cast<int>(left.count()));
+  }
+}
+
 class stream_send_port final : public send_port {
  public:
   stream_send_port(std::string address, unique_fd fd, write_path path, std::shared_ptr<void> keep = {})
-      : send_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)), path_(path) {}
+      : send_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)), path_(path) {
+    ignore_sigpipe();  // a close() may write without a loop
+  }
 
   std::span<std::byte> prepare(std::size_t size) override {
     if (size > max_stream_payload) {
@@ -319,7 +346,16 @@ class stream_send_port final : public send_port {
     greeted_ = true;
   }
 
-  void close() noexcept override { fd_.reset(); }
+  /// A byte stream's end of file cannot tell a closed sender from a dead one, so a sender
+  /// that has spoken says goodbye with an end frame; a receiver that sees end of file
+  /// without it knows the sender died mid-stream.
+  void close() noexcept override {
+    if (fd_ && greeted_) {
+      const stream_head h{0, static_cast<std::uint32_t>(frame_kind::end)};
+      write_patiently(fd_.get(), &h, sizeof h, end_patience);
+    }
+    fd_.reset();
+  }
   std::size_t max_payload() const noexcept override { return max_stream_payload; }
 
  private:
@@ -362,11 +398,16 @@ class stream_receive_port final : public receive_port {
           const std::span<const std::byte> payload{buf_.data() + begin_ + head_size, h.length};
           if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
             check_greeting(payload);
-            greeted_ = true;
+            ++greetings_;
             begin_ += need;
             continue;
           }
-          if (!greeted_ || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+          if (h.kind == static_cast<std::uint32_t>(frame_kind::end) && greetings_ > goodbyes_) {
+            ++goodbyes_;
+            begin_ += need;
+            continue;
+          }
+          if (greetings_ == 0 || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
             throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
                                             "message is not a greeting)",
                                             address()));
@@ -388,6 +429,11 @@ class stream_receive_port final : public receive_port {
         if (avail > 0) {
           throw channel_error(fmt::format("channel {}: the stream ended inside a message ({} of {} bytes came)",
                                           address(), avail, need));
+        }
+        if (greetings_ > goodbyes_) {
+          throw channel_error(fmt::format("channel {}: the sender went away without closing the channel: it died "
+                                          "or was killed mid-stream",
+                                          address()));
         }
         ended_ = true;
         co_return false;
@@ -419,8 +465,9 @@ class stream_receive_port final : public receive_port {
   std::size_t begin_ = 0;
   std::size_t end_ = 0;
   std::size_t length_ = 0;
+  std::size_t greetings_ = 0;
+  std::size_t goodbyes_ = 0;
   bool current_ = false;
-  bool greeted_ = false;
   bool ended_ = false;
 };
 
@@ -452,8 +499,6 @@ void send_end_blocking(int mqd, std::uint32_t fingerprint, std::chrono::seconds 
          errno == EINTR) {
   }
 }
-
-constexpr std::chrono::seconds end_patience{30};
 
 class mq_send_port final : public send_port {
  public:

@@ -15,6 +15,7 @@
 #include "ipcoro/mqueue.hpp"
 #include "ipcoro/mutex.hpp"
 #include "ipcoro/pipe.hpp"
+#include "ipcoro/pipeline.hpp"
 #include "ipcoro/process.hpp"
 #include "ipcoro/process_mutex.hpp"
 #include "ipcoro/scope.hpp"

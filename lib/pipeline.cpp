@@ -1,0 +1,185 @@
+// pipeline: forking the stages, making the edges, and supervising the processes.
+#include "ipcoro/pipeline.hpp"
+
+#include "ipcoro/error.hpp"
+#include "ipcoro/when_any.hpp"
+
+#include <fmt/core.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <optional>
+
+namespace ipcoro {
+namespace {
+
+std::string edge_address(const pipeline_options& opts, std::size_t run, std::size_t edge) {
+  const std::string name = fmt::format("ipcoro-pipeline-{}-{}-{}", ::getpid(), run, edge);
+  std::string a;
+  if (opts.transport == "pipe") {
+    a = "pipe:";
+  } else if (opts.transport == "fifo" || opts.transport == "file") {
+    a = fmt::format("{}:/tmp/{}", opts.transport, name);
+  } else if (opts.transport == "mq" || opts.transport == "shm") {
+    a = fmt::format("{}:/{}", opts.transport, name);
+  } else {
+    throw bad_channel_address(
+        fmt::format("pipeline transport \"{}\": expected pipe, fifo, mq, shm or file", opts.transport));
+  }
+  if (!opts.edge_options.empty()) a += "?" + opts.edge_options;
+  return a;
+}
+
+/// The stages' report slots, in memory the children share with the parent.
+class shared_slots {
+ public:
+  explicit shared_slots(std::size_t n) : size_(n * sizeof(detail::stage_slot)) {
+    void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw_errno(errno, "pipeline: mmap of the stage reports");
+    slots_ = static_cast<detail::stage_slot*>(p);
+  }
+  shared_slots(const shared_slots&) = delete;
+  shared_slots& operator=(const shared_slots&) = delete;
+  ~shared_slots() { ::munmap(slots_, size_); }
+  detail::stage_slot& operator[](std::size_t i) noexcept { return slots_[i]; }
+
+ private:
+  detail::stage_slot* slots_ = nullptr;
+  std::size_t size_;
+};
+
+void record_error(detail::stage_slot& slot, const char* what) noexcept {
+  const std::size_t n = std::min(std::strlen(what), sizeof slot.error - 1);
+  std::memcpy(slot.error, what, n);
+  slot.error[n] = '\0';
+}
+
+/// How likely a failed stage is the cause rather than a neighbour of the cause: killed by
+/// a signal first, then a failure of its own, then a complaint about a dead peer.
+int blame_rank(const exit_status& st, const detail::stage_slot& slot) {
+  if (!st.exited()) return 0;
+  const std::string_view error = slot.error;
+  if (error.find("died") != std::string_view::npos || error.find("went away") != std::string_view::npos) return 2;
+  return 1;
+}
+
+std::atomic<std::size_t> runs{0};
+
+}  // namespace
+
+task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
+  const std::size_t n = stages_.size();
+  if (n < 2) throw std::invalid_argument("ipcoro::pipeline::run: a pipeline needs a source and a sink");
+  const std::size_t run_id = runs.fetch_add(1);
+
+  shared_slots slots(n);
+  std::vector<channel_link> links;
+  links.reserve(n - 1);
+  for (std::size_t e = 0; e + 1 < n; ++e) links.push_back(channel_link::create(edge_address(opts, run_id, e)));
+  const std::function<void()> close_links = [&links] {
+    for (channel_link& l : links) l.reset();
+  };
+
+  std::vector<process> procs;
+  std::vector<pid_t> pids;
+  procs.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    procs.push_back(process::fork(
+        [&, i]() -> int {
+          detail::stage_slot& slot = slots[i];
+          const auto t0 = std::chrono::steady_clock::now();
+          int code = 0;
+          try {
+            stages_[i].body(i > 0 ? &links[i - 1] : nullptr, i + 1 < n ? &links[i] : nullptr, close_links, slot);
+          } catch (const channel_closed&) {
+            // The consumer stopped reading: this stage is done, as a shell's `yes | head`.
+          } catch (const std::exception& e) {
+            record_error(slot, e.what());
+            code = 70;
+          } catch (...) {
+            record_error(slot, "an exception that is not a std::exception");
+            code = 70;
+          }
+          slot.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          return code;
+        },
+        process_options{.name = stages_[i].name}));
+    pids.push_back(procs.back().pid());
+  }
+  close_links();
+
+  std::vector<std::optional<exit_status>> status(n);
+  std::vector<bool> finished_early(n, false);
+  std::optional<std::size_t> failed;
+  for (std::size_t remaining = n; remaining > 0 && !failed; --remaining) {
+    std::vector<task<exit_status>> waits;
+    std::vector<std::size_t> which;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!status[i]) {
+        waits.push_back(procs[i].wait());
+        which.push_back(i);
+      }
+    }
+    when_any_result<exit_status> first = co_await when_any(std::move(waits));
+    const std::size_t i = which[first.index];
+    status[i] = first.value;
+    if (finished_early[i]) continue;
+    if (!first.value.success()) {
+      failed = i;
+    } else {
+      // Its consumer finished, so whatever an earlier stage still produces has no reader
+      // (a queue or MPMC ring cannot tell it so): stop those stages; that is no failure.
+      for (std::size_t j = 0; j < i; ++j) {
+        if (!status[j] && !finished_early[j]) {
+          finished_early[j] = true;
+          procs[j].kill();
+        }
+      }
+    }
+  }
+
+  if (failed) {
+    // Whoever has also ended by now ended for reasons of its own; the rest are stopped.
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!status[i]) status[i] = procs[i].try_wait();
+    }
+    std::vector<std::size_t> stopped;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!status[i] || finished_early[i]) {
+        procs[i].kill();
+        stopped.push_back(i);
+      }
+    }
+    for (std::size_t i : stopped) {
+      if (!status[i]) status[i] = co_await procs[i].wait();
+    }
+    std::size_t culprit = *failed;
+    for (std::size_t i = 0; i < n; ++i) {
+      const bool own = std::find(stopped.begin(), stopped.end(), i) == stopped.end();
+      if (own && !status[i]->success() && blame_rank(*status[i], slots[i]) < blame_rank(*status[culprit], slots[culprit])) {
+        culprit = i;
+      }
+    }
+    const exit_status& st = *status[culprit];
+    const std::string detail = slots[culprit].error[0] != '\0' ? std::string(": ") + slots[culprit].error : "";
+    throw pipeline_error(stages_[culprit].name,
+                         fmt::format("pipeline stage '{}' (pid {}) {}{}; {} other stage{} stopped",
+                                     stages_[culprit].name, pids[culprit],
+                                     st.exited() ? fmt::format("failed ({})", st.describe()) : st.describe(), detail,
+                                     stopped.size(), stopped.size() == 1 ? " was" : "s were"));
+  }
+
+  std::vector<stage_report> reports;
+  reports.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    reports.push_back(
+        stage_report{stages_[i].name, pids[i], slots[i].received, slots[i].sent, slots[i].seconds});
+  }
+  co_return reports;
+}
+
+}  // namespace ipcoro

@@ -1,0 +1,212 @@
+// Pipelines: stages in separate processes over every transport, results checked end to
+// end, a failing or killed stage named in the error, backpressure, nothing left behind.
+#include "ipcoro/channel.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/pipeline.hpp"
+#include "ipcoro/sync_wait.hpp"
+#include "ipcoro/task.hpp"
+
+#include "process.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using ipcoro::channel_receiver;
+using ipcoro::channel_sender;
+using ipcoro::pipeline;
+using ipcoro::task;
+using ipcoro::test::contains;
+
+/// No IPC name of any pipeline this process ran is left.
+bool nothing_left_behind() {
+  const std::string prefix = "ipcoro-pipeline-" + std::to_string(::getpid()) + "-";
+  for (const char* dir : {"/dev/shm", "/dev/mqueue", "/tmp"}) {
+    DIR* d = ::opendir(dir);
+    if (d == nullptr) continue;
+    bool found = false;
+    while (dirent* e = ::readdir(d)) {
+      if (std::string(e->d_name).rfind(prefix, 0) == 0) found = true;
+    }
+    ::closedir(d);
+    if (found) return false;
+  }
+  return true;
+}
+
+/// A counter in memory shared with forked children.
+class shared_counter {
+ public:
+  shared_counter() {
+    void* p = ::mmap(nullptr, sizeof(std::atomic<std::uint64_t>), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("mmap");
+    value_ = new (p) std::atomic<std::uint64_t>(0);
+  }
+  ~shared_counter() { ::munmap(value_, sizeof *value_); }
+  shared_counter(const shared_counter&) = delete;
+  shared_counter& operator=(const shared_counter&) = delete;
+  std::atomic<std::uint64_t>& operator*() const noexcept { return *value_; }
+
+ private:
+  std::atomic<std::uint64_t>* value_;
+};
+
+task<void> count_up(channel_sender<std::uint32_t>& out, std::uint32_t n) {
+  for (std::uint32_t i = 1; i <= n; ++i) co_await out.send(i);
+}
+
+task<void> square(channel_receiver<std::uint32_t>& in, channel_sender<std::uint64_t>& out) {
+  while (std::optional<std::uint32_t> v = co_await in.receive()) {
+    co_await out.send(std::uint64_t{*v} * *v);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a three-stage pipeline computes the right result over every transport", "[pipeline][ipc]") {
+  const std::string transport = GENERATE("pipe", "fifo", "mq", "shm", "file");
+  CAPTURE(transport);
+  constexpr std::uint32_t n = 20000;
+  ipcoro::io_context ctx;
+  pipeline p = pipeline::source<std::uint32_t>("count", [](channel_sender<std::uint32_t>& out) {
+                 return count_up(out, n);
+               })
+                   .then<std::uint64_t>("square", square)
+                   .sink("sum", [](channel_receiver<std::uint64_t>& in) -> task<void> {
+                     std::uint64_t sum = 0;
+                     while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
+                     const std::uint64_t expected = std::uint64_t{n} * (n + 1) * (2 * std::uint64_t{n} + 1) / 6;
+                     if (sum != expected) throw std::runtime_error("wrong sum " + std::to_string(sum));
+                   });
+  REQUIRE(p.size() == 3);
+  std::vector<ipcoro::stage_report> reports = ipcoro::sync_wait(ctx, p.run({.transport = transport}));
+  REQUIRE(reports.size() == 3);
+  CHECK(reports[0].name == "count");
+  CHECK(reports[0].sent == n);
+  CHECK(reports[1].received == n);
+  CHECK(reports[1].sent == n);
+  CHECK(reports[2].received == n);
+  CHECK(reports[2].pid != reports[1].pid);
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a stage that throws stops the pipeline with an error naming it", "[pipeline][ipc]") {
+  const std::string transport = GENERATE("pipe", "mq", "shm");
+  CAPTURE(transport);
+  ipcoro::io_context ctx;
+  // The source never ends by itself: the pipeline must stop it.
+  pipeline p = pipeline::source<std::uint32_t>("endless",
+                                               [](channel_sender<std::uint32_t>& out) -> task<void> {
+                                                 for (std::uint32_t i = 0;; ++i) co_await out.send(i);
+                                               })
+                   .then<std::uint64_t>("picky",
+                                        [](channel_receiver<std::uint32_t>& in,
+                                           channel_sender<std::uint64_t>& out) -> task<void> {
+                                          while (std::optional<std::uint32_t> v = co_await in.receive()) {
+                                            if (*v == 500) throw std::runtime_error("refusing value 500");
+                                            co_await out.send(*v);
+                                          }
+                                        })
+                   .sink("drain", [](channel_receiver<std::uint64_t>& in) -> task<void> {
+                     while (co_await in.receive()) {
+                     }
+                   });
+  std::string error;
+  std::string stage;
+  try {
+    (void)ipcoro::sync_wait(ctx, p.run({.transport = transport}));
+  } catch (const ipcoro::pipeline_error& e) {
+    error = e.what();
+    stage = e.stage();
+  }
+  CHECK(stage == "picky");
+  CHECK(contains(error, "refusing value 500"));
+  CHECK(contains(error, "'picky'"));
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a stage killed mid-stream stops the pipeline with an error naming it", "[pipeline][ipc]") {
+  const std::string transport = GENERATE("pipe", "fifo", "mq", "shm", "file");
+  CAPTURE(transport);
+  ipcoro::io_context ctx;
+  pipeline p = pipeline::source<std::uint32_t>("numbers",
+                                               [](channel_sender<std::uint32_t>& out) -> task<void> {
+                                                 for (std::uint32_t i = 0;; ++i) co_await out.send(i);
+                                               })
+                   .then<std::uint32_t>("fragile",
+                                        [](channel_receiver<std::uint32_t>& in,
+                                           channel_sender<std::uint32_t>& out) -> task<void> {
+                                          while (std::optional<std::uint32_t> v = co_await in.receive()) {
+                                            if (*v == 1000) ::raise(SIGKILL);
+                                            co_await out.send(*v);
+                                          }
+                                        })
+                   .sink("drain", [](channel_receiver<std::uint32_t>& in) -> task<void> {
+                     std::uint32_t expected = 0;
+                     while (std::optional<std::uint32_t> v = co_await in.receive()) {
+                       if (*v != expected++) throw std::runtime_error("out of order");
+                     }
+                   });
+  std::string error;
+  std::string stage;
+  try {
+    (void)ipcoro::sync_wait(ctx, p.run({.transport = transport}));
+  } catch (const ipcoro::pipeline_error& e) {
+    error = e.what();
+    stage = e.stage();
+  }
+  CHECK(stage == "fragile");
+  CHECK(contains(error, "SIGKILL"));
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("backpressure holds a fast source to what a slow sink takes", "[pipeline][ipc]") {
+  const std::string transport = GENERATE("mq", "shm", "pipe");
+  CAPTURE(transport);
+  // Small edges: a queue of 4 messages, a 4 KiB ring, a 4 KiB pipe.
+  const std::string options = transport == "mq" ? "capacity=4" : "capacity=4k";
+  shared_counter produced;
+  ipcoro::io_context ctx;
+  pipeline p = pipeline::source<std::uint64_t>("firehose",
+                                               [&produced](channel_sender<std::uint64_t>& out) -> task<void> {
+                                                 for (std::uint64_t i = 0;; ++i) {
+                                                   co_await out.send(i);
+                                                   (*produced).store(i + 1);
+                                                 }
+                                               })
+                   .sink("sip", [](channel_receiver<std::uint64_t>& in) -> task<void> {
+                     for (int i = 0; i < 10; ++i) {
+                       if (!co_await in.receive()) throw std::runtime_error("ended early");
+                     }
+                   });
+  std::vector<ipcoro::stage_report> reports =
+      ipcoro::sync_wait(ctx, p.run({.transport = transport, .edge_options = options}));
+  CHECK(reports[1].received == 10);
+  // Ten taken plus what the edge holds: a frame is 16 bytes on a pipe or ring, one
+  // message per queue slot.
+  const std::uint64_t bound = transport == "mq" ? 10 + 4 + 1 : 10 + 4096 / 16 + 1;
+  CHECK((*produced).load() <= bound);
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a pipeline refuses an unknown transport and a pipeline without a sink", "[pipeline]") {
+  ipcoro::io_context ctx;
+  pipeline p = pipeline::source<int>("one", [](channel_sender<int>& out) -> task<void> { co_await out.send(1); })
+                   .sink("two", [](channel_receiver<int>& in) -> task<void> { (void)co_await in.receive(); });
+  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, p.run({.transport = "carrier-pigeon"})), ipcoro::bad_channel_address);
+  pipeline lonely{{}};
+  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, lonely.run()), std::invalid_argument);
+}
