@@ -169,6 +169,7 @@ int channel_address::fd() const {
 namespace detail {
 
 void throw_channel_closed(const char* what) { throw channel_closed(what); }
+void throw_channel_error(const char* what) { throw channel_error(what); }
 
 void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got) {
   throw decode_error(fmt::format("decoding {}: a message of {} bytes, expected {}", type, got, expected));
@@ -356,6 +357,7 @@ class stream_send_port final : public send_port {
     }
     fd_.reset();
   }
+  void abort() noexcept override { fd_.reset(); }
   std::size_t max_payload() const noexcept override { return max_stream_payload; }
 
  private:

@@ -623,3 +623,31 @@ TEST_CASE("a pipe address cannot be opened by name", "[channel]") {
   ipcoro::io_context ctx;
   CHECK_THROWS_AS(ipcoro::sync_wait(ctx, ipcoro::open_sender<int>("pipe:")), ipcoro::bad_channel_address);
 }
+
+TEST_CASE("an aborted sender ends the stream with an error, not a clean end", "[channel]") {
+  ipcoro::io_context ctx;
+  SECTION("in process") {
+    auto [tx, rx] = ipcoro::make_channel<int>(4);
+    ipcoro::sync_wait(ctx, tx.send(1));
+    tx.abort();
+    std::optional<int> first = ipcoro::sync_wait(ctx, rx.receive());
+    CHECK(first == 1);
+    CHECK_THROWS_AS(ipcoro::sync_wait(ctx, rx.receive()), ipcoro::channel_error);
+  }
+  SECTION("over a pipe") {
+    channel_link link = channel_link::create("pipe:");
+    channel_sender<int> tx = link.sender<int>();
+    channel_receiver<int> rx = link.receiver<int>();
+    ipcoro::sync_wait(ctx, tx.send(1));
+    tx.abort();
+    std::optional<int> first = ipcoro::sync_wait(ctx, rx.receive());
+    CHECK(first == 1);
+    std::string error;
+    try {
+      (void)ipcoro::sync_wait(ctx, rx.receive());
+    } catch (const ipcoro::channel_error& e) {
+      error = e.what();
+    }
+    CHECK(contains(error, "without closing"));
+  }
+}

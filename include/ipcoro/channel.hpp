@@ -48,6 +48,7 @@ class channel_receiver;
 namespace detail {
 
 [[noreturn]] void throw_channel_closed(const char* what);
+[[noreturn]] void throw_channel_error(const char* what);
 
 /// Parks a coroutine in a wait_list until woken (or cancelled).
 class [[nodiscard]] park_operation : waiter {
@@ -73,6 +74,7 @@ struct local_channel {
   std::size_t head = 0;
   std::size_t count = 0;
   bool sender_closed = false;
+  bool sender_aborted = false;
   bool receiver_closed = false;
   wait_list senders;
   wait_list receivers;
@@ -138,6 +140,21 @@ class channel_sender {
       port_.reset();
     }
     local_.reset();
+  }
+
+  /// Ends the stream with an error instead of a clean end, for a producer that failed:
+  /// an in-process receiver, or one across a pipe or FIFO, gets channel_error; across an
+  /// SPSC ring, peer_died once this process has exited. (A message queue or MPMC ring
+  /// cannot tell: its receivers wait, as for a sender that is still busy.) Never throws.
+  void abort() noexcept {
+    if (local_) {
+      local_->sender_aborted = true;
+      close();
+    }
+    if (port_) {
+      port_->abort();
+      port_.reset();
+    }
   }
 
   /// Messages and payload bytes sent through this sender.
@@ -258,6 +275,7 @@ class channel_receiver {
         s.senders.wake_one();
         co_return value;
       }
+      if (s.sender_aborted) detail::throw_channel_error("channel receive: the sender aborted the stream");
       if (s.sender_closed) co_return std::nullopt;
       co_await detail::park_operation{s.receivers};
     }

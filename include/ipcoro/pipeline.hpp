@@ -101,6 +101,7 @@ class pipeline_builder {
                          } catch (...) {
                            detail::count_input(slot, rx);
                            detail::count_output(slot, tx);
+                           tx.abort();  // downstream must not take a failure for a clean end
                            throw;
                          }
                          detail::count_input(slot, rx);
@@ -145,6 +146,7 @@ class pipeline {
                           sync_wait(ctx, std::invoke(body, tx));
                         } catch (...) {
                           detail::count_output(slot, tx);
+                          tx.abort();
                           throw;
                         }
                         detail::count_output(slot, tx);
@@ -155,6 +157,8 @@ class pipeline {
   /// Runs the stages to the end. Returns a report per stage; throws pipeline_error when a
   /// stage failed (no stage is left running), bad_channel_address or std::system_error
   /// when the edges cannot be made.
+  /// (With GCC 12, name the options rather than passing a braced temporary inside a
+  /// co_await expression: GCC 12 copies such temporaries into the coroutine frame bytewise.)
   [[nodiscard]] task<std::vector<stage_report>> run(pipeline_options opts = {});
 
   std::size_t size() const noexcept { return stages_.size(); }

@@ -42,6 +42,9 @@ class send_port {
   virtual void close() noexcept = 0;
   /// Leaves without ending the stream (another sender goes on).
   virtual void detach() noexcept { close(); }
+  /// Goes away without ending the stream cleanly, so receivers learn that the sender
+  /// failed (an error on a stream, peer_died on an SPSC ring) instead of a clean end.
+  virtual void abort() noexcept { detach(); }
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
 
