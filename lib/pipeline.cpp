@@ -167,10 +167,11 @@ task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
     const exit_status& st = *status[culprit];
     const std::string detail = slots[culprit].error[0] != '\0' ? std::string(": ") + slots[culprit].error : "";
     throw pipeline_error(stages_[culprit].name,
-                         fmt::format("pipeline stage '{}' (pid {}) {}{}; {} other stage{} stopped",
-                                     stages_[culprit].name, pids[culprit],
+                         fmt::format("pipeline stage '{}' (pid {}) {}{}{}", stages_[culprit].name, pids[culprit],
                                      st.exited() ? fmt::format("failed ({})", st.describe()) : st.describe(), detail,
-                                     stopped.size(), stopped.size() == 1 ? " was" : "s were"));
+                                     stopped.empty() ? std::string()
+                                                     : fmt::format("; {} other stage{} stopped", stopped.size(),
+                                                                   stopped.size() == 1 ? " was" : "s were")));
   }
 
   std::vector<stage_report> reports;
