@@ -377,8 +377,11 @@ class stream_send_port final : public send_port {
 
 class stream_receive_port final : public receive_port {
  public:
-  stream_receive_port(std::string address, unique_fd fd, std::shared_ptr<void> keep = {})
-      : receive_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)) {
+  /// `placeholder`: a writer of our own that keeps end of file away until the first
+  /// sender has greeted (a FIFO receiver opened before any sender).
+  stream_receive_port(std::string address, unique_fd fd, std::shared_ptr<void> keep = {}, unique_fd placeholder = {})
+      : receive_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)),
+        placeholder_(std::move(placeholder)) {
     buf_.grow(64 * 1024, 0);
   }
 
@@ -401,6 +404,7 @@ class stream_receive_port final : public receive_port {
           if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
             check_greeting(payload);
             ++greetings_;
+            placeholder_.reset();
             begin_ += need;
             continue;
           }
@@ -453,6 +457,7 @@ class stream_receive_port final : public receive_port {
     if (begin_ == end_) begin_ = end_ = 0;
   }
   void close() noexcept override {
+    placeholder_.reset();
     fd_.reset();
     ended_ = true;
     current_ = false;
@@ -463,6 +468,7 @@ class stream_receive_port final : public receive_port {
 
   std::shared_ptr<void> keep_;
   unique_fd fd_;
+  unique_fd placeholder_;
   byte_buffer buf_;
   std::size_t begin_ = 0;
   std::size_t end_ = 0;
@@ -808,6 +814,28 @@ std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::
   return std::make_unique<ring_receive_port<spsc_ring_receiver>>(a.text, std::move(region), std::move(ring));
 }
 
+struct fifo_ends {
+  unique_fd read;
+  unique_fd write;
+};
+
+/// Both ends of an existing FIFO, opened without waiting: the reader first, non-blocking
+/// (then made blocking again, for the ring), so that the writer's open finds it.
+fifo_ends open_fifo_ends(const channel_address& a) {
+  fifo_ends ends;
+  const int r = ::open(a.name.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (r < 0) throw_errno(errno, fmt::format("channel {}: opening the FIFO for reading", a.text));
+  ends.read = unique_fd{r};
+  const int w = ::open(a.name.c_str(), O_WRONLY | O_CLOEXEC);
+  if (w < 0) throw_errno(errno, fmt::format("channel {}: opening the FIFO for writing", a.text));
+  ends.write = unique_fd{w};
+  if (::fcntl(r, F_SETFL, ::fcntl(r, F_GETFL) & ~O_NONBLOCK) != 0) {
+    throw_errno(errno, fmt::format("channel {}: fcntl", a.text));
+  }
+  if (a.capacity) set_pipe_capacity(w, *a.capacity);
+  return ends;
+}
+
 [[noreturn]] void no_channel(const channel_address& a, const std::system_error& e) {
   throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
 }
@@ -826,10 +854,12 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
     case channel_transport::fd:
       co_return std::make_unique<stream_receive_port>(a.text, unique_fd{a.fd()});
     case channel_transport::fifo: {
+      // Opened at once, not when the first sender comes: a writer of our own stands in
+      // until that sender has greeted, so the read end sees no end of file before it.
       auto node = std::make_shared<fifo>(a.name, fifo_options{a.mode, false});
-      pipe_reader reader = co_await open_fifo_reader(a.name);
-      if (a.capacity) set_pipe_capacity(reader.native_handle(), *a.capacity);
-      co_return std::make_unique<stream_receive_port>(a.text, reader.release_fd(), std::move(node));
+      fifo_ends ends = open_fifo_ends(a);
+      co_return std::make_unique<stream_receive_port>(a.text, std::move(ends.read), std::move(node),
+                                                      std::move(ends.write));
     }
     case channel_transport::mq: {
       message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
@@ -857,6 +887,9 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
     case channel_transport::fd:
       co_return std::make_unique<stream_send_port>(a.text, unique_fd{a.fd()}, write_path::ring_only);
     case channel_transport::fifo: {
+      if (::access(a.name.c_str(), F_OK) != 0 && errno == ENOENT) {
+        throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
+      }
       pipe_writer writer = co_await open_fifo_writer(a.name);
       co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only);
     }
@@ -944,16 +977,9 @@ channel_link channel_link::create(std::string_view text) {
     case channel_transport::fifo: {
       // Both ends are opened here, then the name goes: the link needs nobody to open it.
       fifo node(a.name, fifo_options{a.mode, false});
-      const int r = ::open(a.name.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-      if (r < 0) throw_errno(errno, fmt::format("channel {}: opening the FIFO for reading", a.text));
-      s->read_fd = unique_fd{r};
-      const int w = ::open(a.name.c_str(), O_WRONLY | O_CLOEXEC);
-      if (w < 0) throw_errno(errno, fmt::format("channel {}: opening the FIFO for writing", a.text));
-      s->write_fd = unique_fd{w};
-      if (::fcntl(r, F_SETFL, ::fcntl(r, F_GETFL) & ~O_NONBLOCK) != 0) {
-        throw_errno(errno, fmt::format("channel {}: fcntl", a.text));
-      }
-      if (a.capacity) set_pipe_capacity(w, *a.capacity);
+      detail::fifo_ends ends = detail::open_fifo_ends(a);
+      s->read_fd = std::move(ends.read);
+      s->write_fd = std::move(ends.write);
       node.remove();
       break;
     }

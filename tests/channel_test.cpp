@@ -2,6 +2,7 @@
 // semantics, backpressure, select, mismatched peers, bad addresses, and zero allocations.
 #include "ipcoro/channel.hpp"
 #include "ipcoro/io_context.hpp"
+#include "ipcoro/pipe.hpp"
 #include "ipcoro/shm_ring.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
@@ -389,12 +390,6 @@ TEST_CASE("named channels: a receiver creates the name and a sender in another p
     std::vector<std::string> got = ipcoro::sync_wait(ctx, [](std::string address,
                                                              const ipcoro::test::handshake& created)
                                                               -> task<std::vector<std::string>> {
-      if (address.rfind("fifo:", 0) == 0) {
-        // Opening a FIFO's receiver waits for the sender: let the child go first.
-        created.signal();
-        channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
-        co_return co_await drain(rx);
-      }
       channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
       created.signal();
       co_return co_await drain(rx);
@@ -650,4 +645,76 @@ TEST_CASE("an aborted sender ends the stream with an error, not a clean end", "[
     }
     CHECK(contains(error, "without closing"));
   }
+}
+
+TEST_CASE("an fd: address runs a channel over an inherited descriptor", "[channel][ipc]") {
+  ipcoro::pipe_pair p = ipcoro::make_pipe();
+  const std::string write_end = "fd:" + std::to_string(p.writer.release_fd().release());
+  const std::string read_end = "fd:" + std::to_string(p.reader.release_fd().release());
+  child_process child([&]() -> int {
+    ::close(std::stoi(read_end.substr(3)));
+    ipcoro::io_context ctx;
+    ipcoro::sync_wait(ctx, [](std::string address) -> task<void> {
+      channel_sender<std::string> tx = co_await ipcoro::open_sender<std::string>(address);
+      co_await tx.send("over an inherited descriptor");
+    }(write_end));
+    return 0;
+  });
+  ::close(std::stoi(write_end.substr(3)));
+  ipcoro::io_context ctx;
+  std::vector<std::string> got = ipcoro::sync_wait(ctx, [](std::string address) -> task<std::vector<std::string>> {
+    channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
+    co_return co_await drain(rx);
+  }(read_end));
+  CHECK(got == std::vector<std::string>{"over an inherited descriptor"});
+  CHECK(child.wait() == 0);
+}
+
+TEST_CASE("several processes send into one FIFO channel and the stream ends after the last", "[channel][ipc]") {
+  const std::string address = fresh_address("fifo");
+  constexpr int senders = 4;
+  constexpr int each = 500;
+  std::vector<child_process> children;
+  ipcoro::test::handshake created;
+  ipcoro::test::handshake connected;
+  ipcoro::test::handshake go;
+  for (int s = 0; s < senders; ++s) {
+    children.emplace_back([&, s]() -> int {
+      if (!created.wait()) return 3;
+      ipcoro::io_context ctx;
+      ipcoro::sync_wait(ctx, [](std::string address, int s, const ipcoro::test::handshake& connected,
+                                const ipcoro::test::handshake& go) -> task<void> {
+        channel_sender<point> tx = co_await ipcoro::open_sender<point>(address);
+        // All senders connect before any sends: the stream ends once every sender that has
+        // connected has closed.
+        connected.signal();
+        if (!go.wait()) throw std::runtime_error("no go");
+        for (int i = 0; i < each; ++i) co_await tx.send(point{s, i, static_cast<std::uint64_t>(s * each + i)});
+      }(address, s, connected, go));
+      return 0;
+    });
+  }
+  ipcoro::io_context ctx;
+  std::vector<point> got = ipcoro::sync_wait(ctx, [](std::string address, const ipcoro::test::handshake& created,
+                                                     const ipcoro::test::handshake& connected,
+                                                     const ipcoro::test::handshake& go,
+                                                     int senders) -> task<std::vector<point>> {
+    channel_receiver<point> rx = co_await ipcoro::open_receiver<point>(address);
+    for (int s = 0; s < senders; ++s) created.signal();
+    for (int s = 0; s < senders; ++s) {
+      if (!connected.wait()) throw std::runtime_error("a sender did not connect");
+    }
+    for (int s = 0; s < senders; ++s) go.signal();
+    co_return co_await drain(rx);
+  }(address, created, connected, go, senders));
+  for (child_process& c : children) CHECK(c.wait() == 0);
+  // Every message once, and each sender's messages in its order.
+  std::vector<int> next(senders, 0);
+  bool ordered = true;
+  for (const point& p : got) {
+    ordered = ordered && p.x >= 0 && p.x < senders && p.y == next[static_cast<std::size_t>(p.x)]++;
+  }
+  CHECK(ordered);
+  CHECK(got.size() == senders * each);
+  CHECK(nothing_left_behind());
 }

@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -100,14 +101,25 @@ class channel_sender {
       close();
       local_ = std::move(other.local_);
       port_ = std::move(other.port_);
+      uncaught_ = other.uncaught_;
     }
     return *this;
   }
-  ~channel_sender() { close(); }
+  /// Closes the channel; but when destroyed by an exception unwinding the stack, aborts it
+  /// (see abort()), so receivers never take a failed producer's stream for a whole one.
+  ~channel_sender() {
+    if (std::uncaught_exceptions() > uncaught_) {
+      abort();
+    } else {
+      close();
+    }
+  }
 
   /// Sends one value, waiting while the channel is full (backpressure). Throws
   /// channel_closed when the receiving side has gone, channel_error for a message the
-  /// transport cannot carry; cancellable through the caller's stop token.
+  /// transport cannot carry; cancellable through the caller's stop token. (GCC 12: name
+  /// the value, `T v{...}; co_await tx.send(std::move(v));` — a braced temporary inside a
+  /// co_await expression is copied bytewise, which breaks members such as std::string.)
   [[nodiscard]] task<void> send(T value) {
     if (local_) return send_local(detail::pooled_frame{}, *local_, std::move(value));
     if constexpr (encodable<T>) {
@@ -194,6 +206,7 @@ class channel_sender {
   std::shared_ptr<detail::local_channel<T>> local_;
   std::unique_ptr<detail::send_port> port_;
   std::uint64_t sent_local_ = 0;
+  int uncaught_ = std::uncaught_exceptions();
 };
 
 /// The receiving half of a channel. Move-only; destroying it closes it.
