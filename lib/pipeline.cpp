@@ -69,6 +69,9 @@ int blame_rank(const exit_status& st, const detail::stage_slot& slot) {
 
 std::atomic<std::size_t> runs{0};
 
+/// How long a stage that reports a dead neighbour waits for that neighbour's exit.
+constexpr std::chrono::seconds neighbour_grace{2};
+
 }  // namespace
 
 task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
@@ -143,6 +146,26 @@ task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
   }
 
   if (failed) {
+    const std::size_t f = *failed;
+    if (blame_rank(*status[f], slots[f]) == 2) {
+      // It failed because a neighbour died; that neighbour closed its descriptors on its
+      // way out and is about to be reaped. Give it a moment, so the blame lands on it.
+      std::vector<task<exit_status>> waits;
+      std::vector<std::size_t> which;
+      for (std::size_t j : {f - 1, f + 1}) {
+        if (j < n && !status[j]) {
+          waits.push_back(procs[j].wait(neighbour_grace));
+          which.push_back(j);
+        }
+      }
+      if (!waits.empty()) {
+        try {
+          when_any_result<exit_status> first = co_await when_any(std::move(waits));
+          status[which[first.index]] = first.value;
+        } catch (const timed_out&) {
+        }
+      }
+    }
     // Whoever has also ended by now ended for reasons of its own; the rest are stopped.
     for (std::size_t i = 0; i < n; ++i) {
       if (!status[i]) status[i] = procs[i].try_wait();
