@@ -1,12 +1,17 @@
 // shm_bench: shared-memory rings between two processes on different cores, measured in one
 // run beside the raw mechanisms they are built from.
-//  - Round trip of a 64-byte message: the ipcoro SPSC ring sleeping (futex wait through
-//    io_uring when empty) and spinning (ring_options::spin), beside a raw futex ping-pong
-//    (FUTEX_WAIT / FUTEX_WAKE syscalls) and a raw busy-spin ping-pong. The CPU column is
-//    user + system time of both processes per round trip: what spinning costs.
-//  - Throughput of the ring at 64-byte and 64 KiB messages, beside memcpy bandwidth.
+//  - Round trip of a 64-byte message: the ipcoro SPSC ring sleeping (spin 0: futex wait
+//    through io_uring when empty), with the default ring_options (a short adaptive spin,
+//    then sleep) and spinning (spin up to 50 us), beside a raw futex ping-pong (FUTEX_WAIT /
+//    FUTEX_WAKE syscalls) and a raw busy-spin ping-pong. The CPU column is user + system
+//    time of both processes per round trip: what spinning costs.
+//  - Throughput of the ring at 64-byte and 64 KiB messages in the same three modes, beside
+//    memcpy bandwidth.
+// The measuring functions (raw_ping_pong, ring_round_trip, ring_throughput,
+// memcpy_bandwidth) take everything they vary as parameters, so that other programs can
+// reuse them.
 //
-// Usage: shm_bench [--quick] [--rounds N] [--bytes N]
+// Usage: shm_bench [--quick] [--rounds N] [--bytes N] [--only TEXT]
 #include <ipcoro/ipcoro.hpp>
 
 #include <fmt/core.h>
@@ -169,15 +174,14 @@ timing raw_ping_pong(std::uint64_t rounds, bool spin) {
 
 // ---- the ring ----
 
-timing ring_round_trip(std::uint64_t rounds, std::chrono::nanoseconds spin) {
+/// `rounds` round trips of a 64-byte message through two SPSC rings with an echo process.
+timing ring_round_trip(std::uint64_t rounds, const ipcoro::ring_options& opts) {
   const std::size_t region = ipcoro::spsc_ring_region_size(4096);
   shared_memory mem(2 * region);
   auto ping = mem.bytes().first(region);
   auto pong = mem.bytes().subspan(region, region);
   ipcoro::format_spsc_ring(ping);
   ipcoro::format_spsc_ring(pong);
-  ipcoro::ring_options opts;
-  opts.spin = spin;
   return run_pair(
       [&] {
         ipcoro::io_context ctx;
@@ -208,13 +212,13 @@ timing ring_round_trip(std::uint64_t rounds, std::chrono::nanoseconds spin) {
       });
 }
 
+/// `bytes` (rounded down to whole messages) streamed one way through an SPSC ring of
+/// `ring_size` bytes in messages of `message_size`.
 timing ring_throughput(std::uint64_t bytes, std::size_t message_size, std::size_t ring_size,
-                       std::chrono::nanoseconds spin) {
+                       const ipcoro::ring_options& opts) {
   const std::size_t region = ipcoro::spsc_ring_region_size(ring_size);
   shared_memory mem(region);
   ipcoro::format_spsc_ring(mem.bytes());
-  ipcoro::ring_options opts;
-  opts.spin = spin;
   const std::uint64_t messages = bytes / message_size;
   return run_pair(
       [&] {
@@ -260,6 +264,7 @@ double memcpy_bandwidth(std::uint64_t bytes, std::size_t chunk) {
 int main(int argc, char** argv) {
   std::uint64_t rounds = 50'000;
   std::uint64_t bytes = std::uint64_t{2} << 30;
+  std::string_view only;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--quick") {
@@ -269,51 +274,81 @@ int main(int argc, char** argv) {
       rounds = std::strtoull(argv[++i], nullptr, 10);
     } else if (arg == "--bytes" && i + 1 < argc) {
       bytes = std::strtoull(argv[++i], nullptr, 10);
+    } else if (arg == "--only" && i + 1 < argc) {
+      only = argv[++i];
     } else {
-      fmt::print(stderr, "usage: {} [--quick] [--rounds N] [--bytes N]\n", argv[0]);
+      fmt::print(stderr, "usage: {} [--quick] [--rounds N] [--bytes N] [--only TEXT]\n", argv[0]);
+      fmt::print(stderr,
+                 "  --only TEXT: run only the rows whose label contains TEXT (e.g. 'raw', 'spin', '64 B')\n");
       return 2;
     }
   }
+  const auto wanted = [&](std::string_view label) {
+    return only.empty() || label.find(only) != std::string_view::npos;
+  };
   constexpr auto spin = std::chrono::microseconds(50);
+  // The ring's three ways of waiting: sleep at once, the default options, spin up to 50 us.
+  struct mode {
+    std::string name;
+    ipcoro::ring_options options;
+  };
+  std::vector<mode> modes(3);
+  modes[0].name = "sleeping";
+  modes[0].options.spin = std::chrono::nanoseconds::zero();
+  modes[1].name = fmt::format("default (spin {} ns)", ipcoro::ring_options{}.spin.count());
+  modes[2].name = fmt::format("spin up to {} us", spin.count());
+  modes[2].options.spin = spin;
   bool ok = true;
 
   fmt::print("shm_bench: 64-byte round trip between two processes pinned to CPUs 0 and 1, {} rounds\n", rounds);
-  fmt::print("{:<34} {:>10} {:>10} {:>16}\n", "", "us/rtt", "vs raw", "CPU us/rtt");
-  const timing raw_futex = raw_ping_pong(rounds, false);
-  const timing raw_spin = raw_ping_pong(rounds, true);
-  const timing ring_sleep = ring_round_trip(rounds, std::chrono::nanoseconds::zero());
-  const timing ring_spin = ring_round_trip(rounds, spin);
-  const auto row = [&](const char* name, const timing& t, const timing& base) {
+  fmt::print("{:<40} {:>10} {:>10} {:>16}\n", "", "us/rtt", "vs raw", "CPU us/rtt");
+  const auto row = [&](const std::string& name, const timing& t, const timing& base) {
     ok = ok && t.ok;
     const double us = t.seconds * 1e6 / static_cast<double>(rounds);
     const double base_us = base.seconds * 1e6 / static_cast<double>(rounds);
-    fmt::print("{:<34} {:>10.2f} {:>9.2f}x {:>16.2f}{}\n", name, us, us / base_us,
+    fmt::print("{:<40} {:>10.2f} {:>9.2f}x {:>16.2f}{}\n", name, us, us / base_us,
                t.cpu_seconds * 1e6 / static_cast<double>(rounds), t.ok ? "" : "  FAILED");
   };
-  row("raw futex ping-pong (syscalls)", raw_futex, raw_futex);
-  row("ipcoro ring, sleeping", ring_sleep, raw_futex);
-  row("raw busy-spin ping-pong", raw_spin, raw_spin);
-  row(fmt::format("ipcoro ring, spin up to {} us", spin.count()).c_str(), ring_spin, raw_spin);
+  // Each ring row is compared with the raw ping-pong of its kind: futex for sleeping and
+  // default, busy-spin for spinning.
+  for (const bool spinning : {false, true}) {
+    const std::string raw_name = spinning ? "raw busy-spin ping-pong" : "raw futex ping-pong (syscalls)";
+    std::vector<const mode*> rows;
+    for (const mode& m : modes) {
+      const bool spin_mode = m.options.spin >= spin;
+      if (spin_mode == spinning && wanted("ring round trip, " + m.name)) rows.push_back(&m);
+    }
+    if (rows.empty() && !wanted(raw_name)) continue;
+    const timing raw = raw_ping_pong(rounds, spinning);
+    row(raw_name, raw, raw);
+    for (const mode* m : rows) row("ring round trip, " + m->name, ring_round_trip(rounds, m->options), raw);
+  }
 
   fmt::print("\nthroughput, {} MiB per run, sender and receiver on CPUs 1 and 0\n", bytes >> 20);
-  fmt::print("{:<34} {:>10} {:>12} {:>10} {:>12}\n", "", "GB/s", "Mmsg/s", "vs memcpy", "CPU s/GB");
+  fmt::print("{:<40} {:>10} {:>12} {:>10} {:>12}\n", "", "GB/s", "Mmsg/s", "vs memcpy", "CPU s/GB");
   struct case_t {
     std::size_t size;
     std::size_t ring;
   };
   for (const case_t c : {case_t{64, 1 << 20}, case_t{64 * 1024, 4 << 20}}) {
+    const std::string copy_name = fmt::format("memcpy, {} B copies", c.size);
+    std::vector<const mode*> rows;
+    for (const mode& m : modes) {
+      if (wanted(fmt::format("ring, {} B messages, {}", c.size, m.name))) rows.push_back(&m);
+    }
+    if (rows.empty() && !wanted(copy_name)) continue;
     const double copy = memcpy_bandwidth(bytes, c.size);
-    for (const bool spinning : {false, true}) {
-      const timing t = ring_throughput(bytes, c.size, c.ring, spinning ? std::chrono::nanoseconds(spin) : 0ns);
+    for (const mode* m : rows) {
+      const timing t = ring_throughput(bytes, c.size, c.ring, m->options);
       ok = ok && t.ok;
       const double moved = static_cast<double>(bytes / c.size * c.size);
       const double gbs = moved / t.seconds / 1e9;
-      fmt::print("{:<34} {:>10.2f} {:>12.2f} {:>9.2f}x {:>12.2f}{}\n",
-                 fmt::format("ring, {} B messages{}", c.size, spinning ? ", spin" : ""), gbs,
-                 moved / static_cast<double>(c.size) / t.seconds / 1e6, gbs / copy, t.cpu_seconds / (moved / 1e9),
-                 t.ok ? "" : "  FAILED");
+      fmt::print("{:<40} {:>10.2f} {:>12.2f} {:>9.2f}x {:>12.2f}{}\n",
+                 fmt::format("ring, {} B messages, {}", c.size, m->name), gbs,
+                 moved / static_cast<double>(c.size) / t.seconds / 1e6, gbs / copy,
+                 t.cpu_seconds / (moved / 1e9), t.ok ? "" : "  FAILED");
     }
-    fmt::print("{:<34} {:>10.2f} {:>12.2f} {:>9.2f}x\n", fmt::format("memcpy, {} B copies", c.size), copy,
+    fmt::print("{:<40} {:>10.2f} {:>12.2f} {:>9.2f}x\n", copy_name, copy,
                copy * 1e9 / static_cast<double>(c.size) / 1e6, 1.0);
   }
   return ok ? 0 : 1;

@@ -6,7 +6,10 @@
 
 #include <fcntl.h>
 #include <fmt/core.h>
+#include <linux/membarrier.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -32,7 +35,8 @@ namespace {
 using clock = std::chrono::steady_clock;
 
 constexpr std::uint64_t ring_magic = 0x31474e4952435049ull;  // "IPCRING1" in memory order
-constexpr std::uint32_t ring_version = 1;
+// 2: the futex word carries the "a sleeper waits on this value" bit (was: a waiter count).
+constexpr std::uint32_t ring_version = 2;
 constexpr std::uint32_t kind_spsc = 1;
 constexpr std::uint32_t kind_mpmc = 2;
 constexpr std::size_t participant_count = 64;
@@ -41,6 +45,10 @@ constexpr std::size_t max_spsc_capacity = std::size_t{1} << 40;
 constexpr std::size_t max_mpmc_slots = std::size_t{1} << 30;
 constexpr std::size_t max_mpmc_message = std::size_t{1} << 30;
 constexpr std::size_t slot_header_size = 16;
+// How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
+constexpr std::uint64_t prefetch_distance = 256;
+// The room a spinning SPSC sender waits for once the ring was full (at most a quarter of it).
+constexpr std::uint64_t spin_batch_bytes = 32 * 1024;
 
 // ---- the layout in the region ----
 
@@ -58,10 +66,14 @@ struct ring_config {
   std::uint64_t check;  // FNV-1a of the fields above
 };
 
+// The futex word of one direction. Bit 0 set: a sleeper announced that it waits on this
+// value. A waker that finds the bit clears it by adding 1 (which also changes the value)
+// and issues one futex_wake: one syscall per sleep, not per message.
 struct event_count {
-  std::atomic<std::uint32_t> seq;      // the futex word: bumped by a wake
-  std::atomic<std::uint32_t> waiters;  // sleepers that announced themselves
+  std::atomic<std::uint32_t> seq;
+  std::uint32_t reserved;
 };
+constexpr std::uint32_t sleeper_bit = 1;
 
 // An attached process, packed into one word so that it is claimed, read and released
 // atomically: pid (24 bits; pid_max is at most 2^22), role (2 bits), start time (38 bits of
@@ -74,6 +86,8 @@ struct ring_header {
   ring_config config;
   alignas(64) std::atomic<std::uint32_t> sender_closed;  // SPSC: end of stream; MPMC: ring closed
   std::atomic<std::uint32_t> receiver_closed;            // SPSC only: sends fail with EPIPE
+  std::atomic<std::uint32_t> fence_required;             // sticky: an endpoint cannot issue membarrier
+  alignas(64) std::atomic<std::int32_t> cpu[2];          // CPU a sender [0] / receiver [1] last ran on, + 1
   alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
   alignas(64) std::atomic<std::uint64_t> head;           // SPSC: bytes released (acknowledged); MPMC: next receive position
   alignas(64) event_count data;                          // receivers sleep here
@@ -196,30 +210,65 @@ inline void full_fence() noexcept {
 #endif
 }
 
-/// Wakes sleepers on `ev` if any announced themselves. See the header for why the
-/// fence makes this safe against a sleeper announcing itself at the same moment.
-void notify(event_count& ev, int count) noexcept {
-  full_fence();
-  if (ev.waiters.load(std::memory_order_relaxed) != 0) {
-    ev.seq.fetch_add(1, std::memory_order_release);
-    futex_wake(ev.seq, count);
+/// The waker's half, after it published its position (and ordered that before this):
+/// wakes the sleepers on `ev` if one announced itself since the last wake.
+void wake_announced(event_count& ev) noexcept {
+  std::uint32_t v = ev.seq.load(std::memory_order_relaxed);
+  while ((v & sleeper_bit) != 0) {
+    if (ev.seq.compare_exchange_weak(v, v + 1, std::memory_order_release, std::memory_order_relaxed)) {
+      futex_wake(ev.seq, INT_MAX);
+      return;
+    }
   }
 }
 
-/// A sleeper's announcement, withdrawn when it stops waiting (also by an exception).
-class waiter_announcement {
-public:
-  explicit waiter_announcement(event_count& ev) noexcept : ev_(ev) {
-    ev_.waiters.fetch_add(1, std::memory_order_seq_cst);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+/// The sleeper's half: sets the bit (unless set) and returns the value to wait on. Must be
+/// followed by a full fence (and, for fenceless wakers, the asymmetric barrier) before the
+/// sleeper looks at the ring again.
+std::uint32_t announce_sleeper(event_count& ev) noexcept {
+  std::uint32_t v = ev.seq.load(std::memory_order_relaxed);
+  while ((v & sleeper_bit) == 0) {
+    if (ev.seq.compare_exchange_weak(v, v | sleeper_bit, std::memory_order_seq_cst,
+                                     std::memory_order_relaxed)) {
+      return v | sleeper_bit;
+    }
   }
-  ~waiter_announcement() { ev_.waiters.fetch_sub(1, std::memory_order_relaxed); }
-  waiter_announcement(const waiter_announcement&) = delete;
-  waiter_announcement& operator=(const waiter_announcement&) = delete;
+  return v;
+}
 
-private:
-  event_count& ev_;
-};
+/// Whether this process takes part in the asymmetric barrier: registered for
+/// MEMBARRIER_CMD_GLOBAL_EXPEDITED (Linux 4.16), so that a sleeper's membarrier() executes a
+/// full fence on this process's threads wherever they run. Asked once per process; the
+/// environment variable IPCORO_RING_NO_MEMBARRIER (anything but "" or "0") makes the process
+/// behave as if membarrier were missing (its rings then fence on every message).
+bool asymmetric_barrier_registered() noexcept {
+  static std::atomic<pid_t> cached_pid{0};
+  static std::atomic<bool> cached{false};
+  const pid_t me = ::getpid();
+  if (cached_pid.load(std::memory_order_acquire) != me) {
+    const char* off = std::getenv("IPCORO_RING_NO_MEMBARRIER");
+    const long supported = off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0
+                               ? 0
+                               : ::syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    const bool ok = supported > 0 && (supported & MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0 &&
+                    (supported & MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) != 0 &&
+                    ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0) == 0;
+    cached.store(ok, std::memory_order_relaxed);
+    cached_pid.store(me, std::memory_order_release);
+  }
+  return cached.load(std::memory_order_relaxed);
+}
+
+/// A full fence on every running thread of every registered process (and this one).
+bool asymmetric_barrier() noexcept {
+  return ::syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
+}
+
+/// The CPU this thread runs on (+1, so that 0 means unknown); through rseq, cheap.
+std::int32_t current_cpu_tag() noexcept {
+  const int cpu = ::sched_getcpu();
+  return cpu < 0 ? 0 : cpu + 1;
+}
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -419,7 +468,7 @@ void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message) {
 
 namespace detail {
 
-class ring_endpoint {
+class __attribute__((visibility("hidden"))) ring_endpoint {
 public:
   enum class outcome : unsigned char { done, would_block, end_of_stream };
 
@@ -435,8 +484,10 @@ public:
     return kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
   }
 
+  /// Polls `attempt` for at most the spin budget: the number of polls it took, 0 if it
+  /// did not succeed (or spinning cannot pay).
   template <class Attempt>
-  bool spin(Attempt attempt);
+  unsigned spin(Attempt attempt);
 
   bool start_send_wait(ring_send_operation& op, std::coroutine_handle<> h, std::stop_token token);
   bool start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h, std::stop_token token);
@@ -458,6 +509,38 @@ private:
 
   void attach();
   void release_read_position() noexcept;
+  /// Wakes the sleepers on `ev`, after this side published a position. Without a fence
+  /// when this process takes part in the asymmetric barrier: the sleeper's membarrier()
+  /// orders the publication for it.
+  void notify(event_count& ev) noexcept {
+    if (fenceless_ && hdr_->fence_required.load(std::memory_order_relaxed) == 0) {
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+    } else {
+      full_fence();
+    }
+    wake_announced(ev);
+  }
+  /// The sleeper's half: announce on `ev`, then make every waker's earlier publication
+  /// visible here. Returns the value to wait on.
+  std::uint32_t prepare_sleep(event_count& ev) noexcept;
+  /// When a wait that starts `now` must end: the earlier of the operation's deadline and
+  /// its timeout counted from now.
+  template <class Operation>
+  static clock::time_point deadline_of(const Operation& op, clock::time_point now) noexcept {
+    if (op.timeout_ == std::chrono::nanoseconds::max() || op.deadline_ <= now) return op.deadline_;
+    return op.timeout_ < op.deadline_ - now ? now + op.timeout_ : op.deadline_;
+  }
+  /// Takes back the announcement of a sleep that turned out not to be needed.
+  void withdraw_sleep(event_count& ev, std::uint32_t key) noexcept;
+  /// While an SPSC receiver polls an empty ring: pulls in the lines the next record will
+  /// occupy together with the tail, so that both arrive in one cache-miss time.
+  void prefetch_next_record() const noexcept {
+    if (kind_ != kind_spsc) return;
+    __builtin_prefetch(data_ + (read_pos_ & mask_));
+    __builtin_prefetch(data_ + ((read_pos_ + 64) & mask_));
+  }
+  /// Whether spinning can pay: a budget is left and the other side last ran on another CPU.
+  bool worth_spinning() noexcept;
   /// After a sleep timed out: the pid of a dead peer when the other side is gone (every
   /// process recorded for it died without closing), else 0. For MPMC it first releases a
   /// slot that blocks this side and is held by a dead process.
@@ -488,6 +571,8 @@ private:
   std::uint64_t read_pos_ = 0;    // receiver: next record
   std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
   std::chrono::nanoseconds spin_budget_;
+  bool fenceless_ = false;    // this process is registered for the asymmetric barrier
+  std::int32_t cpu_tag_ = 0;  // what this side last wrote into hdr_->cpu
 };
 
 ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role,
@@ -557,6 +642,13 @@ ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, st
 
 void ring_endpoint::attach() {
   identity_ = pack_participant(self_pid_, role_, self_start_time());
+  fenceless_ = asymmetric_barrier_registered();
+  // A process that cannot issue membarrier() makes every waker fence. (A waker that
+  // published without a fence just before seeing this delays that one wake-up by at most
+  // a peer check interval.)
+  if (!fenceless_) hdr_->fence_required.store(1, std::memory_order_seq_cst);
+  cpu_tag_ = current_cpu_tag();
+  hdr_->cpu[role_ == role_sender ? 0 : 1].store(cpu_tag_, std::memory_order_relaxed);
   if (kind_ == kind_spsc) {
     const int index = role_ == role_sender ? 0 : 1;
     participant_word& entry = hdr_->participants[index];
@@ -578,13 +670,10 @@ void ring_endpoint::attach() {
                                 capacity_));
     }
     if (role_ == role_sender) {
-      // Only this process can sleep on space now: a count left by a dead predecessor goes.
-      hdr_->space.waiters.store(0, std::memory_order_relaxed);
       hdr_->sender_closed.store(0, std::memory_order_release);
       tail_ = tail;
       head_cache_ = head;
     } else {
-      hdr_->data.waiters.store(0, std::memory_order_relaxed);
       hdr_->receiver_closed.store(0, std::memory_order_release);
       read_pos_ = head;  // resume after the last acknowledged message
       tail_cache_ = head;
@@ -640,18 +729,18 @@ void ring_endpoint::detach() noexcept {
 void ring_endpoint::close() noexcept {
   if (kind_ == kind_mpmc) {
     hdr_->sender_closed.store(1, std::memory_order_release);
-    notify(hdr_->data, INT_MAX);
-    notify(hdr_->space, INT_MAX);
+    notify(hdr_->data);
+    notify(hdr_->space);
     return;
   }
   if (participant_index_ < 0) return;
   if (role_ == role_sender) {
     // After the last tail store: a receiver that sees the flag sees every message.
     hdr_->sender_closed.store(1, std::memory_order_release);
-    notify(hdr_->data, INT_MAX);
+    notify(hdr_->data);
   } else {
     hdr_->receiver_closed.store(1, std::memory_order_release);
-    notify(hdr_->space, INT_MAX);
+    notify(hdr_->space);
   }
   detach();
 }
@@ -662,7 +751,7 @@ void ring_endpoint::ack() noexcept {
 
 void ring_endpoint::release_read_position() noexcept {
   hdr_->head.store(read_pos_, std::memory_order_release);
-  notify(hdr_->space, 1);
+  notify(hdr_->space);
 }
 
 // ---- SPSC ----
@@ -697,12 +786,18 @@ ring_endpoint::outcome ring_endpoint::spsc_try_send(std::span<const std::byte> m
     tail += to_end;
     offset = 0;
   }
+  if (tail + record + prefetch_distance + 64 <= head_cache_ + capacity_) {
+    // Free room further on: take ownership of its lines now, so that later records are
+    // not written into lines the receiver still holds.
+    __builtin_prefetch(data_ + ((tail + prefetch_distance) & mask_), 1);
+    __builtin_prefetch(data_ + ((tail + prefetch_distance + 64) & mask_), 1);
+  }
   const record_header rh{static_cast<std::uint32_t>(message.size()), record_data};
   std::memcpy(data_ + offset, &rh, sizeof rh);
   if (!message.empty()) std::memcpy(data_ + offset + sizeof rh, message.data(), message.size());
   tail_ = tail + record;
   hdr_->tail.store(tail_, std::memory_order_release);
-  notify(hdr_->data, 1);
+  notify(hdr_->data);
   return outcome::done;
 }
 
@@ -751,6 +846,11 @@ ring_endpoint::outcome ring_endpoint::spsc_try_receive(std::span<std::byte> buff
                                           "it stays in the ring (max_message_size() is {})",
                                           rh.length, buffer.size(), max_message_));
     }
+    if (read_pos_ + record + prefetch_distance + 64 <= tail_cache_) {
+      // Published records further on: start fetching them from the sender's cache now.
+      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance) & mask_));
+      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance + 64) & mask_));
+    }
     if (rh.length != 0) std::memcpy(buffer.data(), data_ + offset + sizeof rh, rh.length);
     read_pos_ += record;
     size = rh.length;
@@ -787,7 +887,7 @@ ring_endpoint::outcome ring_endpoint::mpmc_try_send(std::span<const std::byte> m
         s.size.store(static_cast<std::uint32_t>(message.size()), std::memory_order_relaxed);
         if (!message.empty()) std::memcpy(slot_payload(s), message.data(), message.size());
         s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + 1), 0), std::memory_order_release);
-        notify(hdr_->data, INT_MAX);
+        notify(hdr_->data);
         return outcome::done;
       }
       continue;
@@ -835,7 +935,7 @@ ring_endpoint::outcome ring_endpoint::mpmc_try_receive(std::span<std::byte> buff
         next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
         if (!skip && length != 0) std::memcpy(buffer.data(), slot_payload(s), length);
         s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + capacity_), 0), std::memory_order_release);
-        notify(hdr_->space, INT_MAX);
+        notify(hdr_->space);
         if (skip) {
           pos = next.load(std::memory_order_relaxed);
           continue;
@@ -891,7 +991,7 @@ pid_t ring_endpoint::dead_peer() {
     if (slot_seq(w) == static_cast<std::uint32_t>(pos) && slot_owner(w) != 0 && !slot_owner_alive(slot_owner(w))) {
       if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos + 1), 0, true),
                                          std::memory_order_acq_rel)) {
-        notify(hdr_->data, INT_MAX);
+        notify(hdr_->data);
       }
     }
   } else {
@@ -904,7 +1004,7 @@ pid_t ring_endpoint::dead_peer() {
         !slot_owner_alive(slot_owner(w))) {
       if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos), 0),
                                          std::memory_order_acq_rel)) {
-        notify(hdr_->space, INT_MAX);
+        notify(hdr_->space);
       }
     }
   }
@@ -920,51 +1020,86 @@ pid_t ring_endpoint::dead_peer() {
 
 // ---- waiting ----
 
-template <class Attempt>
-bool ring_endpoint::spin(Attempt attempt) {
+std::uint32_t ring_endpoint::prepare_sleep(event_count& ev) noexcept {
+  const std::uint32_t key = announce_sleeper(ev);
+  full_fence();
+  // A waker that publishes without a fence may still hold its position in its store
+  // buffer, and may have read the futex word before the bit was set: membarrier() runs a
+  // fence on it, so that after it the waker either sees the bit or its position is visible.
+  if (hdr_->fence_required.load(std::memory_order_relaxed) == 0 && !asymmetric_barrier()) {
+    hdr_->fence_required.store(1, std::memory_order_seq_cst);
+  }
+  return key;
+}
+
+bool ring_endpoint::worth_spinning() noexcept {
   if (spin_budget_ <= std::chrono::nanoseconds::zero()) return false;
-  const auto start = clock::now();
+  const int mine = role_ == role_sender ? 0 : 1;
+  const std::int32_t cpu = current_cpu_tag();
+  if (cpu != cpu_tag_) {
+    cpu_tag_ = cpu;
+    hdr_->cpu[mine].store(cpu, std::memory_order_relaxed);
+  }
+  // On the same CPU the peer cannot run while this spins.
+  const std::int32_t peer = hdr_->cpu[1 - mine].load(std::memory_order_relaxed);
+  return peer == 0 || peer != cpu;
+}
+
+template <class Attempt>
+unsigned ring_endpoint::spin(Attempt attempt) {
+  if (!worth_spinning()) return 0;
+  // The clock is read only once the answer did not come within the first few polls.
+  clock::time_point start{};
   for (unsigned i = 1;; ++i) {
     cpu_relax();
     if (attempt()) {
       spin_budget_ = std::min(options_.spin, spin_budget_ * 2);
-      return true;
+      return i;
     }
-    if (i % 32 == 0 && clock::now() - start >= spin_budget_) {
-      // Did not pay off: spin less next time, but keep a floor so that it can recover.
-      spin_budget_ = std::max(options_.spin / 16, spin_budget_ / 2);
-      return false;
+    if (i % 16 == 0) {
+      const auto now = clock::now();
+      if (i == 16) {
+        start = now;
+      } else if (now - start >= spin_budget_) {
+        // Did not pay off: spin less next time, but keep a floor so that it can recover.
+        spin_budget_ = std::max(options_.spin / 16, spin_budget_ / 2);
+        return 0;
+      }
     }
   }
 }
 
 wait_task ring_endpoint::send_wait(ring_send_operation& op) {
   event_count& ev = hdr_->space;
+  const clock::time_point deadline = deadline_of(op, clock::now());
   pid_t dead = 0;
   for (;;) {
-    const std::uint32_t key = ev.seq.load(std::memory_order_acquire);
-    waiter_announcement announced(ev);
-    if (try_send(op.message_) == outcome::done) co_return;
+    const std::uint32_t key = prepare_sleep(ev);
+    if (try_send(op.message_) == outcome::done) {
+      withdraw_sleep(ev, key);
+      co_return;
+    }
     if (dead != 0) {
       throw peer_died(dead, fmt::format("{} ring send: peer process {} died (it was the ring's {}receiver) while "
                                         "this waited for space",
                                         kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
     }
     const auto now = clock::now();
-    if (now >= op.deadline_) throw timed_out{};
-    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, op.deadline_ - now);
+    if (now >= deadline) throw timed_out{};
+    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
     if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out) dead = dead_peer();
   }
 }
 
 wait_task ring_endpoint::receive_wait(ring_receive_operation& op) {
   event_count& ev = hdr_->data;
+  const clock::time_point deadline = deadline_of(op, clock::now());
   pid_t dead = 0;
   for (;;) {
-    const std::uint32_t key = ev.seq.load(std::memory_order_acquire);
-    waiter_announcement announced(ev);
+    const std::uint32_t key = prepare_sleep(ev);
     const outcome r = try_receive(op.buffer_, op.size_);
     if (r != outcome::would_block) {
+      withdraw_sleep(ev, key);
       op.end_of_stream_ = r == outcome::end_of_stream;
       co_return;
     }
@@ -975,23 +1110,43 @@ wait_task ring_endpoint::receive_wait(ring_receive_operation& op) {
                                         kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
     }
     const auto now = clock::now();
-    if (now >= op.deadline_) throw timed_out{};
-    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, op.deadline_ - now);
+    if (now >= deadline) throw timed_out{};
+    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
     if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out) dead = dead_peer();
   }
 }
 
+void ring_endpoint::withdraw_sleep(event_count& ev, std::uint32_t key) noexcept {
+  // SPSC only: the bit is this side's alone, so taking it back spares the other side one
+  // futex_wake. On MPMC another sleeper may wait on the same value: leave it to the waker.
+  if (kind_ != kind_spsc) return;
+  std::uint32_t expected = key;
+  ev.seq.compare_exchange_strong(expected, key & ~sleeper_bit, std::memory_order_relaxed);
+}
+
 bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h, std::stop_token token) {
-  if (spin([&] { return try_send(op.message_) == outcome::done; })) return false;
+  // A sender that went on as soon as one record's room was free would write into the lines
+  // the receiver is reading at that moment, and both would stall on every line: while
+  // spinning, wait until a batch's room is free (the sleeping path takes any room).
+  const std::uint64_t batch =
+      kind_ == kind_spsc ? std::min<std::uint64_t>(capacity_ / 4, spin_batch_bytes) : 0;
+  if (spin([&] {
+        if (batch != 0 && tail_ - hdr_->head.load(std::memory_order_relaxed) > capacity_ - batch)
+          return false;
+        return try_send(op.message_) == outcome::done;
+      }) != 0) {
+    return false;
+  }
   return send_wait(op).start(h, std::move(token), op.state_, op.error_);
 }
 
 bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h, std::stop_token token) {
   if (spin([&] {
+        prefetch_next_record();
         const outcome r = try_receive(op.buffer_, op.size_);
         op.end_of_stream_ = r == outcome::end_of_stream;
         return r != outcome::would_block;
-      })) {
+      }) != 0) {
     return false;
   }
   return receive_wait(op).start(h, std::move(token), op.state_, op.error_);
@@ -1093,6 +1248,7 @@ mpmc_ring_sender::mpmc_ring_sender(std::span<std::byte> region, const ring_optio
 mpmc_ring_sender::mpmc_ring_sender(mpmc_ring_sender&&) noexcept = default;
 mpmc_ring_sender& mpmc_ring_sender::operator=(mpmc_ring_sender&&) noexcept = default;
 mpmc_ring_sender::~mpmc_ring_sender() = default;
+void mpmc_ring_sender::detach() noexcept { endpoint_.reset(); }
 void mpmc_ring_sender::close() noexcept {
   if (endpoint_) endpoint_->close();
 }
@@ -1105,6 +1261,7 @@ mpmc_ring_receiver::mpmc_ring_receiver(std::span<std::byte> region, const ring_o
 mpmc_ring_receiver::mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept = default;
 mpmc_ring_receiver& mpmc_ring_receiver::operator=(mpmc_ring_receiver&&) noexcept = default;
 mpmc_ring_receiver::~mpmc_ring_receiver() = default;
+void mpmc_ring_receiver::detach() noexcept { endpoint_.reset(); }
 void mpmc_ring_receiver::close() noexcept {
   if (endpoint_) endpoint_->close();
 }

@@ -208,7 +208,7 @@ namespace {
 /// `rounds` round trips with a child echo: pings through an SPSC ring, pongs through an
 /// SPSC or an MPMC ring. No periodic wake-up hides a lost one: a lost wake-up shows as a
 /// timeout.
-void ping_pong(int spin_us, bool mpmc_pong, int rounds) {
+void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membarrier = false) {
   const std::size_t ping_size = ipcoro::spsc_ring_region_size(4096);
   const std::size_t pong_size = mpmc_pong ? ipcoro::mpmc_ring_region_size(8, 64) : ping_size;
   shared_memory mem(ping_size + pong_size);
@@ -222,6 +222,7 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds) {
   opts.spin = std::chrono::microseconds(spin_us);
 
   child_process echo([&] {
+    if (echo_without_membarrier) ::setenv("IPCORO_RING_NO_MEMBARRIER", "1", 1);
     return run([&]() -> task<int> {
       ipcoro::spsc_ring_receiver rx(ping, opts);
       ipcoro::spsc_ring_sender spsc_tx;
@@ -263,6 +264,80 @@ TEST_CASE("a ping-pong between two processes loses no wake-up, sleeping or spinn
   const int spin_us = GENERATE(0, 20);
   const bool mpmc_pong = GENERATE(false, true);
   ping_pong(spin_us, mpmc_pong, 3000);
+}
+
+TEST_CASE("a ping-pong loses no wake-up when one process cannot use membarrier (every sender then fences)",
+          "[shm_ring][wakeup]") {
+  const int spin_us = GENERATE(0, 2);
+  const bool mpmc_pong = GENERATE(false, true);
+  ping_pong(spin_us, mpmc_pong, 2000, true);
+}
+
+TEST_CASE(
+    "bursts of messages, each ended by a pause for the receiver's answer, lose no wake-up at the burst's end",
+    "[shm_ring][wakeup]") {
+  // Each burst's end meets a receiver that is spinning, about to sleep or asleep, at
+  // varied points; the sender publishes without a fence (the sleeper's membarrier pairs
+  // with it) and wakes only announced sleepers. The sender then waits for the receiver's
+  // answer, so a wake-up lost at a burst's end shows as a timeout.
+  const std::size_t ring_size = ipcoro::spsc_ring_region_size(64 * 1024);
+  shared_memory mem(2 * ring_size);
+  auto data = mem.bytes().first(ring_size);
+  auto answers = mem.bytes().subspan(ring_size, ring_size);
+  ipcoro::format_spsc_ring(data);
+  ipcoro::format_spsc_ring(answers);
+  ipcoro::ring_options opts;
+  opts.peer_check_interval = 1h;
+  if (GENERATE(false, true)) opts.spin = std::chrono::nanoseconds::zero();  // else the default spin
+  constexpr int bursts = 3000;
+
+  child_process receiver([&] {
+    return run([&]() -> task<int> {
+      ipcoro::spsc_ring_receiver rx(data, opts);
+      ipcoro::spsc_ring_sender tx(answers, opts);
+      std::array<std::byte, 64> buf{};
+      std::uint64_t expected = 0;
+      for (;;) {
+        const auto n = co_await rx.receive(buf).with_timeout(20s);
+        if (!n) break;
+        std::uint64_t seq = 0;
+        std::memcpy(&seq, buf.data(), sizeof seq);
+        if (*n != buf.size() || seq != expected) co_return 3;
+        ++expected;
+        if (buf[8] == std::byte{1})
+          co_await tx.send(std::span(buf).first(sizeof expected));  // end of a burst
+      }
+      co_return 0;
+    }());
+  });
+
+  ipcoro::io_context ctx;
+  const std::uint64_t sent = ipcoro::sync_wait(ctx, [&]() -> task<std::uint64_t> {
+    ipcoro::spsc_ring_sender tx(data, opts);
+    ipcoro::spsc_ring_receiver rx(answers, opts);
+    std::array<std::byte, 64> out{};
+    std::array<std::byte, 64> in{};
+    std::uint64_t seq = 0;
+    for (int b = 0; b < bursts; ++b) {
+      const std::uint64_t length = 1 + mix(static_cast<std::uint64_t>(b)) % 48;
+      for (std::uint64_t i = 0; i < length; ++i, ++seq) {
+        std::memcpy(out.data(), &seq, sizeof seq);
+        out[8] = i + 1 == length ? std::byte{1} : std::byte{0};
+        co_await tx.send(out);
+        // A few hundred nanoseconds of work now and then, so that the bursts' ends fall
+        // at varied points of the receiver's spin.
+        for (std::uint64_t w = mix(seq) % 4 == 0 ? mix(seq + 1) % 400 : 0; w > 0; --w) {
+          std::atomic_signal_fence(std::memory_order_seq_cst);
+        }
+      }
+      const auto n = co_await rx.receive(in).with_timeout(20s);
+      if (n != sizeof seq) throw std::runtime_error("no answer to a burst");
+    }
+    tx.close();
+    co_return seq;
+  }());
+  REQUIRE(sent > bursts);
+  REQUIRE(receiver.wait(30s) == 0);
 }
 
 // Run by the test below in a fresh process whose futex waits take the fallback path.
@@ -880,8 +955,10 @@ TEST_CASE("MPMC receivers learn that every sender died, and senders that every r
       ::pause();
       return 1;
     });
+    // One after the other, so that peers[1] holds the later entry of the table (the pid
+    // checked below is the one of the last entry found dead).
+    REQUIRE(wait_byte(ready_r.native_handle(), 20s));
   }
-  for (int i = 0; i < 2; ++i) REQUIRE(wait_byte(ready_r.native_handle(), 20s));
   peers[0].kill(SIGKILL);
   REQUIRE(peers[0].wait(20s) == 128 + SIGKILL);
   ipcoro::io_context ctx;

@@ -43,19 +43,25 @@
 // Each message is delivered to exactly one receiver; a receiver killed while copying a
 // message out takes that message with it.
 //
-// No syscall while data flows. A side that finds the ring empty (or full) announces that
-// it sleeps — it reads the futex word, increments a waiter count, then issues a seq_cst
-// fence and looks at the ring once more — and only then parks with futex_wait (through
-// the loop, always with a timeout) on the value it read. The other side publishes its
-// position, issues a seq_cst fence, and reads the waiter count: only when it is non-zero
-// does it bump the futex word and call futex_wake. Why no wake-up is lost: the two fences
-// are ordered one way or the other. If the sleeper's fence comes first, the publisher's
-// read of the count (after its fence) sees the increment and wakes; if the publisher's
-// fence comes first, the sleeper's second look at the ring sees the new position and it
-// does not sleep. And a bump that lands between the sleeper's read of the futex word and
-// its entry into the kernel makes FUTEX_WAIT return at once, since the word no longer
-// holds the value it waits on. With `ring_options::spin` a side busy-polls the ring for a
-// bounded, adaptive time before announcing its sleep (CPU spent for latency saved).
+// No syscall and no atomic read-modify-write while data flows: a message costs each side
+// its copy, one store of its position and one read of the other side's futex word (the
+// other side's position is read only when the copy kept here says the ring is empty or
+// full). A side that finds the ring empty (or full) first busy-polls it for a bounded,
+// adaptive time (`ring_options::spin`; not when the peer last ran on this CPU), then
+// announces that it sleeps: it sets bit 0 of the futex word (unless set), issues a fence
+// and membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED), looks at the ring once more, and only
+// then parks with futex_wait (through the loop, always with a timeout) on the value with
+// the bit. The other side publishes its position and reads the futex word: only when the
+// bit is set does it clear it (adding 1, a new value) and call futex_wake — one syscall
+// per sleep, however many messages follow before the sleeper runs. Why no wake-up is
+// lost: membarrier() runs a full fence on every thread of the processes that registered
+// for it (each endpoint's process does, when it attaches), wherever that thread is in its
+// publication. If the publisher's position store came before that fence, the sleeper's
+// second look sees it; if after, the publisher's read of the futex word comes after the
+// fence too and sees the bit. (A process that cannot use membarrier — Linux < 4.16, a
+// seccomp filter — marks the ring, and then every publisher issues a fence per message
+// instead, the classic Dekker pairing.) A change of the word between the sleeper's read
+// and its entry into the kernel makes FUTEX_WAIT return at once.
 //
 // Every wait can end: by data or space, by the peer closing (end of stream / EPIPE), by
 // the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out), by
@@ -78,9 +84,8 @@
 //
 // Limits: all processes share one pid namespace (pids are compared). An endpoint belongs
 // to the thread that uses it (coroutines of that thread may share it). A process killed
-// while asleep on an MPMC ring leaves its waiter count behind, so later sends on that
-// ring pay a futex_wake syscall each (correct, slower); an SPSC side resets its count when
-// it attaches.
+// while asleep leaves its sleeper bit behind: the next publication clears it with one
+// futex_wake.
 //
 // Steady state allocates nothing: the fast paths work in the caller's coroutine frame,
 // and a sleep runs in a small coroutine whose frame is recycled per thread.
@@ -101,10 +106,12 @@ private:
 
 /// Per-endpoint settings (not stored in the region).
 struct ring_options {
-  /// Busy-poll the ring for at most this long before sleeping. The budget adapts: it
-  /// shrinks when spinning does not pay off and grows back when it does. 0: sleep at once.
-  /// Spinning burns CPU on the loop thread; it pays when the peer answers within microseconds.
-  std::chrono::nanoseconds spin{0};
+  /// Busy-poll the ring for at most this long before sleeping, when the peer last ran on
+  /// another CPU. The budget adapts: it shrinks (to 1/16) when spinning does not pay off and
+  /// grows back when it does. 0: sleep at once. Spinning burns CPU on the loop thread; it
+  /// pays when the peer answers within microseconds. The default, a few microseconds, keeps
+  /// a streaming receiver from sleeping (and its sender from waking it) between messages.
+  std::chrono::nanoseconds spin{std::chrono::microseconds(2)};
   /// How often a sleeping waiter wakes to check that its peer is still alive.
   std::chrono::milliseconds peer_check_interval{100};
   /// Receivers of an SPSC ring: false (default) frees each message's space as it is
@@ -164,11 +171,12 @@ public:
   ring_send_operation(detail::ring_endpoint* endpoint, std::span<const std::byte> message) noexcept
       : endpoint_(endpoint), message_(message) {}
 
-  /// Fails with timed_out unless sent within `d` from now.
+  /// Fails with timed_out unless sent within `d` from now. (The clock is read only if the
+  /// send has to wait: a send that completes at once costs no clock read.)
   template <class Rep, class Period>
   ring_send_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
     ring_send_operation copy = *this;
-    copy.deadline_ = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::nanoseconds>(d);
+    copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
     return copy;
   }
   /// Fails with timed_out unless sent by `when`.
@@ -193,6 +201,7 @@ private:
   detail::ring_endpoint* endpoint_;
   std::span<const std::byte> message_;
   std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
+  std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
   std::exception_ptr error_;
   unsigned char state_ = 0;
 };
@@ -208,11 +217,12 @@ public:
   ring_receive_operation(detail::ring_endpoint* endpoint, std::span<std::byte> buffer) noexcept
       : endpoint_(endpoint), buffer_(buffer) {}
 
-  /// Fails with timed_out unless a message (or end of stream) arrives within `d`.
+  /// Fails with timed_out unless a message (or end of stream) arrives within `d`. (The
+  /// clock is read only if the receive has to wait.)
   template <class Rep, class Period>
   ring_receive_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
     ring_receive_operation copy = *this;
-    copy.deadline_ = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::nanoseconds>(d);
+    copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
     return copy;
   }
   /// Fails with timed_out unless a message (or end of stream) arrives by `when`.
@@ -238,6 +248,7 @@ private:
   detail::ring_endpoint* endpoint_;
   std::span<std::byte> buffer_;
   std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
+  std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
   std::exception_ptr error_;
   std::size_t size_ = 0;
   bool end_of_stream_ = false;
@@ -327,6 +338,8 @@ public:
   /// Closes the whole ring: sends fail with EPIPE from now on, receivers get an empty
   /// optional once it is drained. Call it once every sender has finished.
   void close() noexcept;
+  /// Leaves the ring without closing it (others go on sending); the destructor does the same.
+  void detach() noexcept;
   std::size_t max_message_size() const noexcept;
   /// Number of slots.
   std::size_t capacity() const noexcept;
@@ -350,6 +363,8 @@ public:
   ring_receive_operation receive(std::span<std::byte> buffer) noexcept { return {endpoint_.get(), buffer}; }
   /// Closes the whole ring (see mpmc_ring_sender::close).
   void close() noexcept;
+  /// Leaves the ring without closing it; the destructor does the same.
+  void detach() noexcept;
   std::size_t max_message_size() const noexcept;
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
