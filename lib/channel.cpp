@@ -670,13 +670,7 @@ class ring_send_port final : public send_port {
   }
 
   void close() noexcept override { ring_.close(); }
-  void detach() noexcept override {
-    if constexpr (requires { ring_.detach(); }) {
-      ring_.detach();
-    } else {
-      ring_.close();
-    }
-  }
+  void detach() noexcept override { ring_.detach(); }
   std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
 
  private:
@@ -733,7 +727,12 @@ class ring_receive_port final : public receive_port {
   }
   void consume() noexcept override { current_ = false; }
   void close() noexcept override {
-    ring_.close();
+    // One receiver of an MPMC ring leaving does not close the ring for the others.
+    if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
+      ring_.detach();
+    } else {
+      ring_.close();
+    }
     ended_ = true;
     current_ = false;
   }

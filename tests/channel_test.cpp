@@ -15,10 +15,12 @@
 #include <catch2/catch.hpp>
 
 #include <dirent.h>
+#include <sys/mman.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -716,5 +718,59 @@ TEST_CASE("several processes send into one FIFO channel and the stream ends afte
   }
   CHECK(ordered);
   CHECK(got.size() == senders * each);
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("an MPMC shared-memory channel carries many senders to many receivers", "[channel][ipc]") {
+  const std::string address = fresh_address("shm-mpmc", "capacity=64&message_size=64");
+  constexpr int each = 2000;
+  // What the consumers received, added up in memory they share with the test.
+  struct tally {
+    std::atomic<std::uint64_t> count;
+    std::atomic<std::uint64_t> sum;
+  };
+  void* mem = ::mmap(nullptr, sizeof(tally), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(mem != MAP_FAILED);
+  tally* t = new (mem) tally{};
+  {
+    channel_link link = channel_link::create(address);
+    auto consumer = [&]() -> int {
+      ipcoro::io_context ctx;
+      channel_receiver<point> rx = link.receiver<point>();
+      link.reset();
+      std::vector<point> got = ipcoro::sync_wait(ctx, drain(rx));
+      for (const point& p : got) t->sum += p.seq;
+      t->count += got.size();
+      return 0;
+    };
+    auto producer = [&](int id) {
+      return [&, id]() -> int {
+        ipcoro::io_context ctx;
+        channel_sender<point> tx = link.sender<point>();
+        link.reset();
+        ipcoro::sync_wait(ctx, [](channel_sender<point>& tx, int id) -> task<void> {
+          for (int i = 0; i < each; ++i) co_await tx.send(point{id, i, static_cast<std::uint64_t>(id * each + i)});
+        }(tx, id));
+        tx.detach();  // one of several: leave without ending the stream
+        return 0;
+      };
+    };
+    child_process first_consumer(consumer);
+    child_process second_consumer(consumer);
+    child_process first_producer(producer(0));
+    child_process second_producer(producer(1));
+    CHECK(first_producer.wait() == 0);
+    CHECK(second_producer.wait() == 0);
+    // Both producers are done: whoever knows that ends the stream.
+    channel_sender<point> closer = link.sender<point>();
+    link.reset();
+    closer.close();
+    CHECK(first_consumer.wait() == 0);
+    CHECK(second_consumer.wait() == 0);
+  }
+  const std::uint64_t n = 2 * each;
+  CHECK(t->count.load() == n);
+  CHECK(t->sum.load() == n * (n - 1) / 2);
+  ::munmap(mem, sizeof(tally));
   CHECK(nothing_left_behind());
 }
