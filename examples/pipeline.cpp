@@ -9,7 +9,8 @@
 // regenerates the corpus by itself, and throws unless every count matches. The parent
 // prints what each stage did and exits 0 only when the pipeline finished and verified.
 //
-// Usage: pipeline [--transport pipe|fifo|mq|shm|file|all] [--words N]
+// Usage: pipeline [--transport pipe|fifo|mq|shm|file|all|T1,T2,T3] [--words N]
+// (three comma-separated transports choose each edge: --transport pipe,shm,mq)
 #include <ipcoro/ipcoro.hpp>
 
 #include <fmt/core.h>
@@ -184,14 +185,14 @@ config parse(int argc, char** argv) {
     if (arg == "--transport" && i + 1 < argc) {
       const std::string_view t = argv[++i];
       if (t == "all") {
-        cfg.transports = {"pipe", "fifo", "mq", "shm", "file"};
+        cfg.transports = {"pipe", "fifo", "mq", "shm", "file", "pipe,shm,mq"};
       } else {
         cfg.transports = {std::string(t)};
       }
     } else if (arg == "--words" && i + 1 < argc) {
       cfg.words = std::strtoull(argv[++i], nullptr, 10);
     } else {
-      fmt::print(stderr, "usage: pipeline [--transport pipe|fifo|mq|shm|file|all] [--words N]\n");
+      fmt::print(stderr, "usage: pipeline [--transport pipe|fifo|mq|shm|file|all|T1,T2,T3] [--words N]\n");
       std::exit(2);
     }
   }
@@ -210,7 +211,16 @@ task<bool> run_one(const std::string& transport, std::uint64_t words) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<ipcoro::stage_report> reports;
   try {
-    const ipcoro::pipeline_options options{.transport = transport};
+    ipcoro::pipeline_options options;
+    if (transport.find(',') == std::string::npos) {
+      options.transport = transport;
+    } else {
+      for (std::size_t start = 0; start <= transport.size();) {
+        const std::size_t comma = std::min(transport.find(',', start), transport.size());
+        options.edges.push_back(transport.substr(start, comma - start));
+        start = comma + 1;
+      }
+    }
     reports = co_await job.run(options);
   } catch (const ipcoro::pipeline_error& e) {
     fmt::print(stderr, "[{}] pipeline failed: {}\n", transport, e.what());

@@ -19,18 +19,28 @@ namespace {
 
 std::string edge_address(const pipeline_options& opts, std::size_t run, std::size_t edge) {
   const std::string name = fmt::format("ipcoro-pipeline-{}-{}-{}", ::getpid(), run, edge);
+  std::string transport = opts.transport;
+  std::string options = opts.edge_options;
+  if (!opts.edges.empty()) {
+    transport = opts.edges.at(edge);
+    options.clear();
+    if (const std::size_t q = transport.find('?'); q != std::string::npos) {
+      options = transport.substr(q + 1);
+      transport.resize(q);
+    }
+  }
   std::string a;
-  if (opts.transport == "pipe") {
+  if (transport == "pipe") {
     a = "pipe:";
-  } else if (opts.transport == "fifo" || opts.transport == "file") {
-    a = fmt::format("{}:/tmp/{}", opts.transport, name);
-  } else if (opts.transport == "mq" || opts.transport == "shm") {
-    a = fmt::format("{}:/{}", opts.transport, name);
+  } else if (transport == "fifo" || transport == "file") {
+    a = fmt::format("{}:/tmp/{}", transport, name);
+  } else if (transport == "mq" || transport == "shm") {
+    a = fmt::format("{}:/{}", transport, name);
   } else {
     throw bad_channel_address(
-        fmt::format("pipeline transport \"{}\": expected pipe, fifo, mq, shm or file", opts.transport));
+        fmt::format("pipeline transport \"{}\": expected pipe, fifo, mq, shm or file", transport));
   }
-  if (!opts.edge_options.empty()) a += "?" + opts.edge_options;
+  if (!options.empty()) a += "?" + options;
   return a;
 }
 
@@ -78,6 +88,10 @@ task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
   const std::size_t n = stages_.size();
   if (n < 2) throw std::invalid_argument("ipcoro::pipeline::run: a pipeline needs a source and a sink");
   const std::size_t run_id = runs.fetch_add(1);
+  if (!opts.edges.empty() && opts.edges.size() != n - 1) {
+    throw std::invalid_argument(fmt::format("ipcoro::pipeline::run: {} edge transports given for {} edges",
+                                            opts.edges.size(), n - 1));
+  }
 
   shared_slots slots(n);
   std::vector<channel_link> links;

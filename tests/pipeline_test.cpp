@@ -103,6 +103,33 @@ TEST_CASE("a three-stage pipeline computes the right result over every transport
   CHECK(nothing_left_behind());
 }
 
+TEST_CASE("each edge of a pipeline can use its own transport", "[pipeline][ipc]") {
+  constexpr std::uint32_t n = 5000;
+  ipcoro::io_context ctx;
+  pipeline p = pipeline::source<std::uint32_t>("count", [](channel_sender<std::uint32_t>& out) {
+                 return count_up(out, n);
+               })
+                   .then<std::uint64_t>("square", square)
+                   .then<std::uint64_t>("pass", [](channel_receiver<std::uint64_t>& in,
+                                                   channel_sender<std::uint64_t>& out) -> task<void> {
+                     while (std::optional<std::uint64_t> v = co_await in.receive()) co_await out.send(*v);
+                   })
+                   .sink("sum", [](channel_receiver<std::uint64_t>& in) -> task<void> {
+                     std::uint64_t sum = 0;
+                     while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
+                     if (sum != std::uint64_t{n} * (n + 1) * (2 * std::uint64_t{n} + 1) / 6) {
+                       throw std::runtime_error("wrong sum");
+                     }
+                   });
+  ipcoro::pipeline_options options;
+  options.edges = {"mq?capacity=8", "shm?capacity=64k", "fifo"};
+  std::vector<ipcoro::stage_report> reports = ipcoro::sync_wait(ctx, p.run(options));
+  CHECK(reports[3].received == n);
+  options.edges = {"pipe", "shm"};
+  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, p.run(options)), std::invalid_argument);
+  CHECK(nothing_left_behind());
+}
+
 TEST_CASE("a stage that throws stops the pipeline with an error naming it", "[pipeline][ipc]") {
   const std::string transport = GENERATE("pipe", "mq", "shm");
   CAPTURE(transport);

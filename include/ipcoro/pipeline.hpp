@@ -35,6 +35,10 @@ class pipeline_error : public std::runtime_error {
 struct pipeline_options {
   std::string transport = "pipe";  ///< pipe, fifo, mq, shm or file: the transport of every edge
   std::string edge_options{};      ///< appended to every edge's address, e.g. "capacity=1m"
+  /// Per edge, in order (source's output first): a transport, optionally with its own
+  /// options ("shm?capacity=4m"), overriding `transport` and `edge_options` for that edge.
+  /// Empty: every edge uses `transport`. Otherwise one entry per edge.
+  std::vector<std::string> edges{};
 };
 
 /// What one stage did, for a report once the pipeline has finished.
