@@ -3,6 +3,7 @@
 #include "ipcoro/channel.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/pipe.hpp"
+#include "ipcoro/process.hpp"
 #include "ipcoro/shm_ring.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
@@ -24,6 +25,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -773,4 +775,71 @@ TEST_CASE("an MPMC shared-memory channel carries many senders to many receivers"
   CHECK(t->sum.load() == n * (n - 1) / 2);
   ::munmap(mem, sizeof(tally));
   CHECK(nothing_left_behind());
+}
+
+namespace {
+std::string channel_peer_path() {
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "channel_peer").string();
+}
+}  // namespace
+
+TEST_CASE("an exec'd program speaks channels over descriptors wired into it", "[channel][process][ipc]") {
+  ipcoro::io_context ctx;
+  SECTION("over its standard output") {
+    ipcoro::pipe_pair out = ipcoro::make_pipe();
+    ipcoro::process peer = ipcoro::process::exec(channel_peer_path(), {"send", "1", "1000"},
+                                                 {.name = "peer", .fds = {{1, out.writer.native_handle()}}});
+    out.writer.close();
+    const std::string address = "fd:" + std::to_string(out.reader.release_fd().release());
+    std::vector<std::uint64_t> got = ipcoro::sync_wait(ctx, [](std::string address) -> task<std::vector<std::uint64_t>> {
+      channel_receiver<std::uint64_t> rx = co_await ipcoro::open_receiver<std::uint64_t>(address);
+      co_return co_await drain(rx);
+    }(address));
+    ipcoro::exit_status st = ipcoro::sync_wait(ctx, peer.wait());
+    CHECK(st.success());
+    REQUIRE(got.size() == 1000);
+    CHECK(got[999] == 999);
+  }
+  SECTION("as a filter between two channels, with a type check across programs") {
+    ipcoro::pipe_pair in = ipcoro::make_pipe();
+    ipcoro::pipe_pair out = ipcoro::make_pipe();
+    ipcoro::process peer = ipcoro::process::exec(
+        channel_peer_path(), {"double", "3", "4"},
+        {.name = "doubler", .fds = {{3, in.reader.native_handle()}, {4, out.writer.native_handle()}}});
+    in.reader.close();
+    out.writer.close();
+    const std::string to_peer = "fd:" + std::to_string(in.writer.release_fd().release());
+    const std::string from_peer = "fd:" + std::to_string(out.reader.release_fd().release());
+    std::vector<std::uint64_t> got = ipcoro::sync_wait(
+        ctx, [](std::string to_peer, std::string from_peer) -> task<std::vector<std::uint64_t>> {
+          channel_sender<std::uint64_t> tx = co_await ipcoro::open_sender<std::uint64_t>(to_peer);
+          channel_receiver<std::uint64_t> rx = co_await ipcoro::open_receiver<std::uint64_t>(from_peer);
+          for (std::uint64_t i = 0; i < 100; ++i) co_await tx.send(i);
+          tx.close();
+          co_return co_await drain(rx);
+        }(to_peer, from_peer));
+    ipcoro::exit_status st = ipcoro::sync_wait(ctx, peer.wait());
+    CHECK(st.success());
+    REQUIRE(got.size() == 100);
+    CHECK(got[50] == 100);
+  }
+  SECTION("a program sending another type is refused") {
+    ipcoro::pipe_pair out = ipcoro::make_pipe();
+    ipcoro::process peer = ipcoro::process::exec(channel_peer_path(), {"send", "1", "10"},
+                                                 {.name = "peer", .fds = {{1, out.writer.native_handle()}}});
+    out.writer.close();
+    const std::string address = "fd:" + std::to_string(out.reader.release_fd().release());
+    std::string error;
+    try {
+      ipcoro::sync_wait(ctx, [](std::string address) -> task<void> {
+        channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
+        (void)co_await rx.receive();
+      }(address));
+    } catch (const ipcoro::channel_type_mismatch& e) {
+      error = e.what();
+    }
+    CHECK(contains(error, "std::string"));
+    CHECK(contains(error, "long unsigned int"));
+    (void)ipcoro::sync_wait(ctx, peer.wait());
+  }
 }
