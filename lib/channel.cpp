@@ -245,10 +245,10 @@ long read_proc_long(const char* path) {
 
 std::span<const std::byte> send_port::greeting() {
   if (greeting_.empty()) {
-    const std::string& name = identity_.name;
+    const std::string& name = identity().name;
     const std::size_t name_size = std::min<std::size_t>(name.size(), 1024);
-    greeting_head h{greeting_magic, wire_protocol, static_cast<std::uint16_t>(name_size), identity_.version, 0,
-                    identity_.fingerprint};
+    greeting_head h{greeting_magic, wire_protocol, static_cast<std::uint16_t>(name_size), identity().version, 0,
+                    identity().fingerprint};
     greeting_.resize(sizeof h + name_size);
     std::memcpy(greeting_.data(), &h, sizeof h);
     std::memcpy(greeting_.data() + sizeof h, name.data(), name_size);
@@ -260,22 +260,22 @@ void receive_port::check_greeting(std::span<const std::byte> payload) const {
   if (payload.size() < sizeof(greeting_head)) {
     throw channel_error(fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
                                     "channel sender",
-                                    address_, payload.size()));
+                                    address(), payload.size()));
   }
   const auto h = read_head<greeting_head>(payload.data());
   if (h.magic != greeting_magic) {
-    throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address_));
+    throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address()));
   }
   if (h.protocol != wire_protocol) {
-    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}", address_,
+    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}", address(),
                                     h.protocol, wire_protocol));
   }
-  if (h.fingerprint != identity_.fingerprint) {
+  if (h.fingerprint != identity().fingerprint) {
     const std::size_t n = std::min<std::size_t>(h.name_size, payload.size() - sizeof h);
     const std::string_view name(reinterpret_cast<const char*>(payload.data() + sizeof h), n);
     throw channel_type_mismatch(fmt::format("channel {}: the sender sends '{}' (codec version {}), but this receiver "
                                             "expects '{}' (codec version {})",
-                                            address_, name, h.version, identity_.name, identity_.version));
+                                            address(), name, h.version, identity().name, identity().version));
   }
 }
 
@@ -508,86 +508,165 @@ void send_end_blocking(int mqd, std::uint32_t fingerprint, std::chrono::seconds 
   }
 }
 
-class mq_send_port final : public send_port {
- public:
-  mq_send_port(std::string address, message_queue queue)
-      : send_port(std::move(address)), queue_(std::move(queue)) {
-    buf_.grow(static_cast<std::size_t>(queue_.attributes().message_size), 0);
+/// The queue under a message channel's sending end.
+struct mq_sending {
+  message_queue queue;
+
+  std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
+  auto send(std::span<const std::byte> m) const noexcept { return queue.send(m); }
+  std::string size_advice(std::size_t wanted) const { return mq_size_advice(wanted); }
+  /// A queue has no end of its own: the marker must get in, so a close on a full queue
+  /// waits (bounded) for the receivers to make room.
+  void close(std::uint32_t fingerprint) noexcept {
+    if (!queue) return;
+    if (!try_send_end(queue.native_handle(), fingerprint)) {
+      send_end_blocking(queue.native_handle(), fingerprint, end_patience);
+    }
+    queue.close();
   }
-  ~mq_send_port() override { close(); }
+  void detach() noexcept { queue.close(); }
+};
+
+/// The queue under a message channel's receiving end.
+struct mq_receiving {
+  message_queue queue;
+
+  std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
+  auto receive(std::span<std::byte> buffer) const noexcept { return queue.receive(buffer); }
+  static std::optional<std::size_t> size_of(const mq_message& m) noexcept { return m.size; }
+  /// Puts the end marker back, so that every other receiver of the queue ends too.
+  void pass_end_on(std::uint32_t fingerprint) noexcept { try_send_end(queue.native_handle(), fingerprint); }
+  void close() noexcept { queue.close(); }
+};
+
+/// A shared-memory or file ring under a message channel's sending end. The region is
+/// declared first: the ring endpoint goes before its memory.
+template <class Ring>
+struct ring_sending {
+  std::shared_ptr<void> region;
+  Ring ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto send(std::span<const std::byte> m) noexcept { return ring.send(m); }
+  std::string size_advice(std::size_t) const {
+    return std::is_same_v<Ring, spsc_ring_sender> ? "raise the address's capacity=" : "raise the address's message_size=";
+  }
+  void close(std::uint32_t) noexcept { ring.close(); }
+  void detach() noexcept { ring.detach(); }
+};
+
+template <class Ring>
+struct ring_receiving {
+  std::shared_ptr<void> region;
+  Ring ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
+  void pass_end_on(std::uint32_t) noexcept {}
+  /// One receiver of an MPMC ring leaving does not close the ring for the others.
+  void close() noexcept {
+    if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
+      ring.detach();
+    } else {
+      ring.close();
+    }
+  }
+};
+
+/// The sending end of a channel over a transport that keeps message boundaries (a queue
+/// or a ring): each message is a {kind, short fingerprint} head and the payload.
+template <class Transport>
+class message_send_port final : public send_port {
+ public:
+  message_send_port(std::string address, Transport transport)
+      : send_port(std::move(address)), transport_(std::move(transport)) {
+    buf_.grow(transport_.max_message(), 0);
+  }
 
   std::span<std::byte> prepare(std::size_t size) override {
-    const std::size_t limit = buf_.size();
-    if (head_size + size > limit) {
-      throw channel_error(fmt::format("channel {}: a message of {} bytes does not fit the queue's message size of {} "
-                                      "bytes ({} of them frame it); {}",
-                                      address(), size, limit, head_size, mq_size_advice(size + head_size)));
+    if (head_size + size > buf_.size()) {
+      throw channel_error(fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
+                                      "carries is {} bytes ({} of them frame it); {}",
+                                      address(), size, buf_.size(), head_size,
+                                      transport_.size_advice(size + head_size)));
     }
-    const message_head h{static_cast<std::uint32_t>(frame_kind::data), short_fingerprint(identity().fingerprint)};
-    std::memcpy(buf_.data(), &h, sizeof h);
+    put_head(buf_.data(), frame_kind::data);
     used_ = head_size + size;
     return {buf_.data() + head_size, size};
   }
 
   task<void> commit(pooled_frame) override {
-    if (!greeted_) {
-      // The greeting shares the buffer's size limit; a long type name is cut (the
-      // fingerprint is what is compared).
-      std::span<const std::byte> g = greeting();
-      g = g.first(std::min(g.size(), buf_.size() - head_size));
-      std::vector<std::byte> frame(head_size + g.size());
-      const message_head h{static_cast<std::uint32_t>(frame_kind::hello), short_fingerprint(identity().fingerprint)};
-      std::memcpy(frame.data(), &h, sizeof h);
-      std::memcpy(frame.data() + head_size, g.data(), g.size());
-      co_await queue_.send(frame);
-      greeted_ = true;
+    try {
+      if (!greeted_) {
+        // The greeting shares the size limit; a long type name is cut (the fingerprint
+        // is what is compared).
+        std::span<const std::byte> g = greeting();
+        g = g.first(std::min(g.size(), buf_.size() - head_size));
+        std::vector<std::byte> frame(head_size + g.size());
+        put_head(frame.data(), frame_kind::hello);
+        std::memcpy(frame.data() + head_size, g.data(), g.size());
+        co_await transport_.send(frame);
+        greeted_ = true;
+      }
+      co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
+    } catch (const peer_died&) {
+      throw;
+    } catch (const std::system_error& e) {
+      if (e.code() == std::errc::broken_pipe) {
+        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+      }
+      throw;
     }
-    co_await queue_.send(std::span<const std::byte>{buf_.data(), used_});
   }
 
-  void close() noexcept override {
-    if (!queue_) return;
-    // A queue has no end of its own: the marker must get in, so a close on a full queue
-    // waits (bounded) for the receivers to make room.
-    const std::uint32_t f = short_fingerprint(identity().fingerprint);
-    if (!try_send_end(queue_.native_handle(), f)) send_end_blocking(queue_.native_handle(), f, end_patience);
-    queue_.close();
-  }
-  void detach() noexcept override { queue_.close(); }
+  void close() noexcept override { transport_.close(short_fingerprint(identity().fingerprint)); }
+  void detach() noexcept override { transport_.detach(); }
   std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
 
  private:
-  message_queue queue_;
+  void put_head(std::byte* at, frame_kind kind) const noexcept {
+    const message_head h{static_cast<std::uint32_t>(kind), short_fingerprint(identity().fingerprint)};
+    std::memcpy(at, &h, sizeof h);
+  }
+
+  Transport transport_;
   byte_buffer buf_;
   std::size_t used_ = 0;
   bool greeted_ = false;
 };
 
-class mq_receive_port final : public receive_port {
+/// The receiving end of a channel over a queue or a ring.
+template <class Transport>
+class message_receive_port final : public receive_port {
  public:
-  mq_receive_port(std::string address, message_queue queue)
-      : receive_port(std::move(address)), queue_(std::move(queue)) {
-    buf_.grow(static_cast<std::size_t>(queue_.attributes().message_size), 0);
+  message_receive_port(std::string address, Transport transport)
+      : receive_port(std::move(address)), transport_(std::move(transport)) {
+    buf_.grow(transport_.max_message(), 0);
   }
 
   task<bool> fill(pooled_frame) override {
     if (current_) co_return true;
     if (ended_) co_return false;
     for (;;) {
-      const mq_message m = co_await queue_.receive(std::span<std::byte>{buf_.data(), buf_.size()});
-      if (m.size < head_size) {
+      const std::optional<std::size_t> size =
+          Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+      if (!size) {
+        ended_ = true;
+        co_return false;
+      }
+      if (*size < head_size) {
         throw channel_error(fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
-                                        address(), m.size));
+                                        address(), *size));
       }
       const auto h = read_head<message_head>(buf_.data());
-      const std::span<const std::byte> payload{buf_.data() + head_size, m.size - head_size};
+      const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
       if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
         check_greeting(payload);
         continue;
       }
       if (h.kind == static_cast<std::uint32_t>(frame_kind::end)) {
-        // Put the marker back so that every other receiver of the queue ends too.
-        try_send_end(queue_.native_handle(), h.fingerprint);
+        transport_.pass_end_on(h.fingerprint);
         ended_ = true;
         co_return false;
       }
@@ -610,136 +689,13 @@ class mq_receive_port final : public receive_port {
   }
   void consume() noexcept override { current_ = false; }
   void close() noexcept override {
-    queue_.close();
+    transport_.close();
     ended_ = true;
     current_ = false;
   }
 
  private:
-  message_queue queue_;
-  byte_buffer buf_;
-  std::size_t length_ = 0;
-  bool current_ = false;
-  bool ended_ = false;
-};
-
-// ---- shared-memory and file rings ----
-
-template <class Ring>
-class ring_send_port final : public send_port {
- public:
-  ring_send_port(std::string address, std::shared_ptr<void> region, Ring ring)
-      : send_port(std::move(address)), region_(std::move(region)), ring_(std::move(ring)) {
-    buf_.grow(ring_.max_message_size(), 0);
-  }
-  std::span<std::byte> prepare(std::size_t size) override {
-    if (head_size + size > buf_.size()) {
-      throw channel_error(fmt::format("channel {}: a message of {} bytes does not fit the ring, whose largest "
-                                      "message is {} bytes ({} of them frame it); raise the address's {}",
-                                      address(), size, buf_.size(), head_size,
-                                      std::is_same_v<Ring, spsc_ring_sender> ? "capacity=" : "message_size="));
-    }
-    const message_head h{static_cast<std::uint32_t>(frame_kind::data), short_fingerprint(identity().fingerprint)};
-    std::memcpy(buf_.data(), &h, sizeof h);
-    used_ = head_size + size;
-    return {buf_.data() + head_size, size};
-  }
-
-  task<void> commit(pooled_frame) override {
-    try {
-      if (!greeted_) {
-        std::span<const std::byte> g = greeting();
-        g = g.first(std::min(g.size(), buf_.size() - head_size));
-        std::vector<std::byte> frame(head_size + g.size());
-        const message_head h{static_cast<std::uint32_t>(frame_kind::hello),
-                             short_fingerprint(identity().fingerprint)};
-        std::memcpy(frame.data(), &h, sizeof h);
-        std::memcpy(frame.data() + head_size, g.data(), g.size());
-        co_await ring_.send(frame);
-        greeted_ = true;
-      }
-      co_await ring_.send(std::span<const std::byte>{buf_.data(), used_});
-    } catch (const peer_died&) {
-      throw;
-    } catch (const std::system_error& e) {
-      if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
-      }
-      throw;
-    }
-  }
-
-  void close() noexcept override { ring_.close(); }
-  void detach() noexcept override { ring_.detach(); }
-  std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
-
- private:
-  std::shared_ptr<void> region_;  // declared first: the ring goes before its memory
-  Ring ring_;
-  byte_buffer buf_;
-  std::size_t used_ = 0;
-  bool greeted_ = false;
-};
-
-template <class Ring>
-class ring_receive_port final : public receive_port {
- public:
-  ring_receive_port(std::string address, std::shared_ptr<void> region, Ring ring)
-      : receive_port(std::move(address)), region_(std::move(region)), ring_(std::move(ring)) {
-    buf_.grow(ring_.max_message_size(), 0);
-  }
-
-  task<bool> fill(pooled_frame) override {
-    if (current_) co_return true;
-    if (ended_) co_return false;
-    for (;;) {
-      const std::optional<std::size_t> size = co_await ring_.receive(std::span<std::byte>{buf_.data(), buf_.size()});
-      if (!size) {
-        ended_ = true;
-        co_return false;
-      }
-      if (*size < head_size) {
-        throw channel_error(fmt::format("channel {}: a record of {} bytes is not an ipcoro channel frame",
-                                        address(), *size));
-      }
-      const auto h = read_head<message_head>(buf_.data());
-      const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
-      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
-        check_greeting(payload);
-        continue;
-      }
-      if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-        throw channel_error(fmt::format("channel {}: a record of unknown kind {}", address(), h.kind));
-      }
-      if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
-        throw channel_type_mismatch(fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
-                                                "this receiver expects '{}'",
-                                                address(), h.fingerprint, identity().name));
-      }
-      length_ = payload.size();
-      current_ = true;
-      co_return true;
-    }
-  }
-
-  std::span<const std::byte> current() const noexcept override {
-    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
-  }
-  void consume() noexcept override { current_ = false; }
-  void close() noexcept override {
-    // One receiver of an MPMC ring leaving does not close the ring for the others.
-    if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
-      ring_.detach();
-    } else {
-      ring_.close();
-    }
-    ended_ = true;
-    current_ = false;
-  }
-
- private:
-  std::shared_ptr<void> region_;
-  Ring ring_;
+  Transport transport_;
   byte_buffer buf_;
   std::size_t length_ = 0;
   bool current_ = false;
@@ -796,21 +752,21 @@ struct owned_file {
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
                                             std::span<std::byte> payload) {
   if (a.mpmc) {
-    mpmc_ring_sender ring(payload);
-    return std::make_unique<ring_send_port<mpmc_ring_sender>>(a.text, std::move(region), std::move(ring));
+    return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
+        a.text, ring_sending<mpmc_ring_sender>{std::move(region), mpmc_ring_sender(payload)});
   }
-  spsc_ring_sender ring(payload);
-  return std::make_unique<ring_send_port<spsc_ring_sender>>(a.text, std::move(region), std::move(ring));
+  return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
+      a.text, ring_sending<spsc_ring_sender>{std::move(region), spsc_ring_sender(payload)});
 }
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
                                                  std::span<std::byte> payload) {
   if (a.mpmc) {
-    mpmc_ring_receiver ring(payload);
-    return std::make_unique<ring_receive_port<mpmc_ring_receiver>>(a.text, std::move(region), std::move(ring));
+    return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
+        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), mpmc_ring_receiver(payload)});
   }
-  spsc_ring_receiver ring(payload);
-  return std::make_unique<ring_receive_port<spsc_ring_receiver>>(a.text, std::move(region), std::move(ring));
+  return std::make_unique<message_receive_port<ring_receiving<spsc_ring_receiver>>>(
+      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), spsc_ring_receiver(payload)});
 }
 
 struct fifo_ends {
@@ -862,7 +818,7 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
     }
     case channel_transport::mq: {
       message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
-      co_return std::make_unique<mq_receive_port>(a.text, std::move(q));
+      co_return std::make_unique<message_receive_port<mq_receiving>>(a.text, mq_receiving{std::move(q)});
     }
     case channel_transport::shm: {
       auto seg = std::make_shared<shm_segment>(
@@ -900,7 +856,7 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
         if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
         throw;
       }
-      co_return std::make_unique<mq_send_port>(a.text, std::move(*q));
+      co_return std::make_unique<message_send_port<mq_sending>>(a.text, mq_sending{std::move(*q)});
     }
     case channel_transport::shm: {
       std::shared_ptr<shm_segment> seg;
@@ -1023,7 +979,7 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
     case channel_transport::pipe:
     case channel_transport::fifo:
       return std::make_unique<stream_send_port>(a.text, std::move(s->write_fd), s->path);
-    case channel_transport::mq: return std::make_unique<mq_send_port>(a.text, std::move(s->send_queue));
+    case channel_transport::mq: return std::make_unique<message_send_port<mq_sending>>(a.text, mq_sending{std::move(s->send_queue)});
     case channel_transport::shm:
     case channel_transport::file: return make_ring_sender(a, s->region, s->payload);
     case channel_transport::fd: break;
@@ -1040,7 +996,7 @@ std::unique_ptr<receive_port> link_receive_port(void* raw) {
   switch (a.transport) {
     case channel_transport::pipe:
     case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
-    case channel_transport::mq: return std::make_unique<mq_receive_port>(a.text, std::move(s->receive_queue));
+    case channel_transport::mq: return std::make_unique<message_receive_port<mq_receiving>>(a.text, mq_receiving{std::move(s->receive_queue)});
     case channel_transport::shm:
     case channel_transport::file: return make_ring_receiver(a, s->region, s->payload);
     case channel_transport::fd: break;

@@ -95,20 +95,11 @@ std::string fresh_address(const std::string& transport, const std::string& optio
   return a;
 }
 
-/// Nothing named after this process is left in /dev/shm, /dev/mqueue or /tmp.
+/// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.
 bool nothing_left_behind() {
-  const std::string prefix = "ipcoro-test-" + std::to_string(::getpid()) + "-";
-  for (const char* dir : {"/dev/shm", "/dev/mqueue", "/tmp"}) {
-    DIR* d = ::opendir(dir);
-    if (d == nullptr) continue;
-    bool found = false;
-    while (dirent* e = ::readdir(d)) {
-      if (std::string(e->d_name).rfind(prefix, 0) == 0) found = true;
-    }
-    ::closedir(d);
-    if (found) return false;
-  }
-  return true;
+  const ipcoro::test::leftovers left = ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
+  for (const std::string& name : left.names) UNSCOPED_INFO("left behind: " << name);
+  return left.names.empty();
 }
 
 template <class T>

@@ -1101,38 +1101,12 @@ TEST_CASE("steady-state send, receive and demux receive allocate nothing, waitin
 // ---- nothing left behind ----
 
 TEST_CASE("no queue of this test run is left in the mqueue namespace", "[mqueue]") {
-  // A child lists the namespace through a private mount (its own mount namespace, so the
-  // machine's mount table never sees it); this run's names start with the prefix.
-  const std::string prefix = "ipcoro-test-" + std::to_string(::getpid()) + "-";
-  char dir_template[] = "/tmp/ipcoro-mqueue-XXXXXX";
-  const char* dir = ::mkdtemp(dir_template);
-  REQUIRE(dir != nullptr);
-  struct remove_dir {
-    const char* path;
-    ~remove_dir() { ::rmdir(path); }
-  } dir_guard{dir};
-  child_process lister([&] {
-    if (::unshare(CLONE_NEWNS) != 0) return 77;
-    if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return 77;
-    if (::mount("none", dir, "mqueue", 0, nullptr) != 0) return 77;
-    int left = 0;
-    DIR* d = ::opendir(dir);
-    if (d == nullptr) return 2;
-    while (const dirent* e = ::readdir(d)) {
-      if (std::string_view(e->d_name).starts_with(prefix)) {
-        std::fprintf(stderr, "left behind: /%s\n", e->d_name);
-        ++left;
-      }
-    }
-    ::closedir(d);
-    return left == 0 ? 0 : 1;
-  });
-  const int code = lister.wait(30s);
-  if (code == 77) {
+  const ipcoro::test::leftovers left = ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
+  if (!left.queues_checked) {
     WARN("cannot mount an mqueue file system here: leftovers were checked per test, by name");
-    return;
   }
-  CHECK(code == 0);
+  for (const std::string& name : left.names) FAIL_CHECK("left behind: " << name);
+  CHECK(left.names.empty());
 }
 
 }  // namespace

@@ -30,20 +30,11 @@ using ipcoro::pipeline;
 using ipcoro::task;
 using ipcoro::test::contains;
 
-/// No IPC name of any pipeline this process ran is left.
+/// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.
 bool nothing_left_behind() {
-  const std::string prefix = "ipcoro-pipeline-" + std::to_string(::getpid()) + "-";
-  for (const char* dir : {"/dev/shm", "/dev/mqueue", "/tmp"}) {
-    DIR* d = ::opendir(dir);
-    if (d == nullptr) continue;
-    bool found = false;
-    while (dirent* e = ::readdir(d)) {
-      if (std::string(e->d_name).rfind(prefix, 0) == 0) found = true;
-    }
-    ::closedir(d);
-    if (found) return false;
-  }
-  return true;
+  const ipcoro::test::leftovers left = ipcoro::test::names_left_behind("ipcoro-pipeline-" + std::to_string(::getpid()) + "-");
+  for (const std::string& name : left.names) UNSCOPED_INFO("left behind: " << name);
+  return left.names.empty();
 }
 
 /// A counter in memory shared with forked children.

@@ -1,9 +1,12 @@
 // Implementation of the test helpers for real processes.
 #include "process.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -16,6 +19,7 @@
 #include <cstring>
 #include <exception>
 #include <stdexcept>
+#include <string_view>
 #include <utility>
 
 namespace ipcoro::test {
@@ -149,6 +153,66 @@ void checksum::update(std::span<const std::byte> data) noexcept {
     h_ ^= static_cast<std::uint64_t>(b);
     h_ *= 1099511628211ull;
   }
+}
+
+namespace {
+
+void list_dir(const char* dir, const std::string& prefix, const std::string& shown_as, std::vector<std::string>& out) {
+  DIR* d = ::opendir(dir);
+  if (d == nullptr) return;
+  while (const dirent* e = ::readdir(d)) {
+    if (std::string_view(e->d_name).starts_with(prefix)) out.push_back(shown_as + e->d_name);
+  }
+  ::closedir(d);
+}
+
+}  // namespace
+
+leftovers names_left_behind(const std::string& prefix) {
+  leftovers result;
+  list_dir("/dev/shm", prefix, "/dev/shm/", result.names);
+  list_dir("/tmp", prefix, "/tmp/", result.names);
+
+  char dir_template[] = "/tmp/ipcoro-mqueue-XXXXXX";
+  const char* dir = ::mkdtemp(dir_template);
+  if (dir == nullptr) return result;
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) {
+    ::rmdir(dir);
+    return result;
+  }
+  child_process lister([&] {
+    ::close(fds[0]);
+    if (::unshare(CLONE_NEWNS) != 0) return 77;
+    if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return 77;
+    if (::mount("none", dir, "mqueue", 0, nullptr) != 0) return 77;
+    std::vector<std::string> queues;
+    list_dir(dir, prefix, "mq:/", queues);
+    for (const std::string& q : queues) {
+      const std::string line = q + "\n";
+      [[maybe_unused]] ssize_t n = ::write(fds[1], line.data(), line.size());
+    }
+    return 0;
+  });
+  ::close(fds[1]);
+  std::string text;
+  char buf[512];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    text.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fds[0]);
+  const int code = lister.wait(std::chrono::seconds(30));
+  ::rmdir(dir);
+  if (code != 0) return result;
+  result.queues_checked = true;
+  for (std::size_t start = 0; start < text.size();) {
+    const std::size_t nl = text.find('\n', start);
+    result.names.push_back(text.substr(start, nl - start));
+    start = nl + 1;
+  }
+  return result;
 }
 
 }  // namespace ipcoro::test

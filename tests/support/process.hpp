@@ -11,6 +11,7 @@
 #include <span>
 #include <string>
 #include <system_error>
+#include <vector>
 
 namespace ipcoro::test {
 
@@ -80,6 +81,16 @@ struct kernel_version {
   bool at_least(int maj, int min) const noexcept { return major > maj || (major == maj && minor >= min); }
 };
 kernel_version running_kernel();
+
+/// IPC names starting with `prefix` still present: entries of /dev/shm and /tmp, and
+/// queues of the mqueue namespace as "mq:/<name>". The namespace is listed by a child
+/// through a private mount of its own (the machine's mount table never sees it); where
+/// mounting is refused, `queues_checked` is false and callers check queues by name.
+struct leftovers {
+  std::vector<std::string> names;
+  bool queues_checked = false;
+};
+leftovers names_left_behind(const std::string& prefix);
 
 /// A name unique to this process and call: "ipcoro-test-<pid>-<counter>-<tag>".
 std::string unique_name(const std::string& tag);

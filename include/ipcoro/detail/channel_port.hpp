@@ -24,14 +24,33 @@ struct frame_view {
   std::span<const std::byte> payload;
 };
 
+/// What both ends of a transport keep: the address (for messages), the type identity
+/// of the channel, a lock that serialises the coroutines using the end, and counters.
+class port_base {
+ public:
+  explicit port_base(std::string address) : address_(std::move(address)) {}
+  port_base(const port_base&) = delete;
+  port_base& operator=(const port_base&) = delete;
+  virtual ~port_base() = default;
+
+  const std::string& address() const noexcept { return address_; }
+  void set_identity(type_identity id) { identity_ = std::move(id); }
+  const type_identity& identity() const noexcept { return identity_; }
+
+  mutex lock;
+  std::uint64_t messages = 0;
+  std::uint64_t bytes = 0;
+
+ private:
+  std::string address_;
+  type_identity identity_;
+};
+
 /// The sending end of a transport. One message at a time: prepare() hands out space for
 /// the payload, commit() sends it. Callers serialise through `lock`.
-class send_port {
+class send_port : public port_base {
  public:
-  explicit send_port(std::string address) : address_(std::move(address)) {}
-  send_port(const send_port&) = delete;
-  send_port& operator=(const send_port&) = delete;
-  virtual ~send_port() = default;
+  using port_base::port_base;
 
   /// Space for a payload of `size` bytes. Throws channel_error when the transport cannot
   /// carry a message that large (the message says which option to raise).
@@ -48,32 +67,19 @@ class send_port {
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
 
-  const std::string& address() const noexcept { return address_; }
-  void set_identity(type_identity id) { identity_ = std::move(id); }
-  const type_identity& identity() const noexcept { return identity_; }
-
-  mutex lock;
-  std::uint64_t messages = 0;
-  std::uint64_t bytes = 0;
-
  protected:
   /// The greeting's payload, built once.
   std::span<const std::byte> greeting();
 
  private:
-  std::string address_;
-  type_identity identity_;
   std::string greeting_;
 };
 
 /// The receiving end of a transport. fill() makes the next data message current (checking
 /// greetings on the way) or reports the end of the stream; consume() moves past it.
-class receive_port {
+class receive_port : public port_base {
  public:
-  explicit receive_port(std::string address) : address_(std::move(address)) {}
-  receive_port(const receive_port&) = delete;
-  receive_port& operator=(const receive_port&) = delete;
-  virtual ~receive_port() = default;
+  using port_base::port_base;
 
   /// True when a data message is current, false at the end of the stream. Cancelling it
   /// loses nothing: whatever was read stays buffered in the port.
@@ -82,22 +88,10 @@ class receive_port {
   virtual void consume() noexcept = 0;
   virtual void close() noexcept = 0;
 
-  const std::string& address() const noexcept { return address_; }
-  void set_identity(type_identity id) { identity_ = std::move(id); }
-  const type_identity& identity() const noexcept { return identity_; }
-
-  mutex lock;
-  std::uint64_t messages = 0;
-  std::uint64_t bytes = 0;
-
  protected:
   /// Checks a greeting against the expected identity; throws channel_type_mismatch or
   /// channel_error (not a greeting at all).
   void check_greeting(std::span<const std::byte> payload) const;
-
- private:
-  std::string address_;
-  type_identity identity_;
 };
 
 }  // namespace ipcoro::detail
