@@ -1,0 +1,274 @@
+// Results of ipcoro-bench: the rows it measures, the fmt tables with ratios, the JSON list
+// of rows, and the gnuplot chart.
+#pragma once
+
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ipcoro::bench {
+
+/// One 64-byte round-trip measurement.
+struct rtt_row {
+  std::string transport;                        ///< pipe fifo mq shm file inproc
+  std::string impl;                             ///< raw ipcoro ipcoro-channel asio
+  std::string mode;                             ///< "" or busy-poll, spin, sleep, futex
+  std::string placement;                        ///< cross-core, same-core, one-thread
+  double p50 = 0, p99 = 0, p999 = 0, mean = 0;  ///< microseconds
+  double cpu_us = 0;                            ///< user + system time of both sides per round trip
+  double allocs = 0;      ///< heap allocations per message, both sides (2 messages per round trip)
+  std::string base_mode;  ///< the raw row the ratio compares with (same transport and placement)
+  std::string note;       ///< why it was skipped or failed; empty when measured
+  bool failed = false;
+};
+
+/// One one-way throughput measurement.
+struct tput_row {
+  std::string transport, impl, mode, placement;
+  std::size_t size = 0;
+  double msgs_per_s = 0, bytes_per_s = 0;
+  double cpu_us = 0;  ///< per message, both sides
+  double allocs = 0;  ///< per message, both sides
+  std::string base_impl = "raw", base_mode;
+  std::string note;
+  bool failed = false;
+};
+
+/// A single figure: task switch cost, memcpy bandwidth.
+struct scalar_row {
+  std::string transport, impl, metric;
+  std::size_t size = 0;
+  double value = 0;
+  std::string unit;
+};
+
+struct results {
+  std::vector<rtt_row> rtt;
+  std::vector<tput_row> tput;
+  std::vector<scalar_row> scalars;
+
+  const rtt_row* find_rtt(const std::string& transport, const std::string& impl, const std::string& mode,
+                          const std::string& placement) const {
+    for (const auto& r : rtt) {
+      if (r.transport == transport && r.impl == impl && r.mode == mode && r.placement == placement &&
+          r.note.empty())
+        return &r;
+    }
+    return nullptr;
+  }
+  const tput_row* find_tput(const std::string& transport, const std::string& impl, const std::string& mode,
+                            std::size_t size) const {
+    for (const auto& r : tput) {
+      if (r.transport == transport && r.impl == impl && r.mode == mode && r.size == size && r.note.empty())
+        return &r;
+    }
+    return nullptr;
+  }
+  std::optional<double> find_scalar(const std::string& transport, const std::string& impl,
+                                    const std::string& metric) const {
+    for (const auto& r : scalars) {
+      if (r.transport == transport && r.impl == impl && r.metric == metric) return r.value;
+    }
+    return std::nullopt;
+  }
+};
+
+inline std::string size_label(std::size_t size) {
+  if (size >= 1024 * 1024 && size % (1024 * 1024) == 0) return fmt::format("{} MiB", size >> 20);
+  if (size >= 1024 && size % 1024 == 0) return fmt::format("{} KiB", size >> 10);
+  return fmt::format("{} B", size);
+}
+
+/// 1234567 -> "1.23 M".
+inline std::string si(double v) {
+  if (v >= 1e9) return fmt::format("{:.2f} G", v / 1e9);
+  if (v >= 1e6) return fmt::format("{:.2f} M", v / 1e6);
+  if (v >= 1e3) return fmt::format("{:.2f} k", v / 1e3);
+  return fmt::format("{:.2f}", v);
+}
+
+inline std::string qualified(const std::string& metric, const std::string& a, const std::string& b = {}) {
+  std::string m = metric;
+  if (!a.empty()) m += "." + a;
+  if (!b.empty()) m += "." + b;
+  return m;
+}
+
+inline void print_tables(const results& res) {
+  fmt::print("\n64-byte round trip (us; ratio = p50 / p50 of the raw row in the same placement)\n");
+  fmt::print("{:<7} {:<15} {:<10} {:<11} {:>9} {:>9} {:>9} {:>9} {:>8} {:>11} {:>10}\n", "link", "impl",
+             "mode", "placement", "p50", "p99", "p99.9", "mean", "x raw", "cpu us/rtt", "allocs/msg");
+  for (const auto& r : res.rtt) {
+    if (!r.note.empty()) {
+      fmt::print("{:<7} {:<15} {:<10} {:<11} {}: {}\n", r.transport, r.impl, r.mode, r.placement,
+                 r.failed ? "FAILED" : "skipped", r.note);
+      continue;
+    }
+    const rtt_row* base = r.impl == "raw" && r.mode == r.base_mode
+                              ? &r
+                              : res.find_rtt(r.transport, "raw", r.base_mode, r.placement);
+    const std::string ratio = base ? fmt::format("{:.3f}x", r.p50 / base->p50) : std::string("-");
+    fmt::print("{:<7} {:<15} {:<10} {:<11} {:>9.2f} {:>9.2f} {:>9.2f} {:>9.2f} {:>8} {:>11.2f} {:>10.3f}\n",
+               r.transport, r.impl, r.mode, r.placement, r.p50, r.p99, r.p999, r.mean, ratio, r.cpu_us,
+               r.allocs);
+  }
+  fmt::print("\nOne-way throughput (ratio = bytes/s / the comparison row: raw, or memcpy for rings)\n");
+  fmt::print("{:<7} {:<15} {:<10} {:<11} {:>7} {:>11} {:>11} {:>8} {:>11} {:>10}\n", "link", "impl", "mode",
+             "placement", "size", "msgs/s", "bytes/s", "x raw", "cpu us/msg", "allocs/msg");
+  for (const auto& r : res.tput) {
+    if (!r.note.empty()) {
+      fmt::print("{:<7} {:<15} {:<10} {:<11} {:>7} {}: {}\n", r.transport, r.impl, r.mode, r.placement,
+                 size_label(r.size), r.failed ? "FAILED" : "skipped", r.note);
+      continue;
+    }
+    const tput_row* base = res.find_tput(r.transport, r.base_impl, r.base_mode, r.size);
+    const std::string ratio =
+        base ? fmt::format("{:.3f}x", r.bytes_per_s / base->bytes_per_s) : std::string("-");
+    fmt::print("{:<7} {:<15} {:<10} {:<11} {:>7} {:>11} {:>11} {:>8} {:>11.3f} {:>10.3f}\n", r.transport,
+               r.impl, r.mode, r.placement, size_label(r.size), si(r.msgs_per_s), si(r.bytes_per_s) + "B",
+               ratio, r.cpu_us, r.allocs);
+  }
+  if (!res.scalars.empty()) {
+    fmt::print("\nOther figures\n");
+    for (const auto& s : res.scalars) {
+      fmt::print("{:<7} {:<15} {:<28} {:>7} {:>12.3f} {}\n", s.transport, s.impl, s.metric,
+                 s.size ? size_label(s.size) : std::string(), s.value, s.unit);
+    }
+  }
+}
+
+/// Writes every measured figure as a JSON list of
+/// {"transport", "impl", "metric", "size", "value", "unit"}; a row's mode and placement
+/// are suffixes of its metric ("rtt_p50.busy-poll.cross-core").
+inline bool write_json(const results& res, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (f == nullptr) {
+    fmt::print(stderr, "ipcoro-bench: cannot write {}: {}\n", path, std::strerror(errno));
+    return false;
+  }
+  bool first = true;
+  const auto row = [&](const std::string& transport, const std::string& impl, const std::string& metric,
+                       std::size_t size, double value, const char* unit) {
+    // JSON has no inf or NaN: a figure that could not be computed is null.
+    const std::string v = std::isfinite(value) ? fmt::format("{}", value) : std::string("null");
+    fmt::print(
+        f,
+        "{}\n  {{\"transport\": \"{}\", \"impl\": \"{}\", \"metric\": \"{}\", \"size\": {}, \"value\": {}, "
+        "\"unit\": \"{}\"}}",
+        first ? "" : ",", transport, impl, metric, size, v, unit);
+    first = false;
+  };
+  std::fputc('[', f);
+  for (const auto& r : res.rtt) {
+    if (!r.note.empty()) continue;
+    row(r.transport, r.impl, qualified("rtt_p50", r.mode, r.placement), 64, r.p50, "us");
+    row(r.transport, r.impl, qualified("rtt_p99", r.mode, r.placement), 64, r.p99, "us");
+    row(r.transport, r.impl, qualified("rtt_p999", r.mode, r.placement), 64, r.p999, "us");
+    row(r.transport, r.impl, qualified("rtt_mean", r.mode, r.placement), 64, r.mean, "us");
+    row(r.transport, r.impl, qualified("rtt_cpu", r.mode, r.placement), 64, r.cpu_us, "us");
+    row(r.transport, r.impl, qualified("rtt_allocs_per_msg", r.mode, r.placement), 64, r.allocs,
+        "allocations");
+  }
+  for (const auto& r : res.tput) {
+    if (!r.note.empty()) continue;
+    row(r.transport, r.impl, qualified("throughput_msgs", r.mode, r.placement), r.size, r.msgs_per_s,
+        "msg/s");
+    row(r.transport, r.impl, qualified("throughput_bytes", r.mode, r.placement), r.size, r.bytes_per_s,
+        "B/s");
+    row(r.transport, r.impl, qualified("throughput_cpu", r.mode, r.placement), r.size, r.cpu_us, "us");
+    row(r.transport, r.impl, qualified("throughput_allocs_per_msg", r.mode, r.placement), r.size, r.allocs,
+        "allocations");
+  }
+  for (const auto& s : res.scalars) row(s.transport, s.impl, s.metric, s.size, s.value, s.unit.c_str());
+  std::fputs("\n]\n", f);
+  return std::fclose(f) == 0;
+}
+
+/// True when `gnuplot` can be run.
+inline bool have_gnuplot() { return std::system("gnuplot --version >/dev/null 2>&1") == 0; }
+
+/// Draws the chart with gnuplot: round-trip p50 per row (log scale) for each placement,
+/// and throughput in bytes/s at 64 KiB and in messages/s at 64 B.
+inline bool write_plot(const results& res, const std::string& png, const std::string& title) {
+  char dir_template[] = "/tmp/ipcoro-bench-plot-XXXXXX";
+  if (::mkdtemp(dir_template) == nullptr) return false;
+  const std::string dir = dir_template;
+  const auto label = [](const std::string& t, const std::string& impl, const std::string& mode) {
+    std::string s = t + " " + impl;
+    if (!mode.empty()) s += " " + mode;
+    return s;
+  };
+  // Colour by implementation: raw grey, ipcoro blue, channel green, Asio orange.
+  const auto colour = [](const std::string& impl) {
+    return impl == "raw" ? 1 : impl == "ipcoro" ? 2 : impl == "ipcoro-channel" ? 3 : 4;
+  };
+  const auto open = [&](const char* name) { return std::fopen((dir + "/" + name).c_str(), "w"); };
+  std::FILE* cross = open("rtt_cross.dat");
+  std::FILE* same = open("rtt_same.dat");
+  std::FILE* big = open("tput_big.dat");
+  std::FILE* small = open("tput_small.dat");
+  if (!cross || !same || !big || !small) return false;
+  for (const auto& r : res.rtt) {
+    if (!r.note.empty()) continue;
+    std::FILE* f = r.placement == "same-core" ? same : cross;
+    fmt::print(f, "\"{}\" {} {}\n", label(r.transport, r.impl, r.mode), r.p50, colour(r.impl));
+  }
+  for (const auto& r : res.tput) {
+    if (!r.note.empty()) continue;
+    if (r.size == 65536)
+      fmt::print(big, "\"{}\" {} {}\n", label(r.transport, r.impl, r.mode), r.bytes_per_s / 1e9,
+                 colour(r.impl));
+    if (r.size == 64)
+      fmt::print(small, "\"{}\" {} {}\n", label(r.transport, r.impl, r.mode), r.msgs_per_s / 1e6,
+                 colour(r.impl));
+  }
+  for (std::FILE* f : {cross, same, big, small}) std::fclose(f);
+  const std::string script = dir + "/plot.gp";
+  std::FILE* gp = std::fopen(script.c_str(), "w");
+  if (!gp) return false;
+  fmt::print(gp, R"gp(set terminal pngcairo size 1800,1300 font "sans,10" noenhanced
+set output "{png}"
+set multiplot layout 2,2 title "{title}  —  grey: raw syscalls, blue: ipcoro, green: ipcoro channel, orange: Asio"
+set style fill solid 0.8 border -1
+set boxwidth 0.7
+set grid ytics
+set xtics rotate by -50 left
+set key off
+set linetype 1 lc rgb "#999999"
+set linetype 2 lc rgb "#4477aa"
+set linetype 3 lc rgb "#228833"
+set linetype 4 lc rgb "#ee7733"
+set bmargin 9
+set rmargin 12
+set logscale y
+set title "64 B round trip p50, cross-core (us, log scale)"
+plot "{dir}/rtt_cross.dat" using 0:2:3:xtic(1) with boxes lc variable
+set title "64 B round trip p50, same core (us, log scale)"
+plot "{dir}/rtt_same.dat" using 0:2:3:xtic(1) with boxes lc variable
+unset logscale y
+set title "throughput at 64 KiB messages (GB/s)"
+plot "{dir}/tput_big.dat" using 0:2:3:xtic(1) with boxes lc variable
+set logscale y
+set title "throughput at 64 B messages (million msgs/s, log scale)"
+plot "{dir}/tput_small.dat" using 0:2:3:xtic(1) with boxes lc variable
+unset multiplot
+)gp",
+             fmt::arg("png", png), fmt::arg("title", title), fmt::arg("dir", dir));
+  std::fclose(gp);
+  const int rc = std::system(fmt::format("gnuplot '{}'", script).c_str());
+  for (const char* name : {"rtt_cross.dat", "rtt_same.dat", "tput_big.dat", "tput_small.dat", "plot.gp"})
+    ::unlink((dir + "/" + name).c_str());
+  ::rmdir(dir.c_str());
+  if (rc != 0) fmt::print(stderr, "ipcoro-bench: gnuplot failed (exit status {})\n", rc);
+  return rc == 0;
+}
+
+}  // namespace ipcoro::bench
