@@ -1,99 +1,84 @@
-// frame_pool: size-classed free lists of coroutine frames, one set per thread.
+// frame_pool: the slow paths of the per-thread frame pool (the fast ones are inline).
 #include "ipcoro/detail/frame_pool.hpp"
 
-#include <array>
-#include <cstdint>
-#include <new>
-
-namespace ipcoro::detail {
+namespace ipcoro::detail::frame_pool {
 namespace {
 
-constexpr std::size_t prefix = alignof(std::max_align_t);
-constexpr std::size_t granule = 64;
-constexpr std::size_t classes = 64;  // frames up to 4 KiB are pooled
-constexpr std::size_t per_class = 16;
-constexpr std::uint32_t not_pooled = 0xffffffff;
+static_assert(class_of(1) == 0 && class_of(64) == 0 && class_of(65) == 1 && class_of(4096) == 63);
+static_assert(class_of(4097) == 64 && block_size(64) == 8192 && class_of(65536 + 16) == 68);
+static_assert(block_size(classes - 1) == 1024 * 1024 && class_of(1024 * 1024 + 1) == classes);
+static_assert(sizeof(std::uint32_t) <= prefix && sizeof(free_block) <= prefix);
 
-struct block_header {
-  std::uint32_t size_class;
-};
-static_assert(sizeof(block_header) <= prefix);
+std::size_t limit_of(std::size_t size_class) noexcept {
+  return size_class < small_classes ? per_small_class : per_large_class;
+}
 
-struct free_block {
-  free_block* next;
-};
-
-class pool {
- public:
-  pool() noexcept { alive = true; }
-  pool(const pool&) = delete;
-  pool& operator=(const pool&) = delete;
-  ~pool() {
-    alive = false;
-    for (std::size_t c = 0; c < classes; ++c) {
-      while (free_block* b = heads_[c]) {
-        heads_[c] = b->next;
+/// Owns the thread's lists; its destructor runs at thread exit and frees what they hold.
+struct owner {
+  lists l{};
+  owner() noexcept { tls.current = &l; }
+  ~owner() {
+    tls.current = nullptr;
+    tls.gone = true;
+    for (free_block* head : l.heads) {
+      while (free_block* b = head) {
+        head = b->next;
         ::operator delete(b);
       }
     }
   }
-
-  void* take(std::size_t size_class) noexcept {
-    free_block* b = heads_[size_class];
-    if (b == nullptr) return nullptr;
-    heads_[size_class] = b->next;
-    --counts_[size_class];
-    --total_;
-    return b;
-  }
-
-  bool give(std::size_t size_class, void* block) noexcept {
-    if (counts_[size_class] == per_class) return false;
-    auto* b = static_cast<free_block*>(block);
-    b->next = heads_[size_class];
-    heads_[size_class] = b;
-    ++counts_[size_class];
-    ++total_;
-    return true;
-  }
-
-  std::size_t total() const noexcept { return total_; }
-
-  // Trivially destructible, so it can still be read while thread-local destructors run.
-  static thread_local bool alive;
-
- private:
-  std::array<free_block*, classes> heads_{};
-  std::array<std::uint8_t, classes> counts_{};
-  std::size_t total_ = 0;
 };
 
-thread_local bool pool::alive = false;
-thread_local pool frames;
+lists* lists_of_thread() noexcept {
+  if (tls.current != nullptr || tls.gone) return tls.current;
+  static thread_local owner o;  // made on the first pooled allocation of the thread
+  return tls.current;
+}
 
 void* with_header(void* block, std::uint32_t size_class) noexcept {
-  static_cast<block_header*>(block)->size_class = size_class;
+  *static_cast<std::uint32_t*>(block) = size_class;
   return static_cast<std::byte*>(block) + prefix;
 }
 
 }  // namespace
 
-void* allocate_frame(std::size_t size, bool pooled) {
+constinit thread_local slot tls{nullptr, false};
+
+void* allocate_slow(std::size_t size, bool pooled) {
   const std::size_t need = size + prefix;
-  const std::size_t size_class = (need + granule - 1) / granule - 1;
-  if (!pooled || size_class >= classes) return with_header(::operator new(need), not_pooled);
-  pool& p = frames;  // constructs the pool on first use in this thread
-  if (void* block = p.take(size_class)) return with_header(block, static_cast<std::uint32_t>(size_class));
-  return with_header(::operator new((size_class + 1) * granule), static_cast<std::uint32_t>(size_class));
+  const std::size_t size_class = class_of(need);
+  lists* l = pooled && size_class < classes ? lists_of_thread() : nullptr;
+  if (l == nullptr) return with_header(::operator new(need), not_pooled);
+  if (free_block* b = l->heads[size_class]) {  // a large class (small ones are inline)
+    l->heads[size_class] = b->next;
+    --l->counts[size_class];
+    return with_header(b, static_cast<std::uint32_t>(size_class));
+  }
+  return with_header(::operator new(block_size(size_class)), static_cast<std::uint32_t>(size_class));
 }
 
-void deallocate_frame(void* frame) noexcept {
-  void* block = static_cast<std::byte*>(frame) - prefix;
-  const std::uint32_t size_class = static_cast<block_header*>(block)->size_class;
-  if (size_class != not_pooled && pool::alive && frames.give(size_class, block)) return;
+void deallocate_slow(void* block, std::uint32_t size_class) noexcept {
+  if (size_class != not_pooled) {
+    lists* l = lists_of_thread();
+    if (l != nullptr && l->counts[size_class] < limit_of(size_class)) {
+      auto* b = static_cast<free_block*>(block);
+      b->next = l->heads[size_class];
+      l->heads[size_class] = b;
+      ++l->counts[size_class];
+      return;
+    }
+  }
   ::operator delete(block);
 }
 
-std::size_t pooled_frames() noexcept { return pool::alive ? frames.total() : 0; }
+}  // namespace ipcoro::detail::frame_pool
 
+namespace ipcoro::detail {
+std::size_t pooled_frames() noexcept {
+  std::size_t total = 0;
+  if (const frame_pool::lists* l = frame_pool::tls.current) {
+    for (const std::uint8_t n : l->counts) total += n;
+  }
+  return total;
+}
 }  // namespace ipcoro::detail

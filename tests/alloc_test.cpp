@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <thread>
 #include <vector>
 
 #include "counting_new.hpp"
@@ -226,4 +227,91 @@ TEST_CASE("steady-state pipe round trips, timeouts, timers and events allocate n
   REQUIRE(r.submitted >= 4u * round_trips);
   CHECK(r.after.deallocations - r.before.deallocations == 0);
   REQUIRE(r.after.allocations - r.before.allocations == 0);
+}
+
+// ---- the frame pool ----
+
+namespace {
+
+/// A pooled coroutine whose frame holds `N` bytes across a suspension point, so the frame
+/// is at least that large.
+template <std::size_t N>
+ipcoro::task<std::size_t> frame_of(ipcoro::detail::pooled_frame, std::size_t seed) {
+  std::array<unsigned char, N> local;
+  local.fill(static_cast<unsigned char>(seed));
+  co_await std::suspend_never{};
+  std::size_t sum = 0;
+  for (std::size_t i = 0; i < N; i += 4096) sum += local[i];
+  co_return sum + local[N - 1];
+}
+
+ipcoro::task<std::size_t> await_frames_of_every_class(int rounds) {
+  std::size_t sum = 0;
+  for (int i = 0; i < rounds; ++i) {
+    sum += co_await frame_of<100>({}, 1);
+    sum += co_await frame_of<3000>({}, 1);
+    sum += co_await frame_of<10 * 1024>({}, 1);
+    sum += co_await frame_of<64 * 1024>({}, 1);
+    sum += co_await frame_of<900 * 1024>({}, 1);
+  }
+  co_return sum;
+}
+
+ipcoro::task<std::size_t> await_oversized_frames(int rounds) {
+  std::size_t sum = 0;
+  for (int i = 0; i < rounds; ++i) sum += co_await frame_of<2 * 1024 * 1024>({}, 1);
+  co_return sum;
+}
+
+}  // namespace
+
+/// Each child's sum: one per 4 KiB step of its bytes, plus its last byte.
+constexpr std::size_t child_sum(std::size_t n) { return (n + 4095) / 4096 + 1; }
+
+TEST_CASE("pooled frames of every size up to 1 MiB are reused, so awaiting them allocates nothing once warm",
+          "[alloc][frame_pool]") {
+  ipcoro::io_context ctx;
+  (void)ipcoro::sync_wait(ctx, await_frames_of_every_class(1));  // warms the pool
+  const std::size_t pooled = ipcoro::detail::pooled_frames();
+  CHECK(pooled >= 5);
+  const alloc_snapshot before_short;
+  (void)ipcoro::sync_wait(ctx, await_frames_of_every_class(1));
+  const alloc_snapshot before_long;
+  const std::size_t sum = ipcoro::sync_wait(ctx, await_frames_of_every_class(50));
+  const alloc_snapshot after;
+  CHECK(sum == 50 * (child_sum(100) + child_sum(3000) + child_sum(10 * 1024) + child_sum(64 * 1024) +
+                     child_sum(900 * 1024)));
+  // A run costs what sync_wait and the driving task cost, whatever the number of awaits.
+  CHECK(after.allocations - before_long.allocations == before_long.allocations - before_short.allocations);
+  CHECK(ipcoro::detail::pooled_frames() == pooled);
+}
+
+TEST_CASE("frames larger than 1 MiB come from the heap every time and go back to it", "[alloc][frame_pool]") {
+  ipcoro::io_context ctx;
+  (void)ipcoro::sync_wait(ctx, await_oversized_frames(1));
+  const std::size_t pooled = ipcoro::detail::pooled_frames();
+  const alloc_snapshot before_short;
+  (void)ipcoro::sync_wait(ctx, await_oversized_frames(1));
+  const alloc_snapshot before_long;
+  (void)ipcoro::sync_wait(ctx, await_oversized_frames(11));
+  const alloc_snapshot after;
+  const std::uint64_t short_run = before_long.allocations - before_short.allocations;
+  CHECK(after.allocations - before_long.allocations == short_run + 10);
+  CHECK(after.deallocations - before_long.deallocations == after.allocations - before_long.allocations);
+  CHECK(ipcoro::detail::pooled_frames() == pooled);
+}
+
+TEST_CASE("a thread's pool frees what it holds when the thread exits", "[alloc][frame_pool]") {
+  std::size_t held = 0;
+  const alloc_snapshot before;
+  std::thread t([&] {
+    ipcoro::io_context ctx;
+    (void)ipcoro::sync_wait(ctx, await_frames_of_every_class(2));
+    held = ipcoro::detail::pooled_frames();
+  });
+  t.join();
+  const alloc_snapshot after;
+  CHECK(held >= 5);
+  // Everything the thread allocated (the pool's blocks among it) was freed by its exit.
+  CHECK(after.allocations - before.allocations == after.deallocations - before.deallocations);
 }
