@@ -343,6 +343,15 @@ struct io_context::impl {
     if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
     arm_wake();
     const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
+    if (must_not_wait && backlog_head == nullptr && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
+      // Only coroutines to resume and nothing to submit: a hand-over between coroutines
+      // (an event, an in-process channel) needs no syscall. Entering at least every
+      // `enter_every` turns keeps I/O completions from starving: with DEFER_TASKRUN the
+      // kernel posts them only when this thread enters.
+      reap();
+      return true;
+    }
+    turns_without_enter = 0;
     if (!must_not_wait && busy_poll_ns > 0 && busy_poll()) {
       reap();
       return true;
@@ -378,6 +387,8 @@ struct io_context::impl {
   }
 
   std::int64_t busy_poll_ns = 0;
+  static constexpr unsigned enter_every = 64;
+  unsigned turns_without_enter = 0;
 
   void rethrow_pending() {
     if (pending_error) std::rethrow_exception(std::exchange(pending_error, nullptr));
