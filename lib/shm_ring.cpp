@@ -20,6 +20,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstddef>
 #include <cstring>
 #include <new>
 #include <stdexcept>
@@ -75,6 +76,15 @@ struct event_count {
 };
 constexpr std::uint32_t sleeper_bit = 1;
 
+// ring_header::fence_required. Off: publishers issue no fence; each sleeper orders their
+// publications with membarrier(). Requested: every publisher fences its publication from
+// now on (set by a process that cannot issue membarrier, or by a side that sleeps so often
+// that a syscall per sleep costs more than a fence per message); a publication already
+// under way may still be unfenced. In force: requested, and a membarrier() has run since,
+// so no unfenced publication is left and sleepers need no barrier of their own. Only ever
+// moves up: a ring that once slept often stays in fence mode.
+enum fence_mode : std::uint32_t { fence_off = 0, fence_requested = 1, fence_in_force = 2 };
+
 // An attached process, packed into one word so that it is claimed, read and released
 // atomically: pid (24 bits; pid_max is at most 2^22), role (2 bits), start time (38 bits of
 // clock ticks since boot, 87 years at 100 Hz). 0: free.
@@ -86,7 +96,7 @@ struct ring_header {
   ring_config config;
   alignas(64) std::atomic<std::uint32_t> sender_closed;  // SPSC: end of stream; MPMC: ring closed
   std::atomic<std::uint32_t> receiver_closed;            // SPSC only: sends fail with EPIPE
-  std::atomic<std::uint32_t> fence_required;             // sticky: an endpoint cannot issue membarrier
+  std::atomic<std::uint32_t> fence_required;             // sticky fence_mode: publishers fence per message
   alignas(64) std::atomic<std::int32_t> cpu[2];          // CPU a sender [0] / receiver [1] last ran on, + 1
   alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
   alignas(64) std::atomic<std::uint64_t> head;           // SPSC: bytes released (acknowledged); MPMC: next receive position
@@ -95,6 +105,7 @@ struct ring_header {
   alignas(64) participant_word participants[participant_count];  // SPSC: [0] sender, [1] receiver
 };
 static_assert(sizeof(ring_header) <= ring_header_size);
+static_assert(offsetof(ring_header, fence_required) == 72, "tests/shm_ring_test.cpp reads the fence mode here");
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
               "the ring's words must be address-free lock-free atomics to live in shared memory");
 
@@ -478,10 +489,14 @@ public:
   ring_endpoint& operator=(const ring_endpoint&) = delete;
 
   outcome try_send(std::span<const std::byte> message) {
-    return kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    const outcome r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    moved_ += r == outcome::done;
+    return r;
   }
   outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
-    return kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    const outcome r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    moved_ += r == outcome::done;
+    return r;
   }
 
   /// Polls `attempt` for at most the spin budget: the number of polls it took, 0 if it
@@ -523,6 +538,10 @@ private:
   /// The sleeper's half: announce on `ev`, then make every waker's earlier publication
   /// visible here. Returns the value to wait on.
   std::uint32_t prepare_sleep(event_count& ev) noexcept;
+  /// Moves ring_header::fence_required up to `to` (never down).
+  void raise_fence_mode(std::uint32_t to) noexcept;
+  /// Counts a wait starting `now`; asks for fence mode when this side sleeps often.
+  void note_wait(clock::time_point now) noexcept;
   /// When a wait that starts `now` must end: the earlier of the operation's deadline and
   /// its timeout counted from now.
   template <class Operation>
@@ -571,6 +590,11 @@ private:
   std::uint64_t read_pos_ = 0;    // receiver: next record
   std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
   std::chrono::nanoseconds spin_budget_;
+  // How often this side sleeps: messages it moved, and the last wait's start.
+  std::uint64_t moved_ = 0;
+  std::uint64_t moved_at_last_wait_ = 0;
+  clock::time_point last_wait_{};
+  unsigned short_waits_ = 0;  // consecutive waits soon after the previous one
   bool fenceless_ = false;    // this process is registered for the asymmetric barrier
   std::int32_t cpu_tag_ = 0;  // what this side last wrote into hdr_->cpu
 };
@@ -646,7 +670,7 @@ void ring_endpoint::attach() {
   // A process that cannot issue membarrier() makes every waker fence. (A waker that
   // published without a fence just before seeing this delays that one wake-up by at most
   // a peer check interval.)
-  if (!fenceless_) hdr_->fence_required.store(1, std::memory_order_seq_cst);
+  if (!fenceless_) raise_fence_mode(fence_requested);
   cpu_tag_ = current_cpu_tag();
   hdr_->cpu[role_ == role_sender ? 0 : 1].store(cpu_tag_, std::memory_order_relaxed);
   if (kind_ == kind_spsc) {
@@ -1026,10 +1050,41 @@ std::uint32_t ring_endpoint::prepare_sleep(event_count& ev) noexcept {
   // A waker that publishes without a fence may still hold its position in its store
   // buffer, and may have read the futex word before the bit was set: membarrier() runs a
   // fence on it, so that after it the waker either sees the bit or its position is visible.
-  if (hdr_->fence_required.load(std::memory_order_relaxed) == 0 && !asymmetric_barrier()) {
-    hdr_->fence_required.store(1, std::memory_order_seq_cst);
+  // Once fences are in force, every waker fences: the classic pairing with ours above.
+  const std::uint32_t mode = hdr_->fence_required.load(std::memory_order_acquire);
+  if (mode == fence_in_force || !fenceless_) return key;
+  if (asymmetric_barrier()) {
+    if (mode == fence_requested) raise_fence_mode(fence_in_force);
+  } else {
+    // membarrier() failed (a seccomp filter, say): fence like a process without it.
+    fenceless_ = false;
+    raise_fence_mode(fence_requested);
   }
   return key;
+}
+
+void ring_endpoint::raise_fence_mode(std::uint32_t to) noexcept {
+  std::uint32_t mode = hdr_->fence_required.load(std::memory_order_relaxed);
+  while (mode < to && !hdr_->fence_required.compare_exchange_weak(mode, to, std::memory_order_seq_cst)) {
+  }
+}
+
+void ring_endpoint::note_wait(clock::time_point now) noexcept {
+  // Request/response traffic sleeps after every message or two; streaming sleeps rarely.
+  // After `sleepy_waits` waits in a row that each came soon after the last, fences per
+  // message are cheaper than a membarrier() per sleep (about 1 us here, and an
+  // interruption of every CPU running a registered process).
+  constexpr unsigned sleepy_waits = 8;
+  constexpr std::uint64_t few_messages = 64;
+  constexpr auto soon = std::chrono::milliseconds(2);
+  const bool short_wait = moved_ - moved_at_last_wait_ < few_messages && now - last_wait_ < soon;
+  short_waits_ = short_wait ? short_waits_ + 1 : 0;
+  moved_at_last_wait_ = moved_;
+  last_wait_ = now;
+  if (short_waits_ >= sleepy_waits && fenceless_ && options_.adaptive_fences &&
+      hdr_->fence_required.load(std::memory_order_relaxed) == fence_off) {
+    raise_fence_mode(fence_requested);  // the next prepare_sleep puts it in force
+  }
 }
 
 bool ring_endpoint::worth_spinning() noexcept {
@@ -1071,7 +1126,9 @@ unsigned ring_endpoint::spin(Attempt attempt) {
 
 wait_task ring_endpoint::send_wait(ring_send_operation& op) {
   event_count& ev = hdr_->space;
-  const clock::time_point deadline = deadline_of(op, clock::now());
+  const clock::time_point start = clock::now();
+  const clock::time_point deadline = deadline_of(op, start);
+  note_wait(start);
   pid_t dead = 0;
   for (;;) {
     const std::uint32_t key = prepare_sleep(ev);
@@ -1093,7 +1150,9 @@ wait_task ring_endpoint::send_wait(ring_send_operation& op) {
 
 wait_task ring_endpoint::receive_wait(ring_receive_operation& op) {
   event_count& ev = hdr_->data;
-  const clock::time_point deadline = deadline_of(op, clock::now());
+  const clock::time_point start = clock::now();
+  const clock::time_point deadline = deadline_of(op, start);
+  note_wait(start);
   pid_t dead = 0;
   for (;;) {
     const std::uint32_t key = prepare_sleep(ev);

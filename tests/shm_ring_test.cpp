@@ -208,7 +208,14 @@ namespace {
 /// `rounds` round trips with a child echo: pings through an SPSC ring, pongs through an
 /// SPSC or an MPMC ring. No periodic wake-up hides a lost one: a lost wake-up shows as a
 /// timeout.
-void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membarrier = false) {
+/// The ring's fence mode (ring_header::fence_required in lib/shm_ring.cpp, at byte 72):
+/// 0 off, 1 requested, 2 in force.
+std::uint32_t fence_mode(std::span<std::byte> ring) {
+  return std::atomic_ref<std::uint32_t>(*reinterpret_cast<std::uint32_t*>(ring.data() + 72)).load();
+}
+
+void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membarrier = false,
+               bool adaptive_fences = true) {
   const std::size_t ping_size = ipcoro::spsc_ring_region_size(4096);
   const std::size_t pong_size = mpmc_pong ? ipcoro::mpmc_ring_region_size(8, 64) : ping_size;
   shared_memory mem(ping_size + pong_size);
@@ -220,6 +227,7 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membar
   ipcoro::ring_options opts;
   opts.peer_check_interval = 1h;
   opts.spin = std::chrono::microseconds(spin_us);
+  opts.adaptive_fences = adaptive_fences;
 
   child_process echo([&] {
     if (echo_without_membarrier) ::setenv("IPCORO_RING_NO_MEMBARRIER", "1", 1);
@@ -256,6 +264,11 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membar
     tx.close();
   }());
   REQUIRE(echo.wait(30s) == 0);
+  if (spin_us == 0 && !echo_without_membarrier) {
+    // Sleeping after every message switches both rings to fences, unless told not to.
+    CHECK(fence_mode(ping) == (adaptive_fences ? 2u : 0u));
+    CHECK(fence_mode(pong) == (adaptive_fences ? 2u : 0u));
+  }
 }
 }  // namespace
 
@@ -263,7 +276,10 @@ TEST_CASE("a ping-pong between two processes loses no wake-up, sleeping or spinn
           "[shm_ring][wakeup]") {
   const int spin_us = GENERATE(0, 20);
   const bool mpmc_pong = GENERATE(false, true);
-  ping_pong(spin_us, mpmc_pong, 3000);
+  // With adaptive fences the rings switch to a fence per message after a few sleeps;
+  // without, every sleep pairs with the publishers through membarrier().
+  const bool adaptive_fences = GENERATE(true, false);
+  ping_pong(spin_us, mpmc_pong, 3000, false, adaptive_fences);
 }
 
 TEST_CASE("a ping-pong loses no wake-up when one process cannot use membarrier (every sender then fences)",

@@ -60,8 +60,11 @@
 // second look sees it; if after, the publisher's read of the futex word comes after the
 // fence too and sees the bit. (A process that cannot use membarrier — Linux < 4.16, a
 // seccomp filter — marks the ring, and then every publisher issues a fence per message
-// instead, the classic Dekker pairing.) A change of the word between the sleeper's read
-// and its entry into the kernel makes FUTEX_WAIT return at once.
+// instead, the classic Dekker pairing. So does a side that sleeps often — eight waits in a
+// row, each within 2 ms of the last and fewer than 64 messages after it, as in
+// request/response traffic — since there a fence per message is cheaper than a membarrier
+// per sleep; the ring then stays in that mode.) A change of the word between the sleeper's
+// read and its entry into the kernel makes FUTEX_WAIT return at once.
 //
 // Every wait can end: by data or space, by the peer closing (end of stream / EPIPE), by
 // the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out), by
@@ -119,6 +122,11 @@ struct ring_options {
   /// restarted after a crash gets the unacknowledged ones again. The sender can then
   /// only reuse acknowledged space.
   bool manual_ack = false;
+  /// Lets this side switch the ring to a fence per published message once it sleeps
+  /// often (request/response traffic): then a fence per message costs less than the
+  /// membarrier() each sleep otherwise needs. The switch holds for the whole ring, for as
+  /// long as it exists. false: this side never asks for it (others still may).
+  bool adaptive_fences = true;
 };
 
 /// Size of the ring header at the start of a region; the data follows it.
