@@ -797,7 +797,9 @@ pair_result measure_ring(const job& j, std::vector<double>* rtt) {
   std::optional<region> back;
   if (j.what == kind::rtt) back.emplace(j.transport, layout, ipcoro::format_spsc_ring);
   ipcoro::ring_options opts;
-  if (j.mode == "spin") opts.spin = ring_spin_budget;
+  // "sleep": park at once when the ring is empty or full (the target's "when sleeping");
+  // "spin": busy-poll first. The default options (a short adaptive spin) lie between.
+  opts.spin = j.mode == "spin" ? std::chrono::nanoseconds(ring_spin_budget) : std::chrono::nanoseconds::zero();
   const auto side = [&](bool peer, window& w) {
     ipcoro::io_context ctx;
     coro_ring_end e;
