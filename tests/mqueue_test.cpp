@@ -1115,3 +1115,41 @@ TEST_CASE("no queue of this test run is left in the mqueue namespace", "[mqueue]
 }
 
 }  // namespace
+
+TEST_CASE("after a receive that had to wait, messages already queued still come whole and in order",
+          "[mqueue]") {
+  // A receive that found the queue empty sends the next few straight to the ring's poll;
+  // those must take what is queued at once, in order, and the ones after must too.
+  const std::string name = queue_name("skips");
+  const unlink_guard guard(name);
+  auto q = message_queue::create(name, {10, 64});
+  ipcoro::io_context ctx;
+  const int received = ipcoro::sync_wait(ctx, [&]() -> task<int> {
+    auto [first, fill] = co_await ipcoro::when_all(
+        [&]() -> task<int> {
+          std::array<std::byte, 64> buf{};
+          const ipcoro::mq_message m = co_await q.receive(buf);  // waits: the queue is empty
+          int v = -1;
+          std::memcpy(&v, buf.data(), sizeof v);
+          co_return m.size == sizeof v ? v : -1;
+        }(),
+        [&]() -> task<int> {  // starts once the receive above waits
+          for (int i = 0; i < 10; ++i) co_await q.send(bytes_of(i));
+          co_return 0;
+        }());
+    (void)fill;
+    if (first != 0) co_return -1;
+    int n = 1;
+    // Nine queued (1..9), then eleven more sent one at a time, each received at once.
+    for (int i = 1; i < 20; ++i, ++n) {
+      if (i >= 10) co_await q.send(bytes_of(i));
+      std::array<std::byte, 64> buf{};
+      const ipcoro::mq_message m = co_await q.receive(buf);
+      int v = -1;
+      std::memcpy(&v, buf.data(), sizeof v);
+      if (m.size != sizeof v || v != i) co_return -100 - i;
+    }
+    co_return n;
+  }());
+  REQUIRE(received == 20);
+}

@@ -196,6 +196,9 @@ private:
   mq_attributes attributes_{};
   pid_t owner_pid_ = 0;  ///< the creator's pid while this object owns the name
   mutable std::unique_ptr<std::byte[]> scratch_;  ///< header + payload of a labelled send
+  /// Receives left that go straight to the ring's poll, without first trying
+  /// mq_receive: set after a try found the queue empty (see mq_receive_operation::attempt).
+  mutable std::uint8_t receive_skips_ = 0;
 };
 
 class mq_demux;
