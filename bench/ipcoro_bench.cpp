@@ -627,32 +627,25 @@ pair_result measure_stream(const job& j, std::vector<double>* rtt) {
     ipcoro::pipe_pair there = ipcoro::make_pipe(opts);
     ipcoro::pipe_pair back;
     if (j.what == kind::rtt) back = ipcoro::make_pipe(opts);
+    // Round trips: the peer reads `there` and answers on `back`, the measurer the other way
+    // round; throughput: the peer writes `there`, the measurer reads it. Each side keeps
+    // its ends and closes the rest.
+    const auto side = [&](bool peer, window& w) {
+      ipcoro::unique_fd in, out;
+      if (j.what == kind::rtt) {
+        in = (peer ? there : back).reader.release_fd();
+        out = (peer ? back : there).writer.release_fd();
+      } else if (peer) {
+        out = there.writer.release_fd();
+      } else {
+        in = there.reader.release_fd();
+      }
+      there = {};
+      back = {};
+      stream_side(j, peer, in.get(), out.get(), w, peer ? nullptr : rtt);
+    };
     return run_pair(
-        j.where,
-        [&](window& w) {  // round trips: reads `there`, answers on `back`; throughput: writes `there`
-          ipcoro::unique_fd in, out;
-          if (j.what == kind::rtt) {
-            in = there.reader.release_fd();
-            out = back.writer.release_fd();
-          } else {
-            out = there.writer.release_fd();
-          }
-          there = {};
-          back = {};
-          stream_side(j, true, in.get(), out.get(), w, nullptr);
-        },
-        [&](window& w) {
-          ipcoro::unique_fd in, out;
-          if (j.what == kind::rtt) {
-            in = back.reader.release_fd();
-            out = there.writer.release_fd();
-          } else {
-            in = there.reader.release_fd();
-          }
-          there = {};
-          back = {};
-          stream_side(j, false, in.get(), out.get(), w, rtt);
-        });
+        j.where, [&](window& w) { side(true, w); }, [&](window& w) { side(false, w); });
   }
   // FIFOs: throughput uses one (the peer writes, the measurer reads), round trips two;
   // both sides open them in the same order, so neither waits forever.
