@@ -525,6 +525,8 @@ struct mq_sending {
     queue.close();
   }
   void detach() noexcept { queue.close(); }
+  /// A queue cannot tell a failed sender from a busy one: leave as detach does.
+  void abort() noexcept { queue.close(); }
 };
 
 /// The queue under a message channel's receiving end.
@@ -553,6 +555,8 @@ struct ring_sending {
   }
   void close(std::uint32_t) noexcept { ring.close(); }
   void detach() noexcept { ring.detach(); }
+  /// The ring keeps this process as a sender, so its exit reads as a death (peer_died).
+  void abort() noexcept { ring.abandon(); }
 };
 
 template <class Ring>
@@ -622,6 +626,7 @@ class message_send_port final : public send_port {
 
   void close() noexcept override { transport_.close(short_fingerprint(identity().fingerprint)); }
   void detach() noexcept override { transport_.detach(); }
+  void abort() noexcept override { transport_.abort(); }
   std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
 
  private:

@@ -509,6 +509,9 @@ public:
 
   void close() noexcept;
   void detach() noexcept;
+  /// Goes without removing this process's record, so that the other side takes the
+  /// process's exit for the death of a peer.
+  void abandon() noexcept { participant_index_ = -1; }
   void ack() noexcept;
   std::size_t max_message() const noexcept { return max_message_; }
   std::size_t capacity() const noexcept { return capacity_; }
@@ -1274,6 +1277,11 @@ void spsc_ring_sender::close() noexcept {
 void spsc_ring_sender::detach() noexcept {
   if (endpoint_) endpoint_->detach();
 }
+void spsc_ring_sender::abandon() noexcept {
+  if (!endpoint_) return;
+  endpoint_->abandon();
+  endpoint_.reset();
+}
 std::size_t spsc_ring_sender::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
 std::size_t spsc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
@@ -1308,6 +1316,11 @@ mpmc_ring_sender::mpmc_ring_sender(mpmc_ring_sender&&) noexcept = default;
 mpmc_ring_sender& mpmc_ring_sender::operator=(mpmc_ring_sender&&) noexcept = default;
 mpmc_ring_sender::~mpmc_ring_sender() = default;
 void mpmc_ring_sender::detach() noexcept { endpoint_.reset(); }
+void mpmc_ring_sender::abandon() noexcept {
+  if (!endpoint_) return;
+  endpoint_->abandon();
+  endpoint_.reset();
+}
 void mpmc_ring_sender::close() noexcept {
   if (endpoint_) endpoint_->close();
 }

@@ -548,6 +548,36 @@ TEST_CASE("a sender killed mid-stream ends the receive with an error saying so, 
   CHECK(contains(error, "died"));
 }
 
+TEST_CASE("an aborted ring sender reads as a dead peer once its process has exited", "[channel][ipc]") {
+  const std::string transport = GENERATE("shm", "shm-mpmc", "file");
+  const std::string address = fresh_address(transport);
+  CAPTURE(address);
+  {
+    channel_link link = channel_link::create(address);
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<int> tx = link.sender<int>();
+      link.reset();
+      ipcoro::sync_wait(ctx, tx.send(7));
+      tx.abort();
+      return 0;
+    });
+    channel_receiver<int> rx = link.receiver<int>();
+    link.reset();
+    REQUIRE(child.wait() == 0);
+    ipcoro::io_context ctx;
+    CHECK(ipcoro::sync_wait(ctx, rx.receive()) == 7);
+    std::string error;
+    try {
+      (void)ipcoro::sync_wait(ctx, rx.receive());
+    } catch (const ipcoro::peer_died& e) {
+      error = e.what();
+    }
+    CHECK(contains(error, "died"));
+  }
+  CHECK(nothing_left_behind());
+}
+
 // ---- addresses ----
 
 TEST_CASE("bad channel addresses are refused with a message saying what is expected", "[channel]") {

@@ -156,8 +156,9 @@ class channel_sender {
 
   /// Ends the stream with an error instead of a clean end, for a producer that failed:
   /// an in-process receiver, or one across a pipe or FIFO, gets channel_error; across an
-  /// SPSC ring, peer_died once this process has exited. (A message queue or MPMC ring
-  /// cannot tell: its receivers wait, as for a sender that is still busy.) Never throws.
+  /// SPSC ring, peer_died once this process has exited; across an MPMC ring, peer_died
+  /// once every sender, this process among them, has died. (A message queue cannot tell:
+  /// its receivers wait, as for a sender that is still busy.) Never throws.
   void abort() noexcept {
     if (local_) {
       local_->sender_aborted = true;

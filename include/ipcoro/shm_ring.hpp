@@ -286,6 +286,10 @@ public:
   /// Detaches without ending the stream: a later sender (another process, or after a
   /// restart) continues it.
   void detach() noexcept;
+  /// Lets go of the ring as a failed producer: neither closes nor detaches, so the ring
+  /// keeps this process as its sender, and the receiver gets peer_died once this process
+  /// has exited (no other sender can attach until then). The endpoint becomes empty.
+  void abandon() noexcept;
   /// The largest message this ring carries: capacity / 2 - 8.
   std::size_t max_message_size() const noexcept;
   /// Data bytes in the ring.
@@ -348,6 +352,10 @@ public:
   void close() noexcept;
   /// Leaves the ring without closing it (others go on sending); the destructor does the same.
   void detach() noexcept;
+  /// Lets go of the ring as a failed producer: like detach(), but the ring keeps this
+  /// process's record, so receivers get peer_died once every sender, this process among
+  /// them, has died. The endpoint becomes empty.
+  void abandon() noexcept;
   std::size_t max_message_size() const noexcept;
   /// Number of slots.
   std::size_t capacity() const noexcept;
