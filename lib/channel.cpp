@@ -279,6 +279,94 @@ void receive_port::check_greeting(std::span<const std::byte> payload) const {
   }
 }
 
+// ---- leaving while an operation waits ----
+
+void port_base::leave(port_exit how) noexcept {
+  if (leaving_) return;
+  leaving_ = true;
+  exit_ = how;
+  if (in_flight_ == 0) {
+    finish_once();
+  } else {
+    // Interrupts the operation waiting in the transport; its in_flight finishes the end
+    // on the way out, once nothing uses the transport any more.
+    stop_.request_stop();
+  }
+}
+
+void port_base::finish_once() noexcept {
+  if (finished_) return;
+  finished_ = true;
+  finish(exit_);
+}
+
+bool port_wait::start(std::coroutine_handle<> awaiter) {
+  if (port_.leaving_) return false;
+  started_ = true;
+  if (caller_ != nullptr && caller_->stop_requested()) {
+    // Cancelled already: the task sees it at once, as under the caller's own token.
+    promise_.set_stop_token(*caller_);
+  } else {
+    promise_.set_stop_token(port_.stop_.get_token());
+  }
+  if (!promise_.start_for(awaiter, task_)) return false;
+  // Only a task that waits can be cancelled by its caller: forwarding (a registration on
+  // the caller's token) is left out of the path where the transport takes it at once.
+  if (caller_ != nullptr && caller_->stop_possible()) forward_.emplace(*caller_, forward_stop{&port_});
+  return true;
+}
+
+void port_wait::end() {
+  forward_.reset();
+  // The caller's cancellation used the stop source up; the next operation needs a fresh
+  // one (the only allocation here, and only after a cancellation).
+  if (!port_.leaving_ && port_.stop_.stop_requested()) port_.stop_ = std::stop_source{};
+}
+
+bool port_wait::left() const noexcept {
+  return port_.leaving_ && (caller_ == nullptr || !caller_->stop_requested());
+}
+
+namespace {
+const char* left_word(port_exit how) noexcept {
+  switch (how) {
+    case port_exit::close: return "closed";
+    case port_exit::detach: return "detached";
+    case port_exit::abort: return "aborted";
+  }
+  return "closed";
+}
+}  // namespace
+
+void throw_sender_left(const port_base& port, bool waited) {
+  throw channel_closed(fmt::format("channel {}: this sender was {} {} the send waited", port.address(),
+                                   left_word(port.left_how()), waited ? "while" : "before"));
+}
+
+void send_port::send_operation::await_resume() {
+  end();
+  if (started()) {
+    try {
+      commit_.handle().promise().take_result();
+      return;
+    } catch (const operation_cancelled&) {
+      if (!left()) throw;
+    }
+  }
+  throw_sender_left(port(), started());
+}
+
+bool receive_port::next_operation::await_resume() {
+  end();
+  if (!started()) return false;
+  try {
+    return fill_.handle().promise().take_result();
+  } catch (const operation_cancelled&) {
+    if (!left()) throw;
+    return false;
+  }
+}
+
 // ---- byte streams: pipes, FIFOs, inherited descriptors ----
 
 namespace {
@@ -335,9 +423,23 @@ class stream_send_port final : public send_port {
     return out;
   }
 
+  std::size_t max_payload() const noexcept override { return max_stream_payload; }
+
+ protected:
   task<void> commit(pooled_frame) override {
+    if (cut_) {
+      throw channel_error(fmt::format("channel {}: an earlier send was cancelled half way through its message; "
+                                      "the stream cannot go on (close() now aborts it)",
+                                      address()));
+    }
+    write_all_operation write{fd_.get(), std::span<const std::byte>{buf_.data(), used_}, path_};
     try {
-      co_await write_all_operation{fd_.get(), std::span<const std::byte>{buf_.data(), used_}, path_};
+      co_await write;
+    } catch (const operation_cancelled&) {
+      // Part of a frame is in the pipe: whatever follows would be read as the rest of it.
+      // Writes of up to PIPE_BUF bytes are atomic, so only large messages get here.
+      if (write.written() > 0) cut_ = true;
+      throw;
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
         throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
@@ -349,16 +451,15 @@ class stream_send_port final : public send_port {
 
   /// A byte stream's end of file cannot tell a closed sender from a dead one, so a sender
   /// that has spoken says goodbye with an end frame; a receiver that sees end of file
-  /// without it knows the sender died mid-stream.
-  void close() noexcept override {
-    if (fd_ && greeted_) {
+  /// without it knows the sender died mid-stream. A stream with a cut frame can only be
+  /// aborted: the receiver then reports the cut instead of misreading what follows.
+  void finish(port_exit how) noexcept override {
+    if (how != port_exit::abort && fd_ && greeted_ && !cut_) {
       const stream_head h{0, static_cast<std::uint32_t>(frame_kind::end)};
       write_patiently(fd_.get(), &h, sizeof h, end_patience);
     }
     fd_.reset();
   }
-  void abort() noexcept override { fd_.reset(); }
-  std::size_t max_payload() const noexcept override { return max_stream_payload; }
 
  private:
   void put(frame_kind kind, std::size_t length) noexcept {
@@ -373,6 +474,7 @@ class stream_send_port final : public send_port {
   byte_buffer buf_;
   std::size_t used_ = 0;
   bool greeted_ = false;
+  bool cut_ = false;
 };
 
 class stream_receive_port final : public receive_port {
@@ -385,6 +487,16 @@ class stream_receive_port final : public receive_port {
     buf_.grow(64 * 1024, 0);
   }
 
+  std::span<const std::byte> current() const noexcept override {
+    return {buf_data() + begin_ + head_size, length_};
+  }
+  void consume() noexcept override {
+    begin_ += head_size + length_;
+    current_ = false;
+    if (begin_ == end_) begin_ = end_ = 0;
+  }
+
+ protected:
   task<bool> fill(pooled_frame) override {
     if (current_) co_return true;
     if (ended_) co_return false;
@@ -448,15 +560,7 @@ class stream_receive_port final : public receive_port {
     }
   }
 
-  std::span<const std::byte> current() const noexcept override {
-    return {buf_data() + begin_ + head_size, length_};
-  }
-  void consume() noexcept override {
-    begin_ += head_size + length_;
-    current_ = false;
-    if (begin_ == end_) begin_ = end_ = 0;
-  }
-  void close() noexcept override {
+  void finish(port_exit) noexcept override {
     placeholder_.reset();
     fd_.reset();
     ended_ = true;
@@ -600,6 +704,9 @@ class message_send_port final : public send_port {
     return {buf_.data() + head_size, size};
   }
 
+  std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
+
+ protected:
   task<void> commit(pooled_frame) override {
     try {
       if (!greeted_) {
@@ -624,10 +731,13 @@ class message_send_port final : public send_port {
     }
   }
 
-  void close() noexcept override { transport_.close(short_fingerprint(identity().fingerprint)); }
-  void detach() noexcept override { transport_.detach(); }
-  void abort() noexcept override { transport_.abort(); }
-  std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
+  void finish(port_exit how) noexcept override {
+    switch (how) {
+      case port_exit::close: transport_.close(short_fingerprint(identity().fingerprint)); break;
+      case port_exit::detach: transport_.detach(); break;
+      case port_exit::abort: transport_.abort(); break;
+    }
+  }
 
  private:
   void put_head(std::byte* at, frame_kind kind) const noexcept {
@@ -650,6 +760,12 @@ class message_receive_port final : public receive_port {
     buf_.grow(transport_.max_message(), 0);
   }
 
+  std::span<const std::byte> current() const noexcept override {
+    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
+  }
+  void consume() noexcept override { current_ = false; }
+
+ protected:
   task<bool> fill(pooled_frame) override {
     if (current_) co_return true;
     if (ended_) co_return false;
@@ -689,11 +805,7 @@ class message_receive_port final : public receive_port {
     }
   }
 
-  std::span<const std::byte> current() const noexcept override {
-    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
-  }
-  void consume() noexcept override { current_ = false; }
-  void close() noexcept override {
+  void finish(port_exit) noexcept override {
     transport_.close();
     ended_ = true;
     current_ = false;

@@ -50,6 +50,9 @@ namespace detail {
 
 [[noreturn]] void throw_channel_closed(const char* what);
 [[noreturn]] void throw_channel_error(const char* what);
+/// channel_closed for a send that its own sender's close, detach or abort came before
+/// (`waited` false) or interrupted.
+[[noreturn]] void throw_sender_left(const port_base& port, bool waited);
 
 /// Parks a coroutine in a wait_list until woken (or cancelled).
 class [[nodiscard]] park_operation : waiter {
@@ -123,13 +126,17 @@ class channel_sender {
   [[nodiscard]] task<void> send(T value) {
     if (local_) return send_local(detail::pooled_frame{}, *local_, std::move(value));
     if constexpr (encodable<T>) {
-      if (port_) return send_port(detail::pooled_frame{}, *port_, std::move(value));
+      if (port_) return send_port(detail::pooled_frame{}, port_, std::move(value));
     }
     detail::throw_channel_closed("channel send: this sender is empty (moved from or closed)");
   }
 
   /// Ends the stream: receivers get what was sent, then an empty optional. Waiting
-  /// senders and receivers wake up. Never throws; a second close does nothing.
+  /// senders and receivers wake up; a send of this sender that is waiting (in another
+  /// coroutine) gets channel_closed, and its message is not sent. Never throws; a second
+  /// close does nothing. Across processes the transport is closed once that send has
+  /// returned; a stream message cut half way by it makes the close an abort, so the
+  /// receiver reports the cut instead of a clean end.
   void close() noexcept {
     if (local_) {
       local_->sender_closed = true;
@@ -138,17 +145,18 @@ class channel_sender {
       local_.reset();
     }
     if (port_) {
-      port_->close();
+      port_->leave(detail::port_exit::close);
       port_.reset();
     }
   }
 
   /// Leaves without ending the stream, for one of several senders on a transport that
   /// carries many (message queues, MPMC rings). For a pipe or FIFO this is close(): the
-  /// stream ends when every writer has closed.
+  /// stream ends when every writer has closed. A send of this sender that is waiting gets
+  /// channel_closed, as with close().
   void detach() noexcept {
     if (port_) {
-      port_->detach();
+      port_->leave(detail::port_exit::detach);
       port_.reset();
     }
     local_.reset();
@@ -158,14 +166,15 @@ class channel_sender {
   /// an in-process receiver, or one across a pipe or FIFO, gets channel_error; across an
   /// SPSC ring, peer_died once this process has exited; across an MPMC ring, peer_died
   /// once every sender, this process among them, has died. (A message queue cannot tell:
-  /// its receivers wait, as for a sender that is still busy.) Never throws.
+  /// its receivers wait, as for a sender that is still busy.) A send of this sender that
+  /// is waiting gets channel_closed, as with close(). Never throws.
   void abort() noexcept {
     if (local_) {
       local_->sender_aborted = true;
       close();
     }
     if (port_) {
-      port_->abort();
+      port_->leave(detail::port_exit::abort);
       port_.reset();
     }
   }
@@ -195,17 +204,22 @@ class channel_sender {
     }
   }
 
-  static task<void> send_port(detail::pooled_frame, detail::send_port& port, T value) {
+  // The operation owns a share of the port: the half may be closed or destroyed by
+  // another coroutine while it waits.
+  static task<void> send_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner, T value) {
+    detail::send_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving()) detail::throw_sender_left(port, false);
     const std::size_t size = codec<T>::size(value);
     codec<T>::encode(value, port.prepare(size));
-    co_await port.commit(detail::pooled_frame{});
+    co_await port.send_prepared();
     ++port.messages;
     port.bytes += size;
   }
 
   std::shared_ptr<detail::local_channel<T>> local_;
-  std::unique_ptr<detail::send_port> port_;
+  std::shared_ptr<detail::send_port> port_;
   std::uint64_t sent_local_ = 0;
   int uncaught_ = std::uncaught_exceptions();
 };
@@ -234,7 +248,7 @@ class channel_receiver {
   [[nodiscard]] task<std::optional<T>> receive() {
     if (local_) return receive_local(detail::pooled_frame{}, *local_);
     if constexpr (encodable<T>) {
-      if (port_) return receive_port(detail::pooled_frame{}, *port_);
+      if (port_) return receive_port(detail::pooled_frame{}, port_);
     }
     return nothing(detail::pooled_frame{});
   }
@@ -244,13 +258,16 @@ class channel_receiver {
   [[nodiscard]] task<void> ready() {
     if (local_) return ready_local(detail::pooled_frame{}, *local_);
     if constexpr (encodable<T>) {
-      if (port_) return ready_port(detail::pooled_frame{}, *port_);
+      if (port_) return ready_port(detail::pooled_frame{}, port_);
     }
     return nothing_void(detail::pooled_frame{});
   }
 
   /// Stops receiving: senders of an in-process channel, pipe, FIFO or SPSC ring get
-  /// channel_closed; values not yet received are dropped. Never throws.
+  /// channel_closed; values not yet received are dropped. A receive() or ready() of this
+  /// receiver that is waiting (in another coroutine) wakes up and reports the end of the
+  /// stream (a receive whose message had already arrived still returns it); across
+  /// processes the transport is closed once that operation has returned. Never throws.
   void close() noexcept {
     if (local_) {
       local_->receiver_closed = true;
@@ -259,7 +276,7 @@ class channel_receiver {
       local_.reset();
     }
     if (port_) {
-      port_->close();
+      port_->leave(detail::port_exit::close);
       port_.reset();
     }
   }
@@ -299,9 +316,13 @@ class channel_receiver {
     while (!s.readable()) co_await detail::park_operation{s.receivers};
   }
 
-  static task<std::optional<T>> receive_port(detail::pooled_frame, detail::receive_port& port) {
+  // As for the sender: the operations own a share of the port.
+  static task<std::optional<T>> receive_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {
+    detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
-    const bool got = co_await port.fill(detail::pooled_frame{});
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving()) co_return std::nullopt;
+    const bool got = co_await port.next();
     if (!got) co_return std::nullopt;
     const std::span<const std::byte> payload = port.current();
     std::optional<T> value;
@@ -317,16 +338,18 @@ class channel_receiver {
     co_return value;
   }
 
-  static task<void> ready_port(detail::pooled_frame, detail::receive_port& port) {
+  static task<void> ready_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {
+    detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
-    co_await port.fill(detail::pooled_frame{});
+    const detail::port_base::in_flight busy{port};
+    if (!port.leaving()) (void)co_await port.next();
   }
 
   static task<std::optional<T>> nothing(detail::pooled_frame) { co_return std::nullopt; }
   static task<void> nothing_void(detail::pooled_frame) { co_return; }
 
   std::shared_ptr<detail::local_channel<T>> local_;
-  std::unique_ptr<detail::receive_port> port_;
+  std::shared_ptr<detail::receive_port> port_;
   std::uint64_t received_local_ = 0;
 };
 

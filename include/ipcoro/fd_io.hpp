@@ -67,12 +67,15 @@ class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operat
 
 /// Writes the whole buffer, resubmitting after short writes (first trying, like
 /// write_operation, to write without the ring). Throws on error (EPIPE when
-/// the reader is gone); on error the bytes already written are not reported.
+/// the reader is gone); on error the bytes already written are not reported by the
+/// error, but written() still says how many there were.
 class [[nodiscard]] write_all_operation : public io_operation<write_all_operation> {
  public:
   write_all_operation(int fd, std::span<const std::byte> buffer,
                       write_path path = write_path::try_nowait_first) noexcept;
   void finish(int res) const;
+  /// The bytes written so far: after a cancellation, whether (and where) the write was cut.
+  std::size_t written() const noexcept { return done_; }
 
  private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;

@@ -6,10 +6,13 @@
 #include "ipcoro/mutex.hpp"
 #include "ipcoro/task.hpp"
 
+#include <coroutine>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
+#include <stop_token>
 #include <string>
 
 namespace ipcoro::detail {
@@ -24,8 +27,18 @@ struct frame_view {
   std::span<const std::byte> payload;
 };
 
-/// What both ends of a transport keep: the address (for messages), the type identity
-/// of the channel, a lock that serialises the coroutines using the end, and counters.
+/// How an end goes away: close (a clean end of stream), detach (leave, others go on),
+/// abort (an end the receivers see as a failure).
+enum class port_exit : unsigned char { close, detach, abort };
+
+/// What both ends of a transport keep: the address (for messages), the type identity of
+/// the channel, a lock that serialises the coroutines using the end, counters, and what
+/// lets leave() from one coroutine interrupt another one waiting in the transport.
+///
+/// Ends are shared (std::shared_ptr) by the channel half and every operation in flight,
+/// so leaving while another coroutine waits never frees what that coroutine uses: the
+/// wait is cancelled through the port's stop source, and the transport is finished once
+/// the operation has returned.
 class port_base {
  public:
   explicit port_base(std::string address) : address_(std::move(address)) {}
@@ -37,17 +50,102 @@ class port_base {
   void set_identity(type_identity id) { identity_ = std::move(id); }
   const type_identity& identity() const noexcept { return identity_; }
 
+  /// Ends this end: at once when no operation holds `lock`; otherwise the waiting
+  /// operation is interrupted and the end is finished when it returns. The first call
+  /// decides how; later calls do nothing. Never throws.
+  void leave(port_exit how) noexcept;
+  bool leaving() const noexcept { return leaving_; }
+  /// How this end left (meaningful once leaving()).
+  port_exit left_how() const noexcept { return exit_; }
+
+  /// Marks an operation as in flight from right after it took `lock` to its end, so that
+  /// a leave() meanwhile finishes the transport only once it is done with it.
+  class [[nodiscard]] in_flight {
+   public:
+    explicit in_flight(port_base& port) noexcept : port_(port) { ++port_.in_flight_; }
+    in_flight(const in_flight&) = delete;
+    in_flight& operator=(const in_flight&) = delete;
+    ~in_flight() {
+      if (--port_.in_flight_ == 0 && port_.leaving_) port_.finish_once();
+    }
+
+   private:
+    port_base& port_;
+  };
+
   mutex lock;
   std::uint64_t messages = 0;
   std::uint64_t bytes = 0;
 
+ protected:
+  /// Closes, detaches or aborts the transport itself; runs once, with nothing in flight.
+  virtual void finish(port_exit how) noexcept = 0;
+
  private:
+  friend class port_wait;
+  void finish_once() noexcept;
+
   std::string address_;
   type_identity identity_;
+  // Made once per port; replaced only after a caller's cancellation has used it up.
+  std::stop_source stop_;
+  int in_flight_ = 0;
+  port_exit exit_ = port_exit::close;
+  bool leaving_ = false;
+  bool finished_ = false;
+};
+
+/// Awaits a transport task of a port (commit, fill) so that leave() can interrupt it. The
+/// task runs under the port's stop source; once it has suspended, that source also
+/// follows the awaiting coroutine's own stop token, so a caller's cancellation still
+/// works. A task that completes without suspending touches no stop machinery beyond the
+/// token copy every task makes.
+class port_wait {
+ public:
+  port_wait(const port_wait&) = delete;
+  port_wait& operator=(const port_wait&) = delete;
+
+  bool await_ready() const noexcept { return false; }
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> awaiter) {
+    if constexpr (stop_token_carrier<P>) {
+      caller_ = &awaiter.promise().stop_token();
+    }
+    return start(awaiter);
+  }
+
+ protected:
+  port_wait(port_base& port, task_promise_base& promise, std::coroutine_handle<> task) noexcept
+      : port_(port), promise_(promise), task_(task) {}
+  ~port_wait() = default;
+
+  /// Call first in await_resume: ends the forwarding of the caller's stop token. Throws
+  /// std::bad_alloc only (renewing the stop source after a caller's cancellation).
+  void end();
+  /// True when leave() interrupted the wait (or came before it started), so that the
+  /// task's operation_cancelled, if any, means "this end is gone", not "the caller gave up".
+  bool left() const noexcept;
+  bool started() const noexcept { return started_; }
+  const port_base& port() const noexcept { return port_; }
+
+ private:
+  struct forward_stop {
+    port_base* port;
+    void operator()() const noexcept { port->stop_.request_stop(); }
+  };
+  bool start(std::coroutine_handle<> awaiter);
+
+  port_base& port_;
+  task_promise_base& promise_;
+  std::coroutine_handle<> task_;
+  const std::stop_token* caller_ = nullptr;
+  std::optional<std::stop_callback<forward_stop>> forward_;
+  bool started_ = false;
 };
 
 /// The sending end of a transport. One message at a time: prepare() hands out space for
-/// the payload, commit() sends it. Callers serialise through `lock`.
+/// the payload, send_prepared() sends it. Callers serialise through `lock` and hold an
+/// in_flight while they use the end.
 class send_port : public port_base {
  public:
   using port_base::port_base;
@@ -55,19 +153,27 @@ class send_port : public port_base {
   /// Space for a payload of `size` bytes. Throws channel_error when the transport cannot
   /// carry a message that large (the message says which option to raise).
   virtual std::span<std::byte> prepare(std::size_t size) = 0;
-  /// Sends the prepared message (after the greeting, the first time).
-  [[nodiscard]] virtual task<void> commit(pooled_frame) = 0;
-  /// Ends the stream for the receivers. Never throws.
-  virtual void close() noexcept = 0;
-  /// Leaves without ending the stream (another sender goes on).
-  virtual void detach() noexcept { close(); }
-  /// Goes away without ending the stream cleanly, so receivers learn that the sender
-  /// failed (an error on a stream, peer_died on an SPSC ring) instead of a clean end.
-  virtual void abort() noexcept { detach(); }
+
+  class [[nodiscard]] send_operation : public port_wait {
+   public:
+    send_operation(send_port& port, task<void> commit) noexcept
+        : port_wait(port, commit.handle().promise(), commit.handle()), commit_(std::move(commit)) {}
+    /// Throws channel_closed when this end left before or while the send waited.
+    void await_resume();
+
+   private:
+    task<void> commit_;
+  };
+  /// Sends the prepared message; throws channel_closed if this end is left (closed,
+  /// detached, aborted) before or while it waits, and operation_cancelled when the
+  /// caller's stop token is triggered.
+  send_operation send_prepared() { return send_operation{*this, commit(pooled_frame{})}; }
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
 
  protected:
+  /// Sends the prepared message (after the greeting, the first time).
+  [[nodiscard]] virtual task<void> commit(pooled_frame) = 0;
   /// The greeting's payload, built once.
   std::span<const std::byte> greeting();
 
@@ -75,20 +181,32 @@ class send_port : public port_base {
   std::string greeting_;
 };
 
-/// The receiving end of a transport. fill() makes the next data message current (checking
+/// The receiving end of a transport. next() makes the next data message current (checking
 /// greetings on the way) or reports the end of the stream; consume() moves past it.
 class receive_port : public port_base {
  public:
   using port_base::port_base;
 
-  /// True when a data message is current, false at the end of the stream. Cancelling it
-  /// loses nothing: whatever was read stays buffered in the port.
-  [[nodiscard]] virtual task<bool> fill(pooled_frame) = 0;
+  class [[nodiscard]] next_operation : public port_wait {
+   public:
+    next_operation(receive_port& port, task<bool> fill) noexcept
+        : port_wait(port, fill.handle().promise(), fill.handle()), fill_(std::move(fill)) {}
+    /// False at the end of the stream, or when this end left before or while it waited.
+    bool await_resume();
+
+   private:
+    task<bool> fill_;
+  };
+  /// True when a data message is current, false at the end of the stream or once this
+  /// end is left. Cancelling it through the caller's stop token loses nothing: whatever
+  /// was read stays buffered in the port.
+  next_operation next() { return next_operation{*this, fill(pooled_frame{})}; }
   virtual std::span<const std::byte> current() const noexcept = 0;
   virtual void consume() noexcept = 0;
-  virtual void close() noexcept = 0;
 
  protected:
+  /// The transport's part of next(): true with a current message, false at the end.
+  [[nodiscard]] virtual task<bool> fill(pooled_frame) = 0;
   /// Checks a greeting against the expected identity; throws channel_type_mismatch or
   /// channel_error (not a greeting at all).
   void check_greeting(std::span<const std::byte> payload) const;
