@@ -1257,6 +1257,85 @@ TEST_CASE("closing a sender wakes a send waiting in the transport and one waitin
   CHECK(got[0] == std::string(full_payload, 'a'));
 }
 
+TEST_CASE("destroying an in-process channel half while another coroutine waits on it is safe", "[channel][close]") {
+  ipcoro::io_context ctx;
+  SECTION("a receiver destroyed while its receive waits") {
+    auto [tx, rx] = ipcoro::make_channel<int>(1);
+    auto owned = std::make_unique<channel_receiver<int>>(std::move(rx));
+    bool ended = false;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_receiver<int>& rx, bool& ended) -> task<void> {
+                                 ended = !(co_await rx.receive());
+                               }(*owned, ended),
+                               [](std::unique_ptr<channel_receiver<int>>& rx) -> task<void> {
+                                 rx.reset();
+                                 co_return;
+                               }(owned)));
+    CHECK(ended);
+  }
+  SECTION("a sender destroyed while its send waits for room") {
+    auto [tx, rx] = ipcoro::make_channel<int>(1);
+    auto owned = std::make_unique<channel_sender<int>>(std::move(tx));
+    std::string error;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_sender<int>& tx, std::string& error) -> task<void> {
+                                 co_await tx.send(1);
+                                 try {
+                                   co_await tx.send(2);  // full: waits
+                                 } catch (const ipcoro::channel_closed& e) {
+                                   error = e.what();
+                                 }
+                               }(*owned, error),
+                               [](std::unique_ptr<channel_sender<int>>& tx) -> task<void> {
+                                 tx.reset();
+                                 co_return;
+                               }(owned)));
+    CHECK(contains(error, "closed"));
+    CHECK(ipcoro::sync_wait(ctx, rx.receive()) == 1);
+  }
+  SECTION("both halves gone before a woken receive runs") {
+    auto [tx, rx] = ipcoro::make_channel<int>(1);
+    auto sender = std::make_unique<channel_sender<int>>(std::move(tx));
+    auto receiver = std::make_unique<channel_receiver<int>>(std::move(rx));
+    bool ended = false;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_receiver<int>& rx, bool& ended) -> task<void> {
+                                 ended = !(co_await rx.receive());
+                               }(*receiver, ended),
+                               [](std::unique_ptr<channel_sender<int>>& tx,
+                                  std::unique_ptr<channel_receiver<int>>& rx) -> task<void> {
+                                 tx.reset();  // wakes the receive, which runs later
+                                 rx.reset();  // the last owner of the channel's state
+                                 co_return;
+                               }(sender, receiver)));
+    CHECK(ended);
+  }
+}
+
+TEST_CASE("message counts outlive close, in process and across processes", "[channel][close]") {
+  const bool linked = GENERATE(false, true);
+  CAPTURE(linked);
+  ipcoro::io_context ctx;
+  channel_sender<int> tx;
+  channel_receiver<int> rx;
+  if (linked) {
+    channel_link link = channel_link::create("pipe:");
+    tx = link.sender<int>();
+    rx = link.receiver<int>();
+  } else {
+    auto [s, r] = ipcoro::make_channel<int>(4);
+    tx = std::move(s);
+    rx = std::move(r);
+  }
+  ipcoro::sync_wait(ctx, tx.send(1));
+  ipcoro::sync_wait(ctx, tx.send(2));
+  CHECK(ipcoro::sync_wait(ctx, rx.receive()) == 1);
+  tx.close();
+  rx.close();
+  CHECK(tx.messages_sent() == 2);
+  CHECK(rx.messages_received() == 1);
+}
+
 TEST_CASE("cross-process channel round trips allocate nothing once warm", "[channel][alloc]") {
   const std::string transport = GENERATE("pipe", "mq", "shm", "shm-mpmc", "file");
   const std::string address = fresh_address(transport);

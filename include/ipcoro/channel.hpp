@@ -77,6 +77,8 @@ struct local_channel {
   std::vector<std::optional<T>> slots;
   std::size_t head = 0;
   std::size_t count = 0;
+  std::uint64_t sent = 0;
+  std::uint64_t received = 0;
   bool sender_closed = false;
   bool sender_aborted = false;
   bool receiver_closed = false;
@@ -104,6 +106,7 @@ class channel_sender {
       close();
       local_ = std::move(other.local_);
       port_ = std::move(other.port_);
+      sent_ = other.sent_;
       uncaught_ = other.uncaught_;
     }
     return *this;
@@ -124,7 +127,7 @@ class channel_sender {
   /// the value, `T v{...}; co_await tx.send(std::move(v));` — a braced temporary inside a
   /// co_await expression is copied bytewise, which breaks members such as std::string.)
   [[nodiscard]] task<void> send(T value) {
-    if (local_) return send_local(detail::pooled_frame{}, *local_, std::move(value));
+    if (local_) return send_local(detail::pooled_frame{}, local_, std::move(value));
     if constexpr (encodable<T>) {
       if (port_) return send_port(detail::pooled_frame{}, port_, std::move(value));
     }
@@ -137,30 +140,13 @@ class channel_sender {
   /// close does nothing. Across processes the transport is closed once that send has
   /// returned; a stream message cut half way by it makes the close an abort, so the
   /// receiver reports the cut instead of a clean end.
-  void close() noexcept {
-    if (local_) {
-      local_->sender_closed = true;
-      local_->receivers.wake_all();
-      local_->senders.wake_all();
-      local_.reset();
-    }
-    if (port_) {
-      port_->leave(detail::port_exit::close);
-      port_.reset();
-    }
-  }
+  void close() noexcept { leave(detail::port_exit::close); }
 
   /// Leaves without ending the stream, for one of several senders on a transport that
   /// carries many (message queues, MPMC rings). For a pipe or FIFO this is close(): the
   /// stream ends when every writer has closed. A send of this sender that is waiting gets
   /// channel_closed, as with close().
-  void detach() noexcept {
-    if (port_) {
-      port_->leave(detail::port_exit::detach);
-      port_.reset();
-    }
-    local_.reset();
-  }
+  void detach() noexcept { leave(detail::port_exit::detach); }
 
   /// Ends the stream with an error instead of a clean end, for a producer that failed:
   /// an in-process receiver, or one across a pipe or FIFO, gets channel_error; across an
@@ -168,19 +154,13 @@ class channel_sender {
   /// once every sender, this process among them, has died. (A message queue cannot tell:
   /// its receivers wait, as for a sender that is still busy.) A send of this sender that
   /// is waiting gets channel_closed, as with close(). Never throws.
-  void abort() noexcept {
-    if (local_) {
-      local_->sender_aborted = true;
-      close();
-    }
-    if (port_) {
-      port_->leave(detail::port_exit::abort);
-      port_.reset();
-    }
-  }
+  void abort() noexcept { leave(detail::port_exit::abort); }
 
-  /// Messages and payload bytes sent through this sender.
-  std::uint64_t messages_sent() const noexcept { return port_ ? port_->messages : sent_local_; }
+  /// Messages sent through this sender (still counted after it is closed).
+  std::uint64_t messages_sent() const noexcept {
+    if (port_) return port_->messages;
+    return local_ ? local_->sent : sent_;
+  }
   /// The largest encoded value the transport carries (unlimited in process).
   std::size_t max_message_size() const noexcept { return port_ ? port_->max_payload() : SIZE_MAX; }
   explicit operator bool() const noexcept { return local_ || port_; }
@@ -189,14 +169,35 @@ class channel_sender {
   explicit channel_sender(std::unique_ptr<detail::send_port> port) noexcept : port_(std::move(port)) {}
 
  private:
-  task<void> send_local(detail::pooled_frame, detail::local_channel<T>& s, T value) {
+  void leave(detail::port_exit how) noexcept {
+    if (local_) {
+      sent_ = local_->sent;
+      if (how != detail::port_exit::detach) {
+        local_->sender_closed = true;
+        local_->sender_aborted = how == detail::port_exit::abort;
+        local_->receivers.wake_all();
+        local_->senders.wake_all();
+      }
+      local_.reset();
+    }
+    if (port_) {
+      sent_ = port_->messages;
+      port_->leave(how);
+      port_.reset();
+    }
+  }
+
+  // The operations own a share of the state or port: the half may be closed or destroyed
+  // by another coroutine while they wait.
+  static task<void> send_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state, T value) {
+    detail::local_channel<T>& s = *state;
     for (;;) {
       if (s.receiver_closed) detail::throw_channel_closed("channel send: the receiver has closed the channel");
       if (s.sender_closed) detail::throw_channel_closed("channel send: the channel was closed");
       if (s.count < s.slots.size()) {
         s.slots[(s.head + s.count) % s.slots.size()].emplace(std::move(value));
         ++s.count;
-        ++sent_local_;
+        ++s.sent;
         s.receivers.wake_one();
         co_return;
       }
@@ -204,8 +205,6 @@ class channel_sender {
     }
   }
 
-  // The operation owns a share of the port: the half may be closed or destroyed by
-  // another coroutine while it waits.
   static task<void> send_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner, T value) {
     detail::send_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
@@ -220,7 +219,7 @@ class channel_sender {
 
   std::shared_ptr<detail::local_channel<T>> local_;
   std::shared_ptr<detail::send_port> port_;
-  std::uint64_t sent_local_ = 0;
+  std::uint64_t sent_ = 0;  // the count at close
   int uncaught_ = std::uncaught_exceptions();
 };
 
@@ -235,6 +234,7 @@ class channel_receiver {
       close();
       local_ = std::move(other.local_);
       port_ = std::move(other.port_);
+      received_ = other.received_;
     }
     return *this;
   }
@@ -246,7 +246,7 @@ class channel_receiver {
   /// bytes the codec rejects; cancellable through the caller's stop token (nothing is
   /// lost: a message read from the transport stays buffered for the next receive).
   [[nodiscard]] task<std::optional<T>> receive() {
-    if (local_) return receive_local(detail::pooled_frame{}, *local_);
+    if (local_) return receive_local(detail::pooled_frame{}, local_);
     if constexpr (encodable<T>) {
       if (port_) return receive_port(detail::pooled_frame{}, port_);
     }
@@ -256,7 +256,7 @@ class channel_receiver {
   /// Completes once receive() would not wait: a value is ready or the stream has ended.
   /// Consumes nothing. select() is built on it.
   [[nodiscard]] task<void> ready() {
-    if (local_) return ready_local(detail::pooled_frame{}, *local_);
+    if (local_) return ready_local(detail::pooled_frame{}, local_);
     if constexpr (encodable<T>) {
       if (port_) return ready_port(detail::pooled_frame{}, port_);
     }
@@ -270,18 +270,24 @@ class channel_receiver {
   /// processes the transport is closed once that operation has returned. Never throws.
   void close() noexcept {
     if (local_) {
+      received_ = local_->received;
       local_->receiver_closed = true;
       local_->senders.wake_all();
       local_->receivers.wake_all();
       local_.reset();
     }
     if (port_) {
+      received_ = port_->messages;
       port_->leave(detail::port_exit::close);
       port_.reset();
     }
   }
 
-  std::uint64_t messages_received() const noexcept { return port_ ? port_->messages : received_local_; }
+  /// Messages received through this receiver (still counted after it is closed).
+  std::uint64_t messages_received() const noexcept {
+    if (port_) return port_->messages;
+    return local_ ? local_->received : received_;
+  }
   explicit operator bool() const noexcept { return local_ || port_; }
 
   /// For select(): another waiting receiver of the same in-process channel gets the turn
@@ -294,7 +300,9 @@ class channel_receiver {
   explicit channel_receiver(std::unique_ptr<detail::receive_port> port) noexcept : port_(std::move(port)) {}
 
  private:
-  task<std::optional<T>> receive_local(detail::pooled_frame, detail::local_channel<T>& s) {
+  // As for the sender: the operations own a share of the state or port.
+  static task<std::optional<T>> receive_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state) {
+    detail::local_channel<T>& s = *state;
     for (;;) {
       if (s.receiver_closed) co_return std::nullopt;
       if (s.count > 0) {
@@ -302,7 +310,7 @@ class channel_receiver {
         s.slots[s.head].reset();
         s.head = (s.head + 1) % s.slots.size();
         --s.count;
-        ++received_local_;
+        ++s.received;
         s.senders.wake_one();
         co_return value;
       }
@@ -312,11 +320,10 @@ class channel_receiver {
     }
   }
 
-  static task<void> ready_local(detail::pooled_frame, detail::local_channel<T>& s) {
-    while (!s.readable()) co_await detail::park_operation{s.receivers};
+  static task<void> ready_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state) {
+    while (!state->readable()) co_await detail::park_operation{state->receivers};
   }
 
-  // As for the sender: the operations own a share of the port.
   static task<std::optional<T>> receive_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
@@ -350,7 +357,7 @@ class channel_receiver {
 
   std::shared_ptr<detail::local_channel<T>> local_;
   std::shared_ptr<detail::receive_port> port_;
-  std::uint64_t received_local_ = 0;
+  std::uint64_t received_ = 0;  // the count at close
 };
 
 template <class T>
