@@ -428,9 +428,10 @@ class stream_send_port final : public send_port {
  protected:
   task<void> commit(pooled_frame) override {
     if (cut_) {
-      throw channel_error(fmt::format("channel {}: an earlier send was cancelled half way through its message; "
-                                      "the stream cannot go on (close() now aborts it)",
-                                      address()));
+      throw channel_error(
+          fmt::format("channel {}: an earlier send was cancelled half way through its message; "
+                      "the stream cannot go on (close() now aborts it)",
+                      address()));
     }
     write_all_operation write{fd_.get(), std::span<const std::byte>{buf_.data(), used_}, path_};
     try {

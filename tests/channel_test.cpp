@@ -875,10 +875,14 @@ enum class leave_how { close, detach, abort, destroy };
 
 const char* to_string(leave_how how) {
   switch (how) {
-    case leave_how::close: return "close";
-    case leave_how::detach: return "detach";
-    case leave_how::abort: return "abort";
-    case leave_how::destroy: return "destroy";
+    case leave_how::close:
+      return "close";
+    case leave_how::detach:
+      return "detach";
+    case leave_how::abort:
+      return "abort";
+    case leave_how::destroy:
+      return "destroy";
   }
   return "?";
 }
@@ -886,9 +890,9 @@ const char* to_string(leave_how how) {
 /// A transport sized so that a known number of messages fills it and the next one waits.
 struct full_transport {
   std::string address;
-  int fits = 0;            // data messages that go in before one has to wait
-  bool stream = false;     // a pipe or FIFO: detach is close, abort a cut stream
-  bool queue = false;      // a message queue: abort leaves without a trace, as detach
+  int fits = 0;         // data messages that go in before one has to wait
+  bool stream = false;  // a pipe or FIFO: detach is close, abort a cut stream
+  bool queue = false;   // a message queue: abort leaves without a trace, as detach
 };
 
 constexpr std::size_t full_payload = 3600;
@@ -915,7 +919,8 @@ TEST_CASE("closing a receiver wakes its receive waiting in another coroutine, ov
   const std::string address = fresh_address(transport);
   CAPTURE(address, to_string(how), through_select);
   // Only these tell a sender that the receiver has gone; a queue or MPMC ring keeps taking.
-  const bool sender_told = transport == "pipe" || transport == "fifo" || transport == "shm" || transport == "file";
+  const bool sender_told =
+      transport == "pipe" || transport == "fifo" || transport == "shm" || transport == "file";
   {
     channel_link link = channel_link::create(address);
     ipcoro::test::handshake closed;
@@ -965,8 +970,9 @@ TEST_CASE("closing a receiver wakes its receive waiting in another coroutine, ov
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("leaving a sender wakes its send waiting in another coroutine with channel_closed, over every transport",
-          "[channel][ipc][close]") {
+TEST_CASE(
+    "leaving a sender wakes its send waiting in another coroutine with channel_closed, over every transport",
+    "[channel][ipc][close]") {
   const std::string transport = GENERATE("pipe", "fifo", "mq", "shm", "shm-mpmc", "file");
   const leave_how how = GENERATE(leave_how::close, leave_how::detach, leave_how::abort, leave_how::destroy);
   const full_transport t = sized_transport(transport);
@@ -981,35 +987,43 @@ TEST_CASE("leaving a sender wakes its send waiting in another coroutine with cha
       ipcoro::event full;
       int sent = 0;
       std::string error;
-      ipcoro::sync_wait(
-          ctx, ipcoro::when_all(
-                   [](std::optional<channel_sender<std::string>>& tx, ipcoro::event& full, int fits, int& sent,
-                      std::string& error) -> task<void> {
-                     try {
-                       for (;;) {
-                         if (sent == fits) full.set();  // the next send finds the transport full
-                         std::string message(full_payload, static_cast<char>('a' + sent));
-                         co_await tx->send(std::move(message));
-                         ++sent;
-                       }
-                     } catch (const ipcoro::channel_closed& e) {
-                       error = e.what();
-                     }
-                   }(tx, full, t.fits, sent, error),
-                   [](std::optional<channel_sender<std::string>>& tx, ipcoro::event& full, leave_how how,
-                      const ipcoro::test::handshake& left) -> task<void> {
-                     co_await full.wait();
-                     switch (how) {
-                       case leave_how::close: tx->close(); break;
-                       case leave_how::detach: tx->detach(); break;
-                       case leave_how::abort: tx->abort(); break;
-                       case leave_how::destroy: tx.reset(); break;
-                     }
-                     // The waiting send is cancelled in the kernel by now: the receiver may
-                     // make room without letting it through. (A queue's end marker needs
-                     // that room.)
-                     left.signal();
-                   }(tx, full, how, left)));
+      ipcoro::sync_wait(ctx, ipcoro::when_all(
+                                 [](std::optional<channel_sender<std::string>>& tx, ipcoro::event& full,
+                                    int fits, int& sent, std::string& error) -> task<void> {
+                                   try {
+                                     for (;;) {
+                                       // The next send finds the transport full.
+                                       if (sent == fits) full.set();
+                                       std::string message(full_payload, static_cast<char>('a' + sent));
+                                       co_await tx->send(std::move(message));
+                                       ++sent;
+                                     }
+                                   } catch (const ipcoro::channel_closed& e) {
+                                     error = e.what();
+                                   }
+                                 }(tx, full, t.fits, sent, error),
+                                 [](std::optional<channel_sender<std::string>>& tx, ipcoro::event& full,
+                                    leave_how how, const ipcoro::test::handshake& left) -> task<void> {
+                                   co_await full.wait();
+                                   switch (how) {
+                                     case leave_how::close:
+                                       tx->close();
+                                       break;
+                                     case leave_how::detach:
+                                       tx->detach();
+                                       break;
+                                     case leave_how::abort:
+                                       tx->abort();
+                                       break;
+                                     case leave_how::destroy:
+                                       tx.reset();
+                                       break;
+                                   }
+                                   // The waiting send is cancelled in the kernel by now: the receiver may
+                                   // make room without letting it through. (A queue's end marker needs
+                                   // that room.)
+                                   left.signal();
+                                 }(tx, full, how, left)));
       if (sent != t.fits || !contains(error, "while the send waited")) {
         std::fprintf(stderr, "sender: %d sent (expected %d), error \"%s\"\n", sent, t.fits, error.c_str());
         return 1;
@@ -1018,7 +1032,8 @@ TEST_CASE("leaving a sender wakes its send waiting in another coroutine with cha
     });
     channel_receiver<std::string> rx = link.receiver<std::string>();
     // What the receiver should see after the messages that went in.
-    const bool clean_end = how == leave_how::close || how == leave_how::destroy || (t.stream && how == leave_how::detach);
+    const bool clean_end =
+        how == leave_how::close || how == leave_how::destroy || (t.stream && how == leave_how::detach);
     const bool error_end = how == leave_how::abort && !t.queue;
     // Otherwise the sender left the stream open: a sender of this process ends it.
     bool closer_needed = !clean_end && !error_end;
@@ -1129,19 +1144,20 @@ TEST_CASE("a send cancelled by its caller half way through a stream message brea
   ipcoro::io_context ctx;
   std::stop_source stop;
   bool cancelled = false;
-  ipcoro::sync_wait(ctx, ipcoro::when_all(
-                             [](channel_sender<std::string>& tx, std::stop_token token, bool& cancelled) -> task<void> {
-                               std::string big(64 * 1024, 'x');
-                               try {
-                                 co_await tx.send(std::move(big)).with_stop_token(std::move(token));
-                               } catch (const ipcoro::operation_cancelled&) {
-                                 cancelled = true;
-                               }
-                             }(tx, stop.get_token(), cancelled),
-                             [](std::stop_source& stop) -> task<void> {
-                               stop.request_stop();
-                               co_return;
-                             }(stop)));
+  ipcoro::sync_wait(
+      ctx, ipcoro::when_all(
+               [](channel_sender<std::string>& tx, std::stop_token token, bool& cancelled) -> task<void> {
+                 std::string big(64 * 1024, 'x');
+                 try {
+                   co_await tx.send(std::move(big)).with_stop_token(std::move(token));
+                 } catch (const ipcoro::operation_cancelled&) {
+                   cancelled = true;
+                 }
+               }(tx, stop.get_token(), cancelled),
+               [](std::stop_source& stop) -> task<void> {
+                 stop.request_stop();
+                 co_return;
+               }(stop)));
   CHECK(cancelled);
   std::string error;
   try {
@@ -1160,9 +1176,10 @@ TEST_CASE("a send cancelled by its caller half way through a stream message brea
   CHECK(contains(error, "ended inside a message"));
 }
 
-TEST_CASE("a caller's cancellation of a waiting send or receive still surfaces as operation_cancelled, and the "
-          "channel goes on",
-          "[channel][close]") {
+TEST_CASE(
+    "a caller's cancellation of a waiting send or receive still surfaces as operation_cancelled, and the "
+    "channel goes on",
+    "[channel][close]") {
   const std::string transport = GENERATE("pipe", "mq", "shm", "shm-mpmc");
   const full_transport t = sized_transport(transport);
   CAPTURE(t.address);
@@ -1179,15 +1196,16 @@ TEST_CASE("a caller's cancellation of a waiting send or receive still surfaces a
   for (int round = 0; round < 3; ++round) {
     std::stop_source stop;
     bool cancelled = false;
-    ipcoro::sync_wait(ctx, ipcoro::when_all(
-                               [](channel_receiver<std::string>& rx, std::stop_token token, bool& cancelled) -> task<void> {
-                                 try {
-                                   (void)co_await rx.receive().with_stop_token(std::move(token));
-                                 } catch (const ipcoro::operation_cancelled&) {
-                                   cancelled = true;
-                                 }
-                               }(rx, stop.get_token(), cancelled),
-                               cancel(stop)));
+    ipcoro::sync_wait(
+        ctx, ipcoro::when_all(
+                 [](channel_receiver<std::string>& rx, std::stop_token token, bool& cancelled) -> task<void> {
+                   try {
+                     (void)co_await rx.receive().with_stop_token(std::move(token));
+                   } catch (const ipcoro::operation_cancelled&) {
+                     cancelled = true;
+                   }
+                 }(rx, stop.get_token(), cancelled),
+                 cancel(stop)));
     CHECK(cancelled);
   }
   // Fill the transport, then cancel a send that waits for room: its message is not sent.
@@ -1195,32 +1213,35 @@ TEST_CASE("a caller's cancellation of a waiting send or receive still surfaces a
   for (int round = 0; round < 3; ++round) {
     std::stop_source stop;
     bool cancelled = false;
-    ipcoro::sync_wait(ctx, ipcoro::when_all(
-                               [](channel_sender<std::string>& tx, std::stop_token token, bool& cancelled) -> task<void> {
-                                 try {
-                                   co_await tx.send(std::string(full_payload, 'b')).with_stop_token(std::move(token));
-                                 } catch (const ipcoro::operation_cancelled&) {
-                                   cancelled = true;
-                                 }
-                               }(tx, stop.get_token(), cancelled),
-                               cancel(stop)));
+    ipcoro::sync_wait(
+        ctx, ipcoro::when_all(
+                 [](channel_sender<std::string>& tx, std::stop_token token, bool& cancelled) -> task<void> {
+                   try {
+                     co_await tx.send(std::string(full_payload, 'b')).with_stop_token(std::move(token));
+                   } catch (const ipcoro::operation_cancelled&) {
+                     cancelled = true;
+                   }
+                 }(tx, stop.get_token(), cancelled),
+                 cancel(stop)));
     CHECK(cancelled);
   }
   std::vector<std::string> got;
-  ipcoro::sync_wait(ctx, ipcoro::when_all(
-                             [](channel_sender<std::string>& tx) -> task<void> {
-                               co_await tx.send("last");
-                               tx.close();
-                             }(tx),
-                             [](channel_receiver<std::string>& rx, std::vector<std::string>& got) -> task<void> {
-                               got = co_await drain(rx);
-                             }(rx, got)));
+  ipcoro::sync_wait(ctx,
+                    ipcoro::when_all(
+                        [](channel_sender<std::string>& tx) -> task<void> {
+                          co_await tx.send("last");
+                          tx.close();
+                        }(tx),
+                        [](channel_receiver<std::string>& rx, std::vector<std::string>& got) -> task<void> {
+                          got = co_await drain(rx);
+                        }(rx, got)));
   REQUIRE(got.size() == static_cast<std::size_t>(t.fits) + 1);
   CHECK(got.front() == std::string(full_payload, 'a'));
   CHECK(got.back() == "last");
 }
 
-TEST_CASE("closing a sender wakes a send waiting in the transport and one waiting for its turn", "[channel][close]") {
+TEST_CASE("closing a sender wakes a send waiting in the transport and one waiting for its turn",
+          "[channel][close]") {
   const bool destroy = GENERATE(false, true);
   CAPTURE(destroy);
   channel_link link = channel_link::create("pipe:?capacity=4096");
@@ -1241,15 +1262,16 @@ TEST_CASE("closing a sender wakes a send waiting in the transport and one waitin
     co_await tx.send(std::string(full_payload, 'a'));  // the pipe's only page
   }(*tx));
   // The first send waits in the pipe, the second for the lock the first holds.
-  ipcoro::sync_wait(ctx, ipcoro::when_all(send_one(*tx, first_error), send_one(*tx, second_error),
-                                          [](std::unique_ptr<channel_sender<std::string>>& tx, bool destroy) -> task<void> {
-                                            if (destroy) {
-                                              tx.reset();
-                                            } else {
-                                              tx->close();
-                                            }
-                                            co_return;
-                                          }(tx, destroy)));
+  ipcoro::sync_wait(
+      ctx, ipcoro::when_all(send_one(*tx, first_error), send_one(*tx, second_error),
+                            [](std::unique_ptr<channel_sender<std::string>>& tx, bool destroy) -> task<void> {
+                              if (destroy) {
+                                tx.reset();
+                              } else {
+                                tx->close();
+                              }
+                              co_return;
+                            }(tx, destroy)));
   CHECK(contains(first_error, "while the send waited"));
   CHECK(contains(second_error, "before the send waited"));
   std::vector<std::string> got = ipcoro::sync_wait(ctx, drain(rx));
@@ -1257,7 +1279,8 @@ TEST_CASE("closing a sender wakes a send waiting in the transport and one waitin
   CHECK(got[0] == std::string(full_payload, 'a'));
 }
 
-TEST_CASE("destroying an in-process channel half while another coroutine waits on it is safe", "[channel][close]") {
+TEST_CASE("destroying an in-process channel half while another coroutine waits on it is safe",
+          "[channel][close]") {
   ipcoro::io_context ctx;
   SECTION("a receiver destroyed while its receive waits") {
     auto [tx, rx] = ipcoro::make_channel<int>(1);
@@ -1381,27 +1404,28 @@ TEST_CASE("select over cross-process receivers cancels the waits it does not tak
   std::vector<std::size_t> order;
   int sum = 0;
   std::size_t chars = 0;
-  ipcoro::sync_wait(ctx, [](channel_sender<int>& a_tx, channel_receiver<int>& a_rx, channel_sender<std::string>& b_tx,
-                            channel_receiver<std::string>& b_rx, std::vector<std::size_t>& order, int& sum,
-                            std::size_t& chars) -> task<void> {
-    // Each round one receiver has a value; the other's wait is cancelled by select, which
-    // uses up that port's stop source: the next round needs a fresh one.
-    for (int i = 0; i < 6; ++i) {
-      if (i % 2 == 0) {
-        co_await a_tx.send(i);
-      } else {
-        std::string s(static_cast<std::size_t>(i), 's');
-        co_await b_tx.send(std::move(s));
-      }
-      const std::size_t chosen = co_await ipcoro::select(a_rx, b_rx);
-      order.push_back(chosen);
-      if (chosen == 0) {
-        sum += (co_await a_rx.receive()).value_or(-100);
-      } else {
-        chars += (co_await b_rx.receive()).value_or(std::string()).size();
-      }
-    }
-  }(a_tx, a_rx, b_tx, b_rx, order, sum, chars));
+  ipcoro::sync_wait(ctx,
+                    [](channel_sender<int>& a_tx, channel_receiver<int>& a_rx,
+                       channel_sender<std::string>& b_tx, channel_receiver<std::string>& b_rx,
+                       std::vector<std::size_t>& order, int& sum, std::size_t& chars) -> task<void> {
+                      // Each round one receiver has a value; the other's wait is cancelled by select, which
+                      // uses up that port's stop source: the next round needs a fresh one.
+                      for (int i = 0; i < 6; ++i) {
+                        if (i % 2 == 0) {
+                          co_await a_tx.send(i);
+                        } else {
+                          std::string s(static_cast<std::size_t>(i), 's');
+                          co_await b_tx.send(std::move(s));
+                        }
+                        const std::size_t chosen = co_await ipcoro::select(a_rx, b_rx);
+                        order.push_back(chosen);
+                        if (chosen == 0) {
+                          sum += (co_await a_rx.receive()).value_or(-100);
+                        } else {
+                          chars += (co_await b_rx.receive()).value_or(std::string()).size();
+                        }
+                      }
+                    }(a_tx, a_rx, b_tx, b_rx, order, sum, chars));
   CHECK(order == std::vector<std::size_t>{0, 1, 0, 1, 0, 1});
   CHECK(sum == 0 + 2 + 4);
   CHECK(chars == 1 + 3 + 5);

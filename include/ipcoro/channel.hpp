@@ -189,7 +189,8 @@ class channel_sender {
 
   // The operations own a share of the state or port: the half may be closed or destroyed
   // by another coroutine while they wait.
-  static task<void> send_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state, T value) {
+  static task<void> send_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state,
+                               T value) {
     detail::local_channel<T>& s = *state;
     for (;;) {
       if (s.receiver_closed) detail::throw_channel_closed("channel send: the receiver has closed the channel");
@@ -301,7 +302,8 @@ class channel_receiver {
 
  private:
   // As for the sender: the operations own a share of the state or port.
-  static task<std::optional<T>> receive_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state) {
+  static task<std::optional<T>> receive_local(detail::pooled_frame,
+                                              std::shared_ptr<detail::local_channel<T>> state) {
     detail::local_channel<T>& s = *state;
     for (;;) {
       if (s.receiver_closed) co_return std::nullopt;
@@ -324,7 +326,8 @@ class channel_receiver {
     while (!state->readable()) co_await detail::park_operation{state->receivers};
   }
 
-  static task<std::optional<T>> receive_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {
+  static task<std::optional<T>> receive_port(detail::pooled_frame,
+                                             std::shared_ptr<detail::receive_port> owner) {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
