@@ -254,6 +254,20 @@ class channel_receiver {
     return nothing(detail::pooled_frame{});
   }
 
+  /// Receives the next value into `into`, reusing what it holds: a string's or vector's
+  /// capacity (codec<T>::decode_into), so that once `into` is large enough a receive
+  /// allocates nothing, and a large value is written once instead of travelling through
+  /// an optional. True with a value; false at the end of the stream, with `into`
+  /// unchanged. Throws as receive() does (if decoding fails, `into` holds an unspecified
+  /// value). `into` must stay alive until the returned task has completed.
+  [[nodiscard]] task<bool> receive_into(T& into) {
+    if (local_) return receive_local_into(detail::pooled_frame{}, local_, into);
+    if constexpr (encodable<T>) {
+      if (port_) return receive_port_into(detail::pooled_frame{}, port_, into);
+    }
+    return nothing_bool(detail::pooled_frame{});
+  }
+
   /// Completes once receive() would not wait: a value is ready or the stream has ended.
   /// Consumes nothing. select() is built on it.
   [[nodiscard]] task<void> ready() {
@@ -305,21 +319,38 @@ class channel_receiver {
   static task<std::optional<T>> receive_local(detail::pooled_frame,
                                               std::shared_ptr<detail::local_channel<T>> state) {
     detail::local_channel<T>& s = *state;
+    if (!co_await next_local(detail::pooled_frame{}, s)) co_return std::nullopt;
+    std::optional<T> value = std::move(s.slots[s.head]);
+    pop_local(s);
+    co_return value;
+  }
+
+  static task<bool> receive_local_into(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state,
+                                       T& into) {
+    detail::local_channel<T>& s = *state;
+    if (!co_await next_local(detail::pooled_frame{}, s)) co_return false;
+    into = std::move(*s.slots[s.head]);
+    pop_local(s);
+    co_return true;
+  }
+
+  /// Waits until the in-process channel has a value at its head (true) or has ended.
+  static task<bool> next_local(detail::pooled_frame, detail::local_channel<T>& s) {
     for (;;) {
-      if (s.receiver_closed) co_return std::nullopt;
-      if (s.count > 0) {
-        std::optional<T> value = std::move(s.slots[s.head]);
-        s.slots[s.head].reset();
-        s.head = (s.head + 1) % s.slots.size();
-        --s.count;
-        ++s.received;
-        s.senders.wake_one();
-        co_return value;
-      }
+      if (s.receiver_closed) co_return false;
+      if (s.count > 0) co_return true;
       if (s.sender_aborted) detail::throw_channel_error("channel receive: the sender aborted the stream");
-      if (s.sender_closed) co_return std::nullopt;
+      if (s.sender_closed) co_return false;
       co_await detail::park_operation{s.receivers};
     }
+  }
+
+  static void pop_local(detail::local_channel<T>& s) noexcept {
+    s.slots[s.head].reset();
+    s.head = (s.head + 1) % s.slots.size();
+    --s.count;
+    ++s.received;
+    s.senders.wake_one();
   }
 
   static task<void> ready_local(detail::pooled_frame, std::shared_ptr<detail::local_channel<T>> state) {
@@ -334,18 +365,34 @@ class channel_receiver {
     if (port.leaving()) co_return std::nullopt;
     const bool got = co_await port.next();
     if (!got) co_return std::nullopt;
-    const std::span<const std::byte> payload = port.current();
     std::optional<T> value;
-    try {
-      value.emplace(codec<T>::decode(payload));
-    } catch (...) {
-      port.consume();
-      throw;
-    }
+    take_current(port, [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
+    co_return value;
+  }
+
+  static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner, T& into) {
+    detail::receive_port& port = *owner;
+    mutex::guard guard = co_await port.lock.lock();
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving()) co_return false;
+    const bool got = co_await port.next();
+    if (!got) co_return false;
+    take_current(port, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
+    co_return true;
+  }
+
+  /// Decodes the port's current message with `decode` and moves past it, also when
+  /// decoding throws (the bad message is not offered again).
+  template <class Decode>
+  static void take_current(detail::receive_port& port, Decode&& decode) {
+    struct consume_at_exit {
+      detail::receive_port& port;
+      ~consume_at_exit() { port.consume(); }
+    } consume{port};
+    const std::span<const std::byte> payload = port.current();
+    decode(payload);
     ++port.messages;
     port.bytes += payload.size();
-    port.consume();
-    co_return value;
   }
 
   static task<void> ready_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {
@@ -357,6 +404,7 @@ class channel_receiver {
 
   static task<std::optional<T>> nothing(detail::pooled_frame) { co_return std::nullopt; }
   static task<void> nothing_void(detail::pooled_frame) { co_return; }
+  static task<bool> nothing_bool(detail::pooled_frame) { co_return false; }
 
   std::shared_ptr<detail::local_channel<T>> local_;
   std::shared_ptr<detail::receive_port> port_;

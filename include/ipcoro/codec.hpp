@@ -48,6 +48,10 @@ constexpr std::uint64_t fnv1a(std::string_view text, std::uint64_t h = 146959810
 ///     static void encode(const T& value, std::span<std::byte> out);  // out.size() == size(value)
 ///     static T decode(std::span<const std::byte> in);       // throws decode_error on bad input
 ///
+/// and optionally, for channel_receiver::receive_into:
+///
+///     static void decode_into(std::span<const std::byte> in, T& into);  // reuses into's storage
+///
 /// Provided here: trivially copyable types (memcpy), std::string, and std::vector of a
 /// trivially copyable type (including std::vector<std::byte> for byte buffers).
 template <class T>
@@ -63,10 +67,13 @@ struct codec<T> {
   static constexpr std::size_t size(const T&) noexcept { return sizeof(T); }
   static void encode(const T& value, std::span<std::byte> out) noexcept { std::memcpy(out.data(), &value, sizeof(T)); }
   static T decode(std::span<const std::byte> in) {
-    if (in.size() != sizeof(T)) detail::throw_decode_size(detail::spelled_type_name<T>(), sizeof(T), in.size());
     T value;
-    std::memcpy(&value, in.data(), sizeof(T));
+    decode_into(in, value);
     return value;
+  }
+  static void decode_into(std::span<const std::byte> in, T& into) {
+    if (in.size() != sizeof(T)) detail::throw_decode_size(detail::spelled_type_name<T>(), sizeof(T), in.size());
+    std::memcpy(&into, in.data(), sizeof(T));
   }
 };
 
@@ -81,6 +88,9 @@ struct codec<std::string> {
   static std::string decode(std::span<const std::byte> in) {
     return std::string(reinterpret_cast<const char*>(in.data()), in.size());
   }
+  static void decode_into(std::span<const std::byte> in, std::string& into) {
+    into.assign(reinterpret_cast<const char*>(in.data()), in.size());
+  }
 };
 
 template <class E>
@@ -93,13 +103,17 @@ struct codec<std::vector<E>> {
     if (!value.empty()) std::memcpy(out.data(), value.data(), value.size() * sizeof(E));
   }
   static std::vector<E> decode(std::span<const std::byte> in) {
+    std::vector<E> value;
+    decode_into(in, value);
+    return value;
+  }
+  static void decode_into(std::span<const std::byte> in, std::vector<E>& into) {
     if (in.size() % sizeof(E) != 0) {
       detail::throw_decode_size(detail::spelled_type_name<std::vector<E>>(), (in.size() / sizeof(E) + 1) * sizeof(E),
                                 in.size());
     }
-    std::vector<E> value(in.size() / sizeof(E));
-    if (!value.empty()) std::memcpy(value.data(), in.data(), in.size());
-    return value;
+    into.resize(in.size() / sizeof(E));  // keeps the capacity it has
+    if (!into.empty()) std::memcpy(into.data(), in.data(), in.size());
   }
 };
 
@@ -112,6 +126,17 @@ concept encodable = requires(const T& value, std::span<std::byte> out, std::span
   codec<T>::encode(value, out);
   { codec<T>::decode(in) } -> std::same_as<T>;
 };
+
+/// Decodes `in` into `into`: through codec<T>::decode_into where the codec has it (which
+/// reuses what `into` holds), else by assigning codec<T>::decode(in).
+template <encodable T>
+void decode_into(std::span<const std::byte> in, T& into) {
+  if constexpr (requires { codec<T>::decode_into(in, into); }) {
+    codec<T>::decode_into(in, into);
+  } else {
+    into = codec<T>::decode(in);
+  }
+}
 
 /// What a sender announces and a receiver checks when they meet: the codec's type name
 /// and version, reduced to one number.
