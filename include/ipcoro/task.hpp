@@ -7,12 +7,12 @@
 #include <coroutine>
 #include <cstddef>
 #include <exception>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <stop_token>
 #include <type_traits>
 #include <utility>
-#include <memory>
-#include <new>
 
 namespace ipcoro {
 
