@@ -81,6 +81,8 @@ std::atomic<std::size_t> runs{0};
 
 /// How long a stage that reports a dead neighbour waits for that neighbour's exit.
 constexpr std::chrono::seconds neighbour_grace{2};
+/// How long the stages before one that finished may take to end on their own.
+constexpr std::chrono::seconds finish_grace{2};
 
 }  // namespace
 
@@ -132,7 +134,10 @@ task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
   std::vector<std::optional<exit_status>> status(n);
   std::vector<bool> finished_early(n, false);
   std::optional<std::size_t> failed;
-  for (std::size_t remaining = n; remaining > 0 && !failed; --remaining) {
+  const auto running = [&status] {
+    return std::any_of(status.begin(), status.end(), [](const std::optional<exit_status>& s) { return !s; });
+  };
+  while (!failed && running()) {
     std::vector<task<exit_status>> waits;
     std::vector<std::size_t> which;
     for (std::size_t i = 0; i < n; ++i) {
@@ -149,9 +154,19 @@ task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
       failed = i;
     } else {
       // Its consumer finished, so whatever an earlier stage still produces has no reader
-      // (a queue or MPMC ring cannot tell it so): stop those stages; that is no failure.
-      for (std::size_t j = 0; j < i; ++j) {
-        if (!status[j] && !finished_early[j]) {
+      // (a queue or MPMC ring cannot tell it so). An earlier stage still running may well
+      // be past its last message, doing its final work: it gets a moment to end on its own
+      // (and an error it ends with is reported); one still running after that is stopped,
+      // which is no failure.
+      const auto deadline = std::chrono::steady_clock::now() + finish_grace;
+      for (std::size_t j = 0; j < i && !failed; ++j) {
+        if (status[j] || finished_early[j]) continue;
+        try {
+          const auto left = std::max<std::chrono::nanoseconds>(deadline - std::chrono::steady_clock::now(),
+                                                               std::chrono::nanoseconds{1});
+          status[j] = co_await procs[j].wait(left);
+          if (!status[j]->success()) failed = j;
+        } catch (const timed_out&) {
           finished_early[j] = true;
           procs[j].kill();
         }

@@ -11,6 +11,7 @@
 #include <catch2/catch.hpp>
 
 #include <dirent.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -229,4 +230,48 @@ TEST_CASE("a pipeline refuses an unknown transport and a pipeline without a sink
   CHECK_THROWS_AS(ipcoro::sync_wait(ctx, p.run({.transport = "carrier-pigeon"})), ipcoro::bad_channel_address);
   pipeline lonely{{}};
   CHECK_THROWS_AS(ipcoro::sync_wait(ctx, lonely.run()), std::invalid_argument);
+}
+
+TEST_CASE("a stage still doing its final work when its consumer has finished is not killed", "[pipeline][ipc]") {
+  const std::string transport = GENERATE("pipe", "mq", "shm");
+  CAPTURE(transport);
+  shared_counter sink_pid;
+  shared_counter final_work_done;
+  ipcoro::io_context ctx;
+  // The middle stage closes its output, waits until the sink has exited and been reaped by
+  // run() (it watches the pid go), does some final work and records that it finished: a
+  // stage killed as soon as its consumer had finished would not get there.
+  pipeline p = pipeline::source<std::uint32_t>("numbers",
+                                               [](channel_sender<std::uint32_t>& out) -> task<void> {
+                                                 co_await count_up(out, 100);
+                                               })
+                   .then<std::uint64_t>("slow-finisher",
+                                        [&](channel_receiver<std::uint32_t>& in,
+                                            channel_sender<std::uint64_t>& out) -> task<void> {
+                                          co_await square(in, out);
+                                          out.close();
+                                          while ((*sink_pid).load() == 0) ::sched_yield();
+                                          const auto pid = static_cast<pid_t>((*sink_pid).load());
+                                          while (::kill(pid, 0) == 0) ::sched_yield();
+                                          // Final work of a few milliseconds (far less than
+                                          // the grace run() gives, far more than a kill takes).
+                                          std::uint64_t h = 14695981039346656037ull;
+                                          for (std::uint32_t k = 0; k < 4'000'000; ++k) {
+                                            h = (h ^ k) * 1099511628211ull;
+                                          }
+                                          (*final_work_done).store(h == 0 ? 2 : 1);
+                                        })
+                   .sink("sum", [&](channel_receiver<std::uint64_t>& in) -> task<void> {
+                     (*sink_pid).store(static_cast<std::uint64_t>(::getpid()));
+                     std::uint64_t sum = 0;
+                     while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
+                     if (sum != 338350) throw std::runtime_error("wrong sum of squares");
+                   });
+  const std::vector<ipcoro::stage_report> reports = ipcoro::sync_wait(ctx, p.run({.transport = transport}));
+  CHECK((*final_work_done).load() == 1);
+  REQUIRE(reports.size() == 3);
+  CHECK(reports[1].received == 100);
+  CHECK(reports[1].sent == 100);
+  CHECK(reports[1].seconds > 0);
+  CHECK(nothing_left_behind());
 }

@@ -130,7 +130,9 @@ class pipeline_builder {
 /// removes every IPC name as soon as the edges exist, and supervises: when a stage throws,
 /// exits with an error or is killed, the others are killed and run() throws
 /// pipeline_error naming it. A stage that ends because its consumer stopped reading
-/// (channel_closed) counts as finished, as `yes | head` does in a shell.
+/// (channel_closed) counts as finished, as `yes | head` does in a shell; once a stage has
+/// finished, the stages before it get 2 seconds to end on their own before they are
+/// stopped (a producer over a queue cannot learn that nobody reads).
 class pipeline {
  public:
   /// Starts a pipeline with a stage that writes T: `body(channel_sender<T>&)` returning
