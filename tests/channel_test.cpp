@@ -426,12 +426,9 @@ TEST_CASE("a receiver of another type refuses the peer with an error naming both
     channel_receiver<point> rx = link.receiver<point>();
     link.reset();
     ipcoro::io_context ctx;
-    std::string error;
-    try {
+    const std::string error = ipcoro::test::what_of<ipcoro::channel_type_mismatch>([&] {
       (void)ipcoro::sync_wait(ctx, rx.receive());
-    } catch (const ipcoro::channel_type_mismatch& e) {
-      error = e.what();
-    }
+    });
     CHECK(contains(error, "std::string"));
     CHECK(contains(error, "point"));
     CHECK(contains(error, address));
@@ -503,12 +500,9 @@ TEST_CASE("a message larger than the transport carries is refused with the optio
   channel_link link = channel_link::create(address);
   channel_sender<std::string> tx = link.sender<std::string>();
   ipcoro::io_context ctx;
-  std::string error;
-  try {
+  const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
     ipcoro::sync_wait(ctx, tx.send(std::string(500, 'x')));
-  } catch (const ipcoro::channel_error& e) {
-    error = e.what();
-  }
+  });
   CHECK(contains(error, "500 bytes"));
   CHECK(contains(error, "message_size="));
 }
@@ -578,12 +572,9 @@ TEST_CASE("an aborted ring sender reads as a dead peer once its process has exit
     REQUIRE(child.wait() == 0);
     ipcoro::io_context ctx;
     CHECK(ipcoro::sync_wait(ctx, rx.receive()) == 7);
-    std::string error;
-    try {
+    const std::string error = ipcoro::test::what_of<ipcoro::peer_died>([&] {
       (void)ipcoro::sync_wait(ctx, rx.receive());
-    } catch (const ipcoro::peer_died& e) {
-      error = e.what();
-    }
+    });
     CHECK(contains(error, "died"));
   }
   CHECK(nothing_left_behind());
@@ -618,12 +609,9 @@ TEST_CASE("bad channel addresses are refused with a message saying what is expec
   };
   for (const bad& b : cases) {
     CAPTURE(b.address);
-    std::string error;
-    try {
+    const std::string error = ipcoro::test::what_of<ipcoro::bad_channel_address>([&] {
       (void)ipcoro::channel_address::parse(b.address);
-    } catch (const ipcoro::bad_channel_address& e) {
-      error = e.what();
-    }
+    });
     CHECK(contains(error, b.says));
     CHECK(contains(error, b.address));
   }
@@ -640,12 +628,9 @@ TEST_CASE("opening a sender where nobody listens says so", "[channel][ipc]") {
   const std::string transport = GENERATE("mq", "shm", "file");
   const std::string address = fresh_address(transport);
   ipcoro::io_context ctx;
-  std::string error;
-  try {
+  const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
     (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address));
-  } catch (const ipcoro::channel_error& e) {
-    error = e.what();
-  }
+  });
   CHECK(contains(error, "nobody has opened its receiver"));
   CHECK(nothing_left_behind());
 }
@@ -673,12 +658,9 @@ TEST_CASE("an aborted sender ends the stream with an error, not a clean end", "[
     tx.abort();
     std::optional<int> first = ipcoro::sync_wait(ctx, rx.receive());
     CHECK(first == 1);
-    std::string error;
-    try {
+    const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
       (void)ipcoro::sync_wait(ctx, rx.receive());
-    } catch (const ipcoro::channel_error& e) {
-      error = e.what();
-    }
+    });
     CHECK(contains(error, "without closing"));
   }
 }
@@ -1132,12 +1114,9 @@ TEST_CASE("a stream send cut half way by close ends the stream with an error, no
     link.reset();
     REQUIRE(closed.wait());
     ipcoro::io_context ctx;
-    std::string error;
-    try {
+    const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
       (void)ipcoro::sync_wait(ctx, rx.receive());
-    } catch (const ipcoro::channel_error& e) {
-      error = e.what();
-    }
+    });
     CHECK(contains(error, "ended inside a message"));
     CHECK(child.wait() == 0);
   }
@@ -1168,21 +1147,14 @@ TEST_CASE("a send cancelled by its caller half way through a stream message brea
                  co_return;
                }(stop)));
   CHECK(cancelled);
-  std::string error;
-  try {
+  const std::string send_error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
     ipcoro::sync_wait(ctx, tx.send("after the cut"));
-  } catch (const ipcoro::channel_error& e) {
-    error = e.what();
-  }
-  CHECK(contains(error, "cancelled half way"));
+  });
+  CHECK(contains(send_error, "cancelled half way"));
   tx.close();  // aborts: an end frame after a cut one would be read as its rest
-  error.clear();
-  try {
-    (void)ipcoro::sync_wait(ctx, rx.receive());
-  } catch (const ipcoro::channel_error& e) {
-    error = e.what();
-  }
-  CHECK(contains(error, "ended inside a message"));
+  const std::string receive_error =
+      ipcoro::test::what_of<ipcoro::channel_error>([&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
+  CHECK(contains(receive_error, "ended inside a message"));
 }
 
 TEST_CASE(

@@ -70,6 +70,18 @@ failure failure_of(F&& f) {
   return {};
 }
 
+/// The message of the `E` that `f` throws, or "" when it throws none (anything else passes
+/// through): for tests that check which error an operation reports and what it says.
+template <class E, class F>
+std::string what_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return {};
+}
+
 inline bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
