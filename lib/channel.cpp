@@ -374,31 +374,61 @@ namespace {
 /// How long a close waits for room for its end marker before giving up.
 constexpr std::chrono::seconds end_patience{30};
 
-/// Writes a few bytes to a blocking or non-blocking descriptor from a close(), which
-/// cannot await: waits for room with poll(), bounded by `patience`.
-void write_patiently(int fd, const void* data, std::size_t size, std::chrono::seconds patience) noexcept {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
-  const auto* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n > 0) {
-      p += n;
-      size -= static_cast<std::size_t>(n);
-      continue;
+/// True once `fd` can take a write of at most PIPE_BUF bytes without blocking (or would
+/// fail at once: no reader left), waiting at most `wait` milliseconds for that.
+bool writable_within(int fd, int wait) noexcept {
+  pollfd pfd{fd, POLLOUT, 0};
+  int n = 0;
+  while ((n = ::poll(&pfd, 1, wait)) < 0 && errno == EINTR) {
+  }
+  return n > 0;
+}
+
+/// Writes a small frame (at most PIPE_BUF bytes: all or nothing) that poll() said fits.
+void write_small(int fd, const void* data, std::size_t size) noexcept {
+  while (::write(fd, data, size) < 0 && errno == EINTR) {
+  }
+}
+
+/// Writes a close's last frames through the ring once the pipe has room: the reader is
+/// slow, and a close must not block the loop's thread waiting for it. It ends when they
+/// are written, when the reader is gone (EPIPE), or when the io_context shuts down; in the
+/// last case the receiver sees end of file without an end frame and reports a dead sender.
+task<void> post_when_room(pooled_frame, unique_fd fd, write_path path, std::vector<std::byte> frames) {
+  try {
+    co_await write_all_operation{fd.get(), frames, path};
+  } catch (...) {  // nobody reads any more, or the loop is going away: nothing to tell
+  }
+}
+
+/// Posts a close's last frames (at most PIPE_BUF bytes, so all or nothing) from a close(),
+/// which cannot await. When the pipe is full, the write is handed to this thread's loop;
+/// with no loop running here, it waits for room for at most `end_patience`.
+void post_at_close(unique_fd fd, write_path path, std::vector<std::byte> frames) noexcept {
+  if (writable_within(fd.get(), 0)) {
+    write_small(fd.get(), frames.data(), frames.size());
+    return;
+  }
+  if (io_context* ctx = io_context::current_or_null(); ctx != nullptr && !ctx->stopping()) {
+    try {
+      ctx->spawn(post_when_room(pooled_frame{}, std::move(fd), path, std::move(frames)));
+      return;
+    } catch (...) {  // no memory for the task: fall back to waiting here, bounded
     }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno != EAGAIN) return;  // EPIPE: nobody reads any more
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return;
-    pollfd pfd{fd, POLLOUT, 0};
-    ::poll(&pfd, 1, static_cast<int>(left.count()));
+  }
+  const auto patience = std::chrono::duration_cast<std::chrono::milliseconds>(end_patience);
+  if (writable_within(fd.get(), static_cast<int>(patience.count()))) {
+    write_small(fd.get(), frames.data(), frames.size());
   }
 }
 
 class stream_send_port final : public send_port {
  public:
-  stream_send_port(std::string address, unique_fd fd, write_path path, std::shared_ptr<void> keep = {})
-      : send_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)), path_(path) {
+  /// `greet_at_open`: greet as soon as the end has its identity rather than with the first
+  /// message (a FIFO opened by name, whose receiver waits for a greeting before it can
+  /// tell a sender's end of file from "nobody came yet").
+  stream_send_port(std::string address, unique_fd fd, write_path path, bool greet_at_open = false)
+      : send_port(std::move(address)), fd_(std::move(fd)), path_(path), greet_at_open_(greet_at_open) {
     ignore_sigpipe();  // a close() may write without a loop
   }
 
@@ -408,15 +438,8 @@ class stream_send_port final : public send_port {
                                       address(), size, max_stream_payload));
     }
     used_ = 0;
-    if (!greeted_) {
-      const std::span<const std::byte> g = greeting();
-      buf_.grow(2 * head_size + g.size() + size, 0);
-      put(frame_kind::hello, g.size());
-      std::memcpy(buf_.data() + used_, g.data(), g.size());
-      used_ += g.size();
-    } else {
-      buf_.grow(head_size + size, 0);
-    }
+    if (!greeted_) put_greeting();
+    buf_.grow(used_ + head_size + size, used_);
     put(frame_kind::data, size);
     std::span<std::byte> out{buf_.data() + used_, size};
     used_ += size;
@@ -455,11 +478,33 @@ class stream_send_port final : public send_port {
   /// without it knows the sender died mid-stream. A stream with a cut frame can only be
   /// aborted: the receiver then reports the cut instead of misreading what follows.
   void finish(port_exit how) noexcept override {
-    if (how != port_exit::abort && fd_ && greeted_ && !cut_) {
-      const stream_head h{0, static_cast<std::uint32_t>(frame_kind::end)};
-      write_patiently(fd_.get(), &h, sizeof h, end_patience);
+    if (how != port_exit::abort && fd_ && !cut_) {
+      try {
+        // A sender that never sent still greets first: end of file before any greeting
+        // means a sender that died before it started.
+        used_ = 0;
+        if (!greeted_) put_greeting();
+        buf_.grow(used_ + head_size, used_);
+        put(frame_kind::end, 0);
+        post_at_close(std::move(fd_), path_, std::vector<std::byte>(buf_.data(), buf_.data() + used_));
+      } catch (...) {  // no memory: the receiver reports a sender that went away
+      }
     }
     fd_.reset();
+  }
+
+  /// Greets at once when asked to and the pipe has room (it nearly always has), so that
+  /// the receiver can tell this sender's death from its not having come yet.
+  void opened() noexcept override {
+    if (!greet_at_open_ || greeted_ || !fd_ || !writable_within(fd_.get(), 0)) return;
+    try {
+      used_ = 0;
+      put_greeting();
+      if (used_ > PIPE_BUF) return;  // not atomic: it goes with the first message
+      const ssize_t n = ::write(fd_.get(), buf_.data(), used_);
+      greeted_ = n == static_cast<ssize_t>(used_);
+    } catch (...) {  // no memory: it goes with the first message
+    }
   }
 
  private:
@@ -468,12 +513,20 @@ class stream_send_port final : public send_port {
     std::memcpy(buf_.data() + used_, &h, sizeof h);
     used_ += sizeof h;
   }
+  /// Puts the greeting frame at the start of the (empty) buffer.
+  void put_greeting() {
+    const std::span<const std::byte> g = greeting();
+    buf_.grow(head_size + g.size(), 0);
+    put(frame_kind::hello, g.size());
+    std::memcpy(buf_.data() + used_, g.data(), g.size());
+    used_ += g.size();
+  }
 
-  std::shared_ptr<void> keep_;
   unique_fd fd_;
   write_path path_;
   byte_buffer buf_;
   std::size_t used_ = 0;
+  bool greet_at_open_ = false;
   bool greeted_ = false;
   bool cut_ = false;
 };
@@ -552,6 +605,12 @@ class stream_receive_port final : public receive_port {
         if (greetings_ > goodbyes_) {
           throw channel_error(fmt::format("channel {}: the sender went away without closing the channel: it died "
                                           "or was killed mid-stream",
+                                          address()));
+        }
+        if (greetings_ == 0) {
+          // Every sender greets before it can close, so this one never started.
+          throw channel_error(fmt::format("channel {}: the sender went away before its greeting: it died or was "
+                                          "killed before it began (or the writer is not an ipcoro channel sender)",
                                           address()));
         }
         ended_ = true;
@@ -964,7 +1023,7 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
         throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
       }
       pipe_writer writer = co_await open_fifo_writer(a.name);
-      co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only);
+      co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only, true);
     }
     case channel_transport::mq: {
       std::optional<message_queue> q;
