@@ -673,10 +673,11 @@ struct ring_receiving {
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
-  /// One receiver of an MPMC ring leaving does not close the ring for the others.
+  /// One receiver of an MPMC ring leaving does not close the ring for the others; the
+  /// last one closes it for the senders.
   void close() noexcept {
     if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
-      ring.detach();
+      ring.leave();
     } else {
       ring.close();
     }

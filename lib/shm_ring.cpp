@@ -95,7 +95,7 @@ constexpr std::uint32_t role_receiver = 2;
 struct ring_header {
   ring_config config;
   alignas(64) std::atomic<std::uint32_t> sender_closed;  // SPSC: end of stream; MPMC: ring closed
-  std::atomic<std::uint32_t> receiver_closed;            // SPSC only: sends fail with EPIPE
+  std::atomic<std::uint32_t> receiver_closed;            // sends fail with EPIPE (MPMC: no receiver is left)
   std::atomic<std::uint32_t> fence_required;             // sticky fence_mode: publishers fence per message
   alignas(64) std::atomic<std::int32_t> cpu[2];          // CPU a sender [0] / receiver [1] last ran on, + 1
   alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
@@ -509,6 +509,8 @@ public:
 
   void close() noexcept;
   void detach() noexcept;
+  /// MPMC receivers: detaches, and closes the receiving side when no receiver is left.
+  void leave_receiving() noexcept;
   /// Goes without removing this process's record, so that the other side takes the
   /// process's exit for the death of a peer.
   void abandon() noexcept { participant_index_ = -1; }
@@ -568,6 +570,8 @@ private:
   /// slot that blocks this side and is held by a dead process.
   pid_t dead_peer();
   bool slot_owner_alive(std::uint32_t pid) const noexcept;
+  /// Whether the table records a receiver, alive or not.
+  bool receiver_recorded() const noexcept;
   slot_header& slot_at(std::uint64_t pos) const noexcept {
     return *reinterpret_cast<slot_header*>(data_ + (pos & mask_) * stride_);
   }
@@ -732,8 +736,10 @@ void ring_endpoint::attach() {
           if (!own_side && !role_recorded_elsewhere(i, participant_role(current))) break;
           if (participant_alive(current)) break;
         }
-        if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) {
+        if (entry.compare_exchange_weak(current, identity_, std::memory_order_seq_cst)) {
           participant_index_ = i;
+          // After the entry (see leave_receiving): the receiving side is open again.
+          if (role_ == role_receiver) hdr_->receiver_closed.store(0, std::memory_order_seq_cst);
           return;
         }
       }
@@ -751,6 +757,32 @@ void ring_endpoint::detach() noexcept {
   std::uint64_t expected = identity_;
   hdr_->participants[participant_index_].compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
   participant_index_ = -1;
+}
+
+bool ring_endpoint::receiver_recorded() const noexcept {
+  for (const participant_word& entry : hdr_->participants) {
+    const std::uint64_t v = entry.load(std::memory_order_seq_cst);
+    if (v != 0 && participant_role(v) == role_receiver) return true;
+  }
+  return false;
+}
+
+void ring_endpoint::leave_receiving() noexcept {
+  if (participant_index_ < 0) return;
+  std::uint64_t expected = identity_;
+  hdr_->participants[participant_index_].compare_exchange_strong(expected, 0, std::memory_order_seq_cst);
+  participant_index_ = -1;
+  // Dekker with attach(), which records its entry and then clears the flag: if the second
+  // look misses a receiver attaching now, that receiver's clear comes after our store. Of
+  // two receivers leaving at once, at least one sees the other gone. A receiver recorded
+  // but dead keeps the flag down: its senders learn of the death (peer_died) instead.
+  if (receiver_recorded()) return;
+  hdr_->receiver_closed.store(1, std::memory_order_seq_cst);
+  if (receiver_recorded()) {
+    hdr_->receiver_closed.store(0, std::memory_order_seq_cst);
+    return;
+  }
+  notify(hdr_->space);
 }
 
 void ring_endpoint::close() noexcept {
@@ -896,6 +928,10 @@ ring_endpoint::outcome ring_endpoint::mpmc_try_send(std::span<const std::byte> m
   }
   if (hdr_->sender_closed.load(std::memory_order_acquire) != 0) {
     throw std::system_error(EPIPE, std::system_category(), "mpmc ring send: the ring was closed");
+  }
+  if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(),
+                            "mpmc ring send: every receiver has closed the ring (none is attached)");
   }
   std::atomic<std::uint64_t>& next = hdr_->tail;
   std::uint64_t pos = next.load(std::memory_order_relaxed);
@@ -1334,6 +1370,11 @@ mpmc_ring_receiver::mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept = default;
 mpmc_ring_receiver& mpmc_ring_receiver::operator=(mpmc_ring_receiver&&) noexcept = default;
 mpmc_ring_receiver::~mpmc_ring_receiver() = default;
 void mpmc_ring_receiver::detach() noexcept { endpoint_.reset(); }
+void mpmc_ring_receiver::leave() noexcept {
+  if (!endpoint_) return;
+  endpoint_->leave_receiving();
+  endpoint_.reset();
+}
 void mpmc_ring_receiver::close() noexcept {
   if (endpoint_) endpoint_->close();
 }

@@ -381,6 +381,11 @@ public:
   void close() noexcept;
   /// Leaves the ring without closing it; the destructor does the same.
   void detach() noexcept;
+  /// Leaves the ring as a receiver that is done: detaches, and when no other receiver is
+  /// recorded (alive or dead), closes the receiving side, as an SPSC receiver's close()
+  /// does: sends fail with EPIPE, and senders waiting for room wake with it, until a
+  /// receiver attaches again. Other receivers, and the messages left for them, stay.
+  void leave() noexcept;
   std::size_t max_message_size() const noexcept;
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
