@@ -127,6 +127,15 @@ struct ring_options {
   /// membarrier() each sleep otherwise needs. The switch holds for the whole ring, for as
   /// long as it exists. false: this side never asks for it (others still may).
   bool adaptive_fences = true;
+  /// Who may still attach as the other side, for a ring whose other side can only come
+  /// from known processes (a channel_link's): the read end of a pipe whose write ends are
+  /// held by exactly those processes. -1 (default): anyone may attach later, so an other
+  /// side that has no record yet is waited for. Otherwise, once no process of the other
+  /// side is recorded and the pipe reports that every write end is closed (the processes
+  /// took their end, let it go or died), the other side will never come: a wait fails
+  /// with peer_died (pid 0) at its next peer check. The caller keeps the descriptor open
+  /// while the endpoint exists.
+  int peer_claim_fd = -1;
 };
 
 /// Size of the ring header at the start of a region; the data follows it.
