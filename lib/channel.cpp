@@ -785,7 +785,8 @@ class message_receive_port final : public receive_port {
     for (;;) {
       std::optional<std::size_t> size;
       try {
-        size = Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+        size =
+            Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
       } catch (const peer_died& e) {
         throw_peer_died(address(), e);
       }
@@ -895,10 +896,12 @@ std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::share
   const ring_options o = claim_options(peer_claim);
   if (a.mpmc) {
     return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
-        a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim), mpmc_ring_sender(payload, o)});
+        a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               mpmc_ring_sender(payload, o)});
   }
   return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
-      a.text, ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o)});
+      a.text,
+      ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o)});
 }
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
@@ -906,12 +909,12 @@ std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::
   const ring_options o = claim_options(peer_claim);
   if (a.mpmc) {
     return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
-        a.text,
-        ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim), mpmc_ring_receiver(payload, o)});
+        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                   mpmc_ring_receiver(payload, o)});
   }
   return std::make_unique<message_receive_port<ring_receiving<spsc_ring_receiver>>>(
-      a.text,
-      ring_receiving<spsc_ring_receiver>{std::move(region), std::move(peer_claim), spsc_ring_receiver(payload, o)});
+      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                 spsc_ring_receiver(payload, o)});
 }
 
 /// Who may still take each end of a ring link. A ring records the processes attached to
@@ -932,10 +935,12 @@ struct ring_claims {
   static ring_claims make(const channel_address& a) {
     ring_claims c;
     int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
     c.sender_watch = unique_fd{fds[0]};
     c.sender_claim = unique_fd{fds[1]};
-    if (::pipe2(fds, O_CLOEXEC) != 0) throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
     c.receiver_watch = unique_fd{fds[0]};
     c.receiver_claim = unique_fd{fds[1]};
     return c;

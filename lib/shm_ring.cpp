@@ -1203,18 +1203,21 @@ unsigned ring_endpoint::spin(Attempt attempt) {
 void ring_endpoint::throw_peer_died(pid_t dead, const char* waiting) const {
   const char* peer = role_ == role_sender ? "receiver" : "sender";
   if (dead == peer_never_came) {
-    throw peer_died(0, fmt::format("{} ring {}: no {} is attached and none can attach any more: every process "
-                                   "that could take that end (of a channel_link) has exited or let it go",
-                                   kind_name(), waiting, peer));
+    throw peer_died(0,
+                    fmt::format("{} ring {}: no {} is attached and none can attach any more: every process "
+                                "that could take that end (of a channel_link) has exited or let it go",
+                                kind_name(), waiting, peer));
   }
   if (role_ == role_sender) {
-    throw peer_died(dead, fmt::format("{} ring send: peer process {} died (it was the ring's {}receiver) while "
-                                      "this waited for space",
-                                      kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
+    throw peer_died(dead,
+                    fmt::format("{} ring send: peer process {} died (it was the ring's {}receiver) while "
+                                "this waited for space",
+                                kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
   }
-  throw peer_died(dead, fmt::format("{} ring receive: peer process {} died (it was the ring's {}sender) without "
-                                    "closing the ring",
-                                    kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
+  throw peer_died(dead,
+                  fmt::format("{} ring receive: peer process {} died (it was the ring's {}sender) without "
+                              "closing the ring",
+                              kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
 }
 
 wait_task ring_endpoint::send_wait(ring_send_operation& op) {

@@ -156,7 +156,8 @@ TEST_CASE("an MPMC ring stays open while one of its receivers is attached, and c
       link.reset();
       if (!first_closed.wait() || !second_ready.wait()) return handshake_failed;
       // One receiver is left: the ring is open.
-      const int first_send = classify<ipcoro::channel_error>(address, [&] { ipcoro::sync_wait(ctx, tx.send(42)); });
+      const int first_send =
+          classify<ipcoro::channel_error>(address, [&] { ipcoro::sync_wait(ctx, tx.send(42)); });
       if (first_send != ended_without_error) return 10 + first_send;
       sent.signal();
       return classify<ipcoro::channel_closed>(address, [&] { ipcoro::sync_wait(ctx, send_until_error(tx)); });
