@@ -100,7 +100,8 @@ namespace ipcoro {
 class peer_died : public std::system_error {
 public:
   peer_died(pid_t pid, const std::string& what);
-  /// The pid the dead peer had.
+  /// The pid the dead peer had; 0 when no peer ever attached and none can any more
+  /// (ring_options::peer_claim_fd).
   pid_t pid() const noexcept { return pid_; }
 
 private:
