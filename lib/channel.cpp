@@ -710,6 +710,7 @@ struct mq_receiving {
 template <class Ring>
 struct ring_sending {
   std::shared_ptr<void> region;
+  unique_fd peer_claim;  // see ring_claims; before the ring, which polls it
   Ring ring;
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
@@ -726,21 +727,32 @@ struct ring_sending {
 template <class Ring>
 struct ring_receiving {
   std::shared_ptr<void> region;
+  unique_fd peer_claim;
   Ring ring;
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
-  /// One receiver of an MPMC ring leaving does not close the ring for the others.
+  /// One receiver of an MPMC ring leaving does not close the ring for the others; the
+  /// last one closes it for the senders.
   void close() noexcept {
     if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
-      ring.detach();
+      ring.leave();
     } else {
       ring.close();
     }
   }
 };
+
+/// A ring's peer_died, rethrown with the channel's address in front.
+[[noreturn]] void throw_peer_died(const std::string& address, const peer_died& e) {
+  std::string_view what = e.what();
+  if (what.starts_with("channel ")) throw e;
+  const std::string suffix = ": " + e.code().message();  // system_error appends it again
+  if (what.ends_with(suffix)) what.remove_suffix(suffix.size());
+  throw peer_died(e.pid(), fmt::format("channel {}: {}", address, what));
+}
 
 /// The sending end of a channel over a transport that keeps message boundaries (a queue
 /// or a ring): each message is a {kind, short fingerprint} head and the payload.
@@ -781,8 +793,8 @@ class message_send_port final : public send_port {
         greeted_ = true;
       }
       co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
-    } catch (const peer_died&) {
-      throw;
+    } catch (const peer_died& e) {
+      throw_peer_died(address(), e);
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
         throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
@@ -830,8 +842,13 @@ class message_receive_port final : public receive_port {
     if (current_) co_return true;
     if (ended_) co_return false;
     for (;;) {
-      const std::optional<std::size_t> size =
-          Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+      std::optional<std::size_t> size;
+      try {
+        size =
+            Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+      } catch (const peer_died& e) {
+        throw_peer_died(address(), e);
+      }
       if (!size) {
         ended_ = true;
         co_return false;
@@ -926,25 +943,68 @@ struct owned_file {
   }
 };
 
+ring_options claim_options(const unique_fd& peer_claim) {
+  ring_options o;
+  o.peer_claim_fd = peer_claim ? peer_claim.get() : -1;
+  return o;
+}
+
+/// `peer_claim`: for a link's end, the read end of the other end's claim pipe (ring_claims).
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
-                                            std::span<std::byte> payload) {
+                                            std::span<std::byte> payload, unique_fd peer_claim = {}) {
+  const ring_options o = claim_options(peer_claim);
   if (a.mpmc) {
     return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
-        a.text, ring_sending<mpmc_ring_sender>{std::move(region), mpmc_ring_sender(payload)});
+        a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               mpmc_ring_sender(payload, o)});
   }
   return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
-      a.text, ring_sending<spsc_ring_sender>{std::move(region), spsc_ring_sender(payload)});
+      a.text,
+      ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o)});
 }
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
-                                                 std::span<std::byte> payload) {
+                                                 std::span<std::byte> payload, unique_fd peer_claim = {}) {
+  const ring_options o = claim_options(peer_claim);
   if (a.mpmc) {
     return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
-        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), mpmc_ring_receiver(payload)});
+        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                   mpmc_ring_receiver(payload, o)});
   }
   return std::make_unique<message_receive_port<ring_receiving<spsc_ring_receiver>>>(
-      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), spsc_ring_receiver(payload)});
+      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                 spsc_ring_receiver(payload, o)});
 }
+
+/// Who may still take each end of a ring link. A ring records the processes attached to
+/// it, but before an end is taken its entry is empty, which alone means "not yet" forever.
+/// The processes that can still take an end are exactly those holding a copy of the link
+/// state with that end untaken: the creator and every process forked from it while it
+/// held the link. So each end has a pipe whose write end (the claim) lives in the link
+/// state: fork copies it, exec drops it (close-on-exec, and the link is gone with the
+/// old program), death closes it, and taking the end closes it once the ring records the
+/// taker, as does destroying the link. The other end's port keeps the read end: when it
+/// hangs up and the ring still records nobody for that end, nobody ever will.
+struct ring_claims {
+  unique_fd sender_claim;
+  unique_fd sender_watch;
+  unique_fd receiver_claim;
+  unique_fd receiver_watch;
+
+  static ring_claims make(const channel_address& a) {
+    ring_claims c;
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
+    c.sender_watch = unique_fd{fds[0]};
+    c.sender_claim = unique_fd{fds[1]};
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
+    c.receiver_watch = unique_fd{fds[0]};
+    c.receiver_claim = unique_fd{fds[1]};
+    return c;
+  }
+};
 
 struct fifo_ends {
   unique_fd read;
@@ -1074,6 +1134,7 @@ struct channel_link::state {
   message_queue receive_queue;
   std::shared_ptr<void> region;
   std::span<std::byte> payload;
+  detail::ring_claims claims;
   bool sender_taken = false;
   bool receiver_taken = false;
 };
@@ -1128,6 +1189,7 @@ channel_link channel_link::create(std::string_view text) {
       seg->unlink();
       s->payload = seg->payload();
       s->region = std::move(seg);
+      s->claims = detail::ring_claims::make(a);
       break;
     }
     case channel_transport::file: {
@@ -1136,6 +1198,7 @@ channel_link channel_link::create(std::string_view text) {
       if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));
       s->payload = file->payload();
       s->region = std::move(file);
+      s->claims = detail::ring_claims::make(a);
       break;
     }
   }
@@ -1158,7 +1221,11 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
       return std::make_unique<stream_send_port>(a.text, std::move(s->write_fd), s->path);
     case channel_transport::mq: return std::make_unique<message_send_port<mq_sending>>(a.text, mq_sending{std::move(s->send_queue)});
     case channel_transport::shm:
-    case channel_transport::file: return make_ring_sender(a, s->region, s->payload);
+    case channel_transport::file: {
+      auto port = make_ring_sender(a, s->region, s->payload, std::move(s->claims.receiver_watch));
+      s->claims.sender_claim.reset();  // the ring records this process now
+      return port;
+    }
     case channel_transport::fd: break;
   }
   throw std::logic_error("channel_link::sender: no such transport");
@@ -1175,7 +1242,11 @@ std::unique_ptr<receive_port> link_receive_port(void* raw) {
     case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
     case channel_transport::mq: return std::make_unique<message_receive_port<mq_receiving>>(a.text, mq_receiving{std::move(s->receive_queue)});
     case channel_transport::shm:
-    case channel_transport::file: return make_ring_receiver(a, s->region, s->payload);
+    case channel_transport::file: {
+      auto port = make_ring_receiver(a, s->region, s->payload, std::move(s->claims.sender_watch));
+      s->claims.receiver_claim.reset();  // the ring records this process now
+      return port;
+    }
     case channel_transport::fd: break;
   }
   throw std::logic_error("channel_link::receiver: no such transport");
