@@ -390,20 +390,31 @@ void write_small(int fd, const void* data, std::size_t size) noexcept {
   }
 }
 
+/// Writes a close's last frames (at most PIPE_BUF bytes: all or nothing) once the pipe has
+/// room, waiting for it at most `end_patience`; without room by then, or without a reader,
+/// they are not written and the receiver reports a sender that went away.
+void post_patiently(int fd, std::span<const std::byte> frames) noexcept {
+  const auto patience = std::chrono::duration_cast<std::chrono::milliseconds>(end_patience);
+  if (writable_within(fd, static_cast<int>(patience.count()))) write_small(fd, frames.data(), frames.size());
+}
+
 /// Writes a close's last frames through the ring once the pipe has room: the reader is
 /// slow, and a close must not block the loop's thread waiting for it. It ends when they
-/// are written, when the reader is gone (EPIPE), or when the io_context shuts down; in the
-/// last case the receiver sees end of file without an end frame and reports a dead sender.
+/// are written or when the reader is gone (EPIPE). If the io_context shuts down first
+/// (the process is most likely ending), it waits there, bounded, so that a clean close
+/// still reads as one.
 task<void> post_when_room(pooled_frame, unique_fd fd, write_path path, std::vector<std::byte> frames) {
   try {
     co_await write_all_operation{fd.get(), frames, path};
-  } catch (...) {  // nobody reads any more, or the loop is going away: nothing to tell
+  } catch (const operation_cancelled&) {
+    post_patiently(fd.get(), frames);
+  } catch (...) {  // nobody reads any more: nothing to tell
   }
 }
 
-/// Posts a close's last frames (at most PIPE_BUF bytes, so all or nothing) from a close(),
-/// which cannot await. When the pipe is full, the write is handed to this thread's loop;
-/// with no loop running here, it waits for room for at most `end_patience`.
+/// Posts a close's last frames (at most PIPE_BUF bytes) from a close(), which cannot
+/// await. When the pipe is full, the write is handed to this thread's loop; with no loop
+/// running here, it waits for room, bounded.
 void post_at_close(unique_fd fd, write_path path, std::vector<std::byte> frames) noexcept {
   if (writable_within(fd.get(), 0)) {
     write_small(fd.get(), frames.data(), frames.size());
@@ -416,10 +427,7 @@ void post_at_close(unique_fd fd, write_path path, std::vector<std::byte> frames)
     } catch (...) {  // no memory for the task: fall back to waiting here, bounded
     }
   }
-  const auto patience = std::chrono::duration_cast<std::chrono::milliseconds>(end_patience);
-  if (writable_within(fd.get(), static_cast<int>(patience.count()))) {
-    write_small(fd.get(), frames.data(), frames.size());
-  }
+  post_patiently(fd.get(), frames);
 }
 
 class stream_send_port final : public send_port {
