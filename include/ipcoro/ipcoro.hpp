@@ -1,6 +1,10 @@
 // The whole public API of ipcoro in one include.
 #pragma once
 
+#if __cplusplus < 202002L
+#error "ipcoro needs C++20: compile with -std=c++20 (or -std=gnu++20), or set cpp_std=c++20 in Meson"
+#else  // nothing else is read, so the error above is the only one
+
 #include "ipcoro/channel.hpp"
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/codec.hpp"
@@ -29,3 +33,5 @@
 #include "ipcoro/unique_fd.hpp"
 #include "ipcoro/when_all.hpp"
 #include "ipcoro/when_any.hpp"
+
+#endif
