@@ -26,5 +26,6 @@
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
 #include "ipcoro/unique_fd.hpp"
+#include "ipcoro/version.hpp"
 #include "ipcoro/when_all.hpp"
 #include "ipcoro/when_any.hpp"
