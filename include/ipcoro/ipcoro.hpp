@@ -1,6 +1,8 @@
 // The whole public API of ipcoro in one include.
 #pragma once
 
+#include "ipcoro/version.hpp"  // first, so that its C++20 check speaks before any other error
+
 #include "ipcoro/channel.hpp"
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/codec.hpp"
@@ -26,6 +28,5 @@
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
 #include "ipcoro/unique_fd.hpp"
-#include "ipcoro/version.hpp"
 #include "ipcoro/when_all.hpp"
 #include "ipcoro/when_any.hpp"
