@@ -70,6 +70,20 @@ class io_context {
   /// Runs until no operation is in flight and no coroutine is ready, or `stop()`.
   /// Rethrows the first failure of a detached task unless an error handler is set.
   void run();
+  /// Runs one turn without sleeping: resumes the coroutines that are ready, submits what they
+  /// queued and reaps the completions already there. Returns true while the context still has
+  /// work (operations in flight or coroutines ready), false when it is idle. Rethrows a
+  /// detached task's failure as run() does. For running the context inside another event loop
+  /// on the same thread: call it whenever poll_fd() is readable.
+  bool poll();
+  /// A descriptor that becomes readable when poll() has something to do: a completion was
+  /// posted, a call came from another thread, or a coroutine was made ready or spawned from
+  /// outside poll(). Watch it for reading in the other loop (epoll, Asio, libuv, Qt, GLib)
+  /// and call poll() when it is; poll() clears it, and makes it readable again at once when
+  /// ready coroutines are left for the next turn. Created on first call (an eventfd
+  /// registered with the ring; a context that never calls this does not pay for it); owned
+  /// by the context, valid until it is destroyed.
+  [[nodiscard]] int poll_fd();
   /// Makes `run()` return after the current iteration. Call it on the loop's thread.
   void stop() noexcept;
 
