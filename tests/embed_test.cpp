@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 
 namespace {
 
@@ -25,6 +26,12 @@ using ipcoro::io_context;
 using ipcoro::task;
 using ipcoro::test::child_process;
 using ipcoro::test::handshake;
+
+io_context::options embedded() {
+  io_context::options o;
+  o.embedded = true;
+  return o;
+}
 
 // Whether `fd` is readable within `timeout_ms` (0: right now).
 bool readable(int fd, int timeout_ms) {
@@ -53,8 +60,66 @@ task<void> wait_for(ipcoro::event& ev, bool& done) {
   done = true;
 }
 
-TEST_CASE("poll returns at once with a read in flight, and false once the context is idle", "[embed]") {
+// Echoes `rounds` 8-byte records from `in` to `out` through the ring.
+task<void> echo_records(ipcoro::pipe_reader& in, ipcoro::pipe_writer& out, int rounds, int& echoed) {
+  std::array<std::byte, 8> record{};
+  for (int i = 0; i < rounds; ++i) {
+    if (co_await in.read_exact(record) != record.size()) co_return;
+    co_await out.write_all(record);
+    ++echoed;
+  }
+}
+
+// Sends `rounds` 8-byte records to `out` and waits for each to come back on `in`.
+task<void> ping_records(ipcoro::pipe_reader& in, ipcoro::pipe_writer& out, int rounds, int& pinged) {
+  for (int i = 0; i < rounds; ++i) {
+    std::array<std::byte, 8> record{};
+    record[0] = static_cast<std::byte>(i);
+    co_await out.write_all(record);
+    std::array<std::byte, 8> got{};
+    if (co_await in.read_exact(got) != got.size() || got != record) co_return;
+    ++pinged;
+  }
+}
+
+TEST_CASE("poll_fd refuses a context whose ring defers completions to its own waits", "[embed]") {
   io_context ctx;
+  if (ctx.features().defer_taskrun) {
+    CHECK_THROWS_AS((void)ctx.poll_fd(), std::logic_error);
+  } else {
+    WARN("this kernel has no DEFER_TASKRUN: every ring suits poll_fd");
+    CHECK(ctx.poll_fd() >= 0);
+  }
+}
+
+TEST_CASE("an embedded round trip takes microseconds, not the late wake-up of DEFER_TASKRUN", "[embed]") {
+  // 200 round trips through two embedded loops; with DEFER_TASKRUN each would wait ~30 ms for
+  // its wake-up (12 s in all). The bound leaves room for a loaded machine.
+  constexpr int rounds = 200;
+  ipcoro::pipe_pair there = ipcoro::make_pipe();
+  ipcoro::pipe_pair back = ipcoro::make_pipe();
+  child_process child([&] {
+    io_context ctx(embedded());
+    int echoed = 0;
+    ctx.spawn(echo_records(there.reader, back.writer, rounds, echoed));
+    while (ctx.poll()) {
+      if (!readable(ctx.poll_fd(), 10'000)) return 1;
+    }
+    return echoed == rounds ? 0 : 2;
+  });
+  io_context ctx(embedded());
+  const auto t0 = std::chrono::steady_clock::now();
+  int pinged = 0;
+  ctx.spawn(ping_records(back.reader, there.writer, rounds, pinged));
+  while (ctx.poll()) REQUIRE(readable(ctx.poll_fd(), 10'000));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  REQUIRE(pinged == rounds);
+  REQUIRE(child.wait() == 0);
+  CHECK(took < 3s);
+}
+
+TEST_CASE("poll returns at once with a read in flight, and false once the context is idle", "[embed]") {
+  io_context ctx(embedded());
   ipcoro::pipe_pair pipe = ipcoro::make_pipe();
   bool done = false;
   ctx.spawn(read_one(pipe.reader, done));
@@ -84,7 +149,7 @@ TEST_CASE("poll_fd turns readable when another process's write completes a read,
   });
   pipe.writer.close();
 
-  io_context ctx;
+  io_context ctx(embedded());
   const int fd = ctx.poll_fd();
   bool done = false;
   ctx.spawn(read_one(pipe.reader, done));
@@ -103,7 +168,7 @@ TEST_CASE("poll_fd turns readable when another process's write completes a read,
 }
 
 TEST_CASE("a coroutine made ready outside poll makes poll_fd readable", "[embed]") {
-  io_context ctx;
+  io_context ctx(embedded());
   const int fd = ctx.poll_fd();
   ipcoro::event ev;
   bool done = false;
@@ -115,16 +180,6 @@ TEST_CASE("a coroutine made ready outside poll makes poll_fd readable", "[embed]
   (void)ctx.poll();
   REQUIRE(done);
   REQUIRE_FALSE(ctx.poll());
-}
-
-// Echoes `rounds` 8-byte records from `in` to `out` through the ring.
-task<void> echo_records(ipcoro::pipe_reader& in, ipcoro::pipe_writer& out, int rounds, int& echoed) {
-  std::array<std::byte, 8> record{};
-  for (int i = 0; i < rounds; ++i) {
-    if (co_await in.read_exact(record) != record.size()) co_return;
-    co_await out.write_all(record);
-    ++echoed;
-  }
 }
 
 TEST_CASE("one thread serves an epoll loop's socket and ipcoro's pipes in turn, with no other thread",
@@ -141,7 +196,8 @@ TEST_CASE("one thread serves an epoll loop's socket and ipcoro's pipes in turn, 
     for (int i = 0; i < rounds; ++i) {
       std::uint64_t record = i, back = 0;
       if (::write(to_parent.writer.native_handle(), &record, sizeof record) != sizeof record) return 1;
-      if (::read(to_child.reader.native_handle(), &back, sizeof back) != sizeof back || back != record) return 2;
+      if (::read(to_child.reader.native_handle(), &back, sizeof back) != sizeof back) return 2;
+      if (back != record) return 2;
       char ping = 'p', pong = 0;
       if (::write(sv[1], &ping, 1) != 1 || ::read(sv[1], &pong, 1) != 1 || pong != 'P') return 3;
     }
@@ -151,7 +207,7 @@ TEST_CASE("one thread serves an epoll loop's socket and ipcoro's pipes in turn, 
   to_parent.writer.close();
   to_child.reader.close();
 
-  io_context ctx;
+  io_context ctx(embedded());
   int echoed = 0;
   ctx.spawn(echo_records(to_parent.reader, to_child.writer, rounds, echoed));
   const int ep = ::epoll_create1(EPOLL_CLOEXEC);
