@@ -1,9 +1,9 @@
 // The whole public API of ipcoro in one include.
 #pragma once
 
-#if __cplusplus < 202002L
-#error "ipcoro needs C++20: compile with -std=c++20 (or -std=gnu++20), or set cpp_std=c++20 in Meson"
-#else  // nothing else is read, so the error above is the only one
+#include "ipcoro/version.hpp"  // first: below C++20 its #error is the one error shown
+
+#if __cplusplus >= 202002L  // nothing else is read below C++20
 
 #include "ipcoro/channel.hpp"
 #include "ipcoro/channel_address.hpp"
