@@ -26,6 +26,7 @@
 #include <ctime>
 #include <fstream>
 #include <system_error>
+#include <typeinfo>
 
 namespace ipcoro {
 
@@ -169,6 +170,27 @@ int channel_address::fd() const {
 namespace detail {
 
 void throw_channel_closed(const char* what) { throw channel_closed(what); }
+
+void rethrow_for_address(std::string_view address, const std::system_error& e) {
+  std::string what = e.what();
+  // Only plain system errors: cancellation, timeouts and the library's own kinds keep
+  // their type (and say what they say).
+  if (typeid(e) != typeid(std::system_error) || what.starts_with("channel ") ||
+      what.find(address) != std::string::npos) {
+    throw;
+  }
+  // system_error appends ": <errno text>"; the new one appends it again.
+  if (const std::string tail = ": " + e.code().message(); what.ends_with(tail)) what.resize(what.size() - tail.size());
+  std::string hint;
+  if (e.code() == std::errc::invalid_argument) {
+    if (address.starts_with("mq:")) {
+      hint = " (in the address, capacity= is the queue's max_messages and message_size= its message size)";
+    } else if (address.starts_with("pipe:") || address.starts_with("fifo:")) {
+      hint = " (in the address, capacity= is the pipe capacity)";
+    }
+  }
+  throw std::system_error(e.code(), fmt::format("channel {}: {}{}", address, what, hint));
+}
 void throw_channel_error(const char* what) { throw channel_error(what); }
 
 void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got) {
@@ -474,7 +496,9 @@ class stream_send_port final : public send_port {
       throw;
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+        throw channel_closed(fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
+                                         "process ended",
+                                         address()));
       }
       throw;
     }
@@ -1182,6 +1206,18 @@ const channel_address& channel_link::address() const {
 channel_link channel_link::create(std::string_view text) {
   auto s = std::make_unique<state>();
   s->address = channel_address::parse(text);
+  try {
+    create_transport(*s);
+  } catch (const std::system_error& e) {
+    detail::rethrow_for_address(s->address.text, e);
+  }
+  channel_link link;
+  link.state_ = std::move(s);
+  return link;
+}
+
+void channel_link::create_transport(state& st) {
+  state* const s = &st;
   const channel_address& a = s->address;
   switch (a.transport) {
     case channel_transport::fd:
@@ -1230,9 +1266,6 @@ channel_link channel_link::create(std::string_view text) {
       break;
     }
   }
-  channel_link link;
-  link.state_ = std::move(s);
-  return link;
 }
 
 namespace detail {

@@ -564,6 +564,34 @@ TEST_CASE("an aborted ring sender reads as a dead peer once its process has exit
 
 // ---- addresses ----
 
+TEST_CASE("limits a channel's transport cannot have are refused naming the address, the option and the errno",
+          "[channel][errors]") {
+  struct too_big {
+    std::string address;
+    std::string option;
+  };
+  const too_big cases[] = {
+      {fresh_address("mq", "capacity=100000"), "capacity="},
+      {fresh_address("mq", "message_size=100000000"), "message_size"},
+      {fresh_address("fifo", "capacity=100000000"), "capacity="},
+      {fresh_address("pipe", "capacity=100000000"), "capacity="},
+  };
+  ipcoro::io_context ctx;
+  for (const too_big& c : cases) {
+    CAPTURE(c.address);
+    const ipcoro::test::failure link = ipcoro::test::failure_of([&] { (void)channel_link::create(c.address); });
+    CHECK(link.code == EINVAL);
+    CHECK(contains(link.what, "channel " + c.address));
+    CHECK(contains(link.what, c.option));
+    if (c.address.starts_with("pipe:")) continue;  // a pipe has no name to open
+    const ipcoro::test::failure named =
+        ipcoro::test::failure_of([&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(c.address)); });
+    CHECK(named.code == EINVAL);
+    CHECK(contains(named.what, "channel " + c.address));
+  }
+  CHECK(nothing_left_behind());
+}
+
 TEST_CASE("bad channel addresses are refused with a message saying what is expected", "[channel]") {
   struct bad {
     const char* address;

@@ -20,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -51,6 +52,10 @@ class channel_receiver;
 namespace detail {
 
 [[noreturn]] void throw_channel_closed(const char* what);
+/// Rethrows an error of opening or creating the transport behind `address` so that it
+/// names the address (and which of its options to change), keeping its error code.
+/// `throw;` semantics when it already does.
+[[noreturn]] void rethrow_for_address(std::string_view address, const std::system_error& e);
 [[noreturn]] void throw_channel_error(const char* what);
 /// channel_closed for a send that its own sender's close, detach or abort came before
 /// (`waited` false) or interrupted.
@@ -473,6 +478,8 @@ class channel_link {
   struct state;
 
  private:
+  static void create_transport(state& s);
+
   std::unique_ptr<state> state_;
 };
 
@@ -481,7 +488,12 @@ class channel_link {
 /// sender. `fd:N` takes over descriptor N as a byte stream.
 template <encodable T>
 [[nodiscard]] task<channel_receiver<T>> open_receiver(std::string address) {
-  std::unique_ptr<detail::receive_port> port = co_await detail::open_receive_port(channel_address::parse(address));
+  std::unique_ptr<detail::receive_port> port;
+  try {
+    port = co_await detail::open_receive_port(channel_address::parse(address));
+  } catch (const std::system_error& e) {
+    detail::rethrow_for_address(address, e);
+  }
   port->set_identity(identity_of<T>());
   co_return channel_receiver<T>{std::move(port)};
 }
@@ -490,7 +502,12 @@ template <encodable T>
 /// the receiver to open it). Throws channel_error when there is no such channel.
 template <encodable T>
 [[nodiscard]] task<channel_sender<T>> open_sender(std::string address) {
-  std::unique_ptr<detail::send_port> port = co_await detail::open_send_port(channel_address::parse(address));
+  std::unique_ptr<detail::send_port> port;
+  try {
+    port = co_await detail::open_send_port(channel_address::parse(address));
+  } catch (const std::system_error& e) {
+    detail::rethrow_for_address(address, e);
+  }
   port->set_identity(identity_of<T>());
   port->opened();
   co_return channel_sender<T>{std::move(port)};
