@@ -52,6 +52,10 @@ constexpr const char* address_forms = "pipe:, fifo:/path, mq:/name, shm:/name, f
   throw bad_channel_address(fmt::format("channel address \"{}\": {}", address, why));
 }
 
+/// The smallest message_size a queue or MPMC ring channel can work with: a message's frame
+/// head and a greeting (checked against the wire structs below).
+constexpr std::size_t min_message_size = 32;
+
 std::size_t parse_size(std::string_view address, std::string_view key, std::string_view value) {
   std::size_t n = 0;
   const char* end = value.data() + value.size();
@@ -159,6 +163,12 @@ channel_address channel_address::parse(std::string_view address) {
     bad_address(address, "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
                          "follows from its capacity");
   }
+  if (a.message_size && *a.message_size < min_message_size) {
+    bad_address(address, fmt::format("message_size={} is too small: a channel message needs at least {} bytes "
+                                      "(its 8-byte frame head, and the 24-byte greeting a sender starts with); "
+                                      "ask for message_size={} or more",
+                                      *a.message_size, min_message_size, min_message_size));
+  }
   return a;
 }
 
@@ -225,6 +235,7 @@ struct message_head {
   std::uint32_t fingerprint;
 };
 static_assert(sizeof(stream_head) == 8 && sizeof(message_head) == 8);
+static_assert(min_message_size == sizeof(message_head) + sizeof(greeting_head));
 constexpr std::size_t head_size = 8;
 constexpr std::size_t max_stream_payload = std::size_t{1} << 30;
 
