@@ -636,7 +636,9 @@ class stream_receive_port final : public receive_port {
         std::memmove(buf_.data(), buf_.data() + begin_, avail);
         begin_ = 0;
         end_ = avail;
-        buf_.grow(need, avail);
+        // Room grows with what has arrived, not with what a frame head announces: a
+        // head alone must not make this process reserve a gigabyte.
+        if (end_ == buf_.size()) buf_.grow(std::min(need, 2 * buf_.size()), avail);
       }
       const std::size_t n =
           co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, buf_.size() - end_}};
