@@ -38,7 +38,8 @@ using clock_type = std::chrono::steady_clock;
 /// the test ends, even after a receiver was killed.
 struct fresh_queue {
   explicit fresh_queue(int capacity)
-      : name("/" + ipcoro::test::unique_name("mq")), address("mq:" + name + "?capacity=" + std::to_string(capacity)) {}
+      : name("/" + ipcoro::test::unique_name("mq")),
+        address("mq:" + name + "?capacity=" + std::to_string(capacity)) {}
   fresh_queue(const fresh_queue&) = delete;
   fresh_queue& operator=(const fresh_queue&) = delete;
   ~fresh_queue() {
@@ -76,7 +77,8 @@ constexpr auto soon = 3s;
 
 }  // namespace
 
-TEST_CASE("a queue send waiting on a full queue ends with peer_died once its receiver is killed", "[channel][mq]") {
+TEST_CASE("a queue send waiting on a full queue ends with peer_died once its receiver is killed",
+          "[channel][mq]") {
   const fresh_queue q(4);
   handshake ready, never, waiting;
   child_process receiver([&] { return idle_receiver(q.address, ready, never); });
@@ -100,8 +102,9 @@ TEST_CASE("a queue send waiting on a full queue ends with peer_died once its rec
     tx.reset();  // closes: must not wait for room in the full queue
     const auto closing = clock_type::now() - before;
     if (sent != 3 || !contains(error, q.address) || !contains(error, "died") || closing > 500ms) {
-      std::fprintf(stderr, "sender: %d sent, error \"%s\", close took %lld ms\n", sent, error.c_str(),
-                   static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(closing).count()));
+      std::fprintf(
+          stderr, "sender: %d sent, error \"%s\", close took %lld ms\n", sent, error.c_str(),
+          static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(closing).count()));
       return 1;
     }
     return 0;
@@ -271,19 +274,18 @@ TEST_CASE("a queue sender closing a full queue whose receiver runs on the same l
     channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(q.address));
     channel_sender<int> tx = ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(q.address));
     std::vector<int> got;
-    ipcoro::sync_wait(
-        ctx, ipcoro::when_all(
-                 [](channel_sender<int>& tx) -> task<void> {
-                   for (int i = 0; i < 3; ++i) co_await tx.send(i);
-                   tx.close();  // the queue is full and its receiver is on this thread
-                 }(tx),
-                 [](channel_receiver<int>& rx, std::vector<int>& got) -> task<void> {
-                   for (;;) {
-                     std::optional<int> v = co_await rx.receive();
-                     if (!v) break;
-                     got.push_back(*v);
-                   }
-                 }(rx, got)));
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_sender<int>& tx) -> task<void> {
+                                 for (int i = 0; i < 3; ++i) co_await tx.send(i);
+                                 tx.close();  // the queue is full and its receiver is on this thread
+                               }(tx),
+                               [](channel_receiver<int>& rx, std::vector<int>& got) -> task<void> {
+                                 for (;;) {
+                                   std::optional<int> v = co_await rx.receive();
+                                   if (!v) break;
+                                   got.push_back(*v);
+                                 }
+                               }(rx, got)));
     return got == std::vector<int>{0, 1, 2} ? 0 : 2;
   });
   CHECK(tester.wait(bounded) == 0);
@@ -393,7 +395,8 @@ TEST_CASE("a queue sender killed before its first message reads as a dead peer",
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("queue channel links record their ends: a killed receiver fails the blocked send", "[channel][mq]") {
+TEST_CASE("queue channel links record their ends: a killed receiver fails the blocked send",
+          "[channel][mq]") {
   const std::string name = "/" + ipcoro::test::unique_name("mq");
   ipcoro::channel_link link = ipcoro::channel_link::create("mq:" + name + "?capacity=4");
   handshake ready, waiting, never;
