@@ -4,9 +4,11 @@
 
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/codec.hpp"
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/channel_port.hpp"
 #include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/detail/wait_list.hpp"
+#include "ipcoro/error.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/when_any.hpp"
 
@@ -195,6 +197,7 @@ class channel_sender {
       if (s.receiver_closed) detail::throw_channel_closed("channel send: the receiver has closed the channel");
       if (s.sender_closed) detail::throw_channel_closed("channel send: the channel was closed");
       if (s.count < s.slots.size()) {
+        if (co_await detail::stop_requested()) throw operation_cancelled{};
         s.slots[(s.head + s.count) % s.slots.size()].emplace(std::move(value));
         ++s.count;
         ++s.sent;
@@ -210,6 +213,7 @@ class channel_sender {
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
     if (port.leaving()) detail::throw_sender_left(port, false);
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
     const std::size_t size = codec<T>::size(value);
     codec<T>::encode(value, port.prepare(size));
     co_await port.send_prepared();
@@ -319,6 +323,7 @@ class channel_receiver {
                                               std::shared_ptr<detail::local_channel<T>> state) {
     detail::local_channel<T>& s = *state;
     if (!co_await next_local(detail::pooled_frame{}, s)) co_return std::nullopt;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
     std::optional<T> value = std::move(s.slots[s.head]);
     pop_local(s);
     co_return value;
@@ -328,6 +333,7 @@ class channel_receiver {
                                        T& into) {
     detail::local_channel<T>& s = *state;
     if (!co_await next_local(detail::pooled_frame{}, s)) co_return false;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
     into = std::move(*s.slots[s.head]);
     pop_local(s);
     co_return true;
@@ -364,6 +370,7 @@ class channel_receiver {
     if (port.leaving()) co_return std::nullopt;
     const bool got = co_await port.next();
     if (!got) co_return std::nullopt;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     std::optional<T> value;
     take_current(port, [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
     co_return value;
@@ -376,6 +383,7 @@ class channel_receiver {
     if (port.leaving()) co_return false;
     const bool got = co_await port.next();
     if (!got) co_return false;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     take_current(port, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
     co_return true;
   }
@@ -446,6 +454,7 @@ class channel_link {
   [[nodiscard]] channel_sender<T> sender() {
     std::unique_ptr<detail::send_port> port = detail::link_send_port(state_.get());
     port->set_identity(identity_of<T>());
+    port->opened();
     return channel_sender<T>{std::move(port)};
   }
   /// Takes the receiving end. Throws std::logic_error if it was taken already.
@@ -482,6 +491,7 @@ template <encodable T>
 [[nodiscard]] task<channel_sender<T>> open_sender(std::string address) {
   std::unique_ptr<detail::send_port> port = co_await detail::open_send_port(channel_address::parse(address));
   port->set_identity(identity_of<T>());
+  port->opened();
   co_return channel_sender<T>{std::move(port)};
 }
 

@@ -4,6 +4,7 @@
 #include "ipcoro/channel.hpp"
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/codec.hpp"
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/fd_io.hpp"
