@@ -668,6 +668,18 @@ bool try_send_end(int mqd, std::uint32_t fingerprint) noexcept {
   return ::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(&h), sizeof h, 0, &now) == 0;
 }
 
+/// Why a queue's peer counts as dead: `pid` died, or (pid 0) a link's `end` that nobody
+/// took and nobody can take any more.
+std::string why_dead(pid_t pid, const char* peer, const char* end) {
+  if (pid == 0) {
+    return fmt::format(
+        "the link's {} end was never taken, and no process can take it any more (each one that "
+        "held the link exited or dropped it)",
+        end);
+  }
+  return fmt::format("the {} (process {}) died", peer, pid);
+}
+
 /// How often a wait on a queue looks at its peer record: as a ring's waits do.
 std::chrono::milliseconds mq_check_interval() noexcept { return ring_options{}.peer_check_interval; }
 
@@ -718,10 +730,9 @@ struct mq_sending {
       }
       const mq_peers::verdict v = peers.peers();
       if (v.state == mq_peers::verdict::dead) {
-        throw peer_died(v.pid,
-                        fmt::format("channel {}: the receiver (process {}) died while this send waited for "
-                                    "room in the full queue",
-                                    address, v.pid));
+        throw peer_died(
+            v.pid, fmt::format("channel {}: {}, while this send waited for room in the full queue", address,
+                               why_dead(v.pid, "receiver", "receiving")));
       }
       if (v.state == mq_peers::verdict::left) {
         throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address));
@@ -781,9 +792,8 @@ struct mq_receiving {
         // Whatever the dead sent before it died is in the queue by now.
         if (std::optional<mq_message> m = take_now(buffer)) co_return m;
         if (peers.ended()) co_return std::nullopt;
-        throw peer_died(v.pid,
-                        fmt::format("channel {}: the sender (process {}) died without closing the channel",
-                                    address, v.pid));
+        throw peer_died(v.pid, fmt::format("channel {}: {}{}", address, why_dead(v.pid, "sender", "sending"),
+                                           v.pid != 0 ? " without closing the channel" : ""));
       }
     }
   }
@@ -1082,7 +1092,7 @@ std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::
                                                  spsc_ring_receiver(payload, o)});
 }
 
-/// Who may still take each end of a ring link. A ring records the processes attached to
+/// Who may still take each end of a ring (or queue) link. A ring records the processes attached to
 /// it, but before an end is taken its entry is empty, which alone means "not yet" forever.
 /// The processes that can still take an end are exactly those holding a copy of the link
 /// state with that end untaken: the creator and every process forked from it while it
@@ -1296,6 +1306,7 @@ channel_link channel_link::create(std::string_view text) {
       message_queue::unlink(a.name);
       c.peers.unlink();
       s->queue_peers = std::move(c.peers);
+      s->claims = detail::ring_claims::make(a);
       break;
     }
     case channel_transport::shm: {
@@ -1334,9 +1345,15 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
     case channel_transport::pipe:
     case channel_transport::fifo:
       return std::make_unique<stream_send_port>(a.text, std::move(s->write_fd), s->path);
-    case channel_transport::mq:
-      return std::make_unique<message_send_port<mq_sending>>(
-          a.text, mq_sending{std::move(s->send_queue), s->queue_peers.share(mq_peers::role::sender), a.text});
+    case channel_transport::mq: {
+      auto port = std::make_unique<message_send_port<mq_sending>>(
+          a.text,
+          mq_sending{std::move(s->send_queue),
+                     s->queue_peers.share(mq_peers::role::sender, std::move(s->claims.receiver_watch)),
+                     a.text});
+      s->claims.sender_claim.reset();  // the record holds this process now
+      return port;
+    }
     case channel_transport::shm:
     case channel_transport::file: {
       auto port = make_ring_sender(a, s->region, s->payload, std::move(s->claims.receiver_watch));
@@ -1357,10 +1374,15 @@ std::unique_ptr<receive_port> link_receive_port(void* raw) {
   switch (a.transport) {
     case channel_transport::pipe:
     case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
-    case channel_transport::mq:
-      return std::make_unique<message_receive_port<mq_receiving>>(
+    case channel_transport::mq: {
+      auto port = std::make_unique<message_receive_port<mq_receiving>>(
           a.text,
-          mq_receiving{std::move(s->receive_queue), s->queue_peers.share(mq_peers::role::receiver), a.text});
+          mq_receiving{std::move(s->receive_queue),
+                       s->queue_peers.share(mq_peers::role::receiver, std::move(s->claims.sender_watch)),
+                       a.text});
+      s->claims.receiver_claim.reset();  // the record holds this process now
+      return port;
+    }
     case channel_transport::shm:
     case channel_transport::file: {
       auto port = make_ring_receiver(a, s->region, s->payload, std::move(s->claims.sender_watch));

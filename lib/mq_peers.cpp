@@ -7,6 +7,7 @@
 #include "ipcoro/shm_segment.hpp"
 
 #include <fmt/core.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -43,6 +44,16 @@ bool entry_dead(const mq_peer_entry& e, std::uint64_t word) noexcept {
   return !process_alive(who);
 }
 
+/// True once no process holds a write end of the pipe whose read end is `fd`. Never waits.
+bool claims_hung_up(int fd) noexcept {
+  ::pollfd p{fd, 0, 0};
+  int rc;
+  do {
+    rc = ::poll(&p, 1, 0);
+  } while (rc < 0 && errno == EINTR);
+  return rc > 0 && (p.revents & POLLHUP) != 0;
+}
+
 }  // namespace
 
 std::string mq_record_name(std::string_view queue_name) {
@@ -59,6 +70,7 @@ mq_peers::mq_peers() noexcept = default;
 mq_peers::mq_peers(mq_peers&& other) noexcept
     : segment_(std::move(other.segment_)),
       record_(std::exchange(other.record_, nullptr)),
+      peer_claim_(std::move(other.peer_claim_)),
       index_(std::exchange(other.index_, -1)),
       attached_pid_(std::exchange(other.attached_pid_, 0)),
       role_(other.role_) {}
@@ -68,6 +80,7 @@ mq_peers& mq_peers::operator=(mq_peers&& other) noexcept {
     leave();
     segment_ = std::move(other.segment_);
     record_ = std::exchange(other.record_, nullptr);
+    peer_claim_ = std::move(other.peer_claim_);
     index_ = std::exchange(other.index_, -1);
     attached_pid_ = std::exchange(other.attached_pid_, 0);
     role_ = other.role_;
@@ -108,10 +121,11 @@ mq_peers mq_peers::open(std::string_view queue_name, int mqd) noexcept {
   return p;
 }
 
-mq_peers mq_peers::share(role r) const {
+mq_peers mq_peers::share(role r, unique_fd peer_claim) const {
   mq_peers p;
   p.segment_ = segment_;
   p.record_ = record_;
+  p.peer_claim_ = std::move(peer_claim);
   p.attach(r);
   return p;
 }
@@ -185,12 +199,14 @@ void mq_peers::close() noexcept {
   leave();
   record_ = nullptr;
   segment_.reset();
+  peer_claim_.reset();
 }
 
 void mq_peers::abandon() noexcept {
   index_ = -1;
   record_ = nullptr;
   segment_.reset();
+  peer_claim_.reset();
 }
 
 void mq_peers::mark_end() noexcept {
@@ -204,6 +220,9 @@ bool mq_peers::ended() const noexcept {
 mq_peers::verdict mq_peers::peers() const noexcept {
   verdict v;
   if (record_ == nullptr) return v;
+  // Looked at before the entries: a taker records itself before it lets its claim go, so
+  // once the claims are gone, the scan below sees whoever took the end.
+  const bool claims_gone = peer_claim_ && claims_hung_up(peer_claim_.get());
   const std::uint64_t other = role_ == role::sender ? mq_peer_receiver : mq_peer_sender;
   for (const mq_peer_entry& e : record_->entries) {
     const std::uint64_t word = e.word.load(std::memory_order_acquire);
@@ -214,7 +233,11 @@ mq_peers::verdict mq_peers::peers() const noexcept {
   }
   if (v.state == verdict::dead) return v;
   const auto& seen = other == mq_peer_receiver ? record_->receivers_seen : record_->senders_seen;
-  if (seen.load(std::memory_order_acquire) != 0) v.state = verdict::left;
+  if (seen.load(std::memory_order_acquire) != 0) {
+    v.state = verdict::left;
+  } else if (claims_gone) {
+    v.state = verdict::dead;  // pid 0: nobody came, and nobody can any more
+  }
   return v;
 }
 

@@ -2,6 +2,7 @@
 // queue whose peers died or left can end (private to the library).
 #pragma once
 
+#include "ipcoro/unique_fd.hpp"
 #include "mq_peer_record.hpp"
 
 #include <sys/types.h>
@@ -47,8 +48,11 @@ class mq_peers {
   /// another queue of the same name (validated by the queue's inode).
   [[nodiscard]] static mq_peers open(std::string_view queue_name, int mqd) noexcept;
   /// Another handle on the same record that records this process as `r` (for the ends
-  /// of a link, taken after fork). Throws as attach() does.
-  [[nodiscard]] mq_peers share(role r) const;
+  /// of a link, taken after fork). `peer_claim`: the read end of the pipe whose write
+  /// ends are held by the processes that may still take the other end (see ring_claims in
+  /// channel.cpp); once it hangs up with nobody recorded there, nobody ever will be, and
+  /// peers() says dead (pid 0). Throws as attach() does.
+  [[nodiscard]] mq_peers share(role r, unique_fd peer_claim = {}) const;
 
   /// Stores the identity of the queue (open as `mqd`) that this record belongs to.
   void bind_queue(int mqd) noexcept;
@@ -72,6 +76,7 @@ class mq_peers {
   void mark_end() noexcept;
   bool ended() const noexcept;
   /// The state of the other side: alive (or not yet attached), dead, or left.
+  /// Dead with pid 0: nobody attached and nobody can any more (the link's claims are gone).
   verdict peers() const noexcept;
 
   explicit operator bool() const noexcept { return record_ != nullptr; }
@@ -81,6 +86,7 @@ class mq_peers {
 
   std::shared_ptr<shm_segment> segment_;
   mq_peer_record* record_ = nullptr;
+  unique_fd peer_claim_;
   int index_ = -1;
   pid_t attached_pid_ = 0;
   role role_ = role::sender;

@@ -431,3 +431,54 @@ TEST_CASE("queue channel links record their ends: a killed receiver fails the bl
   CHECK(sender.wait(bounded) == 0);
   CHECK(nothing_left_behind());
 }
+
+TEST_CASE("a queue link end that no process can take any more fails the peer waiting for it", "[channel][mq]") {
+  const bool waiting_sender = GENERATE(true, false);
+  CAPTURE(waiting_sender);
+  const std::string name = "/" + ipcoro::test::unique_name("mq");
+  ipcoro::channel_link link = ipcoro::channel_link::create("mq:" + name + "?capacity=4");
+  handshake held, waiting, never;
+  // Holds the link, so it could still take the end the other side waits for, then is killed.
+  child_process holder([&]() -> int {
+    held.signal();
+    never.wait();
+    return 0;
+  });
+  REQUIRE(held.wait());
+  child_process peer([&]() -> int {
+    ipcoro::io_context ctx;
+    std::string error;
+    try {
+      if (waiting_sender) {
+        channel_sender<int> tx = link.sender<int>();
+        link.reset();
+        ipcoro::sync_wait(ctx, [](channel_sender<int>& tx, const handshake& waiting) -> task<void> {
+          for (int i = 0;; ++i) {
+            if (i == 3) waiting.signal();
+            co_await tx.send(i);
+          }
+        }(tx, waiting));
+      } else {
+        channel_receiver<int> rx = link.receiver<int>();
+        link.reset();
+        waiting.signal();
+        (void)ipcoro::sync_wait(ctx, rx.receive());
+      }
+    } catch (const ipcoro::peer_died& e) {
+      error = e.what();
+    }
+    if (!contains(error, name) || !contains(error, "never taken")) {
+      std::fprintf(stderr, "peer: error \"%s\"\n", error.c_str());
+      return 1;
+    }
+    return 0;
+  });
+  link.reset();
+  REQUIRE(waiting.wait());
+  holder.kill(SIGKILL);
+  const auto killed = clock_type::now();
+  CHECK(holder.wait() == 128 + SIGKILL);
+  CHECK(peer.wait(bounded) == 0);
+  CHECK(clock_type::now() - killed < soon);
+  CHECK(nothing_left_behind());
+}
