@@ -680,12 +680,10 @@ std::string why_dead(pid_t pid, const char* peer, const char* end) {
   return fmt::format("the {} (process {}) died", peer, pid);
 }
 
-/// How often a wait on a queue looks at its peer record: as a ring's waits do.
-std::chrono::milliseconds mq_check_interval() noexcept { return ring_options{}.peer_check_interval; }
-
 /// The queue under a message channel's sending end, and its peer record. A wait for room
-/// in a full queue wakes every check interval and ends with peer_died once every
-/// receiver recorded has died, or channel_closed once they have all closed.
+/// in a full queue is looked at every check interval (mq_watched_wait) and ends with
+/// peer_died once every receiver recorded has died, or channel_closed once they have all
+/// closed.
 struct mq_sending {
   message_queue queue;
   mq_peers peers;
@@ -723,10 +721,14 @@ struct mq_sending {
         co_await op;
         co_return;
       }
-      try {
-        co_await op.with_timeout(mq_check_interval());
-        co_return;
-      } catch (const timed_out&) {
+      {
+        const mq_watched_wait watch(peers, op, mq_watched_wait::waits_for::room);
+        try {
+          co_await op;
+          co_return;
+        } catch (const operation_cancelled&) {
+          if (!watch.fired()) throw;
+        }
       }
       const mq_peers::verdict v = peers.peers();
       if (v.state == mq_peers::verdict::dead) {
@@ -742,8 +744,9 @@ struct mq_sending {
 };
 
 /// The queue under a message channel's receiving end, and its peer record. A wait on an
-/// empty queue wakes every check interval: it ends the stream once a sender's close is
-/// recorded, and throws peer_died once every sender recorded has died without closing.
+/// empty queue is looked at every check interval: it ends the stream once a sender's
+/// close is recorded, and throws peer_died once every sender recorded has died without
+/// closing.
 struct mq_receiving {
   message_queue queue;
   mq_peers peers;
@@ -783,9 +786,13 @@ struct mq_receiving {
       if (peers.ended()) co_return take_now(buffer);
       mq_receive_operation op = queue.receive(buffer);
       if (!peers) co_return co_await op;
-      try {
-        co_return co_await op.with_timeout(mq_check_interval());
-      } catch (const timed_out&) {
+      {
+        const mq_watched_wait watch(peers, op, mq_watched_wait::waits_for::data);
+        try {
+          co_return co_await op;
+        } catch (const operation_cancelled&) {
+          if (!watch.fired()) throw;
+        }
       }
       const mq_peers::verdict v = peers.peers();
       if (v.state == mq_peers::verdict::dead) {

@@ -4,7 +4,12 @@
 
 #include "ipcoro/codec.hpp"
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/error.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"
+#include "ipcoro/task.hpp"
+#include "ipcoro/timer.hpp"
 
 #include <fmt/core.h>
 #include <poll.h>
@@ -239,6 +244,77 @@ mq_peers::verdict mq_peers::peers() const noexcept {
     v.state = verdict::dead;  // pid 0: nobody came, and nobody can any more
   }
   return v;
+}
+
+// ---- the liveness ticker ----
+
+/// The waits of this thread to look at, and whether a ticker runs for them.
+struct mq_ticker {
+  mq_watched_wait* head = nullptr;
+  bool running = false;
+
+  static mq_ticker& of_thread() noexcept {
+    thread_local mq_ticker t;
+    return t;
+  }
+
+  /// Wakes every check interval while waits are registered, and cancels those that are due.
+  static task<void> run(pooled_frame, mq_ticker& t) {
+    const std::stop_token stop = co_await get_stop_token();
+    while (t.head != nullptr && !stop.stop_requested()) {
+      try {
+        co_await sleep_for(ring_options{}.peer_check_interval);
+      } catch (const operation_cancelled&) {
+        break;  // the io_context shuts down
+      }
+      io_context& ctx = io_context::current();
+      if (ctx.stopping()) break;
+      // cancel_op never resumes a waiter from here: the list stays as it is meanwhile.
+      for (mq_watched_wait* w = t.head; w != nullptr; w = w->next_) {
+        if (!w->fired_ && w->due()) {
+          w->fired_ = true;
+          ctx.cancel_op(w->op_);
+        }
+      }
+    }
+    t.running = false;
+  }
+};
+
+mq_watched_wait::mq_watched_wait(const mq_peers& peers, op_base& op, waits_for what)
+    : peers_(peers), op_(op), what_(what) {
+  mq_ticker& t = mq_ticker::of_thread();
+  next_ = t.head;
+  if (next_ != nullptr) next_->prev_ = this;
+  t.head = this;
+  if (!t.running) {
+    t.running = true;  // first: the ticker may run up to its first sleep inside spawn()
+    try {
+      io_context::current().spawn(mq_ticker::run(pooled_frame{}, t));
+    } catch (...) {
+      t.running = false;
+      unlink(t);
+      throw;
+    }
+  }
+}
+
+mq_watched_wait::~mq_watched_wait() { unlink(mq_ticker::of_thread()); }
+
+void mq_watched_wait::unlink(mq_ticker& t) noexcept {
+  if (prev_ != nullptr) {
+    prev_->next_ = next_;
+  } else {
+    t.head = next_;
+  }
+  if (next_ != nullptr) next_->prev_ = prev_;
+}
+
+bool mq_watched_wait::due() const noexcept {
+  if (what_ == waits_for::data && peers_.ended()) return true;
+  const mq_peers::verdict v = peers_.peers();
+  return v.state == mq_peers::verdict::dead ||
+         (what_ == waits_for::room && v.state == mq_peers::verdict::left);
 }
 
 }  // namespace ipcoro::detail

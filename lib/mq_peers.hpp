@@ -2,6 +2,7 @@
 // queue whose peers died or left can end (private to the library).
 #pragma once
 
+#include "ipcoro/detail/op_base.hpp"
 #include "ipcoro/unique_fd.hpp"
 #include "mq_peer_record.hpp"
 
@@ -16,6 +17,8 @@ class shm_segment;
 }
 
 namespace ipcoro::detail {
+
+struct mq_ticker;
 
 /// The name of the record beside queue `queue_name`: "/jobs" has "/jobs.ipcoro-mq" (in
 /// /dev/shm); a name too long for the suffix keeps a prefix and adds a hash of the whole.
@@ -90,6 +93,36 @@ class mq_peers {
   int index_ = -1;
   pid_t attached_pid_ = 0;
   role role_ = role::sender;
+};
+
+/// A wait on a queue (the operation `op`, about to be awaited) that the thread's liveness
+/// ticker ends by cancelling it once the record says so: a wait for room once the
+/// receivers are dead or gone, a wait for data once the end is recorded or the senders are
+/// dead. Then `op` throws operation_cancelled and fired() is true: look at the record.
+/// The ticker wakes every check interval (ring_options::peer_check_interval) while some
+/// wait of the thread is registered, so that a wait costs no timer of its own. Lives in
+/// the waiting coroutine's frame, registered from construction to destruction.
+class mq_watched_wait {
+ public:
+  enum class waits_for : unsigned char { room, data };
+  /// Throws std::bad_alloc (starting the ticker) or std::logic_error (no io_context).
+  mq_watched_wait(const mq_peers& peers, op_base& op, waits_for what);
+  mq_watched_wait(const mq_watched_wait&) = delete;
+  mq_watched_wait& operator=(const mq_watched_wait&) = delete;
+  ~mq_watched_wait();
+  bool fired() const noexcept { return fired_; }
+
+ private:
+  friend struct mq_ticker;
+  bool due() const noexcept;
+  void unlink(mq_ticker& t) noexcept;
+
+  mq_watched_wait* prev_ = nullptr;
+  mq_watched_wait* next_ = nullptr;
+  const mq_peers& peers_;
+  op_base& op_;
+  waits_for what_;
+  bool fired_ = false;
 };
 
 }  // namespace ipcoro::detail
