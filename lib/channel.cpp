@@ -1151,6 +1151,26 @@ fifo_ends open_fifo_ends(const channel_address& a) {
   return ends;
 }
 
+/// The descriptor of an fd: address, once it is known to be open in this process for
+/// `access` (O_RDONLY or O_WRONLY); throws channel_error naming it otherwise.
+int checked_fd(const channel_address& a, int access) {
+  const int fd = a.fd();
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) {
+    throw channel_error(fmt::format("channel {}: descriptor {} is not open in this process ({}); pass a "
+                                    "descriptor the process has, such as one process::exec wired in",
+                                    a.text, fd, std::strerror(errno)));
+  }
+  const int mode = flags & O_ACCMODE;
+  if (mode != O_RDWR && mode != access) {
+    throw channel_error(fmt::format("channel {}: descriptor {} is open for {} only, and a {} needs to {} it",
+                                    a.text, fd, mode == O_RDONLY ? "reading" : "writing",
+                                    access == O_RDONLY ? "receiver" : "sender",
+                                    access == O_RDONLY ? "read" : "write"));
+  }
+  return fd;
+}
+
 [[noreturn]] void no_channel(const channel_address& a, const std::system_error& e) {
   throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
 }
@@ -1167,7 +1187,7 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
   switch (a.transport) {
     case channel_transport::pipe: pipe_has_no_name(a);
     case channel_transport::fd:
-      co_return std::make_unique<stream_receive_port>(a.text, unique_fd{a.fd()});
+      co_return std::make_unique<stream_receive_port>(a.text, unique_fd{checked_fd(a, O_RDONLY)});
     case channel_transport::fifo: {
       // Opened at once, not when the first sender comes: a writer of our own stands in
       // until that sender has greeted, so the read end sees no end of file before it.
@@ -1202,7 +1222,7 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
   switch (a.transport) {
     case channel_transport::pipe: pipe_has_no_name(a);
     case channel_transport::fd:
-      co_return std::make_unique<stream_send_port>(a.text, unique_fd{a.fd()}, write_path::ring_only);
+      co_return std::make_unique<stream_send_port>(a.text, unique_fd{checked_fd(a, O_WRONLY)}, write_path::ring_only);
     case channel_transport::fifo: {
       if (::access(a.name.c_str(), F_OK) != 0 && errno == ENOENT) {
         throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));

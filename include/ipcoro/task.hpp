@@ -2,6 +2,7 @@
 #pragma once
 
 #include "ipcoro/detail/frame_pool.hpp"
+#include "ipcoro/version.hpp"
 
 #include <chrono>
 #include <concepts>
