@@ -11,6 +11,7 @@
 #include <coroutine>
 #include <cstddef>
 #include <exception>
+#include <optional>
 #include <stop_token>
 #include <string>
 #include <utility>
@@ -142,6 +143,30 @@ TEST_CASE("an ipcoro task awaited by a foreign coroutine inherits the token of i
   REQUIRE(f.done());
   CHECK(f.outcome() == "operation_cancelled");
   CHECK(got == 99);
+}
+
+foreign receive_from_foreign(ipcoro::channel_receiver<int>& rx, std::optional<int>& got) {
+  task<std::optional<int>> receive = rx.receive();
+  got = co_await std::move(receive);
+}
+
+TEST_CASE("a channel receive awaited by a foreign coroutine is cancelled by its env's token, and the channel "
+          "goes on",
+          "[env_stop]") {
+  ipcoro::io_context ctx;
+  ipcoro::channel_pair<int> ch = ipcoro::make_channel<int>(4);
+  std::stop_source source;
+  std::optional<int> got;
+  foreign f = receive_from_foreign(ch.receiver, got);
+  f.start(source.get_token());
+  REQUIRE_FALSE(f.done());
+  source.request_stop();
+  ctx.run();
+  REQUIRE(f.done());
+  CHECK(f.outcome() == "operation_cancelled");
+  CHECK_FALSE(got);
+  ipcoro::sync_wait(ctx, ch.sender.send(7));
+  CHECK(ipcoro::sync_wait(ctx, ch.receiver.receive()) == 7);
 }
 
 TEST_CASE("a task awaited by a foreign coroutine keeps the token it was given with with_stop_token",
