@@ -344,8 +344,9 @@ struct [[nodiscard]] get_stop_token_awaiter {
 
 }  // namespace ipcoro
 
+/// \cond IPCORO_DETAIL
 /// A task coroutine whose first parameter (after the object, for a member coroutine) is a
-/// detail::pooled_frame gets pooled_task_promise.
+/// detail::pooled_frame gets pooled_task_promise. (Left out of the API reference: machinery.)
 template <class T, class... Args>
 struct std::coroutine_traits<ipcoro::task<T>, ipcoro::detail::pooled_frame, Args...> {
   using promise_type = ipcoro::detail::pooled_task_promise<T>;
@@ -354,3 +355,4 @@ template <class T, class Owner, class... Args>
 struct std::coroutine_traits<ipcoro::task<T>, Owner, ipcoro::detail::pooled_frame, Args...> {
   using promise_type = ipcoro::detail::pooled_task_promise<T>;
 };
+/// \endcond
