@@ -462,8 +462,8 @@ pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std
     if (mode == "asio") {
       ipcoro::io_context::options o;
       o.embedded = true;
-      ipcoro::io_context ctx(o);
       asio::io_context io(1);
+      ipcoro::io_context ctx(o);
       ipcoro::asio_driver driver(io, ctx);
       driver.spawn(std::move(t));
       io.run();

@@ -86,11 +86,13 @@ int main() {
     to_worker.reset();
     from_worker.reset();
 
-    // ipcoro's context, made to be driven by another loop, and Asio's, on this one thread.
+    // Asio's context and ipcoro's, made to be driven by another loop, on this one thread. Asio's
+    // comes first, so that it outlives ipcoro's: a task the latter cancels as it goes away still
+    // posts its outcome to a live Asio context.
+    asio::io_context io(1);
     ipcoro::io_context::options opts;
     opts.embedded = true;
     ipcoro::io_context ctx(opts);
-    asio::io_context io(1);
     ipcoro::asio_driver driver(io, ctx);
 
     int result = 1;

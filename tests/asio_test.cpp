@@ -12,8 +12,10 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/experimental/as_tuple.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/read.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/write.hpp>
 
 #include <algorithm>
@@ -25,6 +27,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <variant>
 
 namespace {
 
@@ -142,8 +145,8 @@ TEST_CASE("one thread's asio run() serves a TCP echo and an ipcoro shm channel t
     back.reset();
 
     const std::size_t threads_before = thread_count();
-    ipcoro::io_context ctx(embedded());
     asio::io_context io(1);
+    ipcoro::io_context ctx(embedded());
     ipcoro::asio_driver driver(io, ctx);
     tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
 
@@ -182,8 +185,8 @@ asio::awaitable<void> await_failure(ipcoro::asio_driver& driver, ipcoro::pipe_re
 }
 
 TEST_CASE("as_asio hands an ipcoro task's exception to the awaiting Asio coroutine", "[asio]") {
-  ipcoro::io_context ctx(embedded());
   asio::io_context io(1);
+  ipcoro::io_context ctx(embedded());
   ipcoro::asio_driver driver(io, ctx);
   ipcoro::pipe_pair pipe = ipcoro::make_pipe();
   const std::byte x{1};
@@ -202,8 +205,8 @@ task<void> count_reads(ipcoro::pipe_reader& in, int& reads) {
 }
 
 TEST_CASE("a task spawned through the driver runs inside run(), which returns once it is done", "[asio]") {
-  ipcoro::io_context ctx(embedded());
   asio::io_context io(1);
+  ipcoro::io_context ctx(embedded());
   ipcoro::asio_driver driver(io, ctx);
   ipcoro::pipe_pair pipe = ipcoro::make_pipe();
   int reads = 0;
@@ -216,6 +219,38 @@ TEST_CASE("a task spawned through the driver runs inside run(), which returns on
   });
   run_bounded(io);
   CHECK(reads == 3);
+}
+
+// A receive that nothing will answer, raced against an Asio timer with `||`: the timer wins, and
+// the awaitable operator cancels the receive through its cancellation slot.
+asio::awaitable<void> receive_or_time_out(ipcoro::asio_driver& driver, ipcoro::channel_pair<int>& ch,
+                                          std::string& outcome) {
+  using namespace asio::experimental::awaitable_operators;
+  asio::steady_timer timer(co_await asio::this_coro::executor, 1ms);
+  auto receive = ipcoro::as_asio(driver, ch.receiver.receive());
+  auto expire = timer.async_wait(asio::use_awaitable);
+  auto either = std::move(receive) || std::move(expire);
+  std::variant<std::optional<int>, std::monostate> first = co_await std::move(either);
+  outcome = first.index() == 1 ? "timer" : "receive";
+  // The cancelled receive took nothing: the channel goes on.
+  auto sent = ipcoro::as_asio(driver, ch.sender.send(5));
+  co_await std::move(sent);
+  auto again = ipcoro::as_asio(driver, ch.receiver.receive());
+  std::optional<int> next = co_await std::move(again);
+  outcome += next == 5 ? ", then 5" : ", then something else";
+}
+
+TEST_CASE("an Asio cancellation (an awaitable operator's ||) stops the ipcoro task of as_asio", "[asio]") {
+  asio::io_context io(1);
+  ipcoro::io_context ctx(embedded());
+  ipcoro::asio_driver driver(io, ctx);
+  ipcoro::channel_pair<int> ch = ipcoro::make_channel<int>(4);
+  std::string outcome;
+  std::exception_ptr failure;
+  asio::co_spawn(io, receive_or_time_out(driver, ch, outcome), [&](std::exception_ptr e) { failure = e; });
+  run_bounded(io);
+  if (failure) std::rethrow_exception(failure);
+  CHECK(outcome == "timer, then 5");
 }
 
 }  // namespace

@@ -5,8 +5,10 @@
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/task.hpp"
 
+#include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/cancellation_type.hpp>
 #include <asio/error.hpp>
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
@@ -18,6 +20,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <stop_token>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -29,6 +32,14 @@ namespace detail {
 struct asio_driver_state {
   bool alive = true;
   std::size_t waiting = 0;  ///< as_asio operations whose result is not posted yet
+};
+
+/// Turns an Asio cancellation, or the context's stop request, into a stop request of `source`.
+struct asio_stop_forward {
+  std::stop_source* source;
+  void operator()(asio::cancellation_type = asio::cancellation_type::terminal) const noexcept {
+    source->request_stop();
+  }
 };
 
 template <class T>
@@ -52,8 +63,9 @@ struct asio_signature<void> {
 /// `poll()` rethrows, propagates out of `io.run()` (call wake() before running `io` again).
 ///
 /// `ctx` must be made with `io_context::options::embedded` on the thread that runs `io`, and
-/// must outlive the driver; `io` must outlive it too. Destroying the driver stops the watch
-/// (the descriptor stays open: it is the context's).
+/// must outlive the driver; `io` must outlive it too. Make `io` before `ctx`: a task that `ctx`
+/// cancels as it goes away still posts its as_asio outcome to `io`. Destroying the driver stops
+/// the watch (the descriptor stays open: it is the context's).
 class asio_driver {
  public:
   /// Throws what `ctx.poll_fd()` throws (std::logic_error for a context not made embedded).
@@ -110,6 +122,19 @@ class asio_driver {
                              std::shared_ptr<detail::asio_driver_state> state) {
     std::exception_ptr error;
     std::optional<std::conditional_t<std::is_void_v<T>, bool, T>> value;
+    // Asio's per-operation cancellation (awaitable operators, bind_cancellation_slot) becomes a
+    // stop request; the task then also follows the context's own token through `source`.
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    std::optional<std::stop_source> source;
+    std::optional<std::stop_callback<detail::asio_stop_forward>> follow;
+    if (slot.is_connected()) {
+      source.emplace();
+      slot.assign(detail::asio_stop_forward{&*source});
+      get_stop_token_awaiter ask = get_stop_token();
+      const std::stop_token outer = co_await ask;
+      follow.emplace(outer, detail::asio_stop_forward{&*source});
+      (void)std::move(t).with_stop_token(source->get_token());  // sets it in place
+    }
     try {
       if constexpr (std::is_void_v<T>) {
         co_await std::move(t);
@@ -119,6 +144,7 @@ class asio_driver {
     } catch (...) {
       error = std::current_exception();
     }
+    if (slot.is_connected()) slot.clear();  // before the handler may run, as Asio requires
     --state->waiting;
     // Posted, never called from here: the handler would otherwise run inside ctx.poll().
     auto ex = work.get_executor();
@@ -147,8 +173,10 @@ class asio_driver {
 /// under the context's stop token, and its result or exception is posted to the completion
 /// handler's associated executor. An exception comes back as the exception_ptr, which
 /// `use_awaitable` rethrows. `T` must be default-constructible (the value passed alongside an
-/// exception), as for `asio::co_spawn`. Asio's per-operation cancellation is not forwarded to
-/// the task.
+/// exception), as for `asio::co_spawn`. Asio's per-operation cancellation (a cancellation slot
+/// associated with the handler, as `asio::experimental::awaitable_operators` and
+/// `asio::bind_cancellation_slot` give) of any type is a stop request to the task: it then ends
+/// as a stop ends it (`operation_cancelled`; a channel receive takes no message).
 template <class T, class CompletionToken = asio::use_awaitable_t<>>
 auto as_asio(asio_driver& driver, task<T> t, CompletionToken&& token = CompletionToken{}) {
   static_assert(std::is_void_v<T> || (std::is_default_constructible_v<T> && !std::is_reference_v<T>),
