@@ -454,8 +454,8 @@ std::string channel_address(const std::string& transport, std::size_t size) {
 }
 
 template <std::size_t N>
-pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std::string& mode, placement where,
-                        std::size_t warmup, std::size_t n, std::vector<double>& rtt) {
+pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std::string& mode,
+                        placement where, std::size_t warmup, std::size_t n, std::vector<double>& rtt) {
   // Mode "asio": each side's context is driven from an Asio loop (ipcoro::asio_driver).
   const auto run_side = [&](task<void> t) {
 #if IPCORO_BENCH_ASIO
@@ -1160,7 +1160,9 @@ void run_all(const settings& cfg, results& res, bool& failed) {
       if (spin) run.add({t, "ipcoro", "spin", kind::rtt, where}, "spin");
       run.add({t, "ipcoro-channel", "", kind::rtt, where}, "futex");
       // Both sides' contexts driven from Asio loops (ipcoro/asio.hpp), beside ipcoro's own loop.
-      if (asio && std::string_view(t) == "shm") run.add({t, "ipcoro-channel", "asio", kind::rtt, where}, "futex");
+      if (asio && std::string_view(t) == "shm") {
+        run.add({t, "ipcoro-channel", "asio", kind::rtt, where}, "futex");
+      }
       run.flush();
     }
   }

@@ -59,7 +59,9 @@ std::size_t thread_count() {
                                                 std::filesystem::directory_iterator{}));
 }
 
-std::string message(int i) { return "round " + std::to_string(i) + std::string(static_cast<std::size_t>(i % 97), 'x'); }
+std::string message(int i) {
+  return "round " + std::to_string(i) + std::string(static_cast<std::size_t>(i % 97), 'x');
+}
 
 // The child's side: echoes every string back until the sender closes.
 task<int> echo(channel_receiver<std::string>& rx, channel_sender<std::string>& tx) {
@@ -175,7 +177,8 @@ task<int> fails_after_a_turn(ipcoro::pipe_reader& in) {
   throw std::runtime_error("the ipcoro task failed");
 }
 
-asio::awaitable<void> await_failure(ipcoro::asio_driver& driver, ipcoro::pipe_reader& in, std::string& caught) {
+asio::awaitable<void> await_failure(ipcoro::asio_driver& driver, ipcoro::pipe_reader& in,
+                                    std::string& caught) {
   try {
     auto op = ipcoro::as_asio(driver, fails_after_a_turn(in));
     (void)co_await std::move(op);

@@ -96,8 +96,9 @@ foreign task_from_foreign(ipcoro::pipe_reader& in, std::stop_token& seen, std::s
   got = co_await read_in_task(in, seen);
 }
 
-TEST_CASE("a read awaited by a foreign coroutine ends with operation_cancelled when its env's token is stopped",
-          "[env_stop]") {
+TEST_CASE(
+    "a read awaited by a foreign coroutine ends with operation_cancelled when its env's token is stopped",
+    "[env_stop]") {
   ipcoro::io_context ctx;
   ipcoro::pipe_pair pipe = ipcoro::make_pipe();
   std::stop_source source;
@@ -114,7 +115,8 @@ TEST_CASE("a read awaited by a foreign coroutine ends with operation_cancelled w
   CHECK(std::chrono::steady_clock::now() - t0 < 5s);  // the stop ended it, not the timeout
 }
 
-TEST_CASE("a read awaited by a foreign coroutine whose token is already stopped fails at once", "[env_stop]") {
+TEST_CASE("a read awaited by a foreign coroutine whose token is already stopped fails at once",
+          "[env_stop]") {
   ipcoro::io_context ctx;
   ipcoro::pipe_pair pipe = ipcoro::make_pipe();
   std::stop_source source;
@@ -150,9 +152,10 @@ foreign receive_from_foreign(ipcoro::channel_receiver<int>& rx, std::optional<in
   got = co_await std::move(receive);
 }
 
-TEST_CASE("a channel receive awaited by a foreign coroutine is cancelled by its env's token, and the channel "
-          "goes on",
-          "[env_stop]") {
+TEST_CASE(
+    "a channel receive awaited by a foreign coroutine is cancelled by its env's token, and the channel "
+    "goes on",
+    "[env_stop]") {
   ipcoro::io_context ctx;
   ipcoro::channel_pair<int> ch = ipcoro::make_channel<int>(4);
   std::stop_source source;

@@ -99,8 +99,9 @@ class asio_driver {
   template <class T, class Handler>
   void start(task<T> t, Handler handler) {
     auto ex = asio::get_associated_executor(handler, get_executor());
+    task<void> run = complete(std::move(t), std::move(handler), asio::make_work_guard(ex), state_);
     ++state_->waiting;  // before spawn: the task may finish inside it
-    ctx_.spawn(complete(std::move(t), std::move(handler), asio::make_work_guard(ex), state_));
+    ctx_.spawn(std::move(run));
     wake();
   }
 
@@ -148,16 +149,17 @@ class asio_driver {
     --state->waiting;
     // Posted, never called from here: the handler would otherwise run inside ctx.poll().
     auto ex = work.get_executor();
-    asio::post(ex, [h = std::move(handler), error, value = std::move(value), work = std::move(work)]() mutable {
-      work.reset();
-      if constexpr (std::is_void_v<T>) {
-        std::move(h)(error);
-      } else if (value) {
-        std::move(h)(error, std::move(*value));
-      } else {
-        std::move(h)(error, T{});  // as asio::co_spawn does for an awaitable<T> that threw
-      }
-    });
+    asio::post(ex,
+               [h = std::move(handler), error, value = std::move(value), work = std::move(work)]() mutable {
+                 work.reset();
+                 if constexpr (std::is_void_v<T>) {
+                   std::move(h)(error);
+                 } else if (value) {
+                   std::move(h)(error, std::move(*value));
+                 } else {
+                   std::move(h)(error, T{});  // as asio::co_spawn does for an awaitable<T> that threw
+                 }
+               });
   }
 
   io_context& ctx_;
@@ -182,8 +184,8 @@ auto as_asio(asio_driver& driver, task<T> t, CompletionToken&& token = Completio
   static_assert(std::is_void_v<T> || (std::is_default_constructible_v<T> && !std::is_reference_v<T>),
                 "ipcoro::as_asio: the task's result must be void or a default-constructible value");
   return asio::async_initiate<CompletionToken, typename detail::asio_signature<T>::type>(
-      [&driver](auto handler, task<T> started) { driver.start(std::move(started), std::move(handler)); }, token,
-      std::move(t));
+      [&driver](auto handler, task<T> started) { driver.start(std::move(started), std::move(handler)); },
+      token, std::move(t));
 }
 
 }  // namespace ipcoro
