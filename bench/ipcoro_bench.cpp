@@ -13,6 +13,7 @@
 
 #if IPCORO_BENCH_ASIO
 #include <asio.hpp>
+#include <ipcoro/asio.hpp>
 #endif
 
 #include <fcntl.h>
@@ -453,8 +454,25 @@ std::string channel_address(const std::string& transport, std::size_t size) {
 }
 
 template <std::size_t N>
-pair_result channel_rtt(const std::string& transport, placement where, std::size_t warmup, std::size_t n,
-                        std::vector<double>& rtt) {
+pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std::string& mode,
+                        placement where, std::size_t warmup, std::size_t n, std::vector<double>& rtt) {
+  // Mode "asio": each side's context is driven from an Asio loop (ipcoro::asio_driver).
+  const auto run_side = [&](task<void> t) {
+#if IPCORO_BENCH_ASIO
+    if (mode == "asio") {
+      ipcoro::io_context::options o;
+      o.embedded = true;
+      asio::io_context io(1);
+      ipcoro::io_context ctx(o);
+      ipcoro::asio_driver driver(io, ctx);
+      driver.spawn(std::move(t));
+      io.run();
+      return;
+    }
+#endif
+    ipcoro::io_context ctx;
+    ipcoro::sync_wait(ctx, std::move(t));
+  };
   const std::string addr_a = channel_address(transport, N), addr_b = channel_address(transport, N);
   pair_result r;
   {
@@ -463,16 +481,14 @@ pair_result channel_rtt(const std::string& transport, placement where, std::size
     r = run_pair(
         where,
         [&](window& w) {
-          ipcoro::io_context ctx;
           auto rx = a.template receiver<blob<N>>();
           auto tx = b.template sender<blob<N>>();
-          ipcoro::sync_wait(ctx, chan_echo<N>(rx, tx, warmup, n, w));
+          run_side(chan_echo<N>(rx, tx, warmup, n, w));
         },
         [&](window& w) {
-          ipcoro::io_context ctx;
           auto tx = a.template sender<blob<N>>();
           auto rx = b.template receiver<blob<N>>();
-          ipcoro::sync_wait(ctx, chan_ping<N>(tx, rx, warmup, n, w, rtt));
+          run_side(chan_ping<N>(tx, rx, warmup, n, w, rtt));
         });
   }
   remove_leftovers(addr_a);
@@ -848,7 +864,7 @@ pair_result measure(const job& j, std::vector<double>* rtt) {
     return with_size(j.size, [&]<std::size_t N>() {
       if (j.transport == "inproc")
         return j.what == kind::rtt ? inproc_rtt<N>(j.warmup, j.n, *rtt) : inproc_tput<N>(j.warmup, j.n);
-      return j.what == kind::rtt ? channel_rtt<N>(j.transport, j.where, j.warmup, j.n, *rtt)
+      return j.what == kind::rtt ? channel_rtt<N>(j.transport, j.mode, j.where, j.warmup, j.n, *rtt)
                                  : channel_tput<N>(j.transport, j.where, j.warmup, j.n);
     });
   }
@@ -1143,6 +1159,10 @@ void run_all(const settings& cfg, results& res, bool& failed) {
       run.add({t, "ipcoro", "sleep", kind::rtt, where}, "futex");
       if (spin) run.add({t, "ipcoro", "spin", kind::rtt, where}, "spin");
       run.add({t, "ipcoro-channel", "", kind::rtt, where}, "futex");
+      // Both sides' contexts driven from Asio loops (ipcoro/asio.hpp), beside ipcoro's own loop.
+      if (asio && std::string_view(t) == "shm") {
+        run.add({t, "ipcoro-channel", "asio", kind::rtt, where}, "futex");
+      }
       run.flush();
     }
   }

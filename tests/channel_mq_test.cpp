@@ -10,6 +10,7 @@
 #include "ipcoro/timer.hpp"
 #include "ipcoro/when_all.hpp"
 
+#include "channel_support.hpp"
 #include "process.hpp"
 
 #include <catch2/catch.hpp>
@@ -32,6 +33,7 @@ using ipcoro::task;
 using ipcoro::test::child_process;
 using ipcoro::test::contains;
 using ipcoro::test::handshake;
+using ipcoro::test::nothing_left_behind;
 using clock_type = std::chrono::steady_clock;
 
 /// A queue of `capacity` messages with a fresh name, removed (with its peer record) when
@@ -52,14 +54,6 @@ struct fresh_queue {
   std::string name;
   std::string address;
 };
-
-/// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.
-bool nothing_left_behind() {
-  const ipcoro::test::leftovers left =
-      ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
-  for (const std::string& name : left.names) UNSCOPED_INFO("left behind: " << name);
-  return left.names.empty();
-}
 
 /// A receiver that opens `address`, says so, and then neither receives nor leaves.
 int idle_receiver(const std::string& address, const handshake& ready, const handshake& never) {

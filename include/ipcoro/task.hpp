@@ -21,6 +21,19 @@ namespace ipcoro {
 template <class T = void>
 class task;
 
+/// The query for a stop token in the environment of another library's coroutine (the P2300 /
+/// std::execution convention, with ipcoro's tag since no std::execution is available): a
+/// coroutine whose promise `p` has `p.get_env()` returning an environment `e` on which
+/// `e.query(ipcoro::get_stop_token_t{})` gives something convertible to std::stop_token has
+/// that token honoured by every ipcoro awaitable it awaits, as an ipcoro task's own token is:
+/// a stop request ends the wait with operation_cancelled, and an awaited task inherits the
+/// token. The environment is asked each time an awaitable suspends; the query must not throw.
+/// `struct env { std::stop_token t; std::stop_token query(ipcoro::get_stop_token_t) const noexcept
+/// { return t; } };`
+struct get_stop_token_t {
+  explicit get_stop_token_t() = default;
+};
+
 namespace detail {
 
 /// A promise that carries a stop token: operations awaited in the coroutine read it. The
@@ -31,11 +44,20 @@ concept stop_token_carrier = requires(P& p) {
   { p.stop_token() } -> std::same_as<const std::stop_token&>;
 };
 
-/// The stop token of the coroutine behind `h`, or an empty one for foreign coroutines.
+/// Another library's promise whose environment answers get_stop_token_t (see there).
+template <class P>
+concept env_stop_token_carrier = !stop_token_carrier<P> && requires(P& p) {
+  { p.get_env().query(get_stop_token_t{}) } -> std::convertible_to<std::stop_token>;
+};
+
+/// The stop token of the coroutine behind `h`: its promise's own (ipcoro's promises), the one
+/// its environment gives (env_stop_token_carrier), or an empty one for other coroutines.
 template <class P>
 std::stop_token stop_token_of(std::coroutine_handle<P> h) noexcept {
   if constexpr (stop_token_carrier<P>) {
     return h.promise().stop_token();
+  } else if constexpr (env_stop_token_carrier<P>) {
+    return h.promise().get_env().query(get_stop_token_t{});
   } else {
     return {};
   }
@@ -50,7 +72,11 @@ struct [[nodiscard]] stop_requested_awaiter {
   bool await_ready() const noexcept { return false; }
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) noexcept {
-    if constexpr (stop_token_carrier<P>) requested = h.promise().stop_token().stop_requested();
+    if constexpr (stop_token_carrier<P>) {
+      requested = h.promise().stop_token().stop_requested();
+    } else if constexpr (env_stop_token_carrier<P>) {
+      requested = stop_token_of(h).stop_requested();
+    }
     return false;
   }
   bool await_resume() const noexcept { return requested; }
@@ -102,6 +128,13 @@ class task_promise_base {
   /// task's run.
   void inherit_stop_token(const std::stop_token& token) noexcept {
     if (!token_fixed_) token_ = &token;
+  }
+  /// Follows a token that nothing else keeps (a foreign awaiter's): a copy is kept here.
+  void adopt_stop_token(std::stop_token token) noexcept {
+    if (!token_fixed_) {
+      own_token_ = std::move(token);
+      token_ = &own_token_;
+    }
   }
   /// Starts the task on behalf of `awaiter`. Returns true when the awaiter must suspend
   /// (the task is still running), false when the task has already finished.
@@ -190,8 +223,9 @@ class task_promise<void> : public task_promise_base {
 
 /// A lazy coroutine producing a `T`. It starts when first awaited, runs on the awaiting
 /// coroutine's thread, and rethrows its exception in the awaiter. The awaiting coroutine's
-/// stop token is passed down, so cancelling a parent cancels the operation the child is
-/// waiting on. Move-only; await it once.
+/// stop token is passed down (for another library's coroutine, the one its environment gives:
+/// see get_stop_token_t), so cancelling a parent cancels the operation the child is waiting
+/// on. Move-only; await it once.
 template <class T>
 class [[nodiscard]] task {
  public:
@@ -247,8 +281,12 @@ class [[nodiscard]] task {
     template <class P>
     bool await_suspend(std::coroutine_handle<P> parent) {
       if (!handle) throw std::logic_error("ipcoro::task: awaiting an empty or moved-from task");
-      // A foreign coroutine has no token to follow (stop_token_of would give a temporary).
-      if constexpr (detail::stop_token_carrier<P>) handle.promise().inherit_stop_token(parent.promise().stop_token());
+      if constexpr (detail::stop_token_carrier<P>) {
+        handle.promise().inherit_stop_token(parent.promise().stop_token());
+      } else if constexpr (detail::env_stop_token_carrier<P>) {
+        // The environment gives a token by value, which no frame keeps: the task keeps a copy.
+        handle.promise().adopt_stop_token(detail::stop_token_of(parent));
+      }
       return handle.promise().start_for(parent, handle);
     }
     T await_resume() { return handle.promise().take_result(); }
@@ -306,8 +344,9 @@ struct [[nodiscard]] get_stop_token_awaiter {
 
 }  // namespace ipcoro
 
+/// \cond IPCORO_DETAIL
 /// A task coroutine whose first parameter (after the object, for a member coroutine) is a
-/// detail::pooled_frame gets pooled_task_promise.
+/// detail::pooled_frame gets pooled_task_promise. (Left out of the API reference: machinery.)
 template <class T, class... Args>
 struct std::coroutine_traits<ipcoro::task<T>, ipcoro::detail::pooled_frame, Args...> {
   using promise_type = ipcoro::detail::pooled_task_promise<T>;
@@ -316,3 +355,4 @@ template <class T, class Owner, class... Args>
 struct std::coroutine_traits<ipcoro::task<T>, Owner, ipcoro::detail::pooled_frame, Args...> {
   using promise_type = ipcoro::detail::pooled_task_promise<T>;
 };
+/// \endcond
