@@ -68,6 +68,22 @@ std::size_t parse_size(std::string_view address, std::string_view key, std::stri
   return n * scale;
 }
 
+/// Refuses a ring size above what a ring can hold, naming both figures: the ring would
+/// otherwise be clamped silently to a size the user never wrote.
+void check_ring_limits(std::string_view address, const channel_address& a) {
+  if (a.transport != channel_transport::shm && a.transport != channel_transport::file) return;
+  const std::size_t max_capacity = a.mpmc ? mpmc_ring_max_slots : spsc_ring_max_capacity;
+  if (a.capacity && *a.capacity > max_capacity) {
+    bad_address(address, fmt::format("capacity={} is more than the largest {} allows, {} {}", *a.capacity,
+                                     a.mpmc ? "MPMC ring" : "SPSC ring", max_capacity,
+                                     a.mpmc ? "slots" : "bytes (1 TiB)"));
+  }
+  if (a.message_size && *a.message_size > mpmc_ring_max_message) {
+    bad_address(address, fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
+                                     *a.message_size, mpmc_ring_max_message));
+  }
+}
+
 }  // namespace
 
 channel_address channel_address::parse(std::string_view address) {
@@ -158,6 +174,7 @@ channel_address channel_address::parse(std::string_view address) {
     bad_address(address, "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
                          "follows from its capacity");
   }
+  check_ring_limits(address, a);
   return a;
 }
 

@@ -42,9 +42,9 @@ constexpr std::uint32_t kind_spsc = 1;
 constexpr std::uint32_t kind_mpmc = 2;
 constexpr std::size_t participant_count = 64;
 constexpr std::size_t min_spsc_capacity = 4096;
-constexpr std::size_t max_spsc_capacity = std::size_t{1} << 40;
-constexpr std::size_t max_mpmc_slots = std::size_t{1} << 30;
-constexpr std::size_t max_mpmc_message = std::size_t{1} << 30;
+constexpr std::size_t max_spsc_capacity = spsc_ring_max_capacity;
+constexpr std::size_t max_mpmc_slots = mpmc_ring_max_slots;
+constexpr std::size_t max_mpmc_message = mpmc_ring_max_message;
 constexpr std::size_t slot_header_size = 16;
 // How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
 constexpr std::uint64_t prefetch_distance = 256;

@@ -26,7 +26,8 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 ///   mode=0NNN       permission bits of what the receiver creates (octal)
 ///   ring=spsc|mpmc  the kind of shared-memory ring (shm: and file:); mpmc lets several
 ///                   processes send and receive
-/// Sizes accept a k/m suffix (1024, 1048576).
+/// Sizes accept a k/m suffix (1024, 1048576); shm: and file: ring sizes above the largest
+/// ring (spsc_ring_max_capacity, mpmc_ring_max_slots / _max_message) are refused.
 struct channel_address {
   channel_transport transport = channel_transport::pipe;
   std::string name;                         ///< path, queue or segment name; the number for fd:

@@ -132,8 +132,14 @@ struct ring_options {
 /// Size of the ring header at the start of a region; the data follows it.
 inline constexpr std::size_t ring_header_size = 4096;
 
+/// The largest ring of each kind: data bytes of an SPSC ring, slots and message size of
+/// an MPMC ring. Larger requests are clamped by the *_region_size functions below.
+inline constexpr std::size_t spsc_ring_max_capacity = std::size_t{1} << 40;
+inline constexpr std::size_t mpmc_ring_max_slots = std::size_t{1} << 30;
+inline constexpr std::size_t mpmc_ring_max_message = std::size_t{1} << 30;
+
 /// Region size for an SPSC ring with `capacity` data bytes (rounded up to a power of two,
-/// at least 4096).
+/// at least 4096, at most spsc_ring_max_capacity).
 std::size_t spsc_ring_region_size(std::size_t capacity) noexcept;
 /// Region size for an MPMC ring with `slots` slots (rounded up to a power of two) of
 /// messages of up to `max_message` bytes.
