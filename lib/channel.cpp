@@ -12,10 +12,13 @@
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/unique_fd.hpp"
 
+#include "queue_owner.hpp"
+
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <mqueue.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -654,13 +657,17 @@ struct mq_sending {
 /// The queue under a message channel's receiving end.
 struct mq_receiving {
   message_queue queue;
+  shm_segment owner_record{};  ///< a named receiver's (queue_owner.hpp); goes after the queue
 
   std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
   auto receive(std::span<std::byte> buffer) const noexcept { return queue.receive(buffer); }
   static std::optional<std::size_t> size_of(const mq_message& m) noexcept { return m.size; }
   /// Puts the end marker back, so that every other receiver of the queue ends too.
   void pass_end_on(std::uint32_t fingerprint) noexcept { try_send_end(queue.native_handle(), fingerprint); }
-  void close() noexcept { queue.close(); }
+  void close() noexcept {
+    queue.close();
+    owner_record = shm_segment{};
+  }
 };
 
 /// A shared-memory or file ring under a message channel's sending end. The region is
@@ -873,16 +880,44 @@ mq_attributes queue_attributes(const channel_address& a) {
   return attrs;
 }
 
-/// A mapped file that is removed when the receiver that created it goes.
+/// A mapped file that is removed when the receiver that created it goes: only by the
+/// creating process (not a forked child's copy), and only while the path still names it.
 struct owned_file {
-  explicit owned_file(mapped_file f) noexcept : file(std::move(f)) {}
+  explicit owned_file(mapped_file f) : file(std::move(f)), owner(::getpid()) {
+    struct stat st {};
+    if (::stat(file.path().c_str(), &st) == 0) {
+      dev = st.st_dev;
+      ino = st.st_ino;
+    }
+  }
   owned_file(const owned_file&) = delete;
   owned_file& operator=(const owned_file&) = delete;
   mapped_file file;
+  pid_t owner;
+  dev_t dev = 0;
+  ino_t ino = 0;
   ~owned_file() {
-    if (file) ::unlink(file.path().c_str());
+    struct stat st {};
+    if (file && owner == ::getpid() && ::stat(file.path().c_str(), &st) == 0 && st.st_dev == dev && st.st_ino == ino) {
+      ::unlink(file.path().c_str());
+    }
   }
 };
+
+/// `e` again, its message prefixed with the channel's address (and without the errno
+/// text that system_error appends, which the new one appends again).
+[[noreturn]] void rethrow_for(const channel_address& a, const std::system_error& e) {
+  std::string what = e.what();
+  const std::string suffix = ": " + e.code().message();
+  if (what.size() > suffix.size() && what.compare(what.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    what.resize(what.size() - suffix.size());
+  }
+  throw std::system_error(e.code(), fmt::format("channel {}: {}", a.text, what));
+}
+
+bool has_errno(const std::system_error& e, int err) noexcept {
+  return e.code() == std::error_code(err, std::system_category());
+}
 
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
                                             std::span<std::byte> payload) {
@@ -946,24 +981,52 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
     case channel_transport::fifo: {
       // Opened at once, not when the first sender comes: a writer of our own stands in
       // until that sender has greeted, so the read end sees no end of file before it.
-      auto node = std::make_shared<fifo>(a.name, fifo_options{a.mode, false});
+      // A FIFO that nobody reads is a dead receiver's: it is replaced (replace_stale).
+      std::shared_ptr<fifo> node;
+      try {
+        node = std::make_shared<fifo>(a.name, fifo_options{a.mode, true});
+      } catch (const std::system_error& e) {
+        if (has_errno(e, EEXIST) || has_errno(e, EBUSY)) rethrow_for(a, e);
+        throw;
+      }
       fifo_ends ends = open_fifo_ends(a);
+      if (!node->refers_to(ends.read.get())) {
+        // Another receiver starting at the same moment found ours unread and replaced it.
+        node->release();
+        throw std::system_error(EBUSY, std::system_category(),
+                                fmt::format("channel {}: another receiver took the FIFO over as it was being "
+                                            "opened; it is in use",
+                                            a.text));
+      }
       co_return std::make_unique<stream_receive_port>(a.text, std::move(ends.read), std::move(node),
                                                       std::move(ends.write));
     }
     case channel_transport::mq: {
-      message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
-      co_return std::make_unique<message_receive_port<mq_receiving>>(a.text, mq_receiving{std::move(q)});
+      owned_queue q = create_owned_queue(a.name, queue_attributes(a), a.mode, a.text);
+      co_return std::make_unique<message_receive_port<mq_receiving>>(
+          a.text, mq_receiving{std::move(q.queue), std::move(q.record)});
     }
     case channel_transport::shm: {
-      auto seg = std::make_shared<shm_segment>(
-          shm_segment::create(a.name, ring_layout(a), shm_segment::options{a.mode, ring_formatter(a)}));
+      std::shared_ptr<shm_segment> seg;
+      try {
+        seg = std::make_shared<shm_segment>(shm_segment::create_or_reclaim(
+            a.name, ring_layout(a), shm_segment::options{a.mode, ring_formatter(a)}));
+      } catch (const std::system_error& e) {
+        if (has_errno(e, EEXIST)) rethrow_for(a, e);
+        throw;
+      }
       const std::span<std::byte> payload = seg->payload();
       co_return make_ring_receiver(a, std::move(seg), payload);
     }
     case channel_transport::file: {
-      auto file = std::make_shared<owned_file>(
-          mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a)));
+      std::shared_ptr<owned_file> file;
+      try {
+        file = std::make_shared<owned_file>(
+            mapped_file::create_or_reclaim(a.name, ring_layout(a), a.mode, ring_formatter(a)));
+      } catch (const std::system_error& e) {
+        if (has_errno(e, EEXIST)) rethrow_for(a, e);
+        throw;
+      }
       const std::span<std::byte> payload = file->file.payload();
       co_return make_ring_receiver(a, std::move(file), payload);
     }

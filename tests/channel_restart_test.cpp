@@ -56,10 +56,157 @@ extern "C" int posix_fallocate64(int fd, off_t offset, off_t length) {
 
 namespace {
 
+using namespace std::chrono_literals;
+using ipcoro::channel_receiver;
+using ipcoro::channel_sender;
+using ipcoro::task;
+using ipcoro::test::child_process;
 using ipcoro::test::contains;
 using ipcoro::test::unique_name;
 
+/// A channel address of the given transport with a fresh name, and removal of whatever it
+/// leaves (the names, and the owner record of a queue) when the test ends, however it ends.
+struct fresh_channel {
+  std::string transport;
+  std::string name;
+  std::string address;
+
+  fresh_channel(const std::string& transport_, const std::string& options = "")
+      : transport(transport_), name(unique_name("rs")) {
+    if (transport == "fifo") address = "fifo:/tmp/" + name;
+    if (transport == "mq") address = "mq:/" + name;
+    if (transport == "shm") address = "shm:/" + name;
+    if (transport == "file" || transport == "durable") address = "file:/tmp/" + name;
+    std::string all = options;
+    if (transport == "durable") all = all.empty() ? "durable=1" : "durable=1&" + all;
+    if (!all.empty()) address += "?" + all;
+  }
+  fresh_channel(const fresh_channel&) = delete;
+  fresh_channel& operator=(const fresh_channel&) = delete;
+  ~fresh_channel() {
+    std::error_code ec;
+    std::filesystem::remove("/tmp/" + name, ec);
+    ::shm_unlink(("/" + name).c_str());
+    ::mq_unlink(("/" + name).c_str());
+    ::shm_unlink(owner_record().c_str());
+  }
+  std::string owner_record() const { return "/ipcoro-mq-owner." + name; }
+};
+
+/// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.
+bool nothing_left_behind(const fresh_channel& ch) {
+  const ipcoro::test::leftovers left =
+      ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
+  for (const std::string& name : left.names) UNSCOPED_INFO("left behind: " << name);
+  const bool record_left = std::filesystem::exists("/dev/shm" + ch.owner_record());
+  if (record_left) UNSCOPED_INFO("left behind: the queue's owner record " << ch.owner_record());
+  return left.names.empty() && !record_left;
+}
+
+/// A child that opens the receiver of `address`, says so, and then waits to be killed.
+child_process receiver_that_waits(const std::string& address, const ipcoro::test::handshake& opened) {
+  return child_process([&address, &opened]() -> int {
+    ipcoro::io_context ctx;
+    channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
+    opened.signal();
+    for (;;) ::pause();
+  });
+}
+
+/// A child that sends 0 .. count-1 to `address` and closes.
+child_process sender_of(const std::string& address, int count) {
+  return child_process([address, count]() -> int {
+    ipcoro::io_context ctx;
+    ipcoro::sync_wait(ctx, [](std::string address, int count) -> task<void> {
+      channel_sender<int> tx = co_await ipcoro::open_sender<int>(address);
+      for (int i = 0; i < count; ++i) co_await tx.send(i);
+    }(address, count));
+    return 0;
+  });
+}
+
+task<std::vector<int>> drain(channel_receiver<int>& rx) {
+  std::vector<int> out;
+  for (;;) {
+    std::optional<int> v = co_await rx.receive();
+    if (!v) break;
+    out.push_back(*v);
+  }
+  co_return out;
+}
+
+std::vector<int> iota(int count) {
+  std::vector<int> v(static_cast<std::size_t>(count));
+  for (int i = 0; i < count; ++i) v[static_cast<std::size_t>(i)] = i;
+  return v;
+}
+
 }  // namespace
+
+// ---- item 2: a crashed receiver's name ----
+
+TEST_CASE("a receiver restarted after its predecessor was killed opens the same address again",
+          "[channel][restart][ipc]") {
+  const std::string transport = GENERATE("fifo", "mq", "shm", "file");
+  const fresh_channel ch(transport, transport == "mq" ? "capacity=4&message_size=64" : "");
+  CAPTURE(ch.address);
+  {
+    ipcoro::test::handshake opened;
+    child_process first = receiver_that_waits(ch.address, opened);
+    REQUIRE(opened.wait());
+    first.kill(SIGKILL);
+    REQUIRE(first.wait() == 128 + SIGKILL);
+
+    ipcoro::io_context ctx;
+    std::optional<channel_receiver<int>> rx;
+    REQUIRE_NOTHROW(rx.emplace(ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address))));
+    child_process sender = sender_of(ch.address, 100);
+    CHECK(ipcoro::sync_wait(ctx, drain(*rx)) == iota(100));
+    CHECK(sender.wait() == 0);
+  }
+  CHECK(nothing_left_behind(ch));
+}
+
+TEST_CASE("a live receiver's address is never taken over by a second receiver", "[channel][restart][ipc]") {
+  const std::string transport = GENERATE("fifo", "mq", "shm", "file");
+  const fresh_channel ch(transport, transport == "mq" ? "capacity=4&message_size=64" : "");
+  CAPTURE(ch.address);
+  {
+    ipcoro::test::handshake opened;
+    child_process owner([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+      opened.signal();
+      const std::vector<int> got = ipcoro::sync_wait(ctx, drain(rx));
+      return got == iota(10) ? 0 : 1;
+    });
+    REQUIRE(opened.wait());
+    ipcoro::io_context ctx;
+    const ipcoro::test::failure refused = ipcoro::test::failure_of([&] {
+      (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+    });
+    CHECK((refused.code == EEXIST || refused.code == EBUSY));
+    CHECK(contains(refused.what, ch.address));
+    // The owner still has its channel: a sender reaches it.
+    child_process sender = sender_of(ch.address, 10);
+    CHECK(sender.wait() == 0);
+    CHECK(owner.wait() == 0);
+  }
+  if (transport != "durable") CHECK(nothing_left_behind(ch));
+}
+
+TEST_CASE("a queue that no channel receiver owns is not taken over", "[channel][restart][ipc]") {
+  const fresh_channel ch("mq");
+  ipcoro::message_queue raw = ipcoro::message_queue::create("/" + ch.name, {4, 64});
+  ipcoro::io_context ctx;
+  const ipcoro::test::failure refused = ipcoro::test::failure_of([&] {
+    (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+  });
+  CHECK(refused.code == EEXIST);
+  CHECK(contains(refused.what, ch.address));
+  CHECK_NOTHROW(ipcoro::message_queue::open("/" + ch.name));
+  CHECK_FALSE(std::filesystem::exists("/dev/shm" + ch.owner_record()));
+}
 
 // ---- item 8: sizes beyond the free space or the largest ring ----
 

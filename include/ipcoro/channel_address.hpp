@@ -28,6 +28,13 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 ///                   processes send and receive
 /// Sizes accept a k/m suffix (1024, 1048576); shm: and file: ring sizes above the largest
 /// ring (spsc_ring_max_capacity, mpmc_ring_max_slots / _max_message) are refused.
+///
+/// Restarting after a crash: a receiver that opens a name left behind by a receiver that
+/// died takes it over, by default: the FIFO (when no process has it open for reading),
+/// queue, segment or file is removed and created anew. Only a provably dead owner is
+/// replaced (its pid, start time and boot are recorded; a queue's in an owner record
+/// beside it): a live owner's name is refused with EEXIST (EBUSY for a FIFO being read),
+/// and so is a name not made by a channel receiver.
 struct channel_address {
   channel_transport transport = channel_transport::pipe;
   std::string name;                         ///< path, queue or segment name; the number for fd:
