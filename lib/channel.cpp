@@ -23,6 +23,7 @@
 
 #include <cerrno>
 #include <charconv>
+#include <concepts>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -131,7 +132,7 @@ channel_address channel_address::parse(std::string_view address) {
   }
   a.name = std::string(rest);
 
-  bool seen_capacity = false, seen_size = false, seen_mode = false, seen_ring = false;
+  bool seen_capacity = false, seen_size = false, seen_mode = false, seen_ring = false, seen_durable = false;
   while (!options.empty()) {
     const std::size_t amp = options.find('&');
     const std::string_view item = options.substr(0, amp);
@@ -167,15 +168,23 @@ channel_address channel_address::parse(std::string_view address) {
       once(seen_ring);
       if (value != "spsc" && value != "mpmc") bad_address(address, "ring= takes spsc or mpmc");
       a.mpmc = value == "mpmc";
+    } else if (key == "durable" && a.transport == channel_transport::file) {
+      once(seen_durable);
+      if (value != "1" && value != "0") bad_address(address, "durable= takes 1 or 0");
+      a.durable = value == "1";
     } else {
       bad_address(address, fmt::format("option \"{}\" does not apply to {}: transports take capacity (not fd:), "
-                                        "message_size (mq, shm, file), mode (named transports) and ring (shm, file)",
+                                        "message_size (mq, shm, file), mode (named transports), ring (shm, file) "
+                                        "and durable (file)",
                                         key, scheme));
     }
   }
   if (a.message_size && !a.mpmc && a.transport != channel_transport::mq) {
     bad_address(address, "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
                          "follows from its capacity");
+  }
+  if (a.durable && a.mpmc) {
+    bad_address(address, "durable=1 applies to an SPSC ring: its one receiver acknowledges what it has received");
   }
   check_ring_limits(address, a);
   return a;
@@ -707,6 +716,29 @@ struct ring_receiving {
   }
 };
 
+/// The ring of a durable file channel under its receiving end: messages stay in the file
+/// until acknowledged, and leaving detaches instead of closing, so that the next receiver
+/// resumes where this one acknowledged last and the sender is not told to stop.
+struct durable_ring_receiving {
+  std::shared_ptr<void> region;
+  spsc_ring_receiver ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
+  void pass_end_on(std::uint32_t) noexcept {}
+  std::uint64_t position() const noexcept { return ring.position(); }
+  void ack(std::uint64_t position) noexcept { ring.ack(position); }
+  void close() noexcept { ring.detach(); }
+};
+
+/// A receiving transport that keeps messages until acknowledged up to a position.
+template <class Transport>
+concept acknowledging = requires(Transport& t, std::uint64_t p) {
+  { t.position() } -> std::same_as<std::uint64_t>;
+  t.ack(p);
+};
+
 /// The sending end of a channel over a transport that keeps message boundaries (a queue
 /// or a ring): each message is a {kind, short fingerprint} head and the payload.
 template <class Transport>
@@ -788,7 +820,14 @@ class message_receive_port final : public receive_port {
   std::span<const std::byte> current() const noexcept override {
     return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
   }
-  void consume() noexcept override { current_ = false; }
+  void consume() noexcept override {
+    current_ = false;
+    if constexpr (acknowledging<Transport>) consumed_position_ = current_position_;
+  }
+  /// Up to the message consumed last, not the one next() may have read ahead (select).
+  void acknowledge() noexcept override {
+    if constexpr (acknowledging<Transport>) transport_.ack(consumed_position_);
+  }
 
  protected:
   task<bool> fill(pooled_frame) override {
@@ -826,6 +865,7 @@ class message_receive_port final : public receive_port {
       }
       length_ = payload.size();
       current_ = true;
+      if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
       co_return true;
     }
   }
@@ -840,6 +880,8 @@ class message_receive_port final : public receive_port {
   Transport transport_;
   byte_buffer buf_;
   std::size_t length_ = 0;
+  std::uint64_t current_position_ = 0;   // the transport's position after the current message
+  std::uint64_t consumed_position_ = 0;  // ... after the message consumed last
   bool current_ = false;
   bool ended_ = false;
 };
@@ -852,11 +894,18 @@ constexpr std::size_t default_mpmc_message = 4096;
 constexpr long default_mq_messages = 10;
 constexpr long default_mq_message_size = 8192;
 
+/// The region type tag of a durable file channel: another tag than a plain SPSC ring's,
+/// so that an end that disagrees about durable=1 is refused instead of removing the file
+/// (a receiver's reclaim) or taking a restart for a death (a sender).
+constexpr std::uint32_t durable_ring_type_tag = 0x4c425244;  // "DRBL"
+
 region_layout ring_layout(const channel_address& a) {
   if (a.mpmc) {
     return mpmc_ring_layout(a.capacity.value_or(default_mpmc_slots), a.message_size.value_or(default_mpmc_message));
   }
-  return spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
+  region_layout l = spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
+  if (a.durable) l.type_tag = durable_ring_type_tag;
+  return l;
 }
 
 std::function<void(std::span<std::byte>)> ring_formatter(const channel_address& a) {
@@ -919,8 +968,48 @@ bool has_errno(const std::system_error& e, int err) noexcept {
   return e.code() == std::error_code(err, std::system_category());
 }
 
+/// After `e` from opening or creating a file channel: channel_error when the file is
+/// that of a channel with the other durability (the ends disagree about durable=1),
+/// otherwise `e` named for the channel.
+[[noreturn]] void refuse_file(const channel_address& a, const std::system_error& e) {
+  channel_address other = a;
+  other.durable = !a.durable;
+  try {
+    (void)mapped_file::open(a.name, expected_ring_layout(other));
+  } catch (const std::system_error&) {
+    rethrow_for(a, e);
+  }
+  throw channel_error(fmt::format("channel {}: the file is {} durable channel's, but this address {} durable=1; "
+                                  "write it on both ends or on neither",
+                                  a.text, a.durable ? "not a" : "a", a.durable ? "says" : "does not say"));
+}
+
+/// The file of a durable channel: opened as it is when it exists (whatever its capacity),
+/// created otherwise.
+mapped_file open_or_create_durable(const channel_address& a) {
+  for (int round = 0; round < 16; ++round) {
+    try {
+      return mapped_file::open(a.name, expected_ring_layout(a));
+    } catch (const std::system_error& e) {
+      if (!has_errno(e, ENOENT)) refuse_file(a, e);
+    }
+    try {
+      return mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a));
+    } catch (const std::system_error& e) {
+      if (!has_errno(e, EEXIST)) rethrow_for(a, e);
+    }
+  }
+  throw channel_error(fmt::format("channel {}: the file keeps appearing and disappearing", a.text));
+}
+
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
                                             std::span<std::byte> payload) {
+  if (a.durable) {
+    ring_options options;
+    options.wait_for_new_receiver = true;
+    return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
+        a.text, ring_sending<spsc_ring_sender>{std::move(region), spsc_ring_sender(payload, options)});
+  }
   if (a.mpmc) {
     return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
         a.text, ring_sending<mpmc_ring_sender>{std::move(region), mpmc_ring_sender(payload)});
@@ -931,6 +1020,18 @@ std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::share
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
                                                  std::span<std::byte> payload) {
+  if (a.durable) {
+    ring_options options;
+    options.manual_ack = true;
+    std::optional<spsc_ring_receiver> ring;
+    try {
+      ring.emplace(payload, options);
+    } catch (const std::system_error& e) {
+      rethrow_for(a, e);  // EBUSY: a receiver that runs has it
+    }
+    return std::make_unique<message_receive_port<durable_ring_receiving>>(
+        a.text, durable_ring_receiving{std::move(region), std::move(*ring)});
+  }
   if (a.mpmc) {
     return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
         a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), mpmc_ring_receiver(payload)});
@@ -1019,12 +1120,18 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
       co_return make_ring_receiver(a, std::move(seg), payload);
     }
     case channel_transport::file: {
+      if (a.durable) {
+        auto file = std::make_shared<mapped_file>(open_or_create_durable(a));
+        const std::span<std::byte> payload = file->payload();
+        co_return make_ring_receiver(a, std::move(file), payload);
+      }
       std::shared_ptr<owned_file> file;
       try {
         file = std::make_shared<owned_file>(
             mapped_file::create_or_reclaim(a.name, ring_layout(a), a.mode, ring_formatter(a)));
       } catch (const std::system_error& e) {
-        if (has_errno(e, EEXIST)) rethrow_for(a, e);
+        // A durable channel's file is never reclaimed by a plain receiver: say why.
+        if (has_errno(e, EEXIST)) refuse_file(a, e);
         throw;
       }
       const std::span<std::byte> payload = file->file.payload();
@@ -1073,6 +1180,7 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
         file = std::make_shared<mapped_file>(mapped_file::open(a.name, expected_ring_layout(a)));
       } catch (const std::system_error& e) {
         if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
+        if (has_errno(e, EPROTO)) refuse_file(a, e);
         throw;
       }
       const std::span<std::byte> payload = file->payload();
@@ -1152,6 +1260,12 @@ channel_link channel_link::create(std::string_view text) {
       break;
     }
     case channel_transport::file: {
+      if (a.durable) {
+        throw bad_channel_address(fmt::format("channel address \"{}\": a link removes its file as soon as both "
+                                              "ends are open, so it cannot be durable; open a durable channel "
+                                              "with open_receiver / open_sender",
+                                              a.text));
+      }
       auto file = std::make_shared<mapped_file>(
           mapped_file::create(a.name, detail::ring_layout(a), a.mode, detail::ring_formatter(a)));
       if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));

@@ -135,6 +135,18 @@ task<std::vector<int>> drain(channel_receiver<int>& rx) {
   co_return out;
 }
 
+/// drain() for a durable receiver: acknowledges each value, so the sender may go on.
+task<std::vector<int>> drain_acking(channel_receiver<int>& rx) {
+  std::vector<int> out;
+  for (;;) {
+    std::optional<int> v = co_await rx.receive();
+    if (!v) break;
+    out.push_back(*v);
+    rx.ack();
+  }
+  co_return out;
+}
+
 std::vector<int> iota(int count) {
   std::vector<int> v(static_cast<std::size_t>(count));
   for (int i = 0; i < count; ++i) v[static_cast<std::size_t>(i)] = i;
@@ -168,7 +180,7 @@ TEST_CASE("a receiver restarted after its predecessor was killed opens the same 
 }
 
 TEST_CASE("a live receiver's address is never taken over by a second receiver", "[channel][restart][ipc]") {
-  const std::string transport = GENERATE("fifo", "mq", "shm", "file");
+  const std::string transport = GENERATE("fifo", "mq", "shm", "file", "durable");
   const fresh_channel ch(transport, transport == "mq" ? "capacity=4&message_size=64" : "");
   CAPTURE(ch.address);
   {
@@ -206,6 +218,183 @@ TEST_CASE("a queue that no channel receiver owns is not taken over", "[channel][
   CHECK(contains(refused.what, ch.address));
   CHECK_NOTHROW(ipcoro::message_queue::open("/" + ch.name));
   CHECK_FALSE(std::filesystem::exists("/dev/shm" + ch.owner_record()));
+}
+
+// ---- item 3: the durable file channel ----
+
+namespace {
+
+/// What the consumers of the durable test share (an anonymous shared mapping).
+struct consumer_log {
+  std::atomic<std::int64_t> intent;     // the value about to be acknowledged
+  std::atomic<std::int64_t> confirmed;  // the value acknowledged last
+  std::atomic<std::int64_t> first;      // the first value the consumer received
+  std::atomic<std::int64_t> received;   // how many it received
+  std::atomic<int> out_of_order;        // a value other than the one before it + 1
+};
+
+constexpr int ack_every = 5;
+
+/// Receives until the end of the stream, checking that the values count up, and
+/// acknowledges every `ack_every`-th; raises SIGKILL at its `kill_at`-th value, at
+/// `stage`: 0 before acknowledging, 1 between recording the intent and ack(), 2 between
+/// ack() and recording that it was done.
+int durable_consumer(const std::string& address, consumer_log& log, std::int64_t kill_at, int stage) {
+  ipcoro::io_context ctx;
+  return ipcoro::sync_wait(ctx, [](std::string address, consumer_log& log, std::int64_t kill_at,
+                                   int stage) -> task<int> {
+    channel_receiver<std::int64_t> rx = co_await ipcoro::open_receiver<std::int64_t>(address);
+    std::int64_t previous = -1;
+    for (std::int64_t n = 0;; ++n) {
+      const std::optional<std::int64_t> v = co_await rx.receive();
+      if (!v) break;
+      if (n == 0) {
+        // Where the file resumed is what is acknowledged now (a predecessor killed before
+        // its first ack left its own predecessor's figures).
+        log.first = *v;
+        log.intent = *v - 1;
+        log.confirmed = *v - 1;
+      }
+      if (n > 0 && *v != previous + 1) ++log.out_of_order;
+      previous = *v;
+      ++log.received;
+      const bool killed_here = n == kill_at;
+      if (killed_here && stage == 0) ::raise(SIGKILL);
+      if (*v % ack_every == ack_every - 1 || killed_here) {
+        log.intent = *v;
+        if (killed_here && stage == 1) ::raise(SIGKILL);
+        rx.ack();
+        if (killed_here && stage == 2) ::raise(SIGKILL);
+        log.confirmed = *v;
+      }
+    }
+    rx.ack();
+    co_return 0;
+  }(address, log, kill_at, stage));
+}
+
+}  // namespace
+
+TEST_CASE("a durable file channel resumes after the last acknowledged message across consumers killed at "
+          "every point",
+          "[channel][durable][ipc]") {
+  const fresh_channel ch("durable", "capacity=4k");
+  CAPTURE(ch.address);
+  constexpr std::int64_t total = 20000;
+  constexpr int restarts = 30;
+  void* shared = ::mmap(nullptr, sizeof(consumer_log), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(shared != MAP_FAILED);
+  auto* log = new (shared) consumer_log{{-1}, {-1}, {-1}, {0}, {0}};
+
+  ipcoro::test::handshake created;
+  std::optional<child_process> producer;
+  std::uint64_t seed = 0x9e3779b97f4a7c15ull;
+  int previous_stage = 0;
+  for (int k = 0; k <= restarts; ++k) {
+    CAPTURE(k);
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    const bool last = k == restarts;
+    const std::int64_t kill_at = last ? -1 : static_cast<std::int64_t>((seed >> 33) % 400);
+    const int stage = k % 3;
+    // Where the next consumer must start: after the last acknowledged value, which is the
+    // intent once a consumer got past ack().
+    const std::int64_t expected_first = (previous_stage == 2 ? log->intent.load() : log->confirmed.load()) + 1;
+    previous_stage = stage;
+    log->first = -1;
+    log->received = 0;
+    child_process consumer([&]() -> int {
+      if (k == 0) {
+        // The first consumer creates the file; the producer opens it then.
+        ipcoro::io_context ctx;
+        channel_receiver<std::int64_t> probe = ipcoro::sync_wait(ctx, ipcoro::open_receiver<std::int64_t>(ch.address));
+        probe.close();
+        created.signal();
+      }
+      return durable_consumer(ch.address, *log, kill_at, stage);
+    });
+    if (k == 0) {
+      REQUIRE(created.wait());
+      producer.emplace([&]() -> int {
+        ipcoro::io_context ctx;
+        ipcoro::sync_wait(ctx, [](std::string address, std::int64_t total) -> task<void> {
+          channel_sender<std::int64_t> tx = co_await ipcoro::open_sender<std::int64_t>(address);
+          for (std::int64_t i = 0; i < total; ++i) co_await tx.send(i);
+        }(ch.address, total));
+        return 0;
+      });
+    }
+    const int status = consumer.wait();
+    if (last) {
+      REQUIRE(status == 0);
+      CHECK(log->first == expected_first);
+      CHECK(log->first + log->received == total);
+    } else {
+      REQUIRE(status == 128 + SIGKILL);
+      CHECK(log->first == expected_first);
+      CHECK(log->received == kill_at + 1);
+    }
+  }
+  CHECK(log->out_of_order == 0);
+  REQUIRE(producer);
+  CHECK(producer->wait() == 0);
+  ::munmap(shared, sizeof(consumer_log));
+}
+
+TEST_CASE("a durable sender waits through its receiver's death, past the peer check, for the next receiver",
+          "[channel][durable][ipc]") {
+  const fresh_channel ch("durable", "capacity=4k");
+  constexpr int total = 2000;
+  ipcoro::test::handshake opened;
+  child_process first = receiver_that_waits(ch.address, opened);
+  REQUIRE(opened.wait());
+  first.kill(SIGKILL);
+  REQUIRE(first.wait() == 128 + SIGKILL);
+  child_process producer = sender_of(ch.address, total);
+  // Not a synchronisation: the time is what is tested. The producer fills the ring and
+  // waits with no receiver alive for several peer checks (100 ms each), where a plain
+  // sender gets peer_died.
+  ipcoro::io_context ctx;
+  ipcoro::sync_wait(ctx, []() -> task<void> { co_await ipcoro::sleep_for(500ms); }());
+  channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+  CHECK(ipcoro::sync_wait(ctx, drain_acking(rx)) == iota(total));
+  CHECK(producer.wait() == 0);
+}
+
+TEST_CASE("ack acknowledges what the receiver handed on, not a message ready() read ahead",
+          "[channel][durable][ipc]") {
+  const fresh_channel ch("durable");
+  ipcoro::io_context ctx;
+  {
+    channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+    channel_sender<int> tx = ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(ch.address));
+    for (int i = 1; i <= 3; ++i) ipcoro::sync_wait(ctx, tx.send(i));
+    CHECK(ipcoro::sync_wait(ctx, rx.receive()) == std::optional<int>(1));
+    ipcoro::sync_wait(ctx, rx.ready());  // reads 2 from the file, without handing it on
+    rx.ack();
+    rx.close();
+    tx.close();
+  }
+  channel_receiver<int> again = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+  CHECK(ipcoro::sync_wait(ctx, drain(again)) == std::vector<int>{2, 3});
+}
+
+TEST_CASE("both ends of a durable file channel must say durable=1", "[channel][durable][ipc]") {
+  const fresh_channel ch("durable");
+  ipcoro::io_context ctx;
+  channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+  const std::string plain = "file:/tmp/" + ch.name;
+  const std::string sender_error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
+    (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(plain));
+  });
+  CHECK(contains(sender_error, "durable=1"));
+  rx.close();
+  // A plain receiver never removes a durable channel's file, even with its receiver gone.
+  const std::string receiver_error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
+    (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(plain));
+  });
+  CHECK(contains(receiver_error, "durable=1"));
+  CHECK(std::filesystem::exists("/tmp/" + ch.name));
+  CHECK_THROWS_AS(ipcoro::channel_link::create(ch.address), ipcoro::bad_channel_address);
 }
 
 // ---- item 8: sizes beyond the free space or the largest ring ----
