@@ -372,10 +372,43 @@ TEST_CASE("ack acknowledges what the receiver handed on, not a message ready() r
     ipcoro::sync_wait(ctx, rx.ready());  // reads 2 from the file, without handing it on
     rx.ack();
     rx.close();
+    // The receiver left without closing the queue: the sender goes on.
+    CHECK_NOTHROW(ipcoro::sync_wait(ctx, tx.send(4)));
     tx.close();
   }
   channel_receiver<int> again = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
-  CHECK(ipcoro::sync_wait(ctx, drain(again)) == std::vector<int>{2, 3});
+  CHECK(ipcoro::sync_wait(ctx, drain(again)) == std::vector<int>{2, 3, 4});
+}
+
+TEST_CASE("a durable file channel's sender killed mid-stream reads as peer_died after its messages",
+          "[channel][durable][ipc]") {
+  const fresh_channel ch("durable");
+  ipcoro::io_context ctx;
+  channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
+  child_process sender([&]() -> int {
+    ipcoro::io_context child_ctx;
+    ipcoro::sync_wait(child_ctx, [](std::string address) -> task<void> {
+      channel_sender<int> tx = co_await ipcoro::open_sender<int>(address);
+      for (int i = 0; i < 10; ++i) co_await tx.send(i);
+      ::raise(SIGKILL);
+    }(ch.address));
+    return 0;
+  });
+  REQUIRE(sender.wait() == 128 + SIGKILL);
+  std::vector<int> got;
+  bool died = false;
+  try {
+    for (;;) {
+      const std::optional<int> v = ipcoro::sync_wait(ctx, rx.receive());
+      if (!v) break;
+      got.push_back(*v);
+      rx.ack();
+    }
+  } catch (const ipcoro::peer_died&) {
+    died = true;
+  }
+  CHECK(got == iota(10));
+  CHECK(died);
 }
 
 TEST_CASE("both ends of a durable file channel must say durable=1", "[channel][durable][ipc]") {
