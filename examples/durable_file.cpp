@@ -22,11 +22,11 @@
 #include <ipcoro/task.hpp>
 #include <ipcoro/timer.hpp>
 
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <CLI/CLI.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -44,12 +44,12 @@ using ipcoro::task;
 
 /// What the consumers and the supervisor share (an anonymous MAP_SHARED mapping).
 struct ledger {
-  std::atomic<std::int64_t> pending{-1};   // the value the consumer is about to acknowledge
-  std::atomic<std::int64_t> acked{-1};     // the value it acknowledged last
-  std::atomic<std::int64_t> first{-1};     // the first value this consumer received
-  std::atomic<std::int64_t> last{-1};      // the last value it received
+  std::atomic<std::int64_t> pending{-1};  // the value the consumer is about to acknowledge
+  std::atomic<std::int64_t> acked{-1};    // the value it acknowledged last
+  std::atomic<std::int64_t> first{-1};    // the first value this consumer received
+  std::atomic<std::int64_t> last{-1};     // the last value it received
   std::atomic<std::int64_t> out_of_order{0};
-  std::atomic<bool> ended{false};          // a consumer saw the end of the stream
+  std::atomic<bool> ended{false};  // a consumer saw the end of the stream
 };
 
 task<void> produce(std::string address, std::int64_t messages) {
@@ -104,9 +104,7 @@ task<int> supervise(const std::string& address, std::int64_t messages, int resta
   };
 
   // The first consumer creates the file; the producer opens it.
-  {
-    ipcoro::channel_receiver<std::int64_t> creator = co_await ipcoro::open_receiver<std::int64_t>(address);
-  }
+  { ipcoro::channel_receiver<std::int64_t> creator = co_await ipcoro::open_receiver<std::int64_t>(address); }
   ipcoro::process producer = ipcoro::process::fork(
       [&address, messages] {
         ipcoro::io_context ctx;
@@ -156,9 +154,10 @@ task<int> supervise(const std::string& address, std::int64_t messages, int resta
     fmt::print(stderr, "durable_file: the stream ended at {}, not {}\n", book.last.load(), messages - 1);
     ++violations;
   }
-  fmt::print("durable_file: {} messages through {}, consumer killed {} times at random moments; "
-             "{} unacknowledged messages came again, {} errors\n",
-             messages, address, kills, redelivered, violations);
+  fmt::print(
+      "durable_file: {} messages through {}, consumer killed {} times at random moments; "
+      "{} unacknowledged messages came again, {} errors\n",
+      messages, address, kills, redelivered, violations);
   co_return violations == 0 ? 0 : 1;
 }
 
@@ -172,8 +171,10 @@ int main(int argc, char** argv) {
   std::uint64_t seed = std::random_device{}();
   std::string path = fmt::format("/tmp/ipcoro-durable-{}", ::getpid());
   app.add_option("--messages", messages, "messages the producer sends")->check(CLI::Range(1, 100'000'000));
-  app.add_option("--restarts", restarts, "how many times the consumer is killed")->check(CLI::Range(0, 10'000));
-  app.add_option("--max-delay-us", max_delay_us, "longest a consumer runs before it is killed, in microseconds")
+  app.add_option("--restarts", restarts, "how many times the consumer is killed")
+      ->check(CLI::Range(0, 10'000));
+  app.add_option("--max-delay-us", max_delay_us,
+                 "longest a consumer runs before it is killed, in microseconds")
       ->check(CLI::Range(1, 60'000'000));
   app.add_option("--seed", seed, "seed of the random kill moments (printed, to repeat a run)");
   app.add_option("--path", path, "the file of the channel (removed at the end)");

@@ -83,8 +83,9 @@ void check_ring_limits(std::string_view address, const channel_address& a) {
                                      a.mpmc ? "slots" : "bytes (1 TiB)"));
   }
   if (a.message_size && *a.message_size > mpmc_ring_max_message) {
-    bad_address(address, fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
-                                     *a.message_size, mpmc_ring_max_message));
+    bad_address(address,
+                fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
+                            *a.message_size, mpmc_ring_max_message));
   }
 }
 
@@ -173,10 +174,11 @@ channel_address channel_address::parse(std::string_view address) {
       if (value != "1" && value != "0") bad_address(address, "durable= takes 1 or 0");
       a.durable = value == "1";
     } else {
-      bad_address(address, fmt::format("option \"{}\" does not apply to {}: transports take capacity (not fd:), "
-                                        "message_size (mq, shm, file), mode (named transports), ring (shm, file) "
-                                        "and durable (file)",
-                                        key, scheme));
+      bad_address(address,
+                  fmt::format("option \"{}\" does not apply to {}: transports take capacity (not fd:), "
+                              "message_size (mq, shm, file), mode (named transports), ring (shm, file) "
+                              "and durable (file)",
+                              key, scheme));
     }
   }
   if (a.message_size && !a.mpmc && a.transport != channel_transport::mq) {
@@ -184,7 +186,8 @@ channel_address channel_address::parse(std::string_view address) {
                          "follows from its capacity");
   }
   if (a.durable && a.mpmc) {
-    bad_address(address, "durable=1 applies to an SPSC ring: its one receiver acknowledges what it has received");
+    bad_address(address,
+                "durable=1 applies to an SPSC ring: its one receiver acknowledges what it has received");
   }
   check_ring_limits(address, a);
   return a;
@@ -947,7 +950,8 @@ struct owned_file {
   ino_t ino = 0;
   ~owned_file() {
     struct stat st {};
-    if (file && owner == ::getpid() && ::stat(file.path().c_str(), &st) == 0 && st.st_dev == dev && st.st_ino == ino) {
+    if (file && owner == ::getpid() && ::stat(file.path().c_str(), &st) == 0 && st.st_dev == dev &&
+        st.st_ino == ino) {
       ::unlink(file.path().c_str());
     }
   }
@@ -979,9 +983,10 @@ bool has_errno(const std::system_error& e, int err) noexcept {
   } catch (const std::system_error&) {
     rethrow_for(a, e);
   }
-  throw channel_error(fmt::format("channel {}: the file is {} durable channel's, but this address {} durable=1; "
-                                  "write it on both ends or on neither",
-                                  a.text, a.durable ? "not a" : "a", a.durable ? "says" : "does not say"));
+  throw channel_error(
+      fmt::format("channel {}: the file is {} durable channel's, but this address {} durable=1; "
+                  "write it on both ends or on neither",
+                  a.text, a.durable ? "not a" : "a", a.durable ? "says" : "does not say"));
 }
 
 /// The file of a durable channel: opened as it is when it exists (whatever its capacity),
@@ -1261,10 +1266,11 @@ channel_link channel_link::create(std::string_view text) {
     }
     case channel_transport::file: {
       if (a.durable) {
-        throw bad_channel_address(fmt::format("channel address \"{}\": a link removes its file as soon as both "
-                                              "ends are open, so it cannot be durable; open a durable channel "
-                                              "with open_receiver / open_sender",
-                                              a.text));
+        throw bad_channel_address(
+            fmt::format("channel address \"{}\": a link removes its file as soon as both "
+                        "ends are open, so it cannot be durable; open a durable channel "
+                        "with open_receiver / open_sender",
+                        a.text));
       }
       auto file = std::make_shared<mapped_file>(
           mapped_file::create(a.name, detail::ring_layout(a), a.mode, detail::ring_formatter(a)));

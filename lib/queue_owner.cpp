@@ -18,12 +18,15 @@ constexpr std::string_view owner_prefix = "/ipcoro-mq-owner.";
 
 region_layout owner_layout() noexcept { return {owner_record_tag, 1, 64}; }
 
-bool is_eexist(const std::system_error& e) noexcept { return e.code() == std::error_code(EEXIST, std::system_category()); }
+bool is_eexist(const std::system_error& e) noexcept {
+  return e.code() == std::error_code(EEXIST, std::system_category());
+}
 
 }  // namespace
 
 std::string queue_owner_record_name(const std::string& name) {
-  const std::string_view bare = !name.empty() && name.front() == '/' ? std::string_view(name).substr(1) : name;
+  const std::string_view bare =
+      !name.empty() && name.front() == '/' ? std::string_view(name).substr(1) : name;
   std::string record = std::string(owner_prefix) + std::string(bare);
   if (record.size() - 1 > NAME_MAX) {
     // Too long to carry the name: a hash of it (FNV-1a) stands in.
@@ -50,8 +53,9 @@ owned_queue create_owned_queue(const std::string& name, const mq_attributes& att
       q.record = shm_segment::create_or_reclaim(record_name, owner_layout(), shm_segment::options{mode});
     } catch (const std::system_error& taken) {
       if (!is_eexist(taken)) throw;
-      throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("channel {}: another receiver owns the queue ({})", address, taken.what()));
+      throw std::system_error(
+          EEXIST, std::system_category(),
+          fmt::format("channel {}: another receiver owns the queue ({})", address, taken.what()));
     }
     reclaimed = true;
   }
@@ -62,18 +66,20 @@ owned_queue create_owned_queue(const std::string& name, const mq_attributes& att
     } catch (const std::system_error& e) {
       if (!is_eexist(e)) throw;
       if (!reclaimed) {
-        throw std::system_error(EEXIST, std::system_category(),
-                                fmt::format("channel {}: the queue {} exists but no channel receiver owns it (it "
-                                            "has no owner record {}): it was made otherwise, and is left alone; "
-                                            "remove it (message_queue::unlink) if nothing uses it",
-                                            address, name, record_name));
+        throw std::system_error(
+            EEXIST, std::system_category(),
+            fmt::format("channel {}: the queue {} exists but no channel receiver owns it (it "
+                        "has no owner record {}): it was made otherwise, and is left alone; "
+                        "remove it (message_queue::unlink) if nothing uses it",
+                        address, name, record_name));
       }
       message_queue::unlink(name);  // the dead owner's
     }
   }
-  throw std::system_error(EEXIST, std::system_category(),
-                          fmt::format("channel {}: the queue {} keeps reappearing after its dead owner's was removed",
-                                      address, name));
+  throw std::system_error(
+      EEXIST, std::system_category(),
+      fmt::format("channel {}: the queue {} keeps reappearing after its dead owner's was removed", address,
+                  name));
 }
 
 }  // namespace ipcoro::detail

@@ -243,8 +243,9 @@ std::optional<space_figures> space_of(const std::string& dir) noexcept {
 
 [[noreturn]] void throw_no_space(const region_origin& origin, std::uint64_t total,
                                  const std::optional<space_figures>& space) {
-  const std::string room = space ? fmt::format("it has {} free of {}", size_text(space->free), size_text(space->total))
-                                 : std::string("its free space is unknown");
+  const std::string room =
+      space ? fmt::format("it has {} free of {}", size_text(space->free), size_text(space->total))
+            : std::string("its free space is unknown");
   const std::string fix =
       origin.shm ? fmt::format("free space in {} (remove stale segments) or enlarge it (mount -o remount,size=... {})",
                                origin.space_dir, origin.space_dir)

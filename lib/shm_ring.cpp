@@ -1312,7 +1312,9 @@ spsc_ring_receiver::~spsc_ring_receiver() { close(); }
 void spsc_ring_receiver::ack() noexcept {
   if (endpoint_) endpoint_->ack();
 }
-std::uint64_t spsc_ring_receiver::position() const noexcept { return endpoint_ ? endpoint_->read_position() : 0; }
+std::uint64_t spsc_ring_receiver::position() const noexcept {
+  return endpoint_ ? endpoint_->read_position() : 0;
+}
 void spsc_ring_receiver::ack(std::uint64_t position) noexcept {
   if (endpoint_) endpoint_->ack_through(position);
 }

@@ -194,9 +194,8 @@ TEST_CASE("a live receiver's address is never taken over by a second receiver", 
     });
     REQUIRE(opened.wait());
     ipcoro::io_context ctx;
-    const ipcoro::test::failure refused = ipcoro::test::failure_of([&] {
-      (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
-    });
+    const ipcoro::test::failure refused = ipcoro::test::failure_of(
+        [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address)); });
     CHECK((refused.code == EEXIST || refused.code == EBUSY));
     CHECK(contains(refused.what, ch.address));
     // The owner still has its channel: a sender reaches it.
@@ -211,9 +210,8 @@ TEST_CASE("a queue that no channel receiver owns is not taken over", "[channel][
   const fresh_channel ch("mq");
   ipcoro::message_queue raw = ipcoro::message_queue::create("/" + ch.name, {4, 64});
   ipcoro::io_context ctx;
-  const ipcoro::test::failure refused = ipcoro::test::failure_of([&] {
-    (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
-  });
+  const ipcoro::test::failure refused =
+      ipcoro::test::failure_of([&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address)); });
   CHECK(refused.code == EEXIST);
   CHECK(contains(refused.what, ch.address));
   CHECK_NOTHROW(ipcoro::message_queue::open("/" + ch.name));
@@ -241,48 +239,50 @@ constexpr int ack_every = 5;
 /// ack() and recording that it was done.
 int durable_consumer(const std::string& address, consumer_log& log, std::int64_t kill_at, int stage) {
   ipcoro::io_context ctx;
-  return ipcoro::sync_wait(ctx, [](std::string address, consumer_log& log, std::int64_t kill_at,
-                                   int stage) -> task<int> {
-    channel_receiver<std::int64_t> rx = co_await ipcoro::open_receiver<std::int64_t>(address);
-    std::int64_t previous = -1;
-    for (std::int64_t n = 0;; ++n) {
-      const std::optional<std::int64_t> v = co_await rx.receive();
-      if (!v) break;
-      if (n == 0) {
-        // Where the file resumed is what is acknowledged now (a predecessor killed before
-        // its first ack left its own predecessor's figures).
-        log.first = *v;
-        log.intent = *v - 1;
-        log.confirmed = *v - 1;
-      }
-      if (n > 0 && *v != previous + 1) ++log.out_of_order;
-      previous = *v;
-      ++log.received;
-      const bool killed_here = n == kill_at;
-      if (killed_here && stage == 0) ::raise(SIGKILL);
-      if (*v % ack_every == ack_every - 1 || killed_here) {
-        log.intent = *v;
-        if (killed_here && stage == 1) ::raise(SIGKILL);
+  return ipcoro::sync_wait(
+      ctx, [](std::string address, consumer_log& log, std::int64_t kill_at, int stage) -> task<int> {
+        channel_receiver<std::int64_t> rx = co_await ipcoro::open_receiver<std::int64_t>(address);
+        std::int64_t previous = -1;
+        for (std::int64_t n = 0;; ++n) {
+          const std::optional<std::int64_t> v = co_await rx.receive();
+          if (!v) break;
+          if (n == 0) {
+            // Where the file resumed is what is acknowledged now (a predecessor killed before
+            // its first ack left its own predecessor's figures).
+            log.first = *v;
+            log.intent = *v - 1;
+            log.confirmed = *v - 1;
+          }
+          if (n > 0 && *v != previous + 1) ++log.out_of_order;
+          previous = *v;
+          ++log.received;
+          const bool killed_here = n == kill_at;
+          if (killed_here && stage == 0) ::raise(SIGKILL);
+          if (*v % ack_every == ack_every - 1 || killed_here) {
+            log.intent = *v;
+            if (killed_here && stage == 1) ::raise(SIGKILL);
+            rx.ack();
+            if (killed_here && stage == 2) ::raise(SIGKILL);
+            log.confirmed = *v;
+          }
+        }
         rx.ack();
-        if (killed_here && stage == 2) ::raise(SIGKILL);
-        log.confirmed = *v;
-      }
-    }
-    rx.ack();
-    co_return 0;
-  }(address, log, kill_at, stage));
+        co_return 0;
+      }(address, log, kill_at, stage));
 }
 
 }  // namespace
 
-TEST_CASE("a durable file channel resumes after the last acknowledged message across consumers killed at "
-          "every point",
-          "[channel][durable][ipc]") {
+TEST_CASE(
+    "a durable file channel resumes after the last acknowledged message across consumers killed at "
+    "every point",
+    "[channel][durable][ipc]") {
   const fresh_channel ch("durable", "capacity=4k");
   CAPTURE(ch.address);
   constexpr std::int64_t total = 20000;
   constexpr int restarts = 30;
-  void* shared = ::mmap(nullptr, sizeof(consumer_log), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  void* shared =
+      ::mmap(nullptr, sizeof(consumer_log), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   REQUIRE(shared != MAP_FAILED);
   auto* log = new (shared) consumer_log{{-1}, {-1}, {-1}, {0}, {0}};
 
@@ -298,7 +298,8 @@ TEST_CASE("a durable file channel resumes after the last acknowledged message ac
     const int stage = k % 3;
     // Where the next consumer must start: after the last acknowledged value, which is the
     // intent once a consumer got past ack().
-    const std::int64_t expected_first = (previous_stage == 2 ? log->intent.load() : log->confirmed.load()) + 1;
+    const std::int64_t expected_first =
+        (previous_stage == 2 ? log->intent.load() : log->confirmed.load()) + 1;
     previous_stage = stage;
     log->first = -1;
     log->received = 0;
@@ -306,7 +307,8 @@ TEST_CASE("a durable file channel resumes after the last acknowledged message ac
       if (k == 0) {
         // The first consumer creates the file; the producer opens it then.
         ipcoro::io_context ctx;
-        channel_receiver<std::int64_t> probe = ipcoro::sync_wait(ctx, ipcoro::open_receiver<std::int64_t>(ch.address));
+        channel_receiver<std::int64_t> probe =
+            ipcoro::sync_wait(ctx, ipcoro::open_receiver<std::int64_t>(ch.address));
         probe.close();
         created.signal();
       }
@@ -416,15 +418,13 @@ TEST_CASE("both ends of a durable file channel must say durable=1", "[channel][d
   ipcoro::io_context ctx;
   channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(ch.address));
   const std::string plain = "file:/tmp/" + ch.name;
-  const std::string sender_error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-    (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(plain));
-  });
+  const std::string sender_error = ipcoro::test::what_of<ipcoro::channel_error>(
+      [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(plain)); });
   CHECK(contains(sender_error, "durable=1"));
   rx.close();
   // A plain receiver never removes a durable channel's file, even with its receiver gone.
-  const std::string receiver_error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-    (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(plain));
-  });
+  const std::string receiver_error = ipcoro::test::what_of<ipcoro::channel_error>(
+      [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(plain)); });
   CHECK(contains(receiver_error, "durable=1"));
   CHECK(std::filesystem::exists("/tmp/" + ch.name));
   CHECK_THROWS_AS(ipcoro::channel_link::create(ch.address), ipcoro::bad_channel_address);
@@ -491,9 +491,8 @@ TEST_CASE("a ring size beyond the largest ring is refused naming the figure the 
   CAPTURE(address);
   const int large_before = large_fallocate_calls;
   ipcoro::io_context ctx;
-  const std::string error = ipcoro::test::what_of<ipcoro::bad_channel_address>([&] {
-    (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
-  });
+  const std::string error = ipcoro::test::what_of<ipcoro::bad_channel_address>(
+      [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address)); });
   const std::string given = address.substr(address.rfind('=') + 1);
   CHECK(contains(error, given == "4096m" ? "4294967296" : given));
   CHECK(contains(error, "largest"));
