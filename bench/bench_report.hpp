@@ -20,7 +20,7 @@ namespace ipcoro::bench {
 struct rtt_row {
   std::string transport;                        ///< pipe fifo mq shm file inproc
   std::string impl;                             ///< raw ipcoro ipcoro-channel asio
-  std::string mode;                             ///< "" or busy-poll, spin, sleep, futex
+  std::string mode;                             ///< "" or busy-poll, embedded, spin, sleep, futex
   std::string placement;                        ///< cross-core, same-core, one-thread
   double p50 = 0, p99 = 0, p999 = 0, mean = 0;  ///< microseconds
   double cpu_us = 0;                            ///< user + system time of both sides per round trip

@@ -30,6 +30,7 @@
 #include <ctime>
 #include <fstream>
 #include <system_error>
+#include <typeinfo>
 
 namespace ipcoro {
 
@@ -201,6 +202,27 @@ int channel_address::fd() const {
 namespace detail {
 
 void throw_channel_closed(const char* what) { throw channel_closed(what); }
+
+void rethrow_for_address(std::string_view address, const std::system_error& e) {
+  std::string what = e.what();
+  // Only plain system errors: cancellation, timeouts and the library's own kinds keep
+  // their type (and say what they say).
+  if (typeid(e) != typeid(std::system_error) || what.starts_with("channel ") ||
+      what.find(address) != std::string::npos) {
+    throw;
+  }
+  // system_error appends ": <errno text>"; the new one appends it again.
+  if (const std::string tail = ": " + e.code().message(); what.ends_with(tail)) what.resize(what.size() - tail.size());
+  std::string hint;
+  if (e.code() == std::errc::invalid_argument) {
+    if (address.starts_with("mq:")) {
+      hint = " (in the address, capacity= is the queue's max_messages and message_size= its message size)";
+    } else if (address.starts_with("pipe:") || address.starts_with("fifo:")) {
+      hint = " (in the address, capacity= is the pipe capacity)";
+    }
+  }
+  throw std::system_error(e.code(), fmt::format("channel {}: {}{}", address, what, hint));
+}
 void throw_channel_error(const char* what) { throw channel_error(what); }
 
 void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got) {
@@ -406,31 +428,69 @@ namespace {
 /// How long a close waits for room for its end marker before giving up.
 constexpr std::chrono::seconds end_patience{30};
 
-/// Writes a few bytes to a blocking or non-blocking descriptor from a close(), which
-/// cannot await: waits for room with poll(), bounded by `patience`.
-void write_patiently(int fd, const void* data, std::size_t size, std::chrono::seconds patience) noexcept {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
-  const auto* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n > 0) {
-      p += n;
-      size -= static_cast<std::size_t>(n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno != EAGAIN) return;  // EPIPE: nobody reads any more
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return;
-    pollfd pfd{fd, POLLOUT, 0};
-    ::poll(&pfd, 1, static_cast<int>(left.count()));
+/// True once `fd` can take a write of at most PIPE_BUF bytes without blocking (or would
+/// fail at once: no reader left), waiting at most `wait` milliseconds for that.
+bool writable_within(int fd, int wait) noexcept {
+  pollfd pfd{fd, POLLOUT, 0};
+  int n = 0;
+  while ((n = ::poll(&pfd, 1, wait)) < 0 && errno == EINTR) {
   }
+  return n > 0;
+}
+
+/// Writes a small frame (at most PIPE_BUF bytes: all or nothing) that poll() said fits.
+void write_small(int fd, const void* data, std::size_t size) noexcept {
+  while (::write(fd, data, size) < 0 && errno == EINTR) {
+  }
+}
+
+/// Writes a close's last frames (at most PIPE_BUF bytes: all or nothing) once the pipe has
+/// room, waiting for it at most `end_patience`; without room by then, or without a reader,
+/// they are not written and the receiver reports a sender that went away.
+void post_patiently(int fd, std::span<const std::byte> frames) noexcept {
+  const auto patience = std::chrono::duration_cast<std::chrono::milliseconds>(end_patience);
+  if (writable_within(fd, static_cast<int>(patience.count()))) write_small(fd, frames.data(), frames.size());
+}
+
+/// Writes a close's last frames through the ring once the pipe has room: the reader is
+/// slow, and a close must not block the loop's thread waiting for it. It ends when they
+/// are written or when the reader is gone (EPIPE). If the io_context shuts down first
+/// (the process is most likely ending), it waits there, bounded, so that a clean close
+/// still reads as one.
+task<void> post_when_room(pooled_frame, unique_fd fd, write_path path, std::vector<std::byte> frames) {
+  try {
+    co_await write_all_operation{fd.get(), frames, path};
+  } catch (const operation_cancelled&) {
+    post_patiently(fd.get(), frames);
+  } catch (...) {  // nobody reads any more: nothing to tell
+  }
+}
+
+/// Posts a close's last frames (at most PIPE_BUF bytes) from a close(), which cannot
+/// await. When the pipe is full, the write is handed to this thread's loop; with no loop
+/// running here, it waits for room, bounded.
+void post_at_close(unique_fd fd, write_path path, std::vector<std::byte> frames) noexcept {
+  if (writable_within(fd.get(), 0)) {
+    write_small(fd.get(), frames.data(), frames.size());
+    return;
+  }
+  if (io_context* ctx = io_context::current_or_null(); ctx != nullptr && !ctx->stopping()) {
+    try {
+      ctx->spawn(post_when_room(pooled_frame{}, std::move(fd), path, std::move(frames)));
+      return;
+    } catch (...) {  // no memory for the task: fall back to waiting here, bounded
+    }
+  }
+  post_patiently(fd.get(), frames);
 }
 
 class stream_send_port final : public send_port {
  public:
-  stream_send_port(std::string address, unique_fd fd, write_path path, std::shared_ptr<void> keep = {})
-      : send_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)), path_(path) {
+  /// `greet_at_open`: greet as soon as the end has its identity rather than with the first
+  /// message (a FIFO opened by name, whose receiver waits for a greeting before it can
+  /// tell a sender's end of file from "nobody came yet").
+  stream_send_port(std::string address, unique_fd fd, write_path path, bool greet_at_open = false)
+      : send_port(std::move(address)), fd_(std::move(fd)), path_(path), greet_at_open_(greet_at_open) {
     ignore_sigpipe();  // a close() may write without a loop
   }
 
@@ -440,15 +500,8 @@ class stream_send_port final : public send_port {
                                       address(), size, max_stream_payload));
     }
     used_ = 0;
-    if (!greeted_) {
-      const std::span<const std::byte> g = greeting();
-      buf_.grow(2 * head_size + g.size() + size, 0);
-      put(frame_kind::hello, g.size());
-      std::memcpy(buf_.data() + used_, g.data(), g.size());
-      used_ += g.size();
-    } else {
-      buf_.grow(head_size + size, 0);
-    }
+    if (!greeted_) put_greeting();
+    buf_.grow(used_ + head_size + size, used_);
     put(frame_kind::data, size);
     std::span<std::byte> out{buf_.data() + used_, size};
     used_ += size;
@@ -475,7 +528,9 @@ class stream_send_port final : public send_port {
       throw;
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+        throw channel_closed(fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
+                                         "process ended",
+                                         address()));
       }
       throw;
     }
@@ -487,11 +542,33 @@ class stream_send_port final : public send_port {
   /// without it knows the sender died mid-stream. A stream with a cut frame can only be
   /// aborted: the receiver then reports the cut instead of misreading what follows.
   void finish(port_exit how) noexcept override {
-    if (how != port_exit::abort && fd_ && greeted_ && !cut_) {
-      const stream_head h{0, static_cast<std::uint32_t>(frame_kind::end)};
-      write_patiently(fd_.get(), &h, sizeof h, end_patience);
+    if (how != port_exit::abort && fd_ && !cut_) {
+      try {
+        // A sender that never sent still greets first: end of file before any greeting
+        // means a sender that died before it started.
+        used_ = 0;
+        if (!greeted_) put_greeting();
+        buf_.grow(used_ + head_size, used_);
+        put(frame_kind::end, 0);
+        post_at_close(std::move(fd_), path_, std::vector<std::byte>(buf_.data(), buf_.data() + used_));
+      } catch (...) {  // no memory: the receiver reports a sender that went away
+      }
     }
     fd_.reset();
+  }
+
+  /// Greets at once when asked to and the pipe has room (it nearly always has), so that
+  /// the receiver can tell this sender's death from its not having come yet.
+  void opened() noexcept override {
+    if (!greet_at_open_ || greeted_ || !fd_ || !writable_within(fd_.get(), 0)) return;
+    try {
+      used_ = 0;
+      put_greeting();
+      if (used_ > PIPE_BUF) return;  // not atomic: it goes with the first message
+      const ssize_t n = ::write(fd_.get(), buf_.data(), used_);
+      greeted_ = n == static_cast<ssize_t>(used_);
+    } catch (...) {  // no memory: it goes with the first message
+    }
   }
 
  private:
@@ -500,12 +577,20 @@ class stream_send_port final : public send_port {
     std::memcpy(buf_.data() + used_, &h, sizeof h);
     used_ += sizeof h;
   }
+  /// Puts the greeting frame at the start of the (empty) buffer.
+  void put_greeting() {
+    const std::span<const std::byte> g = greeting();
+    buf_.grow(head_size + g.size(), 0);
+    put(frame_kind::hello, g.size());
+    std::memcpy(buf_.data() + used_, g.data(), g.size());
+    used_ += g.size();
+  }
 
-  std::shared_ptr<void> keep_;
   unique_fd fd_;
   write_path path_;
   byte_buffer buf_;
   std::size_t used_ = 0;
+  bool greet_at_open_ = false;
   bool greeted_ = false;
   bool cut_ = false;
 };
@@ -584,6 +669,12 @@ class stream_receive_port final : public receive_port {
         if (greetings_ > goodbyes_) {
           throw channel_error(fmt::format("channel {}: the sender went away without closing the channel: it died "
                                           "or was killed mid-stream",
+                                          address()));
+        }
+        if (greetings_ == 0) {
+          // Every sender greets before it can close, so this one never started.
+          throw channel_error(fmt::format("channel {}: the sender went away before its greeting: it died or was "
+                                          "killed before it began (or the writer is not an ipcoro channel sender)",
                                           address()));
         }
         ended_ = true;
@@ -687,6 +778,7 @@ struct mq_receiving {
 template <class Ring>
 struct ring_sending {
   std::shared_ptr<void> region;
+  unique_fd peer_claim;  // see ring_claims; before the ring, which polls it
   Ring ring;
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
@@ -703,21 +795,32 @@ struct ring_sending {
 template <class Ring>
 struct ring_receiving {
   std::shared_ptr<void> region;
+  unique_fd peer_claim;
   Ring ring;
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
-  /// One receiver of an MPMC ring leaving does not close the ring for the others.
+  /// One receiver of an MPMC ring leaving does not close the ring for the others; the
+  /// last one closes it for the senders.
   void close() noexcept {
     if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
-      ring.detach();
+      ring.leave();
     } else {
       ring.close();
     }
   }
 };
+
+/// A ring's peer_died, rethrown with the channel's address in front.
+[[noreturn]] void throw_peer_died(const std::string& address, const peer_died& e) {
+  std::string_view what = e.what();
+  if (what.starts_with("channel ")) throw e;
+  const std::string suffix = ": " + e.code().message();  // system_error appends it again
+  if (what.ends_with(suffix)) what.remove_suffix(suffix.size());
+  throw peer_died(e.pid(), fmt::format("channel {}: {}", address, what));
+}
 
 /// The ring of a durable file channel under its receiving end: messages stay in the file
 /// until acknowledged, and leaving detaches instead of closing, so that the next receiver
@@ -781,8 +884,8 @@ class message_send_port final : public send_port {
         greeted_ = true;
       }
       co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
-    } catch (const peer_died&) {
-      throw;
+    } catch (const peer_died& e) {
+      throw_peer_died(address(), e);
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
         throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
@@ -837,8 +940,13 @@ class message_receive_port final : public receive_port {
     if (current_) co_return true;
     if (ended_) co_return false;
     for (;;) {
-      const std::optional<std::size_t> size =
-          Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+      std::optional<std::size_t> size;
+      try {
+        size =
+            Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+      } catch (const peer_died& e) {
+        throw_peer_died(address(), e);
+      }
       if (!size) {
         ended_ = true;
         co_return false;
@@ -1007,30 +1115,42 @@ mapped_file open_or_create_durable(const channel_address& a) {
   throw channel_error(fmt::format("channel {}: the file keeps appearing and disappearing", a.text));
 }
 
+ring_options claim_options(const unique_fd& peer_claim) {
+  ring_options o;
+  o.peer_claim_fd = peer_claim ? peer_claim.get() : -1;
+  return o;
+}
+
+/// `peer_claim`: for a link's end, the read end of the other end's claim pipe (ring_claims).
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
-                                            std::span<std::byte> payload) {
+                                            std::span<std::byte> payload, unique_fd peer_claim = {}) {
+  const ring_options o = claim_options(peer_claim);
   if (a.durable) {
-    ring_options options;
-    options.wait_for_new_receiver = true;
+    ring_options durable = o;
+    durable.wait_for_new_receiver = true;
     return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
-        a.text, ring_sending<spsc_ring_sender>{std::move(region), spsc_ring_sender(payload, options)});
+        a.text, ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               spsc_ring_sender(payload, durable)});
   }
   if (a.mpmc) {
     return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
-        a.text, ring_sending<mpmc_ring_sender>{std::move(region), mpmc_ring_sender(payload)});
+        a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               mpmc_ring_sender(payload, o)});
   }
   return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
-      a.text, ring_sending<spsc_ring_sender>{std::move(region), spsc_ring_sender(payload)});
+      a.text,
+      ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o)});
 }
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
-                                                 std::span<std::byte> payload) {
+                                                 std::span<std::byte> payload, unique_fd peer_claim = {}) {
+  const ring_options o = claim_options(peer_claim);
   if (a.durable) {
-    ring_options options;
-    options.manual_ack = true;
+    ring_options durable = o;
+    durable.manual_ack = true;
     std::optional<spsc_ring_receiver> ring;
     try {
-      ring.emplace(payload, options);
+      ring.emplace(payload, durable);
     } catch (const std::system_error& e) {
       rethrow_for(a, e);  // EBUSY: a receiver that runs has it
     }
@@ -1039,11 +1159,43 @@ std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::
   }
   if (a.mpmc) {
     return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
-        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), mpmc_ring_receiver(payload)});
+        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                   mpmc_ring_receiver(payload, o)});
   }
   return std::make_unique<message_receive_port<ring_receiving<spsc_ring_receiver>>>(
-      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), spsc_ring_receiver(payload)});
+      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                 spsc_ring_receiver(payload, o)});
 }
+
+/// Who may still take each end of a ring link. A ring records the processes attached to
+/// it, but before an end is taken its entry is empty, which alone means "not yet" forever.
+/// The processes that can still take an end are exactly those holding a copy of the link
+/// state with that end untaken: the creator and every process forked from it while it
+/// held the link. So each end has a pipe whose write end (the claim) lives in the link
+/// state: fork copies it, exec drops it (close-on-exec, and the link is gone with the
+/// old program), death closes it, and taking the end closes it once the ring records the
+/// taker, as does destroying the link. The other end's port keeps the read end: when it
+/// hangs up and the ring still records nobody for that end, nobody ever will.
+struct ring_claims {
+  unique_fd sender_claim;
+  unique_fd sender_watch;
+  unique_fd receiver_claim;
+  unique_fd receiver_watch;
+
+  static ring_claims make(const channel_address& a) {
+    ring_claims c;
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
+    c.sender_watch = unique_fd{fds[0]};
+    c.sender_claim = unique_fd{fds[1]};
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+      throw_errno(errno, fmt::format("channel {}: pipe2 for the link", a.text));
+    c.receiver_watch = unique_fd{fds[0]};
+    c.receiver_claim = unique_fd{fds[1]};
+    return c;
+  }
+};
 
 struct fifo_ends {
   unique_fd read;
@@ -1067,6 +1219,26 @@ fifo_ends open_fifo_ends(const channel_address& a) {
   return ends;
 }
 
+/// The descriptor of an fd: address, once it is known to be open in this process for
+/// `access` (O_RDONLY or O_WRONLY); throws channel_error naming it otherwise.
+int checked_fd(const channel_address& a, int access) {
+  const int fd = a.fd();
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) {
+    throw channel_error(fmt::format("channel {}: descriptor {} is not open in this process ({}); pass a "
+                                    "descriptor the process has, such as one process::exec wired in",
+                                    a.text, fd, std::strerror(errno)));
+  }
+  const int mode = flags & O_ACCMODE;
+  if (mode != O_RDWR && mode != access) {
+    throw channel_error(fmt::format("channel {}: descriptor {} is open for {} only, and a {} needs to {} it",
+                                    a.text, fd, mode == O_RDONLY ? "reading" : "writing",
+                                    access == O_RDONLY ? "receiver" : "sender",
+                                    access == O_RDONLY ? "read" : "write"));
+  }
+  return fd;
+}
+
 [[noreturn]] void no_channel(const channel_address& a, const std::system_error& e) {
   throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
 }
@@ -1083,7 +1255,7 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
   switch (a.transport) {
     case channel_transport::pipe: pipe_has_no_name(a);
     case channel_transport::fd:
-      co_return std::make_unique<stream_receive_port>(a.text, unique_fd{a.fd()});
+      co_return std::make_unique<stream_receive_port>(a.text, unique_fd{checked_fd(a, O_RDONLY)});
     case channel_transport::fifo: {
       // Opened at once, not when the first sender comes: a writer of our own stands in
       // until that sender has greeted, so the read end sees no end of file before it.
@@ -1150,13 +1322,13 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
   switch (a.transport) {
     case channel_transport::pipe: pipe_has_no_name(a);
     case channel_transport::fd:
-      co_return std::make_unique<stream_send_port>(a.text, unique_fd{a.fd()}, write_path::ring_only);
+      co_return std::make_unique<stream_send_port>(a.text, unique_fd{checked_fd(a, O_WRONLY)}, write_path::ring_only);
     case channel_transport::fifo: {
       if (::access(a.name.c_str(), F_OK) != 0 && errno == ENOENT) {
         throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
       }
       pipe_writer writer = co_await open_fifo_writer(a.name);
-      co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only);
+      co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only, true);
     }
     case channel_transport::mq: {
       std::optional<message_queue> q;
@@ -1208,6 +1380,7 @@ struct channel_link::state {
   message_queue receive_queue;
   std::shared_ptr<void> region;
   std::span<std::byte> payload;
+  detail::ring_claims claims;
   bool sender_taken = false;
   bool receiver_taken = false;
 };
@@ -1227,6 +1400,18 @@ const channel_address& channel_link::address() const {
 channel_link channel_link::create(std::string_view text) {
   auto s = std::make_unique<state>();
   s->address = channel_address::parse(text);
+  try {
+    create_transport(*s);
+  } catch (const std::system_error& e) {
+    detail::rethrow_for_address(s->address.text, e);
+  }
+  channel_link link;
+  link.state_ = std::move(s);
+  return link;
+}
+
+void channel_link::create_transport(state& st) {
+  state* const s = &st;
   const channel_address& a = s->address;
   switch (a.transport) {
     case channel_transport::fd:
@@ -1262,6 +1447,7 @@ channel_link channel_link::create(std::string_view text) {
       seg->unlink();
       s->payload = seg->payload();
       s->region = std::move(seg);
+      s->claims = detail::ring_claims::make(a);
       break;
     }
     case channel_transport::file: {
@@ -1277,12 +1463,10 @@ channel_link channel_link::create(std::string_view text) {
       if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));
       s->payload = file->payload();
       s->region = std::move(file);
+      s->claims = detail::ring_claims::make(a);
       break;
     }
   }
-  channel_link link;
-  link.state_ = std::move(s);
-  return link;
 }
 
 namespace detail {
@@ -1299,7 +1483,11 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
       return std::make_unique<stream_send_port>(a.text, std::move(s->write_fd), s->path);
     case channel_transport::mq: return std::make_unique<message_send_port<mq_sending>>(a.text, mq_sending{std::move(s->send_queue)});
     case channel_transport::shm:
-    case channel_transport::file: return make_ring_sender(a, s->region, s->payload);
+    case channel_transport::file: {
+      auto port = make_ring_sender(a, s->region, s->payload, std::move(s->claims.receiver_watch));
+      s->claims.sender_claim.reset();  // the ring records this process now
+      return port;
+    }
     case channel_transport::fd: break;
   }
   throw std::logic_error("channel_link::sender: no such transport");
@@ -1316,7 +1504,11 @@ std::unique_ptr<receive_port> link_receive_port(void* raw) {
     case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
     case channel_transport::mq: return std::make_unique<message_receive_port<mq_receiving>>(a.text, mq_receiving{std::move(s->receive_queue)});
     case channel_transport::shm:
-    case channel_transport::file: return make_ring_receiver(a, s->region, s->payload);
+    case channel_transport::file: {
+      auto port = make_ring_receiver(a, s->region, s->payload, std::move(s->claims.sender_watch));
+      s->claims.receiver_claim.reset();  // the ring records this process now
+      return port;
+    }
     case channel_transport::fd: break;
   }
   throw std::logic_error("channel_link::receiver: no such transport");

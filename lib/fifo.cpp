@@ -273,13 +273,15 @@ fifo::fifo(std::string path, const fifo_options& opts) {
   dev_ = id.dev;
   ino_ = id.ino;
   born_ns_ = id.born_ns;
+  owner_pid_ = ::getpid();
 }
 
 fifo::fifo(fifo&& other) noexcept
     : path_(std::move(other.path_)),
       dev_(std::exchange(other.dev_, 0)),
       ino_(std::exchange(other.ino_, 0)),
-      born_ns_(std::exchange(other.born_ns_, 0)) {
+      born_ns_(std::exchange(other.born_ns_, 0)),
+      owner_pid_(std::exchange(other.owner_pid_, 0)) {
   other.path_.clear();
 }
 
@@ -291,6 +293,7 @@ fifo& fifo::operator=(fifo&& other) noexcept {
     dev_ = std::exchange(other.dev_, 0);
     ino_ = std::exchange(other.ino_, 0);
     born_ns_ = std::exchange(other.born_ns_, 0);
+    owner_pid_ = std::exchange(other.owner_pid_, 0);
   }
   return *this;
 }
@@ -299,9 +302,11 @@ fifo::~fifo() { remove(); }
 
 void fifo::remove() noexcept {
   if (path_.empty()) return;
-  // Only our own FIFO: a survivor may have replaced a stale one with a FIFO of its own.
+  // Only the process that made it: a forked child dropping its copy of the object leaves
+  // the parent's FIFO alone. And only our own FIFO: a survivor may have replaced a stale
+  // one with a FIFO of its own.
   file_identity id;
-  if (identify(path_, id) && id.is_fifo && id.dev == dev_ && id.ino == ino_ && id.born_ns == born_ns_) {
+  if (owner_pid_ == ::getpid() && identify(path_, id) && id.is_fifo && id.dev == dev_ && id.ino == ino_ && id.born_ns == born_ns_) {
     ::unlink(path_.c_str());
   }
   path_.clear();

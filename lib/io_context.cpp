@@ -96,6 +96,20 @@ struct io_context::impl {
   std::uint64_t wake_value = 0;  // the kernel writes the eventfd counter here
   bool wake_armed = false;
 
+  // Embedding in another loop (poll_fd, poll): an eventfd registered with the ring, which the
+  // kernel signals for every completion (with DEFER_TASKRUN: as soon as one is waiting to be
+  // posted), and which notify() signals for work that begins outside poll().
+  unique_fd notify_fd;
+  bool in_poll = false;
+  bool notify_pending = false;  // notify() wrote and poll() has not read since
+
+  void notify() noexcept {
+    if (!notify_fd || in_poll || notify_pending) return;
+    const std::uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(notify_fd.get(), &one, sizeof one);
+    notify_pending = true;
+  }
+
   void arm_wake() noexcept {
     // While shutting down, only waits ended by other threads still need waking.
     if (wake_armed || !wake_fd || (stopping && external_work == 0)) return;
@@ -280,6 +294,7 @@ struct io_context::impl {
     else
       ready_head = &node;
     ready_tail = &node;
+    if (notify_fd) notify();
   }
 
   /// Resumes what was ready when called; what those coroutines schedule waits a turn,
@@ -359,6 +374,18 @@ struct io_context::impl {
     enter(must_not_wait ? 0 : 1);
     reap();
     return true;
+  }
+
+  /// poll()'s turn: as turn(), but never sleeping. Returns true while work remains.
+  bool turn_without_waiting() {
+    flush_backlog();
+    drain_ready();
+    flush_backlog();
+    if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
+    arm_wake();
+    enter(0);
+    reap();
+    return in_flight > 0 || external_work > 0 || ready_head != nullptr;
   }
 
   void enter(unsigned wait_nr) {
@@ -489,7 +516,7 @@ io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
   uring::setup_request req;
   req.entries = opts.entries;
   req.cq_entries = opts.cq_entries;
-  req.single_issuer = opts.single_issuer;
+  req.single_issuer = opts.single_issuer && !opts.embedded;
   if (int rc = impl_->ring.init(req); rc < 0) throw_setup_error(-rc);
   impl_->busy_poll_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(opts.busy_poll).count();
   impl_->wake_fd.reset(::eventfd(0, EFD_CLOEXEC));
@@ -550,6 +577,51 @@ void io_context::run() {
 
 void io_context::stop() noexcept { impl_->stop_requested = true; }
 
+bool io_context::poll() {
+  impl& m = *impl_;
+  if (m.notify_fd) {
+    // Emptied before reaping: a completion posted from here on signals it again.
+    std::uint64_t count = 0;
+    [[maybe_unused]] ssize_t n = ::read(m.notify_fd.get(), &count, sizeof count);
+    m.notify_pending = false;
+  }
+  bool more = false;
+  m.in_poll = true;
+  try {
+    more = m.turn_without_waiting();
+  } catch (...) {
+    m.in_poll = false;
+    throw;
+  }
+  m.in_poll = false;
+  // Coroutines made ready during this turn, or SQEs that found no room, are the next turn's:
+  // the other loop must come back at once rather than sleep.
+  if (m.ready_head != nullptr || m.backlog_head != nullptr || m.ring.sq_ready() > 0) m.notify();
+  m.rethrow_pending();
+  return more;
+}
+
+int io_context::poll_fd() {
+  impl& m = *impl_;
+  if (!m.notify_fd) {
+    if (m.features.defer_taskrun) {
+      // Measured on Linux 6.18: ~30 ms from a completion to the eventfd (or the ring's own
+      // descriptor) turning readable, against ~10 us per round trip without DEFER_TASKRUN.
+      throw std::logic_error(
+          "ipcoro::io_context::poll_fd: make the context with options.embedded = true; its ring "
+          "uses DEFER_TASKRUN, which would tell the other loop of completions only late");
+    }
+    unique_fd fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!fd) throw_errno(errno, "eventfd (io_context::poll_fd)");
+    if (int rc = ::io_uring_register_eventfd(m.ring.raw(), fd.get()); rc < 0) {
+      throw_errno(-rc, "io_uring_register_eventfd (io_context::poll_fd)");
+    }
+    m.notify_fd = std::move(fd);
+    m.notify();  // whatever was queued before now waits for a poll()
+  }
+  return m.notify_fd.get();
+}
+
 void io_context::run_until(const bool& done) {
   impl_->stop_requested = false;
   while (!done) {
@@ -587,6 +659,8 @@ void io_context::spawn(task<void> t) {
   ++impl_->detached_alive;
   run_detached(std::move(t), impl_.get())
       .start(impl_->detached_stop.get_token(), &detached_done, impl_.get());
+  // It ran up to its first wait here, outside the loop: what it queued waits for a turn.
+  if (impl_->notify_fd) impl_->notify();
 }
 
 void io_context::set_error_handler(std::function<void(std::exception_ptr)> handler) {

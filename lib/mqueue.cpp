@@ -649,8 +649,29 @@ std::optional<mq_message> mq_demux_receive_operation::await_resume() {
       parked_ = false;
       throw;
     }
+    if (token_ != nullptr && token_->stop_requested()) {
+      // Handed a message as the stop came (it lost a race or a deadline): the message
+      // stays held, and the turn goes to the next consumer of the label, if any.
+      auto& st = demux_.states_[label_];
+      if (st.reserved != 0) {
+        if (!st.waiters.empty() && !demux_.ended_) {
+          --st.waiting;  // as deliver() does for the consumer it hands the message to
+          --demux_.parked_;
+          st.waiters.wake_one();
+        } else {
+          --st.reserved;
+        }
+      }
+      parked_ = false;
+      throw operation_cancelled{};
+    }
   }
   return demux_.take(*this);
+}
+
+task<std::optional<mq_message>> mq_demux_receive_operation::again(detail::pooled_frame, mq_demux& demux,
+                                                                  std::uint32_t label, std::span<std::byte> buffer) {
+  co_return co_await demux.receive(label, buffer);
 }
 
 }  // namespace ipcoro

@@ -86,7 +86,11 @@ constexpr std::chrono::seconds finish_grace{2};
 
 }  // namespace
 
-task<std::vector<stage_report>> pipeline::run(pipeline_options opts) {
+task<std::vector<stage_report>> pipeline::run(const pipeline_options& opts) { return run_with(opts); }
+
+task<std::vector<stage_report>> pipeline::run() { return run_with(pipeline_options{}); }
+
+task<std::vector<stage_report>> pipeline::run_with(pipeline_options opts) {
   const std::size_t n = stages_.size();
   if (n < 2) throw std::invalid_argument("ipcoro::pipeline::run: a pipeline needs a source and a sink");
   const std::size_t run_id = runs.fetch_add(1);

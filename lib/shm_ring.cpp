@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <linux/membarrier.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/syscall.h>
@@ -95,7 +96,7 @@ constexpr std::uint32_t role_receiver = 2;
 struct ring_header {
   ring_config config;
   alignas(64) std::atomic<std::uint32_t> sender_closed;  // SPSC: end of stream; MPMC: ring closed
-  std::atomic<std::uint32_t> receiver_closed;            // SPSC only: sends fail with EPIPE
+  std::atomic<std::uint32_t> receiver_closed;            // sends fail with EPIPE (MPMC: no receiver is left)
   std::atomic<std::uint32_t> fence_required;             // sticky fence_mode: publishers fence per message
   alignas(64) std::atomic<std::int32_t> cpu[2];          // CPU a sender [0] / receiver [1] last ran on, + 1
   alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
@@ -509,6 +510,8 @@ public:
 
   void close() noexcept;
   void detach() noexcept;
+  /// MPMC receivers: detaches, and closes the receiving side when no receiver is left.
+  void leave_receiving() noexcept;
   /// Goes without removing this process's record, so that the other side takes the
   /// process's exit for the death of a peer.
   void abandon() noexcept { participant_index_ = -1; }
@@ -569,7 +572,16 @@ private:
   /// process recorded for it died without closing), else 0. For MPMC it first releases a
   /// slot that blocks this side and is held by a dead process.
   pid_t dead_peer();
+  /// dead_peer(): the other side has no record, and no process can attach as it any more.
+  static constexpr pid_t peer_never_came = -1;
+  /// Whether every process that could still attach as the other side is gone
+  /// (ring_options::peer_claim_fd hung up); false without a claim descriptor.
+  bool peer_claims_gone() const noexcept;
+  /// The peer_died for a wait that dead_peer() answered with `dead`.
+  [[noreturn]] void throw_peer_died(pid_t dead, const char* waiting) const;
   bool slot_owner_alive(std::uint32_t pid) const noexcept;
+  /// Whether the table records a receiver, alive or not.
+  bool receiver_recorded() const noexcept;
   slot_header& slot_at(std::uint64_t pos) const noexcept {
     return *reinterpret_cast<slot_header*>(data_ + (pos & mask_) * stride_);
   }
@@ -734,8 +746,10 @@ void ring_endpoint::attach() {
           if (!own_side && !role_recorded_elsewhere(i, participant_role(current))) break;
           if (participant_alive(current)) break;
         }
-        if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) {
+        if (entry.compare_exchange_weak(current, identity_, std::memory_order_seq_cst)) {
           participant_index_ = i;
+          // After the entry (see leave_receiving): the receiving side is open again.
+          if (role_ == role_receiver) hdr_->receiver_closed.store(0, std::memory_order_seq_cst);
           return;
         }
       }
@@ -753,6 +767,32 @@ void ring_endpoint::detach() noexcept {
   std::uint64_t expected = identity_;
   hdr_->participants[participant_index_].compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
   participant_index_ = -1;
+}
+
+bool ring_endpoint::receiver_recorded() const noexcept {
+  for (const participant_word& entry : hdr_->participants) {
+    const std::uint64_t v = entry.load(std::memory_order_seq_cst);
+    if (v != 0 && participant_role(v) == role_receiver) return true;
+  }
+  return false;
+}
+
+void ring_endpoint::leave_receiving() noexcept {
+  if (participant_index_ < 0) return;
+  std::uint64_t expected = identity_;
+  hdr_->participants[participant_index_].compare_exchange_strong(expected, 0, std::memory_order_seq_cst);
+  participant_index_ = -1;
+  // Dekker with attach(), which records its entry and then clears the flag: if the second
+  // look misses a receiver attaching now, that receiver's clear comes after our store. Of
+  // two receivers leaving at once, at least one sees the other gone. A receiver recorded
+  // but dead keeps the flag down: its senders learn of the death (peer_died) instead.
+  if (receiver_recorded()) return;
+  hdr_->receiver_closed.store(1, std::memory_order_seq_cst);
+  if (receiver_recorded()) {
+    hdr_->receiver_closed.store(0, std::memory_order_seq_cst);
+    return;
+  }
+  notify(hdr_->space);
 }
 
 void ring_endpoint::close() noexcept {
@@ -906,6 +946,10 @@ ring_endpoint::outcome ring_endpoint::mpmc_try_send(std::span<const std::byte> m
   if (hdr_->sender_closed.load(std::memory_order_acquire) != 0) {
     throw std::system_error(EPIPE, std::system_category(), "mpmc ring send: the ring was closed");
   }
+  if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(),
+                            "mpmc ring send: every receiver has closed the ring (none is attached)");
+  }
   std::atomic<std::uint64_t>& next = hdr_->tail;
   std::uint64_t pos = next.load(std::memory_order_relaxed);
   // Bounded, so that a peer scribbling on the positions cannot keep this loop turning.
@@ -1014,8 +1058,16 @@ bool ring_endpoint::slot_owner_alive(std::uint32_t pid) const noexcept {
 pid_t ring_endpoint::dead_peer() {
   const std::uint32_t peer_role = role_ == role_sender ? role_receiver : role_sender;
   if (kind_ == kind_spsc) {
-    const std::uint64_t v = hdr_->participants[role_ == role_sender ? 1 : 0].load(std::memory_order_acquire);
-    if (v == 0 || participant_alive(v)) return 0;  // no peer attached (yet), or alive
+    participant_word& entry = hdr_->participants[role_ == role_sender ? 1 : 0];
+    std::uint64_t v = entry.load(std::memory_order_acquire);
+    if (v == 0) {
+      // No peer attached: not yet, or never.
+      if (!peer_claims_gone()) return 0;
+      // A process that attached, and then let its claim go, did so in that order: seen now.
+      v = entry.load(std::memory_order_seq_cst);
+      if (v == 0) return peer_never_came;
+    }
+    if (participant_alive(v)) return 0;
     return participant_pid(v);
   }
   if (role_ == role_receiver) {
@@ -1044,14 +1096,35 @@ pid_t ring_endpoint::dead_peer() {
       }
     }
   }
-  pid_t dead = 0;
-  for (const participant_word& entry : hdr_->participants) {
-    const std::uint64_t v = entry.load(std::memory_order_acquire);
-    if (v == 0 || participant_role(v) != peer_role) continue;
-    if (participant_alive(v)) return 0;
-    dead = participant_pid(v);
-  }
-  return dead;
+  const auto scan = [this, peer_role](bool& recorded) -> pid_t {
+    pid_t dead = 0;
+    recorded = false;
+    for (const participant_word& entry : hdr_->participants) {
+      const std::uint64_t v = entry.load(std::memory_order_seq_cst);
+      if (v == 0 || participant_role(v) != peer_role) continue;
+      recorded = true;
+      if (participant_alive(v)) return 0;
+      dead = participant_pid(v);
+    }
+    return dead;
+  };
+  bool recorded = false;
+  const pid_t dead = scan(recorded);
+  if (recorded || !peer_claims_gone()) return dead;
+  // As for SPSC: a process that attached before letting its claim go is seen now.
+  const pid_t again = scan(recorded);
+  return recorded ? again : peer_never_came;
+}
+
+bool ring_endpoint::peer_claims_gone() const noexcept {
+  if (options_.peer_claim_fd < 0) return false;
+  // Never blocks: a timeout of 0. POLLHUP on a pipe's read end: no write end is open.
+  ::pollfd p{options_.peer_claim_fd, 0, 0};
+  int rc;
+  do {
+    rc = ::poll(&p, 1, 0);
+  } while (rc < 0 && errno == EINTR);
+  return rc > 0 && (p.revents & POLLHUP) != 0;
 }
 
 // ---- waiting ----
@@ -1136,6 +1209,26 @@ unsigned ring_endpoint::spin(Attempt attempt) {
   }
 }
 
+void ring_endpoint::throw_peer_died(pid_t dead, const char* waiting) const {
+  const char* peer = role_ == role_sender ? "receiver" : "sender";
+  if (dead == peer_never_came) {
+    throw peer_died(0,
+                    fmt::format("{} ring {}: no {} is attached and none can attach any more: every process "
+                                "that could take that end (of a channel_link) has exited or let it go",
+                                kind_name(), waiting, peer));
+  }
+  if (role_ == role_sender) {
+    throw peer_died(dead,
+                    fmt::format("{} ring send: peer process {} died (it was the ring's {}receiver) while "
+                                "this waited for space",
+                                kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
+  }
+  throw peer_died(dead,
+                  fmt::format("{} ring receive: peer process {} died (it was the ring's {}sender) without "
+                              "closing the ring",
+                              kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
+}
+
 wait_task ring_endpoint::send_wait(ring_send_operation& op) {
   event_count& ev = hdr_->space;
   const clock::time_point start = clock::now();
@@ -1148,11 +1241,7 @@ wait_task ring_endpoint::send_wait(ring_send_operation& op) {
       withdraw_sleep(ev, key);
       co_return;
     }
-    if (dead != 0) {
-      throw peer_died(dead, fmt::format("{} ring send: peer process {} died (it was the ring's {}receiver) while "
-                                        "this waited for space",
-                                        kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
-    }
+    if (dead != 0) throw_peer_died(dead, "send");
     const auto now = clock::now();
     if (now >= deadline) throw timed_out{};
     const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
@@ -1177,12 +1266,8 @@ wait_task ring_endpoint::receive_wait(ring_receive_operation& op) {
       op.end_of_stream_ = r == outcome::end_of_stream;
       co_return;
     }
-    if (dead != 0) {
-      // It can send no more, and everything it sent has been received.
-      throw peer_died(dead, fmt::format("{} ring receive: peer process {} died (it was the ring's {}sender) without "
-                                        "closing the ring",
-                                        kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
-    }
+    // It can send no more, and everything it sent has been received.
+    if (dead != 0) throw_peer_died(dead, "receive");
     const auto now = clock::now();
     if (now >= deadline) throw timed_out{};
     const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
@@ -1352,6 +1437,11 @@ mpmc_ring_receiver::mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept = default;
 mpmc_ring_receiver& mpmc_ring_receiver::operator=(mpmc_ring_receiver&&) noexcept = default;
 mpmc_ring_receiver::~mpmc_ring_receiver() = default;
 void mpmc_ring_receiver::detach() noexcept { endpoint_.reset(); }
+void mpmc_ring_receiver::leave() noexcept {
+  if (!endpoint_) return;
+  endpoint_->leave_receiving();
+  endpoint_.reset();
+}
 void mpmc_ring_receiver::close() noexcept {
   if (endpoint_) endpoint_->close();
 }

@@ -12,6 +12,7 @@
 #include "ipcoro/timer.hpp"
 #include "ipcoro/when_all.hpp"
 
+#include "channel_support.hpp"
 #include "counting_new.hpp"
 #include "process.hpp"
 
@@ -41,6 +42,8 @@ using ipcoro::channel_sender;
 using ipcoro::task;
 using ipcoro::test::child_process;
 using ipcoro::test::contains;
+using ipcoro::test::fresh_address;
+using ipcoro::test::nothing_left_behind;
 using ipcoro::test::unique_name;
 
 struct point {
@@ -82,27 +85,6 @@ struct ipcoro::codec<player> {
 };
 
 namespace {
-
-/// A channel address of the given transport with a fresh name.
-std::string fresh_address(const std::string& transport, const std::string& options = "") {
-  const std::string name = unique_name("ch");
-  std::string a;
-  if (transport == "pipe") a = "pipe:";
-  if (transport == "fifo") a = "fifo:/tmp/" + name;
-  if (transport == "mq") a = "mq:/" + name;
-  if (transport == "shm") a = "shm:/" + name;
-  if (transport == "shm-mpmc") a = "shm:/" + name + "?ring=mpmc";
-  if (transport == "file") a = "file:/tmp/" + name;
-  if (!options.empty()) a += (a.find('?') == std::string::npos ? "?" : "&") + options;
-  return a;
-}
-
-/// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.
-bool nothing_left_behind() {
-  const ipcoro::test::leftovers left = ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
-  for (const std::string& name : left.names) UNSCOPED_INFO("left behind: " << name);
-  return left.names.empty();
-}
 
 template <class T>
 task<std::vector<T>> drain(channel_receiver<T>& rx) {
@@ -582,6 +564,34 @@ TEST_CASE("an aborted ring sender reads as a dead peer once its process has exit
 
 // ---- addresses ----
 
+TEST_CASE("limits a channel's transport cannot have are refused naming the address, the option and the errno",
+          "[channel][errors]") {
+  struct too_big {
+    std::string address;
+    std::string option;
+  };
+  const too_big cases[] = {
+      {fresh_address("mq", "capacity=100000"), "capacity="},
+      {fresh_address("mq", "message_size=100000000"), "message_size"},
+      {fresh_address("fifo", "capacity=100000000"), "capacity="},
+      {fresh_address("pipe", "capacity=100000000"), "capacity="},
+  };
+  ipcoro::io_context ctx;
+  for (const too_big& c : cases) {
+    CAPTURE(c.address);
+    const ipcoro::test::failure link = ipcoro::test::failure_of([&] { (void)channel_link::create(c.address); });
+    CHECK(link.code == EINVAL);
+    CHECK(contains(link.what, "channel " + c.address));
+    CHECK(contains(link.what, c.option));
+    if (c.address.starts_with("pipe:")) continue;  // a pipe has no name to open
+    const ipcoro::test::failure named =
+        ipcoro::test::failure_of([&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(c.address)); });
+    CHECK(named.code == EINVAL);
+    CHECK(contains(named.what, "channel " + c.address));
+  }
+  CHECK(nothing_left_behind());
+}
+
 TEST_CASE("bad channel addresses are refused with a message saying what is expected", "[channel]") {
   struct bad {
     const char* address;
@@ -909,9 +919,8 @@ TEST_CASE("closing a receiver wakes its receive waiting in another coroutine, ov
   const bool through_select = GENERATE(false, true);
   const std::string address = fresh_address(transport);
   CAPTURE(address, to_string(how), through_select);
-  // Only these tell a sender that the receiver has gone; a queue or MPMC ring keeps taking.
-  const bool sender_told =
-      transport == "pipe" || transport == "fifo" || transport == "shm" || transport == "file";
+  // Only these tell a sender that the receiver has gone; a queue keeps taking.
+  const bool sender_told = transport != "mq";
   {
     channel_link link = channel_link::create(address);
     ipcoro::test::handshake closed;

@@ -35,6 +35,7 @@
 #include <cstring>
 #include <filesystem>
 #include <new>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -303,6 +304,20 @@ TEST_CASE("the owner leaves alone a FIFO that has replaced its own", "[fifo]") {
   REQUIRE(exists(path));
   CHECK(stat_of(path).st_ino == second_ino);
   second.remove();
+  CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("a forked child that drops its copy of a FIFO leaves the parent's FIFO in place", "[fifo][fork]") {
+  temp_dir dir;
+  const std::string path = dir.at("shared");
+  std::optional<ipcoro::fifo> node{std::in_place, path};
+  child_process child([&]() -> int {
+    node.reset();  // the child's copy of the owner goes, as when a forked worker ends
+    return exists(path) ? 0 : 1;
+  });
+  CHECK(child.wait() == 0);
+  CHECK(exists(path));
+  node.reset();  // the creator's does remove it
   CHECK_FALSE(exists(path));
 }
 

@@ -371,7 +371,18 @@ TEST_CASE("a shared object is seen by other processes and refused to a different
       (void)shared_object<bigger>::open(g.name);
       return 1;
     } catch (const std::system_error& e) {
-      return e.code().value() == EPROTO ? 0 : 2;
+      if (e.code().value() != EPROTO) return 2;
+    }
+    try {
+      // Another type of the same size, as a program built with another T would have.
+      struct same_size_other {
+        char bytes[sizeof(counter)];
+      };
+      static_assert(sizeof(same_size_other) == sizeof(counter));
+      (void)shared_object<same_size_other>::open(g.name);
+      return 3;
+    } catch (const std::system_error& e) {
+      return e.code().value() == EPROTO ? 0 : 4;
     }
   });
   CHECK(child.wait() == 0);

@@ -4,9 +4,11 @@
 
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/codec.hpp"
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/channel_port.hpp"
 #include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/detail/wait_list.hpp"
+#include "ipcoro/error.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/when_any.hpp"
 
@@ -18,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -49,6 +52,10 @@ class channel_receiver;
 namespace detail {
 
 [[noreturn]] void throw_channel_closed(const char* what);
+/// Rethrows an error of opening or creating the transport behind `address` so that it
+/// names the address (and which of its options to change), keeping its error code.
+/// `throw;` semantics when it already does.
+[[noreturn]] void rethrow_for_address(std::string_view address, const std::system_error& e);
 [[noreturn]] void throw_channel_error(const char* what);
 /// channel_closed for a send that its own sender's close, detach or abort came before
 /// (`waited` false) or interrupted.
@@ -196,6 +203,7 @@ class channel_sender {
       if (s.receiver_closed) detail::throw_channel_closed("channel send: the receiver has closed the channel");
       if (s.sender_closed) detail::throw_channel_closed("channel send: the channel was closed");
       if (s.count < s.slots.size()) {
+        if (co_await detail::stop_requested()) throw operation_cancelled{};
         s.slots[(s.head + s.count) % s.slots.size()].emplace(std::move(value));
         ++s.count;
         ++s.sent;
@@ -211,6 +219,7 @@ class channel_sender {
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
     if (port.leaving()) detail::throw_sender_left(port, false);
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
     const std::size_t size = codec<T>::size(value);
     codec<T>::encode(value, port.prepare(size));
     co_await port.send_prepared();
@@ -329,6 +338,7 @@ class channel_receiver {
                                               std::shared_ptr<detail::local_channel<T>> state) {
     detail::local_channel<T>& s = *state;
     if (!co_await next_local(detail::pooled_frame{}, s)) co_return std::nullopt;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
     std::optional<T> value = std::move(s.slots[s.head]);
     pop_local(s);
     co_return value;
@@ -338,6 +348,7 @@ class channel_receiver {
                                        T& into) {
     detail::local_channel<T>& s = *state;
     if (!co_await next_local(detail::pooled_frame{}, s)) co_return false;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
     into = std::move(*s.slots[s.head]);
     pop_local(s);
     co_return true;
@@ -374,6 +385,7 @@ class channel_receiver {
     if (port.leaving()) co_return std::nullopt;
     const bool got = co_await port.next();
     if (!got) co_return std::nullopt;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     std::optional<T> value;
     take_current(port, [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
     co_return value;
@@ -386,6 +398,7 @@ class channel_receiver {
     if (port.leaving()) co_return false;
     const bool got = co_await port.next();
     if (!got) co_return false;
+    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     take_current(port, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
     co_return true;
   }
@@ -456,6 +469,7 @@ class channel_link {
   [[nodiscard]] channel_sender<T> sender() {
     std::unique_ptr<detail::send_port> port = detail::link_send_port(state_.get());
     port->set_identity(identity_of<T>());
+    port->opened();
     return channel_sender<T>{std::move(port)};
   }
   /// Takes the receiving end. Throws std::logic_error if it was taken already.
@@ -473,6 +487,8 @@ class channel_link {
   struct state;
 
  private:
+  static void create_transport(state& s);
+
   std::unique_ptr<state> state_;
 };
 
@@ -481,7 +497,12 @@ class channel_link {
 /// sender. `fd:N` takes over descriptor N as a byte stream.
 template <encodable T>
 [[nodiscard]] task<channel_receiver<T>> open_receiver(std::string address) {
-  std::unique_ptr<detail::receive_port> port = co_await detail::open_receive_port(channel_address::parse(address));
+  std::unique_ptr<detail::receive_port> port;
+  try {
+    port = co_await detail::open_receive_port(channel_address::parse(address));
+  } catch (const std::system_error& e) {
+    detail::rethrow_for_address(address, e);
+  }
   port->set_identity(identity_of<T>());
   co_return channel_receiver<T>{std::move(port)};
 }
@@ -490,8 +511,14 @@ template <encodable T>
 /// the receiver to open it). Throws channel_error when there is no such channel.
 template <encodable T>
 [[nodiscard]] task<channel_sender<T>> open_sender(std::string address) {
-  std::unique_ptr<detail::send_port> port = co_await detail::open_send_port(channel_address::parse(address));
+  std::unique_ptr<detail::send_port> port;
+  try {
+    port = co_await detail::open_send_port(channel_address::parse(address));
+  } catch (const std::system_error& e) {
+    detail::rethrow_for_address(address, e);
+  }
   port->set_identity(identity_of<T>());
+  port->opened();
   co_return channel_sender<T>{std::move(port)};
 }
 

@@ -31,6 +31,8 @@
 #include "ipcoro/task.hpp"
 #include "ipcoro/unique_fd.hpp"
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -80,7 +82,8 @@ public:
   /// The absolute path of the FIFO; empty when this object owns none.
   const std::string& path() const noexcept { return path_; }
   explicit operator bool() const noexcept { return !path_.empty(); }
-  /// Removes the FIFO now, if the path still names the FIFO this object created (a file
+  /// Removes the FIFO now, if this is the process that created it (a forked child's copy
+  /// of the object removes nothing) and the path still names the FIFO it created (a file
   /// that has since replaced it is left alone). Errors are ignored. Idempotent.
   void remove() noexcept;
   /// Stops owning the FIFO without removing it; returns its path.
@@ -96,6 +99,7 @@ private:
   std::uint64_t dev_ = 0;
   std::uint64_t ino_ = 0;
   std::int64_t born_ns_ = 0;
+  pid_t owner_pid_ = 0;  // the process that created it: only it removes the name
 };
 
 namespace detail {

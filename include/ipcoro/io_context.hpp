@@ -46,6 +46,10 @@ class io_context {
     /// ~20 us here, so an answer that comes within the budget arrives far sooner — at the
     /// price of a CPU kept busy meanwhile (see `counters::busy_polls`). Zero: off.
     std::chrono::microseconds busy_poll{0};
+    /// The context will be driven by another event loop through poll_fd() and poll(). The
+    /// ring is then set up without DEFER_TASKRUN: with it, the kernel tells a waiter other
+    /// than io_uring_enter of a completion only late (about 30 ms on Linux 6.18).
+    bool embedded = false;
   };
   struct counters {
     std::uint64_t submitted = 0;   ///< SQEs handed to the kernel
@@ -70,6 +74,21 @@ class io_context {
   /// Runs until no operation is in flight and no coroutine is ready, or `stop()`.
   /// Rethrows the first failure of a detached task unless an error handler is set.
   void run();
+  /// Runs one turn without sleeping: resumes the coroutines that are ready, submits what they
+  /// queued and reaps the completions already there. Returns true while the context still has
+  /// work (operations in flight or coroutines ready), false when it is idle. Rethrows a
+  /// detached task's failure as run() does. For running the context inside another event loop
+  /// on the same thread: call it whenever poll_fd() is readable.
+  bool poll();
+  /// A descriptor that becomes readable when poll() has something to do: a completion was
+  /// posted, a call came from another thread, or a coroutine was made ready or spawned from
+  /// outside poll(). Watch it for reading in the other loop (epoll, Asio, libuv, Qt, GLib)
+  /// and call poll() when it is; poll() clears it, and makes it readable again at once when
+  /// ready coroutines are left for the next turn. Created on first call (an eventfd
+  /// registered with the ring; a context that never calls this does not pay for it); owned
+  /// by the context, valid until it is destroyed. Throws std::logic_error unless the context
+  /// was made with `options::embedded` (or without DEFER_TASKRUN).
+  [[nodiscard]] int poll_fd();
   /// Makes `run()` return after the current iteration. Call it on the loop's thread.
   void stop() noexcept;
 

@@ -1,9 +1,14 @@
 // The whole public API of ipcoro in one include.
 #pragma once
 
+#include "ipcoro/version.hpp"  // first: below C++20 its #error is the one error shown
+
+#if __cplusplus >= 202002L  // nothing else is read below C++20
+
 #include "ipcoro/channel.hpp"
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/codec.hpp"
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/fd_io.hpp"
@@ -28,3 +33,5 @@
 #include "ipcoro/unique_fd.hpp"
 #include "ipcoro/when_all.hpp"
 #include "ipcoro/when_any.hpp"
+
+#endif

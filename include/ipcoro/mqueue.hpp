@@ -2,6 +2,7 @@
 // that several consumers of one process take from a shared queue, each its own label.
 #pragma once
 
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/wait_list.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/io_operation.hpp"
@@ -9,6 +10,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -212,20 +214,38 @@ public:
   bool await_ready() noexcept;
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) {
+    if constexpr (detail::stop_token_carrier<P>) token_ = &h.promise().stop_token();
     return suspend(h, detail::stop_token_of(h));
   }
   /// The message, or std::nullopt once the demux is closed and no message of this label
-  /// is held. Throws operation_cancelled when stopped first (no message is taken), the
-  /// error that ended the demux's pump, or std::system_error for a bad label or a buffer
-  /// smaller than mq_demux::max_payload().
+  /// is held. Throws operation_cancelled when stopped first (no message is taken: one
+  /// handed to this consumer as the stop came stays held for the next), the error that
+  /// ended the demux's pump, or std::system_error for a bad label or a buffer smaller than
+  /// mq_demux::max_payload().
   std::optional<mq_message> await_resume();
+
+  /// Fails with `timed_out` unless a message comes within `d` from now; no message is
+  /// taken then. The operation must not have been awaited yet.
+  template <class Rep, class Period>
+  [[nodiscard]] task<std::optional<mq_message>> with_timeout(std::chrono::duration<Rep, Period> d) && {
+    return again(detail::pooled_frame{}, demux_, label_, buffer_).with_timeout(d);
+  }
+  /// As with_timeout, with an absolute CLOCK_MONOTONIC deadline.
+  template <class Duration>
+  [[nodiscard]] task<std::optional<mq_message>> with_deadline(
+      std::chrono::time_point<std::chrono::steady_clock, Duration> when) && {
+    return again(detail::pooled_frame{}, demux_, label_, buffer_).with_deadline(when);
+  }
 
 private:
   friend class mq_demux;
   bool suspend(std::coroutine_handle<> h, const std::stop_token& token);
+  static task<std::optional<mq_message>> again(detail::pooled_frame, mq_demux& demux, std::uint32_t label,
+                                               std::span<std::byte> buffer);
 
   mq_demux& demux_;
   std::span<std::byte> buffer_;
+  const std::stop_token* token_ = nullptr;
   std::uint32_t label_;
   int error_ = 0;
   bool parked_ = false;

@@ -163,14 +163,21 @@ class pipeline {
   /// Runs the stages to the end. Returns a report per stage; throws pipeline_error when a
   /// stage failed (no stage is left running), bad_channel_address or std::system_error
   /// when the edges cannot be made.
-  /// (With GCC 12, name the options rather than passing a braced temporary inside a
-  /// co_await expression: GCC 12 copies such temporaries into the coroutine frame bytewise.)
-  [[nodiscard]] task<std::vector<stage_report>> run(pipeline_options opts = {});
+  [[nodiscard]] task<std::vector<stage_report>> run(const pipeline_options& opts);
+  /// run() with the default options.
+  [[nodiscard]] task<std::vector<stage_report>> run();
+  /// Refused on purpose: name the options (`pipeline_options opts{...}; co_await
+  /// job.run(opts);`). GCC 12 copies a temporary written inside a co_await expression,
+  /// such as `co_await job.run({.transport = "shm"})`, into the coroutine frame bytewise,
+  /// and its strings are then freed from the wrong address (a crash).
+  task<std::vector<stage_report>> run(pipeline_options&& opts) = delete;
 
   std::size_t size() const noexcept { return stages_.size(); }
   explicit pipeline(std::vector<detail::pipeline_stage> stages) : stages_(std::move(stages)) {}
 
  private:
+  task<std::vector<stage_report>> run_with(pipeline_options opts);
+
   std::vector<detail::pipeline_stage> stages_;
 };
 

@@ -20,6 +20,7 @@
 //  - Not recursive: a coroutine locking a mutex its own process holds waits for it.
 #pragma once
 
+#include "ipcoro/codec.hpp"
 #include "ipcoro/detail/region.hpp"
 #include "ipcoro/futex.hpp"
 #include "ipcoro/shm_segment.hpp"
@@ -183,7 +184,9 @@ private:
 
 /// How a shared_object names its type in the segment header.
 struct shared_object_options {
-  std::uint32_t type_tag = 0x5348'4f42;  ///< "SHOB"; choose one per kind of object
+  /// Names the type in the segment header. 0 (the default) derives it from T's spelled
+  /// name and size, so that a process built with another T of the same size is refused.
+  std::uint32_t type_tag = 0;
   std::uint32_t version = 1;             ///< bump when T's layout changes
   unsigned mode = 0600;
   process_mutex_options mutex{};
@@ -228,8 +231,9 @@ private:
 /// A T in a shm segment, behind a process_mutex: `auto v = co_await obj.lock(); ++v->count;`.
 /// T must be plain data meant for shared memory (standard layout, trivially destructible,
 /// no pointers: other processes map it elsewhere; atomics are fine), aligned to at most 64.
-/// The segment holds the mutex state, then T; its header records the type tag, version and
-/// size, so a process built with another T is refused on open (EPROTO). Move-only.
+/// The segment holds the mutex state, then T; its header records the type tag (by default
+/// derived from T's name and size), version and size, so a process built with another T,
+/// even one of the same size, is refused on open (EPROTO). Move-only.
 template <class T>
 class shared_object {
   static_assert(std::is_standard_layout_v<T> && std::is_trivially_destructible_v<T>,
@@ -273,7 +277,13 @@ private:
         value_(&detail::checked_object<T>(segment_.payload(), value_offset, "shared_object value")) {}
 
   static region_layout layout(const shared_object_options& opts) noexcept {
-    return {opts.type_tag, opts.version, value_offset + sizeof(T)};
+    return {opts.type_tag != 0 ? opts.type_tag : type_tag_of(), opts.version, value_offset + sizeof(T)};
+  }
+  /// T's identity folded to 32 bits: its name as the compiler spells it, and its size.
+  static constexpr std::uint32_t type_tag_of() noexcept {
+    const std::uint64_t h = detail::fnv1a(detail::spelled_type_name<T>(), detail::fnv1a("shared_object")) ^
+                            (std::uint64_t{sizeof(T)} * 0x9e3779b97f4a7c15ull);
+    return static_cast<std::uint32_t>(h ^ (h >> 32));
   }
   static shm_segment::options segment_options(const shared_object_options& opts,
                                               const std::function<void(T&)>& init) {

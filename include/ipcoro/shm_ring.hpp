@@ -100,7 +100,8 @@ namespace ipcoro {
 class peer_died : public std::system_error {
 public:
   peer_died(pid_t pid, const std::string& what);
-  /// The pid the dead peer had.
+  /// The pid the dead peer had; 0 when no peer ever attached and none can any more
+  /// (ring_options::peer_claim_fd).
   pid_t pid() const noexcept { return pid_; }
 
 private:
@@ -132,6 +133,15 @@ struct ring_options {
   /// membarrier() each sleep otherwise needs. The switch holds for the whole ring, for as
   /// long as it exists. false: this side never asks for it (others still may).
   bool adaptive_fences = true;
+  /// Who may still attach as the other side, for a ring whose other side can only come
+  /// from known processes (a channel_link's): the read end of a pipe whose write ends are
+  /// held by exactly those processes. -1 (default): anyone may attach later, so an other
+  /// side that has no record yet is waited for. Otherwise, once no process of the other
+  /// side is recorded and the pipe reports that every write end is closed (the processes
+  /// took their end, let it go or died), the other side will never come: a wait fails
+  /// with peer_died (pid 0) at its next peer check. The caller keeps the descriptor open
+  /// while the endpoint exists.
+  int peer_claim_fd = -1;
 };
 
 /// Size of the ring header at the start of a region; the data follows it.
@@ -399,6 +409,11 @@ public:
   void close() noexcept;
   /// Leaves the ring without closing it; the destructor does the same.
   void detach() noexcept;
+  /// Leaves the ring as a receiver that is done: detaches, and when no other receiver is
+  /// recorded (alive or dead), closes the receiving side, as an SPSC receiver's close()
+  /// does: sends fail with EPIPE, and senders waiting for room wake with it, until a
+  /// receiver attaches again. Other receivers, and the messages left for them, stay.
+  void leave() noexcept;
   std::size_t max_message_size() const noexcept;
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }

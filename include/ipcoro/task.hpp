@@ -2,7 +2,9 @@
 #pragma once
 
 #include "ipcoro/detail/frame_pool.hpp"
+#include "ipcoro/version.hpp"
 
+#include <chrono>
 #include <concepts>
 #include <coroutine>
 #include <cstddef>
@@ -38,6 +40,27 @@ std::stop_token stop_token_of(std::coroutine_handle<P> h) noexcept {
     return {};
   }
 }
+
+/// `co_await detail::stop_requested()`: whether the current task has been asked to stop.
+/// An operation that consumes (takes a message off a channel) asks this at the moment it
+/// would commit, and leaves the message where it is when the answer is yes: that is what
+/// makes a receive that loses a when_any race, a timeout or a stop request lose nothing.
+struct [[nodiscard]] stop_requested_awaiter {
+  bool requested = false;
+  bool await_ready() const noexcept { return false; }
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) noexcept {
+    if constexpr (stop_token_carrier<P>) requested = h.promise().stop_token().stop_requested();
+    return false;
+  }
+  bool await_resume() const noexcept { return requested; }
+};
+[[nodiscard]] inline stop_requested_awaiter stop_requested() noexcept { return {}; }
+
+/// Runs a task against a deadline; defined in ipcoro/deadline.hpp, which every header
+/// that returns tasks includes (an "incomplete type" error here means: include it).
+template <class T>
+struct deadline_runner;
 
 class task_promise_base {
  public:
@@ -198,6 +221,23 @@ class [[nodiscard]] task {
   task&& with_stop_token(std::stop_token token) && {
     if (handle_) handle_.promise().set_stop_token(std::move(token));
     return std::move(*this);
+  }
+
+  /// Fails with `timed_out` unless the task finishes within `d` from now: once the time
+  /// is up, the task is stopped through its stop token and awaited, and what it was
+  /// waiting for is left undone (a channel receive leaves its message to the next one).
+  /// A stop request from the awaiter still gives operation_cancelled.
+  /// `co_await rx.receive().with_timeout(50ms)`.
+  template <class Rep, class Period>
+  [[nodiscard]] task with_timeout(std::chrono::duration<Rep, Period> d) && {
+    return std::move(*this).with_deadline(std::chrono::steady_clock::now() +
+                                          std::chrono::ceil<std::chrono::steady_clock::duration>(d));
+  }
+  /// As with_timeout, with an absolute CLOCK_MONOTONIC deadline.
+  template <class Duration>
+  [[nodiscard]] task with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) && {
+    return detail::deadline_runner<T>::run(std::move(*this),
+                                           std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when));
   }
 
   struct awaiter {

@@ -170,6 +170,9 @@ class send_port : public port_base {
   send_operation send_prepared() { return send_operation{*this, commit(pooled_frame{})}; }
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
+  /// Called once the end has its identity, before any send: a transport that greets
+  /// eagerly does it here. Never throws; what it cannot do now goes with the first send.
+  virtual void opened() noexcept {}
 
  protected:
   /// Sends the prepared message (after the greeting, the first time).

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "ipcoro/detail/root_task.hpp"
+#include "ipcoro/version.hpp"
 
 #include <coroutine>
 #include <cstddef>

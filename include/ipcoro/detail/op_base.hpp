@@ -1,6 +1,8 @@
 // The state every io_uring operation keeps inside its awaiter (so inside the coroutine frame).
 #pragma once
 
+#include "ipcoro/version.hpp"
+
 #include <linux/time_types.h>
 
 #include <coroutine>

@@ -1,0 +1,274 @@
+// Channels over shared-memory and file rings across real processes: the last MPMC receiver
+// closing tells the senders, and a link end that no living process can take any more is a
+// dead peer, not an endless wait.
+#include "ipcoro/channel.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/shm_ring.hpp"
+#include "ipcoro/sync_wait.hpp"
+#include "ipcoro/task.hpp"
+#include "ipcoro/timer.hpp"
+
+#include "channel_support.hpp"
+#include "process.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <optional>
+#include <string>
+
+namespace {
+
+using namespace std::chrono_literals;
+using ipcoro::channel_link;
+using ipcoro::channel_receiver;
+using ipcoro::channel_sender;
+using ipcoro::task;
+using ipcoro::test::child_process;
+using ipcoro::test::contains;
+using ipcoro::test::handshake;
+using ipcoro::test::nothing_left_behind;
+using ipcoro::test::unique_name;
+
+/// How long a survivor may take before the test counts it as hanging: far above one peer
+/// check interval (100 ms), so only a wait that does not end reaches it.
+constexpr auto hang_limit = 10s;
+
+/// A small ring of the given transport with a fresh name: few messages fill it.
+std::string small_ring_address(const std::string& transport) {
+  const std::string name = unique_name("ring");
+  if (transport == "shm") return "shm:/" + name + "?capacity=4k";
+  if (transport == "shm-mpmc") return "shm:/" + name + "?ring=mpmc&capacity=2&message_size=64";
+  if (transport == "file") return "file:/tmp/" + name + "?capacity=4k";
+  if (transport == "file-mpmc") return "file:/tmp/" + name + "?ring=mpmc&capacity=2&message_size=64";
+  throw std::logic_error("small_ring_address: unknown transport " + transport);
+}
+
+/// Sends values until the send fails; a ring being small, the sends soon have to wait.
+task<void> send_until_error(channel_sender<int>& tx) {
+  for (int i = 0;; ++i) co_await tx.send(i);
+}
+
+// Exit codes of a child that reports how its wait ended.
+constexpr int ended_as_expected = 0;
+constexpr int error_without_address = 1;
+constexpr int ended_without_error = 2;
+constexpr int other_error = 3;
+constexpr int handshake_failed = 4;
+
+/// Runs `wait` and classifies how it ended: with an `Expected` naming `address`, or otherwise.
+template <class Expected, class Wait>
+int classify(const std::string& address, Wait&& wait) {
+  try {
+    wait();
+  } catch (const Expected& e) {
+    if (contains(e.what(), address)) return ended_as_expected;
+    std::fprintf(stderr, "error without the address %s: %s\n", address.c_str(), e.what());
+    return error_without_address;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "unexpected error: %s\n", e.what());
+    return other_error;
+  }
+  return ended_without_error;
+}
+
+}  // namespace
+
+// ---- item 5: an MPMC sender learns that its last receiver closed ----
+
+TEST_CASE("an MPMC sender gets channel_closed naming the address once its only receiver closed",
+          "[channel][ring][close]") {
+  const std::string transport = GENERATE("shm-mpmc", "file-mpmc");
+  const bool waiting = GENERATE(false, true);  // the send waits for room when the close comes
+  const std::string address = small_ring_address(transport);
+  CAPTURE(address, waiting);
+  {
+    channel_link link = channel_link::create(address);
+    handshake about_to_wait;
+    handshake closed;
+    child_process receiver([&]() -> int {
+      channel_receiver<int> rx = link.receiver<int>();
+      link.reset();
+      if (waiting && !about_to_wait.wait()) return handshake_failed;
+      rx.close();
+      closed.signal();
+      return 0;
+    });
+    child_process sender([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<int> tx = link.sender<int>();
+      link.reset();
+      if (waiting) {
+        // Two slots: the greeting and one value fill the ring, so the next send waits.
+        ipcoro::sync_wait(ctx, tx.send(0));
+        about_to_wait.signal();
+      } else if (!closed.wait()) {
+        return handshake_failed;
+      }
+      return classify<ipcoro::channel_closed>(address, [&] { ipcoro::sync_wait(ctx, send_until_error(tx)); });
+    });
+    link.reset();
+    CHECK(receiver.wait() == 0);
+    CHECK(sender.wait(hang_limit) == ended_as_expected);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("an MPMC ring stays open while one of its receivers is attached, and closes with the last",
+          "[channel][ring][close]") {
+  const std::string address = small_ring_address("shm-mpmc");
+  CAPTURE(address);
+  {
+    channel_link link = channel_link::create(address);
+    handshake first_closed;
+    handshake second_ready;
+    handshake sent;
+    child_process first([&]() -> int {
+      channel_receiver<int> rx = link.receiver<int>();
+      link.reset();
+      rx.close();
+      first_closed.signal();
+      return 0;
+    });
+    child_process second([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_receiver<int> rx = link.receiver<int>();
+      link.reset();
+      second_ready.signal();
+      if (!sent.wait()) return handshake_failed;
+      const std::optional<int> v = ipcoro::sync_wait(ctx, rx.receive());
+      return v == 42 ? 0 : 1;  // closes on return: the last receiver
+    });
+    child_process sender([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<int> tx = link.sender<int>();
+      link.reset();
+      if (!first_closed.wait() || !second_ready.wait()) return handshake_failed;
+      // One receiver is left: the ring is open.
+      const int first_send =
+          classify<ipcoro::channel_error>(address, [&] { ipcoro::sync_wait(ctx, tx.send(42)); });
+      if (first_send != ended_without_error) return 10 + first_send;
+      sent.signal();
+      return classify<ipcoro::channel_closed>(address, [&] { ipcoro::sync_wait(ctx, send_until_error(tx)); });
+    });
+    link.reset();
+    CHECK(first.wait() == 0);
+    CHECK(second.wait() == 0);
+    CHECK(sender.wait(hang_limit) == ended_as_expected);
+  }
+  CHECK(nothing_left_behind());
+}
+
+// ---- item 12: a link end that no process can take any more ----
+
+TEST_CASE("a ring link whose peer is killed before taking its end gives the survivor peer_died",
+          "[channel][ring][ipc]") {
+  const std::string transport = GENERATE("shm", "shm-mpmc", "file");
+  const bool survivor_receives = GENERATE(true, false);
+  const bool killed_before_survivor_takes = GENERATE(false, true);
+  const std::string address = small_ring_address(transport);
+  CAPTURE(address, survivor_receives, killed_before_survivor_takes);
+  {
+    channel_link link = channel_link::create(address);
+    handshake victim_ready;
+    handshake go;
+    handshake survivor_ready;
+    // Holds its copy of the link, as a forked child about to take its end, and is killed.
+    child_process victim([&]() -> int {
+      victim_ready.signal();
+      for (;;) ::pause();
+    });
+    child_process survivor([&]() -> int {
+      if (killed_before_survivor_takes && !go.wait()) return handshake_failed;
+      ipcoro::io_context ctx;
+      if (survivor_receives) {
+        channel_receiver<int> rx = link.receiver<int>();
+        link.reset();
+        survivor_ready.signal();
+        return classify<ipcoro::peer_died>(address, [&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
+      }
+      channel_sender<int> tx = link.sender<int>();
+      link.reset();
+      survivor_ready.signal();
+      return classify<ipcoro::peer_died>(address, [&] { ipcoro::sync_wait(ctx, send_until_error(tx)); });
+    });
+    link.reset();
+    REQUIRE(victim_ready.wait());
+    if (!killed_before_survivor_takes) REQUIRE(survivor_ready.wait());
+    victim.kill(SIGKILL);
+    CHECK(victim.wait() == 128 + SIGKILL);
+    const auto killed = std::chrono::steady_clock::now();
+    if (killed_before_survivor_takes) go.signal();
+    CHECK(survivor.wait(hang_limit) == ended_as_expected);
+    // Within a peer check interval (100 ms), with room for a loaded machine.
+    CHECK(std::chrono::steady_clock::now() - killed < 2s);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a ring link end that the last holder of the link lets go untaken reads as a dead peer",
+          "[channel][ring][ipc]") {
+  const std::string transport = GENERATE("shm", "shm-mpmc", "file");
+  const bool survivor_receives = GENERATE(true, false);
+  const std::string address = small_ring_address(transport);
+  CAPTURE(address, survivor_receives);
+  {
+    channel_link link = channel_link::create(address);
+    child_process survivor([&]() -> int {
+      ipcoro::io_context ctx;
+      if (survivor_receives) {
+        channel_receiver<int> rx = link.receiver<int>();
+        link.reset();
+        return classify<ipcoro::peer_died>(address, [&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
+      }
+      channel_sender<int> tx = link.sender<int>();
+      link.reset();
+      return classify<ipcoro::peer_died>(address, [&] { ipcoro::sync_wait(ctx, send_until_error(tx)); });
+    });
+    // The parent destroys its link without taking the other end: nobody can take it now.
+    link.reset();
+    CHECK(survivor.wait(hang_limit) == ended_as_expected);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a ring link end taken late, by a process that still holds the link, is no dead peer",
+          "[channel][ring][ipc]") {
+  const std::string transport = GENERATE("shm", "shm-mpmc", "file");
+  const std::string address = small_ring_address(transport);
+  CAPTURE(address);
+  {
+    channel_link link = channel_link::create(address);
+    handshake waiting;
+    child_process receiver([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_receiver<int> rx = link.receiver<int>();
+      link.reset();
+      waiting.signal();
+      try {
+        const std::optional<int> v = ipcoro::sync_wait(ctx, rx.receive());
+        const std::optional<int> end = ipcoro::sync_wait(ctx, rx.receive());
+        return v == 7 && !end ? 0 : 1;
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "receiver: %s\n", e.what());
+        return other_error;
+      }
+    });
+    REQUIRE(waiting.wait());
+    // Several peer check intervals pass while the sender is not yet taken: "not yet" must
+    // not be taken for "never" while this process can still take it.
+    ipcoro::io_context ctx;
+    ipcoro::sync_wait(ctx, []() -> task<void> { co_await ipcoro::sleep_for(500ms); }());
+    channel_sender<int> tx = link.sender<int>();
+    link.reset();
+    ipcoro::sync_wait(ctx, tx.send(7));
+    tx.close();
+    CHECK(receiver.wait(hang_limit) == 0);
+  }
+  CHECK(nothing_left_behind());
+}
