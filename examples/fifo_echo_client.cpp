@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <span>
 #include <string>
@@ -177,7 +178,7 @@ std::uint32_t positive(const char* text, const char* argv0) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   if (argc < 2 || argv[1][0] == '-') usage(argv[0]);
   config cfg;
   cfg.server_path = argv[1];
@@ -206,4 +207,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "fifo_echo_client {}: {}\n", ::getpid(), e.what());
     return 1;
   }
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

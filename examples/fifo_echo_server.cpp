@@ -41,6 +41,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <memory>
 #include <optional>
@@ -240,7 +241,7 @@ task<void> serve(ipcoro::fifo_server_reader& in, int signal_fd, server_state& st
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   if (argc < 2 || argv[1][0] == '-') usage(argv[0]);
   const std::string path = argv[1];
   server_state st;
@@ -290,4 +291,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "fifo_echo_server: {}\n", e.what());
     return 1;
   }
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -150,7 +151,7 @@ bool read_report(std::FILE* in, std::uint64_t& first, std::uint64_t& count) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::string path = fmt::format("/tmp/ipcoro-mmap-log-{}.queue", ::getpid());
   std::uint64_t records = 20000;
   bool keep = false;
@@ -215,4 +216,8 @@ int main(int argc, char** argv) {
   }
   if (!keep) ::unlink(path.c_str());
   return ok ? 0 : 1;
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

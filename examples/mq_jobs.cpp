@@ -322,7 +322,7 @@ int run(std::uint32_t count, std::uint32_t workers) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::uint32_t count = 2000;
   std::uint32_t workers = 3;
   for (int i = 1; i < argc; ++i) {
@@ -345,4 +345,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "mq_jobs: {}\n", e.what());
     return 1;
   }
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string_view>
 #include <vector>
 
@@ -231,7 +232,7 @@ std::uint32_t parse_number(std::string_view flag, const char* text) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   config cfg;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -283,4 +284,8 @@ int main(int argc, char** argv) {
   fmt::print("pipeline:    {} in {:.2f} s\n", ok ? "all three stages succeeded" : "FAILED",
              seconds_since(t0));
   return ok ? 0 : 1;
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

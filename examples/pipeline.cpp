@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -241,7 +242,7 @@ task<bool> run_one(const std::string& transport, std::uint64_t words) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   const config cfg = parse(argc, argv);
   ipcoro::io_context ctx;
   bool ok = true;
@@ -254,4 +255,8 @@ int main(int argc, char** argv) {
     }
   }
   return ok ? 0 : 1;
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -196,7 +197,7 @@ pid_t fork_side(const char* name, Body body) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   config cfg;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -250,4 +251,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "shm_stream: {}\n", e.what());
     return 1;
   }
+} catch (const std::exception& e) {
+  // Whatever nothing above caught (no io_uring, say): the message and status 1, not an abort.
+  fmt::print(stderr, "{}: {}\n", argv[0], e.what());
+  return 1;
 }

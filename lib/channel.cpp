@@ -12,7 +12,7 @@
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/unique_fd.hpp"
 
-#include "queue_owner.hpp"
+#include "mq_peers.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -55,6 +55,10 @@ constexpr const char* address_forms = "pipe:, fifo:/path, mq:/name, shm:/name, f
 [[noreturn]] void bad_address(std::string_view address, const std::string& why) {
   throw bad_channel_address(fmt::format("channel address \"{}\": {}", address, why));
 }
+
+/// The smallest message_size a queue or MPMC ring channel can work with: a message's frame
+/// head and a greeting (checked against the wire structs below).
+constexpr std::size_t min_message_size = 32;
 
 std::size_t parse_size(std::string_view address, std::string_view key, std::string_view value) {
   std::size_t n = 0;
@@ -186,6 +190,12 @@ channel_address channel_address::parse(std::string_view address) {
     bad_address(address, "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
                          "follows from its capacity");
   }
+  if (a.message_size && *a.message_size < min_message_size) {
+    bad_address(address, fmt::format("message_size={} is too small: a channel message needs at least {} bytes "
+                                      "(its 8-byte frame head, and the 24-byte greeting a sender starts with); "
+                                      "ask for message_size={} or more",
+                                      *a.message_size, min_message_size, min_message_size));
+  }
   if (a.durable && a.mpmc) {
     bad_address(address,
                 "durable=1 applies to an SPSC ring: its one receiver acknowledges what it has received");
@@ -257,6 +267,7 @@ struct message_head {
   std::uint32_t fingerprint;
 };
 static_assert(sizeof(stream_head) == 8 && sizeof(message_head) == 8);
+static_assert(min_message_size == sizeof(message_head) + sizeof(greeting_head));
 constexpr std::size_t head_size = 8;
 constexpr std::size_t max_stream_payload = std::size_t{1} << 30;
 
@@ -657,7 +668,9 @@ class stream_receive_port final : public receive_port {
         std::memmove(buf_.data(), buf_.data() + begin_, avail);
         begin_ = 0;
         end_ = avail;
-        buf_.grow(need, avail);
+        // Room grows with what has arrived, not with what a frame head announces: a
+        // head alone must not make this process reserve a gigabyte.
+        if (end_ == buf_.size()) buf_.grow(std::min(need, 2 * buf_.size()), avail);
       }
       const std::size_t n =
           co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, buf_.size() - end_}};
@@ -722,54 +735,141 @@ bool try_send_end(int mqd, std::uint32_t fingerprint) noexcept {
   return ::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(&h), sizeof h, 0, &now) == 0;
 }
 
-/// Sends the end marker to a full queue, waiting up to `patience` for room. The queue's
-/// descriptor is non-blocking and about to be closed, so it is made blocking for this.
-void send_end_blocking(int mqd, std::uint32_t fingerprint, std::chrono::seconds patience) noexcept {
-  mq_attr blocking{};
-  ::mq_setattr(static_cast<mqd_t>(mqd), &blocking, nullptr);
-  timespec deadline{};
-  ::clock_gettime(CLOCK_REALTIME, &deadline);
-  deadline.tv_sec += patience.count();
-  const message_head h{static_cast<std::uint32_t>(frame_kind::end), fingerprint};
-  while (::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(&h), sizeof h, 0, &deadline) != 0 &&
-         errno == EINTR) {
+/// Why a queue's peer counts as dead: `pid` died, or (pid 0) a link's `end` that nobody
+/// took and nobody can take any more.
+std::string why_dead(pid_t pid, const char* peer, const char* end) {
+  if (pid == 0) {
+    return fmt::format(
+        "the link's {} end was never taken, and no process can take it any more (each one that "
+        "held the link exited or dropped it)",
+        end);
   }
+  return fmt::format("the {} (process {}) died", peer, pid);
 }
 
-/// The queue under a message channel's sending end.
+/// The queue under a message channel's sending end, and its peer record. A wait for room
+/// in a full queue is looked at every check interval (mq_watched_wait) and ends with
+/// peer_died once every receiver recorded has died, or channel_closed once they have all
+/// closed.
 struct mq_sending {
   message_queue queue;
+  mq_peers peers;
+  std::string address;
 
   std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
-  auto send(std::span<const std::byte> m) const noexcept { return queue.send(m); }
+  task<void> send(std::span<const std::byte> m) { return send_checked(pooled_frame{}, m); }
   std::string size_advice(std::size_t wanted) const { return mq_size_advice(wanted); }
-  /// A queue has no end of its own: the marker must get in, so a close on a full queue
-  /// waits (bounded) for the receivers to make room.
+  /// Never waits: the end goes into the peer record, where receivers find it once they
+  /// have emptied the queue, and the end marker, when it fits, wakes those waiting now.
+  /// (A queue without a record, made outside channels, gets the marker only if it fits.)
   void close(std::uint32_t fingerprint) noexcept {
     if (!queue) return;
-    if (!try_send_end(queue.native_handle(), fingerprint)) {
-      send_end_blocking(queue.native_handle(), fingerprint, end_patience);
-    }
+    peers.mark_end();
+    try_send_end(queue.native_handle(), fingerprint);
+    peers.close();
     queue.close();
   }
-  void detach() noexcept { queue.close(); }
-  /// A queue cannot tell a failed sender from a busy one: leave as detach does.
-  void abort() noexcept { queue.close(); }
+  void detach() noexcept {
+    peers.close();
+    queue.close();
+  }
+  /// The record keeps this process as a sender, so its exit reads as a death (peer_died).
+  void abort() noexcept {
+    peers.abandon();
+    queue.close();
+  }
+
+ private:
+  task<void> send_checked(pooled_frame, std::span<const std::byte> m) {
+    peers.ensure_attached();
+    for (;;) {
+      mq_send_operation op = queue.send(m);
+      if (!peers) {
+        co_await op;
+        co_return;
+      }
+      {
+        const mq_watched_wait watch(peers, op, mq_watched_wait::waits_for::room);
+        try {
+          co_await op;
+          co_return;
+        } catch (const operation_cancelled&) {
+          if (!watch.fired()) throw;
+        }
+      }
+      const mq_peers::verdict v = peers.peers();
+      if (v.state == mq_peers::verdict::dead) {
+        throw peer_died(
+            v.pid, fmt::format("channel {}: {}, while this send waited for room in the full queue", address,
+                               why_dead(v.pid, "receiver", "receiving")));
+      }
+      if (v.state == mq_peers::verdict::left) {
+        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address));
+      }
+    }
+  }
 };
 
-/// The queue under a message channel's receiving end.
+/// The queue under a message channel's receiving end, and its peer record. A wait on an
+/// empty queue is looked at every check interval: it ends the stream once a sender's
+/// close is recorded, and throws peer_died once every sender recorded has died without
+/// closing.
 struct mq_receiving {
   message_queue queue;
-  shm_segment owner_record{};  ///< a named receiver's (queue_owner.hpp); goes after the queue
+  mq_peers peers;
+  std::string address;
 
   std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
-  auto receive(std::span<std::byte> buffer) const noexcept { return queue.receive(buffer); }
-  static std::optional<std::size_t> size_of(const mq_message& m) noexcept { return m.size; }
+  task<std::optional<mq_message>> receive(std::span<std::byte> buffer) {
+    return receive_checked(pooled_frame{}, buffer);
+  }
+  static std::optional<std::size_t> size_of(const std::optional<mq_message>& m) noexcept {
+    return m ? std::optional<std::size_t>(m->size) : std::nullopt;
+  }
   /// Puts the end marker back, so that every other receiver of the queue ends too.
   void pass_end_on(std::uint32_t fingerprint) noexcept { try_send_end(queue.native_handle(), fingerprint); }
   void close() noexcept {
+    peers.close();
     queue.close();
-    owner_record = shm_segment{};
+  }
+
+ private:
+  /// A message if the queue holds one; never waits.
+  std::optional<mq_message> take_now(std::span<std::byte> buffer) const {
+    for (;;) {
+      unsigned priority = 0;
+      const ssize_t n = ::mq_receive(static_cast<mqd_t>(queue.native_handle()),
+                                     reinterpret_cast<char*>(buffer.data()), buffer.size(), &priority);
+      if (n >= 0) return mq_message{static_cast<std::size_t>(n), priority};
+      if (errno == EAGAIN) return std::nullopt;
+      if (errno != EINTR) throw_errno(errno, fmt::format("channel {}: mq_receive", address));
+    }
+  }
+
+  task<std::optional<mq_message>> receive_checked(pooled_frame, std::span<std::byte> buffer) {
+    peers.ensure_attached();
+    for (;;) {
+      // The end was recorded after the closing sender's last message went in.
+      if (peers.ended()) co_return take_now(buffer);
+      mq_receive_operation op = queue.receive(buffer);
+      if (!peers) co_return co_await op;
+      {
+        const mq_watched_wait watch(peers, op, mq_watched_wait::waits_for::data);
+        try {
+          co_return co_await op;
+        } catch (const operation_cancelled&) {
+          if (!watch.fired()) throw;
+        }
+      }
+      const mq_peers::verdict v = peers.peers();
+      if (v.state == mq_peers::verdict::dead) {
+        // Whatever the dead sent before it died is in the queue by now.
+        if (std::optional<mq_message> m = take_now(buffer)) co_return m;
+        if (peers.ended()) co_return std::nullopt;
+        throw peer_died(v.pid, fmt::format("channel {}: {}{}", address, why_dead(v.pid, "sender", "sending"),
+                                           v.pid != 0 ? " without closing the channel" : ""));
+      }
+    }
   }
 };
 
@@ -1040,6 +1140,52 @@ mq_attributes queue_attributes(const channel_address& a) {
   return attrs;
 }
 
+struct mq_created {
+  message_queue queue;
+  mq_peers peers;
+};
+
+/// Creates the queue of `a` and its peer record, the record first: a sender that finds
+/// the queue then finds its record too. The record names the receiver that created it,
+/// so it is also what proves a queue left under the name to be a dead receiver's: the
+/// record is taken over only from a dead creator (mq_peers::create), and only a queue
+/// whose record was so taken over is removed and created anew. A queue with no record
+/// was not made by a channel receiver and is left alone. Throws std::system_error(EEXIST)
+/// naming the address for a live owner or a queue without a record, and what
+/// message_queue::create throws.
+mq_created create_queue(const channel_address& a) {
+  struct stat st {};
+  const bool had_record = ::stat(("/dev/shm" + mq_record_name(a.name)).c_str(), &st) == 0;
+  mq_peers peers;
+  try {
+    peers = mq_peers::create(a.name, a.mode);
+  } catch (const std::system_error& e) {
+    if (e.code() != std::errc::file_exists) throw;
+    throw std::system_error(e.code(), fmt::format("channel {}: another receiver owns the queue ({})", a.text,
+                                                  std::string_view(e.what())));
+  }
+  for (int round = 0; round < 2; ++round) {
+    try {
+      message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
+      peers.bind_queue(q.native_handle());
+      return {std::move(q), std::move(peers)};
+    } catch (const std::system_error& e) {
+      if (e.code() != std::errc::file_exists) throw;
+      if (!had_record) {
+        throw std::system_error(e.code(),
+                                fmt::format("channel {}: the queue {} exists but no channel receiver owns it (it "
+                                            "has no record {}): it was made otherwise, and is left alone; remove "
+                                            "it (message_queue::unlink) if nothing uses it",
+                                            a.text, a.name, mq_record_name(a.name)));
+      }
+      message_queue::unlink(a.name);  // the dead receiver's
+    }
+  }
+  throw std::system_error(EEXIST, std::system_category(),
+                          fmt::format("channel {}: the queue keeps reappearing after its dead receiver's was removed",
+                                      a.text));
+}
+
 /// A mapped file that is removed when the receiver that created it goes: only by the
 /// creating process (not a forked child's copy), and only while the path still names it.
 struct owned_file {
@@ -1167,7 +1313,7 @@ std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::
                                                  spsc_ring_receiver(payload, o)});
 }
 
-/// Who may still take each end of a ring link. A ring records the processes attached to
+/// Who may still take each end of a ring (or queue) link. A ring records the processes attached to
 /// it, but before an end is taken its entry is empty, which alone means "not yet" forever.
 /// The processes that can still take an end are exactly those holding a copy of the link
 /// state with that end untaken: the creator and every process forked from it while it
@@ -1280,9 +1426,10 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
                                                       std::move(ends.write));
     }
     case channel_transport::mq: {
-      owned_queue q = create_owned_queue(a.name, queue_attributes(a), a.mode, a.text);
+      mq_created c = create_queue(a);
+      c.peers.attach(mq_peers::role::receiver);
       co_return std::make_unique<message_receive_port<mq_receiving>>(
-          a.text, mq_receiving{std::move(q.queue), std::move(q.record)});
+          a.text, mq_receiving{std::move(c.queue), std::move(c.peers), a.text});
     }
     case channel_transport::shm: {
       std::shared_ptr<shm_segment> seg;
@@ -1338,7 +1485,10 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
         if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
         throw;
       }
-      co_return std::make_unique<message_send_port<mq_sending>>(a.text, mq_sending{std::move(*q)});
+      mq_peers peers = mq_peers::open(a.name, q->native_handle());
+      peers.attach(mq_peers::role::sender);
+      co_return std::make_unique<message_send_port<mq_sending>>(
+          a.text, mq_sending{std::move(*q), std::move(peers), a.text});
     }
     case channel_transport::shm: {
       std::shared_ptr<shm_segment> seg;
@@ -1378,6 +1528,7 @@ struct channel_link::state {
   write_path path = write_path::ring_only;
   message_queue send_queue;
   message_queue receive_queue;
+  detail::mq_peers queue_peers;  ///< each end records itself when it is taken
   std::shared_ptr<void> region;
   std::span<std::byte> payload;
   detail::ring_claims claims;
@@ -1435,10 +1586,14 @@ void channel_link::create_transport(state& st) {
       break;
     }
     case channel_transport::mq: {
-      s->receive_queue = message_queue::create(a.name, detail::queue_attributes(a), mq_access::read_write, a.mode);
+      detail::mq_created c = detail::create_queue(a);
+      s->receive_queue = std::move(c.queue);
       s->send_queue = message_queue::open(a.name, mq_open_options{mq_access::write_only});
       s->receive_queue.disown();
       message_queue::unlink(a.name);
+      c.peers.unlink();
+      s->queue_peers = std::move(c.peers);
+      s->claims = detail::ring_claims::make(a);
       break;
     }
     case channel_transport::shm: {
@@ -1481,7 +1636,15 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
     case channel_transport::pipe:
     case channel_transport::fifo:
       return std::make_unique<stream_send_port>(a.text, std::move(s->write_fd), s->path);
-    case channel_transport::mq: return std::make_unique<message_send_port<mq_sending>>(a.text, mq_sending{std::move(s->send_queue)});
+    case channel_transport::mq: {
+      auto port = std::make_unique<message_send_port<mq_sending>>(
+          a.text,
+          mq_sending{std::move(s->send_queue),
+                     s->queue_peers.share(mq_peers::role::sender, std::move(s->claims.receiver_watch)),
+                     a.text});
+      s->claims.sender_claim.reset();  // the record holds this process now
+      return port;
+    }
     case channel_transport::shm:
     case channel_transport::file: {
       auto port = make_ring_sender(a, s->region, s->payload, std::move(s->claims.receiver_watch));
@@ -1502,7 +1665,15 @@ std::unique_ptr<receive_port> link_receive_port(void* raw) {
   switch (a.transport) {
     case channel_transport::pipe:
     case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
-    case channel_transport::mq: return std::make_unique<message_receive_port<mq_receiving>>(a.text, mq_receiving{std::move(s->receive_queue)});
+    case channel_transport::mq: {
+      auto port = std::make_unique<message_receive_port<mq_receiving>>(
+          a.text,
+          mq_receiving{std::move(s->receive_queue),
+                       s->queue_peers.share(mq_peers::role::receiver, std::move(s->claims.sender_watch)),
+                       a.text});
+      s->claims.receiver_claim.reset();  // the record holds this process now
+      return port;
+    }
     case channel_transport::shm:
     case channel_transport::file: {
       auto port = make_ring_receiver(a, s->region, s->payload, std::move(s->claims.sender_watch));

@@ -1364,10 +1364,17 @@ spsc_ring_sender& spsc_ring_sender::operator=(spsc_ring_sender&& other) noexcept
   if (this != &other) {
     close();
     endpoint_ = std::move(other.endpoint_);
+    uncaught_ = other.uncaught_;
   }
   return *this;
 }
-spsc_ring_sender::~spsc_ring_sender() { close(); }
+spsc_ring_sender::~spsc_ring_sender() {
+  if (std::uncaught_exceptions() > uncaught_) {
+    abandon();
+  } else {
+    close();
+  }
+}
 void spsc_ring_sender::close() noexcept {
   if (endpoint_) endpoint_->close();
 }

@@ -9,6 +9,7 @@
 #include "ipcoro/task.hpp"
 
 #include "channel_support.hpp"
+#include "counting_new.hpp"
 #include "process.hpp"
 
 #include <catch2/catch.hpp>
@@ -151,4 +152,30 @@ TEST_CASE("an fd: address whose descriptor is not open, or open the wrong way, i
       [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(read_end)); });
   CHECK(contains(wrong_way, read_end));
   CHECK(contains(wrong_way, "reading only"));
+}
+
+TEST_CASE("a frame head announcing a gigabyte makes a stream receiver reserve only what has arrived",
+          "[channel][fd][hostile]") {
+  ipcoro::pipe_pair p = ipcoro::make_pipe();
+  {
+    // Another process writes a head that announces 1 GiB, a little of it, and goes.
+    child_process liar([&p]() -> int {
+      p.reader.close();
+      const std::uint32_t head[2] = {std::uint32_t{1} << 30, 1};  // length, kind: greeting
+      const std::string some(1000, 'x');
+      const bool ok = ::write(p.writer.native_handle(), head, sizeof head) == sizeof head &&
+                      ::write(p.writer.native_handle(), some.data(), some.size()) == static_cast<ssize_t>(some.size());
+      return ok ? 0 : 1;
+    });
+    CHECK(liar.wait() == 0);
+  }
+  p.writer.close();
+  ipcoro::io_context ctx;
+  const std::string address = "fd:" + std::to_string(p.reader.release_fd().release());
+  channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
+  (void)ipcoro::test::take_largest_allocation();
+  const std::string error =
+      ipcoro::test::what_of<ipcoro::channel_error>([&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
+  CHECK(contains(error, "ended inside a message"));
+  CHECK(ipcoro::test::take_largest_allocation() < 1024 * 1024);
 }

@@ -90,7 +90,7 @@ struct fresh_channel {
     ::mq_unlink(("/" + name).c_str());
     ::shm_unlink(owner_record().c_str());
   }
-  std::string owner_record() const { return "/ipcoro-mq-owner." + name; }
+  std::string owner_record() const { return "/" + name + ".ipcoro-mq"; }
 };
 
 /// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.

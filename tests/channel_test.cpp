@@ -616,6 +616,9 @@ TEST_CASE("bad channel addresses are refused with a message saying what is expec
       {"shm:/s?capacity=1k&capacity=2k", "twice"},
       {"mq:/q?capacity", "key=value"},
       {"shm:/s?message_size=64", "ring=mpmc"},
+      {"mq:/q?message_size=16", "at least 32"},
+      {"shm:/s?ring=mpmc&message_size=9", "at least 32"},
+      {"file:/tmp/f?ring=mpmc&message_size=4", "message_size=32 or more"},
   };
   for (const bad& b : cases) {
     CAPTURE(b.address);

@@ -613,6 +613,44 @@ TEST_CASE("a waiter learns that its peer was killed instead of waiting forever",
   }
 }
 
+TEST_CASE("a sender destroyed by an exception unwinding leaves the stream open: the receiver gets peer_died",
+          "[shm_ring][spsc][dead-peer]") {
+  shared_memory mem(ipcoro::spsc_ring_region_size(4096));
+  ipcoro::format_spsc_ring(mem.bytes());
+  ipcoro::ring_options opts;
+  opts.peer_check_interval = 20ms;
+  child_process producer([&] {
+    try {
+      ipcoro::spsc_ring_sender tx(mem.bytes());
+      run([&]() -> task<void> {
+        for (std::uint64_t seq = 0; seq < 3; ++seq) co_await tx.send(std::as_bytes(std::span(&seq, 1)));
+      }());
+      throw std::runtime_error("the producer failed");  // tx goes while this unwinds
+    } catch (const std::runtime_error&) {
+      return 0;
+    }
+  });
+  REQUIRE(producer.wait() == 0);
+  ipcoro::io_context ctx;
+  ipcoro::sync_wait(ctx, [&]() -> task<void> {
+    ipcoro::spsc_ring_receiver rx(mem.bytes(), opts);
+    std::array<std::byte, 8> buf{};
+    for (std::uint64_t seq = 0; seq < 3; ++seq) {
+      const auto got = co_await rx.receive(buf);
+      REQUIRE(got == 8u);
+    }
+    bool died = false;
+    bool ended = false;
+    try {
+      ended = !(co_await rx.receive(buf).with_timeout(20s));
+    } catch (const ipcoro::peer_died&) {
+      died = true;
+    }
+    CHECK(died);
+    CHECK_FALSE(ended);
+  }());
+}
+
 TEST_CASE("SIGKILL of the producer at random points: the consumer gets an intact prefix, then peer_died",
           "[shm_ring][spsc][sigkill]") {
   std::mt19937_64 rng(std::random_device{}());

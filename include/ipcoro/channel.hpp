@@ -157,10 +157,9 @@ class channel_sender {
 
   /// Ends the stream with an error instead of a clean end, for a producer that failed:
   /// an in-process receiver, or one across a pipe or FIFO, gets channel_error; across an
-  /// SPSC ring, peer_died once this process has exited; across an MPMC ring, peer_died
-  /// once every sender, this process among them, has died. (A message queue cannot tell:
-  /// its receivers wait, as for a sender that is still busy.) A send of this sender that
-  /// is waiting gets channel_closed, as with close(). Never throws.
+  /// SPSC ring, peer_died once this process has exited; across an MPMC ring or a message
+  /// queue, peer_died once every sender, this process among them, has died. A send of
+  /// this sender that is waiting gets channel_closed, as with close(). Never throws.
   void abort() noexcept { leave(detail::port_exit::abort); }
 
   /// Messages sent through this sender (still counted after it is closed).
@@ -252,7 +251,7 @@ class channel_receiver {
 
   /// The next value, or an empty optional once the stream has ended (every sender closed,
   /// or this receiver was closed). Throws channel_type_mismatch for a peer of another
-  /// type, peer_died when a shared-memory sender died without closing, decode_error for
+  /// type, peer_died when a ring or queue sender died without closing, decode_error for
   /// bytes the codec rejects; cancellable through the caller's stop token (nothing is
   /// lost: a message read from the transport stays buffered for the next receive).
   [[nodiscard]] task<std::optional<T>> receive() {

@@ -39,7 +39,7 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 /// Restarting after a crash: a receiver that opens a name left behind by a receiver that
 /// died takes it over, by default: the FIFO (when no process has it open for reading),
 /// queue, segment or (non-durable) file is removed and created anew. Only a provably dead
-/// owner is replaced (its pid, start time and boot are recorded; a queue's in an owner
+/// owner is replaced (its pid, start time and boot are recorded; a queue's in the
 /// record beside it): a live owner's name is refused with EEXIST (EBUSY for a FIFO being
 /// read, or for a durable file whose receiver runs), and so is a name not made by a
 /// channel receiver.

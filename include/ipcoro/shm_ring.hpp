@@ -296,7 +296,8 @@ public:
   explicit spsc_ring_sender(std::span<std::byte> region, const ring_options& options = {});
   spsc_ring_sender(spsc_ring_sender&&) noexcept;
   spsc_ring_sender& operator=(spsc_ring_sender&&) noexcept;
-  /// close().
+  /// close(); but when destroyed by an exception unwinding the stack, abandon(), so that
+  /// a producer that fails never marks a persistent ring as finished.
   ~spsc_ring_sender();
 
   /// Copies `message` into the ring, waiting for space while it is full.
@@ -319,6 +320,7 @@ public:
 
 private:
   std::unique_ptr<detail::ring_endpoint> endpoint_;
+  int uncaught_ = std::uncaught_exceptions();  // unwinding in the destructor: more than this
 };
 
 /// The one receiving end of an SPSC ring. Move-only; same lifetime rules as the sender.

@@ -12,14 +12,23 @@ namespace {
 
 std::atomic<std::uint64_t> allocation_count{0};
 std::atomic<std::uint64_t> deallocation_count{0};
+std::atomic<std::uint64_t> largest_size{0};
+
+void note_size(std::size_t size) noexcept {
+  std::uint64_t seen = largest_size.load(std::memory_order_relaxed);
+  while (size > seen && !largest_size.compare_exchange_weak(seen, size, std::memory_order_relaxed)) {
+  }
+}
 
 void* allocate(std::size_t size) noexcept {
   allocation_count.fetch_add(1, std::memory_order_relaxed);
+  note_size(size);
   return std::malloc(size == 0 ? 1 : size);
 }
 
 void* allocate_aligned(std::size_t size, std::align_val_t align) noexcept {
   allocation_count.fetch_add(1, std::memory_order_relaxed);
+  note_size(size);
   const std::size_t a = std::max(static_cast<std::size_t>(align), sizeof(void*));
   // aligned_alloc wants a size that is a multiple of the alignment.
   const std::size_t rounded = (std::max<std::size_t>(size, 1) + a - 1) / a * a;
@@ -86,4 +95,5 @@ void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcep
 namespace ipcoro::test {
 std::uint64_t allocations() noexcept { return allocation_count.load(std::memory_order_relaxed); }
 std::uint64_t deallocations() noexcept { return deallocation_count.load(std::memory_order_relaxed); }
+std::uint64_t take_largest_allocation() noexcept { return largest_size.exchange(0, std::memory_order_relaxed); }
 }  // namespace ipcoro::test

@@ -7,4 +7,6 @@
 namespace ipcoro::test {
 std::uint64_t allocations() noexcept;
 std::uint64_t deallocations() noexcept;
+/// The size of the largest single allocation since the last call, which starts anew.
+std::uint64_t take_largest_allocation() noexcept;
 }  // namespace ipcoro::test
