@@ -18,10 +18,12 @@
 #include <fmt/core.h>
 #include <mqueue.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <charconv>
+#include <concepts>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -75,6 +77,23 @@ std::size_t parse_size(std::string_view address, std::string_view key, std::stri
   return n * scale;
 }
 
+/// Refuses a ring size above what a ring can hold, naming both figures: the ring would
+/// otherwise be clamped silently to a size the user never wrote.
+void check_ring_limits(std::string_view address, const channel_address& a) {
+  if (a.transport != channel_transport::shm && a.transport != channel_transport::file) return;
+  const std::size_t max_capacity = a.mpmc ? mpmc_ring_max_slots : spsc_ring_max_capacity;
+  if (a.capacity && *a.capacity > max_capacity) {
+    bad_address(address, fmt::format("capacity={} is more than the largest {} allows, {} {}", *a.capacity,
+                                     a.mpmc ? "MPMC ring" : "SPSC ring", max_capacity,
+                                     a.mpmc ? "slots" : "bytes (1 TiB)"));
+  }
+  if (a.message_size && *a.message_size > mpmc_ring_max_message) {
+    bad_address(address,
+                fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
+                            *a.message_size, mpmc_ring_max_message));
+  }
+}
+
 }  // namespace
 
 channel_address channel_address::parse(std::string_view address) {
@@ -119,7 +138,7 @@ channel_address channel_address::parse(std::string_view address) {
   }
   a.name = std::string(rest);
 
-  bool seen_capacity = false, seen_size = false, seen_mode = false, seen_ring = false;
+  bool seen_capacity = false, seen_size = false, seen_mode = false, seen_ring = false, seen_durable = false;
   while (!options.empty()) {
     const std::size_t amp = options.find('&');
     const std::string_view item = options.substr(0, amp);
@@ -155,10 +174,16 @@ channel_address channel_address::parse(std::string_view address) {
       once(seen_ring);
       if (value != "spsc" && value != "mpmc") bad_address(address, "ring= takes spsc or mpmc");
       a.mpmc = value == "mpmc";
+    } else if (key == "durable" && a.transport == channel_transport::file) {
+      once(seen_durable);
+      if (value != "1" && value != "0") bad_address(address, "durable= takes 1 or 0");
+      a.durable = value == "1";
     } else {
-      bad_address(address, fmt::format("option \"{}\" does not apply to {}: transports take capacity (not fd:), "
-                                        "message_size (mq, shm, file), mode (named transports) and ring (shm, file)",
-                                        key, scheme));
+      bad_address(address,
+                  fmt::format("option \"{}\" does not apply to {}: transports take capacity (not fd:), "
+                              "message_size (mq, shm, file), mode (named transports), ring (shm, file) "
+                              "and durable (file)",
+                              key, scheme));
     }
   }
   if (a.message_size && !a.mpmc && a.transport != channel_transport::mq) {
@@ -171,6 +196,11 @@ channel_address channel_address::parse(std::string_view address) {
                                       "ask for message_size={} or more",
                                       *a.message_size, min_message_size, min_message_size));
   }
+  if (a.durable && a.mpmc) {
+    bad_address(address,
+                "durable=1 applies to an SPSC ring: its one receiver acknowledges what it has received");
+  }
+  check_ring_limits(address, a);
   return a;
 }
 
@@ -892,6 +922,29 @@ struct ring_receiving {
   throw peer_died(e.pid(), fmt::format("channel {}: {}", address, what));
 }
 
+/// The ring of a durable file channel under its receiving end: messages stay in the file
+/// until acknowledged, and leaving detaches instead of closing, so that the next receiver
+/// resumes where this one acknowledged last and the sender is not told to stop.
+struct durable_ring_receiving {
+  std::shared_ptr<void> region;
+  spsc_ring_receiver ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
+  void pass_end_on(std::uint32_t) noexcept {}
+  std::uint64_t position() const noexcept { return ring.position(); }
+  void ack(std::uint64_t position) noexcept { ring.ack(position); }
+  void close() noexcept { ring.detach(); }
+};
+
+/// A receiving transport that keeps messages until acknowledged up to a position.
+template <class Transport>
+concept acknowledging = requires(Transport& t, std::uint64_t p) {
+  { t.position() } -> std::same_as<std::uint64_t>;
+  t.ack(p);
+};
+
 /// The sending end of a channel over a transport that keeps message boundaries (a queue
 /// or a ring): each message is a {kind, short fingerprint} head and the payload.
 template <class Transport>
@@ -973,7 +1026,14 @@ class message_receive_port final : public receive_port {
   std::span<const std::byte> current() const noexcept override {
     return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
   }
-  void consume() noexcept override { current_ = false; }
+  void consume() noexcept override {
+    current_ = false;
+    if constexpr (acknowledging<Transport>) consumed_position_ = current_position_;
+  }
+  /// Up to the message consumed last, not the one next() may have read ahead (select).
+  void acknowledge() noexcept override {
+    if constexpr (acknowledging<Transport>) transport_.ack(consumed_position_);
+  }
 
  protected:
   task<bool> fill(pooled_frame) override {
@@ -1016,6 +1076,7 @@ class message_receive_port final : public receive_port {
       }
       length_ = payload.size();
       current_ = true;
+      if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
       co_return true;
     }
   }
@@ -1030,6 +1091,8 @@ class message_receive_port final : public receive_port {
   Transport transport_;
   byte_buffer buf_;
   std::size_t length_ = 0;
+  std::uint64_t current_position_ = 0;   // the transport's position after the current message
+  std::uint64_t consumed_position_ = 0;  // ... after the message consumed last
   bool current_ = false;
   bool ended_ = false;
 };
@@ -1042,11 +1105,18 @@ constexpr std::size_t default_mpmc_message = 4096;
 constexpr long default_mq_messages = 10;
 constexpr long default_mq_message_size = 8192;
 
+/// The region type tag of a durable file channel: another tag than a plain SPSC ring's,
+/// so that an end that disagrees about durable=1 is refused instead of removing the file
+/// (a receiver's reclaim) or taking a restart for a death (a sender).
+constexpr std::uint32_t durable_ring_type_tag = 0x4c425244;  // "DRBL"
+
 region_layout ring_layout(const channel_address& a) {
   if (a.mpmc) {
     return mpmc_ring_layout(a.capacity.value_or(default_mpmc_slots), a.message_size.value_or(default_mpmc_message));
   }
-  return spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
+  region_layout l = spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
+  if (a.durable) l.type_tag = durable_ring_type_tag;
+  return l;
 }
 
 std::function<void(std::span<std::byte>)> ring_formatter(const channel_address& a) {
@@ -1076,32 +1146,120 @@ struct mq_created {
 };
 
 /// Creates the queue of `a` and its peer record, the record first: a sender that finds
-/// the queue then finds its record too. Throws as message_queue::create does.
+/// the queue then finds its record too. The record names the receiver that created it,
+/// so it is also what proves a queue left under the name to be a dead receiver's: the
+/// record is taken over only from a dead creator (mq_peers::create), and only a queue
+/// whose record was so taken over is removed and created anew. A queue with no record
+/// was not made by a channel receiver and is left alone. Throws std::system_error(EEXIST)
+/// naming the address for a live owner or a queue without a record, and what
+/// message_queue::create throws.
 mq_created create_queue(const channel_address& a) {
+  struct stat st {};
+  const bool had_record = ::stat(("/dev/shm" + mq_record_name(a.name)).c_str(), &st) == 0;
   mq_peers peers;
   try {
     peers = mq_peers::create(a.name, a.mode);
   } catch (const std::system_error& e) {
     if (e.code() != std::errc::file_exists) throw;
-    // A live process holds the record, so it holds the queue: the queue's EEXIST says more.
-    message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
-    throw;
+    throw std::system_error(e.code(), fmt::format("channel {}: another receiver owns the queue ({})", a.text,
+                                                  std::string_view(e.what())));
   }
-  message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
-  peers.bind_queue(q.native_handle());
-  return {std::move(q), std::move(peers)};
+  for (int round = 0; round < 2; ++round) {
+    try {
+      message_queue q = message_queue::create(a.name, queue_attributes(a), mq_access::read_write, a.mode);
+      peers.bind_queue(q.native_handle());
+      return {std::move(q), std::move(peers)};
+    } catch (const std::system_error& e) {
+      if (e.code() != std::errc::file_exists) throw;
+      if (!had_record) {
+        throw std::system_error(e.code(),
+                                fmt::format("channel {}: the queue {} exists but no channel receiver owns it (it "
+                                            "has no record {}): it was made otherwise, and is left alone; remove "
+                                            "it (message_queue::unlink) if nothing uses it",
+                                            a.text, a.name, mq_record_name(a.name)));
+      }
+      message_queue::unlink(a.name);  // the dead receiver's
+    }
+  }
+  throw std::system_error(EEXIST, std::system_category(),
+                          fmt::format("channel {}: the queue keeps reappearing after its dead receiver's was removed",
+                                      a.text));
 }
 
-/// A mapped file that is removed when the receiver that created it goes.
+/// A mapped file that is removed when the receiver that created it goes: only by the
+/// creating process (not a forked child's copy), and only while the path still names it.
 struct owned_file {
-  explicit owned_file(mapped_file f) noexcept : file(std::move(f)) {}
+  explicit owned_file(mapped_file f) : file(std::move(f)), owner(::getpid()) {
+    struct stat st {};
+    if (::stat(file.path().c_str(), &st) == 0) {
+      dev = st.st_dev;
+      ino = st.st_ino;
+    }
+  }
   owned_file(const owned_file&) = delete;
   owned_file& operator=(const owned_file&) = delete;
   mapped_file file;
+  pid_t owner;
+  dev_t dev = 0;
+  ino_t ino = 0;
   ~owned_file() {
-    if (file) ::unlink(file.path().c_str());
+    struct stat st {};
+    if (file && owner == ::getpid() && ::stat(file.path().c_str(), &st) == 0 && st.st_dev == dev &&
+        st.st_ino == ino) {
+      ::unlink(file.path().c_str());
+    }
   }
 };
+
+/// `e` again, its message prefixed with the channel's address (and without the errno
+/// text that system_error appends, which the new one appends again).
+[[noreturn]] void rethrow_for(const channel_address& a, const std::system_error& e) {
+  std::string what = e.what();
+  const std::string suffix = ": " + e.code().message();
+  if (what.size() > suffix.size() && what.compare(what.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    what.resize(what.size() - suffix.size());
+  }
+  throw std::system_error(e.code(), fmt::format("channel {}: {}", a.text, what));
+}
+
+bool has_errno(const std::system_error& e, int err) noexcept {
+  return e.code() == std::error_code(err, std::system_category());
+}
+
+/// After `e` from opening or creating a file channel: channel_error when the file is
+/// that of a channel with the other durability (the ends disagree about durable=1),
+/// otherwise `e` named for the channel.
+[[noreturn]] void refuse_file(const channel_address& a, const std::system_error& e) {
+  channel_address other = a;
+  other.durable = !a.durable;
+  try {
+    (void)mapped_file::open(a.name, expected_ring_layout(other));
+  } catch (const std::system_error&) {
+    rethrow_for(a, e);
+  }
+  throw channel_error(
+      fmt::format("channel {}: the file is {} durable channel's, but this address {} durable=1; "
+                  "write it on both ends or on neither",
+                  a.text, a.durable ? "not a" : "a", a.durable ? "says" : "does not say"));
+}
+
+/// The file of a durable channel: opened as it is when it exists (whatever its capacity),
+/// created otherwise.
+mapped_file open_or_create_durable(const channel_address& a) {
+  for (int round = 0; round < 16; ++round) {
+    try {
+      return mapped_file::open(a.name, expected_ring_layout(a));
+    } catch (const std::system_error& e) {
+      if (!has_errno(e, ENOENT)) refuse_file(a, e);
+    }
+    try {
+      return mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a));
+    } catch (const std::system_error& e) {
+      if (!has_errno(e, EEXIST)) rethrow_for(a, e);
+    }
+  }
+  throw channel_error(fmt::format("channel {}: the file keeps appearing and disappearing", a.text));
+}
 
 ring_options claim_options(const unique_fd& peer_claim) {
   ring_options o;
@@ -1113,6 +1271,13 @@ ring_options claim_options(const unique_fd& peer_claim) {
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
                                             std::span<std::byte> payload, unique_fd peer_claim = {}) {
   const ring_options o = claim_options(peer_claim);
+  if (a.durable) {
+    ring_options durable = o;
+    durable.wait_for_new_receiver = true;
+    return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
+        a.text, ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               spsc_ring_sender(payload, durable)});
+  }
   if (a.mpmc) {
     return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
         a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim),
@@ -1126,6 +1291,18 @@ std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::share
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
                                                  std::span<std::byte> payload, unique_fd peer_claim = {}) {
   const ring_options o = claim_options(peer_claim);
+  if (a.durable) {
+    ring_options durable = o;
+    durable.manual_ack = true;
+    std::optional<spsc_ring_receiver> ring;
+    try {
+      ring.emplace(payload, durable);
+    } catch (const std::system_error& e) {
+      rethrow_for(a, e);  // EBUSY: a receiver that runs has it
+    }
+    return std::make_unique<message_receive_port<durable_ring_receiving>>(
+        a.text, durable_ring_receiving{std::move(region), std::move(*ring)});
+  }
   if (a.mpmc) {
     return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
         a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim),
@@ -1228,8 +1405,23 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
     case channel_transport::fifo: {
       // Opened at once, not when the first sender comes: a writer of our own stands in
       // until that sender has greeted, so the read end sees no end of file before it.
-      auto node = std::make_shared<fifo>(a.name, fifo_options{a.mode, false});
+      // A FIFO that nobody reads is a dead receiver's: it is replaced (replace_stale).
+      std::shared_ptr<fifo> node;
+      try {
+        node = std::make_shared<fifo>(a.name, fifo_options{a.mode, true});
+      } catch (const std::system_error& e) {
+        if (has_errno(e, EEXIST) || has_errno(e, EBUSY)) rethrow_for(a, e);
+        throw;
+      }
       fifo_ends ends = open_fifo_ends(a);
+      if (!node->refers_to(ends.read.get())) {
+        // Another receiver starting at the same moment found ours unread and replaced it.
+        node->release();
+        throw std::system_error(EBUSY, std::system_category(),
+                                fmt::format("channel {}: another receiver took the FIFO over as it was being "
+                                            "opened; it is in use",
+                                            a.text));
+      }
       co_return std::make_unique<stream_receive_port>(a.text, std::move(ends.read), std::move(node),
                                                       std::move(ends.write));
     }
@@ -1240,14 +1432,32 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
           a.text, mq_receiving{std::move(c.queue), std::move(c.peers), a.text});
     }
     case channel_transport::shm: {
-      auto seg = std::make_shared<shm_segment>(
-          shm_segment::create(a.name, ring_layout(a), shm_segment::options{a.mode, ring_formatter(a)}));
+      std::shared_ptr<shm_segment> seg;
+      try {
+        seg = std::make_shared<shm_segment>(shm_segment::create_or_reclaim(
+            a.name, ring_layout(a), shm_segment::options{a.mode, ring_formatter(a)}));
+      } catch (const std::system_error& e) {
+        if (has_errno(e, EEXIST)) rethrow_for(a, e);
+        throw;
+      }
       const std::span<std::byte> payload = seg->payload();
       co_return make_ring_receiver(a, std::move(seg), payload);
     }
     case channel_transport::file: {
-      auto file = std::make_shared<owned_file>(
-          mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a)));
+      if (a.durable) {
+        auto file = std::make_shared<mapped_file>(open_or_create_durable(a));
+        const std::span<std::byte> payload = file->payload();
+        co_return make_ring_receiver(a, std::move(file), payload);
+      }
+      std::shared_ptr<owned_file> file;
+      try {
+        file = std::make_shared<owned_file>(
+            mapped_file::create_or_reclaim(a.name, ring_layout(a), a.mode, ring_formatter(a)));
+      } catch (const std::system_error& e) {
+        // A durable channel's file is never reclaimed by a plain receiver: say why.
+        if (has_errno(e, EEXIST)) refuse_file(a, e);
+        throw;
+      }
       const std::span<std::byte> payload = file->file.payload();
       co_return make_ring_receiver(a, std::move(file), payload);
     }
@@ -1297,6 +1507,7 @@ task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
         file = std::make_shared<mapped_file>(mapped_file::open(a.name, expected_ring_layout(a)));
       } catch (const std::system_error& e) {
         if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
+        if (has_errno(e, EPROTO)) refuse_file(a, e);
         throw;
       }
       const std::span<std::byte> payload = file->payload();
@@ -1395,6 +1606,13 @@ void channel_link::create_transport(state& st) {
       break;
     }
     case channel_transport::file: {
+      if (a.durable) {
+        throw bad_channel_address(
+            fmt::format("channel address \"{}\": a link removes its file as soon as both "
+                        "ends are open, so it cannot be durable; open a durable channel "
+                        "with open_receiver / open_sender",
+                        a.text));
+      }
       auto file = std::make_shared<mapped_file>(
           mapped_file::create(a.name, detail::ring_layout(a), a.mode, detail::ring_formatter(a)));
       if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));

@@ -312,6 +312,17 @@ void fifo::remove() noexcept {
   path_.clear();
 }
 
+bool fifo::refers_to(int fd) const noexcept {
+  if (path_.empty()) return false;
+  struct statx stx {};
+  if (::statx(fd, "", AT_EMPTY_PATH, STATX_TYPE | STATX_INO | STATX_BTIME | STATX_CTIME, &stx) != 0)
+    return false;
+  const auto& t = (stx.stx_mask & STATX_BTIME) != 0 ? stx.stx_btime : stx.stx_ctime;
+  const std::uint64_t dev = (std::uint64_t{stx.stx_dev_major} << 32) | stx.stx_dev_minor;
+  return S_ISFIFO(stx.stx_mode) && dev == dev_ && stx.stx_ino == ino_ &&
+         std::int64_t{t.tv_sec} * 1'000'000'000 + t.tv_nsec == born_ns_;
+}
+
 std::string fifo::release() noexcept {
   std::string p = std::move(path_);
   path_.clear();

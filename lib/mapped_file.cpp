@@ -198,4 +198,59 @@ mapped_file mapped_file::open_or_create(const std::string& raw_path, const regio
                                       path));
 }
 
+mapped_file mapped_file::create_or_reclaim(const std::string& raw_path, const region_layout& layout,
+                                           unsigned mode,
+                                           const std::function<void(std::span<std::byte>)>& initialize) {
+  const std::string path = absolute_path(raw_path);
+  // Bounded: each round either creates, fails, or removes a dead creator's file.
+  for (int round = 0; round < 16; ++round) {
+    unique_fd existing(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (existing) {
+      detail::region_header h{};
+      if (!detail::mapped_region::peek(existing.get(), h)) {
+        throw std::system_error(
+            EEXIST, std::system_category(),
+            fmt::format("mapped file {}: exists but is not a complete ipcoro file; it is not "
+                        "reclaimed: remove it by hand if nothing uses it",
+                        path));
+      }
+      if (h.type_tag != layout.type_tag) {
+        throw std::system_error(
+            EEXIST, std::system_category(),
+            fmt::format("mapped file {}: exists and holds type tag {:#x}, not {:#x}; it is not "
+                        "reclaimed: choose another path",
+                        path, h.type_tag, layout.type_tag));
+      }
+      if (detail::process_alive(h.creator)) {
+        throw std::system_error(
+            EEXIST, std::system_category(),
+            fmt::format("mapped file {}: exists and its creator, pid {}, is alive; open it "
+                        "instead, or stop that process",
+                        path, h.creator.pid));
+      }
+      // Remove it only if the path still names what was inspected: another survivor may
+      // have reclaimed it already.
+      struct stat inspected {};
+      struct stat current {};
+      if (::fstat(existing.get(), &inspected) != 0)
+        throw_errno(errno, fmt::format("mapped file {}: fstat", path));
+      if (::stat(path.c_str(), &current) == 0 && current.st_dev == inspected.st_dev &&
+          current.st_ino == inspected.st_ino && ::unlink(path.c_str()) != 0 && errno != ENOENT) {
+        throw_errno(errno, fmt::format("mapped file {}: removing the file its dead creator left", path));
+      }
+    } else if (errno != ENOENT) {
+      throw_path_error(errno, path, "opening");
+    }
+    try {
+      return create(path, layout, mode, initialize);
+    } catch (const std::system_error& e) {
+      if (e.code() != std::error_code(EEXIST, std::system_category())) throw;
+    }
+  }
+  throw std::system_error(EEXIST, std::system_category(),
+                          fmt::format("mapped file {}: keeps reappearing; another process is creating it "
+                                      "concurrently",
+                                      path));
+}
+
 }  // namespace ipcoro

@@ -21,6 +21,7 @@
 #include <limits>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <string_view>
 #include <utility>
 
@@ -43,6 +44,8 @@ std::uint64_t header_checksum(const region_header& h) noexcept {
 
 std::string size_text(std::uint64_t bytes) {
   constexpr std::uint64_t mib = 1024 * 1024;
+  constexpr std::uint64_t gib = 1024 * mib;
+  if (bytes >= 10 * gib) return fmt::format("{} bytes ({} GiB)", bytes, bytes / gib);
   if (bytes >= 10 * mib) return fmt::format("{} bytes ({} MiB)", bytes, bytes / mib);
   return fmt::format("{} bytes", bytes);
 }
@@ -225,13 +228,24 @@ std::byte* map_shared(int fd, std::size_t size, const region_origin& origin) {
   return static_cast<std::byte*>(p);
 }
 
-[[noreturn]] void throw_no_space(const region_origin& origin, std::uint64_t total) {
+/// The space of the file system holding `dir` that this process may allocate: root may
+/// use the blocks reserved for it.
+struct space_figures {
+  std::uint64_t free = 0;
+  std::uint64_t total = 0;
+};
+std::optional<space_figures> space_of(const std::string& dir) noexcept {
   struct statvfs sv {};
-  std::string room = "its free space is unknown";
-  if (::statvfs(origin.space_dir.c_str(), &sv) == 0) {
-    room = fmt::format("it has {} free of {}", size_text(std::uint64_t{sv.f_bavail} * sv.f_frsize),
-                       size_text(std::uint64_t{sv.f_blocks} * sv.f_frsize));
-  }
+  if (::statvfs(dir.c_str(), &sv) != 0) return std::nullopt;
+  const std::uint64_t blocks = ::geteuid() == 0 ? sv.f_bfree : sv.f_bavail;
+  return space_figures{blocks * sv.f_frsize, std::uint64_t{sv.f_blocks} * sv.f_frsize};
+}
+
+[[noreturn]] void throw_no_space(const region_origin& origin, std::uint64_t total,
+                                 const std::optional<space_figures>& space) {
+  const std::string room =
+      space ? fmt::format("it has {} free of {}", size_text(space->free), size_text(space->total))
+            : std::string("its free space is unknown");
   const std::string fix =
       origin.shm ? fmt::format("free space in {} (remove stale segments) or enlarge it (mount -o remount,size=... {})",
                                origin.space_dir, origin.space_dir)
@@ -258,13 +272,23 @@ mapped_region mapped_region::create(int fd, const region_layout& layout, const r
                           layout.payload_size));
   }
   const std::uint64_t total = region_payload_offset + layout.payload_size;
+  // Refused before allocating: posix_fallocate of more than is free fills the file system
+  // first (ext4 keeps what it allocated until the file is gone; tmpfs gives it back), so
+  // other processes would meet a full disk, and the free space read afterwards says 0.
+  if (const std::optional<space_figures> space = space_of(origin.space_dir); space && total > space->free) {
+    throw_no_space(origin, total, space);
+  }
   // Allocating every block now is what turns a full /dev/shm into an error here rather
   // than a SIGBUS on first touch later: tmpfs files are sparse otherwise.
   int rc;
   do {
     rc = ::posix_fallocate(fd, 0, static_cast<off_t>(total));
   } while (rc == EINTR);
-  if (rc == ENOSPC) throw_no_space(origin, total);
+  if (rc == ENOSPC) {
+    // Lost a race for the space: give back what was allocated before reading the figures.
+    (void)::ftruncate(fd, 0);
+    throw_no_space(origin, total, space_of(origin.space_dir));
+  }
   if (rc == EFBIG) {
     throw_bad(rc, origin,
               fmt::format("{} is larger than its file system allows for one file (or than RLIMIT_FSIZE, "

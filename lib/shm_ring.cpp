@@ -43,9 +43,9 @@ constexpr std::uint32_t kind_spsc = 1;
 constexpr std::uint32_t kind_mpmc = 2;
 constexpr std::size_t participant_count = 64;
 constexpr std::size_t min_spsc_capacity = 4096;
-constexpr std::size_t max_spsc_capacity = std::size_t{1} << 40;
-constexpr std::size_t max_mpmc_slots = std::size_t{1} << 30;
-constexpr std::size_t max_mpmc_message = std::size_t{1} << 30;
+constexpr std::size_t max_spsc_capacity = spsc_ring_max_capacity;
+constexpr std::size_t max_mpmc_slots = mpmc_ring_max_slots;
+constexpr std::size_t max_mpmc_message = mpmc_ring_max_message;
 constexpr std::size_t slot_header_size = 16;
 // How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
 constexpr std::uint64_t prefetch_distance = 256;
@@ -516,6 +516,8 @@ public:
   /// process's exit for the death of a peer.
   void abandon() noexcept { participant_index_ = -1; }
   void ack() noexcept;
+  void ack_through(std::uint64_t position) noexcept;
+  std::uint64_t read_position() const noexcept { return read_pos_; }
   std::size_t max_message() const noexcept { return max_message_; }
   std::size_t capacity() const noexcept { return capacity_; }
 
@@ -814,6 +816,13 @@ void ring_endpoint::close() noexcept {
 
 void ring_endpoint::ack() noexcept {
   if (kind_ == kind_spsc && role_ == role_receiver) release_read_position();
+}
+
+void ring_endpoint::ack_through(std::uint64_t position) noexcept {
+  if (kind_ != kind_spsc || role_ != role_receiver || position > read_pos_) return;
+  if (position <= hdr_->head.load(std::memory_order_relaxed)) return;  // only the receiver moves it
+  hdr_->head.store(position, std::memory_order_release);
+  notify(hdr_->space);
 }
 
 void ring_endpoint::release_read_position() noexcept {
@@ -1236,7 +1245,10 @@ wait_task ring_endpoint::send_wait(ring_send_operation& op) {
     const auto now = clock::now();
     if (now >= deadline) throw timed_out{};
     const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
-    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out) dead = dead_peer();
+    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out &&
+        !(kind_ == kind_spsc && options_.wait_for_new_receiver)) {
+      dead = dead_peer();
+    }
   }
 }
 
@@ -1391,6 +1403,12 @@ spsc_ring_receiver& spsc_ring_receiver::operator=(spsc_ring_receiver&& other) no
 spsc_ring_receiver::~spsc_ring_receiver() { close(); }
 void spsc_ring_receiver::ack() noexcept {
   if (endpoint_) endpoint_->ack();
+}
+std::uint64_t spsc_ring_receiver::position() const noexcept {
+  return endpoint_ ? endpoint_->read_position() : 0;
+}
+void spsc_ring_receiver::ack(std::uint64_t position) noexcept {
+  if (endpoint_) endpoint_->ack_through(position);
 }
 void spsc_ring_receiver::close() noexcept {
   if (endpoint_) endpoint_->close();

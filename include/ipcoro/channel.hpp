@@ -306,6 +306,15 @@ class channel_receiver {
     }
   }
 
+  /// Acknowledges every value received so far. On a durable file channel (durable=1) a
+  /// receiver restarted after a crash resumes after the last acknowledged value: values
+  /// received but not acknowledged come again, and their room in the file is not reused
+  /// until then, so acknowledge often enough for the sender not to wait. Elsewhere a
+  /// value is acknowledged as it is received, and this does nothing. Never throws.
+  void ack() noexcept {
+    if (port_) port_->acknowledge();
+  }
+
   /// Messages received through this receiver (still counted after it is closed).
   std::uint64_t messages_received() const noexcept {
     if (port_) return port_->messages;

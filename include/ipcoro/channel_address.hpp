@@ -26,7 +26,23 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 ///   mode=0NNN       permission bits of what the receiver creates (octal)
 ///   ring=spsc|mpmc  the kind of shared-memory ring (shm: and file:); mpmc lets several
 ///                   processes send and receive
-/// Sizes accept a k/m suffix (1024, 1048576).
+///   durable=1       (file:, SPSC) a persistent queue: the receiver keeps the file when it
+///                   closes (leaving without telling the sender) and reopens it when it
+///                   starts again, resuming after the last value it acknowledged
+///                   (channel_receiver::ack; unacknowledged values keep their room in the
+///                   file). The sender waits for a restarted receiver instead of failing
+///                   with peer_died. Both ends must say durable=1 (an end that does not is
+///                   refused); capacity applies when the file is created.
+/// Sizes accept a k/m suffix (1024, 1048576); shm: and file: ring sizes above the largest
+/// ring (spsc_ring_max_capacity, mpmc_ring_max_slots / _max_message) are refused.
+///
+/// Restarting after a crash: a receiver that opens a name left behind by a receiver that
+/// died takes it over, by default: the FIFO (when no process has it open for reading),
+/// queue, segment or (non-durable) file is removed and created anew. Only a provably dead
+/// owner is replaced (its pid, start time and boot are recorded; a queue's in the
+/// record beside it): a live owner's name is refused with EEXIST (EBUSY for a FIFO being
+/// read, or for a durable file whose receiver runs), and so is a name not made by a
+/// channel receiver.
 struct channel_address {
   channel_transport transport = channel_transport::pipe;
   std::string name;                         ///< path, queue or segment name; the number for fd:
@@ -34,6 +50,7 @@ struct channel_address {
   std::optional<std::size_t> message_size;
   unsigned mode = 0600;
   bool mpmc = false;
+  bool durable = false;                     ///< file: only; see durable=1 above
   std::string text;                         ///< the address as given, for messages
 
   /// Parses and checks an address; throws bad_channel_address naming what is wrong.

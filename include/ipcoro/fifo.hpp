@@ -88,6 +88,9 @@ public:
   void remove() noexcept;
   /// Stops owning the FIFO without removing it; returns its path.
   std::string release() noexcept;
+  /// Whether `fd` is open on the FIFO this object created (not on one that has replaced
+  /// it at the same path since).
+  bool refers_to(int fd) const noexcept;
 
 private:
   std::string path_;

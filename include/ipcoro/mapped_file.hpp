@@ -60,6 +60,16 @@ public:
                                                   unsigned mode = 0600,
                                                   const std::function<void(std::span<std::byte>)>& initialize = {});
 
+  /// create(); but when `path` holds an ipcoro file of the same type tag whose creator is
+  /// dead (see creator_alive()), removes it and creates anew: for a file that belongs to
+  /// the process that created it, such as a channel's. Throws EEXIST when the creator is
+  /// alive or the file is not an ipcoro file of this type (it is never removed then), and
+  /// what create() throws. Of two processes racing to reclaim one path, one creates the
+  /// file and the other gets EEXIST naming it as the live creator.
+  [[nodiscard]] static mapped_file create_or_reclaim(
+      const std::string& path, const region_layout& layout, unsigned mode = 0600,
+      const std::function<void(std::span<std::byte>)>& initialize = {});
+
   /// The payload: 64-byte aligned, `layout().payload_size` bytes.
   std::span<std::byte> payload() const noexcept { return region_.payload(); }
   region_layout layout() const noexcept { return region_.layout(); }

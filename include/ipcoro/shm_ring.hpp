@@ -123,6 +123,11 @@ struct ring_options {
   /// restarted after a crash gets the unacknowledged ones again. The sender can then
   /// only reuse acknowledged space.
   bool manual_ack = false;
+  /// Senders of an SPSC ring: a receiver that died is not an error. A send waiting for
+  /// space goes on waiting (never peer_died) until a receiver attaches again and makes
+  /// room: for a ring in a file whose consumer is restarted after a crash (manual_ack).
+  /// The wait still ends by timeout, cancellation, or a receiver's close() (EPIPE).
+  bool wait_for_new_receiver = false;
   /// Lets this side switch the ring to a fence per published message once it sleeps
   /// often (request/response traffic): then a fence per message costs less than the
   /// membarrier() each sleep otherwise needs. The switch holds for the whole ring, for as
@@ -142,8 +147,14 @@ struct ring_options {
 /// Size of the ring header at the start of a region; the data follows it.
 inline constexpr std::size_t ring_header_size = 4096;
 
+/// The largest ring of each kind: data bytes of an SPSC ring, slots and message size of
+/// an MPMC ring. Larger requests are clamped by the *_region_size functions below.
+inline constexpr std::size_t spsc_ring_max_capacity = std::size_t{1} << 40;
+inline constexpr std::size_t mpmc_ring_max_slots = std::size_t{1} << 30;
+inline constexpr std::size_t mpmc_ring_max_message = std::size_t{1} << 30;
+
 /// Region size for an SPSC ring with `capacity` data bytes (rounded up to a power of two,
-/// at least 4096).
+/// at least 4096, at most spsc_ring_max_capacity).
 std::size_t spsc_ring_region_size(std::size_t capacity) noexcept;
 /// Region size for an MPMC ring with `slots` slots (rounded up to a power of two) of
 /// messages of up to `max_message` bytes.
@@ -331,6 +342,13 @@ public:
   /// will not come again, and the sender may reuse their space. A store and at most one
   /// futex wake; no wait.
   void ack() noexcept;
+  /// The ring position right after the last message received: acknowledge up to it later
+  /// with ack(position), e.g. once that message has been handed on by a caller that reads
+  /// ahead. Before the first receive: the position acknowledged last.
+  std::uint64_t position() const noexcept;
+  /// Acknowledges the messages received before `position` (a value position() returned);
+  /// an older or unknown position does nothing.
+  void ack(std::uint64_t position) noexcept;
   /// Messages received but not yet acknowledged are given back (manual_ack), then the
   /// ring is closed for the sender (its sends fail with EPIPE) and this end detaches.
   /// The destructor calls it.

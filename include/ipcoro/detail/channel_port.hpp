@@ -206,6 +206,9 @@ class receive_port : public port_base {
   next_operation next() { return next_operation{*this, fill(pooled_frame{})}; }
   virtual std::span<const std::byte> current() const noexcept = 0;
   virtual void consume() noexcept = 0;
+  /// Acknowledges every message consumed so far, on a transport that keeps messages until
+  /// then (a durable file ring); elsewhere a message is acknowledged as it is received.
+  virtual void acknowledge() noexcept {}
 
  protected:
   /// The transport's part of next(): true with a current message, false at the end.
