@@ -828,9 +828,11 @@ struct mq_receiving {
   }
   /// Puts the end marker back, so that every other receiver of the queue ends too.
   void pass_end_on(std::uint32_t fingerprint) noexcept { try_send_end(queue.native_handle(), fingerprint); }
+  /// The queue goes first: a crash in between leaves a record whose dead creator a
+  /// restarted receiver can prove, not a queue with no record that it must refuse.
   void close() noexcept {
-    peers.close();
     queue.close();
+    peers.close();
   }
 
  private:
