@@ -838,7 +838,8 @@ pair_result measure_ring(const job& j, std::vector<double>* rtt) {
   ipcoro::ring_options opts;
   // "sleep": park at once when the ring is empty or full (the target's "when sleeping");
   // "spin": busy-poll first. The default options (a short adaptive spin) lie between.
-  opts.spin = j.mode == "spin" ? std::chrono::nanoseconds(ring_spin_budget) : std::chrono::nanoseconds::zero();
+  opts.spin =
+      j.mode == "spin" ? std::chrono::nanoseconds(ring_spin_budget) : std::chrono::nanoseconds::zero();
   const auto side = [&](bool peer, window& w) {
     ipcoro::io_context ctx;
     coro_ring_end e;

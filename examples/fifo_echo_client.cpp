@@ -88,24 +88,27 @@ task<std::string> find_mismatch(const ipcoro::pipe_reader& in, std::uint32_t pid
   std::uint32_t seq = 0;
   try {
     for (; seq < cfg.requests; ++seq) {
-      const std::size_t got =
-          co_await in.read_exact(std::as_writable_bytes(std::span(&reply.header, 1))).with_timeout(cfg.timeout);
+      const std::size_t got = co_await in.read_exact(std::as_writable_bytes(std::span(&reply.header, 1)))
+                                  .with_timeout(cfg.timeout);
       if (got != sizeof reply.header) {
         co_return fmt::format("the server closed the session after {} of {} replies", seq, cfg.requests);
       }
       const message_header& h = reply.header;
       const std::uint16_t length = request_length(pid, seq);
-      if (h.magic != protocol_magic || h.type != echo || h.client != pid || h.seq != seq || h.length != length) {
-        co_return fmt::format("reply {}: expected {{client {}, seq {}, length {}}}, got {{magic {:08x}, type {}, "
-                              "client {}, seq {}, length {}}}",
-                              seq, pid, seq, length, h.magic, h.type, h.client, h.seq, h.length);
+      if (h.magic != protocol_magic || h.type != echo || h.client != pid || h.seq != seq ||
+          h.length != length) {
+        co_return fmt::format(
+            "reply {}: expected {{client {}, seq {}, length {}}}, got {{magic {:08x}, type {}, "
+            "client {}, seq {}, length {}}}",
+            seq, pid, seq, length, h.magic, h.type, h.client, h.seq, h.length);
       }
       const auto body = std::span(reply.payload).first(length);
       if (co_await in.read_exact(body).with_timeout(cfg.timeout) != body.size()) {
         co_return fmt::format("reply {} was cut short", seq);
       }
       fill_request(pid, seq, std::span(expected).first(length));
-      if (std::memcmp(body.data(), expected.data(), length) != 0) co_return fmt::format("reply {}: payload differs", seq);
+      if (std::memcmp(body.data(), expected.data(), length) != 0)
+        co_return fmt::format("reply {}: payload differs", seq);
       window.release();
     }
     // After bye the server closes our reply FIFO: end of stream, and nothing after the last reply.
@@ -113,7 +116,8 @@ task<std::string> find_mismatch(const ipcoro::pipe_reader& in, std::uint32_t pid
     if (co_await in.read(extra).with_timeout(cfg.timeout) != 0) co_return "data after the last reply";
   } catch (const ipcoro::timed_out&) {
     if (seq < cfg.requests) co_return fmt::format("no reply {} within {} ms", seq, cfg.timeout.count());
-    co_return fmt::format("the server did not end the session within {} ms of the last reply", cfg.timeout.count());
+    co_return fmt::format("the server did not end the session within {} ms of the last reply",
+                          cfg.timeout.count());
   }
   co_return "";
 }
@@ -140,7 +144,8 @@ task<void> run_client(const config& cfg) {
   }
   message hello_message{};
   const std::string& reply_path = reply_fifo.path();
-  if (reply_path.size() > max_payload) throw std::runtime_error("the reply FIFO's path is too long for one message");
+  if (reply_path.size() > max_payload)
+    throw std::runtime_error("the reply FIFO's path is too long for one message");
   hello_message.header = {protocol_magic, hello, static_cast<std::uint16_t>(reply_path.size()), pid, 0};
   std::memcpy(hello_message.payload.data(), reply_path.data(), reply_path.size());
   co_await ipcoro::write_message(to_server, hello_message.bytes()).with_timeout(cfg.timeout);
@@ -150,22 +155,24 @@ task<void> run_client(const config& cfg) {
   reply_fifo.remove();  // both ends are open: the name is no longer needed
 
   message_header welcome_header{};
-  if (co_await from_server.read_exact(std::as_writable_bytes(std::span(&welcome_header, 1))).with_timeout(cfg.timeout) !=
-          sizeof welcome_header ||
-      welcome_header.magic != protocol_magic || welcome_header.type != welcome || welcome_header.client != pid) {
+  if (co_await from_server.read_exact(std::as_writable_bytes(std::span(&welcome_header, 1)))
+              .with_timeout(cfg.timeout) != sizeof welcome_header ||
+      welcome_header.magic != protocol_magic || welcome_header.type != welcome ||
+      welcome_header.client != pid) {
     throw std::runtime_error("the server did not welcome this client");
   }
 
   const auto t0 = std::chrono::steady_clock::now();
   ipcoro::semaphore window{cfg.window};
-  co_await ipcoro::when_all(send_requests(to_server, pid, cfg, window), check_replies(from_server, pid, cfg, window));
+  co_await ipcoro::when_all(send_requests(to_server, pid, cfg, window),
+                            check_replies(from_server, pid, cfg, window));
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   fmt::print("fifo_echo_client {}: {} replies verified ({:.1f} ms)\n", pid, cfg.requests, ms);
 }
 
 [[noreturn]] void usage(const char* argv0) {
-  fmt::print(stderr,
-             "usage: {} SERVER_FIFO [--requests N] [--window W] [--reply-dir DIR] [--timeout-ms T]\n", argv0);
+  fmt::print(stderr, "usage: {} SERVER_FIFO [--requests N] [--window W] [--reply-dir DIR] [--timeout-ms T]\n",
+             argv0);
   std::exit(2);
 }
 

@@ -57,8 +57,8 @@ using namespace fifo_echo;
 
 // ---- the server ----
 
-constexpr std::size_t mailbox_slots = 8;  // at least the clients' window of requests in flight
-constexpr auto open_reply_timeout = 10s;  // the client opens its reply FIFO right after hello
+constexpr std::size_t mailbox_slots = 8;   // at least the clients' window of requests in flight
+constexpr auto open_reply_timeout = 10s;   // the client opens its reply FIFO right after hello
 constexpr auto reply_write_timeout = 30s;  // a client that stops reading its replies
 constexpr auto everyone_timeout = 60s;     // --clients N: all N must connect within this
 
@@ -113,7 +113,8 @@ task<void> watch_client(session& s, int reply_fd, ipcoro::scope& session_scope) 
 task<void> converse(session& s, const ipcoro::pipe_writer& reply, server_state& st) {
   if (st.expected_clients) co_await st.everyone_here.wait();
   const message_header welcome_header{protocol_magic, welcome, 0, s.client, 0};
-  co_await ipcoro::write_message(reply, std::as_bytes(std::span(&welcome_header, 1))).with_timeout(reply_write_timeout);
+  co_await ipcoro::write_message(reply, std::as_bytes(std::span(&welcome_header, 1)))
+      .with_timeout(reply_write_timeout);
   for (;;) {
     co_await s.full_slots.acquire();
     slot& m = s.mailbox[s.head];
@@ -131,7 +132,8 @@ task<void> run_session(std::shared_ptr<session> s, server_state& st, ipcoro::sco
   st.peak = std::max(st.peak, st.live);
   bool said_bye = false;
   try {
-    ipcoro::pipe_writer reply = co_await ipcoro::open_fifo_writer(s->reply_path).with_timeout(open_reply_timeout);
+    ipcoro::pipe_writer reply =
+        co_await ipcoro::open_fifo_writer(s->reply_path).with_timeout(open_reply_timeout);
     co_await ipcoro::with_scope([&](ipcoro::scope& session_scope) -> task<void> {
       session_scope.spawn(watch_client(*s, reply.native_handle(), session_scope));
       co_await converse(*s, reply, st);
@@ -146,7 +148,8 @@ task<void> run_session(std::shared_ptr<session> s, server_state& st, ipcoro::sco
   // The reply FIFO is closed by now: the client reads end of stream.
   s->closed = true;
   s->free_slots.release(mailbox_slots);  // a dispatcher waiting for room sees `closed`
-  if (auto it = st.sessions.find(s->client); it != st.sessions.end() && it->second == s) st.sessions.erase(it);
+  if (auto it = st.sessions.find(s->client); it != st.sessions.end() && it->second == s)
+    st.sessions.erase(it);
   --st.live;
   ++st.finished;
   if (said_bye) ++st.completed;
@@ -164,7 +167,8 @@ task<void> dispatch(ipcoro::fifo_server_reader& in, server_state& st, ipcoro::sc
       if (h.magic != protocol_magic || h.length > max_payload) {
         // Messages are written whole, so only a foreign writer can cause this; the stream
         // cannot be resynchronised.
-        throw std::runtime_error(fmt::format("malformed request (magic {:08x}, length {})", h.magic, h.length));
+        throw std::runtime_error(
+            fmt::format("malformed request (magic {:08x}, length {})", h.magic, h.length));
       }
       const auto body = std::span(payload).first(h.length);
       // Skipped when empty: through io_uring, even a read of 0 bytes waits until the FIFO has data.
@@ -278,9 +282,10 @@ int main(int argc, char** argv) try {
     const auto t0 = std::chrono::steady_clock::now();
     ipcoro::sync_wait(ctx, serve(in, signal_fd.get(), st));
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    fmt::print("fifo_echo_server: served {} clients ({} said bye), {} requests, at most {} connected at once, "
-               "{} dropped, {:.2f} s\n",
-               st.finished, st.completed, st.replies, st.peak, st.dropped, seconds);
+    fmt::print(
+        "fifo_echo_server: served {} clients ({} said bye), {} requests, at most {} connected at once, "
+        "{} dropped, {:.2f} s\n",
+        st.finished, st.completed, st.replies, st.peak, st.dropped, seconds);
     if (st.expected_clients) {
       const bool ok = !st.failed && st.completed == *st.expected_clients && st.dropped == 0;
       if (!ok) fmt::print(stderr, "fifo_echo_server: FAILED\n");

@@ -48,7 +48,9 @@ std::string record_text(std::uint64_t seq) {
   return s;
 }
 
-std::span<const std::byte> bytes_of(const std::string& s) { return std::as_bytes(std::span(s.data(), s.size())); }
+std::span<const std::byte> bytes_of(const std::string& s) {
+  return std::as_bytes(std::span(s.data(), s.size()));
+}
 
 /// Reports one line to the parent through `fd`.
 void report(int fd, const std::string& line) {
@@ -70,8 +72,8 @@ task<void> produce(ipcoro::mapped_file& file, std::uint64_t records) {
     }
   }
   tx.close();
-  fmt::print("producer:   {} records appended (the queue was full without a live consumer {} times)\n", records,
-             dead_peer_reports);
+  fmt::print("producer:   {} records appended (the queue was full without a live consumer {} times)\n",
+             records, dead_peer_reports);
 }
 
 /// Takes records from where the last acknowledged one left off. With `crash_after`, dies
@@ -100,8 +102,8 @@ task<bool> consume(ipcoro::mapped_file& file, int report_fd, const char* name, s
       if (count % 1000 == 0) file.sync();
       if (count == crash_after) {
         report(report_fd, fmt::format("{} {}", first, count));
-        fmt::print("{}: acknowledged records {}..{}; taking 5 more without acknowledging, then crashing\n", name,
-                   first, seq);
+        fmt::print("{}: acknowledged records {}..{}; taking 5 more without acknowledging, then crashing\n",
+                   name, first, seq);
         std::fflush(stdout);
       }
     } else if (count == crash_after + 5) {
@@ -111,7 +113,8 @@ task<bool> consume(ipcoro::mapped_file& file, int report_fd, const char* name, s
   rx.ack();
   file.sync();
   report(report_fd, fmt::format("{} {}", first, count));
-  fmt::print("{}: drained records {}..{} ({} records) and reached the end of the queue\n", name, first, next - 1, count);
+  fmt::print("{}: drained records {}..{} ({} records) and reached the end of the queue\n", name, first,
+             next - 1, count);
   co_return true;
 }
 
@@ -157,9 +160,12 @@ int main(int argc, char** argv) try {
   bool keep = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
-    if (arg == "--path" && i + 1 < argc) path = argv[++i];
-    else if (arg == "--records" && i + 1 < argc) records = std::strtoull(argv[++i], nullptr, 10);
-    else if (arg == "--keep") keep = true;
+    if (arg == "--path" && i + 1 < argc)
+      path = argv[++i];
+    else if (arg == "--records" && i + 1 < argc)
+      records = std::strtoull(argv[++i], nullptr, 10);
+    else if (arg == "--keep")
+      keep = true;
     else {
       fmt::print(stderr, "usage: {} [--path FILE] [--records N] [--keep]\n", argv[0]);
       return 2;
@@ -192,8 +198,9 @@ int main(int argc, char** argv) try {
       return ipcoro::sync_wait(ctx, consume(f, fds[1], "consumer 1", crash_after));
     });
     const int first_status = wait_exit(first);
-    fmt::print("mmap_log:   consumer 1 ended by {}\n",
-               first_status == 128 + SIGKILL ? "SIGKILL, as planned" : fmt::format("status {}", first_status));
+    fmt::print("mmap_log:   consumer 1 ended by {}\n", first_status == 128 + SIGKILL
+                                                           ? "SIGKILL, as planned"
+                                                           : fmt::format("status {}", first_status));
     const pid_t second = fork_process([&](ipcoro::io_context& ctx) {
       auto f = ipcoro::mapped_file::open(path, layout);
       return ipcoro::sync_wait(ctx, consume(f, fds[1], "consumer 2", ~std::uint64_t{0}));
@@ -203,14 +210,15 @@ int main(int argc, char** argv) try {
     ::close(fds[1]);
 
     std::uint64_t first_from = 0, first_acked = 0, second_from = 0, second_count = 0;
-    const bool reported = read_report(reports, first_from, first_acked) && read_report(reports, second_from, second_count);
+    const bool reported =
+        read_report(reports, first_from, first_acked) && read_report(reports, second_from, second_count);
     std::fclose(reports);
     // Exactly once: consumer 1 acknowledged 0..k-1, consumer 2 processed k..N-1.
     ok = first_status == 128 + SIGKILL && second_status == 0 && producer_status == 0 && reported &&
          first_from == 0 && first_acked == crash_after && second_from == first_acked &&
          first_acked + second_count == records;
-    fmt::print("mmap_log: {} records processed exactly once across the crash: {}\n", first_acked + second_count,
-               ok ? "verified" : "FAILED");
+    fmt::print("mmap_log: {} records processed exactly once across the crash: {}\n",
+               first_acked + second_count, ok ? "verified" : "FAILED");
   } catch (const std::exception& e) {
     fmt::print(stderr, "mmap_log: {}\n", e.what());
   }

@@ -29,8 +29,8 @@
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <mqueue.h>
-#include <signal.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -105,7 +105,8 @@ T read_as(std::span<const std::byte> b) {
 
 // ---- the worker ----
 
-task<void> work(std::uint32_t worker, const ipcoro::message_queue& jobs, const ipcoro::message_queue& results) {
+task<void> work(std::uint32_t worker, const ipcoro::message_queue& jobs,
+                const ipcoro::message_queue& results) {
   std::array<std::byte, sizeof(job)> buf{};
   std::uint32_t done = 0;
   for (;;) {
@@ -115,7 +116,8 @@ task<void> work(std::uint32_t worker, const ipcoro::message_queue& jobs, const i
     if (j.id == stop_id) break;
     const result r{j.id, worker, collatz_steps(j.n)};
     co_await results.send_labelled(result_label, bytes_of(r), 1);
-    if (++done % 100 == 0) co_await results.send_labelled(progress_label, bytes_of(progress{worker, done}), 2);
+    if (++done % 100 == 0)
+      co_await results.send_labelled(progress_label, bytes_of(progress{worker, done}), 2);
   }
   co_await results.send_labelled(bye_label, bytes_of(bye{worker, done}), 0);
 }
@@ -151,10 +153,10 @@ int worker_main(std::uint32_t worker, pid_t dispatcher, const std::string& jobs_
 // ---- the dispatcher ----
 
 struct tally {
-  std::vector<std::uint8_t> answered;    ///< per job: how many results came back
-  std::uint32_t wrong = 0;               ///< results with a wrong value or unknown id
+  std::vector<std::uint8_t> answered;  ///< per job: how many results came back
+  std::uint32_t wrong = 0;             ///< results with a wrong value or unknown id
   std::uint32_t results = 0;
-  std::int64_t urgent_overtaken = 0;     ///< sum of (job id - arrival position), urgent jobs
+  std::int64_t urgent_overtaken = 0;  ///< sum of (job id - arrival position), urgent jobs
   std::int64_t normal_overtaken = 0;
   std::uint32_t urgent = 0;
   std::uint32_t progress_notes = 0;
@@ -226,7 +228,8 @@ task<void> watch(pid_t pid, std::uint32_t worker, std::vector<int>& exit_codes) 
   ::waitpid(pid, &status, 0);
   exit_codes[worker] = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   if (exit_codes[worker] != 0) {
-    throw std::runtime_error(fmt::format("worker {} (pid {}) ended with status {}", worker, pid, exit_codes[worker]));
+    throw std::runtime_error(
+        fmt::format("worker {} (pid {}) ended with status {}", worker, pid, exit_codes[worker]));
   }
 }
 
@@ -303,17 +306,19 @@ int run(std::uint32_t count, std::uint32_t workers) {
     by_workers += t.jobs_per_worker[w];
   }
   const std::uint32_t normal = count - t.urgent;
-  fmt::print("{} jobs by {} workers in {:.2f} s; {} progress notes\n", count, workers, seconds, t.progress_notes);
+  fmt::print("{} jobs by {} workers in {:.2f} s; {} progress notes\n", count, workers, seconds,
+             t.progress_notes);
   if (t.urgent != 0 && normal != 0) {
     // Positive: the result came back earlier than the job's place in the submission order.
-    fmt::print("urgent jobs came back {:+.1f} places ahead of submission order on average, normal ones {:+.1f}\n",
-               static_cast<double>(t.urgent_overtaken) / t.urgent, static_cast<double>(t.normal_overtaken) / normal);
+    fmt::print(
+        "urgent jobs came back {:+.1f} places ahead of submission order on average, normal ones {:+.1f}\n",
+        static_cast<double>(t.urgent_overtaken) / t.urgent, static_cast<double>(t.normal_overtaken) / normal);
   }
   const bool gone = queue_gone(jobs_name) && queue_gone(results_name);
   bool exits_ok = true;
   for (int c : exit_codes) exits_ok = exits_ok && c == 0;
-  const bool ok = missing == 0 && duplicated == 0 && t.wrong == 0 && t.results == count && by_workers == count &&
-                  t.byes == workers && exits_ok && gone;
+  const bool ok = missing == 0 && duplicated == 0 && t.wrong == 0 && t.results == count &&
+                  by_workers == count && t.byes == workers && exits_ok && gone;
   fmt::print("results: {} missing, {} duplicated, {} wrong; byes account for {} jobs; queues {}\n", missing,
              duplicated, t.wrong, by_workers, gone ? "removed" : "LEFT BEHIND");
   fmt::print("mq_jobs {}\n", ok ? "verified" : "FAILED");

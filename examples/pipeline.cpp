@@ -125,7 +125,8 @@ task<void> tokenize(channel_receiver<text_chunk>& in, channel_sender<std::vector
   if (!batch.empty()) co_await out.send(batch);
 }
 
-task<void> count(channel_receiver<std::vector<std::uint64_t>>& in, channel_sender<std::vector<word_count>>& out) {
+task<void> count(channel_receiver<std::vector<std::uint64_t>>& in,
+                 channel_sender<std::vector<word_count>>& out) {
   std::unordered_map<std::uint64_t, std::uint64_t> table;
   while (std::optional<std::vector<std::uint64_t>> batch = co_await in.receive()) {
     for (std::uint64_t w : *batch) ++table[w];
@@ -202,8 +203,8 @@ config parse(int argc, char** argv) {
 
 task<bool> run_one(const std::string& transport, std::uint64_t words) {
   ipcoro::pipeline job =
-      ipcoro::pipeline::source<text_chunk>("generate",
-                                           [words](channel_sender<text_chunk>& out) { return generate(out, words); })
+      ipcoro::pipeline::source<text_chunk>(
+          "generate", [words](channel_sender<text_chunk>& out) { return generate(out, words); })
           .then<std::vector<std::uint64_t>>("tokenize", tokenize)
           .then<std::vector<word_count>>("count", count)
           .sink("verify", [words, transport](channel_receiver<std::vector<word_count>>& in) {
@@ -232,8 +233,8 @@ task<bool> run_one(const std::string& transport, std::uint64_t words) {
              "seconds", "msgs/s");
   for (const ipcoro::stage_report& r : reports) {
     const std::uint64_t moved = std::max(r.received, r.sent);
-    fmt::print("[{}] {:<9} {:>8} {:>10} {:>10} {:>9.3f} {:>12.0f}\n", transport, r.name, r.pid, r.received, r.sent,
-               r.seconds, r.seconds > 0 ? static_cast<double>(moved) / r.seconds : 0.0);
+    fmt::print("[{}] {:<9} {:>8} {:>10} {:>10} {:>9.3f} {:>12.0f}\n", transport, r.name, r.pid, r.received,
+               r.sent, r.seconds, r.seconds > 0 ? static_cast<double>(moved) / r.seconds : 0.0);
   }
   fmt::print("[{}] {} words in {:.3f} s: {:.1f} M words/s end to end\n", transport, words, seconds,
              static_cast<double>(words) / seconds / 1e6);

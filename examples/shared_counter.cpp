@@ -165,7 +165,8 @@ int main(int argc, char** argv) try {
   }
   const int victim_status = wait_for(victim);
   if (!WIFSIGNALED(victim_status) || WTERMSIG(victim_status) != SIGKILL) {
-    fmt::print(stderr, "the victim (pid {}) was expected to die of SIGKILL (status {:#x})\n", victim, victim_status);
+    fmt::print(stderr, "the victim (pid {}) was expected to die of SIGKILL (status {:#x})\n", victim,
+               victim_status);
     ok = false;
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -186,9 +187,10 @@ int main(int argc, char** argv) try {
   const bool exact = final_state.count == expected;
   fmt::print("{} processes x {} increments: count {} (expected {}) in {:.2f} s, {:.0f} locks/s\n", processes,
              increments, final_state.count, expected, seconds, static_cast<double>(expected) / seconds);
-  fmt::print("a process killed while holding the lock: lock taken over {} time(s), {} half-done update(s) "
-             "rolled back\n",
-             counter.mutex().takeovers(), final_state.repairs);
+  fmt::print(
+      "a process killed while holding the lock: lock taken over {} time(s), {} half-done update(s) "
+      "rolled back\n",
+      counter.mutex().takeovers(), final_state.repairs);
   ok = ok && exact && counter.mutex().takeovers() == 1 && final_state.repairs == 1;
   fmt::print("shared_counter: {}\n", ok ? "exact" : "FAILED");
   return ok ? 0 : 1;

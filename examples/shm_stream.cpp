@@ -51,7 +51,7 @@ struct stream_trailer {
 /// A fast order-sensitive checksum over 32-byte blocks (four independent lanes, so it runs
 /// near memory speed). Fed with whole messages whose sizes are multiples of 32, plus a tail.
 class stream_checksum {
-public:
+ public:
   void update(std::span<const std::byte> data) noexcept {
     std::size_t i = 0;
     for (; i + 32 <= data.size(); i += 32) {
@@ -68,7 +68,7 @@ public:
     return (h_[0] ^ std::rotl(h_[1], 17) ^ std::rotl(h_[2], 34) ^ std::rotl(h_[3], 51)) + bytes_;
   }
 
-private:
+ private:
   std::array<std::uint64_t, 4> h_{0x243f6a8885a308d3ull, 0x13198a2e03707344ull, 0xa4093822299f31d0ull,
                                   0x082efa98ec4e6c89ull};
   std::uint64_t bytes_ = 0;
@@ -103,7 +103,8 @@ task<void> produce(std::span<std::byte> region, config cfg) {
   stream_checksum sum;
   std::uint64_t sent = 0;
   for (std::uint64_t n = 0; sent < cfg.bytes; ++n) {
-    const std::size_t size = static_cast<std::size_t>(std::min<std::uint64_t>(cfg.message_size, cfg.bytes - sent));
+    const std::size_t size =
+        static_cast<std::size_t>(std::min<std::uint64_t>(cfg.message_size, cfg.bytes - sent));
     const std::size_t offset = (n * 4104) % (table.size() - size + 1) & ~std::size_t{7};
     const auto message = std::span(table).subspan(offset, size);
     sum.update(message);
@@ -113,7 +114,8 @@ task<void> produce(std::span<std::byte> region, config cfg) {
   const stream_trailer trailer{sent, sum.value()};
   co_await tx.send(std::as_bytes(std::span(&trailer, 1)));
   tx.close();
-  fmt::print("producer: sent {} bytes, checksum {:016x}, {:.2f} s of CPU\n", sent, trailer.checksum, cpu_seconds());
+  fmt::print("producer: sent {} bytes, checksum {:016x}, {:.2f} s of CPU\n", sent, trailer.checksum,
+             cpu_seconds());
 }
 
 task<bool> consume(std::span<std::byte> region, config cfg) {
@@ -151,13 +153,14 @@ task<bool> consume(std::span<std::byte> region, config cfg) {
   }
   std::memcpy(&trailer, buffer.data(), sizeof trailer);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const bool ok = trailer.bytes == received && trailer.checksum == sum.value() && !co_await rx.receive(buffer);
-  fmt::print("consumer: received {} bytes in {} messages, checksum {:016x} (producer: {:016x}): {}\n", received,
-             messages, sum.value(), trailer.checksum, ok ? "verified" : "MISMATCH");
+  const bool ok =
+      trailer.bytes == received && trailer.checksum == sum.value() && !co_await rx.receive(buffer);
+  fmt::print("consumer: received {} bytes in {} messages, checksum {:016x} (producer: {:016x}): {}\n",
+             received, messages, sum.value(), trailer.checksum, ok ? "verified" : "MISMATCH");
   fmt::print("consumer: {:.2f} s, {:.2f} GB/s ({:.2f} GiB/s), {:.0f} messages/s, {:.2f} s of CPU\n", seconds,
              static_cast<double>(received) / seconds / 1e9,
-             static_cast<double>(received) / seconds / double(1 << 30), static_cast<double>(messages) / seconds,
-             cpu_seconds());
+             static_cast<double>(received) / seconds / double(1 << 30),
+             static_cast<double>(messages) / seconds, cpu_seconds());
   co_return ok;
 }
 
@@ -166,10 +169,23 @@ std::uint64_t parse_size(std::string_view flag, const char* text) {
   unsigned long long v = std::strtoull(text, &end, 10);
   if (end != text && *end != '\0' && end[1] == '\0') {
     switch (*end) {
-      case 'K': case 'k': v <<= 10; ++end; break;
-      case 'M': case 'm': v <<= 20; ++end; break;
-      case 'G': case 'g': v <<= 30; ++end; break;
-      default: break;
+      case 'K':
+      case 'k':
+        v <<= 10;
+        ++end;
+        break;
+      case 'M':
+      case 'm':
+        v <<= 20;
+        ++end;
+        break;
+      case 'G':
+      case 'g':
+        v <<= 30;
+        ++end;
+        break;
+      default:
+        break;
     }
   }
   if (end == text || *end != '\0') {
@@ -201,12 +217,17 @@ int main(int argc, char** argv) try {
   config cfg;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
-    if (i + 1 < argc && arg == "--bytes") cfg.bytes = parse_size(arg, argv[++i]);
-    else if (i + 1 < argc && arg == "--message-size") cfg.message_size = parse_size(arg, argv[++i]);
-    else if (i + 1 < argc && arg == "--ring-size") cfg.ring_size = parse_size(arg, argv[++i]);
-    else if (i + 1 < argc && arg == "--spin-us") cfg.spin_us = static_cast<unsigned>(parse_size(arg, argv[++i]));
+    if (i + 1 < argc && arg == "--bytes")
+      cfg.bytes = parse_size(arg, argv[++i]);
+    else if (i + 1 < argc && arg == "--message-size")
+      cfg.message_size = parse_size(arg, argv[++i]);
+    else if (i + 1 < argc && arg == "--ring-size")
+      cfg.ring_size = parse_size(arg, argv[++i]);
+    else if (i + 1 < argc && arg == "--spin-us")
+      cfg.spin_us = static_cast<unsigned>(parse_size(arg, argv[++i]));
     else {
-      fmt::print(stderr, "usage: {} [--bytes N] [--message-size BYTES] [--ring-size BYTES] [--spin-us US]\n", argv[0]);
+      fmt::print(stderr, "usage: {} [--bytes N] [--message-size BYTES] [--ring-size BYTES] [--spin-us US]\n",
+                 argv[0]);
       return 2;
     }
   }
@@ -221,9 +242,11 @@ int main(int argc, char** argv) try {
     const std::string name = fmt::format("/ipcoro-shm-stream-{}", ::getpid());
     const auto layout = ipcoro::spsc_ring_layout(capacity);
     // The ring is formatted before the name appears: no process sees it half made.
-    auto segment = ipcoro::shm_segment::create(name, layout, {.mode = 0600, .initialize = &ipcoro::format_spsc_ring});
-    fmt::print("shm_stream: {} bytes through {} ({} KiB ring, {} KiB messages{})\n", cfg.bytes, name, capacity / 1024,
-               cfg.message_size / 1024, cfg.spin_us ? fmt::format(", spin {} us", cfg.spin_us) : "");
+    auto segment =
+        ipcoro::shm_segment::create(name, layout, {.mode = 0600, .initialize = &ipcoro::format_spsc_ring});
+    fmt::print("shm_stream: {} bytes through {} ({} KiB ring, {} KiB messages{})\n", cfg.bytes, name,
+               capacity / 1024, cfg.message_size / 1024,
+               cfg.spin_us ? fmt::format(", spin {} us", cfg.spin_us) : "");
 
     // Each side opens the segment by name, as an unrelated program would.
     const pid_t producer = fork_side("producer", [&](ipcoro::io_context& ctx) {

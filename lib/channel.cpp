@@ -23,9 +23,9 @@
 
 #include <cerrno>
 #include <charconv>
-#include <concepts>
 #include <chrono>
 #include <climits>
+#include <concepts>
 #include <cstring>
 #include <ctime>
 #include <fstream>
@@ -38,12 +38,18 @@ namespace ipcoro {
 
 const char* to_string(channel_transport t) noexcept {
   switch (t) {
-    case channel_transport::pipe: return "pipe";
-    case channel_transport::fifo: return "fifo";
-    case channel_transport::mq: return "mq";
-    case channel_transport::shm: return "shm";
-    case channel_transport::file: return "file";
-    case channel_transport::fd: return "fd";
+    case channel_transport::pipe:
+      return "pipe";
+    case channel_transport::fifo:
+      return "fifo";
+    case channel_transport::mq:
+      return "mq";
+    case channel_transport::shm:
+      return "shm";
+    case channel_transport::file:
+      return "file";
+    case channel_transport::fd:
+      return "fd";
   }
   return "?";
 }
@@ -71,8 +77,9 @@ std::size_t parse_size(std::string_view address, std::string_view key, std::stri
     if (scale != 1) ++p;
   }
   if (ec != std::errc{} || p != end || n == 0 || n > SIZE_MAX / scale) {
-    bad_address(address, fmt::format("option {}={} is not a positive size (digits, optionally followed by k or m)",
-                                     key, value));
+    bad_address(address,
+                fmt::format("option {}={} is not a positive size (digits, optionally followed by k or m)",
+                            key, value));
   }
   return n * scale;
 }
@@ -122,10 +129,13 @@ channel_address channel_address::parse(std::string_view address) {
   } else if (scheme == "mq" || scheme == "shm") {
     a.transport = scheme == "mq" ? channel_transport::mq : channel_transport::shm;
     if (rest.size() < 2 || rest.front() != '/' || rest.find('/', 1) != std::string_view::npos) {
-      bad_address(address, fmt::format("a {} name is one '/' followed by a name without further slashes, as in {}:/jobs",
-                                       scheme == "mq" ? "message queue" : "shared-memory segment", scheme));
+      bad_address(
+          address,
+          fmt::format("a {} name is one '/' followed by a name without further slashes, as in {}:/jobs",
+                      scheme == "mq" ? "message queue" : "shared-memory segment", scheme));
     }
-    if (rest.size() > NAME_MAX) bad_address(address, fmt::format("the name is longer than NAME_MAX ({})", NAME_MAX));
+    if (rest.size() > NAME_MAX)
+      bad_address(address, fmt::format("the name is longer than NAME_MAX ({})", NAME_MAX));
   } else if (scheme == "fd") {
     a.transport = channel_transport::fd;
     int fd = -1;
@@ -170,7 +180,8 @@ channel_address channel_address::parse(std::string_view address) {
         bad_address(address, fmt::format("mode={} is not octal permission bits such as 0600", value));
       }
       a.mode = mode;
-    } else if (key == "ring" && (a.transport == channel_transport::shm || a.transport == channel_transport::file)) {
+    } else if (key == "ring" &&
+               (a.transport == channel_transport::shm || a.transport == channel_transport::file)) {
       once(seen_ring);
       if (value != "spsc" && value != "mpmc") bad_address(address, "ring= takes spsc or mpmc");
       a.mpmc = value == "mpmc";
@@ -187,14 +198,16 @@ channel_address channel_address::parse(std::string_view address) {
     }
   }
   if (a.message_size && !a.mpmc && a.transport != channel_transport::mq) {
-    bad_address(address, "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
-                         "follows from its capacity");
+    bad_address(address,
+                "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
+                "follows from its capacity");
   }
   if (a.message_size && *a.message_size < min_message_size) {
-    bad_address(address, fmt::format("message_size={} is too small: a channel message needs at least {} bytes "
-                                      "(its 8-byte frame head, and the 24-byte greeting a sender starts with); "
-                                      "ask for message_size={} or more",
-                                      *a.message_size, min_message_size, min_message_size));
+    bad_address(address,
+                fmt::format("message_size={} is too small: a channel message needs at least {} bytes "
+                            "(its 8-byte frame head, and the 24-byte greeting a sender starts with); "
+                            "ask for message_size={} or more",
+                            *a.message_size, min_message_size, min_message_size));
   }
   if (a.durable && a.mpmc) {
     bad_address(address,
@@ -222,7 +235,8 @@ void rethrow_for_address(std::string_view address, const std::system_error& e) {
     throw;
   }
   // system_error appends ": <errno text>"; the new one appends it again.
-  if (const std::string tail = ": " + e.code().message(); what.ends_with(tail)) what.resize(what.size() - tail.size());
+  if (const std::string tail = ": " + e.code().message(); what.ends_with(tail))
+    what.resize(what.size() - tail.size());
   std::string hint;
   if (e.code() == std::errc::invalid_argument) {
     if (address.starts_with("mq:")) {
@@ -271,7 +285,9 @@ static_assert(min_message_size == sizeof(message_head) + sizeof(greeting_head));
 constexpr std::size_t head_size = 8;
 constexpr std::size_t max_stream_payload = std::size_t{1} << 30;
 
-std::uint32_t short_fingerprint(std::uint64_t f) noexcept { return static_cast<std::uint32_t>(f ^ (f >> 32)); }
+std::uint32_t short_fingerprint(std::uint64_t f) noexcept {
+  return static_cast<std::uint32_t>(f ^ (f >> 32));
+}
 
 /// Storage that grows without zero-filling and keeps its contents.
 class byte_buffer {
@@ -312,8 +328,9 @@ std::span<const std::byte> send_port::greeting() {
   if (greeting_.empty()) {
     const std::string& name = identity().name;
     const std::size_t name_size = std::min<std::size_t>(name.size(), 1024);
-    greeting_head h{greeting_magic, wire_protocol, static_cast<std::uint16_t>(name_size), identity().version, 0,
-                    identity().fingerprint};
+    greeting_head h{
+        greeting_magic,        wire_protocol, static_cast<std::uint16_t>(name_size), identity().version, 0,
+        identity().fingerprint};
     greeting_.resize(sizeof h + name_size);
     std::memcpy(greeting_.data(), &h, sizeof h);
     std::memcpy(greeting_.data() + sizeof h, name.data(), name_size);
@@ -323,24 +340,27 @@ std::span<const std::byte> send_port::greeting() {
 
 void receive_port::check_greeting(std::span<const std::byte> payload) const {
   if (payload.size() < sizeof(greeting_head)) {
-    throw channel_error(fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
-                                    "channel sender",
-                                    address(), payload.size()));
+    throw channel_error(
+        fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
+                    "channel sender",
+                    address(), payload.size()));
   }
   const auto h = read_head<greeting_head>(payload.data());
   if (h.magic != greeting_magic) {
-    throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address()));
+    throw channel_error(
+        fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address()));
   }
   if (h.protocol != wire_protocol) {
-    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}", address(),
-                                    h.protocol, wire_protocol));
+    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}",
+                                    address(), h.protocol, wire_protocol));
   }
   if (h.fingerprint != identity().fingerprint) {
     const std::size_t n = std::min<std::size_t>(h.name_size, payload.size() - sizeof h);
     const std::string_view name(reinterpret_cast<const char*>(payload.data() + sizeof h), n);
-    throw channel_type_mismatch(fmt::format("channel {}: the sender sends '{}' (codec version {}), but this receiver "
-                                            "expects '{}' (codec version {})",
-                                            address(), name, h.version, identity().name, identity().version));
+    throw channel_type_mismatch(
+        fmt::format("channel {}: the sender sends '{}' (codec version {}), but this receiver "
+                    "expects '{}' (codec version {})",
+                    address(), name, h.version, identity().name, identity().version));
   }
 }
 
@@ -395,9 +415,12 @@ bool port_wait::left() const noexcept {
 namespace {
 const char* left_word(port_exit how) noexcept {
   switch (how) {
-    case port_exit::close: return "closed";
-    case port_exit::detach: return "detached";
-    case port_exit::abort: return "aborted";
+    case port_exit::close:
+      return "closed";
+    case port_exit::detach:
+      return "detached";
+    case port_exit::abort:
+      return "aborted";
   }
   return "closed";
 }
@@ -507,8 +530,9 @@ class stream_send_port final : public send_port {
 
   std::span<std::byte> prepare(std::size_t size) override {
     if (size > max_stream_payload) {
-      throw channel_error(fmt::format("channel {}: a message of {} bytes is larger than a stream frame allows ({})",
-                                      address(), size, max_stream_payload));
+      throw channel_error(
+          fmt::format("channel {}: a message of {} bytes is larger than a stream frame allows ({})",
+                      address(), size, max_stream_payload));
     }
     used_ = 0;
     if (!greeted_) put_greeting();
@@ -539,9 +563,10 @@ class stream_send_port final : public send_port {
       throw;
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
-                                         "process ended",
-                                         address()));
+        throw channel_closed(
+            fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
+                        "process ended",
+                        address()));
       }
       throw;
     }
@@ -610,8 +635,11 @@ class stream_receive_port final : public receive_port {
  public:
   /// `placeholder`: a writer of our own that keeps end of file away until the first
   /// sender has greeted (a FIFO receiver opened before any sender).
-  stream_receive_port(std::string address, unique_fd fd, std::shared_ptr<void> keep = {}, unique_fd placeholder = {})
-      : receive_port(std::move(address)), keep_(std::move(keep)), fd_(std::move(fd)),
+  stream_receive_port(std::string address, unique_fd fd, std::shared_ptr<void> keep = {},
+                      unique_fd placeholder = {})
+      : receive_port(std::move(address)),
+        keep_(std::move(keep)),
+        fd_(std::move(fd)),
         placeholder_(std::move(placeholder)) {
     buf_.grow(64 * 1024, 0);
   }
@@ -635,9 +663,10 @@ class stream_receive_port final : public receive_port {
       if (avail >= head_size) {
         const auto h = read_head<stream_head>(buf_.data() + begin_);
         if (h.length > max_stream_payload) {
-          throw channel_error(fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
-                                          "channel sender, or the stream is corrupt",
-                                          address(), h.length));
+          throw channel_error(
+              fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
+                          "channel sender, or the stream is corrupt",
+                          address(), h.length));
         }
         need = head_size + h.length;
         if (avail >= need) {
@@ -655,9 +684,10 @@ class stream_receive_port final : public receive_port {
             continue;
           }
           if (greetings_ == 0 || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-            throw channel_error(fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
-                                            "message is not a greeting)",
-                                            address()));
+            throw channel_error(
+                fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
+                            "message is not a greeting)",
+                            address()));
           }
           length_ = h.length;
           current_ = true;
@@ -676,19 +706,21 @@ class stream_receive_port final : public receive_port {
           co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, buf_.size() - end_}};
       if (n == 0) {
         if (avail > 0) {
-          throw channel_error(fmt::format("channel {}: the stream ended inside a message ({} of {} bytes came)",
-                                          address(), avail, need));
+          throw channel_error(fmt::format(
+              "channel {}: the stream ended inside a message ({} of {} bytes came)", address(), avail, need));
         }
         if (greetings_ > goodbyes_) {
-          throw channel_error(fmt::format("channel {}: the sender went away without closing the channel: it died "
-                                          "or was killed mid-stream",
-                                          address()));
+          throw channel_error(
+              fmt::format("channel {}: the sender went away without closing the channel: it died "
+                          "or was killed mid-stream",
+                          address()));
         }
         if (greetings_ == 0) {
           // Every sender greets before it can close, so this one never started.
-          throw channel_error(fmt::format("channel {}: the sender went away before its greeting: it died or was "
-                                          "killed before it began (or the writer is not an ipcoro channel sender)",
-                                          address()));
+          throw channel_error(
+              fmt::format("channel {}: the sender went away before its greeting: it died or was "
+                          "killed before it began (or the writer is not an ipcoro channel sender)",
+                          address()));
         }
         ended_ = true;
         co_return false;
@@ -724,9 +756,10 @@ class stream_receive_port final : public receive_port {
 
 std::string mq_size_advice(std::size_t wanted) {
   const long limit = read_proc_long("/proc/sys/fs/mqueue/msgsize_max");
-  return fmt::format("create the channel with message_size={} or more (this system allows up to {}, "
-                     "/proc/sys/fs/mqueue/msgsize_max)",
-                     wanted, limit);
+  return fmt::format(
+      "create the channel with message_size={} or more (this system allows up to {}, "
+      "/proc/sys/fs/mqueue/msgsize_max)",
+      wanted, limit);
 }
 
 bool try_send_end(int mqd, std::uint32_t fingerprint) noexcept {
@@ -756,7 +789,9 @@ struct mq_sending {
   mq_peers peers;
   std::string address;
 
-  std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
+  std::size_t max_message() const noexcept {
+    return static_cast<std::size_t>(queue.attributes().message_size);
+  }
   task<void> send(std::span<const std::byte> m) { return send_checked(pooled_frame{}, m); }
   std::string size_advice(std::size_t wanted) const { return mq_size_advice(wanted); }
   /// Never waits: the end goes into the peer record, where receivers find it once they
@@ -819,7 +854,9 @@ struct mq_receiving {
   mq_peers peers;
   std::string address;
 
-  std::size_t max_message() const noexcept { return static_cast<std::size_t>(queue.attributes().message_size); }
+  std::size_t max_message() const noexcept {
+    return static_cast<std::size_t>(queue.attributes().message_size);
+  }
   task<std::optional<mq_message>> receive(std::span<std::byte> buffer) {
     return receive_checked(pooled_frame{}, buffer);
   }
@@ -886,7 +923,8 @@ struct ring_sending {
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto send(std::span<const std::byte> m) noexcept { return ring.send(m); }
   std::string size_advice(std::size_t) const {
-    return std::is_same_v<Ring, spsc_ring_sender> ? "raise the address's capacity=" : "raise the address's message_size=";
+    return std::is_same_v<Ring, spsc_ring_sender> ? "raise the address's capacity="
+                                                  : "raise the address's message_size=";
   }
   void close(std::uint32_t) noexcept { ring.close(); }
   void detach() noexcept { ring.detach(); }
@@ -959,10 +997,10 @@ class message_send_port final : public send_port {
 
   std::span<std::byte> prepare(std::size_t size) override {
     if (head_size + size > buf_.size()) {
-      throw channel_error(fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
-                                      "carries is {} bytes ({} of them frame it); {}",
-                                      address(), size, buf_.size(), head_size,
-                                      transport_.size_advice(size + head_size)));
+      throw channel_error(
+          fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
+                      "carries is {} bytes ({} of them frame it); {}",
+                      address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
     }
     put_head(buf_.data(), frame_kind::data);
     used_ = head_size + size;
@@ -998,9 +1036,15 @@ class message_send_port final : public send_port {
 
   void finish(port_exit how) noexcept override {
     switch (how) {
-      case port_exit::close: transport_.close(short_fingerprint(identity().fingerprint)); break;
-      case port_exit::detach: transport_.detach(); break;
-      case port_exit::abort: transport_.abort(); break;
+      case port_exit::close:
+        transport_.close(short_fingerprint(identity().fingerprint));
+        break;
+      case port_exit::detach:
+        transport_.detach();
+        break;
+      case port_exit::abort:
+        transport_.abort();
+        break;
     }
   }
 
@@ -1072,9 +1116,10 @@ class message_receive_port final : public receive_port {
         throw channel_error(fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
       }
       if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
-        throw channel_type_mismatch(fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
-                                                "this receiver expects '{}'",
-                                                address(), h.fingerprint, identity().name));
+        throw channel_type_mismatch(
+            fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
+                        "this receiver expects '{}'",
+                        address(), h.fingerprint, identity().name));
       }
       length_ = payload.size();
       current_ = true;
@@ -1114,7 +1159,8 @@ constexpr std::uint32_t durable_ring_type_tag = 0x4c425244;  // "DRBL"
 
 region_layout ring_layout(const channel_address& a) {
   if (a.mpmc) {
-    return mpmc_ring_layout(a.capacity.value_or(default_mpmc_slots), a.message_size.value_or(default_mpmc_message));
+    return mpmc_ring_layout(a.capacity.value_or(default_mpmc_slots),
+                            a.message_size.value_or(default_mpmc_message));
   }
   region_layout l = spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
   if (a.durable) l.type_tag = durable_ring_type_tag;
@@ -1174,18 +1220,18 @@ mq_created create_queue(const channel_address& a) {
     } catch (const std::system_error& e) {
       if (e.code() != std::errc::file_exists) throw;
       if (!had_record) {
-        throw std::system_error(e.code(),
-                                fmt::format("channel {}: the queue {} exists but no channel receiver owns it (it "
-                                            "has no record {}): it was made otherwise, and is left alone; remove "
-                                            "it (message_queue::unlink) if nothing uses it",
-                                            a.text, a.name, mq_record_name(a.name)));
+        throw std::system_error(
+            e.code(), fmt::format("channel {}: the queue {} exists but no channel receiver owns it (it "
+                                  "has no record {}): it was made otherwise, and is left alone; remove "
+                                  "it (message_queue::unlink) if nothing uses it",
+                                  a.text, a.name, mq_record_name(a.name)));
       }
       message_queue::unlink(a.name);  // the dead receiver's
     }
   }
-  throw std::system_error(EEXIST, std::system_category(),
-                          fmt::format("channel {}: the queue keeps reappearing after its dead receiver's was removed",
-                                      a.text));
+  throw std::system_error(
+      EEXIST, std::system_category(),
+      fmt::format("channel {}: the queue keeps reappearing after its dead receiver's was removed", a.text));
 }
 
 /// A mapped file that is removed when the receiver that created it goes: only by the
@@ -1373,9 +1419,10 @@ int checked_fd(const channel_address& a, int access) {
   const int fd = a.fd();
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0) {
-    throw channel_error(fmt::format("channel {}: descriptor {} is not open in this process ({}); pass a "
-                                    "descriptor the process has, such as one process::exec wired in",
-                                    a.text, fd, std::strerror(errno)));
+    throw channel_error(
+        fmt::format("channel {}: descriptor {} is not open in this process ({}); pass a "
+                    "descriptor the process has, such as one process::exec wired in",
+                    a.text, fd, std::strerror(errno)));
   }
   const int mode = flags & O_ACCMODE;
   if (mode != O_RDWR && mode != access) {
@@ -1388,20 +1435,23 @@ int checked_fd(const channel_address& a, int access) {
 }
 
 [[noreturn]] void no_channel(const channel_address& a, const std::system_error& e) {
-  throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
+  throw channel_error(
+      fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
 }
 
 [[noreturn]] void pipe_has_no_name(const channel_address& a) {
-  throw bad_channel_address(fmt::format("channel address \"{}\": a pipe has no name another process could open; "
-                                        "make a channel_link before fork, or pass a descriptor as fd:N",
-                                        a.text));
+  throw bad_channel_address(
+      fmt::format("channel address \"{}\": a pipe has no name another process could open; "
+                  "make a channel_link before fork, or pass a descriptor as fd:N",
+                  a.text));
 }
 
 }  // namespace
 
 task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
   switch (a.transport) {
-    case channel_transport::pipe: pipe_has_no_name(a);
+    case channel_transport::pipe:
+      pipe_has_no_name(a);
     case channel_transport::fd:
       co_return std::make_unique<stream_receive_port>(a.text, unique_fd{checked_fd(a, O_RDONLY)});
     case channel_transport::fifo: {
@@ -1469,12 +1519,15 @@ task<std::unique_ptr<receive_port>> open_receive_port(channel_address a) {
 
 task<std::unique_ptr<send_port>> open_send_port(channel_address a) {
   switch (a.transport) {
-    case channel_transport::pipe: pipe_has_no_name(a);
+    case channel_transport::pipe:
+      pipe_has_no_name(a);
     case channel_transport::fd:
-      co_return std::make_unique<stream_send_port>(a.text, unique_fd{checked_fd(a, O_WRONLY)}, write_path::ring_only);
+      co_return std::make_unique<stream_send_port>(a.text, unique_fd{checked_fd(a, O_WRONLY)},
+                                                   write_path::ring_only);
     case channel_transport::fifo: {
       if (::access(a.name.c_str(), F_OK) != 0 && errno == ENOENT) {
-        throw channel_error(fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
+        throw channel_error(
+            fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
       }
       pipe_writer writer = co_await open_fifo_writer(a.name);
       co_return std::make_unique<stream_send_port>(a.text, writer.release_fd(), write_path::ring_only, true);
@@ -1568,9 +1621,10 @@ void channel_link::create_transport(state& st) {
   const channel_address& a = s->address;
   switch (a.transport) {
     case channel_transport::fd:
-      throw bad_channel_address(fmt::format("channel address \"{}\": an fd: address names one end of an existing "
-                                            "stream; open it with open_sender / open_receiver",
-                                            a.text));
+      throw bad_channel_address(
+          fmt::format("channel address \"{}\": an fd: address names one end of an existing "
+                      "stream; open it with open_sender / open_receiver",
+                      a.text));
     case channel_transport::pipe: {
       pipe_pair p = make_pipe(pipe_options{a.capacity.value_or(0)});
       s->path = p.writer.path();
@@ -1617,7 +1671,8 @@ void channel_link::create_transport(state& st) {
       }
       auto file = std::make_shared<mapped_file>(
           mapped_file::create(a.name, detail::ring_layout(a), a.mode, detail::ring_formatter(a)));
-      if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));
+      if (::unlink(a.name.c_str()) != 0)
+        throw_errno(errno, fmt::format("channel {}: removing the file", a.text));
       s->payload = file->payload();
       s->region = std::move(file);
       s->claims = detail::ring_claims::make(a);
@@ -1653,7 +1708,8 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
       s->claims.sender_claim.reset();  // the ring records this process now
       return port;
     }
-    case channel_transport::fd: break;
+    case channel_transport::fd:
+      break;
   }
   throw std::logic_error("channel_link::sender: no such transport");
 }
@@ -1661,12 +1717,14 @@ std::unique_ptr<send_port> link_send_port(void* raw) {
 std::unique_ptr<receive_port> link_receive_port(void* raw) {
   auto* s = static_cast<channel_link::state*>(raw);
   if (s == nullptr) throw std::logic_error("channel_link::receiver: empty link");
-  if (s->receiver_taken) throw std::logic_error("channel_link::receiver: the receiving end was taken already");
+  if (s->receiver_taken)
+    throw std::logic_error("channel_link::receiver: the receiving end was taken already");
   s->receiver_taken = true;
   const channel_address& a = s->address;
   switch (a.transport) {
     case channel_transport::pipe:
-    case channel_transport::fifo: return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
+    case channel_transport::fifo:
+      return std::make_unique<stream_receive_port>(a.text, std::move(s->read_fd));
     case channel_transport::mq: {
       auto port = std::make_unique<message_receive_port<mq_receiving>>(
           a.text,
@@ -1682,7 +1740,8 @@ std::unique_ptr<receive_port> link_receive_port(void* raw) {
       s->claims.receiver_claim.reset();  // the ring records this process now
       return port;
     }
-    case channel_transport::fd: break;
+    case channel_transport::fd:
+      break;
   }
   throw std::logic_error("channel_link::receiver: no such transport");
 }

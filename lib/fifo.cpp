@@ -32,24 +32,36 @@ enum class action { create, open_read, open_write, open_server };
 
 std::string describe(action a, const std::string& path) {
   switch (a) {
-    case action::create: return fmt::format("create FIFO {}", path);
-    case action::open_read: return fmt::format("open FIFO {} for reading", path);
-    case action::open_write: return fmt::format("open FIFO {} for writing", path);
-    case action::open_server: return fmt::format("open FIFO {} as a server (reading, plus a write end of its own)", path);
+    case action::create:
+      return fmt::format("create FIFO {}", path);
+    case action::open_read:
+      return fmt::format("open FIFO {} for reading", path);
+    case action::open_write:
+      return fmt::format("open FIFO {} for writing", path);
+    case action::open_server:
+      return fmt::format("open FIFO {} as a server (reading, plus a write end of its own)", path);
   }
   return path;
 }
 
 const char* type_name(mode_t mode) noexcept {
   switch (mode & S_IFMT) {
-    case S_IFREG: return "a regular file";
-    case S_IFDIR: return "a directory";
-    case S_IFLNK: return "a symbolic link";
-    case S_IFSOCK: return "a socket";
-    case S_IFCHR: return "a character device";
-    case S_IFBLK: return "a block device";
-    case S_IFIFO: return "a FIFO";
-    default: return "a file of unknown type";
+    case S_IFREG:
+      return "a regular file";
+    case S_IFDIR:
+      return "a directory";
+    case S_IFLNK:
+      return "a symbolic link";
+    case S_IFSOCK:
+      return "a socket";
+    case S_IFCHR:
+      return "a character device";
+    case S_IFBLK:
+      return "a block device";
+    case S_IFIFO:
+      return "a FIFO";
+    default:
+      return "a file of unknown type";
   }
 }
 
@@ -64,7 +76,8 @@ std::string parent_of(const std::string& path) {
 
 [[noreturn]] void throw_not_a_fifo(action a, const std::string& path, unsigned mode) {
   throw_with(EINVAL, a, path,
-             fmt::format("it is {}, not a FIFO; remove it or choose another path", type_name(static_cast<mode_t>(mode))));
+             fmt::format("it is {}, not a FIFO; remove it or choose another path",
+                         type_name(static_cast<mode_t>(mode))));
 }
 
 std::string explain_enoent(action a, const std::string& path) {
@@ -99,14 +112,16 @@ std::string explain_eacces(action a, const std::string& path) {
         "choose a directory this user can write to",
         uid, gid, dir, st.st_mode & 07777, st.st_uid, st.st_gid);
   }
-  return fmt::format("a directory on the way to it cannot be searched by this process (uid {} gid {})", uid, gid);
+  return fmt::format("a directory on the way to it cannot be searched by this process (uid {} gid {})", uid,
+                     gid);
 }
 
 std::string explain_enametoolong(const std::string& path) {
   if (path.size() >= PATH_MAX) {
-    return fmt::format("the path is {} bytes, and Linux takes at most {} (PATH_MAX {} with the final NUL); "
-                       "use a shorter path",
-                       path.size(), PATH_MAX - 1, PATH_MAX);
+    return fmt::format(
+        "the path is {} bytes, and Linux takes at most {} (PATH_MAX {} with the final NUL); "
+        "use a shorter path",
+        path.size(), PATH_MAX - 1, PATH_MAX);
   }
   std::string_view longest;
   std::string_view rest = path;
@@ -118,27 +133,38 @@ std::string explain_enametoolong(const std::string& path) {
   }
   long name_max = ::pathconf(parent_of(path).c_str(), _PC_NAME_MAX);
   if (name_max <= 0) name_max = NAME_MAX;
-  return fmt::format("the name \"{}...\" is {} bytes, and this file system takes at most {} (NAME_MAX); "
-                     "use a shorter name",
-                     longest.substr(0, 24), longest.size(), name_max);
+  return fmt::format(
+      "the name \"{}...\" is {} bytes, and this file system takes at most {} (NAME_MAX); "
+      "use a shorter name",
+      longest.substr(0, 24), longest.size(), name_max);
 }
 
 [[noreturn]] void throw_path_error(int err, action a, const std::string& path) {
   switch (err) {
-    case ENOENT: throw_with(err, a, path, explain_enoent(a, path));
+    case ENOENT:
+      throw_with(err, a, path, explain_enoent(a, path));
     case EACCES:
-    case EPERM: throw_with(err, a, path, explain_eacces(a, path));
-    case ENAMETOOLONG: throw_with(err, a, path, explain_enametoolong(path));
-    case ENOTDIR: throw_with(err, a, path, "a component of the path is not a directory");
-    case ELOOP: throw_with(err, a, path, "too many symbolic links (or a loop) on the way");
-    case EROFS: throw_with(err, a, path, "the file system is mounted read-only; choose another directory");
+    case EPERM:
+      throw_with(err, a, path, explain_eacces(a, path));
+    case ENAMETOOLONG:
+      throw_with(err, a, path, explain_enametoolong(path));
+    case ENOTDIR:
+      throw_with(err, a, path, "a component of the path is not a directory");
+    case ELOOP:
+      throw_with(err, a, path, "too many symbolic links (or a loop) on the way");
+    case EROFS:
+      throw_with(err, a, path, "the file system is mounted read-only; choose another directory");
     case ENOSPC:
-    case EDQUOT: throw_with(err, a, path, fmt::format("no space or inode quota left in {}", parent_of(path)));
+    case EDQUOT:
+      throw_with(err, a, path, fmt::format("no space or inode quota left in {}", parent_of(path)));
     case EMFILE:
       throw_with(err, a, path, "this process has too many open descriptors (raise RLIMIT_NOFILE, ulimit -n)");
-    case ENFILE: throw_with(err, a, path, "the system file table is full (/proc/sys/fs/file-max)");
-    case EINTR: throw_with(err, a, path, "the open was interrupted");
-    default: throw_with(err, a, path, "failed");
+    case ENFILE:
+      throw_with(err, a, path, "the system file table is full (/proc/sys/fs/file-max)");
+    case EINTR:
+      throw_with(err, a, path, "the open was interrupted");
+    default:
+      throw_with(err, a, path, "failed");
   }
 }
 
@@ -267,7 +293,8 @@ fifo::fifo(std::string path, const fifo_options& opts) {
   // Identified after the chmod, which changes the change time.
   file_identity id;
   if (!identify(path, id) || !id.is_fifo) {
-    throw_with(EEXIST, action::create, path, "the FIFO was replaced by another file right after it was created");
+    throw_with(EEXIST, action::create, path,
+               "the FIFO was replaced by another file right after it was created");
   }
   path_ = std::move(path);
   dev_ = id.dev;
@@ -306,7 +333,8 @@ void fifo::remove() noexcept {
   // the parent's FIFO alone. And only our own FIFO: a survivor may have replaced a stale
   // one with a FIFO of its own.
   file_identity id;
-  if (owner_pid_ == ::getpid() && identify(path_, id) && id.is_fifo && id.dev == dev_ && id.ino == ino_ && id.born_ns == born_ns_) {
+  if (owner_pid_ == ::getpid() && identify(path_, id) && id.is_fifo && id.dev == dev_ && id.ino == ino_ &&
+      id.born_ns == born_ns_) {
     ::unlink(path_.c_str());
   }
   path_.clear();
@@ -420,7 +448,8 @@ message_write_operation::message_write_operation(int fd, std::span<const std::by
 
 void message_write_operation::prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
   auto& self = static_cast<message_write_operation&>(op);
-  ::io_uring_prep_write(sqe, self.fd_, self.data_, static_cast<unsigned>(self.size_), static_cast<std::uint64_t>(-1));
+  ::io_uring_prep_write(sqe, self.fd_, self.data_, static_cast<unsigned>(self.size_),
+                        static_cast<std::uint64_t>(-1));
 }
 
 int message_write_operation::attempt(detail::op_base& op) noexcept {
@@ -466,7 +495,8 @@ task<End> open_within(std::string path, std::chrono::milliseconds timeout) {
 }
 }  // namespace
 
-task<duplex_pipe> open_fifo_duplex(std::string read_path, std::string write_path, std::chrono::milliseconds timeout) {
+task<duplex_pipe> open_fifo_duplex(std::string read_path, std::string write_path,
+                                   std::chrono::milliseconds timeout) {
   auto [in, out] = co_await when_all(open_within<pipe_reader>(std::move(read_path), timeout),
                                      open_within<pipe_writer>(std::move(write_path), timeout));
   co_return duplex_pipe{std::move(in), std::move(out)};

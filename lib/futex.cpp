@@ -345,7 +345,8 @@ futex_wait_result futex_wait_operation::finish(int res) const {
 
 int futex_wake(std::atomic<std::uint32_t>& word, int count, futex_scope scope) noexcept {
   const int op = FUTEX_WAKE | (scope == futex_scope::process_private ? FUTEX_PRIVATE_FLAG : 0);
-  const long n = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), op, count, nullptr, nullptr, 0);
+  const long n =
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), op, count, nullptr, nullptr, 0);
   return n < 0 ? 0 : static_cast<int>(n);
 }
 

@@ -65,10 +65,11 @@ std::string io_uring_refused_advice() {
       return "io_uring_setup: io_uring is disabled for every process (kernel.io_uring_disabled = 2); "
              "set it to 0 (sysctl kernel.io_uring_disabled=0)";
     case 1:
-      return fmt::format("io_uring_setup: io_uring is allowed only to privileged processes and to the group "
-                         "kernel.io_uring_group ({}) (kernel.io_uring_disabled = 1); add this user to that "
-                         "group, or set kernel.io_uring_disabled to 0",
-                         group < 0 ? std::string("not set") : fmt::format("gid {}", group));
+      return fmt::format(
+          "io_uring_setup: io_uring is allowed only to privileged processes and to the group "
+          "kernel.io_uring_group ({}) (kernel.io_uring_disabled = 1); add this user to that "
+          "group, or set kernel.io_uring_disabled to 0",
+          group < 0 ? std::string("not set") : fmt::format("gid {}", group));
     default:
       return "io_uring_setup: refused (EPERM) though the kernel allows io_uring "
              "(kernel.io_uring_disabled is 0 or absent): a seccomp filter or security policy (a container "
@@ -83,7 +84,8 @@ std::string io_uring_refused_advice() {
       throw std::system_error(err, std::system_category(),
                               "io_uring_setup: this kernel has no io_uring (needs Linux 5.11 or later, "
                               "built with CONFIG_IO_URING)");
-    case EPERM: throw std::system_error(err, std::system_category(), io_uring_refused_advice());
+    case EPERM:
+      throw std::system_error(err, std::system_category(), io_uring_refused_advice());
     case ENOMEM:
       throw std::system_error(err, std::system_category(),
                               "io_uring_setup: cannot lock the ring's memory; raise RLIMIT_MEMLOCK "
@@ -387,7 +389,8 @@ struct io_context::impl {
     if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
     arm_wake();
     const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
-    if (must_not_wait && backlog_head == nullptr && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
+    if (must_not_wait && backlog_head == nullptr && ring.sq_ready() == 0 &&
+        ++turns_without_enter < enter_every) {
       // Only coroutines to resume and nothing to submit: a hand-over between coroutines
       // (an event, an in-process channel) needs no syscall. Entering at least every
       // `enter_every` turns keeps I/O completions from starving: with DEFER_TASKRUN the

@@ -46,12 +46,13 @@ detail::region_origin origin_of(const std::string& path) {
   switch (err) {
     case ENOENT:
       if (std::string_view(doing) == "creating") {
-        throw std::system_error(err, std::system_category(),
-                                fmt::format("mapped file {}: the directory {} does not exist; create it first", path,
-                                            dir));
+        throw std::system_error(
+            err, std::system_category(),
+            fmt::format("mapped file {}: the directory {} does not exist; create it first", path, dir));
       }
-      throw std::system_error(err, std::system_category(),
-                              fmt::format("mapped file {}: no such file; create it first (or check the path)", path));
+      throw std::system_error(
+          err, std::system_category(),
+          fmt::format("mapped file {}: no such file; create it first (or check the path)", path));
     case EACCES:
     case EPERM: {
       struct stat st {};
@@ -60,9 +61,9 @@ detail::region_origin origin_of(const std::string& path) {
       if (::stat(subject.c_str(), &st) == 0) {
         who = fmt::format(" ({} is mode {:#o}, owned by uid {})", subject, st.st_mode & 07777, st.st_uid);
       }
-      throw std::system_error(err, std::system_category(),
-                              fmt::format("mapped file {}: permission denied {} it as uid {}{}", path, doing,
-                                          ::geteuid(), who));
+      throw std::system_error(
+          err, std::system_category(),
+          fmt::format("mapped file {}: permission denied {} it as uid {}{}", path, doing, ::geteuid(), who));
     }
     case EISDIR:
       throw std::system_error(err, std::system_category(),
@@ -147,14 +148,16 @@ mapped_file mapped_file::create(const std::string& raw_path, const region_layout
     f.creator_ = f.region_.header().creator;
     f.created_ = true;
     // The header, the initial payload and the allocation reach the disk before the name.
-    f.region_.sync(initialize ? std::span<const std::byte>{}
-                              : std::span<const std::byte>(f.region_.whole().first(sizeof(detail::region_header))));
+    f.region_.sync(initialize
+                       ? std::span<const std::byte>{}
+                       : std::span<const std::byte>(f.region_.whole().first(sizeof(detail::region_header))));
     if (::fsync(fd.get()) != 0) throw_errno(errno, fmt::format("mapped file {}: fsync", path));
     const int rc = publish(fd.get(), temp, path);
     temp.clear();
     if (rc == -EEXIST) {
-      throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("mapped file {}: already exists; open it, or remove it first", path));
+      throw std::system_error(
+          EEXIST, std::system_category(),
+          fmt::format("mapped file {}: already exists; open it, or remove it first", path));
     }
     if (rc < 0) throw_path_error(-rc, path, "creating");
     fsync_directory(dir);
@@ -176,7 +179,8 @@ mapped_file mapped_file::open(const std::string& raw_path, const region_layout& 
   return f;
 }
 
-mapped_file mapped_file::open_or_create(const std::string& raw_path, const region_layout& layout, unsigned mode,
+mapped_file mapped_file::open_or_create(const std::string& raw_path, const region_layout& layout,
+                                        unsigned mode,
                                         const std::function<void(std::span<std::byte>)>& initialize) {
   const std::string path = absolute_path(raw_path);
   // Bounded: each round either opens, creates, or saw the file vanish or appear.

@@ -41,7 +41,8 @@ long read_proc_long(const char* path) noexcept {
 }
 
 std::string rlimit_text(rlim_t v) {
-  return v == RLIM_INFINITY ? std::string("unlimited") : fmt::format("{} bytes", static_cast<unsigned long long>(v));
+  return v == RLIM_INFINITY ? std::string("unlimited")
+                            : fmt::format("{} bytes", static_cast<unsigned long long>(v));
 }
 
 [[noreturn]] void throw_error(int err, const std::string& what) {
@@ -71,22 +72,25 @@ void check_name(std::string_view name) {
 /// differently depending on who runs it.
 void check_attributes(std::string_view name, const mq_attributes& a) {
   if (a.max_messages < 0 || a.message_size < 0) {
-    throw_error(EINVAL, fmt::format("message queue {}: max_messages ({}) and message_size ({}) must be positive "
-                                    "(0 picks the system default)",
-                                    name, a.max_messages, a.message_size));
+    throw_error(EINVAL,
+                fmt::format("message queue {}: max_messages ({}) and message_size ({}) must be positive "
+                            "(0 picks the system default)",
+                            name, a.max_messages, a.message_size));
   }
   const long msg_max = read_proc_long(msg_max_file);
   if (msg_max > 0 && a.max_messages > msg_max) {
-    throw_error(EINVAL, fmt::format("message queue {}: max_messages {} is above {} ({}); ask for at most {} or "
-                                    "raise the limit (sysctl fs.mqueue.msg_max={})",
-                                    name, a.max_messages, msg_max_file, msg_max, msg_max, a.max_messages));
+    throw_error(EINVAL,
+                fmt::format("message queue {}: max_messages {} is above {} ({}); ask for at most {} or "
+                            "raise the limit (sysctl fs.mqueue.msg_max={})",
+                            name, a.max_messages, msg_max_file, msg_max, msg_max, a.max_messages));
   }
   const long msgsize_max = read_proc_long(msgsize_max_file);
   if (msgsize_max > 0 && a.message_size > msgsize_max) {
-    throw_error(EINVAL, fmt::format("message queue {}: message_size {} bytes is above {} ({}); ask for at most {} "
-                                    "or raise the limit (sysctl fs.mqueue.msgsize_max={})",
-                                    name, a.message_size, msgsize_max_file, msgsize_max, msgsize_max,
-                                    a.message_size));
+    throw_error(
+        EINVAL,
+        fmt::format("message queue {}: message_size {} bytes is above {} ({}); ask for at most {} "
+                    "or raise the limit (sysctl fs.mqueue.msgsize_max={})",
+                    name, a.message_size, msgsize_max_file, msgsize_max, msgsize_max, a.message_size));
   }
 }
 
@@ -112,50 +116,61 @@ bool descriptor_available() noexcept {
   return true;
 }
 
-[[noreturn]] void throw_open_error(int err, std::string_view name, bool creating, const mq_attributes& wanted) {
+[[noreturn]] void throw_open_error(int err, std::string_view name, bool creating,
+                                   const mq_attributes& wanted) {
   switch (err) {
     case EEXIST:
-      throw_error(err, fmt::format("message queue {} already exists: another program uses it, or a crashed one "
-                                   "left it behind; pick another name or remove it (message_queue::unlink)",
-                                   name));
+      throw_error(err,
+                  fmt::format("message queue {} already exists: another program uses it, or a crashed one "
+                              "left it behind; pick another name or remove it (message_queue::unlink)",
+                              name));
     case ENOENT:
-      throw_error(err, fmt::format("message queue {} does not exist: create it first (message_queue::create, or "
-                                   "open with mq_open_options::create)",
-                                   name));
+      throw_error(err,
+                  fmt::format("message queue {} does not exist: create it first (message_queue::create, or "
+                              "open with mq_open_options::create)",
+                              name));
     case EACCES:
-      throw_error(err, fmt::format("message queue {}: permission denied; the queue's mode or owner does not allow "
-                                   "this access",
-                                   name));
+      throw_error(err,
+                  fmt::format("message queue {}: permission denied; the queue's mode or owner does not allow "
+                              "this access",
+                              name));
     case ENOSPC:
-      throw_error(err, fmt::format("message queue {}: too many queues in the system: {} allows {}; remove unused "
-                                   "queues (mount -t mqueue none /dev/mqueue to list them) or raise the limit "
-                                   "(sysctl fs.mqueue.queues_max)",
-                                   name, queues_max_file, read_proc_long(queues_max_file)));
+      throw_error(err,
+                  fmt::format("message queue {}: too many queues in the system: {} allows {}; remove unused "
+                              "queues (mount -t mqueue none /dev/mqueue to list them) or raise the limit "
+                              "(sysctl fs.mqueue.queues_max)",
+                              name, queues_max_file, read_proc_long(queues_max_file)));
     case ENFILE:
-      throw_error(err, fmt::format("message queue {}: the system's file table is full (/proc/sys/fs/file-max)", name));
+      throw_error(
+          err,
+          fmt::format("message queue {}: the system's file table is full (/proc/sys/fs/file-max)", name));
     case EMFILE: {
       rlimit lim{};
       if (creating && descriptor_available()) {
         ::getrlimit(RLIMIT_MSGQUEUE, &lim);
         const mq_attributes a = complete_attributes(wanted);
-        throw_error(err, fmt::format("message queue {}: creating it would exceed this user's RLIMIT_MSGQUEUE ({}), "
-                                     "which counts every queue's max_messages x message_size ({} x {} here) plus "
-                                     "overhead; remove unused queues, ask for fewer or smaller messages, or raise "
-                                     "the limit (ulimit -q, setrlimit(RLIMIT_MSGQUEUE))",
-                                     name, rlimit_text(lim.rlim_cur), a.max_messages, a.message_size));
+        throw_error(
+            err, fmt::format("message queue {}: creating it would exceed this user's RLIMIT_MSGQUEUE ({}), "
+                             "which counts every queue's max_messages x message_size ({} x {} here) plus "
+                             "overhead; remove unused queues, ask for fewer or smaller messages, or raise "
+                             "the limit (ulimit -q, setrlimit(RLIMIT_MSGQUEUE))",
+                             name, rlimit_text(lim.rlim_cur), a.max_messages, a.message_size));
       }
       ::getrlimit(RLIMIT_NOFILE, &lim);
-      throw_error(err, fmt::format("message queue {}: this process has too many open descriptors (RLIMIT_NOFILE "
-                                   "{}); close some or raise it (ulimit -n)",
-                                   name, static_cast<unsigned long long>(lim.rlim_cur)));
+      throw_error(err,
+                  fmt::format("message queue {}: this process has too many open descriptors (RLIMIT_NOFILE "
+                              "{}); close some or raise it (ulimit -n)",
+                              name, static_cast<unsigned long long>(lim.rlim_cur)));
     }
     case EINVAL:
-      throw_error(err, fmt::format("message queue {}: the kernel refused the name or the attributes (max_messages "
-                                   "{}, message_size {}; limits in {} and {})",
-                                   name, wanted.max_messages, wanted.message_size, msg_max_file, msgsize_max_file));
+      throw_error(
+          err, fmt::format("message queue {}: the kernel refused the name or the attributes (max_messages "
+                           "{}, message_size {}; limits in {} and {})",
+                           name, wanted.max_messages, wanted.message_size, msg_max_file, msgsize_max_file));
     case ENAMETOOLONG:
-      throw_error(err, fmt::format("message queue name \"{:.40}...\" is too long (at most NAME_MAX = {} bytes)",
-                                   name, NAME_MAX));
+      throw_error(
+          err, fmt::format("message queue name \"{:.40}...\" is too long (at most NAME_MAX = {} bytes)", name,
+                           NAME_MAX));
     default:
       throw_error(err, fmt::format("mq_open {}", name));
   }
@@ -163,9 +178,12 @@ bool descriptor_available() noexcept {
 
 int open_flags(mq_access access) noexcept {
   switch (access) {
-    case mq_access::read_only: return O_RDONLY;
-    case mq_access::write_only: return O_WRONLY;
-    case mq_access::read_write: break;
+    case mq_access::read_only:
+      return O_RDONLY;
+    case mq_access::write_only:
+      return O_WRONLY;
+    case mq_access::read_write:
+      break;
   }
   return O_RDWR;
 }
@@ -264,14 +282,16 @@ bool message_queue::unlink(std::string_view name) {
   const int err = errno;
   if (err == ENOENT) return false;
   if (err == EACCES) {
-    throw_error(err, fmt::format("mq_unlink {}: permission denied (the queue belongs to another user)", name));
+    throw_error(err,
+                fmt::format("mq_unlink {}: permission denied (the queue belongs to another user)", name));
   }
   throw_error(err, fmt::format("mq_unlink {}", name));
 }
 
 long message_queue::current_messages() const {
   ::mq_attr a{};
-  if (::mq_getattr(static_cast<mqd_t>(mqd_), &a) != 0) throw_error(errno, fmt::format("mq_getattr {}", name_));
+  if (::mq_getattr(static_cast<mqd_t>(mqd_), &a) != 0)
+    throw_error(errno, fmt::format("mq_getattr {}", name_));
   return a.mq_curmsgs;
 }
 
@@ -351,7 +371,8 @@ void mq_send_operation::finish(int res) const {
   const std::string& name = queue_->name_;
   if (!done_) throw_errno(-res, fmt::format("waiting to send to message queue {}", name));
   switch (error_) {
-    case 0: return;
+    case 0:
+      return;
     case EMSGSIZE:
       throw_error(error_, fmt::format("message of {} bytes{} is larger than the message size of queue {} ({} "
                                       "bytes); send smaller messages or create the queue with a larger "
@@ -367,9 +388,11 @@ void mq_send_operation::finish(int res) const {
       }
       break;
     case EBADF:
-      throw_error(error_, fmt::format("send to message queue {}: the queue was opened read-only (or is closed)",
-                                      name));
-    default: break;
+      throw_error(
+          error_,
+          fmt::format("send to message queue {}: the queue was opened read-only (or is closed)", name));
+    default:
+      break;
   }
   throw_errno(error_, fmt::format("mq_send {}", name));
 }
@@ -391,7 +414,8 @@ bool mq_receive_operation::try_receive() noexcept {
   }
   for (;;) {
     unsigned prio = 0;
-    const ssize_t n = ::mq_receive(static_cast<mqd_t>(queue_->mqd_), reinterpret_cast<char*>(data_), size_, &prio);
+    const ssize_t n =
+        ::mq_receive(static_cast<mqd_t>(queue_->mqd_), reinterpret_cast<char*>(data_), size_, &prio);
     if (n >= 0) {
       received_ = {static_cast<std::size_t>(n), prio};
       return done_ = true;
@@ -431,16 +455,19 @@ mq_message mq_receive_operation::finish(int res) const {
   const std::string& name = queue_->name_;
   if (!done_) throw_errno(-res, fmt::format("waiting to receive from message queue {}", name));
   switch (error_) {
-    case 0: return received_;
+    case 0:
+      return received_;
     case EMSGSIZE:
-      throw_error(error_, fmt::format("receive from message queue {}: the buffer of {} bytes is smaller than the "
-                                      "queue's message size ({} bytes); pass a buffer of at least that size",
-                                      name, size_, queue_->attributes_.message_size));
+      throw_error(error_,
+                  fmt::format("receive from message queue {}: the buffer of {} bytes is smaller than the "
+                              "queue's message size ({} bytes); pass a buffer of at least that size",
+                              name, size_, queue_->attributes_.message_size));
     case EBADF:
       throw_error(error_, fmt::format("receive from message queue {}: the queue was opened write-only (or is "
                                       "closed)",
                                       name));
-    default: break;
+    default:
+      break;
   }
   throw_errno(error_, fmt::format("mq_receive {}", name));
 }
@@ -467,9 +494,10 @@ mq_demux::mq_demux(const message_queue& queue, std::uint32_t labels, std::size_t
   if (labels == 0) throw std::invalid_argument("mq_demux: needs at least one label");
   if (max_held == 0) throw std::invalid_argument("mq_demux: max_held must be at least 1");
   if (slot_size_ < mq_label_header_size) {
-    throw std::invalid_argument(fmt::format("mq_demux: queue {} has a message size of {} bytes, too small for the "
-                                            "{}-byte label header",
-                                            queue.name(), slot_size_, mq_label_header_size));
+    throw std::invalid_argument(
+        fmt::format("mq_demux: queue {} has a message size of {} bytes, too small for the "
+                    "{}-byte label header",
+                    queue.name(), slot_size_, mq_label_header_size));
   }
   storage_ = std::make_unique<std::byte[]>(slot_size_ * max_held);
   slots_ = std::make_unique<slot[]>(max_held);
@@ -536,20 +564,24 @@ void mq_demux::deliver(slot& s, const mq_message& m) {
     s.next = free_;
     free_ = &s;
     if (m.size < mq_label_header_size) {
-      throw_error(EBADMSG, fmt::format("mq_demux on queue {}: a message of {} bytes has no label header ({} bytes); "
-                                       "send with message_queue::send_labelled. The message was dropped",
-                                       queue_->name(), m.size, mq_label_header_size));
+      throw_error(EBADMSG,
+                  fmt::format("mq_demux on queue {}: a message of {} bytes has no label header ({} bytes); "
+                              "send with message_queue::send_labelled. The message was dropped",
+                              queue_->name(), m.size, mq_label_header_size));
     }
-    throw_error(EBADMSG, fmt::format("mq_demux on queue {}: a message with label {} arrived, but this demux routes "
-                                     "labels 0 to {}; construct it with more labels or fix the sender. The "
-                                     "message ({} bytes, priority {}) was dropped",
-                                     queue_->name(), label, labels_ - 1, m.size, m.priority));
+    throw_error(EBADMSG,
+                fmt::format("mq_demux on queue {}: a message with label {} arrived, but this demux routes "
+                            "labels 0 to {}; construct it with more labels or fix the sender. The "
+                            "message ({} bytes, priority {}) was dropped",
+                            queue_->name(), label, labels_ - 1, m.size, m.priority));
   }
   s.message = {m.size - mq_label_header_size, m.priority};
   s.next = nullptr;
   label_state& st = states_[label];
-  if (st.tail != nullptr) st.tail->next = &s;
-  else st.head = &s;
+  if (st.tail != nullptr)
+    st.tail->next = &s;
+  else
+    st.head = &s;
   st.tail = &s;
   ++st.held;
   ++held_total_;
@@ -632,9 +664,10 @@ std::optional<mq_message> mq_demux_receive_operation::await_resume() {
                                     demux_.queue_->name(), label_, demux_.labels_));
   }
   if (error_ == EMSGSIZE) {
-    throw_error(EMSGSIZE, fmt::format("mq_demux on queue {}: the buffer of {} bytes is smaller than the largest "
-                                      "payload ({} bytes: message size less the label header)",
-                                      demux_.queue_->name(), buffer_.size(), demux_.max_payload()));
+    throw_error(EMSGSIZE,
+                fmt::format("mq_demux on queue {}: the buffer of {} bytes is smaller than the largest "
+                            "payload ({} bytes: message size less the label header)",
+                            demux_.queue_->name(), buffer_.size(), demux_.max_payload()));
   }
   if (parked_) {
     try {
@@ -670,7 +703,8 @@ std::optional<mq_message> mq_demux_receive_operation::await_resume() {
 }
 
 task<std::optional<mq_message>> mq_demux_receive_operation::again(detail::pooled_frame, mq_demux& demux,
-                                                                  std::uint32_t label, std::span<std::byte> buffer) {
+                                                                  std::uint32_t label,
+                                                                  std::span<std::byte> buffer) {
   co_return co_await demux.receive(label, buffer);
 }
 

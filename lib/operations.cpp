@@ -141,7 +141,10 @@ int write_nowait(int fd, const std::byte* data, std::size_t size) noexcept {
 }  // namespace
 
 write_operation::write_operation(int fd, std::span<const std::byte> buffer, write_path path) noexcept
-    : io_operation(&prep, nullptr, path == write_path::try_nowait_first ? &attempt : nullptr), data_(buffer.data()), size_(clamp_len(buffer.size())), fd_(fd) {
+    : io_operation(&prep, nullptr, path == write_path::try_nowait_first ? &attempt : nullptr),
+      data_(buffer.data()),
+      size_(clamp_len(buffer.size())),
+      fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLOUT;
 }
@@ -190,7 +193,10 @@ std::size_t read_exact_operation::finish(int res) const {
 // ---- write_all ----
 
 write_all_operation::write_all_operation(int fd, std::span<const std::byte> buffer, write_path path) noexcept
-    : io_operation(&prep, &progress, path == write_path::try_nowait_first ? &attempt : nullptr), data_(buffer.data()), size_(buffer.size()), fd_(fd) {
+    : io_operation(&prep, &progress, path == write_path::try_nowait_first ? &attempt : nullptr),
+      data_(buffer.data()),
+      size_(buffer.size()),
+      fd_(fd) {
   retry_fd_ = fd;
   retry_poll_events_ = POLLOUT;
 }

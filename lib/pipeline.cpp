@@ -73,7 +73,8 @@ void record_error(detail::stage_slot& slot, const char* what) noexcept {
 int blame_rank(const exit_status& st, const detail::stage_slot& slot) {
   if (!st.exited()) return 0;
   const std::string_view error = slot.error;
-  if (error.find("died") != std::string_view::npos || error.find("went away") != std::string_view::npos) return 2;
+  if (error.find("died") != std::string_view::npos || error.find("went away") != std::string_view::npos)
+    return 2;
   return 1;
 }
 
@@ -102,7 +103,8 @@ task<std::vector<stage_report>> pipeline::run_with(pipeline_options opts) {
   shared_slots slots(n);
   std::vector<channel_link> links;
   links.reserve(n - 1);
-  for (std::size_t e = 0; e + 1 < n; ++e) links.push_back(channel_link::create(edge_address(opts, run_id, e)));
+  for (std::size_t e = 0; e + 1 < n; ++e)
+    links.push_back(channel_link::create(edge_address(opts, run_id, e)));
   const std::function<void()> close_links = [&links] {
     for (channel_link& l : links) l.reset();
   };
@@ -117,7 +119,8 @@ task<std::vector<stage_report>> pipeline::run_with(pipeline_options opts) {
           const auto t0 = std::chrono::steady_clock::now();
           int code = 0;
           try {
-            stages_[i].body(i > 0 ? &links[i - 1] : nullptr, i + 1 < n ? &links[i] : nullptr, close_links, slot);
+            stages_[i].body(i > 0 ? &links[i - 1] : nullptr, i + 1 < n ? &links[i] : nullptr, close_links,
+                            slot);
           } catch (const channel_closed&) {
             // The consumer stopped reading: this stage is done, as a shell's `yes | head`.
           } catch (const std::exception& e) {
@@ -216,18 +219,21 @@ task<std::vector<stage_report>> pipeline::run_with(pipeline_options opts) {
     std::size_t culprit = *failed;
     for (std::size_t i = 0; i < n; ++i) {
       const bool own = std::find(stopped.begin(), stopped.end(), i) == stopped.end();
-      if (own && !status[i]->success() && blame_rank(*status[i], slots[i]) < blame_rank(*status[culprit], slots[culprit])) {
+      if (own && !status[i]->success() &&
+          blame_rank(*status[i], slots[i]) < blame_rank(*status[culprit], slots[culprit])) {
         culprit = i;
       }
     }
     const exit_status& st = *status[culprit];
-    const std::string detail = slots[culprit].error[0] != '\0' ? std::string(": ") + slots[culprit].error : "";
-    throw pipeline_error(stages_[culprit].name,
-                         fmt::format("pipeline stage '{}' (pid {}) {}{}{}", stages_[culprit].name, pids[culprit],
-                                     st.exited() ? fmt::format("failed ({})", st.describe()) : st.describe(), detail,
-                                     stopped.empty() ? std::string()
-                                                     : fmt::format("; {} other stage{} stopped", stopped.size(),
-                                                                   stopped.size() == 1 ? " was" : "s were")));
+    const std::string detail =
+        slots[culprit].error[0] != '\0' ? std::string(": ") + slots[culprit].error : "";
+    throw pipeline_error(
+        stages_[culprit].name,
+        fmt::format("pipeline stage '{}' (pid {}) {}{}{}", stages_[culprit].name, pids[culprit],
+                    st.exited() ? fmt::format("failed ({})", st.describe()) : st.describe(), detail,
+                    stopped.empty() ? std::string()
+                                    : fmt::format("; {} other stage{} stopped", stopped.size(),
+                                                  stopped.size() == 1 ? " was" : "s were")));
   }
 
   std::vector<stage_report> reports;

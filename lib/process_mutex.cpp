@@ -80,11 +80,12 @@ void process_mutex_guard::unlock() {
   std::uint32_t c = s.word.load(std::memory_order_relaxed);
   do {
     if ((c & pid_mask) != me) {
-      throw std::system_error(EPERM, std::system_category(),
-                              fmt::format("process_mutex unlock: pid {} no longer holds the lock (pid {} does); it "
-                                          "was taken over while this process held it: is every process in the "
-                                          "same pid namespace, and is liveness_check longer than a stall?",
-                                          me, c & pid_mask));
+      throw std::system_error(
+          EPERM, std::system_category(),
+          fmt::format("process_mutex unlock: pid {} no longer holds the lock (pid {} does); it "
+                      "was taken over while this process held it: is every process in the "
+                      "same pid namespace, and is liveness_check longer than a stall?",
+                      me, c & pid_mask));
     }
   } while (!s.word.compare_exchange_weak(c, 0, std::memory_order_release, std::memory_order_relaxed));
   if ((c & waiters_bit) != 0) futex_wake(s.word, 1);
@@ -102,7 +103,8 @@ void process_mutex_guard::release_quietly() noexcept {
 
 bool process_mutex_lock_operation::await_ready() {
   std::uint32_t c = 0;
-  if (!state_->word.compare_exchange_strong(c, my_word(), std::memory_order_acquire, std::memory_order_relaxed)) {
+  if (!state_->word.compare_exchange_strong(c, my_word(), std::memory_order_acquire,
+                                            std::memory_order_relaxed)) {
     return false;
   }
   fast_ = process_mutex_guard::record_holder(*state_, false);
@@ -115,15 +117,16 @@ process_mutex_guard process_mutex_lock_operation::await_resume() {
 }
 
 task<process_mutex_guard> process_mutex_lock_operation::lock_contended(process_mutex_state& s,
-                                                                      process_mutex_options opts,
-                                                                      std::int64_t deadline_ns) {
+                                                                       process_mutex_options opts,
+                                                                       std::int64_t deadline_ns) {
   const std::uint32_t me = my_word();
-  const std::int64_t check_ns =
-      std::max<std::int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(opts.liveness_check).count(), 1);
+  const std::int64_t check_ns = std::max<std::int64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(opts.liveness_check).count(), 1);
   for (;;) {
     for (unsigned i = 0; i < opts.spin; ++i) {
       std::uint32_t c = s.word.load(std::memory_order_relaxed);
-      if (c == 0 && s.word.compare_exchange_weak(c, me, std::memory_order_acquire, std::memory_order_relaxed)) {
+      if (c == 0 &&
+          s.word.compare_exchange_weak(c, me, std::memory_order_acquire, std::memory_order_relaxed)) {
         co_return process_mutex_guard::record_holder(s, false);
       }
       cpu_relax();
@@ -131,7 +134,8 @@ task<process_mutex_guard> process_mutex_lock_operation::lock_contended(process_m
     std::uint32_t c = s.word.load(std::memory_order_acquire);
     if (c == 0) {
       // Taken with the waiters bit: others may be parked, and this unlock must wake them.
-      if (s.word.compare_exchange_strong(c, me | waiters_bit, std::memory_order_acquire, std::memory_order_relaxed)) {
+      if (s.word.compare_exchange_strong(c, me | waiters_bit, std::memory_order_acquire,
+                                         std::memory_order_relaxed)) {
         co_return process_mutex_guard::record_holder(s, false);
       }
       continue;
@@ -144,7 +148,8 @@ task<process_mutex_guard> process_mutex_lock_operation::lock_contended(process_m
     if (now >= deadline_ns) throw timed_out{};
     const std::int64_t wait_ns = std::min(check_ns, deadline_ns - now);
     const futex_wait_result r = co_await futex_wait(s.word, c, std::chrono::nanoseconds(wait_ns));
-    if (r == futex_wait_result::timed_out && s.word.load(std::memory_order_acquire) == c && holder_dead(s, c)) {
+    if (r == futex_wait_result::timed_out && s.word.load(std::memory_order_acquire) == c &&
+        holder_dead(s, c)) {
       // Exactly the word judged dead: two waiters that both saw the death cannot both win.
       std::uint32_t expected = c;
       if (s.word.compare_exchange_strong(expected, me | waiters_bit, std::memory_order_acq_rel,
@@ -164,7 +169,8 @@ task<process_mutex_guard> process_mutex_lock_operation::lock_contended(process_m
 
 std::optional<process_mutex_guard> process_mutex::try_lock() const {
   std::uint32_t c = 0;
-  if (!state_->word.compare_exchange_strong(c, my_word(), std::memory_order_acquire, std::memory_order_relaxed)) {
+  if (!state_->word.compare_exchange_strong(c, my_word(), std::memory_order_acquire,
+                                            std::memory_order_relaxed)) {
     return std::nullopt;
   }
   return process_mutex_guard::record_holder(*state_, false);
@@ -182,7 +188,8 @@ bool process_mutex::holder_alive() const noexcept {
 std::int64_t process_mutex::deadline_after(std::chrono::nanoseconds timeout) noexcept {
   const std::int64_t now = monotonic_ns();
   const std::int64_t t = timeout.count();
-  return t >= std::numeric_limits<std::int64_t>::max() - now ? std::numeric_limits<std::int64_t>::max() : now + t;
+  return t >= std::numeric_limits<std::int64_t>::max() - now ? std::numeric_limits<std::int64_t>::max()
+                                                             : now + t;
 }
 
 }  // namespace ipcoro

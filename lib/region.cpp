@@ -136,7 +136,8 @@ const process_identity& this_process() {
     const pid_t pid = ::getpid();
     proc_stat_fields f;
     if (const int rc = read_proc_stat(pid, f); rc < 0) {
-      throw_errno(-rc, fmt::format("reading /proc/{}/stat for this process's start time (is /proc mounted?)", pid));
+      throw_errno(
+          -rc, fmt::format("reading /proc/{}/stat for this process's start time (is /proc mounted?)", pid));
     }
     c.id = process_identity{pid, 0, f.start_time, boot_id_hash()};
     c.valid.store(true, std::memory_order_release);
@@ -150,7 +151,7 @@ bool process_alive(const process_identity& who) noexcept {
   proc_stat_fields f;
   const int rc = read_proc_stat(who.pid, f);
   if (rc == -ENOENT || rc == -ESRCH) return false;
-  if (rc < 0) return true;  // cannot tell: do not take anything from it
+  if (rc < 0) return true;                             // cannot tell: do not take anything from it
   if (f.state == 'Z' || f.state == 'X') return false;  // exited, not yet reaped
   return f.start_time == who.start_time;
 }
@@ -173,10 +174,11 @@ void throw_out_of_bounds(const char* what, std::uint64_t offset, std::uint64_t l
 }
 
 void throw_misaligned(const char* what, std::uint64_t offset, std::size_t alignment) {
-  throw std::system_error(EBADMSG, std::system_category(),
-                          fmt::format("{}: offset {} is not a multiple of {}; the shared memory was corrupted "
-                                      "or written by an incompatible peer",
-                                      what, offset, alignment));
+  throw std::system_error(
+      EBADMSG, std::system_category(),
+      fmt::format("{}: offset {} is not a multiple of {}; the shared memory was corrupted "
+                  "or written by an incompatible peer",
+                  what, offset, alignment));
 }
 
 // ---- mapped_region ----
@@ -247,12 +249,14 @@ std::optional<space_figures> space_of(const std::string& dir) noexcept {
       space ? fmt::format("it has {} free of {}", size_text(space->free), size_text(space->total))
             : std::string("its free space is unknown");
   const std::string fix =
-      origin.shm ? fmt::format("free space in {} (remove stale segments) or enlarge it (mount -o remount,size=... {})",
-                               origin.space_dir, origin.space_dir)
-                 : fmt::format("free space on that file system or put the file elsewhere");
+      origin.shm
+          ? fmt::format(
+                "free space in {} (remove stale segments) or enlarge it (mount -o remount,size=... {})",
+                origin.space_dir, origin.space_dir)
+          : fmt::format("free space on that file system or put the file elsewhere");
   throw std::system_error(ENOSPC, std::system_category(),
-                          fmt::format("{}: cannot allocate {} in {}: {}; ask for less, or {}", origin.description,
-                                      size_text(total), origin.space_dir, room, fix));
+                          fmt::format("{}: cannot allocate {} in {}: {}; ask for less, or {}",
+                                      origin.description, size_text(total), origin.space_dir, room, fix));
 }
 
 std::string hex(std::uint64_t v) { return fmt::format("{:#x}", v); }
@@ -295,7 +299,8 @@ mapped_region mapped_region::create(int fd, const region_layout& layout, const r
                           "ulimit -f)",
                           size_text(total)));
   }
-  if (rc != 0) throw_errno(rc, fmt::format("{}: posix_fallocate of {}", origin.description, size_text(total)));
+  if (rc != 0)
+    throw_errno(rc, fmt::format("{}: posix_fallocate of {}", origin.description, size_text(total)));
 
   std::byte* base = map_shared(fd, static_cast<std::size_t>(total), origin);
   mapped_region region(base, static_cast<std::size_t>(total), static_cast<std::size_t>(layout.payload_size));
@@ -309,7 +314,8 @@ mapped_region mapped_region::create(int fd, const region_layout& layout, const r
   h->creator = this_process();
   ::timespec now{};
   ::clock_gettime(CLOCK_REALTIME, &now);
-  h->created_unix_ns = static_cast<std::uint64_t>(now.tv_sec) * 1'000'000'000u + static_cast<std::uint64_t>(now.tv_nsec);
+  h->created_unix_ns =
+      static_cast<std::uint64_t>(now.tv_sec) * 1'000'000'000u + static_cast<std::uint64_t>(now.tv_nsec);
   h->checksum = header_checksum(*h);
   std::atomic_ref<std::uint64_t>(h->magic).store(region_magic, std::memory_order_release);
   return region;
@@ -322,7 +328,8 @@ bool mapped_region::peek(int fd, region_header& out) noexcept {
   do {
     n = ::pread(fd, &out, sizeof out, 0);
   } while (n < 0 && errno == EINTR);
-  return n == static_cast<ssize_t>(sizeof out) && out.magic == region_magic && out.checksum == header_checksum(out);
+  return n == static_cast<ssize_t>(sizeof out) && out.magic == region_magic &&
+         out.checksum == header_checksum(out);
 }
 
 mapped_region mapped_region::open(int fd, const region_layout& expected, const region_origin& origin) {
@@ -346,10 +353,11 @@ mapped_region mapped_region::open(int fd, const region_layout& expected, const r
 
   if (h.magic != region_magic) {
     throw_bad(EBADMSG, origin,
-              h.magic == 0 ? std::string("has no ipcoro header (its magic is zero): it was never completed, or "
-                                         "is not an ipcoro region")
-                           : fmt::format("is not an ipcoro region (magic {}, expected {})", hex(h.magic),
-                                         hex(region_magic)));
+              h.magic == 0
+                  ? std::string("has no ipcoro header (its magic is zero): it was never completed, or "
+                                "is not an ipcoro region")
+                  : fmt::format("is not an ipcoro region (magic {}, expected {})", hex(h.magic),
+                                hex(region_magic)));
   }
   if (h.header_version != region_header_version) {
     throw_bad(EPROTO, origin,
@@ -361,20 +369,22 @@ mapped_region mapped_region::open(int fd, const region_layout& expected, const r
     throw_bad(EBADMSG, origin, "its header is corrupt (checksum mismatch): remove it and create it again");
   }
   if (h.header_size != sizeof(region_header) || h.payload_offset != region_payload_offset) {
-    throw_bad(EBADMSG, origin,
-              fmt::format("its header claims a {}-byte header and a payload at offset {}; this ipcoro uses {} "
-                          "and {}",
-                          h.header_size, h.payload_offset, sizeof(region_header), region_payload_offset));
+    throw_bad(
+        EBADMSG, origin,
+        fmt::format("its header claims a {}-byte header and a payload at offset {}; this ipcoro uses {} "
+                    "and {}",
+                    h.header_size, h.payload_offset, sizeof(region_header), region_payload_offset));
   }
   if (h.type_tag != expected.type_tag) {
     throw_bad(EPROTO, origin,
-              fmt::format("holds type tag {}, expected {}: another kind of object uses this name", hex(h.type_tag),
-                          hex(expected.type_tag)));
+              fmt::format("holds type tag {}, expected {}: another kind of object uses this name",
+                          hex(h.type_tag), hex(expected.type_tag)));
   }
   if (h.layout_version != expected.version) {
-    throw_bad(EPROTO, origin,
-              fmt::format("has layout version {}, expected {}: its creator runs another version of the program",
-                          h.layout_version, expected.version));
+    throw_bad(
+        EPROTO, origin,
+        fmt::format("has layout version {}, expected {}: its creator runs another version of the program",
+                    h.layout_version, expected.version));
   }
   if (expected.payload_size != 0 && h.payload_size != expected.payload_size) {
     throw_bad(EPROTO, origin,
@@ -405,7 +415,8 @@ void mapped_region::sync(std::span<const std::byte> range) const {
   std::size_t end = size_;
   if (!range.empty()) {
     const auto* first = range.data();
-    if (first < base_ || first > base_ + size_ || range.size() > static_cast<std::size_t>(base_ + size_ - first)) {
+    if (first < base_ || first > base_ + size_ ||
+        range.size() > static_cast<std::size_t>(base_ + size_ - first)) {
       throw std::system_error(EINVAL, std::system_category(), "sync: the range is outside the mapping");
     }
     begin = static_cast<std::size_t>(first - base_);

@@ -100,14 +100,17 @@ struct ring_header {
   std::atomic<std::uint32_t> fence_required;             // sticky fence_mode: publishers fence per message
   alignas(64) std::atomic<std::int32_t> cpu[2];          // CPU a sender [0] / receiver [1] last ran on, + 1
   alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
-  alignas(64) std::atomic<std::uint64_t> head;           // SPSC: bytes released (acknowledged); MPMC: next receive position
-  alignas(64) event_count data;                          // receivers sleep here
-  alignas(64) event_count space;                         // senders sleep here
+  alignas(64)
+      std::atomic<std::uint64_t> head;  // SPSC: bytes released (acknowledged); MPMC: next receive position
+  alignas(64) event_count data;         // receivers sleep here
+  alignas(64) event_count space;        // senders sleep here
   alignas(64) participant_word participants[participant_count];  // SPSC: [0] sender, [1] receiver
 };
 static_assert(sizeof(ring_header) <= ring_header_size);
-static_assert(offsetof(ring_header, fence_required) == 72, "tests/shm_ring_test.cpp reads the fence mode here");
-static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::uint32_t>::is_always_lock_free,
+static_assert(offsetof(ring_header, fence_required) == 72,
+              "tests/shm_ring_test.cpp reads the fence mode here");
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
+                  std::atomic<std::uint32_t>::is_always_lock_free,
               "the ring's words must be address-free lock-free atomics to live in shared memory");
 
 // SPSC: every record starts 8-aligned with this header.
@@ -129,11 +132,14 @@ struct slot_header {
 static_assert(sizeof(slot_header) == slot_header_size);
 constexpr std::uint64_t abandoned_bit = std::uint64_t{1} << 63;
 
-constexpr std::uint64_t make_slot_word(std::uint32_t seq, std::uint32_t owner, bool abandoned = false) noexcept {
+constexpr std::uint64_t make_slot_word(std::uint32_t seq, std::uint32_t owner,
+                                       bool abandoned = false) noexcept {
   return std::uint64_t{seq} | (std::uint64_t{owner & 0x7fffffffu} << 32) | (abandoned ? abandoned_bit : 0);
 }
 constexpr std::uint32_t slot_seq(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w); }
-constexpr std::uint32_t slot_owner(std::uint64_t w) noexcept { return static_cast<std::uint32_t>(w >> 32) & 0x7fffffffu; }
+constexpr std::uint32_t slot_owner(std::uint64_t w) noexcept {
+  return static_cast<std::uint32_t>(w >> 32) & 0x7fffffffu;
+}
 constexpr bool slot_abandoned(std::uint64_t w) noexcept { return (w & abandoned_bit) != 0; }
 
 constexpr std::uint64_t align8(std::uint64_t n) noexcept { return (n + 7) & ~std::uint64_t{7}; }
@@ -158,7 +164,8 @@ std::uint64_t config_check(const ring_config& c) noexcept {
 
 void check_region(std::span<std::byte> region, std::size_t minimum, const char* what) {
   if (reinterpret_cast<std::uintptr_t>(region.data()) % 64 != 0) {
-    throw_invalid(fmt::format("{}: the region must be 64-byte aligned (a segment's or mapping's payload is)", what));
+    throw_invalid(
+        fmt::format("{}: the region must be 64-byte aligned (a segment's or mapping's payload is)", what));
   }
   if (region.size() < minimum) {
     throw_invalid(fmt::format("{}: the region has {} bytes; this ring needs at least {}", what, region.size(),
@@ -181,7 +188,8 @@ std::uint64_t self_start_time() noexcept {
   const pid_t me = ::getpid();
   if (cached_pid.load(std::memory_order_acquire) != me) {
     detail::proc_stat_fields st;
-    cached_start.store(detail::read_proc_stat(me, st) == 0 ? st.start_time & start_mask : 0, std::memory_order_relaxed);
+    cached_start.store(detail::read_proc_stat(me, st) == 0 ? st.start_time & start_mask : 0,
+                       std::memory_order_relaxed);
     cached_pid.store(me, std::memory_order_release);
   }
   return cached_start.load(std::memory_order_relaxed);
@@ -199,10 +207,13 @@ bool pid_alive(pid_t pid, std::uint64_t start) noexcept {
 }
 
 constexpr std::uint64_t pack_participant(pid_t pid, std::uint32_t role, std::uint64_t start) noexcept {
-  return (static_cast<std::uint64_t>(pid) & 0xffffffu) | (std::uint64_t{role & 3u} << 24) | ((start & start_mask) << 26);
+  return (static_cast<std::uint64_t>(pid) & 0xffffffu) | (std::uint64_t{role & 3u} << 24) |
+         ((start & start_mask) << 26);
 }
 constexpr pid_t participant_pid(std::uint64_t v) noexcept { return static_cast<pid_t>(v & 0xffffffu); }
-constexpr std::uint32_t participant_role(std::uint64_t v) noexcept { return static_cast<std::uint32_t>(v >> 24) & 3u; }
+constexpr std::uint32_t participant_role(std::uint64_t v) noexcept {
+  return static_cast<std::uint32_t>(v >> 24) & 3u;
+}
 constexpr std::uint64_t participant_start(std::uint64_t v) noexcept { return v >> 26; }
 
 bool participant_alive(std::uint64_t v) noexcept {
@@ -295,7 +306,7 @@ inline void cpu_relax() noexcept {
 /// Keeps a few freed coroutine frames for reuse, so that sleeping allocates nothing once
 /// warm. Frames are allocated and freed on the loop's thread.
 class frame_pool {
-public:
+ public:
   frame_pool() = default;
   frame_pool(const frame_pool&) = delete;
   frame_pool& operator=(const frame_pool&) = delete;
@@ -327,7 +338,7 @@ public:
     ::operator delete(block);
   }
 
-private:
+ private:
   static constexpr std::size_t prefix = alignof(std::max_align_t);
   std::array<void*, 4> free_{};
 };
@@ -345,7 +356,7 @@ struct wait_promise;
 /// A sleep in progress: owns its frame until started, then the frame frees itself at the
 /// end and resumes the operation's awaiter (or returns to it, when it finished inline).
 class wait_task {
-public:
+ public:
   using promise_type = wait_promise;
   explicit wait_task(std::coroutine_handle<wait_promise> h) noexcept : h_(h) {}
   wait_task(wait_task&& other) noexcept : h_(std::exchange(other.h_, {})) {}
@@ -357,7 +368,7 @@ public:
   bool start(std::coroutine_handle<> awaiter, std::stop_token token, unsigned char& state,
              std::exception_ptr& error);
 
-private:
+ private:
   std::coroutine_handle<wait_promise> h_;
 };
 
@@ -370,7 +381,9 @@ struct wait_promise {
   static void* operator new(std::size_t n) { return wait_frames.allocate(n); }
   static void operator delete(void* p) noexcept { wait_frames.deallocate(p); }
 
-  wait_task get_return_object() noexcept { return wait_task{std::coroutine_handle<wait_promise>::from_promise(*this)}; }
+  wait_task get_return_object() noexcept {
+    return wait_task{std::coroutine_handle<wait_promise>::from_promise(*this)};
+  }
   std::suspend_always initial_suspend() const noexcept { return {}; }
   struct final_awaiter {
     bool await_ready() const noexcept { return false; }
@@ -443,7 +456,8 @@ void format_spsc_ring(std::span<std::byte> region) {
   c.region_size = ring_header_size + capacity;
   c.capacity = capacity;
   c.slot_stride = 0;
-  c.max_message = static_cast<std::uint32_t>(std::min<std::uint64_t>(capacity / 2 - sizeof(record_header), UINT32_MAX));
+  c.max_message =
+      static_cast<std::uint32_t>(std::min<std::uint64_t>(capacity / 2 - sizeof(record_header), UINT32_MAX));
   c.header_size = ring_header_size;
   c.participants = participant_count;
   publish_header(write_header(region, c));
@@ -456,7 +470,8 @@ void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message) {
   }
   const std::size_t stride = mpmc_stride(max_message);
   check_region(region, ring_header_size + 2 * stride, "format_mpmc_ring");
-  const std::size_t slots = std::min(std::bit_floor((region.size() - ring_header_size) / stride), max_mpmc_slots);
+  const std::size_t slots =
+      std::min(std::bit_floor((region.size() - ring_header_size) / stride), max_mpmc_slots);
   ring_config c{};
   c.magic = ring_magic;
   c.version = ring_version;
@@ -481,10 +496,11 @@ void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message) {
 namespace detail {
 
 class __attribute__((visibility("hidden"))) ring_endpoint {
-public:
+ public:
   enum class outcome : unsigned char { done, would_block, end_of_stream };
 
-  ring_endpoint(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role, const ring_options& options);
+  ring_endpoint(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role,
+                const ring_options& options);
   ~ring_endpoint() { detach(); }
   ring_endpoint(const ring_endpoint&) = delete;
   ring_endpoint& operator=(const ring_endpoint&) = delete;
@@ -521,7 +537,7 @@ public:
   std::size_t max_message() const noexcept { return max_message_; }
   std::size_t capacity() const noexcept { return capacity_; }
 
-private:
+ private:
   wait_task send_wait(ring_send_operation& op);
   wait_task receive_wait(ring_receive_operation& op);
 
@@ -585,7 +601,9 @@ private:
   slot_header& slot_at(std::uint64_t pos) const noexcept {
     return *reinterpret_cast<slot_header*>(data_ + (pos & mask_) * stride_);
   }
-  std::byte* slot_payload(slot_header& s) const noexcept { return reinterpret_cast<std::byte*>(&s) + slot_header_size; }
+  std::byte* slot_payload(slot_header& s) const noexcept {
+    return reinterpret_cast<std::byte*>(&s) + slot_header_size;
+  }
   const char* role_name() const noexcept { return role_ == role_sender ? "sender" : "receiver"; }
   const char* kind_name() const noexcept { return kind_ == kind_spsc ? "SPSC" : "MPMC"; }
 
@@ -628,18 +646,20 @@ ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, st
   ring_config c{};
   c.magic = std::atomic_ref<std::uint64_t>(hdr_->config.magic).load(std::memory_order_acquire);
   if (c.magic != ring_magic) {
-    throw_invalid(fmt::format("{}: no ring in this region (magic {:#018x}, expected {:#018x}): not formatted yet, "
-                              "or not a ring",
-                              what, c.magic, ring_magic));
+    throw_invalid(
+        fmt::format("{}: no ring in this region (magic {:#018x}, expected {:#018x}): not formatted yet, "
+                    "or not a ring",
+                    what, c.magic, ring_magic));
   }
   std::memcpy(reinterpret_cast<std::byte*>(&c) + sizeof c.magic,
               reinterpret_cast<const std::byte*>(&hdr_->config) + sizeof c.magic, sizeof c - sizeof c.magic);
   if (c.version != ring_version) {
-    throw_invalid(fmt::format("{}: the ring has layout version {}; this ipcoro reads version {}", what, c.version,
-                              ring_version));
+    throw_invalid(fmt::format("{}: the ring has layout version {}; this ipcoro reads version {}", what,
+                              c.version, ring_version));
   }
   if (c.check != config_check(c)) {
-    throw_invalid(fmt::format("{}: the ring header is corrupt: its check word does not match its fields", what));
+    throw_invalid(
+        fmt::format("{}: the ring header is corrupt: its check word does not match its fields", what));
   }
   if (c.kind != kind) {
     throw_invalid(fmt::format("{}: the region holds an {} ring, not an {} ring", what,
@@ -647,27 +667,30 @@ ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, st
                               kind == kind_spsc ? "SPSC" : "MPMC"));
   }
   if (c.header_size != ring_header_size || c.participants != participant_count) {
-    throw_invalid(fmt::format("{}: the ring header has size {} and {} participant entries; expected {} and {}", what,
-                              c.header_size, c.participants, ring_header_size, participant_count));
+    throw_invalid(
+        fmt::format("{}: the ring header has size {} and {} participant entries; expected {} and {}", what,
+                    c.header_size, c.participants, ring_header_size, participant_count));
   }
   if (c.region_size > region.size() || c.region_size < ring_header_size) {
-    throw_invalid(fmt::format("{}: the ring was formatted for a region of {} bytes, but this region has {}", what,
-                              c.region_size, region.size()));
+    throw_invalid(fmt::format("{}: the ring was formatted for a region of {} bytes, but this region has {}",
+                              what, c.region_size, region.size()));
   }
   const std::uint64_t data_bytes = c.region_size - ring_header_size;
   if (kind == kind_spsc) {
     if (!std::has_single_bit(c.capacity) || c.capacity < min_spsc_capacity || c.capacity > data_bytes ||
         c.max_message != std::min<std::uint64_t>(c.capacity / 2 - sizeof(record_header), UINT32_MAX)) {
-      throw_invalid(fmt::format("{}: the ring's geometry is inconsistent (capacity {}, max message {}, {} data bytes)",
-                                what, c.capacity, c.max_message, data_bytes));
+      throw_invalid(
+          fmt::format("{}: the ring's geometry is inconsistent (capacity {}, max message {}, {} data bytes)",
+                      what, c.capacity, c.max_message, data_bytes));
     }
   } else {
-    if (!std::has_single_bit(c.capacity) || c.capacity < 2 || c.capacity > max_mpmc_slots || c.max_message == 0 ||
-        c.max_message > max_mpmc_message || c.slot_stride != mpmc_stride(c.max_message) ||
-        c.capacity > data_bytes / c.slot_stride) {
-      throw_invalid(fmt::format("{}: the ring's geometry is inconsistent ({} slots of {} bytes for messages of {}, "
-                                "{} data bytes)",
-                                what, c.capacity, c.slot_stride, c.max_message, data_bytes));
+    if (!std::has_single_bit(c.capacity) || c.capacity < 2 || c.capacity > max_mpmc_slots ||
+        c.max_message == 0 || c.max_message > max_mpmc_message ||
+        c.slot_stride != mpmc_stride(c.max_message) || c.capacity > data_bytes / c.slot_stride) {
+      throw_invalid(
+          fmt::format("{}: the ring's geometry is inconsistent ({} slots of {} bytes for messages of {}, "
+                      "{} data bytes)",
+                      what, c.capacity, c.slot_stride, c.max_message, data_bytes));
     }
     stride_ = c.slot_stride;
   }
@@ -697,8 +720,8 @@ void ring_endpoint::attach() {
     for (;;) {
       if (current != 0 && participant_alive(current)) {
         throw std::system_error(EBUSY, std::system_category(),
-                                fmt::format("spsc_ring_{}: the ring already has a {}: process {} is alive", role_name(),
-                                            role_name(), participant_pid(current)));
+                                fmt::format("spsc_ring_{}: the ring already has a {}: process {} is alive",
+                                            role_name(), role_name(), participant_pid(current)));
       }
       if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) break;
     }
@@ -707,8 +730,8 @@ void ring_endpoint::attach() {
     const std::uint64_t tail = hdr_->tail.load(std::memory_order_acquire);
     if (head > tail || tail - head > capacity_ || head % 8 != 0 || tail % 8 != 0) {
       detach();
-      throw_corrupt(fmt::format("positions {} (receiver) and {} (sender) do not fit a ring of {} bytes", head, tail,
-                                capacity_));
+      throw_corrupt(fmt::format("positions {} (receiver) and {} (sender) do not fit a ring of {} bytes", head,
+                                tail, capacity_));
     }
     if (role_ == role_sender) {
       hdr_->sender_closed.store(0, std::memory_order_release);
@@ -755,11 +778,12 @@ void ring_endpoint::attach() {
       }
     }
   }
-  throw std::system_error(EUSERS, std::system_category(),
-                          fmt::format("mpmc_ring_{}: the ring's table of {} attached endpoints is full (all alive, or "
-                                      "the last record of a dead other side); "
-                                      "detach some first",
-                                      role_name(), participant_count));
+  throw std::system_error(
+      EUSERS, std::system_category(),
+      fmt::format("mpmc_ring_{}: the ring's table of {} attached endpoints is full (all alive, or "
+                  "the last record of a dead other side); "
+                  "detach some first",
+                  role_name(), participant_count));
 }
 
 void ring_endpoint::detach() noexcept {
@@ -834,10 +858,11 @@ void ring_endpoint::release_read_position() noexcept {
 
 ring_endpoint::outcome ring_endpoint::spsc_try_send(std::span<const std::byte> message) {
   if (message.size() > max_message_) {
-    throw std::system_error(EMSGSIZE, std::system_category(),
-                            fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
-                                        "(capacity / 2 - 8); format a larger region",
-                                        message.size(), max_message_));
+    throw std::system_error(
+        EMSGSIZE, std::system_category(),
+        fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
+                    "(capacity / 2 - 8); format a larger region",
+                    message.size(), max_message_));
   }
   if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
     throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
@@ -849,7 +874,8 @@ ring_endpoint::outcome ring_endpoint::spsc_try_send(std::span<const std::byte> m
   if (tail_ - head_cache_ + needed > capacity_) {
     const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
     if (head > tail_ || tail_ - head > capacity_) {
-      throw_corrupt(fmt::format("the receiver's position {} is outside [{}, {}]", head, tail_ - capacity_, tail_));
+      throw_corrupt(
+          fmt::format("the receiver's position {} is outside [{}, {}]", head, tail_ - capacity_, tail_));
     }
     head_cache_ = head;
     if (tail_ - head_cache_ + needed > capacity_) return outcome::would_block;
@@ -881,7 +907,8 @@ ring_endpoint::outcome ring_endpoint::spsc_try_receive(std::span<std::byte> buff
   const auto refresh_tail = [this] {
     const std::uint64_t t = hdr_->tail.load(std::memory_order_acquire);
     if (t < read_pos_ || t - read_pos_ > capacity_ || t % 8 != 0) {
-      throw_corrupt(fmt::format("the sender's position {} is outside [{}, {}]", t, read_pos_, read_pos_ + capacity_));
+      throw_corrupt(
+          fmt::format("the sender's position {} is outside [{}, {}]", t, read_pos_, read_pos_ + capacity_));
     }
     tail_cache_ = t;
   };
@@ -901,8 +928,9 @@ ring_endpoint::outcome ring_endpoint::spsc_try_receive(std::span<std::byte> buff
     std::memcpy(&rh, data_ + offset, sizeof rh);
     if (rh.type == record_padding) {
       if (rh.length != to_end - sizeof rh || to_end > available) {
-        throw_corrupt(fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
-                                  rh.length, offset));
+        throw_corrupt(
+            fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
+                        rh.length, offset));
       }
       read_pos_ += to_end;
       continue;
@@ -912,15 +940,17 @@ ring_endpoint::outcome ring_endpoint::spsc_try_receive(std::span<std::byte> buff
     }
     const std::uint64_t record = align8(sizeof rh + std::uint64_t{rh.length});
     if (rh.length > max_message_ || record > to_end || record > available) {
-      throw_corrupt(fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} "
-                                "published)",
-                                rh.length, offset, to_end, available));
+      throw_corrupt(
+          fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} "
+                      "published)",
+                      rh.length, offset, to_end, available));
     }
     if (rh.length > buffer.size()) {
-      throw std::system_error(EMSGSIZE, std::system_category(),
-                              fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
-                                          "it stays in the ring (max_message_size() is {})",
-                                          rh.length, buffer.size(), max_message_));
+      throw std::system_error(
+          EMSGSIZE, std::system_category(),
+          fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
+                      "it stays in the ring (max_message_size() is {})",
+                      rh.length, buffer.size(), max_message_));
     }
     if (read_pos_ + record + prefetch_distance + 64 <= tail_cache_) {
       // Published records further on: start fetching them from the sender's cache now.
@@ -939,9 +969,10 @@ ring_endpoint::outcome ring_endpoint::spsc_try_receive(std::span<std::byte> buff
 
 ring_endpoint::outcome ring_endpoint::mpmc_try_send(std::span<const std::byte> message) {
   if (message.size() > max_message_) {
-    throw std::system_error(EMSGSIZE, std::system_category(),
-                            fmt::format("mpmc ring send: a message of {} bytes exceeds this ring's slot size of {}",
-                                        message.size(), max_message_));
+    throw std::system_error(
+        EMSGSIZE, std::system_category(),
+        fmt::format("mpmc ring send: a message of {} bytes exceeds this ring's slot size of {}",
+                    message.size(), max_message_));
   }
   if (hdr_->sender_closed.load(std::memory_order_acquire) != 0) {
     throw std::system_error(EPIPE, std::system_category(), "mpmc ring send: the ring was closed");
@@ -960,8 +991,9 @@ ring_endpoint::outcome ring_endpoint::mpmc_try_send(std::span<const std::byte> m
     if (d == 0 && slot_owner(w) == 0 && !slot_abandoned(w)) {
       // Claim the slot, recording who holds it, then move the shared position on
       // (someone else may already have, seeing the claim).
-      if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos), static_cast<std::uint32_t>(self_pid_)),
-                                         std::memory_order_acquire)) {
+      if (s.word.compare_exchange_strong(
+              w, make_slot_word(static_cast<std::uint32_t>(pos), static_cast<std::uint32_t>(self_pid_)),
+              std::memory_order_acquire)) {
         std::uint64_t expected = pos;
         next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
         s.size.store(static_cast<std::uint32_t>(message.size()), std::memory_order_relaxed);
@@ -1001,20 +1033,23 @@ ring_endpoint::outcome ring_endpoint::mpmc_try_receive(std::span<std::byte> buff
         // Only meaningful if the slot still holds the message the length was read from.
         if (s.word.load(std::memory_order_acquire) != w) continue;
         if (length > max_message_) {
-          throw_corrupt(fmt::format("slot {} holds a message of {} bytes, above the slot size {}", pos & mask_, length,
-                                    max_message_));
+          throw_corrupt(fmt::format("slot {} holds a message of {} bytes, above the slot size {}",
+                                    pos & mask_, length, max_message_));
         }
-        throw std::system_error(EMSGSIZE, std::system_category(),
-                                fmt::format("mpmc ring receive: the next message has {} bytes but the buffer only {}; "
-                                            "it stays in the ring (max_message_size() is {})",
-                                            length, buffer.size(), max_message_));
+        throw std::system_error(
+            EMSGSIZE, std::system_category(),
+            fmt::format("mpmc ring receive: the next message has {} bytes but the buffer only {}; "
+                        "it stays in the ring (max_message_size() is {})",
+                        length, buffer.size(), max_message_));
       }
-      if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos + 1), static_cast<std::uint32_t>(self_pid_)),
-                                         std::memory_order_acquire)) {
+      if (s.word.compare_exchange_strong(
+              w, make_slot_word(static_cast<std::uint32_t>(pos + 1), static_cast<std::uint32_t>(self_pid_)),
+              std::memory_order_acquire)) {
         std::uint64_t expected = pos;
         next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
         if (!skip && length != 0) std::memcpy(buffer.data(), slot_payload(s), length);
-        s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + capacity_), 0), std::memory_order_release);
+        s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + capacity_), 0),
+                     std::memory_order_release);
         notify(hdr_->space);
         if (skip) {
           pos = next.load(std::memory_order_relaxed);
@@ -1076,7 +1111,8 @@ pid_t ring_endpoint::dead_peer() {
     const std::uint64_t pos = hdr_->head.load(std::memory_order_relaxed);
     slot_header& s = slot_at(pos);
     std::uint64_t w = s.word.load(std::memory_order_acquire);
-    if (slot_seq(w) == static_cast<std::uint32_t>(pos) && slot_owner(w) != 0 && !slot_owner_alive(slot_owner(w))) {
+    if (slot_seq(w) == static_cast<std::uint32_t>(pos) && slot_owner(w) != 0 &&
+        !slot_owner_alive(slot_owner(w))) {
       if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos + 1), 0, true),
                                          std::memory_order_acq_rel)) {
         notify(hdr_->data);
@@ -1283,7 +1319,8 @@ void ring_endpoint::withdraw_sleep(event_count& ev, std::uint32_t key) noexcept 
   ev.seq.compare_exchange_strong(expected, key & ~sleeper_bit, std::memory_order_relaxed);
 }
 
-bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h, std::stop_token token) {
+bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h,
+                                    std::stop_token token) {
   // A sender that went on as soon as one record's room was free would write into the lines
   // the receiver is reading at that moment, and both would stall on every line: while
   // spinning, wait until a batch's room is free (the sleeping path takes any room).
@@ -1299,7 +1336,8 @@ bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_hand
   return send_wait(op).start(h, std::move(token), op.state_, op.error_);
 }
 
-bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h, std::stop_token token) {
+bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h,
+                                       std::stop_token token) {
   if (spin([&] {
         prefetch_next_record();
         const outcome r = try_receive(op.buffer_, op.size_);
@@ -1317,8 +1355,9 @@ bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutin
 
 namespace {
 [[noreturn]] void throw_no_endpoint(const char* what) {
-  throw std::system_error(EBADF, std::system_category(),
-                          fmt::format("{} on an empty ring endpoint (default-constructed or moved from)", what));
+  throw std::system_error(
+      EBADF, std::system_category(),
+      fmt::format("{} on an empty ring endpoint (default-constructed or moved from)", what));
 }
 }  // namespace
 
@@ -1386,7 +1425,9 @@ void spsc_ring_sender::abandon() noexcept {
   endpoint_->abandon();
   endpoint_.reset();
 }
-std::size_t spsc_ring_sender::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t spsc_ring_sender::max_message_size() const noexcept {
+  return endpoint_ ? endpoint_->max_message() : 0;
+}
 std::size_t spsc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
 spsc_ring_receiver::spsc_ring_receiver() noexcept = default;
@@ -1416,7 +1457,9 @@ void spsc_ring_receiver::close() noexcept {
 void spsc_ring_receiver::detach() noexcept {
   if (endpoint_) endpoint_->detach();
 }
-std::size_t spsc_ring_receiver::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t spsc_ring_receiver::max_message_size() const noexcept {
+  return endpoint_ ? endpoint_->max_message() : 0;
+}
 std::size_t spsc_ring_receiver::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
 mpmc_ring_sender::mpmc_ring_sender() noexcept = default;
@@ -1434,7 +1477,9 @@ void mpmc_ring_sender::abandon() noexcept {
 void mpmc_ring_sender::close() noexcept {
   if (endpoint_) endpoint_->close();
 }
-std::size_t mpmc_ring_sender::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t mpmc_ring_sender::max_message_size() const noexcept {
+  return endpoint_ ? endpoint_->max_message() : 0;
+}
 std::size_t mpmc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
 mpmc_ring_receiver::mpmc_ring_receiver() noexcept = default;
@@ -1452,7 +1497,9 @@ void mpmc_ring_receiver::leave() noexcept {
 void mpmc_ring_receiver::close() noexcept {
   if (endpoint_) endpoint_->close();
 }
-std::size_t mpmc_ring_receiver::max_message_size() const noexcept { return endpoint_ ? endpoint_->max_message() : 0; }
+std::size_t mpmc_ring_receiver::max_message_size() const noexcept {
+  return endpoint_ ? endpoint_->max_message() : 0;
+}
 std::size_t mpmc_ring_receiver::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
 }  // namespace ipcoro

@@ -25,19 +25,21 @@ constexpr const char* shm_dir = "/dev/shm";
 std::string normalise_name(const std::string& name) {
   const std::string bare = !name.empty() && name[0] == '/' ? name.substr(1) : name;
   if (bare.empty() || bare == "." || bare == "..") {
-    throw std::system_error(EINVAL, std::system_category(),
-                            fmt::format("shm segment name \"{}\": give a name such as \"frames\" or \"/frames\"", name));
+    throw std::system_error(
+        EINVAL, std::system_category(),
+        fmt::format("shm segment name \"{}\": give a name such as \"frames\" or \"/frames\"", name));
   }
   if (bare.find('/') != std::string::npos) {
-    throw std::system_error(EINVAL, std::system_category(),
-                            fmt::format("shm segment name \"{}\": only a leading '/' is allowed (segments live "
-                                        "directly in {})",
-                                        name, shm_dir));
+    throw std::system_error(
+        EINVAL, std::system_category(),
+        fmt::format("shm segment name \"{}\": only a leading '/' is allowed (segments live "
+                    "directly in {})",
+                    name, shm_dir));
   }
   if (bare.size() > NAME_MAX) {
     throw std::system_error(ENAMETOOLONG, std::system_category(),
-                            fmt::format("shm segment name \"{:.40}...\": {} bytes, at most NAME_MAX ({})", bare,
-                                        bare.size(), NAME_MAX));
+                            fmt::format("shm segment name \"{:.40}...\": {} bytes, at most NAME_MAX ({})",
+                                        bare, bare.size(), NAME_MAX));
   }
   return "/" + bare;
 }
@@ -66,9 +68,9 @@ std::string describe_existing(int fd) {
 [[noreturn]] void throw_open_error(int err, const std::string& name) {
   const std::string path = path_of(name);
   if (err == ENOENT) {
-    throw std::system_error(err, std::system_category(),
-                            fmt::format("shm segment {}: there is no {}; create it first (or check the name)", name,
-                                        path));
+    throw std::system_error(
+        err, std::system_category(),
+        fmt::format("shm segment {}: there is no {}; create it first (or check the name)", name, path));
   }
   if (err == EACCES || err == EPERM) {
     struct stat st {};
@@ -96,13 +98,14 @@ unique_fd make_unnamed(const std::string& name, unsigned mode) {
   if (!fd) {
     const int err = errno;
     if (err == ENOENT) {
-      throw std::system_error(err, std::system_category(),
-                              fmt::format("shm segment {}: {} does not exist; mount a tmpfs there", name, shm_dir));
+      throw std::system_error(
+          err, std::system_category(),
+          fmt::format("shm segment {}: {} does not exist; mount a tmpfs there", name, shm_dir));
     }
     if (err == EACCES || err == EPERM) {
-      throw std::system_error(err, std::system_category(),
-                              fmt::format("shm segment {}: uid {} may not create files in {}", name, ::geteuid(),
-                                          shm_dir));
+      throw std::system_error(
+          err, std::system_category(),
+          fmt::format("shm segment {}: uid {} may not create files in {}", name, ::geteuid(), shm_dir));
     }
     if (err == EOPNOTSUPP || err == EISDIR || err == EINVAL) {
       throw std::system_error(err, std::system_category(),
@@ -132,7 +135,9 @@ int publish(int fd, const std::string& name) {
   return -err;
 }
 
-bool same_file(const struct stat& a, dev_t dev, ino_t ino) noexcept { return a.st_dev == dev && a.st_ino == ino; }
+bool same_file(const struct stat& a, dev_t dev, ino_t ino) noexcept {
+  return a.st_dev == dev && a.st_ino == ino;
+}
 
 }  // namespace
 
@@ -217,8 +222,8 @@ void shm_segment::adopt(int fd, const std::string& name) {
   owner_pid_ = ::getpid();
 }
 
-shm_segment shm_segment::create_impl(const std::string& raw_name, const region_layout& layout, const options& opts,
-                                     bool reclaim) {
+shm_segment shm_segment::create_impl(const std::string& raw_name, const region_layout& layout,
+                                     const options& opts, bool reclaim) {
   const std::string name = normalise_name(raw_name);
   check_mode(name, opts.mode);
   unique_fd fd = make_unnamed(name, opts.mode);
@@ -243,39 +248,44 @@ shm_segment shm_segment::create_impl(const std::string& raw_name, const region_l
     if (!existing) {
       if (errno == ENOENT) continue;  // removed in between: try again
       throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("shm segment {}: {} already exists and cannot be inspected ({})", name,
-                                          path, std::generic_category().message(errno)));
+                              fmt::format("shm segment {}: {} already exists and cannot be inspected ({})",
+                                          name, path, std::generic_category().message(errno)));
     }
     if (!reclaim) {
-      throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("shm segment {}: {} already exists ({}); open it, remove it, or use "
-                                          "create_or_reclaim",
-                                          name, path, describe_existing(existing.get())));
+      throw std::system_error(
+          EEXIST, std::system_category(),
+          fmt::format("shm segment {}: {} already exists ({}); open it, remove it, or use "
+                      "create_or_reclaim",
+                      name, path, describe_existing(existing.get())));
     }
     detail::region_header h{};
     if (!detail::mapped_region::peek(existing.get(), h)) {
-      throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("shm segment {}: {} exists but is not a complete ipcoro segment; it is "
-                                          "not reclaimed: remove it by hand if nothing uses it",
-                                          name, path));
+      throw std::system_error(
+          EEXIST, std::system_category(),
+          fmt::format("shm segment {}: {} exists but is not a complete ipcoro segment; it is "
+                      "not reclaimed: remove it by hand if nothing uses it",
+                      name, path));
     }
     if (h.type_tag != layout.type_tag) {
-      throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("shm segment {}: {} exists and holds type tag {:#x}, not {:#x}; it is "
-                                          "not reclaimed: choose another name",
-                                          name, path, h.type_tag, layout.type_tag));
+      throw std::system_error(
+          EEXIST, std::system_category(),
+          fmt::format("shm segment {}: {} exists and holds type tag {:#x}, not {:#x}; it is "
+                      "not reclaimed: choose another name",
+                      name, path, h.type_tag, layout.type_tag));
     }
     if (detail::process_alive(h.creator)) {
-      throw std::system_error(EEXIST, std::system_category(),
-                              fmt::format("shm segment {}: {} exists and its creator, pid {}, is alive; open it "
-                                          "instead, or stop that process",
-                                          name, path, h.creator.pid));
+      throw std::system_error(
+          EEXIST, std::system_category(),
+          fmt::format("shm segment {}: {} exists and its creator, pid {}, is alive; open it "
+                      "instead, or stop that process",
+                      name, path, h.creator.pid));
     }
     // Remove the dead creator's segment only if the name still refers to what was
     // inspected: another survivor may have reclaimed it already.
     struct stat inspected {};
     struct stat current {};
-    if (::fstat(existing.get(), &inspected) != 0) throw_errno(errno, fmt::format("shm segment {}: fstat", name));
+    if (::fstat(existing.get(), &inspected) != 0)
+      throw_errno(errno, fmt::format("shm segment {}: fstat", name));
     if (::stat(path.c_str(), &current) == 0 && same_file(current, inspected.st_dev, inspected.st_ino)) {
       if (::shm_unlink(name.c_str()) != 0 && errno != ENOENT) {
         throw_errno(errno, fmt::format("shm segment {}: removing the dead creator's {}", name, path));

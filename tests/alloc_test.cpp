@@ -24,7 +24,6 @@
 
 #include "counting_new.hpp"
 
-
 namespace {
 
 using namespace std::chrono_literals;

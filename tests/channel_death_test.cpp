@@ -59,9 +59,12 @@ enum class death { before_taking_its_end, before_its_first_message, closes_witho
 
 const char* to_string(death d) {
   switch (d) {
-    case death::before_taking_its_end: return "killed before taking its end";
-    case death::before_its_first_message: return "killed before its first message";
-    case death::closes_without_sending: return "closes without sending";
+    case death::before_taking_its_end:
+      return "killed before taking its end";
+    case death::before_its_first_message:
+      return "killed before its first message";
+    case death::closes_without_sending:
+      return "closes without sending";
   }
   return "?";
 }
@@ -71,8 +74,8 @@ const char* to_string(death d) {
 TEST_CASE("a stream sender killed before its first message is an error for the receiver, not a clean end",
           "[channel][ipc][death]") {
   const std::string transport = GENERATE("pipe", "fifo");
-  const death how = GENERATE(death::before_taking_its_end, death::before_its_first_message,
-                             death::closes_without_sending);
+  const death how =
+      GENERATE(death::before_taking_its_end, death::before_its_first_message, death::closes_without_sending);
   CAPTURE(transport, to_string(how));
   outcome got;
   {
@@ -163,8 +166,9 @@ TEST_CASE("a frame head announcing a gigabyte makes a stream receiver reserve on
       p.reader.close();
       const std::uint32_t head[2] = {std::uint32_t{1} << 30, 1};  // length, kind: greeting
       const std::string some(1000, 'x');
-      const bool ok = ::write(p.writer.native_handle(), head, sizeof head) == sizeof head &&
-                      ::write(p.writer.native_handle(), some.data(), some.size()) == static_cast<ssize_t>(some.size());
+      const bool ok =
+          ::write(p.writer.native_handle(), head, sizeof head) == sizeof head &&
+          ::write(p.writer.native_handle(), some.data(), some.size()) == static_cast<ssize_t>(some.size());
       return ok ? 0 : 1;
     });
     CHECK(liar.wait() == 0);

@@ -426,7 +426,8 @@ TEST_CASE("queue channel links record their ends: a killed receiver fails the bl
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a queue link end that no process can take any more fails the peer waiting for it", "[channel][mq]") {
+TEST_CASE("a queue link end that no process can take any more fails the peer waiting for it",
+          "[channel][mq]") {
   const bool waiting_sender = GENERATE(true, false);
   CAPTURE(waiting_sender);
   const std::string name = "/" + ipcoro::test::unique_name("mq");

@@ -19,8 +19,8 @@
 #include <catch2/catch.hpp>
 
 #include <dirent.h>
-#include <sys/mman.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <array>
@@ -105,14 +105,15 @@ TEST_CASE("an in-process channel delivers values in order and ends when the send
   ipcoro::io_context ctx;
   auto [tx, rx] = ipcoro::make_channel<std::string>(4);
   std::vector<std::string> got;
-  ipcoro::sync_wait(ctx, ipcoro::when_all(
-                             [](channel_sender<std::string> tx) -> task<void> {
-                               for (int i = 0; i < 100; ++i) co_await tx.send("value " + std::to_string(i));
-                               tx.close();
-                             }(std::move(tx)),
-                             [](channel_receiver<std::string>& rx, std::vector<std::string>& got) -> task<void> {
-                               got = co_await drain(rx);
-                             }(rx, got)));
+  ipcoro::sync_wait(ctx,
+                    ipcoro::when_all(
+                        [](channel_sender<std::string> tx) -> task<void> {
+                          for (int i = 0; i < 100; ++i) co_await tx.send("value " + std::to_string(i));
+                          tx.close();
+                        }(std::move(tx)),
+                        [](channel_receiver<std::string>& rx, std::vector<std::string>& got) -> task<void> {
+                          got = co_await drain(rx);
+                        }(rx, got)));
   REQUIRE(got.size() == 100);
   CHECK(got.front() == "value 0");
   CHECK(got.back() == "value 99");
@@ -215,7 +216,8 @@ std::int64_t allocations_per_long_run(ipcoro::io_context& ctx, channel_sender<po
   const std::uint64_t before_long = ipcoro::test::allocations();
   run(long_run);
   const std::uint64_t after = ipcoro::test::allocations();
-  return static_cast<std::int64_t>(after - before_long) - static_cast<std::int64_t>(before_long - before_short);
+  return static_cast<std::int64_t>(after - before_long) -
+         static_cast<std::int64_t>(before_long - before_short);
 }
 }  // namespace
 
@@ -232,31 +234,38 @@ TEST_CASE("select returns a ready receiver and loses nothing from the others", "
   std::vector<std::size_t> order;
   int ints = 0;
   std::size_t strings = 0;
-  ipcoro::sync_wait(ctx, [](auto& a, auto& b, std::vector<std::size_t>& order, int& ints,
-                            std::size_t& strings) -> task<void> {
-    co_await b.sender.send("hello");
-    co_await a.sender.send(1);
-    co_await a.sender.send(2);
-    a.sender.close();
-    b.sender.close();
-    bool a_open = true, b_open = true;
-    while (a_open || b_open) {
-      std::size_t i = 0;
-      if (a_open && b_open) {
-        i = co_await ipcoro::select(a.receiver, b.receiver);
-      } else {
-        i = a_open ? 0 : 1;
-      }
-      order.push_back(i);
-      if (i == 0) {
-        std::optional<int> v = co_await a.receiver.receive();
-        if (v) ints += *v; else a_open = false;
-      } else {
-        std::optional<std::string> v = co_await b.receiver.receive();
-        if (v) strings += v->size(); else b_open = false;
-      }
-    }
-  }(a, b, order, ints, strings));
+  ipcoro::sync_wait(
+      ctx,
+      [](auto& a, auto& b, std::vector<std::size_t>& order, int& ints, std::size_t& strings) -> task<void> {
+        co_await b.sender.send("hello");
+        co_await a.sender.send(1);
+        co_await a.sender.send(2);
+        a.sender.close();
+        b.sender.close();
+        bool a_open = true, b_open = true;
+        while (a_open || b_open) {
+          std::size_t i = 0;
+          if (a_open && b_open) {
+            i = co_await ipcoro::select(a.receiver, b.receiver);
+          } else {
+            i = a_open ? 0 : 1;
+          }
+          order.push_back(i);
+          if (i == 0) {
+            std::optional<int> v = co_await a.receiver.receive();
+            if (v)
+              ints += *v;
+            else
+              a_open = false;
+          } else {
+            std::optional<std::string> v = co_await b.receiver.receive();
+            if (v)
+              strings += v->size();
+            else
+              b_open = false;
+          }
+        }
+      }(a, b, order, ints, strings));
   CHECK(ints == 3);
   CHECK(strings == 5);
   CHECK(order.size() == 5);  // three ints + end, one string + end
@@ -290,7 +299,8 @@ TEST_CASE("codecs round-trip trivially copyable types, strings, vectors and user
   ipcoro::codec<point>::encode(p, buf);
   const point q = ipcoro::codec<point>::decode(buf);
   CHECK((q.x == 1 && q.y == -2 && q.seq == 3));
-  CHECK_THROWS_AS(ipcoro::codec<point>::decode(std::span<const std::byte>(buf).first(3)), ipcoro::decode_error);
+  CHECK_THROWS_AS(ipcoro::codec<point>::decode(std::span<const std::byte>(buf).first(3)),
+                  ipcoro::decode_error);
 
   const std::vector<std::uint32_t> v{1, 2, 3};
   std::vector<std::byte> vb(ipcoro::codec<std::vector<std::uint32_t>>::size(v));
@@ -361,7 +371,8 @@ TEST_CASE("a channel carries values between processes over every transport", "[c
 TEST_CASE("named channels: a receiver creates the name and a sender in another process opens it",
           "[channel][ipc]") {
   const std::string transport = GENERATE("fifo", "mq", "shm", "file");
-  const std::string address = fresh_address(transport, transport == "mq" ? "capacity=4&message_size=256" : "");
+  const std::string address =
+      fresh_address(transport, transport == "mq" ? "capacity=4&message_size=256" : "");
   CAPTURE(address);
   {
     ipcoro::test::handshake created;
@@ -375,13 +386,13 @@ TEST_CASE("named channels: a receiver creates the name and a sender in another p
       return 0;
     });
     ipcoro::io_context ctx;
-    std::vector<std::string> got = ipcoro::sync_wait(ctx, [](std::string address,
-                                                             const ipcoro::test::handshake& created)
-                                                              -> task<std::vector<std::string>> {
-      channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
-      created.signal();
-      co_return co_await drain(rx);
-    }(address, created));
+    std::vector<std::string> got = ipcoro::sync_wait(
+        ctx,
+        [](std::string address, const ipcoro::test::handshake& created) -> task<std::vector<std::string>> {
+          channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
+          created.signal();
+          co_return co_await drain(rx);
+        }(address, created));
     REQUIRE(got.size() == 200);
     CHECK(got[199].size() == 199);
     CHECK(child.wait() == 0);
@@ -408,9 +419,8 @@ TEST_CASE("a receiver of another type refuses the peer with an error naming both
     channel_receiver<point> rx = link.receiver<point>();
     link.reset();
     ipcoro::io_context ctx;
-    const std::string error = ipcoro::test::what_of<ipcoro::channel_type_mismatch>([&] {
-      (void)ipcoro::sync_wait(ctx, rx.receive());
-    });
+    const std::string error = ipcoro::test::what_of<ipcoro::channel_type_mismatch>(
+        [&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
     CHECK(contains(error, "std::string"));
     CHECK(contains(error, "point"));
     CHECK(contains(error, address));
@@ -477,14 +487,14 @@ TEST_CASE("every receiver of a message queue channel sees the end of the stream"
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a message larger than the transport carries is refused with the option to raise", "[channel][ipc]") {
+TEST_CASE("a message larger than the transport carries is refused with the option to raise",
+          "[channel][ipc]") {
   const std::string address = fresh_address("mq", "message_size=128");
   channel_link link = channel_link::create(address);
   channel_sender<std::string> tx = link.sender<std::string>();
   ipcoro::io_context ctx;
-  const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-    ipcoro::sync_wait(ctx, tx.send(std::string(500, 'x')));
-  });
+  const std::string error = ipcoro::test::what_of<ipcoro::channel_error>(
+      [&] { ipcoro::sync_wait(ctx, tx.send(std::string(500, 'x'))); });
   CHECK(contains(error, "500 bytes"));
   CHECK(contains(error, "message_size="));
 }
@@ -500,15 +510,16 @@ TEST_CASE("a sender killed mid-stream ends the receive with an error saying so, 
     ipcoro::io_context ctx;
     channel_sender<std::vector<std::uint64_t>> tx = link.sender<std::vector<std::uint64_t>>();
     link.reset();
-    ipcoro::sync_wait(ctx, [](channel_sender<std::vector<std::uint64_t>>& tx,
-                              const ipcoro::test::handshake& started) -> task<void> {
-      std::vector<std::uint64_t> v(1000);
-      for (std::uint64_t i = 0;; ++i) {
-        for (auto& x : v) x = i;
-        co_await tx.send(v);
-        if (i == 3) started.signal();
-      }
-    }(tx, started));
+    ipcoro::sync_wait(ctx,
+                      [](channel_sender<std::vector<std::uint64_t>>& tx,
+                         const ipcoro::test::handshake& started) -> task<void> {
+                        std::vector<std::uint64_t> v(1000);
+                        for (std::uint64_t i = 0;; ++i) {
+                          for (auto& x : v) x = i;
+                          co_await tx.send(v);
+                          if (i == 3) started.signal();
+                        }
+                      }(tx, started));
     return 0;
   });
   channel_receiver<std::vector<std::uint64_t>> rx = link.receiver<std::vector<std::uint64_t>>();
@@ -554,9 +565,8 @@ TEST_CASE("an aborted ring sender reads as a dead peer once its process has exit
     REQUIRE(child.wait() == 0);
     ipcoro::io_context ctx;
     CHECK(ipcoro::sync_wait(ctx, rx.receive()) == 7);
-    const std::string error = ipcoro::test::what_of<ipcoro::peer_died>([&] {
-      (void)ipcoro::sync_wait(ctx, rx.receive());
-    });
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::peer_died>([&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
     CHECK(contains(error, "died"));
   }
   CHECK(nothing_left_behind());
@@ -579,13 +589,14 @@ TEST_CASE("limits a channel's transport cannot have are refused naming the addre
   ipcoro::io_context ctx;
   for (const too_big& c : cases) {
     CAPTURE(c.address);
-    const ipcoro::test::failure link = ipcoro::test::failure_of([&] { (void)channel_link::create(c.address); });
+    const ipcoro::test::failure link =
+        ipcoro::test::failure_of([&] { (void)channel_link::create(c.address); });
     CHECK(link.code == EINVAL);
     CHECK(contains(link.what, "channel " + c.address));
     CHECK(contains(link.what, c.option));
     if (c.address.starts_with("pipe:")) continue;  // a pipe has no name to open
-    const ipcoro::test::failure named =
-        ipcoro::test::failure_of([&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(c.address)); });
+    const ipcoro::test::failure named = ipcoro::test::failure_of(
+        [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(c.address)); });
     CHECK(named.code == EINVAL);
     CHECK(contains(named.what, "channel " + c.address));
   }
@@ -622,13 +633,13 @@ TEST_CASE("bad channel addresses are refused with a message saying what is expec
   };
   for (const bad& b : cases) {
     CAPTURE(b.address);
-    const std::string error = ipcoro::test::what_of<ipcoro::bad_channel_address>([&] {
-      (void)ipcoro::channel_address::parse(b.address);
-    });
+    const std::string error = ipcoro::test::what_of<ipcoro::bad_channel_address>(
+        [&] { (void)ipcoro::channel_address::parse(b.address); });
     CHECK(contains(error, b.says));
     CHECK(contains(error, b.address));
   }
-  const ipcoro::channel_address a = ipcoro::channel_address::parse("shm:/frames?capacity=4m&ring=mpmc&mode=0640&message_size=2k");
+  const ipcoro::channel_address a =
+      ipcoro::channel_address::parse("shm:/frames?capacity=4m&ring=mpmc&mode=0640&message_size=2k");
   CHECK(a.transport == ipcoro::channel_transport::shm);
   CHECK(a.name == "/frames");
   CHECK(a.capacity == std::size_t{4} << 20);
@@ -641,9 +652,8 @@ TEST_CASE("opening a sender where nobody listens says so", "[channel][ipc]") {
   const std::string transport = GENERATE("mq", "shm", "file");
   const std::string address = fresh_address(transport);
   ipcoro::io_context ctx;
-  const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-    (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address));
-  });
+  const std::string error = ipcoro::test::what_of<ipcoro::channel_error>(
+      [&] { (void)ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address)); });
   CHECK(contains(error, "nobody has opened its receiver"));
   CHECK(nothing_left_behind());
 }
@@ -671,9 +681,8 @@ TEST_CASE("an aborted sender ends the stream with an error, not a clean end", "[
     tx.abort();
     std::optional<int> first = ipcoro::sync_wait(ctx, rx.receive());
     CHECK(first == 1);
-    const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-      (void)ipcoro::sync_wait(ctx, rx.receive());
-    });
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::channel_error>([&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
     CHECK(contains(error, "without closing"));
   }
 }
@@ -693,15 +702,17 @@ TEST_CASE("an fd: address runs a channel over an inherited descriptor", "[channe
   });
   ::close(std::stoi(write_end.substr(3)));
   ipcoro::io_context ctx;
-  std::vector<std::string> got = ipcoro::sync_wait(ctx, [](std::string address) -> task<std::vector<std::string>> {
-    channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
-    co_return co_await drain(rx);
-  }(read_end));
+  std::vector<std::string> got =
+      ipcoro::sync_wait(ctx, [](std::string address) -> task<std::vector<std::string>> {
+        channel_receiver<std::string> rx = co_await ipcoro::open_receiver<std::string>(address);
+        co_return co_await drain(rx);
+      }(read_end));
   CHECK(got == std::vector<std::string>{"over an inherited descriptor"});
   CHECK(child.wait() == 0);
 }
 
-TEST_CASE("several processes send into one FIFO channel and the stream ends after the last", "[channel][ipc]") {
+TEST_CASE("several processes send into one FIFO channel and the stream ends after the last",
+          "[channel][ipc]") {
   const std::string address = fresh_address("fifo");
   constexpr int senders = 4;
   constexpr int each = 500;
@@ -713,31 +724,34 @@ TEST_CASE("several processes send into one FIFO channel and the stream ends afte
     children.emplace_back([&, s]() -> int {
       if (!created.wait()) return 3;
       ipcoro::io_context ctx;
-      ipcoro::sync_wait(ctx, [](std::string address, int s, const ipcoro::test::handshake& connected,
-                                const ipcoro::test::handshake& go) -> task<void> {
-        channel_sender<point> tx = co_await ipcoro::open_sender<point>(address);
-        // All senders connect before any sends: the stream ends once every sender that has
-        // connected has closed.
-        connected.signal();
-        if (!go.wait()) throw std::runtime_error("no go");
-        for (int i = 0; i < each; ++i) co_await tx.send(point{s, i, static_cast<std::uint64_t>(s * each + i)});
-      }(address, s, connected, go));
+      ipcoro::sync_wait(ctx,
+                        [](std::string address, int s, const ipcoro::test::handshake& connected,
+                           const ipcoro::test::handshake& go) -> task<void> {
+                          channel_sender<point> tx = co_await ipcoro::open_sender<point>(address);
+                          // All senders connect before any sends: the stream ends once every sender that has
+                          // connected has closed.
+                          connected.signal();
+                          if (!go.wait()) throw std::runtime_error("no go");
+                          for (int i = 0; i < each; ++i)
+                            co_await tx.send(point{s, i, static_cast<std::uint64_t>(s * each + i)});
+                        }(address, s, connected, go));
       return 0;
     });
   }
   ipcoro::io_context ctx;
-  std::vector<point> got = ipcoro::sync_wait(ctx, [](std::string address, const ipcoro::test::handshake& created,
-                                                     const ipcoro::test::handshake& connected,
-                                                     const ipcoro::test::handshake& go,
-                                                     int senders) -> task<std::vector<point>> {
-    channel_receiver<point> rx = co_await ipcoro::open_receiver<point>(address);
-    for (int s = 0; s < senders; ++s) created.signal();
-    for (int s = 0; s < senders; ++s) {
-      if (!connected.wait()) throw std::runtime_error("a sender did not connect");
-    }
-    for (int s = 0; s < senders; ++s) go.signal();
-    co_return co_await drain(rx);
-  }(address, created, connected, go, senders));
+  std::vector<point> got =
+      ipcoro::sync_wait(ctx,
+                        [](std::string address, const ipcoro::test::handshake& created,
+                           const ipcoro::test::handshake& connected, const ipcoro::test::handshake& go,
+                           int senders) -> task<std::vector<point>> {
+                          channel_receiver<point> rx = co_await ipcoro::open_receiver<point>(address);
+                          for (int s = 0; s < senders; ++s) created.signal();
+                          for (int s = 0; s < senders; ++s) {
+                            if (!connected.wait()) throw std::runtime_error("a sender did not connect");
+                          }
+                          for (int s = 0; s < senders; ++s) go.signal();
+                          co_return co_await drain(rx);
+                        }(address, created, connected, go, senders));
   for (child_process& c : children) CHECK(c.wait() == 0);
   // Every message once, and each sender's messages in its order.
   std::vector<int> next(senders, 0);
@@ -778,7 +792,8 @@ TEST_CASE("an MPMC shared-memory channel carries many senders to many receivers"
         channel_sender<point> tx = link.sender<point>();
         link.reset();
         ipcoro::sync_wait(ctx, [](channel_sender<point>& tx, int id) -> task<void> {
-          for (int i = 0; i < each; ++i) co_await tx.send(point{id, i, static_cast<std::uint64_t>(id * each + i)});
+          for (int i = 0; i < each; ++i)
+            co_await tx.send(point{id, i, static_cast<std::uint64_t>(id * each + i)});
         }(tx, id));
         tx.detach();  // one of several: leave without ending the stream
         return 0;
@@ -818,10 +833,11 @@ TEST_CASE("an exec'd program speaks channels over descriptors wired into it", "[
                                                  {.name = "peer", .fds = {{1, out.writer.native_handle()}}});
     out.writer.close();
     const std::string address = "fd:" + std::to_string(out.reader.release_fd().release());
-    std::vector<std::uint64_t> got = ipcoro::sync_wait(ctx, [](std::string address) -> task<std::vector<std::uint64_t>> {
-      channel_receiver<std::uint64_t> rx = co_await ipcoro::open_receiver<std::uint64_t>(address);
-      co_return co_await drain(rx);
-    }(address));
+    std::vector<std::uint64_t> got =
+        ipcoro::sync_wait(ctx, [](std::string address) -> task<std::vector<std::uint64_t>> {
+          channel_receiver<std::uint64_t> rx = co_await ipcoro::open_receiver<std::uint64_t>(address);
+          co_return co_await drain(rx);
+        }(address));
     ipcoro::exit_status st = ipcoro::sync_wait(ctx, peer.wait());
     CHECK(st.success());
     REQUIRE(got.size() == 1000);
@@ -1126,9 +1142,8 @@ TEST_CASE("a stream send cut half way by close ends the stream with an error, no
     link.reset();
     REQUIRE(closed.wait());
     ipcoro::io_context ctx;
-    const std::string error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-      (void)ipcoro::sync_wait(ctx, rx.receive());
-    });
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::channel_error>([&] { (void)ipcoro::sync_wait(ctx, rx.receive()); });
     CHECK(contains(error, "ended inside a message"));
     CHECK(child.wait() == 0);
   }
@@ -1159,9 +1174,8 @@ TEST_CASE("a send cancelled by its caller half way through a stream message brea
                  co_return;
                }(stop)));
   CHECK(cancelled);
-  const std::string send_error = ipcoro::test::what_of<ipcoro::channel_error>([&] {
-    ipcoro::sync_wait(ctx, tx.send("after the cut"));
-  });
+  const std::string send_error =
+      ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, tx.send("after the cut")); });
   CHECK(contains(send_error, "cancelled half way"));
   tx.close();  // aborts: an end frame after a cut one would be read as its rest
   const std::string receive_error =
@@ -1408,8 +1422,9 @@ TEST_CASE("select over cross-process receivers cancels the waits it does not tak
   CHECK(chars == 1 + 3 + 5);
 }
 
-TEST_CASE("receive_into reuses the receiver's buffer: byte buffers arrive intact and allocate nothing once warm",
-          "[channel][ipc][alloc]") {
+TEST_CASE(
+    "receive_into reuses the receiver's buffer: byte buffers arrive intact and allocate nothing once warm",
+    "[channel][ipc][alloc]") {
   const std::string transport = GENERATE("inproc", "pipe", "fifo", "mq", "shm", "shm-mpmc", "file");
   CAPTURE(transport);
   constexpr int count = 2000;
@@ -1426,7 +1441,8 @@ TEST_CASE("receive_into reuses the receiver's buffer: byte buffers arrive intact
     }
     return true;
   };
-  const auto receive_all = [&](channel_receiver<std::vector<std::byte>>& rx, std::uint64_t& allocs) -> task<int> {
+  const auto receive_all = [&](channel_receiver<std::vector<std::byte>>& rx,
+                               std::uint64_t& allocs) -> task<int> {
     std::vector<std::byte> buf;
     buf.reserve(1000);
     int i = 0;

@@ -57,13 +57,14 @@ child_process send_numbers_on_both(channel_link& a, channel_link& b, std::uint64
     channel_sender<std::uint64_t> tb = b.sender<std::uint64_t>();
     a.reset();
     b.reset();
-    ipcoro::sync_wait(ctx, [](channel_sender<std::uint64_t>& ta, channel_sender<std::uint64_t>& tb,
-                              std::uint64_t count) -> task<void> {
-      for (std::uint64_t i = 0; i < count; ++i) {
-        co_await ta.send(i);
-        co_await tb.send(i);
-      }
-    }(ta, tb, count));
+    ipcoro::sync_wait(ctx,
+                      [](channel_sender<std::uint64_t>& ta, channel_sender<std::uint64_t>& tb,
+                         std::uint64_t count) -> task<void> {
+                        for (std::uint64_t i = 0; i < count; ++i) {
+                          co_await ta.send(i);
+                          co_await tb.send(i);
+                        }
+                      }(ta, tb, count));
     return 0;
   });
 }
@@ -75,23 +76,25 @@ TEST_CASE("when_any over two in-process receives takes one value and leaves the 
   auto [tx1, rx1] = ipcoro::make_channel<int>(4);
   auto [tx2, rx2] = ipcoro::make_channel<int>(4);
   std::vector<int> got;
-  ipcoro::sync_wait(ctx, [](channel_sender<int>& tx1, channel_receiver<int>& rx1, channel_sender<int>& tx2,
-                            channel_receiver<int>& rx2, std::vector<int>& got) -> task<void> {
-    for (int round = 0; round < 100; ++round) {
-      co_await tx1.send(2 * round);
-      co_await tx2.send(2 * round + 1);
-      auto first = co_await ipcoro::when_any(rx1.receive(), rx2.receive());
-      const std::optional<int> won = first.index() == 0 ? std::get<0>(first) : std::get<1>(first);
-      got.push_back(won.value_or(-1));
-      // The loser's value is still there, for the next receive of that channel.
-      std::optional<int> rest = first.index() == 0 ? co_await rx2.receive() : co_await rx1.receive();
-      got.push_back(rest.value_or(-1));
-    }
-    tx1.close();
-    tx2.close();
-    CHECK_FALSE(co_await rx1.receive());
-    CHECK_FALSE(co_await rx2.receive());
-  }(tx1, rx1, tx2, rx2, got));
+  ipcoro::sync_wait(
+      ctx,
+      [](channel_sender<int>& tx1, channel_receiver<int>& rx1, channel_sender<int>& tx2,
+         channel_receiver<int>& rx2, std::vector<int>& got) -> task<void> {
+        for (int round = 0; round < 100; ++round) {
+          co_await tx1.send(2 * round);
+          co_await tx2.send(2 * round + 1);
+          auto first = co_await ipcoro::when_any(rx1.receive(), rx2.receive());
+          const std::optional<int> won = first.index() == 0 ? std::get<0>(first) : std::get<1>(first);
+          got.push_back(won.value_or(-1));
+          // The loser's value is still there, for the next receive of that channel.
+          std::optional<int> rest = first.index() == 0 ? co_await rx2.receive() : co_await rx1.receive();
+          got.push_back(rest.value_or(-1));
+        }
+        tx1.close();
+        tx2.close();
+        CHECK_FALSE(co_await rx1.receive());
+        CHECK_FALSE(co_await rx2.receive());
+      }(tx1, rx1, tx2, rx2, got));
   REQUIRE(got.size() == 200);
   for (int round = 0; round < 100; ++round) {
     const int a = got[2 * static_cast<std::size_t>(round)];
@@ -119,23 +122,25 @@ TEST_CASE("when_any over receives of two cross-process channels loses and reorde
     a.reset();
     b.reset();
     ipcoro::io_context ctx;
-    ipcoro::sync_wait(ctx, [](channel_receiver<std::uint64_t>& rxa, channel_receiver<std::uint64_t>& rxb,
-                              stream_record& ra, stream_record& rb) -> task<void> {
-      while (!ra.ended || !rb.ended) {
-        if (ra.ended || rb.ended) {
-          stream_record& r = ra.ended ? rb : ra;
-          std::optional<std::uint64_t> v = co_await (ra.ended ? rxb : rxa).receive();
-          if (v) r.values.push_back(*v);
-          r.ended = !v;
-          continue;
-        }
-        auto won = co_await ipcoro::when_any(rxa.receive(), rxb.receive());
-        stream_record& r = won.index() == 0 ? ra : rb;
-        const std::optional<std::uint64_t> v = won.index() == 0 ? std::get<0>(won) : std::get<1>(won);
-        if (v) r.values.push_back(*v);
-        r.ended = !v;
-      }
-    }(rxa, rxb, ra, rb));
+    ipcoro::sync_wait(ctx,
+                      [](channel_receiver<std::uint64_t>& rxa, channel_receiver<std::uint64_t>& rxb,
+                         stream_record& ra, stream_record& rb) -> task<void> {
+                        while (!ra.ended || !rb.ended) {
+                          if (ra.ended || rb.ended) {
+                            stream_record& r = ra.ended ? rb : ra;
+                            std::optional<std::uint64_t> v = co_await (ra.ended ? rxb : rxa).receive();
+                            if (v) r.values.push_back(*v);
+                            r.ended = !v;
+                            continue;
+                          }
+                          auto won = co_await ipcoro::when_any(rxa.receive(), rxb.receive());
+                          stream_record& r = won.index() == 0 ? ra : rb;
+                          const std::optional<std::uint64_t> v =
+                              won.index() == 0 ? std::get<0>(won) : std::get<1>(won);
+                          if (v) r.values.push_back(*v);
+                          r.ended = !v;
+                        }
+                      }(rxa, rxb, ra, rb));
     CHECK(child.wait() == 0);
   }
   CHECK(ra.values.size() == count);
@@ -166,21 +171,22 @@ TEST_CASE("receives with short timeouts racing a sender in another process lose 
     channel_receiver<std::uint64_t> rx = link.receiver<std::uint64_t>();
     link.reset();
     ipcoro::io_context ctx;
-    ipcoro::sync_wait(ctx, [](channel_receiver<std::uint64_t>& rx, stream_record& got,
-                              std::uint64_t& timeouts) -> task<void> {
-      std::minstd_rand random(42);
-      while (!got.ended) {
-        // Deadlines from 0 to 40 µs: many expire while a message is on its way.
-        const auto patience = std::chrono::microseconds(random() % 40);
-        try {
-          std::optional<std::uint64_t> v = co_await rx.receive().with_timeout(patience);
-          if (v) got.values.push_back(*v);
-          got.ended = !v;
-        } catch (const ipcoro::timed_out&) {
-          ++timeouts;
-        }
-      }
-    }(rx, got, timeouts));
+    ipcoro::sync_wait(
+        ctx,
+        [](channel_receiver<std::uint64_t>& rx, stream_record& got, std::uint64_t& timeouts) -> task<void> {
+          std::minstd_rand random(42);
+          while (!got.ended) {
+            // Deadlines from 0 to 40 µs: many expire while a message is on its way.
+            const auto patience = std::chrono::microseconds(random() % 40);
+            try {
+              std::optional<std::uint64_t> v = co_await rx.receive().with_timeout(patience);
+              if (v) got.values.push_back(*v);
+              got.ended = !v;
+            } catch (const ipcoro::timed_out&) {
+              ++timeouts;
+            }
+          }
+        }(rx, got, timeouts));
     CHECK(child.wait() == 0);
   }
   INFO("timeouts: " << timeouts);
@@ -188,25 +194,31 @@ TEST_CASE("receives with short timeouts racing a sender in another process lose 
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a receive raced against a timer in when_any loses nothing when the timer wins", "[channel][race]") {
+TEST_CASE("a receive raced against a timer in when_any loses nothing when the timer wins",
+          "[channel][race]") {
   ipcoro::io_context ctx;
   auto [tx, rx] = ipcoro::make_channel<int>(8);
   stream_record got;
-  ipcoro::sync_wait(ctx, [](channel_sender<int>& tx, channel_receiver<int>& rx, stream_record& got) -> task<void> {
-    for (int i = 0; i < 200; ++i) {
-      // A timer that has already expired starts first, so it wins while a value is ready.
-      auto won = co_await ipcoro::when_any(
-          []() -> task<void> { co_await ipcoro::sleep_until(std::chrono::steady_clock::now()); }(), rx.receive());
-      if (won.index() == 1) got.values.push_back(static_cast<std::uint64_t>(std::get<1>(won).value_or(-1)));
-      if (i % 2 == 0) co_await tx.send(i / 2);
-    }
-    tx.close();
-    while (std::optional<int> v = co_await rx.receive()) got.values.push_back(static_cast<std::uint64_t>(*v));
-  }(tx, rx, got));
+  ipcoro::sync_wait(
+      ctx, [](channel_sender<int>& tx, channel_receiver<int>& rx, stream_record& got) -> task<void> {
+        for (int i = 0; i < 200; ++i) {
+          // A timer that has already expired starts first, so it wins while a value is ready.
+          auto won = co_await ipcoro::when_any(
+              []() -> task<void> { co_await ipcoro::sleep_until(std::chrono::steady_clock::now()); }(),
+              rx.receive());
+          if (won.index() == 1)
+            got.values.push_back(static_cast<std::uint64_t>(std::get<1>(won).value_or(-1)));
+          if (i % 2 == 0) co_await tx.send(i / 2);
+        }
+        tx.close();
+        while (std::optional<int> v = co_await rx.receive())
+          got.values.push_back(static_cast<std::uint64_t>(*v));
+      }(tx, rx, got));
   CHECK(got.exactly(100));
 }
 
-TEST_CASE("send, receive and receive_into take a deadline and lose nothing when it expires", "[channel][deadline]") {
+TEST_CASE("send, receive and receive_into take a deadline and lose nothing when it expires",
+          "[channel][deadline]") {
   const std::string transport = GENERATE("local", "pipe", "mq", "shm", "shm-mpmc", "file");
   CAPTURE(transport);
   ipcoro::io_context ctx;
@@ -223,47 +235,48 @@ TEST_CASE("send, receive and receive_into take a deadline and lose nothing when 
     rx = link.receiver<std::uint64_t>();
     link.reset();
   }
-  ipcoro::sync_wait(ctx, [](channel_sender<std::uint64_t>& tx, channel_receiver<std::uint64_t>& rx) -> task<void> {
-    // An empty channel: receive and receive_into time out, and the next value still comes.
-    const auto start = std::chrono::steady_clock::now();
-    bool timed_out = false;
-    try {
-      (void)co_await rx.receive().with_timeout(20ms);
-    } catch (const ipcoro::timed_out&) {
-      timed_out = true;
-    }
-    CHECK(timed_out);
-    CHECK(std::chrono::steady_clock::now() - start >= 20ms);
-    std::uint64_t into = 7;
-    timed_out = false;
-    try {
-      (void)co_await rx.receive_into(into).with_deadline(std::chrono::steady_clock::now() + 5ms);
-    } catch (const ipcoro::timed_out&) {
-      timed_out = true;
-    }
-    CHECK(timed_out);
-    CHECK(into == 7);
-    // A full channel: a send times out, and its value is not delivered.
-    std::uint64_t sent = 0;
-    timed_out = false;
-    while (!timed_out) {
-      try {
-        co_await tx.send(sent).with_timeout(20ms);
-        ++sent;
-      } catch (const ipcoro::timed_out&) {
-        timed_out = true;
-      }
-      REQUIRE(sent < 100'000'000);
-    }
-    CHECK(sent > 0);
-    tx.close();
-    std::uint64_t expected = 0;
-    while (std::optional<std::uint64_t> v = co_await rx.receive().with_timeout(5s)) {
-      CHECK(*v == expected);
-      ++expected;
-    }
-    CHECK(expected == sent);
-  }(tx, rx));
+  ipcoro::sync_wait(
+      ctx, [](channel_sender<std::uint64_t>& tx, channel_receiver<std::uint64_t>& rx) -> task<void> {
+        // An empty channel: receive and receive_into time out, and the next value still comes.
+        const auto start = std::chrono::steady_clock::now();
+        bool timed_out = false;
+        try {
+          (void)co_await rx.receive().with_timeout(20ms);
+        } catch (const ipcoro::timed_out&) {
+          timed_out = true;
+        }
+        CHECK(timed_out);
+        CHECK(std::chrono::steady_clock::now() - start >= 20ms);
+        std::uint64_t into = 7;
+        timed_out = false;
+        try {
+          (void)co_await rx.receive_into(into).with_deadline(std::chrono::steady_clock::now() + 5ms);
+        } catch (const ipcoro::timed_out&) {
+          timed_out = true;
+        }
+        CHECK(timed_out);
+        CHECK(into == 7);
+        // A full channel: a send times out, and its value is not delivered.
+        std::uint64_t sent = 0;
+        timed_out = false;
+        while (!timed_out) {
+          try {
+            co_await tx.send(sent).with_timeout(20ms);
+            ++sent;
+          } catch (const ipcoro::timed_out&) {
+            timed_out = true;
+          }
+          REQUIRE(sent < 100'000'000);
+        }
+        CHECK(sent > 0);
+        tx.close();
+        std::uint64_t expected = 0;
+        while (std::optional<std::uint64_t> v = co_await rx.receive().with_timeout(5s)) {
+          CHECK(*v == expected);
+          ++expected;
+        }
+        CHECK(expected == sent);
+      }(tx, rx));
   CHECK(nothing_left_behind());
 }
 
@@ -271,30 +284,32 @@ TEST_CASE("a deadline that is met returns the value; a stop request still gives 
           "[channel][deadline]") {
   ipcoro::io_context ctx;
   auto [tx, rx] = ipcoro::make_channel<std::string>(2);
-  ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx, channel_receiver<std::string>& rx) -> task<void> {
-    std::string hello = "hello";
-    co_await tx.send(std::move(hello)).with_timeout(1s);
-    std::optional<std::string> v = co_await rx.receive().with_timeout(1s);
-    CHECK(v == "hello");
-    std::stop_source stop;
-    auto receive_then_note = [](channel_receiver<std::string>& rx, std::stop_token token) -> task<bool> {
-      try {
-        (void)co_await rx.receive().with_timeout(10s).with_stop_token(token);
-      } catch (const ipcoro::timed_out&) {
-        co_return false;
-      } catch (const ipcoro::operation_cancelled&) {
-        co_return true;
-      }
-      co_return false;
-    };
-    auto stop_soon = [](std::stop_source& stop) -> task<void> {
-      co_await ipcoro::sleep_for(1ms);
-      stop.request_stop();
-    };
-    auto [cancelled, ignored] = co_await ipcoro::when_all(receive_then_note(rx, stop.get_token()), stop_soon(stop));
-    (void)ignored;
-    CHECK(cancelled);
-  }(tx, rx));
+  ipcoro::sync_wait(
+      ctx, [](channel_sender<std::string>& tx, channel_receiver<std::string>& rx) -> task<void> {
+        std::string hello = "hello";
+        co_await tx.send(std::move(hello)).with_timeout(1s);
+        std::optional<std::string> v = co_await rx.receive().with_timeout(1s);
+        CHECK(v == "hello");
+        std::stop_source stop;
+        auto receive_then_note = [](channel_receiver<std::string>& rx, std::stop_token token) -> task<bool> {
+          try {
+            (void)co_await rx.receive().with_timeout(10s).with_stop_token(token);
+          } catch (const ipcoro::timed_out&) {
+            co_return false;
+          } catch (const ipcoro::operation_cancelled&) {
+            co_return true;
+          }
+          co_return false;
+        };
+        auto stop_soon = [](std::stop_source& stop) -> task<void> {
+          co_await ipcoro::sleep_for(1ms);
+          stop.request_stop();
+        };
+        auto [cancelled, ignored] =
+            co_await ipcoro::when_all(receive_then_note(rx, stop.get_token()), stop_soon(stop));
+        (void)ignored;
+        CHECK(cancelled);
+      }(tx, rx));
 }
 
 TEST_CASE("open_sender and open_receiver take a deadline; open_sender on a FIFO nobody reads ends by it",
@@ -333,27 +348,28 @@ TEST_CASE("mq_demux::receive takes a deadline and takes no message when it expir
   ipcoro::message_queue q = ipcoro::message_queue::create(name, attributes);
   ipcoro::mq_demux demux(q, 2);
   std::vector<std::string> got;
-  ipcoro::sync_wait(ctx, [](ipcoro::message_queue& q, ipcoro::mq_demux& demux,
-                            std::vector<std::string>& got) -> task<void> {
-    auto consumer = [](ipcoro::message_queue& q, ipcoro::mq_demux& demux,
-                       std::vector<std::string>& got) -> task<void> {
-      std::vector<std::byte> buf(demux.max_payload());
-      bool timed_out = false;
-      try {
-        (void)co_await demux.receive(1, buf).with_timeout(10ms);
-      } catch (const ipcoro::timed_out&) {
-        timed_out = true;
-      }
-      CHECK(timed_out);
-      const std::string word = "late";
-      co_await q.send_labelled(1, std::as_bytes(std::span{word}));
-      std::optional<ipcoro::mq_message> m = co_await demux.receive(1, buf).with_timeout(1s);
-      REQUIRE(m);
-      got.emplace_back(reinterpret_cast<const char*>(buf.data()), m->size);
-      demux.close();
-    };
-    co_await ipcoro::when_all(demux.run(), consumer(q, demux, got));
-  }(q, demux, got));
+  ipcoro::sync_wait(
+      ctx,
+      [](ipcoro::message_queue& q, ipcoro::mq_demux& demux, std::vector<std::string>& got) -> task<void> {
+        auto consumer = [](ipcoro::message_queue& q, ipcoro::mq_demux& demux,
+                           std::vector<std::string>& got) -> task<void> {
+          std::vector<std::byte> buf(demux.max_payload());
+          bool timed_out = false;
+          try {
+            (void)co_await demux.receive(1, buf).with_timeout(10ms);
+          } catch (const ipcoro::timed_out&) {
+            timed_out = true;
+          }
+          CHECK(timed_out);
+          const std::string word = "late";
+          co_await q.send_labelled(1, std::as_bytes(std::span{word}));
+          std::optional<ipcoro::mq_message> m = co_await demux.receive(1, buf).with_timeout(1s);
+          REQUIRE(m);
+          got.emplace_back(reinterpret_cast<const char*>(buf.data()), m->size);
+          demux.close();
+        };
+        co_await ipcoro::when_all(demux.run(), consumer(q, demux, got));
+      }(q, demux, got));
   CHECK(got == std::vector<std::string>{"late"});
   q.close();  // removes the name: this object created the queue
   CHECK(nothing_left_behind());

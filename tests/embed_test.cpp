@@ -222,7 +222,7 @@ TEST_CASE("one thread serves an epoll loop's socket and ipcoro's pipes in turn, 
     std::array<epoll_event, 4> events{};
     const int n = ::epoll_wait(ep, events.data(), events.size(), 10'000);
     if (n < 0 && errno == EINTR) continue;  // the child's SIGCHLD, for one
-    REQUIRE(n > 0);  // 10 s without either loop having work: a wake-up was lost
+    REQUIRE(n > 0);                         // 10 s without either loop having work: a wake-up was lost
     for (int i = 0; i < n; ++i) {
       if (events[i].data.fd == sv[0]) {
         char ping = 0;

@@ -1,8 +1,8 @@
 // Named pipes across real processes: opening through the ring, end of stream, the server idiom,
 // full duplex, atomic messages from many writers, dead peers, timeouts, cancellation, errors.
+#include "ipcoro/fifo.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/fd_io.hpp"
-#include "ipcoro/fifo.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/pipe.hpp"
 #include "ipcoro/sync_wait.hpp"
@@ -17,8 +17,8 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -64,7 +64,7 @@ std::string as_string(std::span<const std::byte> b) {
 /// A fresh directory under the temp directory, removed with everything in it when the test
 /// ends, pass or fail.
 class temp_dir {
-public:
+ public:
   explicit temp_dir(unsigned mode = 0700)
       : path_(std::filesystem::temp_directory_path() / ipcoro::test::unique_name("fifo")) {
     REQUIRE(::mkdir(path_.c_str(), mode) == 0);
@@ -85,7 +85,7 @@ public:
     return n;
   }
 
-private:
+ private:
   std::filesystem::path path_;
 };
 
@@ -337,22 +337,22 @@ TEST_CASE("a reader and a writer in different processes meet through the ring wi
     });
     int ticks_while_opening = 0;
     bool opened = false;
-    auto [text, unit] = ipcoro::sync_wait(
-        ctx, ipcoro::when_all(
-                 [&]() -> task<std::string> {
-                   ipcoro::pipe_reader r = co_await open_reader(f.path());
-                   opened = true;
-                   std::string all;
-                   std::array<std::byte, 64> buf{};
-                   while (const std::size_t n = co_await read_some(r, buf)) all += as_string(std::span(buf).first(n));
-                   co_return all;
-                 }(),
-                 [&]() -> task<void> {
-                   while (!opened) {
-                     co_await ipcoro::nop();
-                     ++ticks_while_opening;
-                   }
-                 }()));
+    auto [text, unit] = ipcoro::sync_wait(ctx, ipcoro::when_all(
+                                                   [&]() -> task<std::string> {
+                                                     ipcoro::pipe_reader r = co_await open_reader(f.path());
+                                                     opened = true;
+                                                     std::string all;
+                                                     std::array<std::byte, 64> buf{};
+                                                     while (const std::size_t n = co_await read_some(r, buf))
+                                                       all += as_string(std::span(buf).first(n));
+                                                     co_return all;
+                                                   }(),
+                                                   [&]() -> task<void> {
+                                                     while (!opened) {
+                                                       co_await ipcoro::nop();
+                                                       ++ticks_while_opening;
+                                                     }
+                                                   }()));
     (void)unit;
     CHECK(text == "hello through a FIFO");
     CHECK(ticks_while_opening > 0);
@@ -529,18 +529,21 @@ struct record_header {
 };
 
 std::uint32_t header_check(std::uint32_t writer, std::uint32_t seq) { return ~(writer * 1'000'003u + seq); }
-std::uint64_t record_seed(std::uint32_t writer, std::uint32_t seq) { return (std::uint64_t{writer} << 32) | seq; }
+std::uint64_t record_seed(std::uint32_t writer, std::uint32_t seq) {
+  return (std::uint64_t{writer} << 32) | seq;
+}
 
 std::uint32_t record_length(bool fixed, std::uint32_t writer, std::uint32_t seq) {
   if (fixed) return static_cast<std::uint32_t>(pipe_buf);
   // From a bare header up to PIPE_BUF, so that small messages share pipe pages too.
   const std::uint64_t mixed = (record_seed(writer, seq) + 1) * 0x9e3779b97f4a7c15ull;
-  return static_cast<std::uint32_t>(sizeof(record_header) + (mixed >> 40) % (pipe_buf - sizeof(record_header) + 1));
+  return static_cast<std::uint32_t>(sizeof(record_header) +
+                                    (mixed >> 40) % (pipe_buf - sizeof(record_header) + 1));
 }
 
 std::string fmt_header(const record_header& h) {
-  return "record header {writer " + std::to_string(h.writer) + ", seq " + std::to_string(h.seq) + ", length " +
-         std::to_string(h.length) + ", check " + std::to_string(h.check) + "}";
+  return "record header {writer " + std::to_string(h.writer) + ", seq " + std::to_string(h.seq) +
+         ", length " + std::to_string(h.length) + ", check " + std::to_string(h.check) + "}";
 }
 
 struct stream_report {
@@ -623,7 +626,9 @@ stream_report many_writers(bool fixed, std::uint32_t writers, std::uint32_t per_
   // Every writer has exited: with the server's own end closed, the stream ends right here.
   server.close_own_writer();
   std::array<std::byte, 1> extra{};
-  CHECK(ipcoro::sync_wait(ctx, [&]() -> task<std::size_t> { co_return co_await server.read(extra).with_timeout(30s); }()) == 0);
+  CHECK(ipcoro::sync_wait(ctx, [&]() -> task<std::size_t> {
+          co_return co_await server.read(extra).with_timeout(30s);
+        }()) == 0);
   return report;
 }
 
@@ -652,7 +657,8 @@ TEST_CASE("messages of every size up to PIPE_BUF from many writer processes at o
   CHECK(r.writer_switches >= writers);
 }
 
-TEST_CASE("write_message refuses a message larger than PIPE_BUF with EMSGSIZE and writes nothing", "[fifo][atomic]") {
+TEST_CASE("write_message refuses a message larger than PIPE_BUF with EMSGSIZE and writes nothing",
+          "[fifo][atomic]") {
   temp_dir dir;
   ipcoro::fifo f(dir.at("big"));
   ipcoro::fifo_server_reader server = ipcoro::open_fifo_server_reader(f.path());
@@ -661,22 +667,24 @@ TEST_CASE("write_message refuses a message larger than PIPE_BUF with EMSGSIZE an
 
   std::vector<std::byte> big(pipe_buf + 1);
   fill_pattern(big, 5, 0);
-  const failure refused = ipcoro::sync_wait(ctx, failure_of([&]() -> task<void> {
-    co_await ipcoro::write_message(w, big);
-  }()));
+  const failure refused =
+      ipcoro::sync_wait(ctx, failure_of([&]() -> task<void> { co_await ipcoro::write_message(w, big); }()));
   CHECK(refused.code == EMSGSIZE);
   CHECK_THAT(refused.what, Catch::Contains("4097 bytes") && Catch::Contains("PIPE_BUF (4096 bytes)") &&
                                Catch::Contains("interleaved") && Catch::Contains("Split"));
 
   // Exactly PIPE_BUF is accepted, and it is the only thing in the FIFO.
-  ipcoro::sync_wait(ctx, [&]() -> task<void> { co_await ipcoro::write_message(w, std::span(big).first(pipe_buf)); }());
+  ipcoro::sync_wait(
+      ctx, [&]() -> task<void> { co_await ipcoro::write_message(w, std::span(big).first(pipe_buf)); }());
   std::vector<std::byte> got(pipe_buf + 1);
-  const std::size_t n = ipcoro::sync_wait(ctx, [&]() -> task<std::size_t> { co_return co_await server.read(got); }());
+  const std::size_t n =
+      ipcoro::sync_wait(ctx, [&]() -> task<std::size_t> { co_return co_await server.read(got); }());
   CHECK(n == pipe_buf);
   CHECK(std::memcmp(got.data(), big.data(), pipe_buf) == 0);
   CHECK(ipcoro::sync_wait(ctx, failure_of([&]() -> task<std::size_t> {
-          co_return co_await server.read(got).with_timeout(30ms);
-        }())).code == ETIMEDOUT);
+                            co_return co_await server.read(got).with_timeout(30ms);
+                          }()))
+            .code == ETIMEDOUT);
 }
 
 TEST_CASE("write_message waits while the FIFO is full and then writes the whole message", "[fifo][atomic]") {
@@ -709,7 +717,8 @@ TEST_CASE("write_message waits while the FIFO is full and then writes the whole 
                                }
                                co_await ipcoro::nop();
                                written_when_full = written;
-                               // Not inside CHECK: GCC 12 mishandles co_await within Catch's expression templates.
+                               // Not inside CHECK: GCC 12 mishandles co_await within Catch's expression
+                               // templates.
                                got = co_await server.read_exact(all).with_timeout(30s);
                              }()));
   CHECK(written_when_full == messages - 1);
@@ -726,15 +735,16 @@ TEST_CASE("write_message throws EPIPE once no process has the FIFO open for read
   ipcoro::pipe_writer w = ipcoro::sync_wait(ctx, open_writer(f.path()));
   server.close();
   const failure e = ipcoro::sync_wait(ctx, failure_of([&]() -> task<void> {
-    co_await ipcoro::write_message(w, as_bytes("nobody reads this"));
-  }()));
+                                        co_await ipcoro::write_message(w, as_bytes("nobody reads this"));
+                                      }()));
   CHECK(e.code == EPIPE);
   CHECK_THAT(e.what, Catch::Contains("open for reading"));
 }
 
 // ---- dead peers ----
 
-TEST_CASE("a writer killed mid-stream leaves the reader with end of stream, not a hang", "[fifo][fork][death]") {
+TEST_CASE("a writer killed mid-stream leaves the reader with end of stream, not a hang",
+          "[fifo][fork][death]") {
   temp_dir dir;
   ipcoro::fifo f(dir.at("killed-writer"));
   constexpr std::size_t record = 1000;
@@ -806,9 +816,10 @@ TEST_CASE("a writer whose reader was killed gets EPIPE, not a hang or SIGPIPE", 
   REQUIRE(ipcoro::sync_wait(ctx, await_bytes(ready_r, 1)));
   reader.kill(SIGKILL);
   REQUIRE(reader.wait(30s) == 128 + SIGKILL);
-  const failure e = ipcoro::sync_wait(ctx, failure_of([&]() -> task<void> {
-    co_await ipcoro::write_message(w, as_bytes("anyone?")).with_timeout(30s);
-  }()));
+  const failure e =
+      ipcoro::sync_wait(ctx, failure_of([&]() -> task<void> {
+                          co_await ipcoro::write_message(w, as_bytes("anyone?")).with_timeout(30s);
+                        }()));
   CHECK(e.code == EPIPE);
 }
 
@@ -821,8 +832,8 @@ TEST_CASE("opening a FIFO that nobody opens from the other side can be timed out
   const auto t0 = std::chrono::steady_clock::now();
   CHECK(ipcoro::sync_wait(ctx, failure_of(open_reader(f.path(), 30ms))).code == ETIMEDOUT);
   CHECK(ipcoro::sync_wait(ctx, failure_of(open_writer(f.path(), 30ms))).code == ETIMEDOUT);
-  CHECK(ipcoro::sync_wait(ctx, failure_of(ipcoro::open_fifo_duplex(f.path(), dir.at("missing-too"), 30ms))).code ==
-        ENOENT);
+  CHECK(ipcoro::sync_wait(ctx, failure_of(ipcoro::open_fifo_duplex(f.path(), dir.at("missing-too"), 30ms)))
+            .code == ENOENT);
   ipcoro::fifo other(dir.at("lonely-too"));
   CHECK(ipcoro::sync_wait(ctx, failure_of(ipcoro::open_fifo_duplex(f.path(), other.path(), 30ms))).code ==
         ETIMEDOUT);
@@ -853,11 +864,12 @@ TEST_CASE("opening a FIFO that nobody opens from the other side can be cancelled
     INFO((for_writing ? "writer" : "reader"));
     std::stop_source source;
     auto [result, unit] = ipcoro::sync_wait(
-        ctx, ipcoro::when_all(failure_of(open_and_drop(f.path(), for_writing)).with_stop_token(source.get_token()),
-                              [&]() -> task<void> {
-                                co_await ipcoro::nop();  // the open has been submitted by now
-                                source.request_stop();
-                              }()));
+        ctx,
+        ipcoro::when_all(failure_of(open_and_drop(f.path(), for_writing)).with_stop_token(source.get_token()),
+                         [&]() -> task<void> {
+                           co_await ipcoro::nop();  // the open has been submitted by now
+                           source.request_stop();
+                         }()));
     (void)unit;
     CHECK(result.code == ECANCELED);
   }
@@ -904,7 +916,9 @@ TEST_CASE("a path that exists but is not a FIFO is refused with EINVAL naming th
   REQUIRE(::bind(sock.get(), reinterpret_cast<const ::sockaddr*>(&addr), sizeof addr) == 0);
 
   ipcoro::io_context ctx;
-  for (auto [path, kind] : {std::pair{file, "regular file"}, {subdir, "directory"}, {socket_path, "socket"},
+  for (auto [path, kind] : {std::pair{file, "regular file"},
+                            {subdir, "directory"},
+                            {socket_path, "socket"},
                             {std::string("/dev/null"), "character device"}}) {
     INFO(path);
     const failure r = ipcoro::sync_wait(ctx, failure_of(open_reader(path)));
@@ -942,12 +956,13 @@ TEST_CASE("a missing directory and a missing FIFO are told apart", "[fifo][error
   CHECK(dir.entries() == 0);
 }
 
-TEST_CASE("permission denied names the FIFO's mode and owner and the user that was refused", "[fifo][errors][root]") {
+TEST_CASE("permission denied names the FIFO's mode and owner and the user that was refused",
+          "[fifo][errors][root]") {
   if (::geteuid() != 0) {
     WARN("not running as root: cannot create a FIFO owned by another user to be refused; skipped");
     return;
   }
-  temp_dir dir(0755);  // nobody may search it, not write to it
+  temp_dir dir(0755);                   // nobody may search it, not write to it
   ipcoro::fifo f(dir.at("root-only"));  // mode 0600, owned by root
   const std::string closed_dir = dir.at("closed");
   REQUIRE(::mkdir(closed_dir.c_str(), 0700) == 0);
@@ -973,7 +988,8 @@ TEST_CASE("permission denied names the FIFO's mode and owner and the user that w
     }
     expect(failure_of_call([&] { ipcoro::fifo mine(dir.at("mine")); }),
            {dir.at("mine"), "may not create files in directory", "uid 65534"});
-    expect(ipcoro::sync_wait(ctx, failure_of(open_writer(behind_closed_dir))), {behind_closed_dir, "cannot be searched"});
+    expect(ipcoro::sync_wait(ctx, failure_of(open_writer(behind_closed_dir))),
+           {behind_closed_dir, "cannot be searched"});
     return problems;
   });
   CHECK(nobody.wait(30s) == 0);
@@ -1029,7 +1045,8 @@ TEST_CASE("steady-state message writes and reads on a FIFO allocate nothing", "[
                                std::array<std::byte, 3000> message{};
                                for (int i = 0; i < messages; ++i) {
                                  const std::size_t n = co_await server.read_exact(message);
-                                 intact = intact && n == message.size() && message[0] == static_cast<std::byte>(i);
+                                 intact =
+                                     intact && n == message.size() && message[0] == static_cast<std::byte>(i);
                                }
                                after = ipcoro::test::allocations();
                              }()));

@@ -33,7 +33,7 @@ using clock_type = std::chrono::steady_clock;
 
 /// Anonymous MAP_SHARED memory holding `n` futex words, inherited by forked children.
 class shared_words {
-public:
+ public:
   explicit shared_words(std::size_t n) : size_(n * sizeof(std::atomic<std::uint32_t>)) {
     void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("mmap of the shared words failed");
@@ -46,7 +46,7 @@ public:
 
   std::atomic<std::uint32_t>& operator[](std::size_t i) noexcept { return words_[i]; }
 
-private:
+ private:
   std::size_t size_;
   std::atomic<std::uint32_t>* words_ = nullptr;
 };
@@ -126,9 +126,8 @@ TEST_CASE("a wait nobody wakes returns timed_out once its timeout has passed", "
   ipcoro::io_context ctx;
   shared_words words(1);
   const auto t0 = clock_type::now();
-  const auto r = ipcoro::sync_wait(ctx, [&]() -> task<futex_wait_result> {
-    co_return co_await ipcoro::futex_wait(words[0], 0, 30ms);
-  }());
+  const auto r = ipcoro::sync_wait(
+      ctx, [&]() -> task<futex_wait_result> { co_return co_await ipcoro::futex_wait(words[0], 0, 30ms); }());
   const auto elapsed = clock_type::now() - t0;
   CHECK(r == futex_wait_result::timed_out);
   CHECK(elapsed >= 30ms);
@@ -146,7 +145,9 @@ TEST_CASE("a wake from another coroutine ends a wait with woken, the word unchan
   ipcoro::io_context ctx;
   shared_words words(1);
   const auto [r, attempts] = ipcoro::sync_wait(ctx, [&]() -> task<std::tuple<futex_wait_result, int>> {
-    auto waiter = [&]() -> task<futex_wait_result> { co_return co_await ipcoro::futex_wait(words[0], 0, 20s); };
+    auto waiter = [&]() -> task<futex_wait_result> {
+      co_return co_await ipcoro::futex_wait(words[0], 0, 20s);
+    };
     co_return co_await ipcoro::when_all(waiter(), wake_until_woken(words[0], 10s));
   }());
   CHECK(attempts > 0);
@@ -208,9 +209,9 @@ TEST_CASE("a futex wait whose task is already stopped throws at once", "[futex][
   std::stop_source source;
   source.request_stop();
   const auto t0 = clock_type::now();
-  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, [&]() -> task<void> {
-                    (void)co_await ipcoro::futex_wait(word, 0, 30s);
-                  }().with_stop_token(source.get_token())),
+  CHECK_THROWS_AS(ipcoro::sync_wait(ctx,
+                                    [&]() -> task<void> { (void)co_await ipcoro::futex_wait(word, 0, 30s); }()
+                                                 .with_stop_token(source.get_token())),
                   ipcoro::operation_cancelled);
   CHECK(clock_type::now() - t0 < 10s);
 }
@@ -272,15 +273,16 @@ TEST_CASE("hundreds of concurrent waits each end by their own wake or timeout", 
   std::vector<futex_wait_result> results(n, futex_wait_result::value_changed);
   int woken_by_waker = 0;
   ipcoro::sync_wait(ctx, ipcoro::with_scope([&](ipcoro::scope& s) -> task<void> {
-    for (std::size_t i = 0; i < n; ++i) {
-      // Odd words are never woken: they must time out; even words are woken one by one.
-      const auto timeout = i % 2 == 0 ? std::chrono::milliseconds(20s) : std::chrono::milliseconds(200ms);
-      s.spawn(wait_into(words[i], timeout, results[i]));
-    }
-    for (std::size_t i = 0; i < n; i += 2) {
-      if (co_await wake_until_woken(words[i], 10s) > 0) ++woken_by_waker;
-    }
-  }));
+                      for (std::size_t i = 0; i < n; ++i) {
+                        // Odd words are never woken: they must time out; even words are woken one by one.
+                        const auto timeout =
+                            i % 2 == 0 ? std::chrono::milliseconds(20s) : std::chrono::milliseconds(200ms);
+                        s.spawn(wait_into(words[i], timeout, results[i]));
+                      }
+                      for (std::size_t i = 0; i < n; i += 2) {
+                        if (co_await wake_until_woken(words[i], 10s) > 0) ++woken_by_waker;
+                      }
+                    }));
   CHECK(woken_by_waker == static_cast<int>(n / 2));
   for (std::size_t i = 0; i < n; ++i) {
     INFO("word " << i);
@@ -329,9 +331,8 @@ TEST_CASE("a futex wait in another process is woken through a MAP_SHARED word", 
   shared_words words(2);
   child_process child([&] {
     ipcoro::io_context ctx;
-    const auto r = ipcoro::sync_wait(ctx, [&]() -> task<futex_wait_result> {
-      co_return co_await ipcoro::futex_wait(words[0], 0, 20s);
-    }());
+    const auto r = ipcoro::sync_wait(
+        ctx, [&]() -> task<futex_wait_result> { co_return co_await ipcoro::futex_wait(words[0], 0, 20s); }());
     // 0: woken without the word changing; anything else names the outcome.
     return r == futex_wait_result::woken ? 0 : 10 + static_cast<int>(r);
   });
@@ -414,7 +415,8 @@ struct ping_pong_area {
 
 /// Runs a ping-pong of `handoffs` between two forked processes, each on the path chosen.
 void run_ping_pong(bool fallback_a, bool fallback_b, std::uint32_t handoffs) {
-  void* mem = ::mmap(nullptr, sizeof(ping_pong_area), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  void* mem =
+      ::mmap(nullptr, sizeof(ping_pong_area), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   REQUIRE(mem != MAP_FAILED);
   auto* area = new (mem) ping_pong_area;
   const auto t0 = clock_type::now();

@@ -1,4 +1,5 @@
-// Tests of the io_context event loop: setup, timers, cancellation, per-operation timeouts, shutdown, full queues and counters.
+// Tests of the io_context event loop: setup, timers, cancellation, per-operation timeouts, shutdown, full
+// queues and counters.
 #include <ipcoro/ipcoro.hpp>
 
 #include "process.hpp"
@@ -37,7 +38,9 @@ using ms = std::chrono::milliseconds;
 
 // ---- helpers ----
 
-std::span<const std::byte> bytes_of(std::string_view s) noexcept { return std::as_bytes(std::span(s.data(), s.size())); }
+std::span<const std::byte> bytes_of(std::string_view s) noexcept {
+  return std::as_bytes(std::span(s.data(), s.size()));
+}
 
 std::string string_of(std::span<const std::byte> b) {
   return std::string(reinterpret_cast<const char*>(b.data()), b.size());
@@ -54,9 +57,12 @@ enum class outcome { completed, cancelled, timed_out };
 
 const char* name_of(outcome o) {
   switch (o) {
-    case outcome::completed: return "completed";
-    case outcome::cancelled: return "cancelled";
-    case outcome::timed_out: return "timed_out";
+    case outcome::completed:
+      return "completed";
+    case outcome::cancelled:
+      return "cancelled";
+    case outcome::timed_out:
+      return "timed_out";
   }
   return "?";
 }
@@ -128,7 +134,8 @@ task<void> nops(int n) {
   for (int i = 0; i < n; ++i) co_await ipcoro::nop();
 }
 
-task<std::string> pipe_round_trip(const ipcoro::pipe_reader& r, const ipcoro::pipe_writer& w, std::string msg) {
+task<std::string> pipe_round_trip(const ipcoro::pipe_reader& r, const ipcoro::pipe_writer& w,
+                                  std::string msg) {
   co_await w.write_all(bytes_of(msg));
   std::vector<std::byte> buf(msg.size());
   const std::size_t n = co_await r.read_exact(buf);
@@ -228,7 +235,8 @@ task<void> detached_uncaught_read(int fd, bool& unwound) {
 
 // ============================================================================ construction
 
-TEST_CASE("a second io_context on the same thread throws std::logic_error, and a new one can be made after", "[io_context]") {
+TEST_CASE("a second io_context on the same thread throws std::logic_error, and a new one can be made after",
+          "[io_context]") {
   REQUIRE(io_context::current_or_null() == nullptr);
   {
     io_context ctx;
@@ -257,7 +265,8 @@ TEST_CASE("queue sizes the kernel cannot have are refused with std::invalid_argu
   CHECK(&ipcoro::io_context::current() == &ok);
 }
 
-TEST_CASE("with busy polling a forked peer's answers arrive and the loop counts its non-sleeping checks", "[io_context]") {
+TEST_CASE("with busy polling a forked peer's answers arrive and the loop counts its non-sleeping checks",
+          "[io_context]") {
   auto [parent_end, child_end] = ipcoro::make_duplex_pipe();
   ipcoro::test::child_process echo([&] {
     parent_end.close();
@@ -336,7 +345,8 @@ TEST_CASE("features reports what the running kernel offers", "[io_context]") {
   }
 }
 
-TEST_CASE("an io_context set up without single_issuer (the fallback setup) carries a pipe round trip", "[io_context]") {
+TEST_CASE("an io_context set up without single_issuer (the fallback setup) carries a pipe round trip",
+          "[io_context]") {
   io_context ctx(io_context::options{.entries = 16, .cq_entries = 0, .single_issuer = false});
   CHECK_FALSE(ctx.features().single_issuer);
   CHECK_FALSE(ctx.features().defer_taskrun);
@@ -408,7 +418,8 @@ task<void> fail_after_nop(std::string what) {
 }
 }  // namespace
 
-TEST_CASE("run returns once nothing is in flight: at once when idle, after the last detached task otherwise", "[io_context]") {
+TEST_CASE("run returns once nothing is in flight: at once when idle, after the last detached task otherwise",
+          "[io_context]") {
   io_context ctx;
   auto t0 = steady::now();
   ctx.run();
@@ -480,7 +491,8 @@ task<void> write_word(const ipcoro::pipe_writer& w, std::uint64_t v) {
 }
 }  // namespace
 
-TEST_CASE("an io_context with a 4-entry submission queue completes 1000 concurrent operations", "[io_context]") {
+TEST_CASE("an io_context with a 4-entry submission queue completes 1000 concurrent operations",
+          "[io_context]") {
   io_context ctx(io_context::options{.entries = 4, .cq_entries = 0, .single_issuer = true});
   constexpr std::size_t pipes = 200;  // 200 reads + 200 writes + 600 nops in flight at once
   constexpr int nop_count = 600;
@@ -523,7 +535,9 @@ TEST_CASE("1000 concurrent sleeps on a 4-entry submission queue all complete", "
   CHECK(std::all_of(results.begin(), results.end(), [](outcome o) { return o == outcome::completed; }));
 }
 
-TEST_CASE("completions that overflow an 8-entry completion queue are all delivered and the overflow is counted", "[io_context]") {
+TEST_CASE(
+    "completions that overflow an 8-entry completion queue are all delivered and the overflow is counted",
+    "[io_context]") {
   io_context ctx(io_context::options{.entries = 4, .cq_entries = 8, .single_issuer = true});
   constexpr int n = 400;
   std::vector<task<int>> tasks;
@@ -577,7 +591,8 @@ TEST_CASE("concurrent sleeps complete in deadline order, whatever order they sta
 TEST_CASE("sleep_until a time in the past, and sleep_for zero or less, complete immediately", "[timer]") {
   io_context ctx;
   auto t0 = steady::now();
-  ipcoro::sync_wait(ctx, [](steady::time_point when) -> task<void> { co_await ipcoro::sleep_until(when); }(t0 - 1s));
+  ipcoro::sync_wait(
+      ctx, [](steady::time_point when) -> task<void> { co_await ipcoro::sleep_until(when); }(t0 - 1s));
   CHECK(elapsed_since(t0) < 1s);
   t0 = steady::now();
   CHECK(ipcoro::sync_wait(ctx, sleep_outcome(0ms)) == outcome::completed);
@@ -587,7 +602,8 @@ TEST_CASE("sleep_until a time in the past, and sleep_for zero or less, complete 
 
 // ============================================================================ cancellation
 
-TEST_CASE("a stop requested before a read starts throws operation_cancelled and submits nothing", "[cancel]") {
+TEST_CASE("a stop requested before a read starts throws operation_cancelled and submits nothing",
+          "[cancel]") {
   io_context ctx;
   ipcoro::sync_wait(ctx, nops(1));  // arms the loop's own wake-up read (see the counters test)
   auto [r, w] = ipcoro::make_pipe();
@@ -616,7 +632,9 @@ task<void> stop_after_nop(std::stop_source& source, io_context& ctx, std::uint64
 }
 }  // namespace
 
-TEST_CASE("a read cancelled while in flight throws operation_cancelled and leaves the pipe's data to the next read", "[cancel]") {
+TEST_CASE(
+    "a read cancelled while in flight throws operation_cancelled and leaves the pipe's data to the next read",
+    "[cancel]") {
   io_context ctx;
   auto [r, w] = ipcoro::make_pipe();
   std::stop_source source;
@@ -636,7 +654,8 @@ TEST_CASE("a read cancelled while in flight throws operation_cancelled and leave
   CHECK(ipcoro::sync_wait(ctx, read_some(r.native_handle(), 64)).data == "and again");
 }
 
-TEST_CASE("cancelling a read that has a timeout throws operation_cancelled, not timed_out", "[cancel][timeout]") {
+TEST_CASE("cancelling a read that has a timeout throws operation_cancelled, not timed_out",
+          "[cancel][timeout]") {
   io_context ctx;
   auto [r, w] = ipcoro::make_pipe();
   std::stop_source source;
@@ -688,9 +707,10 @@ TEST_CASE("a stop request after the read completed leaves its result intact", "[
     bool b_resumed = false;
     bool raced = false;
     auto [a, b, unit] = ipcoro::sync_wait(
-        ctx, ipcoro::when_all(read_and_stop(ra.native_handle(), source, b_resumed, raced),
-                              read_flagging(rb.native_handle(), b_resumed).with_stop_token(source.get_token()),
-                              fill_both_after_nop(wa, wb)));
+        ctx,
+        ipcoro::when_all(read_and_stop(ra.native_handle(), source, b_resumed, raced),
+                         read_flagging(rb.native_handle(), b_resumed).with_stop_token(source.get_token()),
+                         fill_both_after_nop(wa, wb)));
     (void)unit;
     CHECK(raced);  // otherwise this section did not test what it says
     CHECK(a == "first");
@@ -700,7 +720,8 @@ TEST_CASE("a stop request after the read completed leaves its result intact", "[
     std::stop_source source;
     bool resumed = false;
     put(wa, "first");
-    CHECK(ipcoro::sync_wait(ctx, read_flagging(ra.native_handle(), resumed).with_stop_token(source.get_token())) ==
+    CHECK(ipcoro::sync_wait(ctx,
+                            read_flagging(ra.native_handle(), resumed).with_stop_token(source.get_token())) ==
           "first");
     source.request_stop();  // its callback is gone: nothing may touch the finished operation
     CHECK(resumed);
@@ -716,8 +737,9 @@ TEST_CASE("a sleep cancelled midway ends early with operation_cancelled", "[canc
   io_context ctx;
   std::stop_source source;
   const auto t0 = steady::now();
-  auto [how, unit] = ipcoro::sync_wait(
-      ctx, ipcoro::when_all(sleep_outcome(1h).with_stop_token(source.get_token()), request_stop_after(30ms, source)));
+  auto [how, unit] =
+      ipcoro::sync_wait(ctx, ipcoro::when_all(sleep_outcome(1h).with_stop_token(source.get_token()),
+                                              request_stop_after(30ms, source)));
   (void)unit;
   const auto took = elapsed_since(t0);
   CHECK(name_of(how) == std::string("cancelled"));
@@ -789,7 +811,8 @@ TEST_CASE("a read that completes before its timeout returns the data", "[timeout
   CHECK(res.data == "next");
 }
 
-TEST_CASE("with_deadline throws timed_out at the deadline, and a passed deadline fails at once", "[timeout]") {
+TEST_CASE("with_deadline throws timed_out at the deadline, and a passed deadline fails at once",
+          "[timeout]") {
   io_context ctx;
   auto [r, w] = ipcoro::make_pipe();
   auto t0 = steady::now();
@@ -826,7 +849,8 @@ TEST_CASE("read_exact with a timeout that gets only part of the data throws time
 
 // ============================================================================ shutdown
 
-TEST_CASE("destroying an io_context cancels detached reads, timers and event waits and lets them unwind", "[shutdown]") {
+TEST_CASE("destroying an io_context cancels detached reads, timers and event waits and lets them unwind",
+          "[shutdown]") {
   ending reader, sleeper, waiter, writer;
   auto [r, w] = ipcoro::make_pipe();
   auto [r2, w2] = ipcoro::make_pipe();
@@ -893,7 +917,8 @@ TEST_CASE("destroying an io_context whose operations write into coroutine frames
   }
 }
 
-TEST_CASE("a detached task that lets operation_cancelled escape at shutdown is not reported as a failure", "[shutdown]") {
+TEST_CASE("a detached task that lets operation_cancelled escape at shutdown is not reported as a failure",
+          "[shutdown]") {
   auto [r, w] = ipcoro::make_pipe();
   bool unwound = false;
   int reported = 0;
@@ -918,11 +943,13 @@ bool forbid_io_uring_setup() noexcept {
       BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
   };
   sock_fprog filter{static_cast<unsigned short>(std::size(program)), program};
-  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 && ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &filter) == 0;
+  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
+         ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &filter) == 0;
 }
 }  // namespace
 
-TEST_CASE("io_uring refused by a seccomp policy is an EPERM error saying so and what to allow", "[io_context]") {
+TEST_CASE("io_uring refused by a seccomp policy is an EPERM error saying so and what to allow",
+          "[io_context]") {
   ipcoro::test::child_process child([]() -> int {
     if (!forbid_io_uring_setup()) return 77;
     try {
@@ -932,7 +959,9 @@ TEST_CASE("io_uring refused by a seccomp policy is an EPERM error saying so and 
       const std::string what = e.what();
       std::fprintf(stderr, "%s\n", what.c_str());
       if (e.code().value() != EPERM) return 2;
-      return what.find("seccomp") != std::string::npos && what.find("io_uring_setup") != std::string::npos ? 0 : 3;
+      return what.find("seccomp") != std::string::npos && what.find("io_uring_setup") != std::string::npos
+                 ? 0
+                 : 3;
     }
   });
   const int code = child.wait();

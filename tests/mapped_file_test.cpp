@@ -3,10 +3,10 @@
 
 #include "process.hpp"
 
-using ipcoro::test::handshake;
 using ipcoro::test::contains;
 using ipcoro::test::failure;
 using ipcoro::test::failure_of;
+using ipcoro::test::handshake;
 
 #include <catch2/catch.hpp>
 
@@ -51,7 +51,6 @@ struct temp_path {
   temp_path& operator=(const temp_path&) = delete;
 };
 
-
 void poke(const std::string& path, off_t offset, const void* bytes, std::size_t n) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
   REQUIRE(fd >= 0);
@@ -67,7 +66,6 @@ bool holds_pattern(std::span<const std::byte> data, std::uint64_t seed) {
   return std::memcmp(expected.data(), data.data(), data.size()) == 0;
 }
 
-
 }  // namespace
 
 TEST_CASE("a created file is zeroed, sized, and reopened with its contents after its creator exited",
@@ -76,7 +74,8 @@ TEST_CASE("a created file is zeroed, sized, and reopened with its contents after
   child_process creator([&] {
     mapped_file f = mapped_file::create(t.path, layout);
     if (!f.created() || f.payload().size() != layout.payload_size) return 1;
-    if (!std::all_of(f.payload().begin(), f.payload().end(), [](std::byte b) { return b == std::byte{0}; })) return 2;
+    if (!std::all_of(f.payload().begin(), f.payload().end(), [](std::byte b) { return b == std::byte{0}; }))
+      return 2;
     fill(f.payload(), 11);
     f.sync();
     return 0;
@@ -137,8 +136,9 @@ TEST_CASE("open_or_create creates once, then opens what is there", "[mapped_file
   CHECK_FALSE(second.created());
   CHECK(holds_pattern(second.payload().first(4096), 99));
   // A mismatch is an error, not a silent re-creation.
-  CHECK(failure_of([&] { (void)mapped_file::open_or_create(t.path, {tag, 3, layout.payload_size}); }).code ==
-        EPROTO);
+  CHECK(failure_of([&] {
+          (void)mapped_file::open_or_create(t.path, {tag, 3, layout.payload_size});
+        }).code == EPROTO);
 }
 
 TEST_CASE("processes racing through open_or_create share one file", "[mapped_file][process]") {
@@ -179,8 +179,9 @@ TEST_CASE("initialize runs on the payload before the file gets its name", "[mapp
   CHECK(holds_pattern(mapped_file::open(t.path, layout).payload(), 77));
 
   const temp_path u("mf-init-throws");
-  CHECK_THROWS_AS(mapped_file::create(u.path, layout, 0600, [](std::span<std::byte>) { throw std::runtime_error("no"); }),
-                  std::runtime_error);
+  CHECK_THROWS_AS(
+      mapped_file::create(u.path, layout, 0600, [](std::span<std::byte>) { throw std::runtime_error("no"); }),
+      std::runtime_error);
   CHECK_FALSE(fs::exists(u.path));
 }
 
@@ -204,7 +205,9 @@ TEST_CASE("open refuses a missing file, another layout, a foreign file, a trunca
   CHECK(contains(f.what, t.path));
 
   { mapped_file created = mapped_file::create(t.path, layout); }
-  CHECK(failure_of([&] { (void)mapped_file::open(t.path, {tag ^ 1, 2, layout.payload_size}); }).code == EPROTO);
+  CHECK(failure_of([&] {
+          (void)mapped_file::open(t.path, {tag ^ 1, 2, layout.payload_size});
+        }).code == EPROTO);
   CHECK(failure_of([&] { (void)mapped_file::open(t.path, {tag, 1, layout.payload_size}); }).code == EPROTO);
   CHECK(failure_of([&] { (void)mapped_file::open(t.path, {tag, 2, 4096}); }).code == EPROTO);
   CHECK(mapped_file::open(t.path, {tag, 2, 0}).payload().size() == layout.payload_size);
@@ -285,8 +288,9 @@ TEST_CASE("sync writes the payload back and refuses ranges outside it", "[mapped
 
   std::vector<std::byte> elsewhere(16);
   CHECK(failure_of([&] { f.sync(elsewhere); }).code == EINVAL);
-  CHECK(failure_of([&] { f.sync(std::span<const std::byte>(f.payload().data() + 100, layout.payload_size)); })
-            .code == EINVAL);
+  CHECK(failure_of([&] {
+          f.sync(std::span<const std::byte>(f.payload().data() + 100, layout.payload_size));
+        }).code == EINVAL);
 }
 
 TEST_CASE("no file of this test run is left in the temporary directory", "[mapped_file]") {

@@ -1,9 +1,9 @@
 // POSIX message queues across real processes: attributes, priorities, cancellation, full
 // queues, 100,000 messages among 8 processes, labelled messages, every limit error, no leftovers.
+#include "ipcoro/mqueue.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/io_context.hpp"
-#include "ipcoro/mqueue.hpp"
 #include "ipcoro/pipe.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
@@ -158,7 +158,8 @@ void put_byte(int fd) {
 
 // ---- opening, attributes, names ----
 
-TEST_CASE("a queue is created with the asked attributes, mode 0600 and a non-blocking descriptor", "[mqueue]") {
+TEST_CASE("a queue is created with the asked attributes, mode 0600 and a non-blocking descriptor",
+          "[mqueue]") {
   const std::string name = queue_name("attrs");
   unlink_guard guard{name};
   auto q = message_queue::create(name, {4, 128});
@@ -201,8 +202,9 @@ TEST_CASE("a queue created with no attributes gets msg_default and msgsize_defau
   CHECK(q2.attributes().message_size == proc_value("/proc/sys/fs/mqueue/msgsize_default"));
 }
 
-TEST_CASE("the creator unlinks its queue on destruction, unlink removes a name, open of a missing queue says so",
-          "[mqueue]") {
+TEST_CASE(
+    "the creator unlinks its queue on destruction, unlink removes a name, open of a missing queue says so",
+    "[mqueue]") {
   const std::string name = queue_name("owner");
   unlink_guard guard{name};
   {
@@ -278,8 +280,9 @@ TEST_CASE("bad names are refused with the rule they break", "[mqueue][limits]") 
   CHECK_FALSE(queue_exists(longest));
 }
 
-TEST_CASE("attributes above /proc/sys/fs/mqueue/msg_max or msgsize_max are refused, naming the file and value",
-          "[mqueue][limits]") {
+TEST_CASE(
+    "attributes above /proc/sys/fs/mqueue/msg_max or msgsize_max are refused, naming the file and value",
+    "[mqueue][limits]") {
   const long msg_max = proc_value("/proc/sys/fs/mqueue/msg_max");
   const long msgsize_max = proc_value("/proc/sys/fs/mqueue/msgsize_max");
   const std::string name = queue_name("attrlimit");
@@ -287,13 +290,15 @@ TEST_CASE("attributes above /proc/sys/fs/mqueue/msg_max or msgsize_max are refus
 
   const caught too_many = error_of([&] { (void)message_queue::create(name, {msg_max + 1, 16}); });
   CHECK(too_many.code == EINVAL);
-  CHECK_THAT(too_many.what, Catch::Contains("/proc/sys/fs/mqueue/msg_max (" + std::to_string(msg_max) + ")") &&
-                                Catch::Contains("max_messages " + std::to_string(msg_max + 1)));
+  CHECK_THAT(too_many.what,
+             Catch::Contains("/proc/sys/fs/mqueue/msg_max (" + std::to_string(msg_max) + ")") &&
+                 Catch::Contains("max_messages " + std::to_string(msg_max + 1)));
 
   const caught too_big = error_of([&] { (void)message_queue::create(name, {1, msgsize_max + 1}); });
   CHECK(too_big.code == EINVAL);
-  CHECK_THAT(too_big.what, Catch::Contains("/proc/sys/fs/mqueue/msgsize_max (" + std::to_string(msgsize_max) + ")") &&
-                               Catch::Contains("message_size " + std::to_string(msgsize_max + 1)));
+  CHECK_THAT(too_big.what,
+             Catch::Contains("/proc/sys/fs/mqueue/msgsize_max (" + std::to_string(msgsize_max) + ")") &&
+                 Catch::Contains("message_size " + std::to_string(msgsize_max + 1)));
 
   const caught negative = error_of([&] { (void)message_queue::create(name, {-1, 16}); });
   CHECK(negative.code == EINVAL);
@@ -339,7 +344,8 @@ bool drop_sys_resource() {
   return ::syscall(SYS_capset, &header, data) == 0;
 }
 
-TEST_CASE("too many queues: queues_max is named with its value, in a private IPC namespace", "[mqueue][limits]") {
+TEST_CASE("too many queues: queues_max is named with its value, in a private IPC namespace",
+          "[mqueue][limits]") {
   // The namespace keeps the change to queues_max (and the queues) away from the rest of
   // the machine; it disappears with the child.
   child_process child([&] {
@@ -374,8 +380,7 @@ TEST_CASE("messages keep their boundaries and come out by priority, oldest first
     unsigned priority;
     std::size_t size;
   };
-  const std::vector<sent> script = {{0, 0},  {5, 100}, {0, 128}, {5, 1},
-                                    {31, 64}, {0, 7},  {5, 33}, {1, 128}};
+  const std::vector<sent> script = {{0, 0}, {5, 100}, {0, 128}, {5, 1}, {31, 64}, {0, 7}, {5, 33}, {1, 128}};
   const std::string name = queue_name("prio");
   unlink_guard guard{name};
   ipcoro::io_context ctx;
@@ -465,8 +470,9 @@ TEST_CASE("send and receive end with timed_out when nothing comes or there is no
   CHECK(q.current_messages() == 0);
 }
 
-TEST_CASE("a receiver in another process cancelled while waiting takes nothing; another receiver gets the message",
-          "[mqueue][fork]") {
+TEST_CASE(
+    "a receiver in another process cancelled while waiting takes nothing; another receiver gets the message",
+    "[mqueue][fork]") {
   const std::string name = queue_name("cancel");
   unlink_guard guard{name};
   ipcoro::io_context ctx;
@@ -514,7 +520,8 @@ TEST_CASE("a receiver in another process cancelled while waiting takes nothing; 
       const std::byte b{2};
       co_await ready.writer.write_all(std::span(&b, 1));
     };
-    ipcoro::sync_wait(child_ctx, [&]() -> task<void> { co_await ipcoro::when_all(receiver(), announce()); }());
+    ipcoro::sync_wait(child_ctx,
+                      [&]() -> task<void> { co_await ipcoro::when_all(receiver(), announce()); }());
     return value == 0x5eed ? 0 : 1;
   });
   ready.writer.close();
@@ -623,7 +630,8 @@ TEST_CASE("100000 messages through one queue among 4 sending and 4 receiving pro
     std::atomic<std::uint32_t> out_of_order;
     std::atomic<std::uint32_t> per_receiver[receivers];
   };
-  void* mem = ::mmap(nullptr, sizeof(shared_counts), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  void* mem =
+      ::mmap(nullptr, sizeof(shared_counts), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   REQUIRE(mem != MAP_FAILED);
   struct unmap {
     void* p;
@@ -732,7 +740,8 @@ TEST_CASE("a message larger than the queue's message size is refused, naming bot
     };
     co_await record([&]() -> task<void> { co_await q.send(big); });
     co_await record([&]() -> task<void> { co_await q.send_labelled(1, std::span(big).first(61)); });
-    co_await record([&]() -> task<void> { co_await q.send(std::span(big).first(8), ipcoro::mq_priority_max); });
+    co_await record(
+        [&]() -> task<void> { co_await q.send(std::span(big).first(8), ipcoro::mq_priority_max); });
     co_await record([&]() -> task<void> { co_await reader.send(std::span(big).first(8)); });
     co_await record([&]() -> task<void> { (void)co_await q.receive(std::span(big).first(63)); });
     // At the limit it works.
@@ -970,8 +979,10 @@ TEST_CASE("a message with an unknown label or no header ends the demux with an e
     caught run_error;
     ipcoro::sync_wait(ctx, [&]() -> task<void> {
       const std::uint32_t v = 1;
-      if (variant == 0) co_await q.send_labelled(7, bytes_of(v));
-      else co_await q.send(std::as_bytes(std::span("ab", 2)));
+      if (variant == 0)
+        co_await q.send_labelled(7, bytes_of(v));
+      else
+        co_await q.send(std::as_bytes(std::span("ab", 2)));
       auto consumer = [&]() -> task<void> {
         std::array<std::byte, 28> buf{};
         try {
@@ -1076,7 +1087,8 @@ TEST_CASE("steady-state send, receive and demux receive allocate nothing, waitin
     auto labelled_producer = [&]() -> task<void> {
       for (int i = 0; i < rounds; ++i) {
         std::memcpy(lout.data(), &i, sizeof i);
-        co_await lq.send_labelled(static_cast<std::uint32_t>(i % 2), std::span(lout).first(8)).with_timeout(10s);
+        co_await lq.send_labelled(static_cast<std::uint32_t>(i % 2), std::span(lout).first(8))
+            .with_timeout(10s);
       }
     };
     auto labelled_consumer = [&](std::uint32_t label) -> task<void> {
@@ -1106,7 +1118,8 @@ TEST_CASE("steady-state send, receive and demux receive allocate nothing, waitin
 // ---- nothing left behind ----
 
 TEST_CASE("no queue of this test run is left in the mqueue namespace", "[mqueue]") {
-  const ipcoro::test::leftovers left = ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
+  const ipcoro::test::leftovers left =
+      ipcoro::test::names_left_behind("ipcoro-test-" + std::to_string(::getpid()) + "-");
   if (!left.queues_checked) {
     WARN("cannot mount an mqueue file system here: leftovers were checked per test, by name");
   }

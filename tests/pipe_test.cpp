@@ -1,8 +1,8 @@
 // Anonymous pipes through the loop: end of stream, EPIPE, fork, capacity, splice, 1000 at once.
+#include "ipcoro/pipe.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/io_context.hpp"
-#include "ipcoro/pipe.hpp"
 #include "ipcoro/scope.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
@@ -71,7 +71,7 @@ bool matches_pattern(std::span<const std::byte> data, std::uint64_t seed, std::u
 /// A cheap streaming checksum over 8-byte words (the same value whatever the piece sizes),
 /// so that hundreds of MiB can be checked in the -O0 sanitizer build.
 class word_checksum {
-public:
+ public:
   void update(std::span<const std::byte> data) noexcept {
     bytes_ += data.size();
     std::size_t i = 0;
@@ -94,7 +94,7 @@ public:
   }
   std::uint64_t bytes() const noexcept { return bytes_; }
 
-private:
+ private:
   static std::uint64_t load(const std::byte* p) noexcept {
     std::uint64_t w;
     std::memcpy(&w, p, 8);
@@ -133,7 +133,7 @@ bool is_cloexec(int fd) {
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit for the life of the object.
 class fd_limit_raised {
-public:
+ public:
   explicit fd_limit_raised(std::size_t needed) {
     REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved_) == 0);
     INFO("this test needs " << needed << " descriptors but the hard RLIMIT_NOFILE is " << saved_.rlim_max
@@ -147,7 +147,7 @@ public:
   fd_limit_raised(const fd_limit_raised&) = delete;
   fd_limit_raised& operator=(const fd_limit_raised&) = delete;
 
-private:
+ private:
   ::rlimit saved_{};
 };
 
@@ -329,9 +329,9 @@ TEST_CASE("write_all of more than the pipe holds completes while a reader drains
 TEST_CASE("pipe descriptors are close-on-exec", "[pipe][fork]") {
   auto [r, w] = ipcoro::make_pipe();
   auto [a, b] = ipcoro::make_duplex_pipe();
-  const std::array<int, 6> fds{r.native_handle(), w.native_handle(), a.reader().native_handle(),
-                               a.writer().native_handle(), b.reader().native_handle(),
-                               b.writer().native_handle()};
+  const std::array<int, 6> fds{r.native_handle(),          w.native_handle(),
+                               a.reader().native_handle(), a.writer().native_handle(),
+                               b.reader().native_handle(), b.writer().native_handle()};
   for (int fd : fds) {
     INFO("fd " << fd);
     REQUIRE(is_cloexec(fd));
@@ -357,13 +357,11 @@ TEST_CASE("writing after the reader closed throws EPIPE and the process lives on
   ipcoro::io_context ctx;
   auto [r, w] = ipcoro::make_pipe();
   r.close();
-  const int write_err = system_error_of([&] {
-    ipcoro::sync_wait(ctx, [&]() -> task<void> { (void)co_await w.write(as_bytes("x")); }());
-  });
+  const int write_err = system_error_of(
+      [&] { ipcoro::sync_wait(ctx, [&]() -> task<void> { (void)co_await w.write(as_bytes("x")); }()); });
   REQUIRE(write_err == EPIPE);
-  const int write_all_err = system_error_of([&] {
-    ipcoro::sync_wait(ctx, [&]() -> task<void> { co_await w.write_all(as_bytes("xyz")); }());
-  });
+  const int write_all_err = system_error_of(
+      [&] { ipcoro::sync_wait(ctx, [&]() -> task<void> { co_await w.write_all(as_bytes("xyz")); }()); });
   REQUIRE(write_all_err == EPIPE);
   std::string what;
   try {
@@ -382,13 +380,12 @@ TEST_CASE("write_all fails with EPIPE when the reader goes away halfway", "[pipe
   const std::vector<std::byte> data = pattern(4 * MiB, 3);
   int err = 0;
   std::size_t got = 0;
-  ipcoro::sync_wait(ctx, ipcoro::when_all(
-                             [&]() -> task<void> { err = co_await write_all_errno(w, data); }(),
-                             [&]() -> task<void> {
-                               std::vector<std::byte> buf(100 * KiB);
-                               got = co_await r.read_exact(buf);
-                               r.close();
-                             }()));
+  ipcoro::sync_wait(ctx, ipcoro::when_all([&]() -> task<void> { err = co_await write_all_errno(w, data); }(),
+                                          [&]() -> task<void> {
+                                            std::vector<std::byte> buf(100 * KiB);
+                                            got = co_await r.read_exact(buf);
+                                            r.close();
+                                          }()));
   REQUIRE(got == 100 * KiB);
   REQUIRE(err == EPIPE);
 }
@@ -417,9 +414,8 @@ TEST_CASE("a forked child that writes to a pipe whose reader is gone gets EPIPE 
     });
     w.close();
     std::vector<std::byte> buf(4 * KiB);
-    const std::size_t n = ipcoro::sync_wait(ctx, [&]() -> task<std::size_t> {
-      co_return co_await r.read_exact(buf).with_timeout(30s);
-    }());
+    const std::size_t n = ipcoro::sync_wait(
+        ctx, [&]() -> task<std::size_t> { co_return co_await r.read_exact(buf).with_timeout(30s); }());
     REQUIRE(n == buf.size());
     REQUIRE(matches_pattern(buf, 5, 0));
     r.close();
@@ -495,8 +491,7 @@ task<int> pong_side(ipcoro::duplex_pipe& end, std::uint64_t expected) {
 }
 }  // namespace
 
-TEST_CASE("parent and child ping-pong messages over a duplex pipe, each with its own loop",
-          "[pipe][fork]") {
+TEST_CASE("parent and child ping-pong messages over a duplex pipe, each with its own loop", "[pipe][fork]") {
   constexpr std::uint64_t rounds = 1000;
   ipcoro::io_context ctx;  // the child's inherited copy is forgotten after fork
   auto [near, far] = ipcoro::make_duplex_pipe();
@@ -687,9 +682,10 @@ TEST_CASE("one loop serves 1000 pipes at once, every stream verified", "[pipe][f
   std::vector<std::uint64_t> echoed(pipes, 0);
   std::vector<char> intact(pipes, 1);
   ipcoro::sync_wait(ctx, ipcoro::with_scope([&](ipcoro::scope& s) -> task<void> {
-    for (std::size_t i = 0; i < pipes; ++i) s.spawn(serve_echo(pairs[i].first, i, echoed[i], intact[i]));
-    co_return;
-  }));
+                      for (std::size_t i = 0; i < pipes; ++i)
+                        s.spawn(serve_echo(pairs[i].first, i, echoed[i], intact[i]));
+                      co_return;
+                    }));
   REQUIRE(client.wait(60s) == 0);
   for (std::size_t i = 0; i < pipes; ++i) {
     std::uint64_t expected = 0;
@@ -800,9 +796,9 @@ TEST_CASE("splice moves bytes between a memfd at an offset and a pipe", "[pipe]"
   std::size_t moved = 0;
   ipcoro::sync_wait(ctx, [&]() -> task<void> {
     while (moved < length) {
-      const std::size_t n = co_await ipcoro::splice(file.get(), from + static_cast<std::int64_t>(moved),
-                                                    w.native_handle(), -1,
-                                                    static_cast<std::uint32_t>(length - moved));
+      const std::size_t n =
+          co_await ipcoro::splice(file.get(), from + static_cast<std::int64_t>(moved), w.native_handle(), -1,
+                                  static_cast<std::uint32_t>(length - moved));
       if (n == 0) break;
       moved += n;
       // Drain what is in the pipe so the next splice has room.
@@ -821,9 +817,9 @@ TEST_CASE("splice moves bytes between a memfd at an offset and a pipe", "[pipe]"
   ipcoro::sync_wait(ctx, [&]() -> task<void> {
     co_await w.write_all(more);
     while (written < more.size()) {
-      const std::size_t n = co_await ipcoro::splice(r.native_handle(), -1, file.get(),
-                                                    to + static_cast<std::int64_t>(written),
-                                                    static_cast<std::uint32_t>(more.size() - written));
+      const std::size_t n =
+          co_await ipcoro::splice(r.native_handle(), -1, file.get(), to + static_cast<std::int64_t>(written),
+                                  static_cast<std::uint32_t>(more.size() - written));
       if (n == 0) break;
       written += n;
     }

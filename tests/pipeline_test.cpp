@@ -1,8 +1,8 @@
 // Pipelines: stages in separate processes over every transport, results checked end to
 // end, a failing or killed stage named in the error, backpressure, nothing left behind.
+#include "ipcoro/pipeline.hpp"
 #include "ipcoro/channel.hpp"
 #include "ipcoro/io_context.hpp"
-#include "ipcoro/pipeline.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
 
@@ -33,7 +33,8 @@ using ipcoro::test::contains;
 
 /// Nothing named after this process is left in /dev/shm, /tmp or the mqueue namespace.
 bool nothing_left_behind() {
-  const ipcoro::test::leftovers left = ipcoro::test::names_left_behind("ipcoro-pipeline-" + std::to_string(::getpid()) + "-");
+  const ipcoro::test::leftovers left =
+      ipcoro::test::names_left_behind("ipcoro-pipeline-" + std::to_string(::getpid()) + "-");
   for (const std::string& name : left.names) UNSCOPED_INFO("left behind: " << name);
   return left.names.empty();
 }
@@ -73,14 +74,14 @@ TEST_CASE("a three-stage pipeline computes the right result over every transport
   CAPTURE(transport);
   constexpr std::uint32_t n = 20000;
   ipcoro::io_context ctx;
-  pipeline p = pipeline::source<std::uint32_t>("count", [](channel_sender<std::uint32_t>& out) {
-                 return count_up(out, n);
-               })
+  pipeline p = pipeline::source<std::uint32_t>(
+                   "count", [](channel_sender<std::uint32_t>& out) { return count_up(out, n); })
                    .then<std::uint64_t>("square", square)
                    .sink("sum", [](channel_receiver<std::uint64_t>& in) -> task<void> {
                      std::uint64_t sum = 0;
                      while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
-                     const std::uint64_t expected = std::uint64_t{n} * (n + 1) * (2 * std::uint64_t{n} + 1) / 6;
+                     const std::uint64_t expected =
+                         std::uint64_t{n} * (n + 1) * (2 * std::uint64_t{n} + 1) / 6;
                      if (sum != expected) throw std::runtime_error("wrong sum " + std::to_string(sum));
                    });
   REQUIRE(p.size() == 3);
@@ -99,14 +100,15 @@ TEST_CASE("a three-stage pipeline computes the right result over every transport
 TEST_CASE("each edge of a pipeline can use its own transport", "[pipeline][ipc]") {
   constexpr std::uint32_t n = 5000;
   ipcoro::io_context ctx;
-  pipeline p = pipeline::source<std::uint32_t>("count", [](channel_sender<std::uint32_t>& out) {
-                 return count_up(out, n);
-               })
+  pipeline p = pipeline::source<std::uint32_t>(
+                   "count", [](channel_sender<std::uint32_t>& out) { return count_up(out, n); })
                    .then<std::uint64_t>("square", square)
-                   .then<std::uint64_t>("pass", [](channel_receiver<std::uint64_t>& in,
-                                                   channel_sender<std::uint64_t>& out) -> task<void> {
-                     while (std::optional<std::uint64_t> v = co_await in.receive()) co_await out.send(*v);
-                   })
+                   .then<std::uint64_t>("pass",
+                                        [](channel_receiver<std::uint64_t>& in,
+                                           channel_sender<std::uint64_t>& out) -> task<void> {
+                                          while (std::optional<std::uint64_t> v = co_await in.receive())
+                                            co_await out.send(*v);
+                                        })
                    .sink("sum", [](channel_receiver<std::uint64_t>& in) -> task<void> {
                      std::uint64_t sum = 0;
                      while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
@@ -221,22 +223,26 @@ TEST_CASE("backpressure holds a fast source to what a slow sink takes", "[pipeli
   // per queue slot), plus, on a pipe, what the receiver has read ahead into its buffer
   // (at most what the pipe held).
   const std::uint64_t frames = 4096 / 16;
-  const std::uint64_t bound = transport == "mq" ? 10 + 4 + 1 : transport == "pipe" ? 10 + 2 * frames + 1 : 10 + frames + 1;
+  const std::uint64_t bound = transport == "mq"     ? 10 + 4 + 1
+                              : transport == "pipe" ? 10 + 2 * frames + 1
+                                                    : 10 + frames + 1;
   CHECK((*produced).load() <= bound);
   CHECK(nothing_left_behind());
 }
 
 TEST_CASE("a pipeline refuses an unknown transport and a pipeline without a sink", "[pipeline]") {
   ipcoro::io_context ctx;
-  pipeline p = pipeline::source<int>("one", [](channel_sender<int>& out) -> task<void> { co_await out.send(1); })
-                   .sink("two", [](channel_receiver<int>& in) -> task<void> { (void)co_await in.receive(); });
+  pipeline p = pipeline::source<int>("one", [](channel_sender<int>& out) -> task<void> {
+                 co_await out.send(1);
+               }).sink("two", [](channel_receiver<int>& in) -> task<void> { (void)co_await in.receive(); });
   const ipcoro::pipeline_options opts{.transport = "carrier-pigeon"};
   CHECK_THROWS_AS(ipcoro::sync_wait(ctx, p.run(opts)), ipcoro::bad_channel_address);
   pipeline lonely{{}};
   CHECK_THROWS_AS(ipcoro::sync_wait(ctx, lonely.run()), std::invalid_argument);
 }
 
-TEST_CASE("a stage still doing its final work when its consumer has finished is not killed", "[pipeline][ipc]") {
+TEST_CASE("a stage still doing its final work when its consumer has finished is not killed",
+          "[pipeline][ipc]") {
   const std::string transport = GENERATE("pipe", "mq", "shm");
   CAPTURE(transport);
   shared_counter sink_pid;
@@ -245,32 +251,31 @@ TEST_CASE("a stage still doing its final work when its consumer has finished is 
   // The middle stage closes its output, waits until the sink has exited and been reaped by
   // run() (it watches the pid go), does some final work and records that it finished: a
   // stage killed as soon as its consumer had finished would not get there.
-  pipeline p = pipeline::source<std::uint32_t>("numbers",
-                                               [](channel_sender<std::uint32_t>& out) -> task<void> {
-                                                 co_await count_up(out, 100);
-                                               })
-                   .then<std::uint64_t>("slow-finisher",
-                                        [&](channel_receiver<std::uint32_t>& in,
-                                            channel_sender<std::uint64_t>& out) -> task<void> {
-                                          co_await square(in, out);
-                                          out.close();
-                                          while ((*sink_pid).load() == 0) ::sched_yield();
-                                          const auto pid = static_cast<pid_t>((*sink_pid).load());
-                                          while (::kill(pid, 0) == 0) ::sched_yield();
-                                          // Final work of a few milliseconds (far less than
-                                          // the grace run() gives, far more than a kill takes).
-                                          std::uint64_t h = 14695981039346656037ull;
-                                          for (std::uint32_t k = 0; k < 4'000'000; ++k) {
-                                            h = (h ^ k) * 1099511628211ull;
-                                          }
-                                          (*final_work_done).store(h == 0 ? 2 : 1);
-                                        })
-                   .sink("sum", [&](channel_receiver<std::uint64_t>& in) -> task<void> {
-                     (*sink_pid).store(static_cast<std::uint64_t>(::getpid()));
-                     std::uint64_t sum = 0;
-                     while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
-                     if (sum != 338350) throw std::runtime_error("wrong sum of squares");
-                   });
+  pipeline p =
+      pipeline::source<std::uint32_t>(
+          "numbers", [](channel_sender<std::uint32_t>& out) -> task<void> { co_await count_up(out, 100); })
+          .then<std::uint64_t>(
+              "slow-finisher",
+              [&](channel_receiver<std::uint32_t>& in, channel_sender<std::uint64_t>& out) -> task<void> {
+                co_await square(in, out);
+                out.close();
+                while ((*sink_pid).load() == 0) ::sched_yield();
+                const auto pid = static_cast<pid_t>((*sink_pid).load());
+                while (::kill(pid, 0) == 0) ::sched_yield();
+                // Final work of a few milliseconds (far less than
+                // the grace run() gives, far more than a kill takes).
+                std::uint64_t h = 14695981039346656037ull;
+                for (std::uint32_t k = 0; k < 4'000'000; ++k) {
+                  h = (h ^ k) * 1099511628211ull;
+                }
+                (*final_work_done).store(h == 0 ? 2 : 1);
+              })
+          .sink("sum", [&](channel_receiver<std::uint64_t>& in) -> task<void> {
+            (*sink_pid).store(static_cast<std::uint64_t>(::getpid()));
+            std::uint64_t sum = 0;
+            while (std::optional<std::uint64_t> v = co_await in.receive()) sum += *v;
+            if (sum != 338350) throw std::runtime_error("wrong sum of squares");
+          });
   const ipcoro::pipeline_options opts{.transport = transport};
   const std::vector<ipcoro::stage_report> reports = ipcoro::sync_wait(ctx, p.run(opts));
   CHECK((*final_work_done).load() == 1);
@@ -283,9 +288,13 @@ TEST_CASE("a stage still doing its final work when its consumer has finished is 
 
 namespace {
 template <class P>
-concept runs_with_inline_options = requires(P& p) { p.run({.transport = "shm", .edge_options = "capacity=64k"}); };
+concept runs_with_inline_options = requires(P& p) {
+  p.run({.transport = "shm", .edge_options = "capacity=64k"});
+};
 template <class P>
-concept runs_with_named_options = requires(P& p, const ipcoro::pipeline_options& opts) { p.run(opts); };
+concept runs_with_named_options = requires(P& p, const ipcoro::pipeline_options& opts) {
+  p.run(opts);
+};
 }  // namespace
 
 TEST_CASE("options written inline in a call to run are refused by the compiler; named ones are taken",

@@ -38,7 +38,7 @@ constexpr std::uint32_t waiters_bit = 1u << 31;
 
 /// An anonymous MAP_SHARED page holding a mutex state, inherited by forked children.
 class shared_state {
-public:
+ public:
   shared_state() {
     void* p = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
@@ -54,7 +54,7 @@ public:
   std::uint64_t& last_pid() noexcept { return word_at(136); }
   std::uint64_t& handovers() noexcept { return word_at(144); }
 
-private:
+ private:
   std::uint64_t& word_at(std::size_t offset) noexcept {
     return *reinterpret_cast<std::uint64_t*>(reinterpret_cast<char*>(state_) + offset);
   }
@@ -130,7 +130,8 @@ TEST_CASE("coroutines of one process take turns on the mutex", "[process_mutex]"
   CHECK(s.get().word.load() == 0);
 }
 
-TEST_CASE("processes incrementing under the mutex lose no update, on either futex path", "[process_mutex][process]") {
+TEST_CASE("processes incrementing under the mutex lose no update, on either futex path",
+          "[process_mutex][process]") {
   shared_state s;
   constexpr int processes = 4;
   constexpr int increments = 5000;
@@ -169,16 +170,17 @@ TEST_CASE("processes incrementing under the mutex lose no update, on either fute
   CHECK(s.get().takeovers.load() == 0);
 }
 
-TEST_CASE("a waiter takes over the lock of a holder killed with SIGKILL and learns the data may be inconsistent",
-          "[process_mutex][process]") {
+TEST_CASE(
+    "a waiter takes over the lock of a holder killed with SIGKILL and learns the data may be inconsistent",
+    "[process_mutex][process]") {
   const name_guard g(unique_name("mutex-kill"));
-  auto obj = shared_object<counter>::create(g.name, {.type_tag = 0x434e5452, .version = 1, .mode = 0600,
-                                                     .mutex = quick_check});
+  auto obj = shared_object<counter>::create(
+      g.name, {.type_tag = 0x434e5452, .version = 1, .mode = 0600, .mutex = quick_check});
   handshake locked;
   child_process holder([&] {
     ipcoro::io_context ctx;
-    auto mine = shared_object<counter>::open(g.name, {.type_tag = 0x434e5452, .version = 1, .mode = 0600,
-                                                      .mutex = quick_check});
+    auto mine = shared_object<counter>::open(
+        g.name, {.type_tag = 0x434e5452, .version = 1, .mode = 0600, .mutex = quick_check});
     ipcoro::sync_wait(ctx, [&]() -> task<void> {
       auto v = co_await mine.lock();
       v->half_done = 1;  // dies in the middle of an update
@@ -224,7 +226,10 @@ TEST_CASE("the data stays marked inconsistent until a holder repairs it", "[proc
   REQUIRE(holder.wait() == 0);
   ipcoro::io_context ctx;
   ipcoro::sync_wait(ctx, [&]() -> task<void> {
-    { auto first = co_await m.lock(); CHECK(first.took_over()); }  // not repaired
+    {
+      auto first = co_await m.lock();
+      CHECK(first.took_over());
+    }  // not repaired
     auto second = co_await m.lock();
     CHECK_FALSE(second.took_over());
     CHECK(second.inconsistent());
@@ -323,7 +328,8 @@ TEST_CASE("a stop request cancels a lock wait and leaves the mutex usable", "[pr
   }()));
 }
 
-TEST_CASE("a lock word naming a dead process that never recorded itself is taken over", "[process_mutex][process]") {
+TEST_CASE("a lock word naming a dead process that never recorded itself is taken over",
+          "[process_mutex][process]") {
   shared_state s;
   child_process gone([] { return 0; });
   REQUIRE(gone.wait() == 0);
@@ -354,7 +360,8 @@ TEST_CASE("unlock throws EPERM when the lock was taken over meanwhile", "[proces
   CHECK(s.get().word.load() == 1);  // the new holder's lock is left alone
 }
 
-TEST_CASE("a shared object is seen by other processes and refused to a different type", "[process_mutex][process]") {
+TEST_CASE("a shared object is seen by other processes and refused to a different type",
+          "[process_mutex][process]") {
   const name_guard g(unique_name("object"));
   auto obj = shared_object<counter>::create(g.name, {}, [](counter& c) { c.count = 40; });
   child_process child([&] {

@@ -1,11 +1,12 @@
-// SPSC and MPMC rings across real processes: streaming, wake-ups, backpressure, close, dead peers, SIGKILL, resume.
+// SPSC and MPMC rings across real processes: streaming, wake-ups, backpressure, close, dead peers, SIGKILL,
+// resume.
+#include "ipcoro/shm_ring.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/futex.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/mapped_file.hpp"
 #include "ipcoro/pipe.hpp"
 #include "ipcoro/scope.hpp"
-#include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
@@ -51,7 +52,7 @@ using ipcoro::test::child_process;
 
 /// Anonymous MAP_SHARED memory: created before fork(), shared with every child.
 class shared_memory {
-public:
+ public:
   explicit shared_memory(std::size_t size) : size_(size) {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
@@ -66,21 +67,21 @@ public:
     return *std::launder(reinterpret_cast<T*>(data_ + offset));
   }
 
-private:
+ private:
   std::byte* data_;
   std::size_t size_;
 };
 
 /// A file in /tmp, removed when the test ends however it ends.
 class temp_file {
-public:
+ public:
   explicit temp_file(const std::string& tag) : path_("/tmp/" + ipcoro::test::unique_name(tag)) {}
   ~temp_file() { ::unlink(path_.c_str()); }
   temp_file(const temp_file&) = delete;
   temp_file& operator=(const temp_file&) = delete;
   const std::string& path() const noexcept { return path_; }
 
-private:
+ private:
   std::string path_;
 };
 
@@ -161,12 +162,14 @@ constexpr std::uint64_t seed = 0x5eed;
 
 // ---- SPSC ----
 
-TEST_CASE("messages of varying sizes stream across processes in order and intact, wrapping the ring many times",
-          "[shm_ring][spsc]") {
+TEST_CASE(
+    "messages of varying sizes stream across processes in order and intact, wrapping the ring many times",
+    "[shm_ring][spsc]") {
   // A named segment: the producer opens it by name, as an unrelated process would.
   const std::string name = ipcoro::test::unique_name("ring-stream");
   const auto layout = ipcoro::spsc_ring_layout(64 * 1024);
-  auto segment = ipcoro::shm_segment::create(name, layout, {.mode = 0600, .initialize = &ipcoro::format_spsc_ring});
+  auto segment =
+      ipcoro::shm_segment::create(name, layout, {.mode = 0600, .initialize = &ipcoro::format_spsc_ring});
   const std::size_t max = 64 * 1024 / 2 - 8;  // what a 64 KiB ring carries
   constexpr std::uint64_t count = 6000;
 
@@ -222,8 +225,10 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membar
   auto ping = mem.bytes().first(ping_size);
   auto pong = mem.bytes().subspan(ping_size, pong_size);
   ipcoro::format_spsc_ring(ping);
-  if (mpmc_pong) ipcoro::format_mpmc_ring(pong, 64);
-  else ipcoro::format_spsc_ring(pong);
+  if (mpmc_pong)
+    ipcoro::format_mpmc_ring(pong, 64);
+  else
+    ipcoro::format_spsc_ring(pong);
   ipcoro::ring_options opts;
   opts.peer_check_interval = 1h;
   opts.spin = std::chrono::microseconds(spin_us);
@@ -235,11 +240,14 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membar
       ipcoro::spsc_ring_receiver rx(ping, opts);
       ipcoro::spsc_ring_sender spsc_tx;
       ipcoro::mpmc_ring_sender mpmc_tx;
-      if (mpmc_pong) mpmc_tx = ipcoro::mpmc_ring_sender(pong, opts);
-      else spsc_tx = ipcoro::spsc_ring_sender(pong, opts);
+      if (mpmc_pong)
+        mpmc_tx = ipcoro::mpmc_ring_sender(pong, opts);
+      else
+        spsc_tx = ipcoro::spsc_ring_sender(pong, opts);
       std::array<std::byte, 64> buf{};
       while (auto n = co_await rx.receive(buf).with_timeout(20s)) {
-        co_await (mpmc_pong ? mpmc_tx.send(std::span(buf).first(*n)) : spsc_tx.send(std::span(buf).first(*n)));
+        co_await (mpmc_pong ? mpmc_tx.send(std::span(buf).first(*n))
+                            : spsc_tx.send(std::span(buf).first(*n)));
       }
       co_return 0;
     }());
@@ -250,8 +258,10 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membar
     ipcoro::spsc_ring_sender tx(ping, opts);
     ipcoro::spsc_ring_receiver spsc_rx;
     ipcoro::mpmc_ring_receiver mpmc_rx;
-    if (mpmc_pong) mpmc_rx = ipcoro::mpmc_ring_receiver(pong, opts);
-    else spsc_rx = ipcoro::spsc_ring_receiver(pong, opts);
+    if (mpmc_pong)
+      mpmc_rx = ipcoro::mpmc_ring_receiver(pong, opts);
+    else
+      spsc_rx = ipcoro::spsc_ring_receiver(pong, opts);
     std::array<std::byte, 64> out{};
     std::array<std::byte, 64> in{};
     for (int i = 0; i < rounds; ++i) {
@@ -442,11 +452,20 @@ TEST_CASE("close ends the stream after every message; a closed receiver makes se
       ipcoro::spsc_ring_receiver rx(mem.bytes());
       std::array<std::byte, 8> buf{};
       for (std::uint64_t seq = 0; seq < 100; ++seq) {
-        { const auto got = co_await rx.receive(buf).with_timeout(20s); REQUIRE(got == 8u); }
+        {
+          const auto got = co_await rx.receive(buf).with_timeout(20s);
+          REQUIRE(got == 8u);
+        }
         REQUIRE(seq_of(buf) == seq);
       }
-      { const auto got = co_await rx.receive(buf).with_timeout(20s); REQUIRE_FALSE(got); }
-      { const auto got = co_await rx.receive(buf).with_timeout(20s); REQUIRE_FALSE(got); }
+      {
+        const auto got = co_await rx.receive(buf).with_timeout(20s);
+        REQUIRE_FALSE(got);
+      }
+      {
+        const auto got = co_await rx.receive(buf).with_timeout(20s);
+        REQUIRE_FALSE(got);
+      }
     }());
     REQUIRE(producer.wait(30s) == 0);
   }
@@ -487,7 +506,15 @@ TEST_CASE("a receive on an empty ring times out, can be cancelled, and the ring 
     ipcoro::spsc_ring_receiver rx(mem.bytes());
     std::array<std::byte, 16> buf{};
     const auto t0 = std::chrono::steady_clock::now();
-    { bool threw = false; try { (void)co_await rx.receive(buf).with_timeout(30ms); } catch (const ipcoro::timed_out&) { threw = true; } REQUIRE(threw); }
+    {
+      bool threw = false;
+      try {
+        (void)co_await rx.receive(buf).with_timeout(30ms);
+      } catch (const ipcoro::timed_out&) {
+        threw = true;
+      }
+      REQUIRE(threw);
+    }
     REQUIRE(std::chrono::steady_clock::now() - t0 >= 30ms);
 
     auto receive_one = [&]() -> task<std::optional<std::size_t>> { co_return co_await rx.receive(buf); };
@@ -500,7 +527,10 @@ TEST_CASE("a receive on an empty ring times out, can be cancelled, and the ring 
 
     const std::array<std::byte, 3> msg{std::byte{1}, std::byte{2}, std::byte{3}};
     co_await tx.send(msg);
-    { const auto got = co_await rx.receive(buf); REQUIRE(got == 3u); }
+    {
+      const auto got = co_await rx.receive(buf);
+      REQUIRE(got == 3u);
+    }
     REQUIRE(buf[2] == std::byte{3});
   }());
 }
@@ -531,7 +561,10 @@ TEST_CASE("oversized messages are refused and a too-small buffer leaves the mess
       err = e.code().value();
     }
     REQUIRE(err == EMSGSIZE);
-    { const auto got = co_await rx.receive(big); REQUIRE(got == 100u); }
+    {
+      const auto got = co_await rx.receive(big);
+      REQUIRE(got == 100u);
+    }
   }());
 }
 
@@ -552,7 +585,8 @@ TEST_CASE("a second live sender is refused, and the place of a dead one is taken
   REQUIRE(error_of([&] { ipcoro::spsc_ring_sender replacement(mem.bytes()); }) == 0);
 }
 
-TEST_CASE("a waiter learns that its peer was killed instead of waiting forever", "[shm_ring][spsc][dead-peer]") {
+TEST_CASE("a waiter learns that its peer was killed instead of waiting forever",
+          "[shm_ring][spsc][dead-peer]") {
   shared_memory mem(ipcoro::spsc_ring_region_size(4096));
   ipcoro::format_spsc_ring(mem.bytes());
   auto [ready_r, ready_w] = ipcoro::make_pipe();
@@ -575,7 +609,10 @@ TEST_CASE("a waiter learns that its peer was killed instead of waiting forever",
     ipcoro::sync_wait(ctx, [&]() -> task<void> {
       ipcoro::spsc_ring_receiver rx(mem.bytes(), opts);
       std::array<std::byte, 8> buf{};
-      for (std::uint64_t seq = 0; seq < 3; ++seq) { const auto got = co_await rx.receive(buf); REQUIRE(got == 8u); }
+      for (std::uint64_t seq = 0; seq < 3; ++seq) {
+        const auto got = co_await rx.receive(buf);
+        REQUIRE(got == 8u);
+      }
       pid_t dead = 0;
       std::string what;
       try {
@@ -684,7 +721,7 @@ TEST_CASE("SIGKILL of the producer at random points: the consumer gets an intact
             if (seq == kill_after) send_byte(progress_w.native_handle());
           }
         } catch (const ipcoro::peer_died& e) {
-          co_return e.pid() == producer_pid && seq > kill_after ? 0 : 4;
+          co_return e.pid() == producer_pid&& seq > kill_after ? 0 : 4;
         }
       }());
     });
@@ -695,8 +732,10 @@ TEST_CASE("SIGKILL of the producer at random points: the consumer gets an intact
   }
 }
 
-TEST_CASE("SIGKILL of the consumer at random points: nothing acknowledged comes again, nothing unacknowledged is lost",
-          "[shm_ring][spsc][sigkill][resume]") {
+TEST_CASE(
+    "SIGKILL of the consumer at random points: nothing acknowledged comes again, nothing unacknowledged is "
+    "lost",
+    "[shm_ring][spsc][sigkill][resume]") {
   std::mt19937_64 rng(std::random_device{}());
   for (int round = 0; round < 3; ++round) {
     temp_file file("ring-resume");
@@ -840,7 +879,7 @@ TEST_CASE("a corrupt or foreign ring header is refused", "[shm_ring][validation]
   ipcoro::format_spsc_ring(mem.bytes());
   REQUIRE(error_of([&] { ipcoro::mpmc_ring_receiver rx(mem.bytes()); }) == EINVAL);  // wrong kind
   REQUIRE(error_of([&] { ipcoro::spsc_ring_receiver rx(mem.bytes().first(mem.bytes().size() - 64)); }) ==
-          EINVAL);  // truncated
+          EINVAL);                                                                              // truncated
   REQUIRE(error_of([&] { ipcoro::spsc_ring_receiver rx(mem.bytes().subspan(8)); }) == EINVAL);  // misaligned
 
   // Every byte of the ring's description is covered: flipping any one is noticed.
@@ -871,8 +910,10 @@ TEST_CASE("a peer scribbling over the ring cannot make this process touch memory
   for (const bool mpmc : {false, true}) {
     shared_memory mem(mpmc ? ipcoro::mpmc_ring_region_size(8, 256) : ipcoro::spsc_ring_region_size(4096));
     for (int round = 0; round < 100; ++round) {
-      if (mpmc) ipcoro::format_mpmc_ring(mem.bytes(), 256);
-      else ipcoro::format_spsc_ring(mem.bytes());
+      if (mpmc)
+        ipcoro::format_mpmc_ring(mem.bytes(), 256);
+      else
+        ipcoro::format_spsc_ring(mem.bytes());
       {
         ipcoro::io_context ctx;
         ipcoro::sync_wait(ctx, [&]() -> task<void> {
@@ -1003,8 +1044,10 @@ TEST_CASE("MPMC receivers learn that every sender died, and senders that every r
     peers.emplace_back([&, &ready_w = ready_w] {
       std::optional<ipcoro::mpmc_ring_sender> tx;
       std::optional<ipcoro::mpmc_ring_receiver> rx;
-      if (senders_die) tx.emplace(mem.bytes());
-      else rx.emplace(mem.bytes());
+      if (senders_die)
+        tx.emplace(mem.bytes());
+      else
+        rx.emplace(mem.bytes());
       send_byte(ready_w.native_handle());
       ::pause();
       return 1;
@@ -1021,11 +1064,27 @@ TEST_CASE("MPMC receivers learn that every sender died, and senders that every r
     std::array<std::byte, 64> buf{};
     if (senders_die) {
       ipcoro::mpmc_ring_receiver rx(mem.bytes(), opts);
-      { bool threw = false; try { (void)co_await rx.receive(buf).with_timeout(100ms); } catch (const ipcoro::timed_out&) { threw = true; } REQUIRE(threw); }
+      {
+        bool threw = false;
+        try {
+          (void)co_await rx.receive(buf).with_timeout(100ms);
+        } catch (const ipcoro::timed_out&) {
+          threw = true;
+        }
+        REQUIRE(threw);
+      }
     } else {
       ipcoro::mpmc_ring_sender tx(mem.bytes(), opts);
       for (int i = 0; i < 4; ++i) co_await tx.send(buf);
-      { bool threw = false; try { (void)co_await tx.send(buf).with_timeout(100ms); } catch (const ipcoro::timed_out&) { threw = true; } REQUIRE(threw); }
+      {
+        bool threw = false;
+        try {
+          (void)co_await tx.send(buf).with_timeout(100ms);
+        } catch (const ipcoro::timed_out&) {
+          threw = true;
+        }
+        REQUIRE(threw);
+      }
     }
   }());
   peers[1].kill(SIGKILL);
@@ -1061,8 +1120,10 @@ TEST_CASE("an MPMC endpoint attaching after the whole other side was killed lear
   child_process peer([&, &ready_w = ready_w] {
     std::optional<ipcoro::mpmc_ring_sender> tx;
     std::optional<ipcoro::mpmc_ring_receiver> rx;
-    if (sender_dies) tx.emplace(mem.bytes());
-    else rx.emplace(mem.bytes());
+    if (sender_dies)
+      tx.emplace(mem.bytes());
+    else
+      rx.emplace(mem.bytes());
     send_byte(ready_w.native_handle());
     ::pause();
     return 1;
@@ -1090,8 +1151,9 @@ TEST_CASE("an MPMC endpoint attaching after the whole other side was killed lear
   }());
 }
 
-TEST_CASE("SIGKILL of MPMC senders at random points: every message whose send completed is received once, intact",
-          "[shm_ring][mpmc][sigkill]") {
+TEST_CASE(
+    "SIGKILL of MPMC senders at random points: every message whose send completed is received once, intact",
+    "[shm_ring][mpmc][sigkill]") {
   // The test below makes a process die inside a send or receive on purpose; here the
   // kills fall wherever the senders happen to be.
   constexpr std::size_t size = 32 * 1024;
@@ -1104,7 +1166,9 @@ TEST_CASE("SIGKILL of MPMC senders at random points: every message whose send co
     ipcoro::format_mpmc_ring(mem.bytes(), size);
     // Per sender: how many of its sends completed, and how often each message arrived.
     shared_memory notes(4096 + senders * max_seq);
-    auto completed = [&](int p) -> std::atomic<std::uint64_t>& { return notes.at<std::atomic<std::uint64_t>>(64 * p); };
+    auto completed = [&](int p) -> std::atomic<std::uint64_t>& {
+      return notes.at<std::atomic<std::uint64_t>>(64 * p);
+    };
     auto arrivals = [&](int p, std::uint64_t seq) -> std::atomic<std::uint8_t>& {
       return notes.at<std::atomic<std::uint8_t>>(4096 + static_cast<std::size_t>(p) * max_seq + seq);
     };
@@ -1156,7 +1220,8 @@ TEST_CASE("SIGKILL of MPMC senders at random points: every message whose send co
               const std::uint64_t seq = head & ((std::uint64_t{1} << 56) - 1);
               if (head != tail || p >= senders || seq >= max_seq) co_return 3;
               // Checking every byte of every message would make the receivers the slow side.
-              if (seq % 16 == 0 && !std::equal(buf.begin() + 8, buf.end() - 8, expected[p].begin() + 8)) co_return 3;
+              if (seq % 16 == 0 && !std::equal(buf.begin() + 8, buf.end() - 8, expected[p].begin() + 8))
+                co_return 3;
               arrivals(p, seq).fetch_add(1);
               if (++received == kill_after && c == 0) send_byte(progress_w.native_handle());
             }
@@ -1189,7 +1254,7 @@ namespace {
 /// Memory whose second page faults: a copy that runs into it dies there, in the middle of a
 /// send or receive, by SIGKILL (the child turns the fault into one).
 class half_mapped {
-public:
+ public:
   half_mapped() {
     void* p = ::mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
@@ -1207,7 +1272,7 @@ public:
     ::sigaction(SIGSEGV, &sa, nullptr);
   }
 
-private:
+ private:
   static constexpr std::size_t page = 4096;
   std::byte* data_;
 };
@@ -1302,11 +1367,20 @@ TEST_CASE("MPMC close ends the stream for every receiver after the ring is drain
     REQUIRE(err == EPIPE);
     std::array<std::byte, 32> buf{};
     for (std::uint64_t seq = 0; seq < 5; ++seq) {
-      { const auto got = co_await (seq % 2 ? a : b).receive(buf); REQUIRE(got == 8u); }
+      {
+        const auto got = co_await (seq % 2 ? a : b).receive(buf);
+        REQUIRE(got == 8u);
+      }
       REQUIRE(seq_of(buf) == seq);
     }
-    { const auto got = co_await a.receive(buf).with_timeout(5s); REQUIRE_FALSE(got); }
-    { const auto got = co_await b.receive(buf).with_timeout(5s); REQUIRE_FALSE(got); }
+    {
+      const auto got = co_await a.receive(buf).with_timeout(5s);
+      REQUIRE_FALSE(got);
+    }
+    {
+      const auto got = co_await b.receive(buf).with_timeout(5s);
+      REQUIRE_FALSE(got);
+    }
   }());
 }
 
@@ -1329,7 +1403,8 @@ TEST_CASE("steady-state sends and receives allocate nothing, sleeps included", "
   // Each side finds its ring empty and sleeps before every message: the other side wakes it.
   auto echo = [&]() -> task<void> {
     std::array<std::byte, 64> buf{};
-    while (auto n = co_await ping_rx.receive(buf).with_timeout(20s)) co_await pong_tx.send(std::span(buf).first(*n));
+    while (auto n = co_await ping_rx.receive(buf).with_timeout(20s))
+      co_await pong_tx.send(std::span(buf).first(*n));
   };
   auto ask = [&]() -> task<void> {
     std::array<std::byte, 64> out{};
@@ -1338,7 +1413,8 @@ TEST_CASE("steady-state sends and receives allocate nothing, sleeps included", "
     for (int i = 0; i < warm_up + rounds; ++i) {
       if (i == warm_up) before = ipcoro::test::allocations();
       co_await ping_tx.send(out);
-      if (co_await pong_rx.receive(in).with_timeout(20s) != out.size()) throw std::runtime_error("short reply");
+      if (co_await pong_rx.receive(in).with_timeout(20s) != out.size())
+        throw std::runtime_error("short reply");
     }
     measured = ipcoro::test::allocations() - before;
     ping_tx.close();

@@ -3,10 +3,10 @@
 
 #include "process.hpp"
 
-using ipcoro::test::handshake;
 using ipcoro::test::contains;
 using ipcoro::test::failure;
 using ipcoro::test::failure_of;
+using ipcoro::test::handshake;
 
 #include <catch2/catch.hpp>
 
@@ -69,7 +69,8 @@ void poke(const std::string& name, off_t offset, const void* bytes, std::size_t 
 
 }  // namespace
 
-TEST_CASE("a segment is created zeroed and aligned, and another process sees its bytes", "[shm_segment][process]") {
+TEST_CASE("a segment is created zeroed and aligned, and another process sees its bytes",
+          "[shm_segment][process]") {
   const name_guard g(unique_name("seg"));
   shm_segment seg = shm_segment::create(g.name, small);
   REQUIRE(seg);
@@ -77,7 +78,8 @@ TEST_CASE("a segment is created zeroed and aligned, and another process sees its
   CHECK(seg.owns_name());
   CHECK(seg.payload().size() == 4096);
   CHECK(reinterpret_cast<std::uintptr_t>(seg.payload().data()) % 64 == 0);
-  CHECK(std::all_of(seg.payload().begin(), seg.payload().end(), [](std::byte b) { return b == std::byte{0}; }));
+  CHECK(
+      std::all_of(seg.payload().begin(), seg.payload().end(), [](std::byte b) { return b == std::byte{0}; }));
   CHECK(seg.creator_pid() == ::getpid());
   CHECK(seg.creator_alive());
   CHECK(seg.layout().type_tag == tag);
@@ -99,7 +101,8 @@ TEST_CASE("a segment is created zeroed and aligned, and another process sees its
   CHECK(exists_in_dev_shm(g.name));
 }
 
-TEST_CASE("the creator removes the name on destruction, a forked child's copy does not", "[shm_segment][process]") {
+TEST_CASE("the creator removes the name on destruction, a forked child's copy does not",
+          "[shm_segment][process]") {
   const name_guard g(unique_name("owner"));
   {
     shm_segment seg = shm_segment::create(g.name, small);
@@ -113,7 +116,8 @@ TEST_CASE("the creator removes the name on destruction, a forked child's copy do
   CHECK_FALSE(exists_in_dev_shm(g.name));
 }
 
-TEST_CASE("release_name keeps the segment for another process, which removes it with unlink", "[shm_segment]") {
+TEST_CASE("release_name keeps the segment for another process, which removes it with unlink",
+          "[shm_segment]") {
   const name_guard g(unique_name("release"));
   {
     shm_segment seg = shm_segment::create(g.name, small);
@@ -160,22 +164,23 @@ TEST_CASE("create refuses a name that exists, naming its creator", "[shm_segment
 TEST_CASE("initialize runs on the payload before the segment gets its name", "[shm_segment]") {
   const name_guard g(unique_name("init"));
   bool named_during_initialize = true;
-  shm_segment seg = shm_segment::create(g.name, small, {.mode = 0600, .initialize = [&](std::span<std::byte> p) {
-                                                          named_during_initialize = exists_in_dev_shm(g.name);
-                                                          p[0] = std::byte{9};
-                                                          p[p.size() - 1] = std::byte{8};
-                                                        }});
+  shm_segment seg =
+      shm_segment::create(g.name, small, {.mode = 0600, .initialize = [&](std::span<std::byte> p) {
+                                            named_during_initialize = exists_in_dev_shm(g.name);
+                                            p[0] = std::byte{9};
+                                            p[p.size() - 1] = std::byte{8};
+                                          }});
   CHECK_FALSE(named_during_initialize);
   const shm_segment opened = shm_segment::open(g.name, small);
   CHECK(opened.payload()[0] == std::byte{9});
   CHECK(opened.payload()[4095] == std::byte{8});
 
   const name_guard h(unique_name("init-throws"));
-  CHECK_THROWS_AS(shm_segment::create(h.name, small,
-                                      {.mode = 0600, .initialize = [](std::span<std::byte>) {
-                                         throw std::runtime_error("refused");
-                                       }}),
-                  std::runtime_error);
+  CHECK_THROWS_AS(
+      shm_segment::create(
+          h.name, small,
+          {.mode = 0600, .initialize = [](std::span<std::byte>) { throw std::runtime_error("refused"); }}),
+      std::runtime_error);
   CHECK_FALSE(exists_in_dev_shm(h.name));
 }
 
@@ -309,7 +314,8 @@ TEST_CASE("a segment larger than /dev/shm has room for is refused at creation", 
   CHECK_FALSE(exists_in_dev_shm(g.name));
 }
 
-TEST_CASE("create_or_reclaim replaces the segment of a creator killed with SIGKILL", "[shm_segment][process]") {
+TEST_CASE("create_or_reclaim replaces the segment of a creator killed with SIGKILL",
+          "[shm_segment][process]") {
   const name_guard g(unique_name("reclaim"));
   handshake created;
   child_process creator([&] {
@@ -435,8 +441,10 @@ TEST_CASE("bounds checks refuse offsets and lengths outside the payload", "[shm_
   CHECK(failure_of([&] {
           (void)checked_subspan(p, std::numeric_limits<std::uint64_t>::max() - 1, 16, "wrapping");
         }).code == EBADMSG);
-  CHECK(failure_of([&] { (void)ipcoro::detail::checked_object<std::uint64_t>(p, 4092, "u64"); }).code == EBADMSG);
-  CHECK(failure_of([&] { (void)ipcoro::detail::checked_object<std::uint64_t>(p, 4, "u64"); }).code == EBADMSG);
+  CHECK(failure_of([&] { (void)ipcoro::detail::checked_object<std::uint64_t>(p, 4092, "u64"); }).code ==
+        EBADMSG);
+  CHECK(failure_of([&] { (void)ipcoro::detail::checked_object<std::uint64_t>(p, 4, "u64"); }).code ==
+        EBADMSG);
   CHECK(&ipcoro::detail::checked_object<std::uint64_t>(p, 4088, "u64") ==
         reinterpret_cast<std::uint64_t*>(p.data() + 4088));
   const failure f = failure_of([&] { (void)checked_subspan(p, 5000, 1, "message length"); });

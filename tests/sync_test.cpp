@@ -184,8 +184,7 @@ task<void> set_then_stop(event& ev, std::stop_source& source) {
 }
 }  // namespace
 
-TEST_CASE("a waiter woken by set keeps its wake-up when a stop request arrives before it runs",
-          "[event]") {
+TEST_CASE("a waiter woken by set keeps its wake-up when a stop request arrives before it runs", "[event]") {
   io_context ctx;
   event ev;
   std::stop_source source;
@@ -384,9 +383,9 @@ TEST_CASE("a cancelled lock waiter never gets the lock and later lockers are una
 namespace {
 task<void> unlock_then_stop(mutex& m, std::stop_source& source, bool& granted_lock_held) {
   auto guard = co_await m.lock();
-  co_await nop();  // the waiter is parked now
-  guard.unlock();          // granted to the waiter, which has not run yet
-  source.request_stop();   // too late: the grant stands
+  co_await nop();         // the waiter is parked now
+  guard.unlock();         // granted to the waiter, which has not run yet
+  source.request_stop();  // too late: the grant stands
   granted_lock_held = m.locked();
 }
 
@@ -400,8 +399,7 @@ task<void> lock_under_token(mutex& m, bool& owned, bool& cancelled) {
 }
 }  // namespace
 
-TEST_CASE("a lock granted to a waiter stays granted when its stop request comes before it runs",
-          "[mutex]") {
+TEST_CASE("a lock granted to a waiter stays granted when its stop request comes before it runs", "[mutex]") {
   io_context ctx;
   mutex m;
   std::stop_source source;
@@ -426,8 +424,10 @@ task<void> use_permit(semaphore& sem, int id, int& active, int& max_active, int&
   co_await sem.acquire();
   ++active;
   max_active = std::max(max_active, active);
-  if (id % 3 == 0) co_await sleep_for(2ms);
-  else co_await nop();
+  if (id % 3 == 0)
+    co_await sleep_for(2ms);
+  else
+    co_await nop();
   --active;
   ++finished;
   sem.release();
@@ -521,8 +521,9 @@ TEST_CASE("a cancelled acquire consumes no permit", "[semaphore]") {
   outcome victim;
   outcome next;
   std::vector<std::size_t> available;
-  sync_wait(ctx, when_all(acquire_noting(sem, victim).with_stop_token(source.get_token()),
-                          acquire_noting(sem, next), cancel_then_release(sem, source, victim, next, available)));
+  sync_wait(ctx,
+            when_all(acquire_noting(sem, victim).with_stop_token(source.get_token()),
+                     acquire_noting(sem, next), cancel_then_release(sem, source, victim, next, available)));
   CHECK(victim.cancelled);
   CHECK_FALSE(victim.done);
   CHECK(next.done);

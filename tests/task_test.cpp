@@ -183,7 +183,8 @@ TEST_CASE("a task<int&> returns a reference to the very object, not a copy", "[t
   CHECK(values[1] == 102);
 }
 
-TEST_CASE("sync_wait, when_all and when_any hand back references from task<int&>", "[task][when_all][when_any]") {
+TEST_CASE("sync_wait, when_all and when_any hand back references from task<int&>",
+          "[task][when_all][when_any]") {
   io_context ctx;
   std::array<int, 3> values{1, 2, 3};
   int& direct = sync_wait(ctx, pick(values, 2));
@@ -359,8 +360,8 @@ TEST_CASE("a child task sees its parent's stop token", "[task]") {
 }
 
 namespace {
-task<void> check_override(bool& child_has_override, bool& grandchild_has_override,
-                          bool& parent_unchanged, bool& empty_token_unstoppable) {
+task<void> check_override(bool& child_has_override, bool& grandchild_has_override, bool& parent_unchanged,
+                          bool& empty_token_unstoppable) {
   std::stop_token mine = co_await get_stop_token();
   std::stop_source other;
   std::stop_token child;
@@ -468,13 +469,13 @@ task<void> mixed_when_all(std::vector<int>& order, bool& results_ok) {
   release_order.push_back(&e1);
   release_order.push_back(&e0);
   release_order.push_back(&e2);
-  auto both = co_await when_all(
-      when_all(int_when_set(e0, order), string_when_set(e1, order), void_when_set(e2, order),
-               ptr_when_set(e3, order)),
-      set_in_turn(std::move(release_order)));
-  static_assert(std::is_same_v<decltype(both),
-                               std::tuple<std::tuple<int, std::string, std::monostate, std::unique_ptr<int>>,
-                                          std::monostate>>);
+  auto both = co_await when_all(when_all(int_when_set(e0, order), string_when_set(e1, order),
+                                         void_when_set(e2, order), ptr_when_set(e3, order)),
+                                set_in_turn(std::move(release_order)));
+  static_assert(
+      std::is_same_v<
+          decltype(both),
+          std::tuple<std::tuple<int, std::string, std::monostate, std::unique_ptr<int>>, std::monostate>>);
   auto& results = std::get<0>(both);
   const std::unique_ptr<int>& p = std::get<3>(results);
   results_ok = std::get<0>(results) == 7 && std::get<1>(results) == "seven" && p != nullptr && *p == 77;
@@ -525,8 +526,7 @@ namespace {
 task<void> first_failure_cancels(event& never, bool& waiter_cancelled, bool& sleeper_cancelled,
                                  std::string& error) {
   try {
-    co_await when_all(int_wait_noting_cancel(never, waiter_cancelled),
-                      int_fail_after_nop("first failure"),
+    co_await when_all(int_wait_noting_cancel(never, waiter_cancelled), int_fail_after_nop("first failure"),
                       int_sleep_noting_cancel(30s, sleeper_cancelled));
   } catch (const std::runtime_error& e) {
     error = e.what();
@@ -580,8 +580,8 @@ TEST_CASE("when_all rethrows a failure that happens before the siblings even sta
   io_context ctx;
   event never;
   bool waiter_cancelled = false;
-  CHECK_THROWS_WITH(sync_wait(ctx, when_all(fail_now("at once"), wait_noting_cancel(never, waiter_cancelled))),
-                    "at once");
+  CHECK_THROWS_WITH(
+      sync_wait(ctx, when_all(fail_now("at once"), wait_noting_cancel(never, waiter_cancelled))), "at once");
   CHECK(waiter_cancelled);
 }
 
@@ -650,13 +650,13 @@ task<void> void_after_sleep(std::chrono::milliseconds d) { co_await sleep_for(d)
 
 TEST_CASE("when_any over mixed types reports the winner's index and value", "[when_any]") {
   io_context ctx;
-  auto a = sync_wait(ctx, when_any(value_after_sleep(40ms, 1), string_after_sleep(5ms, "fast"),
-                                   void_after_sleep(60ms)));
+  auto a = sync_wait(
+      ctx, when_any(value_after_sleep(40ms, 1), string_after_sleep(5ms, "fast"), void_after_sleep(60ms)));
   REQUIRE(a.index() == 1);
   CHECK(std::get<1>(a) == "fast");
 
-  auto b = sync_wait(ctx, when_any(value_after_sleep(40ms, 1), string_after_sleep(60ms, "slow"),
-                                   void_after_sleep(5ms)));
+  auto b = sync_wait(
+      ctx, when_any(value_after_sleep(40ms, 1), string_after_sleep(60ms, "slow"), void_after_sleep(5ms)));
   CHECK(b.index() == 2);
 
   // Both finish without suspending: the first one started wins.
@@ -688,7 +688,8 @@ TEST_CASE("a when_any loser blocked reading a pipe nobody writes to is cancelled
 namespace {
 task<void> winner_fails(bool& loser_cancelled, std::string& error) {
   try {
-    (void)co_await when_any(int_fail_after_nop("winner broke"), int_sleep_noting_cancel(30s, loser_cancelled));
+    (void)co_await when_any(int_fail_after_nop("winner broke"),
+                            int_sleep_noting_cancel(30s, loser_cancelled));
   } catch (const std::runtime_error& e) {
     error = e.what();
   }
@@ -984,7 +985,8 @@ TEST_CASE("a detached task's failure is rethrown from run()", "[spawn]") {
   CHECK_THROWS_WITH(ctx.run(), "failed at once");
 }
 
-TEST_CASE("a detached task's failure is rethrown from sync_wait after the awaited task unwinds", "[spawn][sync_wait]") {
+TEST_CASE("a detached task's failure is rethrown from sync_wait after the awaited task unwinds",
+          "[spawn][sync_wait]") {
   io_context ctx;
   event never;
   bool main_cancelled = false;

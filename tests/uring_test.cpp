@@ -1,4 +1,5 @@
-// Tests of the private liburing layer: ring setup with and without SINGLE_ISSUER, opcode probing, and the futex and waitid SQEs liburing 2.3 lacks.
+// Tests of the private liburing layer: ring setup with and without SINGLE_ISSUER, opcode probing, and the
+// futex and waitid SQEs liburing 2.3 lacks.
 #include "uring/prep.hpp"
 #include "uring/ring.hpp"
 
@@ -119,7 +120,8 @@ constexpr std::uint64_t any_bit = ipcoro::uring::futex_bitset_match_any;
 
 }  // namespace
 
-TEST_CASE("a ring set up with single_issuer gets SINGLE_ISSUER and DEFER_TASKRUN on Linux 6.1 and later", "[uring]") {
+TEST_CASE("a ring set up with single_issuer gets SINGLE_ISSUER and DEFER_TASKRUN on Linux 6.1 and later",
+          "[uring]") {
   const kernel_version k = running_kernel();
   ring r;
   REQUIRE_FALSE(r.initialised());
@@ -139,7 +141,8 @@ TEST_CASE("a ring set up with single_issuer gets SINGLE_ISSUER and DEFER_TASKRUN
   nop_round_trip(r);
 }
 
-TEST_CASE("a ring set up without single_issuer has neither SINGLE_ISSUER nor DEFER_TASKRUN and works", "[uring]") {
+TEST_CASE("a ring set up without single_issuer has neither SINGLE_ISSUER nor DEFER_TASKRUN and works",
+          "[uring]") {
   ring r;
   setup_request req;
   req.single_issuer = false;
@@ -199,7 +202,8 @@ TEST_CASE("the ring gets the requested queue sizes and hands out no SQE when the
   }
 }
 
-TEST_CASE("completions beyond a full CQ are held by the kernel and flagged as overflow, not dropped", "[uring]") {
+TEST_CASE("completions beyond a full CQ are held by the kernel and flagged as overflow, not dropped",
+          "[uring]") {
   ring r;
   setup_request req;
   req.entries = 4;
@@ -293,7 +297,8 @@ TEST_CASE("a futex wake with no waiter completes with 0 woken", "[uring]") {
   CHECK(c->res == 0);
 }
 
-TEST_CASE("a futex wait on a matching word stays pending until a futex wake SQE completes it with 0", "[uring]") {
+TEST_CASE("a futex wait on a matching word stays pending until a futex wake SQE completes it with 0",
+          "[uring]") {
   auto single_issuer = GENERATE(true, false);
   CAPTURE(single_issuer);
   ring r;
@@ -324,9 +329,12 @@ TEST_CASE("a futex wait on a matching word stays pending until a futex wake SQE 
   }
   for (const completion& c : done) {
     CAPTURE(c.user_data);
-    if (c.user_data == 1) CHECK(c.res == 0);  // the wait: woken
-    else if (c.user_data == 3) CHECK(c.res == 1);  // the wake: one waiter woken
-    else FAIL("unexpected CQE");
+    if (c.user_data == 1)
+      CHECK(c.res == 0);  // the wait: woken
+    else if (c.user_data == 3)
+      CHECK(c.res == 1);  // the wake: one waiter woken
+    else
+      FAIL("unexpected CQE");
   }
   CHECK(done[0].user_data != done[1].user_data);
 }
@@ -418,7 +426,8 @@ TEST_CASE("waitid through the ring on a child that has already exited completes 
   ipcoro::test::child_process child([] { return 7; });
   siginfo_t seen{};
   // Block (outside any loop) until the child is a zombie, without reaping it.
-  while (::waitid(P_PID, static_cast<id_t>(child.pid()), &seen, WEXITED | WNOWAIT) < 0) REQUIRE(errno == EINTR);
+  while (::waitid(P_PID, static_cast<id_t>(child.pid()), &seen, WEXITED | WNOWAIT) < 0)
+    REQUIRE(errno == EINTR);
 
   siginfo_t info{};
   // WNOWAIT again: child_process reaps it, so no pid is ever signalled after reaping.

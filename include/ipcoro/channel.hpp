@@ -171,7 +171,8 @@ class channel_sender {
   std::size_t max_message_size() const noexcept { return port_ ? port_->max_payload() : SIZE_MAX; }
   explicit operator bool() const noexcept { return local_ || port_; }
 
-  explicit channel_sender(std::shared_ptr<detail::local_channel<T>> state) noexcept : local_(std::move(state)) {}
+  explicit channel_sender(std::shared_ptr<detail::local_channel<T>> state) noexcept
+      : local_(std::move(state)) {}
   explicit channel_sender(std::unique_ptr<detail::send_port> port) noexcept : port_(std::move(port)) {}
 
  private:
@@ -199,7 +200,8 @@ class channel_sender {
                                T value) {
     detail::local_channel<T>& s = *state;
     for (;;) {
-      if (s.receiver_closed) detail::throw_channel_closed("channel send: the receiver has closed the channel");
+      if (s.receiver_closed)
+        detail::throw_channel_closed("channel send: the receiver has closed the channel");
       if (s.sender_closed) detail::throw_channel_closed("channel send: the channel was closed");
       if (s.count < s.slots.size()) {
         if (co_await detail::stop_requested()) throw operation_cancelled{};
@@ -328,7 +330,8 @@ class channel_receiver {
     if (local_ && local_->count > 0) local_->receivers.wake_one();
   }
 
-  explicit channel_receiver(std::shared_ptr<detail::local_channel<T>> state) noexcept : local_(std::move(state)) {}
+  explicit channel_receiver(std::shared_ptr<detail::local_channel<T>> state) noexcept
+      : local_(std::move(state)) {}
   explicit channel_receiver(std::unique_ptr<detail::receive_port> port) noexcept : port_(std::move(port)) {}
 
  private:
@@ -390,7 +393,8 @@ class channel_receiver {
     co_return value;
   }
 
-  static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner, T& into) {
+  static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner,
+                                      T& into) {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};

@@ -45,13 +45,13 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 /// channel receiver.
 struct channel_address {
   channel_transport transport = channel_transport::pipe;
-  std::string name;                         ///< path, queue or segment name; the number for fd:
+  std::string name;  ///< path, queue or segment name; the number for fd:
   std::optional<std::size_t> capacity;
   std::optional<std::size_t> message_size;
   unsigned mode = 0600;
   bool mpmc = false;
-  bool durable = false;                     ///< file: only; see durable=1 above
-  std::string text;                         ///< the address as given, for messages
+  bool durable = false;  ///< file: only; see durable=1 above
+  std::string text;      ///< the address as given, for messages
 
   /// Parses and checks an address; throws bad_channel_address naming what is wrong.
   [[nodiscard]] static channel_address parse(std::string_view address);

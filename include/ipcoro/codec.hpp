@@ -58,21 +58,24 @@ template <class T>
 struct codec;
 
 template <class T>
-  requires std::is_trivially_copyable_v<T>
+requires std::is_trivially_copyable_v<T>
 struct codec<T> {
   static std::string type_name() {
     return std::string(detail::spelled_type_name<T>()) + "/" + std::to_string(sizeof(T));
   }
   static constexpr std::uint32_t version = 1;
   static constexpr std::size_t size(const T&) noexcept { return sizeof(T); }
-  static void encode(const T& value, std::span<std::byte> out) noexcept { std::memcpy(out.data(), &value, sizeof(T)); }
+  static void encode(const T& value, std::span<std::byte> out) noexcept {
+    std::memcpy(out.data(), &value, sizeof(T));
+  }
   static T decode(std::span<const std::byte> in) {
     T value;
     decode_into(in, value);
     return value;
   }
   static void decode_into(std::span<const std::byte> in, T& into) {
-    if (in.size() != sizeof(T)) detail::throw_decode_size(detail::spelled_type_name<T>(), sizeof(T), in.size());
+    if (in.size() != sizeof(T))
+      detail::throw_decode_size(detail::spelled_type_name<T>(), sizeof(T), in.size());
     std::memcpy(&into, in.data(), sizeof(T));
   }
 };
@@ -94,7 +97,7 @@ struct codec<std::string> {
 };
 
 template <class E>
-  requires std::is_trivially_copyable_v<E>
+requires std::is_trivially_copyable_v<E>
 struct codec<std::vector<E>> {
   static std::string type_name() { return "std::vector<" + codec<E>::type_name() + ">"; }
   static constexpr std::uint32_t version = 1;
@@ -109,8 +112,8 @@ struct codec<std::vector<E>> {
   }
   static void decode_into(std::span<const std::byte> in, std::vector<E>& into) {
     if (in.size() % sizeof(E) != 0) {
-      detail::throw_decode_size(detail::spelled_type_name<std::vector<E>>(), (in.size() / sizeof(E) + 1) * sizeof(E),
-                                in.size());
+      detail::throw_decode_size(detail::spelled_type_name<std::vector<E>>(),
+                                (in.size() / sizeof(E) + 1) * sizeof(E), in.size());
     }
     into.resize(in.size() / sizeof(E));  // keeps the capacity it has
     if (!into.empty()) std::memcpy(into.data(), in.data(), in.size());

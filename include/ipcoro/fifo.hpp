@@ -63,7 +63,7 @@ struct fifo_options {
 /// Removing the name does not disturb processes that have the FIFO open; new opens fail
 /// with ENOENT.
 class fifo {
-public:
+ public:
   fifo() noexcept = default;
   /// Creates a FIFO at `path` (mkfifo). A relative path is made absolute against the
   /// current directory now, so the owner removes the right file even after a chdir.
@@ -92,7 +92,7 @@ public:
   /// it at the same path since).
   bool refers_to(int fd) const noexcept;
 
-private:
+ private:
   std::string path_;
   // Which file we created: device, inode, and birth time (the change time where the file
   // system keeps no birth time), since a freed inode number is soon reused.
@@ -133,7 +133,7 @@ class [[nodiscard]] fifo_open_operation : public io_operation<fifo_open_operatio
   static_assert(std::is_same_v<End, pipe_reader> || std::is_same_v<End, pipe_writer>,
                 "fifo_open_operation opens a pipe_reader or a pipe_writer");
 
-public:
+ public:
   explicit fifo_open_operation(std::string path)
       : io_operation<fifo_open_operation<End>>(&prep, nullptr, &attempt),
         request_{std::move(path), std::is_same_v<End, pipe_writer>} {
@@ -141,7 +141,7 @@ public:
   }
   End finish(int res) const { return End{detail::finish_fifo_open(request_, res)}; }
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
     detail::prep_fifo_open(static_cast<fifo_open_operation&>(op).request_, sqe);
   }
@@ -165,7 +165,7 @@ private:
 /// last client closes, and the server would have to reopen between clients; with it,
 /// reads simply wait for the next client. Move-only.
 class fifo_server_reader {
-public:
+ public:
   fifo_server_reader() noexcept = default;
   fifo_server_reader(pipe_reader reader, pipe_writer own_writer) noexcept
       : reader_(std::move(reader)), own_writer_(std::move(own_writer)) {}
@@ -191,7 +191,7 @@ public:
   /// The server's own write end: a server can send itself a message through it.
   pipe_writer& own_writer() noexcept { return own_writer_; }
 
-private:
+ private:
   pipe_reader reader_;
   pipe_writer own_writer_;
 };
@@ -210,11 +210,11 @@ private:
 /// is written. Throws EPIPE when no process has the FIFO open for reading. `message` must
 /// stay valid until the operation completes.
 class [[nodiscard]] message_write_operation : public io_operation<message_write_operation> {
-public:
+ public:
   message_write_operation(int fd, std::span<const std::byte> message) noexcept;
   void finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   static int attempt(detail::op_base& op) noexcept;
   const std::byte* data_;
@@ -229,7 +229,8 @@ private:
   return {writer.native_handle(), message};
 }
 /// Writes `message` atomically into the pipe or FIFO `fd`.
-[[nodiscard]] inline message_write_operation write_message(int fd, std::span<const std::byte> message) noexcept {
+[[nodiscard]] inline message_write_operation write_message(int fd,
+                                                           std::span<const std::byte> message) noexcept {
   return {fd, message};
 }
 
@@ -239,7 +240,8 @@ private:
 /// particular order (opening them one after the other in the same order on both sides
 /// would deadlock). A `timeout` above zero bounds each open (`timed_out`); a stop request
 /// cancels them. If either open fails, the other end is closed and the error rethrown.
-[[nodiscard]] task<duplex_pipe> open_fifo_duplex(std::string read_path, std::string write_path,
-                                                 std::chrono::milliseconds timeout = std::chrono::milliseconds::zero());
+[[nodiscard]] task<duplex_pipe> open_fifo_duplex(
+    std::string read_path, std::string write_path,
+    std::chrono::milliseconds timeout = std::chrono::milliseconds::zero());
 
 }  // namespace ipcoro

@@ -44,7 +44,7 @@ enum class futex_wait_result : unsigned char {
 /// instead. A wake that futex_wake counted as reaching a waiter is never lost, on either
 /// path.
 class [[nodiscard]] futex_wait_operation : public io_operation<futex_wait_operation> {
-public:
+ public:
   futex_wait_operation(std::atomic<std::uint32_t>& word, std::uint32_t expected, futex_scope scope,
                        std::chrono::nanoseconds timeout) noexcept;
   futex_wait_result finish(int res) const;
@@ -55,7 +55,7 @@ public:
   }
   futex_wait_result await_resume() { return fallback_ ? finish_fallback() : finish(end()); }
 
-private:
+ private:
   friend struct detail::futex_fallback;
   struct fallback_canceller {
     futex_wait_operation* op;

@@ -29,7 +29,7 @@ namespace ipcoro {
 /// A file mapped MAP_SHARED: a validated header, then `payload()`. Move-only. The file is
 /// never removed by this class: it is meant to persist (remove it with std::filesystem).
 class mapped_file {
-public:
+ public:
   mapped_file() noexcept = default;
   mapped_file(mapped_file&&) noexcept = default;
   mapped_file& operator=(mapped_file&&) noexcept = default;
@@ -56,9 +56,9 @@ public:
   [[nodiscard]] static mapped_file open(const std::string& path, const region_layout& expected);
   /// open() if the file exists, create() otherwise (`layout.payload_size` must not be 0);
   /// safe when several processes race to do it. `created()` tells which happened.
-  [[nodiscard]] static mapped_file open_or_create(const std::string& path, const region_layout& layout,
-                                                  unsigned mode = 0600,
-                                                  const std::function<void(std::span<std::byte>)>& initialize = {});
+  [[nodiscard]] static mapped_file open_or_create(
+      const std::string& path, const region_layout& layout, unsigned mode = 0600,
+      const std::function<void(std::span<std::byte>)>& initialize = {});
 
   /// create(); but when `path` holds an ipcoro file of the same type tag whose creator is
   /// dead (see creator_alive()), removes it and creates anew: for a file that belongs to
@@ -88,7 +88,7 @@ public:
   /// The same for the pages covering `range`, which must lie inside payload() (EINVAL).
   void sync(std::span<const std::byte> range) const;
 
-private:
+ private:
   detail::mapped_region region_;
   std::string path_;
   detail::process_identity creator_;

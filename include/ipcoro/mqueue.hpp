@@ -42,10 +42,10 @@ enum class mq_access { read_only, write_only, read_write };
 /// How `message_queue::open` opens or creates a queue.
 struct mq_open_options {
   mq_access access = mq_access::read_write;
-  bool create = false;      ///< O_CREAT: create the queue if it does not exist
-  bool exclusive = false;   ///< with `create`, O_EXCL: fail with EEXIST if it exists
+  bool create = false;         ///< O_CREAT: create the queue if it does not exist
+  bool exclusive = false;      ///< with `create`, O_EXCL: fail with EEXIST if it exists
   mq_attributes attributes{};  ///< used only when the queue is created
-  unsigned mode = 0600;     ///< permission bits of a created queue (the umask applies)
+  unsigned mode = 0600;        ///< permission bits of a created queue (the umask applies)
 };
 
 /// What a receive delivered: the message's size in bytes and its priority.
@@ -75,12 +75,12 @@ std::optional<mq_labelled_view> mq_split_label(std::span<const std::byte> messag
 /// the queue's message size, EINVAL for a priority not below mq_priority_max, EBADF on a
 /// read-only queue. Allocates nothing. The queue and the message stay alive until it completes.
 class [[nodiscard]] mq_send_operation : public io_operation<mq_send_operation> {
-public:
+ public:
   mq_send_operation(const message_queue& queue, std::span<const std::byte> message,
                     unsigned priority) noexcept;
   void finish(int res) const;
 
-private:
+ private:
   friend class message_queue;
   /// The labelled form: the header and `payload` are copied into the queue's scratch
   /// buffer (allocated by message_queue::send_labelled) right before each attempt.
@@ -109,11 +109,11 @@ private:
 /// EBADF on a write-only queue. A cancelled or timed-out receive has taken no message.
 /// Allocates nothing. The queue and the buffer stay alive until it completes.
 class [[nodiscard]] mq_receive_operation : public io_operation<mq_receive_operation> {
-public:
+ public:
   mq_receive_operation(const message_queue& queue, std::span<std::byte> buffer) noexcept;
   mq_message finish(int res) const;
 
-private:
+ private:
   static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept;
   static bool progress(detail::op_base& op, int res) noexcept;
   static int attempt(detail::op_base& op) noexcept;
@@ -133,7 +133,7 @@ private:
 /// complete. A queue obtained from `create` owns its name: its destructor, in the process
 /// that created it, unlinks the name (see `disown`). Use it from one thread.
 class message_queue {
-public:
+ public:
   message_queue() noexcept = default;
   message_queue(message_queue&& other) noexcept;
   message_queue& operator=(message_queue&& other) noexcept;
@@ -159,7 +159,8 @@ public:
   static bool unlink(std::string_view name);
 
   /// Sends `message` with `priority`. See mq_send_operation.
-  [[nodiscard]] mq_send_operation send(std::span<const std::byte> message, unsigned priority = 0) const noexcept {
+  [[nodiscard]] mq_send_operation send(std::span<const std::byte> message,
+                                       unsigned priority = 0) const noexcept {
     return {*this, message, priority};
   }
   /// Sends `payload` preceded by a label header (mq_label_header_size bytes), for an
@@ -167,10 +168,12 @@ public:
   /// `attributes().message_size - mq_label_header_size` bytes. Allocates a scratch buffer
   /// of one message size on the first call (std::bad_alloc), never afterwards.
   [[nodiscard]] mq_send_operation send_labelled(std::uint32_t label, std::span<const std::byte> payload,
-                                  unsigned priority = 0) const;
+                                                unsigned priority = 0) const;
   /// Receives one message into `buffer`, which must hold `attributes().message_size`
   /// bytes. See mq_receive_operation.
-  [[nodiscard]] mq_receive_operation receive(std::span<std::byte> buffer) const noexcept { return {*this, buffer}; }
+  [[nodiscard]] mq_receive_operation receive(std::span<std::byte> buffer) const noexcept {
+    return {*this, buffer};
+  }
 
   /// The attributes read when the queue was opened (they never change).
   const mq_attributes& attributes() const noexcept { return attributes_; }
@@ -186,7 +189,7 @@ public:
   /// Closes the descriptor (and unlinks the name if this object owns it).
   void close() noexcept;
 
-private:
+ private:
   friend class mq_send_operation;
   friend class mq_receive_operation;
 
@@ -196,7 +199,7 @@ private:
   int mqd_ = -1;
   std::string name_;
   mq_attributes attributes_{};
-  pid_t owner_pid_ = 0;  ///< the creator's pid while this object owns the name
+  pid_t owner_pid_ = 0;                           ///< the creator's pid while this object owns the name
   mutable std::unique_ptr<std::byte[]> scratch_;  ///< header + payload of a labelled send
   /// Receives left that go straight to the ring's poll, without first trying
   /// mq_receive: set after a try found the queue empty (see mq_receive_operation::attempt).
@@ -207,7 +210,7 @@ class mq_demux;
 
 /// A consumer's wait for the next message of one label; see mq_demux::receive.
 class [[nodiscard]] mq_demux_receive_operation : detail::waiter {
-public:
+ public:
   mq_demux_receive_operation(mq_demux& demux, std::uint32_t label, std::span<std::byte> buffer) noexcept
       : demux_(demux), buffer_(buffer), label_(label) {}
 
@@ -237,7 +240,7 @@ public:
     return again(detail::pooled_frame{}, demux_, label_, buffer_).with_deadline(when);
   }
 
-private:
+ private:
   friend class mq_demux;
   bool suspend(std::coroutine_handle<> h, const std::stop_token& token);
   static task<std::optional<mq_message>> again(detail::pooled_frame, mq_demux& demux, std::uint32_t label,
@@ -267,7 +270,7 @@ private:
 /// is dropped, loudly). Steady state allocates nothing. Use from one thread; the queue
 /// must outlive the demux, and run() and every consumer must end before it is destroyed.
 class mq_demux {
-public:
+ public:
   /// Routes labels 0 .. labels-1. Allocates `max_held` slots of one message size. Throws
   /// std::invalid_argument when `labels` or `max_held` is 0 or the queue's message size
   /// has no room for the label header.
@@ -289,7 +292,8 @@ public:
   /// Waits for the next message with `label` and copies its payload (without the header)
   /// into `buffer`, which must hold max_payload() bytes. Many consumers may wait for the
   /// same label; they are served first come, first served.
-  [[nodiscard]] mq_demux_receive_operation receive(std::uint32_t label, std::span<std::byte> buffer) noexcept {
+  [[nodiscard]] mq_demux_receive_operation receive(std::uint32_t label,
+                                                   std::span<std::byte> buffer) noexcept {
     return {*this, label, buffer};
   }
 
@@ -298,7 +302,7 @@ public:
   /// Messages taken off the queue and not yet handed to a consumer.
   std::size_t held() const noexcept { return held_total_; }
 
-private:
+ private:
   friend class mq_demux_receive_operation;
   struct slot;
   struct label_state;

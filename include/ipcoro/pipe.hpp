@@ -41,7 +41,9 @@ class pipe_writer {
       : fd_(std::move(fd)), path_(path) {}
 
   /// One write: the bytes written, possibly fewer than asked.
-  write_operation write(std::span<const std::byte> buffer) const noexcept { return {fd_.get(), buffer, path_}; }
+  write_operation write(std::span<const std::byte> buffer) const noexcept {
+    return {fd_.get(), buffer, path_};
+  }
   /// Writes all of `buffer`. Writes of at most PIPE_BUF (4096) bytes are atomic.
   write_all_operation write_all(std::span<const std::byte> buffer) const noexcept {
     return {fd_.get(), buffer, path_};

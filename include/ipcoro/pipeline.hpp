@@ -24,7 +24,8 @@ namespace ipcoro {
 /// what happened (its exception's message, or the signal that killed it).
 class pipeline_error : public std::runtime_error {
  public:
-  pipeline_error(std::string stage, const std::string& what) : std::runtime_error(what), stage_(std::move(stage)) {}
+  pipeline_error(std::string stage, const std::string& what)
+      : std::runtime_error(what), stage_(std::move(stage)) {}
   const std::string& stage() const noexcept { return stage_; }
 
  private:

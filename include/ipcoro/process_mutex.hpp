@@ -47,7 +47,7 @@ namespace ipcoro {
 /// The shared part of a process_mutex: plain data in shared memory. All zero is a free,
 /// consistent lock.
 struct alignas(64) process_mutex_state {
-  std::atomic<std::uint32_t> word;          ///< 0: free; else the holder's pid, | 1 << 31 when someone may wait
+  std::atomic<std::uint32_t> word;  ///< 0: free; else the holder's pid, | 1 << 31 when someone may wait
   std::atomic<std::uint32_t> inconsistent;  ///< 1 from a takeover until mark_consistent()
   std::atomic<std::uint64_t> holder;        ///< the holder's start time << 22 | its pid
   std::atomic<std::uint64_t> holder_boot;   ///< the holder's boot (see detail::process_identity)
@@ -67,10 +67,12 @@ struct process_mutex_options {
 
 /// Holds a process_mutex until destroyed or unlock()ed. Move-only.
 class [[nodiscard]] process_mutex_guard {
-public:
+ public:
   process_mutex_guard() noexcept = default;
   process_mutex_guard(process_mutex_guard&& other) noexcept
-      : state_(std::exchange(other.state_, nullptr)), inconsistent_(other.inconsistent_), took_over_(other.took_over_) {}
+      : state_(std::exchange(other.state_, nullptr)),
+        inconsistent_(other.inconsistent_),
+        took_over_(other.took_over_) {}
   process_mutex_guard& operator=(process_mutex_guard&& other) noexcept {
     if (this != &other) {
       release_quietly();
@@ -97,7 +99,7 @@ public:
   void unlock();
   bool owns_lock() const noexcept { return state_ != nullptr; }
 
-private:
+ private:
   friend class process_mutex;
   friend class process_mutex_lock_operation;
   process_mutex_guard(process_mutex_state* state, bool inconsistent, bool took_over) noexcept
@@ -116,7 +118,7 @@ private:
 /// (one allocation) that parks with futex waits. Throws timed_out past its deadline,
 /// operation_cancelled when the awaiting task is stopped.
 class [[nodiscard]] process_mutex_lock_operation {
-public:
+ public:
   process_mutex_lock_operation(process_mutex_state& state, const process_mutex_options& opts,
                                std::int64_t deadline_ns) noexcept
       : state_(&state), options_(opts), deadline_ns_(deadline_ns) {}
@@ -130,7 +132,7 @@ public:
   }
   process_mutex_guard await_resume();
 
-private:
+ private:
   static task<process_mutex_guard> lock_contended(process_mutex_state& state, process_mutex_options opts,
                                                   std::int64_t deadline_ns);
 
@@ -145,7 +147,7 @@ private:
 /// A handle onto a process_mutex_state in shared memory. Cheap to copy; the memory must
 /// stay mapped while the handle, its guards and its lock operations are in use.
 class process_mutex {
-public:
+ public:
   using options = process_mutex_options;
 
   explicit process_mutex(process_mutex_state& state, const options& opts = {}) noexcept
@@ -175,7 +177,7 @@ public:
   std::uint64_t takeovers() const noexcept { return state_->takeovers.load(std::memory_order_relaxed); }
   process_mutex_state& state() const noexcept { return *state_; }
 
-private:
+ private:
   static std::int64_t deadline_after(std::chrono::nanoseconds timeout) noexcept;
 
   process_mutex_state* state_;
@@ -187,7 +189,7 @@ struct shared_object_options {
   /// Names the type in the segment header. 0 (the default) derives it from T's spelled
   /// name and size, so that a process built with another T of the same size is refused.
   std::uint32_t type_tag = 0;
-  std::uint32_t version = 1;             ///< bump when T's layout changes
+  std::uint32_t version = 1;  ///< bump when T's layout changes
   unsigned mode = 0600;
   process_mutex_options mutex{};
 };
@@ -195,7 +197,7 @@ struct shared_object_options {
 /// A locked shared_object: the guard and access to the value. Move-only.
 template <class T>
 class [[nodiscard]] locked_object {
-public:
+ public:
   locked_object(process_mutex_guard guard, T* value) noexcept : guard_(std::move(guard)), value_(value) {}
   T& operator*() const noexcept { return *value_; }
   T* operator->() const noexcept { return value_; }
@@ -206,14 +208,14 @@ public:
   void unlock() { guard_.unlock(); }
   process_mutex_guard& guard() noexcept { return guard_; }
 
-private:
+ private:
   process_mutex_guard guard_;
   T* value_;
 };
 
 template <class T>
 class [[nodiscard]] shared_object_lock_operation {
-public:
+ public:
   shared_object_lock_operation(process_mutex_lock_operation op, T* value) noexcept
       : op_(std::move(op)), value_(value) {}
   bool await_ready() { return op_.await_ready(); }
@@ -223,7 +225,7 @@ public:
   }
   locked_object<T> await_resume() { return {op_.await_resume(), value_}; }
 
-private:
+ private:
   process_mutex_lock_operation op_;
   T* value_;
 };
@@ -240,7 +242,7 @@ class shared_object {
                 "shared_object<T>: T must be plain data (standard layout, trivially destructible)");
   static_assert(alignof(T) <= 64, "shared_object<T>: T may be aligned to at most 64 bytes");
 
-public:
+ public:
   static constexpr std::uint64_t value_offset = sizeof(process_mutex_state);
 
   /// Creates the segment `name` with a value-initialised T, then runs `init` on it, both
@@ -253,7 +255,8 @@ public:
   [[nodiscard]] static shared_object create_or_reclaim(const std::string& name,
                                                        const shared_object_options& opts = {},
                                                        const std::function<void(T&)>& init = {}) {
-    return shared_object(shm_segment::create_or_reclaim(name, layout(opts), segment_options(opts, init)), opts);
+    return shared_object(shm_segment::create_or_reclaim(name, layout(opts), segment_options(opts, init)),
+                         opts);
   }
   /// Opens an existing one; throws what shm_segment::open throws (EPROTO for another T).
   [[nodiscard]] static shared_object open(const std::string& name, const shared_object_options& opts = {}) {
@@ -262,7 +265,8 @@ public:
 
   [[nodiscard]] shared_object_lock_operation<T> lock() const noexcept { return {mutex_.lock(), value_}; }
   template <class Rep, class Period>
-  [[nodiscard]] shared_object_lock_operation<T> lock_for(std::chrono::duration<Rep, Period> timeout) const noexcept {
+  [[nodiscard]] shared_object_lock_operation<T> lock_for(
+      std::chrono::duration<Rep, Period> timeout) const noexcept {
     return {mutex_.lock_for(timeout), value_};
   }
   /// The value without the lock: for atomics, or for reading after every writer is done.
@@ -270,7 +274,7 @@ public:
   const process_mutex& mutex() const noexcept { return mutex_; }
   shm_segment& segment() noexcept { return segment_; }
 
-private:
+ private:
   shared_object(shm_segment segment, const shared_object_options& opts)
       : segment_(std::move(segment)),
         mutex_(segment_.payload(), 0, opts.mutex),

@@ -98,13 +98,13 @@ namespace ipcoro {
 /// Thrown by a wait on a ring whose peer process died without closing: the sender of an
 /// SPSC ring, or every sender (receiver) of an MPMC ring. Carries ECONNRESET.
 class peer_died : public std::system_error {
-public:
+ public:
   peer_died(pid_t pid, const std::string& what);
   /// The pid the dead peer had; 0 when no peer ever attached and none can any more
   /// (ring_options::peer_claim_fd).
   pid_t pid() const noexcept { return pid_; }
 
-private:
+ private:
   pid_t pid_;
 };
 
@@ -196,7 +196,7 @@ class ring_endpoint;
 /// waited for space; timed_out / operation_cancelled. The message is copied; it need only
 /// live until the co_await returns.
 class [[nodiscard]] ring_send_operation {
-public:
+ public:
   ring_send_operation(detail::ring_endpoint* endpoint, std::span<const std::byte> message) noexcept
       : endpoint_(endpoint), message_(message) {}
 
@@ -210,7 +210,8 @@ public:
   }
   /// Fails with timed_out unless sent by `when`.
   template <class Duration>
-  ring_send_operation with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
+  ring_send_operation with_deadline(
+      std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
     ring_send_operation copy = *this;
     copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
     return copy;
@@ -223,7 +224,7 @@ public:
   }
   void await_resume();
 
-private:
+ private:
   friend class detail::ring_endpoint;
   bool suspend(std::coroutine_handle<> h, std::stop_token token);
 
@@ -242,7 +243,7 @@ private:
 /// the region is corrupt; ipcoro::peer_died when the sending side died and the ring is
 /// drained; timed_out / operation_cancelled.
 class [[nodiscard]] ring_receive_operation {
-public:
+ public:
   ring_receive_operation(detail::ring_endpoint* endpoint, std::span<std::byte> buffer) noexcept
       : endpoint_(endpoint), buffer_(buffer) {}
 
@@ -270,7 +271,7 @@ public:
   }
   std::optional<std::size_t> await_resume();
 
-private:
+ private:
   friend class detail::ring_endpoint;
   bool suspend(std::coroutine_handle<> h, std::stop_token token);
 
@@ -287,7 +288,7 @@ private:
 /// The one sending end of an SPSC ring. Move-only; keep the region mapped while it
 /// exists, and do not move or destroy it while one of its operations is in flight.
 class spsc_ring_sender {
-public:
+ public:
   spsc_ring_sender() noexcept;
   /// Attaches to the ring formatted in `region` as its sender, recording this process.
   /// Throws std::system_error: EINVAL when the region holds no valid SPSC ring (what
@@ -318,14 +319,14 @@ public:
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
-private:
+ private:
   std::unique_ptr<detail::ring_endpoint> endpoint_;
   int uncaught_ = std::uncaught_exceptions();  // unwinding in the destructor: more than this
 };
 
 /// The one receiving end of an SPSC ring. Move-only; same lifetime rules as the sender.
 class spsc_ring_receiver {
-public:
+ public:
   spsc_ring_receiver() noexcept;
   /// Attaches as the receiver (EINVAL: no valid SPSC ring; EBUSY: another live receiver).
   /// Reading starts at the last acknowledged position: after a previous receiver's crash
@@ -359,14 +360,14 @@ public:
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
-private:
+ private:
   std::unique_ptr<detail::ring_endpoint> endpoint_;
 };
 
 /// One of the sending ends of an MPMC ring (any number of processes, and several
 /// endpoints per process). Move-only; same lifetime rules as above.
 class mpmc_ring_sender {
-public:
+ public:
   mpmc_ring_sender() noexcept;
   /// Attaches to the MPMC ring in `region` as a sender (EINVAL: no valid MPMC ring;
   /// EUSERS: the ring's table of 64 attached endpoints is full).
@@ -391,13 +392,13 @@ public:
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
-private:
+ private:
   std::unique_ptr<detail::ring_endpoint> endpoint_;
 };
 
 /// One of the receiving ends of an MPMC ring. Each message goes to exactly one receiver.
 class mpmc_ring_receiver {
-public:
+ public:
   mpmc_ring_receiver() noexcept;
   /// Attaches as a receiver (EINVAL, EUSERS as for the sender).
   explicit mpmc_ring_receiver(std::span<std::byte> region, const ring_options& options = {});
@@ -420,7 +421,7 @@ public:
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
-private:
+ private:
   std::unique_ptr<detail::ring_endpoint> endpoint_;
 };
 

@@ -35,7 +35,7 @@ namespace ipcoro {
 
 /// A mapped shared memory segment: a validated header, then `payload()`. Move-only.
 class shm_segment {
-public:
+ public:
   struct options {
     unsigned mode = 0600;  ///< permission bits, at most 0777, applied exactly
     /// Runs on the zeroed payload before the segment gets its name, so no other process
@@ -100,7 +100,7 @@ public:
   /// Keeps the name after destruction: another process will open and remove it.
   void release_name() noexcept { owns_name_ = false; }
 
-private:
+ private:
   static shm_segment create_impl(const std::string& name, const region_layout& layout, const options& opts,
                                  bool reclaim);
   /// Records the name, the creator and the file identity of the mapped region behind `fd`.

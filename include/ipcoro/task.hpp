@@ -46,7 +46,7 @@ concept stop_token_carrier = requires(P& p) {
 
 /// Another library's promise whose environment answers get_stop_token_t (see there).
 template <class P>
-concept env_stop_token_carrier = !stop_token_carrier<P> && requires(P& p) {
+concept env_stop_token_carrier = !stop_token_carrier<P> && requires(P & p) {
   { p.get_env().query(get_stop_token_t{}) } -> std::convertible_to<std::stop_token>;
 };
 
@@ -270,8 +270,8 @@ class [[nodiscard]] task {
   /// As with_timeout, with an absolute CLOCK_MONOTONIC deadline.
   template <class Duration>
   [[nodiscard]] task with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) && {
-    return detail::deadline_runner<T>::run(std::move(*this),
-                                           std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when));
+    return detail::deadline_runner<T>::run(
+        std::move(*this), std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when));
   }
 
   struct awaiter {

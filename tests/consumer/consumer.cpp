@@ -38,7 +38,7 @@ ipcoro::task<bool> work() {
   ipcoro::task<int> producer = produce(std::move(channel.sender));
   ipcoro::task<int> consumer = consume(std::move(channel.receiver));
   auto [sent, sum] = co_await ipcoro::when_all(std::move(producer), std::move(consumer));
-  co_return pipe_ok && sent == 0 && sum == 5050;
+  co_return pipe_ok&& sent == 0 && sum == 5050;
 }
 
 }  // namespace

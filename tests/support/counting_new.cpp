@@ -95,5 +95,7 @@ void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcep
 namespace ipcoro::test {
 std::uint64_t allocations() noexcept { return allocation_count.load(std::memory_order_relaxed); }
 std::uint64_t deallocations() noexcept { return deallocation_count.load(std::memory_order_relaxed); }
-std::uint64_t take_largest_allocation() noexcept { return largest_size.exchange(0, std::memory_order_relaxed); }
+std::uint64_t take_largest_allocation() noexcept {
+  return largest_size.exchange(0, std::memory_order_relaxed);
+}
 }  // namespace ipcoro::test

@@ -157,7 +157,8 @@ void checksum::update(std::span<const std::byte> data) noexcept {
 
 namespace {
 
-void list_dir(const char* dir, const std::string& prefix, const std::string& shown_as, std::vector<std::string>& out) {
+void list_dir(const char* dir, const std::string& prefix, const std::string& shown_as,
+              std::vector<std::string>& out) {
   DIR* d = ::opendir(dir);
   if (d == nullptr) return;
   while (const dirent* e = ::readdir(d)) {

@@ -30,7 +30,8 @@ inline constexpr std::size_t per_small_class = 16;  // blocks kept per class
 inline constexpr std::size_t per_large_class = 4;
 
 constexpr std::size_t block_size(std::size_t size_class) noexcept {
-  return size_class < small_classes ? (size_class + 1) * granule : small_limit << (size_class - small_classes + 1);
+  return size_class < small_classes ? (size_class + 1) * granule
+                                    : small_limit << (size_class - small_classes + 1);
 }
 
 /// The class of a block of at least `need` bytes, or `classes` when it is too large.

@@ -92,7 +92,7 @@ struct region_origin {
 
 /// An owned MAP_SHARED mapping of a whole region (header + payload). Move-only.
 class mapped_region {
-public:
+ public:
   mapped_region() noexcept = default;
   mapped_region(mapped_region&& other) noexcept;
   mapped_region& operator=(mapped_region&& other) noexcept;
@@ -123,7 +123,7 @@ public:
   /// msync(MS_SYNC) of the pages covering `range` (inside the mapping); all when empty.
   void sync(std::span<const std::byte> range = {}) const;
 
-private:
+ private:
   mapped_region(std::byte* base, std::size_t size, std::size_t payload_size) noexcept
       : base_(base), size_(size), payload_size_(payload_size) {}
   std::byte* base_ = nullptr;
