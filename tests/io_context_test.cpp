@@ -6,11 +6,6 @@
 
 #include <catch2/catch.hpp>
 
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
-#include <sys/prctl.h>
-#include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -932,26 +927,10 @@ TEST_CASE("a detached task that lets operation_cancelled escape at shutdown is n
   CHECK(reported == 0);
 }
 
-namespace {
-/// Makes io_uring_setup fail with EPERM in this process, as a container's seccomp policy
-/// would. False when the kernel refuses the filter.
-bool forbid_io_uring_setup() noexcept {
-  sock_filter program[] = {
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-  };
-  sock_fprog filter{static_cast<unsigned short>(std::size(program)), program};
-  return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-         ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &filter) == 0;
-}
-}  // namespace
-
 TEST_CASE("io_uring refused by a seccomp policy is an EPERM error saying so and what to allow",
           "[io_context]") {
   ipcoro::test::child_process child([]() -> int {
-    if (!forbid_io_uring_setup()) return 77;
+    if (!ipcoro::test::forbid_io_uring_setup()) return 77;
     try {
       io_context ctx;
       return 1;

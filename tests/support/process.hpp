@@ -94,6 +94,10 @@ struct kernel_version {
 };
 kernel_version running_kernel();
 
+/// Makes io_uring_setup fail with EPERM in this process and its children from now on, as
+/// a container's seccomp policy would. False when the kernel refuses the filter.
+bool forbid_io_uring_setup() noexcept;
+
 /// IPC names starting with `prefix` still present: entries of /dev/shm and /tmp, and
 /// queues of the mqueue namespace as "mq:/<name>". The namespace is listed by a child
 /// through a private mount of its own (the machine's mount table never sees it); where
