@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Results of ipcoro-bench: the rows it measures, the fmt tables with ratios, the JSON list
 // of rows, and the gnuplot chart.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Measurement pieces shared by the benchmark programs: pinning, CPU time, percentiles,
 // a forked two-process runner that reports each side's steady-state window, raw futex and
 // busy-spin ping-pongs, and memcpy bandwidth.

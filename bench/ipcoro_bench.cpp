@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // ipcoro-bench: every transport side by side — raw blocking syscalls, ipcoro's transport
 // API, ipcoro's typed channels and standalone Asio — measured in one run: 64-byte round
 // trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap allocations

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // asio_embed: an Asio program that drives ipcoro from its own loop on one thread (ipcoro/asio.hpp).
 //
 // A worker process, forked with ipcoro::process, upper-cases the words it receives over a

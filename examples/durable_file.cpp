@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // durable_file: a persistent queue in a file (file:/path?durable=1) whose consumer is killed
 // with SIGKILL at random moments and restarted, many times, while one producer goes on.
 //

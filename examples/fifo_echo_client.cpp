@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // fifo_echo_client: a client of fifo_echo_server. It creates a reply FIFO of its own, says
 // hello through the server's well-known FIFO, sends requests with a window of several in
 // flight, and checks that every reply matches its request (client, sequence number, length

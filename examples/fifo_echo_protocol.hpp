@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The wire protocol of examples/fifo_echo_server and fifo_echo_client: one header, shared
 // by both programs so that they cannot drift apart.
 #pragma once

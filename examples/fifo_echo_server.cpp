@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // fifo_echo_server: a server on a well-known FIFO serving many concurrent clients, each
 // with a reply FIFO of its own, one coroutine per client; the companion of fifo_echo_client.
 //

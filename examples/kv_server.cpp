@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // kv_server: an async key-value server that many client processes use at once over typed channels.
 //
 //   client 0..N-1 --mq:/kv-<pid>-requests (one queue, many senders)--> server (in the parent)

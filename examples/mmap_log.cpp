@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // mmap_log: a persistent message queue in a file, drained by a consumer across a crash and
 // a restart. The queue is an SPSC ring in a memory-mapped file; the consumer acknowledges
 // what it has processed, and the acknowledged position lives in the file too.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // mq_jobs: a dispatcher and several worker processes over POSIX message queues.
 //
 //   dispatcher --/jobs (priorities)--> worker 1..W --/results (labels)--> dispatcher

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // pipe_pipeline: a producer, a transformer and a consumer in three processes joined by
 // pipes, each stage running coroutines on its own io_context; the consumer verifies the
 // stream end to end and the parent exits 0 only if every stage succeeded.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // pipeline: word frequencies over a generated corpus, in four processes joined by typed
 // channels over the transport you choose; the last stage checks every count.
 //

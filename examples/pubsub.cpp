@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // pubsub: one publisher, several subscriber processes, each on its own typed channel.
 //
 //   publisher --pipe: / shm: / mq: / file: / fifo: (one channel_link each)--> subscriber 0..N-1

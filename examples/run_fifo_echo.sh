@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
 # Smoke test for the FIFO echo example: one fifo_echo_server and many fifo_echo_client
 # processes at once (64 by default, all connected at the same time), each client verifying
 # every reply. Exits 0 only if every client verified all its replies, the server served

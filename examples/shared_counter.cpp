@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // shared_counter: N processes increment one counter in shared memory under an async
 // cross-process mutex (ipcoro::shared_object<T>, a T in a shm segment behind an
 // ipcoro::process_mutex); the parent exits 0 only if the final count is exactly

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // shm_stream: a producer process streams bytes (1 GiB by default) to a consumer process
 // through an SPSC ring in a named shared-memory segment; both sides checksum the stream and
 // the consumer verifies it, then prints the throughput. No syscall is made while data flows:

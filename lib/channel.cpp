@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // channel: addresses, the wire format, and the send / receive ports of every transport.
 #include "ipcoro/channel.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Out-of-line parts of wait lists (event, semaphore, mutex) and task groups.
 #include "ipcoro/detail/group.hpp"
 #include "ipcoro/detail/wait_list.hpp"

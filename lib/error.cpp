@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // ipcoro's exception types and errno helpers.
 #include "ipcoro/error.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Named pipes: creation and removal, validated opens through the ring, the server's reader,
 // atomic message writes, and errors that say what to change.
 #include "ipcoro/fifo.hpp"

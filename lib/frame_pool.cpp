@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // frame_pool: the slow paths of the per-thread frame pool (the fast ones are inline).
 #include "ipcoro/detail/frame_pool.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Futex waits through the ring or through helper threads (the fallback), and futex wakes.
 #include "ipcoro/futex.hpp"
 

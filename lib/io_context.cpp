@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The io_uring event loop: submission, reaping, the ready queue, detached tasks, shutdown.
 #include "ipcoro/io_context.hpp"
 

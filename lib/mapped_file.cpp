@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Memory-mapped files: atomic creation through O_TMPFILE, validation on open, msync.
 #include "ipcoro/mapped_file.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The peer record of a message-queue channel: who holds the queue's ends, in a small shm
 // segment beside the queue (the layout only; mq_peers.hpp reads and writes it).
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The peer record of a message-queue channel: naming, creating, opening, attaching and
 // reading who is alive, with the process identities of region.hpp.
 #include "mq_peers.hpp"

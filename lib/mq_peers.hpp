@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // mq_peers: one end's view of a message-queue channel's peer record, so that a wait on a
 // queue whose peers died or left can end (private to the library).
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // POSIX message queues: opening with checked limits, send/receive operations that poll
 // through the ring and transfer with the non-blocking mq_* calls, and the label demux.
 #include "ipcoro/mqueue.hpp"

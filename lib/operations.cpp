@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The non-template parts of awaitable operations: begin/end, timeouts, and each opcode.
 #include "ipcoro/error.hpp"
 #include "ipcoro/fd_io.hpp"

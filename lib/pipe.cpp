@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Anonymous pipes: creation, capacity, the duplex pair, and SIGPIPE.
 #include "ipcoro/pipe.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // pipeline: forking the stages, making the edges, and supervising the processes.
 #include "ipcoro/pipeline.hpp"
 

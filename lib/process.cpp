@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Spawning children (fork a function, exec a program), wiring descriptors in, and awaiting their exit.
 #include "ipcoro/process.hpp"
 

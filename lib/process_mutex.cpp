@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The process mutex: a futex word holding the holder's pid, parked waits that check the
 // holder's liveness on every timeout, and takeover from a dead holder.
 #include "ipcoro/process_mutex.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The region header (create, validate, map), process identities, and bounds-check errors.
 #include "ipcoro/detail/region.hpp"
 

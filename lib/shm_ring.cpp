@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The rings: in-region layout, fast paths, futex sleeps, peer liveness, endpoints.
 #include "ipcoro/shm_ring.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Shared memory segments: unnamed creation then atomic naming, validation, reclaim, removal.
 #include "ipcoro/shm_segment.hpp"
 

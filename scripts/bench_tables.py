@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Renders the JSON of `ipcoro-bench --json FILE` as the Markdown tables of docs/benchmarks.md.
 
 Usage: scripts/bench_tables.py out.json > tables.md

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Proves by counting every operator new that steady-state I/O, timers and events allocate nothing.
 #include "ipcoro/event.hpp"
 #include "ipcoro/fd_io.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests of ipcoro/asio.hpp: one thread's asio::io_context::run() serves Asio sockets and an
 // ipcoro context at once, and Asio coroutines await ipcoro tasks.
 #include <ipcoro/asio.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Byte-stream channels (pipe, FIFO, fd) across real processes: a sender that dies at any
 // point, even before its first message, is an error and never a clean end; descriptors
 // of fd: addresses are checked when the channel is made.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Message-queue channels across real processes: a dead peer ends every wait with peer_died,
 // and close() never blocks nor loses its end marker.
 #include "ipcoro/channel.hpp"

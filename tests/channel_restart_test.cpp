@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Restarts: a receiver killed by SIGKILL leaves a name its restarted successor reclaims (a live
 // one's never), a durable file channel resumes after the last acknowledged message, and a
 // region larger than the free space is refused before anything is allocated.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Channels over shared-memory and file rings across real processes: the last MPMC receiver
 // closing tells the senders, and a link end that no living process can take any more is a
 // dead peer, not an endless wait.

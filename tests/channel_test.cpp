@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Typed channels: in process and across real processes over every transport, codecs, close
 // semantics, backpressure, select, mismatched peers, bad addresses, and zero allocations.
 #include "ipcoro/channel.hpp"

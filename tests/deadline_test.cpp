@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Races, timeouts and stop requests over channels: a receive that loses leaves its message,
 // and every channel operation takes a deadline (task::with_timeout / with_deadline).
 #include "ipcoro/channel.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests of running an io_context inside another event loop: poll() never sleeps, and poll_fd()
 // is readable exactly when poll() has work, so one thread can serve both loops.
 #include <ipcoro/ipcoro.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests that ipcoro awaitables honour the stop token another library's coroutine offers
 // through its promise's get_env() (the P2300 convention, queried with ipcoro::get_stop_token_t).
 #include <ipcoro/ipcoro.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Generic descriptor operations: openat through the ring (blocking FIFO opens that never
 // block the loop, with timeouts and cancellation) and poll.
 #include <ipcoro/ipcoro.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Named pipes across real processes: opening through the ring, end of stream, the server idiom,
 // full duplex, atomic messages from many writers, dead peers, timeouts, cancellation, errors.
 #include "ipcoro/fifo.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Futex waits and wakes through the loop: every outcome, cancellation, and wakes across processes.
 #include <ipcoro/ipcoro.hpp>
 

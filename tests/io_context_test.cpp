@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests of the io_context event loop: setup, timers, cancellation, per-operation timeouts, shutdown, full
 // queues and counters.
 #include <ipcoro/ipcoro.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Memory-mapped files: validation on open, reopening after the creator died, sync, cleanup.
 #include <ipcoro/mapped_file.hpp>
 

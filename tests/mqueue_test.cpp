@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // POSIX message queues across real processes: attributes, priorities, cancellation, full
 // queues, 100,000 messages among 8 processes, labelled messages, every limit error, no leftovers.
 #include "ipcoro/mqueue.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Anonymous pipes through the loop: end of stream, EPIPE, fork, capacity, splice, 1000 at once.
 #include "ipcoro/pipe.hpp"
 #include "ipcoro/error.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Pipelines: stages in separate processes over every transport, results checked end to
 // end, a failing or killed stage named in the error, backpressure, nothing left behind.
 #include "ipcoro/pipeline.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The cross-process async mutex: exclusion across processes, takeover from dead holders,
 // timeouts, cancellation, and the typed shared object.
 #include <ipcoro/ipcoro.hpp>

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Child processes: exit statuses through the ring (waitid and the pidfd-poll fallback), exec, fd wiring,
 // signals, the destructor's kill-and-reap, die_with_parent, concurrent and cancelled waits.
 #include "ipcoro/process.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // SPSC and MPMC rings across real processes: streaming, wake-ups, backpressure, close, dead peers, SIGKILL,
 // resume.
 #include "ipcoro/shm_ring.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Shared memory segments across processes: validation, allocation up front, reclaim, cleanup.
 #include <ipcoro/shm_segment.hpp>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests of the coroutine synchronisation primitives: event, mutex and semaphore.
 #include "ipcoro/ipcoro.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests of the coroutine core: task, stop-token inheritance, when_all, when_any, scopes, spawn, sync_wait.
 #include "ipcoro/ipcoro.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // A stop request made on another thread reaches operations and waits on the loop's thread.
 #include <ipcoro/ipcoro.hpp>
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Tests of the private liburing layer: ring setup with and without SINGLE_ISSUER, opcode probing, and the
 // futex and waitid SQEs liburing 2.3 lacks.
 #include "uring/prep.hpp"

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // ipcoro/asio.hpp: runs an ipcoro io_context inside a standalone Asio loop on the same thread.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // channel: typed senders and receivers between coroutines, in one process or across
 // processes over any transport.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // channel_address: the string form of a channel's transport, name and options.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // codec: how a channel turns values into bytes and back, and how peers recognise a type.
 #pragma once
 

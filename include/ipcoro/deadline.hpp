@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // deadline: task::with_timeout and task::with_deadline, a task raced against a timer.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The exceptions ipcoro throws, and the helpers that build them.
 #pragma once
 

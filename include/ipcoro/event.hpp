@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // event: a manual-reset event for coroutines on one io_context.
 #pragma once
 

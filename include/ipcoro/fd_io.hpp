@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Awaitable reads, writes and splices on any file descriptor, through the io_uring loop.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Named pipes (FIFOs): pipes with a name in the file system, so that unrelated processes can
 // find each other. Created and removed by an owner, opened through the ring, then read and
 // written exactly like anonymous pipes.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Futex waits through the ring (IORING_OP_FUTEX_WAIT) and wakes, on 32-bit words in memory
 // shared between processes or private to one.
 #pragma once

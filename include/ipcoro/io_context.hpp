@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // io_context: the per-thread io_uring event loop that resumes coroutines.
 #pragma once
 

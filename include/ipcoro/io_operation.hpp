@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // io_operation<Derived>: the awaitable shape shared by every io_uring operation.
 #pragma once
 

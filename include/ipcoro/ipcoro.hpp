@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The whole public API of ipcoro in one include.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Memory-mapped files: the same validated region as a shm segment, backed by a file that
 // outlives every process and, once synced, a machine crash.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // POSIX message queues: awaitable send and receive with priorities, and labelled messages
 // that several consumers of one process take from a shared queue, each its own label.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // mutex: an async mutual-exclusion lock for coroutines on one io_context.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Anonymous pipes: one-way byte streams between coroutines or forked processes, and a
 // full-duplex pair built from two of them.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // pipeline: stages in separate processes joined by typed channels, supervised as one job.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Child processes: fork a function or exec a program, wire descriptors in, await the exit through a pidfd.
 #pragma once
 

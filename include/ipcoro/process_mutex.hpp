@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // An async mutex shared between processes that survives a holder's death, and a typed
 // object in a shm segment guarded by one.
 //

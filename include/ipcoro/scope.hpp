@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // scope / with_scope: structured concurrency; every task spawned in a scope is joined.
 #pragma once
 

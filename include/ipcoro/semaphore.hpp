@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // semaphore: a counting semaphore for coroutines on one io_context.
 #pragma once
 

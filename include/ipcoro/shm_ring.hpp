@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // SPSC and MPMC message rings in shared memory, shm segments and mapped files alike.
 #pragma once
 

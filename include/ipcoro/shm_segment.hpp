@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Named POSIX shared memory segments: allocated up front, validated on open, removed by
 // their owner, reclaimable when their creator died.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // sync_wait: run the event loop from ordinary code until a task finishes.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // task<T>: a lazy coroutine that starts when awaited and hands its result to its awaiter.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // sleep_for / sleep_until: timers on the io_uring loop.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // when_all: run tasks concurrently and wait for all of them.
 #pragma once
 

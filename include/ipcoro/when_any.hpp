@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // when_any: race tasks; the first to finish wins and the rest are cancelled and awaited.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // SQE preparation for io_uring opcodes newer than liburing 2.3 (Debian 12) knows about.
 #pragma once
 

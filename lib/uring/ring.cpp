@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Ring setup, probing and submission for the thin liburing layer.
 #include "uring/ring.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The thin liburing layer: ring setup with feature probing; -errno returns, no exceptions.
 #pragma once
 

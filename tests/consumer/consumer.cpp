@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // A program that uses ipcoro as any other project would; tests/consumer/run builds it through
 // pkg-config, CMake and a Meson subproject, and each build must run and print "ok".
 #include <ipcoro/ipcoro.hpp>

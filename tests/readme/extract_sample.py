@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Copies the C++ code block between the <!-- tour:begin --> and <!-- tour:end --> markers
 of README.md into a source file, so that the README's sample is compiled and run as a test."""
 import re

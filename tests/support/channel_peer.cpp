@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // channel_peer: a separate program that speaks channels over inherited descriptors, for
 // the tests of process::exec with channels wired in.
 //

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Test helpers for channels: fresh addresses of every transport and the leftover check.
 #pragma once
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Counts results in meson testlog.json files; prints 'passed failed skipped'."""
 import json
 import sys

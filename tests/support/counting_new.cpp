@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Counting replacements of every global operator new / delete, for tests that prove an
 // operation allocates nothing. Linked from the test support library: a test program gets
 // them exactly when it calls ipcoro::test::allocations().

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Counts of global operator new / delete calls in this process (tests/support/counting_new.cpp
 // replaces every form). Calling either function links the replacements into the program.
 #pragma once

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Compiles one file that must fail, and checks that the compiler says `expected`.
 
 Usage: expect_compile_error.py EXPECTED SOURCE COMPILER [ARGS...]

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """Runs a command and checks its exit status and that its stderr says something.
 
 Usage: expect_exit.py STATUS EXPECTED COMMAND [ARGS...]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Implementation of the test helpers for real processes.
 #include "process.hpp"
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Test helpers for real processes: forked children that are always reaped, unique names,
 // and counted payloads with checksums.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // Runs a program with io_uring_setup refused (EPERM), as a container's seccomp policy does:
 // without_io_uring PROGRAM [ARGS...]. Exits 77 when the kernel refuses the filter.
 #include "process.hpp"

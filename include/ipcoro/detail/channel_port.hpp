@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // channel_port: the untyped, transport-specific ends behind channel_sender / channel_receiver.
 #pragma once
 

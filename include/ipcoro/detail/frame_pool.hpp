@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // frame_pool: per-thread recycling of coroutine frames for coroutines that opt in.
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // group_state: the join counter, stop source and failure record shared by when_all,
 // when_any and scopes.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The state every io_uring operation keeps inside its awaiter (so inside the coroutine frame).
 #pragma once
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // The validated header shared by shm segments and mapped files, process identities that
 // survive pid reuse, and bounds-checked access to memory another process can write.
 #pragma once

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // root_task: a self-owning coroutine that runs a task to completion and then calls back.
 #pragma once
 

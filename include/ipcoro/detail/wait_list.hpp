@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: MIT
 // wait_list: the FIFO of suspended coroutines behind event, semaphore and mutex.
 #pragma once
 
