@@ -255,8 +255,10 @@ class channel_receiver {
   /// The next value, or an empty optional once the stream has ended (every sender closed,
   /// or this receiver was closed). Throws channel_type_mismatch for a peer of another
   /// type, peer_died when a ring or queue sender died without closing, decode_error for
-  /// bytes the codec rejects; cancellable through the caller's stop token (nothing is
-  /// lost: a message read from the transport stays buffered for the next receive).
+  /// bytes the codec rejects; cancellable through the caller's stop token. Nothing is
+  /// lost: a receive asked to stop before it takes its message (it lost a when_any race,
+  /// its deadline passed) throws operation_cancelled or timed_out and leaves the message,
+  /// read from the transport or not, for the next receive. `.with_timeout(d)` bounds it.
   [[nodiscard]] task<std::optional<T>> receive() {
     if (local_) return receive_local(detail::pooled_frame{}, local_);
     if constexpr (encodable<T>) {
