@@ -134,7 +134,7 @@ class pipeline_builder {
 /// pipeline_error naming it. A stage that ends because its consumer stopped reading
 /// (channel_closed) counts as finished, as `yes | head` does in a shell; once a stage has
 /// finished, the stages before it get 2 seconds to end on their own before they are
-/// stopped (a producer over a queue cannot learn that nobody reads).
+/// stopped (a producer busy with something else cannot learn that nobody reads).
 class pipeline {
  public:
   /// Starts a pipeline with a stage that writes T: `body(channel_sender<T>&)` returning
