@@ -2,9 +2,10 @@
 // The io_uring event loop: submission, reaping, the ready queue, detached tasks, shutdown.
 #include "ipcoro/io_context.hpp"
 
+#include "ipcoro/detail/root_task.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/pipe.hpp"
-#include "ipcoro/sync_wait.hpp"
+#include "setup_error.hpp"
 #include "uring/ring.hpp"
 
 #include <fmt/core.h>
@@ -19,7 +20,6 @@
 #include <cstdio>
 #include <mutex>
 #include <stdexcept>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -45,55 +45,6 @@ std::int64_t monotonic_now_ns() noexcept {
   ::timespec ts{};
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
   return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
-/// The first number in `path`, or -1 when it cannot be read (an older kernel).
-long read_sysctl(const char* path) noexcept {
-  std::FILE* f = std::fopen(path, "re");
-  if (f == nullptr) return -1;
-  long value = -1;
-  if (std::fscanf(f, "%ld", &value) != 1) value = -1;
-  std::fclose(f);
-  return value;
-}
-
-/// Why io_uring_setup said EPERM, and what to change, for each value of the sysctl.
-std::string io_uring_refused_advice() {
-  const long disabled = read_sysctl("/proc/sys/kernel/io_uring_disabled");
-  const long group = read_sysctl("/proc/sys/kernel/io_uring_group");
-  switch (disabled) {
-    case 2:
-      return "io_uring_setup: io_uring is disabled for every process (kernel.io_uring_disabled = 2); "
-             "set it to 0 (sysctl kernel.io_uring_disabled=0)";
-    case 1:
-      return fmt::format(
-          "io_uring_setup: io_uring is allowed only to privileged processes and to the group "
-          "kernel.io_uring_group ({}) (kernel.io_uring_disabled = 1); add this user to that "
-          "group, or set kernel.io_uring_disabled to 0",
-          group < 0 ? std::string("not set") : fmt::format("gid {}", group));
-    default:
-      return "io_uring_setup: refused (EPERM) though the kernel allows io_uring "
-             "(kernel.io_uring_disabled is 0 or absent): a seccomp filter or security policy (a container "
-             "runtime's, for example) blocks it; allow io_uring_setup, io_uring_enter and io_uring_register "
-             "there";
-  }
-}
-
-[[noreturn]] void throw_setup_error(int err) {
-  switch (err) {
-    case ENOSYS:
-      throw std::system_error(err, std::system_category(),
-                              "io_uring_setup: this kernel has no io_uring (needs Linux 5.11 or later, "
-                              "built with CONFIG_IO_URING)");
-    case EPERM:
-      throw std::system_error(err, std::system_category(), io_uring_refused_advice());
-    case ENOMEM:
-      throw std::system_error(err, std::system_category(),
-                              "io_uring_setup: cannot lock the ring's memory; raise RLIMIT_MEMLOCK "
-                              "(ulimit -l) or use fewer entries");
-    default:
-      throw_errno(err, "io_uring_setup");
-  }
 }
 
 }  // namespace
@@ -550,7 +501,7 @@ io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
   req.entries = opts.entries;
   req.cq_entries = opts.cq_entries;
   req.single_issuer = opts.single_issuer && !opts.embedded;
-  if (int rc = impl_->ring.init(req); rc < 0) throw_setup_error(-rc);
+  if (int rc = impl_->ring.init(req); rc < 0) detail::throw_io_uring_setup_error(-rc);
   impl_->busy_poll_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(opts.busy_poll).count();
   impl_->wake_fd.reset(::eventfd(0, EFD_CLOEXEC));
   if (!impl_->wake_fd) throw_errno(errno, "eventfd (the io_context's cross-thread wake-up)");
@@ -746,29 +697,6 @@ void io_context::release_work() noexcept { --impl_->external_work; }
 void io_context::forget_calls(void* arg) noexcept {
   std::lock_guard lock(impl_->remote_mutex);
   std::erase_if(impl_->remote_calls, [arg](const impl::remote_call& c) { return c.arg == arg; });
-}
-
-// ---- sync_wait's loop driver ----
-
-void detail::drive(io_context& ctx, const bool& done, std::stop_source& source) {
-  try {
-    ctx.run_until(done);
-  } catch (...) {
-    std::exception_ptr first = std::current_exception();
-    source.request_stop();
-    // Destroying the task while the kernel may still write into its buffers would be
-    // use-after-free: let it unwind through cancellation first.
-    while (!done) {
-      try {
-        ctx.run_until(done);
-      } catch (const std::logic_error&) {
-        break;  // nothing in flight: the frames are safe to leave
-      } catch (...) {
-        // another detached failure: keep the first
-      }
-    }
-    std::rethrow_exception(first);
-  }
 }
 
 }  // namespace ipcoro

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// POSIX message queues: opening with checked limits, send/receive operations that poll
-// through the ring and transfer with the non-blocking mq_* calls, and the label demux.
+// POSIX message queues: opening with checked limits, and send/receive operations that poll
+// through the ring and transfer with the non-blocking mq_* calls (the label demux is in
+// mq_demux.cpp).
 #include "ipcoro/mqueue.hpp"
 
 #include "ipcoro/error.hpp"
@@ -46,14 +47,10 @@ std::string rlimit_text(rlim_t v) {
                             : fmt::format("{} bytes", static_cast<unsigned long long>(v));
 }
 
-[[noreturn]] void throw_error(int err, const std::string& what) {
-  throw std::system_error(err, std::system_category(), what);
-}
-
 /// The kernel's rules (glibc strips the '/', the kernel looks the rest up as one name).
 void check_name(std::string_view name) {
   auto bad = [&](const char* rule, int err = EINVAL) {
-    throw_error(err, fmt::format("message queue name \"{}\": {}", name, rule));
+    throw_errno(err, fmt::format("message queue name \"{}\": {}", name, rule));
   };
   if (name.empty() || name.front() != '/') bad("must start with '/', as in \"/jobs\"");
   const std::string_view rest = name.substr(1);
@@ -62,7 +59,7 @@ void check_name(std::string_view name) {
   if (rest.find('\0') != std::string_view::npos) bad("must contain no NUL character");
   if (rest == "." || rest == "..") bad("\".\" and \"..\" are not queue names");
   if (rest.size() > NAME_MAX) {
-    throw_error(ENAMETOOLONG, fmt::format("message queue name \"{:.40}...\": {} bytes after the '/', at most "
+    throw_errno(ENAMETOOLONG, fmt::format("message queue name \"{:.40}...\": {} bytes after the '/', at most "
                                           "NAME_MAX ({}) allowed; use a shorter name",
                                           name, rest.size(), NAME_MAX));
   }
@@ -73,21 +70,21 @@ void check_name(std::string_view name) {
 /// differently depending on who runs it.
 void check_attributes(std::string_view name, const mq_attributes& a) {
   if (a.max_messages < 0 || a.message_size < 0) {
-    throw_error(EINVAL,
+    throw_errno(EINVAL,
                 fmt::format("message queue {}: max_messages ({}) and message_size ({}) must be positive "
                             "(0 picks the system default)",
                             name, a.max_messages, a.message_size));
   }
   const long msg_max = read_proc_long(msg_max_file);
   if (msg_max > 0 && a.max_messages > msg_max) {
-    throw_error(EINVAL,
+    throw_errno(EINVAL,
                 fmt::format("message queue {}: max_messages {} is above {} ({}); ask for at most {} or "
                             "raise the limit (sysctl fs.mqueue.msg_max={})",
                             name, a.max_messages, msg_max_file, msg_max, msg_max, a.max_messages));
   }
   const long msgsize_max = read_proc_long(msgsize_max_file);
   if (msgsize_max > 0 && a.message_size > msgsize_max) {
-    throw_error(
+    throw_errno(
         EINVAL,
         fmt::format("message queue {}: message_size {} bytes is above {} ({}); ask for at most {} "
                     "or raise the limit (sysctl fs.mqueue.msgsize_max={})",
@@ -121,28 +118,28 @@ bool descriptor_available() noexcept {
                                    const mq_attributes& wanted) {
   switch (err) {
     case EEXIST:
-      throw_error(err,
+      throw_errno(err,
                   fmt::format("message queue {} already exists: another program uses it, or a crashed one "
                               "left it behind; pick another name or remove it (message_queue::unlink)",
                               name));
     case ENOENT:
-      throw_error(err,
+      throw_errno(err,
                   fmt::format("message queue {} does not exist: create it first (message_queue::create, or "
                               "open with mq_open_options::create)",
                               name));
     case EACCES:
-      throw_error(err,
+      throw_errno(err,
                   fmt::format("message queue {}: permission denied; the queue's mode or owner does not allow "
                               "this access",
                               name));
     case ENOSPC:
-      throw_error(err,
+      throw_errno(err,
                   fmt::format("message queue {}: too many queues in the system: {} allows {}; remove unused "
                               "queues (mount -t mqueue none /dev/mqueue to list them) or raise the limit "
                               "(sysctl fs.mqueue.queues_max)",
                               name, queues_max_file, read_proc_long(queues_max_file)));
     case ENFILE:
-      throw_error(
+      throw_errno(
           err,
           fmt::format("message queue {}: the system's file table is full (/proc/sys/fs/file-max)", name));
     case EMFILE: {
@@ -150,7 +147,7 @@ bool descriptor_available() noexcept {
       if (creating && descriptor_available()) {
         ::getrlimit(RLIMIT_MSGQUEUE, &lim);
         const mq_attributes a = complete_attributes(wanted);
-        throw_error(
+        throw_errno(
             err, fmt::format("message queue {}: creating it would exceed this user's RLIMIT_MSGQUEUE ({}), "
                              "which counts every queue's max_messages x message_size ({} x {} here) plus "
                              "overhead; remove unused queues, ask for fewer or smaller messages, or raise "
@@ -158,22 +155,22 @@ bool descriptor_available() noexcept {
                              name, rlimit_text(lim.rlim_cur), a.max_messages, a.message_size));
       }
       ::getrlimit(RLIMIT_NOFILE, &lim);
-      throw_error(err,
+      throw_errno(err,
                   fmt::format("message queue {}: this process has too many open descriptors (RLIMIT_NOFILE "
                               "{}); close some or raise it (ulimit -n)",
                               name, static_cast<unsigned long long>(lim.rlim_cur)));
     }
     case EINVAL:
-      throw_error(
+      throw_errno(
           err, fmt::format("message queue {}: the kernel refused the name or the attributes (max_messages "
                            "{}, message_size {}; limits in {} and {})",
                            name, wanted.max_messages, wanted.message_size, msg_max_file, msgsize_max_file));
     case ENAMETOOLONG:
-      throw_error(
+      throw_errno(
           err, fmt::format("message queue name \"{:.40}...\" is too long (at most NAME_MAX = {} bytes)", name,
                            NAME_MAX));
     default:
-      throw_error(err, fmt::format("mq_open {}", name));
+      throw_errno(err, fmt::format("mq_open {}", name));
   }
 }
 
@@ -213,7 +210,7 @@ std::pair<int, mq_attributes> open_queue(std::string_view name, const mq_open_op
   if (::mq_getattr(mqd, &got) != 0) {
     const int err = errno;
     ::mq_close(mqd);
-    throw_error(err, fmt::format("mq_getattr {}", name));
+    throw_errno(err, fmt::format("mq_getattr {}", name));
   }
   return {static_cast<int>(mqd), mq_attributes{got.mq_maxmsg, got.mq_msgsize}};
 }
@@ -283,16 +280,16 @@ bool message_queue::unlink(std::string_view name) {
   const int err = errno;
   if (err == ENOENT) return false;
   if (err == EACCES) {
-    throw_error(err,
+    throw_errno(err,
                 fmt::format("mq_unlink {}: permission denied (the queue belongs to another user)", name));
   }
-  throw_error(err, fmt::format("mq_unlink {}", name));
+  throw_errno(err, fmt::format("mq_unlink {}", name));
 }
 
 long message_queue::current_messages() const {
   ::mq_attr a{};
   if (::mq_getattr(static_cast<mqd_t>(mqd_), &a) != 0)
-    throw_error(errno, fmt::format("mq_getattr {}", name_));
+    throw_errno(errno, fmt::format("mq_getattr {}", name_));
   return a.mq_curmsgs;
 }
 
@@ -375,7 +372,7 @@ void mq_send_operation::finish(int res) const {
     case 0:
       return;
     case EMSGSIZE:
-      throw_error(error_, fmt::format("message of {} bytes{} is larger than the message size of queue {} ({} "
+      throw_errno(error_, fmt::format("message of {} bytes{} is larger than the message size of queue {} ({} "
                                       "bytes); send smaller messages or create the queue with a larger "
                                       "message_size (at most {}: {})",
                                       size_ + (labelled_ ? mq_label_header_size : 0),
@@ -384,12 +381,12 @@ void mq_send_operation::finish(int res) const {
                                       read_proc_long(msgsize_max_file)));
     case EINVAL:
       if (priority_ >= mq_priority_max) {
-        throw_error(error_, fmt::format("send to message queue {}: priority {} is not below MQ_PRIO_MAX ({})",
+        throw_errno(error_, fmt::format("send to message queue {}: priority {} is not below MQ_PRIO_MAX ({})",
                                         name, priority_, mq_priority_max));
       }
       break;
     case EBADF:
-      throw_error(
+      throw_errno(
           error_,
           fmt::format("send to message queue {}: the queue was opened read-only (or is closed)", name));
     default:
@@ -459,254 +456,18 @@ mq_message mq_receive_operation::finish(int res) const {
     case 0:
       return received_;
     case EMSGSIZE:
-      throw_error(error_,
+      throw_errno(error_,
                   fmt::format("receive from message queue {}: the buffer of {} bytes is smaller than the "
                               "queue's message size ({} bytes); pass a buffer of at least that size",
                               name, size_, queue_->attributes_.message_size));
     case EBADF:
-      throw_error(error_, fmt::format("receive from message queue {}: the queue was opened write-only (or is "
+      throw_errno(error_, fmt::format("receive from message queue {}: the queue was opened write-only (or is "
                                       "closed)",
                                       name));
     default:
       break;
   }
   throw_errno(error_, fmt::format("mq_receive {}", name));
-}
-
-// ---- mq_demux ----
-
-struct mq_demux::slot {
-  slot* next = nullptr;
-  std::byte* data = nullptr;  ///< the whole message: header, then payload
-  mq_message message{};       ///< the payload's size and the priority
-};
-
-struct mq_demux::label_state {
-  detail::wait_list waiters;
-  slot* head = nullptr;  ///< held messages, oldest first
-  slot* tail = nullptr;
-  std::size_t held = 0;
-  std::size_t reserved = 0;  ///< held messages promised to consumers already woken
-  std::size_t waiting = 0;   ///< consumers parked with nothing reserved
-};
-
-mq_demux::mq_demux(const message_queue& queue, std::uint32_t labels, std::size_t max_held)
-    : queue_(&queue), labels_(labels), slot_size_(static_cast<std::size_t>(queue.attributes().message_size)) {
-  if (labels == 0) throw std::invalid_argument("mq_demux: needs at least one label");
-  if (max_held == 0) throw std::invalid_argument("mq_demux: max_held must be at least 1");
-  if (slot_size_ < mq_label_header_size) {
-    throw std::invalid_argument(
-        fmt::format("mq_demux: queue {} has a message size of {} bytes, too small for the "
-                    "{}-byte label header",
-                    queue.name(), slot_size_, mq_label_header_size));
-  }
-  storage_ = std::make_unique<std::byte[]>(slot_size_ * max_held);
-  slots_ = std::make_unique<slot[]>(max_held);
-  states_ = std::make_unique<label_state[]>(labels);
-  for (std::size_t i = max_held; i-- > 0;) {
-    slots_[i].data = storage_.get() + i * slot_size_;
-    slots_[i].next = free_;
-    free_ = &slots_[i];
-  }
-}
-
-mq_demux::~mq_demux() = default;
-
-task<void> mq_demux::run() {
-  if (started_) throw std::logic_error("mq_demux::run: a demux runs once");
-  started_ = true;
-  if (closed_) co_return;  // closed before it ran: consumers have been told already
-  struct forward_stop {
-    std::stop_source* source;
-    void operator()() const noexcept { source->request_stop(); }
-  };
-  const std::stop_token outer = co_await get_stop_token();
-  std::optional<std::stop_callback<forward_stop>> link;
-  if (outer.stop_possible()) link.emplace(outer, forward_stop{&stop_});
-  std::exception_ptr failure;
-  try {
-    co_await pump().with_stop_token(stop_.get_token());
-  } catch (const operation_cancelled&) {
-    if (!closed_) failure = std::current_exception();
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  end(failure);
-  if (failure) std::rethrow_exception(failure);
-}
-
-task<void> mq_demux::pump() {
-  for (;;) {
-    // Take a message off the queue only for a waiting consumer, so that a process does
-    // not hoard what other processes could handle, and only into a free slot.
-    while (!closed_ && (parked_ == 0 || free_ == nullptr)) {
-      demand_.reset();
-      co_await demand_.wait();
-    }
-    if (closed_) co_return;
-    slot* s = free_;
-    free_ = s->next;
-    mq_message m;
-    try {
-      m = co_await queue_->receive(std::span<std::byte>(s->data, slot_size_));
-    } catch (...) {
-      s->next = free_;
-      free_ = s;
-      throw;
-    }
-    deliver(*s, m);
-  }
-}
-
-void mq_demux::deliver(slot& s, const mq_message& m) {
-  std::uint32_t label = 0;
-  if (m.size >= mq_label_header_size) std::memcpy(&label, s.data, sizeof label);
-  if (m.size < mq_label_header_size || label >= labels_) {
-    s.next = free_;
-    free_ = &s;
-    if (m.size < mq_label_header_size) {
-      throw_error(EBADMSG,
-                  fmt::format("mq_demux on queue {}: a message of {} bytes has no label header ({} bytes); "
-                              "send with message_queue::send_labelled. The message was dropped",
-                              queue_->name(), m.size, mq_label_header_size));
-    }
-    throw_error(EBADMSG,
-                fmt::format("mq_demux on queue {}: a message with label {} arrived, but this demux routes "
-                            "labels 0 to {}; construct it with more labels or fix the sender. The "
-                            "message ({} bytes, priority {}) was dropped",
-                            queue_->name(), label, labels_ - 1, m.size, m.priority));
-  }
-  s.message = {m.size - mq_label_header_size, m.priority};
-  s.next = nullptr;
-  label_state& st = states_[label];
-  if (st.tail != nullptr)
-    st.tail->next = &s;
-  else
-    st.head = &s;
-  st.tail = &s;
-  ++st.held;
-  ++held_total_;
-  // A consumer cancelled but not yet resumed has left the list already: it gets nothing.
-  if (!st.waiters.empty()) {
-    --st.waiting;
-    --parked_;
-    ++st.reserved;
-    st.waiters.wake_one();
-  }
-}
-
-void mq_demux::end(std::exception_ptr failure) noexcept {
-  ended_ = true;
-  failure_ = std::move(failure);
-  for (std::uint32_t i = 0; i < labels_; ++i) {
-    states_[i].waiting = 0;
-    states_[i].waiters.wake_all();
-  }
-  parked_ = 0;
-}
-
-void mq_demux::close() noexcept {
-  if (closed_) return;
-  closed_ = true;
-  stop_.request_stop();
-  demand_.set();
-  if (!started_) end(nullptr);  // no pump will run to do it
-}
-
-std::optional<mq_message> mq_demux::take(mq_demux_receive_operation& op) {
-  label_state& st = states_[op.label_];
-  const bool granted = op.parked_ && st.reserved != 0;
-  if (!granted && st.held == st.reserved) {
-    if (failure_) std::rethrow_exception(failure_);
-    return std::nullopt;  // ended, with nothing left for this label
-  }
-  if (granted) --st.reserved;
-  slot* s = st.head;
-  st.head = s->next;
-  if (st.head == nullptr) st.tail = nullptr;
-  --st.held;
-  --held_total_;
-  const mq_message m = s->message;
-  if (m.size != 0) std::memcpy(op.buffer_.data(), s->data + mq_label_header_size, m.size);
-  s->next = free_;
-  free_ = s;
-  demand_.set();  // the pump may be waiting for a free slot
-  return m;
-}
-
-// ---- mq_demux_receive_operation ----
-
-bool mq_demux_receive_operation::await_ready() noexcept {
-  if (label_ >= demux_.labels_) {
-    error_ = EINVAL;
-    return true;
-  }
-  if (buffer_.size() < demux_.max_payload()) {
-    error_ = EMSGSIZE;
-    return true;
-  }
-  const auto& st = demux_.states_[label_];
-  return st.held > st.reserved || demux_.ended_;
-}
-
-bool mq_demux_receive_operation::suspend(std::coroutine_handle<> h, const std::stop_token& token) {
-  auto& st = demux_.states_[label_];
-  if (!park(st.waiters, h, token)) return false;  // already stopped: await_resume throws
-  parked_ = true;
-  ++st.waiting;
-  ++demux_.parked_;
-  demux_.demand_.set();
-  return true;
-}
-
-std::optional<mq_message> mq_demux_receive_operation::await_resume() {
-  if (error_ == EINVAL) {
-    throw_error(EINVAL, fmt::format("mq_demux on queue {}: label {} is not below the demux's label count {}",
-                                    demux_.queue_->name(), label_, demux_.labels_));
-  }
-  if (error_ == EMSGSIZE) {
-    throw_error(EMSGSIZE,
-                fmt::format("mq_demux on queue {}: the buffer of {} bytes is smaller than the largest "
-                            "payload ({} bytes: message size less the label header)",
-                            demux_.queue_->name(), buffer_.size(), demux_.max_payload()));
-  }
-  if (parked_) {
-    try {
-      unpark();
-    } catch (...) {
-      // Cancelled while still parked: nothing was reserved for it.
-      auto& st = demux_.states_[label_];
-      if (!demux_.ended_) {
-        --st.waiting;
-        --demux_.parked_;
-      }
-      parked_ = false;
-      throw;
-    }
-    if (token_ != nullptr && token_->stop_requested()) {
-      // Handed a message as the stop came (it lost a race or a deadline): the message
-      // stays held, and the turn goes to the next consumer of the label, if any.
-      auto& st = demux_.states_[label_];
-      if (st.reserved != 0) {
-        if (!st.waiters.empty() && !demux_.ended_) {
-          --st.waiting;  // as deliver() does for the consumer it hands the message to
-          --demux_.parked_;
-          st.waiters.wake_one();
-        } else {
-          --st.reserved;
-        }
-      }
-      parked_ = false;
-      throw operation_cancelled{};
-    }
-  }
-  return demux_.take(*this);
-}
-
-task<std::optional<mq_message>> mq_demux_receive_operation::again(detail::pooled_frame, mq_demux& demux,
-                                                                  std::uint32_t label,
-                                                                  std::span<std::byte> buffer) {
-  co_return co_await demux.receive(label, buffer);
 }
 
 }  // namespace ipcoro
