@@ -14,6 +14,7 @@
 #include "ipcoro/unique_fd.hpp"
 
 #include "mq_peers.hpp"
+#include "proc_value.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -29,7 +30,6 @@
 #include <concepts>
 #include <cstring>
 #include <ctime>
-#include <fstream>
 #include <system_error>
 #include <typeinfo>
 
@@ -314,13 +314,6 @@ Head read_head(const std::byte* p) noexcept {
   Head h;
   std::memcpy(&h, p, sizeof h);
   return h;
-}
-
-long read_proc_long(const char* path) {
-  std::ifstream in(path);
-  long v = -1;
-  in >> v;
-  return v;
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include "ipcoro/error.hpp"
 #include "ipcoro/io_context.hpp"
+#include "proc_value.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -26,21 +27,13 @@ namespace ipcoro {
 
 namespace {
 
+using detail::read_proc_long;
+
 constexpr const char* msg_max_file = "/proc/sys/fs/mqueue/msg_max";
 constexpr const char* msgsize_max_file = "/proc/sys/fs/mqueue/msgsize_max";
 constexpr const char* msg_default_file = "/proc/sys/fs/mqueue/msg_default";
 constexpr const char* msgsize_default_file = "/proc/sys/fs/mqueue/msgsize_default";
 constexpr const char* queues_max_file = "/proc/sys/fs/mqueue/queues_max";
-
-/// A value from /proc/sys (they follow the caller's IPC namespace); -1 when unreadable.
-long read_proc_long(const char* path) noexcept {
-  std::FILE* f = std::fopen(path, "re");
-  if (f == nullptr) return -1;
-  long v = -1;
-  if (std::fscanf(f, "%ld", &v) != 1) v = -1;
-  std::fclose(f);
-  return v;
-}
 
 std::string rlimit_text(rlim_t v) {
   return v == RLIM_INFINITY ? std::string("unlimited")

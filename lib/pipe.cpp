@@ -3,6 +3,7 @@
 #include "ipcoro/pipe.hpp"
 
 #include "ipcoro/error.hpp"
+#include "proc_value.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -18,12 +19,8 @@ namespace ipcoro {
 
 namespace {
 std::size_t read_proc_size(const char* path, std::size_t fallback) {
-  std::FILE* f = std::fopen(path, "re");
-  if (f == nullptr) return fallback;
-  unsigned long long v = 0;
-  const int n = std::fscanf(f, "%llu", &v);
-  std::fclose(f);
-  return n == 1 ? static_cast<std::size_t>(v) : fallback;
+  const long v = detail::read_proc_long(path);
+  return v >= 0 ? static_cast<std::size_t>(v) : fallback;
 }
 }  // namespace
 

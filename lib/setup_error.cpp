@@ -3,6 +3,7 @@
 #include "setup_error.hpp"
 
 #include "ipcoro/error.hpp"
+#include "proc_value.hpp"
 
 #include <fmt/core.h>
 
@@ -15,20 +16,10 @@ namespace ipcoro::detail {
 
 namespace {
 
-/// The first number in `path`, or -1 when it cannot be read (an older kernel).
-long read_sysctl(const char* path) noexcept {
-  std::FILE* f = std::fopen(path, "re");
-  if (f == nullptr) return -1;
-  long value = -1;
-  if (std::fscanf(f, "%ld", &value) != 1) value = -1;
-  std::fclose(f);
-  return value;
-}
-
 /// Why io_uring_setup said EPERM, and what to change, for each value of the sysctl.
 std::string io_uring_refused_advice() {
-  const long disabled = read_sysctl("/proc/sys/kernel/io_uring_disabled");
-  const long group = read_sysctl("/proc/sys/kernel/io_uring_group");
+  const long disabled = read_proc_long("/proc/sys/kernel/io_uring_disabled");
+  const long group = read_proc_long("/proc/sys/kernel/io_uring_group");
   switch (disabled) {
     case 2:
       return "io_uring_setup: io_uring is disabled for every process (kernel.io_uring_disabled = 2); "
