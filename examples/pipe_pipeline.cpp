@@ -68,13 +68,6 @@ std::byte decode(std::byte b) {
   return static_cast<std::byte>((std::to_integer<unsigned>(b) ^ 0x5au) - 0x35u);
 }
 
-struct fnv1a {
-  std::uint64_t h = 14695981039346656037ull;
-  void update(std::span<const std::byte> data) {
-    for (std::byte b : data) h = (h ^ std::to_integer<std::uint64_t>(b)) * 1099511628211ull;
-  }
-};
-
 std::span<std::byte> bytes_of(record_header& h) { return std::as_writable_bytes(std::span{&h, 1}); }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -86,22 +79,22 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 task<void> produce(ipcoro::pipe_writer out, config cfg) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::byte> payload(cfg.max_payload);
-  fnv1a sum;
+  std::uint64_t sum = ipcoro::fnv1a_basis;
   std::uint64_t bytes = 0;
   for (std::uint32_t seq = 0; seq < cfg.records; ++seq) {
     record_header h{seq, payload_length(seq, cfg)};
     auto body = std::span{payload}.first(h.length);
     fill_payload(seq, body);
-    sum.update(body);
+    sum = ipcoro::fnv1a(body, sum);
     co_await out.write_all(bytes_of(h));
     co_await out.write_all(body);
     bytes += h.length;
   }
-  record_header trailer{trailer_seq, sizeof sum.h};
+  record_header trailer{trailer_seq, sizeof sum};
   co_await out.write_all(bytes_of(trailer));
-  co_await out.write_all(std::as_bytes(std::span{&sum.h, 1}));
+  co_await out.write_all(std::as_bytes(std::span{&sum, 1}));
   fmt::print("producer:    {} records, {} payload bytes, checksum {:016x} ({:.2f} s)\n", cfg.records, bytes,
-             sum.h, seconds_since(t0));
+             sum, seconds_since(t0));
 }
 
 // A record in flight inside the transformer.
@@ -159,7 +152,7 @@ task<void> transform(ipcoro::pipe_reader in, ipcoro::pipe_writer out, config cfg
 task<bool> consume(ipcoro::pipe_reader in, config cfg) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::byte> payload(std::max<std::size_t>(cfg.max_payload, 8));
-  fnv1a sum;
+  std::uint64_t sum = ipcoro::fnv1a_basis;
   std::uint64_t bytes = 0;
   std::uint32_t expected_seq = 0;
   for (;;) {
@@ -181,11 +174,11 @@ task<bool> consume(ipcoro::pipe_reader in, config cfg) {
       std::uint64_t sent = 0;
       std::memcpy(&sent, body.data(), sizeof sent);
       const double s = seconds_since(t0);
-      const bool ok = sent == sum.h && expected_seq == cfg.records;
+      const bool ok = sent == sum && expected_seq == cfg.records;
       fmt::print(
           "consumer:    {} records, {} payload bytes, checksum {:016x} (producer said {:016x}), "
           "{:.1f} MB/s, {:.0f} records/s: {}\n",
-          expected_seq, bytes, sum.h, sent, bytes / s / 1e6, expected_seq / s, ok ? "verified" : "MISMATCH");
+          expected_seq, bytes, sum, sent, bytes / s / 1e6, expected_seq / s, ok ? "verified" : "MISMATCH");
       co_return ok;
     }
     if (h.seq != expected_seq) {
@@ -193,7 +186,7 @@ task<bool> consume(ipcoro::pipe_reader in, config cfg) {
       co_return false;
     }
     for (std::byte& b : body) b = decode(b);
-    sum.update(body);
+    sum = ipcoro::fnv1a(body, sum);
     bytes += h.length;
     ++expected_seq;
   }

@@ -3,9 +3,9 @@
 // reading who is alive, with the process identities of region.hpp.
 #include "mq_peers.hpp"
 
-#include "ipcoro/codec.hpp"
 #include "ipcoro/detail/region.hpp"
 #include "ipcoro/error.hpp"
+#include "ipcoro/hash.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"

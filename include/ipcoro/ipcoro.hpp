@@ -15,6 +15,7 @@
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/fifo.hpp"
 #include "ipcoro/futex.hpp"
+#include "ipcoro/hash.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/io_operation.hpp"
 #include "ipcoro/mapped_file.hpp"

@@ -168,10 +168,7 @@ void fill_pattern(std::span<std::byte> out, std::uint64_t seed, std::uint64_t of
 }
 
 void checksum::update(std::span<const std::byte> data) noexcept {
-  for (std::byte b : data) {
-    h_ ^= static_cast<std::uint64_t>(b);
-    h_ *= 1099511628211ull;
-  }
+  h_ = fnv1a(data, h_);
 }
 
 namespace {
