@@ -46,37 +46,23 @@ void waiter::cancel_on_loop(void* arg) noexcept {
 
 void wait_list::push_back(waiter& w) noexcept {
   w.list_ = this;
-  w.next_ = nullptr;
-  w.prev_ = tail_;
-  if (tail_)
-    tail_->next_ = &w;
-  else
-    head_ = &w;
-  tail_ = &w;
+  waiters_.push_back(w);
 }
 
 void wait_list::remove(waiter& w) noexcept {
-  if (w.prev_)
-    w.prev_->next_ = w.next_;
-  else
-    head_ = w.next_;
-  if (w.next_)
-    w.next_->prev_ = w.prev_;
-  else
-    tail_ = w.prev_;
-  w.prev_ = w.next_ = nullptr;
+  waiters_.remove(w);
   w.list_ = nullptr;
 }
 
 void wait_list::wake_one() noexcept {
-  waiter* w = head_;
+  waiter* w = waiters_.pop_front();
   if (w == nullptr) return;
-  remove(*w);
+  w->list_ = nullptr;
   w->ctx_->schedule(*w);
 }
 
 void wait_list::wake_all() noexcept {
-  while (head_ != nullptr) wake_one();
+  while (!waiters_.empty()) wake_one();
 }
 
 // ---- group_state ----

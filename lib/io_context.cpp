@@ -2,6 +2,7 @@
 // The io_uring event loop: submission, reaping, the ready queue, detached tasks, shutdown.
 #include "ipcoro/io_context.hpp"
 
+#include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/detail/root_task.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/pipe.hpp"
@@ -55,10 +56,9 @@ struct io_context::impl {
   counters stats;
   std::size_t in_flight = 0;                // operations started whose last CQE is not yet reaped
   std::size_t external_work = 0;            // waits that other threads end through call_on_loop
-  detail::op_base* backlog_head = nullptr;  // operations waiting for SQ space
-  detail::op_base* backlog_tail = nullptr;
-  detail::ready_node* ready_head = nullptr;
-  detail::ready_node* ready_tail = nullptr;
+  // Operations waiting for SQ space, and coroutines waiting to be resumed.
+  detail::intrusive_queue<detail::op_base, &detail::op_base::next_pending_> backlog;
+  detail::intrusive_queue<detail::ready_node, &detail::ready_node::next_ready> ready;
   bool stop_requested = false;
   bool stopping = false;
   pid_t owner_pid = ::getpid();
@@ -160,43 +160,31 @@ struct io_context::impl {
   /// cannot take more right now.
   void submit_op(detail::op_base& op) noexcept {
     const unsigned n = sqes_needed(op);
-    if (backlog_head == nullptr) {
+    if (backlog.empty()) {
       if (::io_uring_sqe* sqe = take_sqes(n)) {
         prepare(op, sqe);
         return;
       }
     }
-    op.next_pending_ = nullptr;
-    if (backlog_tail)
-      backlog_tail->next_pending_ = &op;
-    else
-      backlog_head = &op;
-    backlog_tail = &op;
+    backlog.push_back(op);
   }
 
   void flush_backlog() {
-    while (backlog_head != nullptr) {
-      detail::op_base& op = *backlog_head;
-      if (op.cancel_requested_ || stopping) {
-        backlog_head = op.next_pending_;
-        if (backlog_head == nullptr) backlog_tail = nullptr;
-        finish_op(op, -ECANCELED);
+    while (detail::op_base* op = backlog.front()) {
+      if (op->cancel_requested_ || stopping) {
+        backlog.pop_front();
+        finish_op(*op, -ECANCELED);
         continue;
       }
-      ::io_uring_sqe* sqe = take_sqes(sqes_needed(op));
+      ::io_uring_sqe* sqe = take_sqes(sqes_needed(*op));
       if (sqe == nullptr) return;
-      backlog_head = op.next_pending_;
-      if (backlog_head == nullptr) backlog_tail = nullptr;
-      prepare(op, sqe);
+      backlog.pop_front();
+      prepare(*op, sqe);
     }
   }
 
-  bool cancel_from_backlog(detail::op_base& op) noexcept {
-    for (detail::op_base* p = backlog_head; p != nullptr; p = p->next_pending_) {
-      if (p == &op) return true;  // flush_backlog completes it with -ECANCELED
-    }
-    return false;
-  }
+  // flush_backlog completes a cancelled operation it holds with -ECANCELED.
+  bool cancel_from_backlog(detail::op_base& op) noexcept { return backlog.contains(op); }
 
   // ---- completion ----
 
@@ -271,30 +259,15 @@ struct io_context::impl {
   // ---- the ready queue ----
 
   void push_ready(detail::ready_node& node) noexcept {
-    node.next_ready = nullptr;
-    if (ready_tail)
-      ready_tail->next_ready = &node;
-    else
-      ready_head = &node;
-    ready_tail = &node;
+    ready.push_back(node);
     if (notify_fd) notify();
   }
 
   /// Resumes what was ready when called; what those coroutines schedule waits a turn,
   /// so I/O completions are not starved.
   void drain_ready() {
-    detail::ready_node* node = ready_head;
-    detail::ready_node* const last = ready_tail;
-    if (node == nullptr) return;
-    ready_head = last->next_ready;
-    if (ready_head == nullptr) ready_tail = nullptr;
-    for (;;) {
-      detail::ready_node* next = node->next_ready;
-      const bool was_last = node == last;
-      node->handle.resume();  // may free `node`
-      if (was_last) break;
-      node = next;
-    }
+    auto batch = ready.take_all();
+    while (detail::ready_node* node = batch.pop_front()) node->handle.resume();  // may free `node`
   }
 
   // ---- the loop ----
@@ -338,10 +311,10 @@ struct io_context::impl {
     flush_backlog();
     drain_ready();
     flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
+    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
-    const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
-    if (must_not_wait && backlog_head == nullptr && ring.sq_ready() == 0 &&
+    const bool must_not_wait = !ready.empty() || !backlog.empty();
+    if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 &&
         ++turns_without_enter < enter_every) {
       // Only coroutines to resume and nothing to submit: a hand-over between coroutines
       // (an event, an in-process channel) needs no syscall. Entering at least every
@@ -365,11 +338,11 @@ struct io_context::impl {
     flush_backlog();
     drain_ready();
     flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
+    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
     enter(0);
     reap();
-    return in_flight > 0 || external_work > 0 || ready_head != nullptr;
+    return in_flight > 0 || external_work > 0 || !ready.empty();
   }
 
   void enter(unsigned wait_nr) {
@@ -436,7 +409,7 @@ struct io_context::impl {
         ::io_uring_sqe_set_data64(sqe, 0);
       }
     }
-    while (in_flight > 0 || ready_head != nullptr || backlog_head != nullptr || external_work > 0) {
+    while (in_flight > 0 || !ready.empty() || !backlog.empty() || external_work > 0) {
       try {
         if (!turn()) break;
       } catch (const std::exception& ex) {
@@ -580,7 +553,7 @@ bool io_context::poll() {
   m.in_poll = false;
   // Coroutines made ready during this turn, or SQEs that found no room, are the next turn's:
   // the other loop must come back at once rather than sleep.
-  if (m.ready_head != nullptr || m.backlog_head != nullptr || m.ring.sq_ready() > 0) m.notify();
+  if (!m.ready.empty() || !m.backlog.empty() || m.ring.sq_ready() > 0) m.notify();
   m.rethrow_pending();
   return more;
 }
