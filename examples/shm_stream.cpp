@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -165,35 +166,13 @@ task<bool> consume(std::span<std::byte> region, config cfg) {
   co_return ok;
 }
 
-std::uint64_t parse_size(std::string_view flag, const char* text) {
-  char* end = nullptr;
-  unsigned long long v = std::strtoull(text, &end, 10);
-  if (end != text && *end != '\0' && end[1] == '\0') {
-    switch (*end) {
-      case 'K':
-      case 'k':
-        v <<= 10;
-        ++end;
-        break;
-      case 'M':
-      case 'm':
-        v <<= 20;
-        ++end;
-        break;
-      case 'G':
-      case 'g':
-        v <<= 30;
-        ++end;
-        break;
-      default:
-        break;
-    }
-  }
-  if (end == text || *end != '\0') {
-    fmt::print(stderr, "{}: expected a number (K, M, G suffixes allowed), got '{}'\n", flag, text);
+std::uint64_t size_flag(std::string_view flag, const char* text) {
+  const std::optional<std::uint64_t> v = ipcoro::parse_size(text);
+  if (!v) {
+    fmt::print(stderr, "{}: expected a size ({}), got '{}'\n", flag, ipcoro::size_forms, text);
     std::exit(2);
   }
-  return v;
+  return *v;
 }
 
 template <class Body>
@@ -219,13 +198,13 @@ int main(int argc, char** argv) try {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (i + 1 < argc && arg == "--bytes")
-      cfg.bytes = parse_size(arg, argv[++i]);
+      cfg.bytes = size_flag(arg, argv[++i]);
     else if (i + 1 < argc && arg == "--message-size")
-      cfg.message_size = parse_size(arg, argv[++i]);
+      cfg.message_size = size_flag(arg, argv[++i]);
     else if (i + 1 < argc && arg == "--ring-size")
-      cfg.ring_size = parse_size(arg, argv[++i]);
+      cfg.ring_size = size_flag(arg, argv[++i]);
     else if (i + 1 < argc && arg == "--spin-us")
-      cfg.spin_us = static_cast<unsigned>(parse_size(arg, argv[++i]));
+      cfg.spin_us = static_cast<unsigned>(size_flag(arg, argv[++i]));
     else {
       fmt::print(stderr, "usage: {} [--bytes N] [--message-size BYTES] [--ring-size BYTES] [--spin-us US]\n",
                  argv[0]);

@@ -11,6 +11,7 @@
 #include "ipcoro/pipe.hpp"
 #include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"
+#include "ipcoro/size.hpp"
 #include "ipcoro/unique_fd.hpp"
 
 #include "mq_peers.hpp"
@@ -68,21 +69,11 @@ constexpr const char* address_forms = "pipe:, fifo:/path, mq:/name, shm:/name, f
 constexpr std::size_t min_message_size = 32;
 
 std::size_t parse_size(std::string_view address, std::string_view key, std::string_view value) {
-  std::size_t n = 0;
-  const char* end = value.data() + value.size();
-  auto [p, ec] = std::from_chars(value.data(), end, n);
-  std::size_t scale = 1;
-  if (ec == std::errc{} && p + 1 == end) {
-    if (*p == 'k' || *p == 'K') scale = 1024;
-    if (*p == 'm' || *p == 'M') scale = 1024 * 1024;
-    if (scale != 1) ++p;
+  const std::optional<std::uint64_t> n = ipcoro::parse_size(value);
+  if (!n || *n == 0 || *n > SIZE_MAX) {
+    bad_address(address, fmt::format("option {}={} is not a positive size ({})", key, value, size_forms));
   }
-  if (ec != std::errc{} || p != end || n == 0 || n > SIZE_MAX / scale) {
-    bad_address(address,
-                fmt::format("option {}={} is not a positive size (digits, optionally followed by k or m)",
-                            key, value));
-  }
-  return n * scale;
+  return static_cast<std::size_t>(*n);
 }
 
 /// Refuses a ring size above what a ring can hold, naming both figures: the ring would

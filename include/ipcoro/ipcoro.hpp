@@ -29,6 +29,7 @@
 #include "ipcoro/semaphore.hpp"
 #include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"
+#include "ipcoro/size.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
