@@ -15,7 +15,6 @@
 #include <ipcoro/ipcoro.hpp>
 
 #include <fmt/core.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
@@ -194,26 +193,6 @@ task<bool> consume(ipcoro::pipe_reader in, config cfg) {
 
 // ---- processes ----
 
-template <class Body>
-pid_t fork_stage(const char* name, Body body) {
-  std::fflush(nullptr);
-  const pid_t pid = ::fork();
-  if (pid < 0) {
-    fmt::print(stderr, "fork for {} failed: {}\n", name, std::strerror(errno));
-    std::exit(1);
-  }
-  if (pid != 0) return pid;
-  int code = 1;
-  try {
-    ipcoro::io_context ctx;
-    code = body(ctx) ? 0 : 1;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "{}: {}\n", name, e.what());
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
-}
-
 std::uint32_t parse_number(std::string_view flag, const char* text) {
   char* end = nullptr;
   const unsigned long v = std::strtoul(text, &end, 10);
@@ -244,35 +223,40 @@ int main(int argc, char** argv) try {
   auto [b_in, b_out] = ipcoro::make_pipe(opts);  // transformer -> consumer
   const auto t0 = std::chrono::steady_clock::now();
 
-  // Each child keeps only its own ends: a forgotten write end would hide end of stream.
-  const pid_t producer = fork_stage("producer", [&](ipcoro::io_context& ctx) {
-    a_in.close(), b_in.close(), b_out.close();
-    ipcoro::sync_wait(ctx, produce(std::move(a_out), cfg));
-    return true;
-  });
-  const pid_t transformer = fork_stage("transformer", [&](ipcoro::io_context& ctx) {
-    a_out.close(), b_in.close();
-    ipcoro::sync_wait(ctx, transform(std::move(a_in), std::move(b_out), cfg));
-    return true;
-  });
-  const pid_t consumer = fork_stage("consumer", [&](ipcoro::io_context& ctx) {
-    a_in.close(), a_out.close(), b_out.close();
-    return ipcoro::sync_wait(ctx, consume(std::move(b_in), cfg));
-  });
+  // Each child keeps only its own ends (a forgotten write end would hide end of stream) and
+  // runs a loop of its own.
+  std::array<ipcoro::process, 3> stages;
+  stages[0] = ipcoro::process::fork(
+      [&] {
+        a_in.close(), b_in.close(), b_out.close();
+        ipcoro::io_context ctx;
+        ipcoro::sync_wait(ctx, produce(std::move(a_out), cfg));
+        return 0;
+      },
+      {.name = "producer"});
+  stages[1] = ipcoro::process::fork(
+      [&] {
+        a_out.close(), b_in.close();
+        ipcoro::io_context ctx;
+        ipcoro::sync_wait(ctx, transform(std::move(a_in), std::move(b_out), cfg));
+        return 0;
+      },
+      {.name = "transformer"});
+  stages[2] = ipcoro::process::fork(
+      [&] {
+        a_in.close(), a_out.close(), b_out.close();
+        ipcoro::io_context ctx;
+        return ipcoro::sync_wait(ctx, consume(std::move(b_in), cfg)) ? 0 : 1;
+      },
+      {.name = "consumer"});
   a_in.close(), a_out.close(), b_in.close(), b_out.close();
 
+  ipcoro::io_context ctx;
   bool ok = true;
-  for (auto [pid, name] :
-       {std::pair{producer, "producer"}, {transformer, "transformer"}, {consumer, "consumer"}}) {
-    int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  for (ipcoro::process& stage : stages) {
+    if (!ipcoro::sync_wait(ctx, stage.wait()).success()) {
       ok = false;
-      if (WIFSIGNALED(status))
-        fmt::print(stderr, "{} (pid {}) was killed by signal {}\n", name, pid, WTERMSIG(status));
-      else
-        fmt::print(stderr, "{} (pid {}) failed with exit code {}\n", name, pid, WEXITSTATUS(status));
+      fmt::print(stderr, "{}\n", stage.describe());
     }
   }
   fmt::print("pipeline:    {} in {:.2f} s\n", ok ? "all three stages succeeded" : "FAILED",

@@ -14,7 +14,6 @@
 
 #include <fmt/core.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
@@ -175,22 +174,6 @@ std::uint64_t size_flag(std::string_view flag, const char* text) {
   return *v;
 }
 
-template <class Body>
-pid_t fork_side(const char* name, Body body) {
-  std::fflush(nullptr);
-  const pid_t pid = ::fork();
-  if (pid != 0) return pid;
-  int code = 1;
-  try {
-    ipcoro::io_context ctx;
-    code = body(ctx) ? 0 : 1;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "{}: {}\n", name, e.what());
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -228,24 +211,29 @@ int main(int argc, char** argv) try {
                capacity / 1024, cfg.message_size / 1024,
                cfg.spin_us ? fmt::format(", spin {} us", cfg.spin_us) : "");
 
-    // Each side opens the segment by name, as an unrelated program would.
-    const pid_t producer = fork_side("producer", [&](ipcoro::io_context& ctx) {
-      auto s = ipcoro::shm_segment::open(name, layout);
-      ipcoro::sync_wait(ctx, produce(s.payload(), cfg));
-      return true;
-    });
-    const pid_t consumer = fork_side("consumer", [&](ipcoro::io_context& ctx) {
-      auto s = ipcoro::shm_segment::open(name, layout);
-      return ipcoro::sync_wait(ctx, consume(s.payload(), cfg));
-    });
+    // Each side opens the segment by name, as an unrelated program would, on a loop of its own.
+    std::array<ipcoro::process, 2> sides;
+    sides[0] = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto s = ipcoro::shm_segment::open(name, layout);
+          ipcoro::sync_wait(ctx, produce(s.payload(), cfg));
+          return 0;
+        },
+        {.name = "producer"});
+    sides[1] = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto s = ipcoro::shm_segment::open(name, layout);
+          return ipcoro::sync_wait(ctx, consume(s.payload(), cfg)) ? 0 : 1;
+        },
+        {.name = "consumer"});
+    ipcoro::io_context ctx;
     bool ok = true;
-    for (auto [pid, side] : {std::pair{producer, "producer"}, {consumer, "consumer"}}) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    for (ipcoro::process& side : sides) {
+      if (!ipcoro::sync_wait(ctx, side.wait()).success()) {
         ok = false;
-        fmt::print(stderr, "{} (pid {}) failed\n", side, pid);
+        fmt::print(stderr, "{}\n", side.describe());
       }
     }
     fmt::print("shm_stream: {}\n", ok ? "verified" : "FAILED");
