@@ -3,9 +3,10 @@
 #include "ipcoro/io_context.hpp"
 
 #include "ipcoro/detail/intrusive_queue.hpp"
-#include "ipcoro/detail/root_task.hpp"
 #include "ipcoro/error.hpp"
-#include "ipcoro/pipe.hpp"
+#include "ipcoro/sigpipe.hpp"
+#include "ipcoro/unique_fd.hpp"
+#include "loop.hpp"
 #include "setup_error.hpp"
 #include "uring/ring.hpp"
 
@@ -579,14 +580,15 @@ int io_context::poll_fd() {
   return m.notify_fd.get();
 }
 
-void io_context::run_until(const bool& done) {
-  impl_->stop_requested = false;
+void detail::loop::run_until(io_context& ctx, const bool& done) {
+  io_context::impl& m = *ctx.impl_;
+  m.stop_requested = false;
   while (!done) {
-    if (impl_->stop_requested) {
+    if (m.stop_requested) {
       throw std::logic_error("ipcoro: io_context::stop() called while sync_wait was waiting");
     }
-    const bool more = impl_->turn();
-    impl_->rethrow_pending();
+    const bool more = m.turn();
+    m.rethrow_pending();
     if (!more && !done) {
       throw std::logic_error(
           "ipcoro: deadlock: the awaited task is suspended but nothing is in flight that could resume it");
@@ -594,30 +596,20 @@ void io_context::run_until(const bool& done) {
   }
 }
 
-namespace {
-detail::root_task run_detached(task<void> t, io_context::impl* owner) {
-  try {
-    co_await std::move(t);
-  } catch (const operation_cancelled&) {
-    if (!owner->stopping) owner->report(std::current_exception());
-  } catch (...) {
-    owner->report(std::current_exception());
-  }
+std::stop_token detail::loop::detached_started(io_context& ctx) noexcept {
+  ++ctx.impl_->detached_alive;
+  return ctx.impl_->detached_stop.get_token();
 }
 
-std::coroutine_handle<> detached_done(void* owner) noexcept {
-  --static_cast<io_context::impl*>(owner)->detached_alive;
-  return std::noop_coroutine();
-}
-}  // namespace
+void detail::loop::detached_finished(io_context& ctx) noexcept { --ctx.impl_->detached_alive; }
 
-void io_context::spawn(task<void> t) {
-  if (!t.valid()) throw std::invalid_argument("ipcoro::io_context::spawn: empty task");
-  ++impl_->detached_alive;
-  run_detached(std::move(t), impl_.get())
-      .start(impl_->detached_stop.get_token(), &detached_done, impl_.get());
-  // It ran up to its first wait here, outside the loop: what it queued waits for a turn.
-  if (impl_->notify_fd) impl_->notify();
+void detail::loop::detached_failed(io_context& ctx, std::exception_ptr e, bool cancelled) noexcept {
+  if (cancelled && ctx.impl_->stopping) return;
+  ctx.impl_->report(std::move(e));
+}
+
+void detail::loop::started_outside_loop(io_context& ctx) noexcept {
+  if (ctx.impl_->notify_fd) ctx.impl_->notify();
 }
 
 void io_context::set_error_handler(std::function<void(std::exception_ptr)> handler) {
@@ -628,48 +620,51 @@ io_context::counters io_context::stats() const noexcept { return impl_->stats; }
 const ring_features& io_context::features() const noexcept { return impl_->features; }
 bool io_context::stopping() const noexcept { return impl_->stopping; }
 
-bool io_context::start_op(detail::op_base& op) {
-  if (impl_->stopping) {
+bool detail::loop::start_op(io_context& ctx, op_base& op) {
+  io_context::impl& m = *ctx.impl_;
+  if (m.stopping) {
     op.result_ = -ECANCELED;
     return false;
   }
-  op.ctx_ = this;
-  ++impl_->in_flight;
-  impl_->submit_op(op);
+  op.ctx_ = &ctx;
+  ++m.in_flight;
+  m.submit_op(op);
   return true;
 }
 
-void io_context::cancel_op(detail::op_base& op) noexcept {
+void detail::loop::cancel_op(io_context& ctx, op_base& op) noexcept {
   op.cancel_requested_ = true;
-  if (op.waiting_for_timer_ || impl_->cancel_from_backlog(op)) return;
-  impl_->cancel_now(op);
+  if (op.waiting_for_timer_ || ctx.impl_->cancel_from_backlog(op)) return;
+  ctx.impl_->cancel_now(op);
 }
 
-void io_context::schedule(detail::ready_node& node) noexcept { impl_->push_ready(node); }
+void detail::loop::schedule(io_context& ctx, ready_node& node) noexcept { ctx.impl_->push_ready(node); }
 
-bool io_context::call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept {
-  if (current_context == this) {
+bool detail::loop::call_on_loop(io_context& ctx, void (*fn)(void*) noexcept, void* arg) noexcept {
+  if (current_context == &ctx) {
     fn(arg);
     return true;
   }
+  io_context::impl& m = *ctx.impl_;
   try {
-    std::lock_guard lock(impl_->remote_mutex);
-    impl_->remote_calls.push_back({fn, arg});
+    std::lock_guard lock(m.remote_mutex);
+    m.remote_calls.push_back({fn, arg});
   } catch (...) {
     std::fprintf(stderr, "ipcoro: out of memory queueing a cross-thread stop request\n");
     std::terminate();
   }
   const std::uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = ::write(impl_->wake_fd.get(), &one, sizeof one);
+  [[maybe_unused]] ssize_t n = ::write(m.wake_fd.get(), &one, sizeof one);
   return false;
 }
 
-void io_context::hold_work() noexcept { ++impl_->external_work; }
-void io_context::release_work() noexcept { --impl_->external_work; }
+void detail::loop::hold_work(io_context& ctx) noexcept { ++ctx.impl_->external_work; }
+void detail::loop::release_work(io_context& ctx) noexcept { --ctx.impl_->external_work; }
 
-void io_context::forget_calls(void* arg) noexcept {
-  std::lock_guard lock(impl_->remote_mutex);
-  std::erase_if(impl_->remote_calls, [arg](const impl::remote_call& c) { return c.arg == arg; });
+void detail::loop::forget_calls(io_context& ctx, void* arg) noexcept {
+  io_context::impl& m = *ctx.impl_;
+  std::lock_guard lock(m.remote_mutex);
+  std::erase_if(m.remote_calls, [arg](const io_context::impl::remote_call& c) { return c.arg == arg; });
 }
 
 }  // namespace ipcoro

@@ -12,6 +12,7 @@
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
+#include "loop.hpp"
 
 #include <fmt/core.h>
 #include <poll.h>
@@ -275,7 +276,7 @@ struct mq_ticker {
       for (mq_watched_wait* w = t.waits.front(); w != nullptr; w = w->next_) {
         if (!w->fired_ && w->due()) {
           w->fired_ = true;
-          ctx.cancel_op(w->op_);
+          loop::cancel_op(ctx, w->op_);
         }
       }
     }
