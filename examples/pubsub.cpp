@@ -156,7 +156,8 @@ task<control> subscribe(channel_receiver<news>& feed, channel_sender<control>& c
     if (n->seq != next[n->topic])
       complain(fmt::format("{} #{} where #{} was due", topic_names[n->topic], n->seq, next[n->topic]));
     next[n->topic] = n->seq + 1;
-    if (n->length > n->body.size() || ipcoro::fnv1a(std::string_view{n->body.data(), n->length}) != n->checksum) {
+    if (n->length > n->body.size() ||
+        ipcoro::fnv1a(std::string_view{n->body.data(), n->length}) != n->checksum) {
       complain("bad checksum");
     } else {
       const news want = make_news(n->topic, n->seq);

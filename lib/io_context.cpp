@@ -55,8 +55,8 @@ struct io_context::impl {
   uring::ring ring;
   ring_features features;
   counters stats;
-  std::size_t in_flight = 0;                // operations started whose last CQE is not yet reaped
-  std::size_t external_work = 0;            // waits that other threads end through call_on_loop
+  std::size_t in_flight = 0;      // operations started whose last CQE is not yet reaped
+  std::size_t external_work = 0;  // waits that other threads end through call_on_loop
   // Operations waiting for SQ space, and coroutines waiting to be resumed.
   detail::intrusive_queue<detail::op_base, &detail::op_base::next_pending_> backlog;
   detail::intrusive_queue<detail::ready_node, &detail::ready_node::next_ready> ready;
@@ -315,8 +315,7 @@ struct io_context::impl {
     if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
     const bool must_not_wait = !ready.empty() || !backlog.empty();
-    if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 &&
-        ++turns_without_enter < enter_every) {
+    if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
       // Only coroutines to resume and nothing to submit: a hand-over between coroutines
       // (an event, an in-process channel) needs no syscall. Entering at least every
       // `enter_every` turns keeps I/O completions from starving: with DEFER_TASKRUN the

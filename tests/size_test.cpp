@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Sizes as users write them: parse_size and the channel address options that use it.
+#include "ipcoro/size.hpp"
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/error.hpp"
-#include "ipcoro/size.hpp"
 
 #include "process.hpp"
 
@@ -47,9 +47,26 @@ TEST_CASE("parse_size takes digits with K, KiB, M, MiB, G or GiB in any case", "
 }
 
 TEST_CASE("parse_size refuses what is not a size", "[size]") {
-  const char* const cases[] = {"",     "k",    "-1",   "+1",   " 1",   "1 ",    "1kb",   "1KB",
-                               "1.5k", "1t",   "1T",   "1B",   "1kk",  "0x10",  "1 KiB", "1Ki",
-                               "ten",  "18446744073709551616", "17179869184G", "16777216T"};
+  const char* const cases[] = {"",
+                               "k",
+                               "-1",
+                               "+1",
+                               " 1",
+                               "1 ",
+                               "1kb",
+                               "1KB",
+                               "1.5k",
+                               "1t",
+                               "1T",
+                               "1B",
+                               "1kk",
+                               "0x10",
+                               "1 KiB",
+                               "1Ki",
+                               "ten",
+                               "18446744073709551616",
+                               "17179869184G",
+                               "16777216T"};
   for (const char* text : cases) {
     CAPTURE(text);
     CHECK(ipcoro::parse_size(text) == std::nullopt);

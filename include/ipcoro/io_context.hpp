@@ -111,7 +111,6 @@ class io_context {
   /// True while the destructor cancels and drains.
   bool stopping() const noexcept;
 
-
  private:
   struct impl;
   friend struct detail::loop;  // the library's awaitables reach the ring through it (lib/loop.hpp)

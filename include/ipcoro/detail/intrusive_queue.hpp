@@ -53,9 +53,7 @@ class intrusive_queue {
   }
 
   /// Unlinks `x`, which must be in this queue.
-  void remove(T& x) noexcept
-    requires doubly_linked
-  {
+  void remove(T& x) noexcept requires doubly_linked {
     if (x.*Prev != nullptr)
       x.*Prev->*Next = x.*Next;
     else

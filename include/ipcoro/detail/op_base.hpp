@@ -72,7 +72,7 @@ class op_base {
   prep_fn prep_;
   progress_fn progress_;
   attempt_fn attempt_;
-  op_base* next_pending_ = nullptr;      ///< link in the io_context's backlog while the SQ is full
+  op_base* next_pending_ = nullptr;  ///< link in the io_context's backlog while the SQ is full
   bool cancel_requested_ = false;
   bool cancel_queued_remotely_ = false;  ///< a stop request from another thread is queued
   bool timer_armed_ = false;             ///< the separate deadline timer's CQE is still to come
