@@ -2,6 +2,7 @@
 // channel_address: parsing an address against the table of schemes.
 #include "ipcoro/channel_address.hpp"
 
+#include "ipcoro/size.hpp"
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
@@ -80,21 +81,11 @@ void check_name(std::string_view address, const channel_scheme& s, std::string_v
 }
 
 std::size_t parse_size(std::string_view address, std::string_view key, std::string_view value) {
-  std::size_t n = 0;
-  const char* end = value.data() + value.size();
-  auto [p, ec] = std::from_chars(value.data(), end, n);
-  std::size_t scale = 1;
-  if (ec == std::errc{} && p + 1 == end) {
-    if (*p == 'k' || *p == 'K') scale = 1024;
-    if (*p == 'm' || *p == 'M') scale = 1024 * 1024;
-    if (scale != 1) ++p;
+  const std::optional<std::uint64_t> n = ipcoro::parse_size(value);
+  if (!n || *n == 0 || *n > SIZE_MAX) {
+    bad_address(address, fmt::format("option {}={} is not a positive size ({})", key, value, size_forms));
   }
-  if (ec != std::errc{} || p != end || n == 0 || n > SIZE_MAX / scale) {
-    bad_address(address,
-                fmt::format("option {}={} is not a positive size (digits, optionally followed by k or m)",
-                            key, value));
-  }
-  return n * scale;
+  return static_cast<std::size_t>(*n);
 }
 
 /// Applies one `key=value` to `a`; `seen` collects the options given, to refuse repeats.

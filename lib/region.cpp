@@ -3,6 +3,7 @@
 #include "ipcoro/detail/region.hpp"
 
 #include "ipcoro/error.hpp"
+#include "ipcoro/hash.hpp"
 #include "ipcoro/unique_fd.hpp"
 
 #include <fcntl.h>
@@ -23,6 +24,7 @@
 #include <mutex>
 #include <new>
 #include <optional>
+#include <span>
 #include <string_view>
 #include <utility>
 
@@ -33,14 +35,8 @@ namespace {
 constexpr std::size_t checksum_begin = offsetof(region_header, header_version);
 constexpr std::size_t checksum_end = offsetof(region_header, checksum);
 
-std::uint64_t fnv1a(const void* data, std::size_t size, std::uint64_t h = 14695981039346656037ull) noexcept {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < size; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
 std::uint64_t header_checksum(const region_header& h) noexcept {
-  return fnv1a(reinterpret_cast<const std::byte*>(&h) + checksum_begin, checksum_end - checksum_begin);
+  return fnv1a(std::as_bytes(std::span{&h, 1}).subspan(checksum_begin, checksum_end - checksum_begin));
 }
 
 std::string size_text(std::uint64_t bytes) {
@@ -62,7 +58,7 @@ std::uint64_t boot_id_hash() noexcept {
     if (f == nullptr) return std::uint64_t{1};
     const std::size_t n = std::fread(text, 1, sizeof text - 1, f);
     std::fclose(f);
-    return n == 0 ? std::uint64_t{1} : (fnv1a(text, n) | 1);
+    return n == 0 ? std::uint64_t{1} : (fnv1a(std::string_view{text, n}) | 1);
   }();
   return hash;
 }

@@ -4,6 +4,7 @@
 
 #include "ipcoro/error.hpp"
 #include "ipcoro/futex.hpp"
+#include "ipcoro/hash.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -149,10 +150,7 @@ constexpr std::size_t mpmc_stride(std::size_t max_message) noexcept {
 }
 
 std::uint64_t config_check(const ring_config& c) noexcept {
-  std::uint64_t h = 14695981039346656037ull;
-  const auto* p = reinterpret_cast<const unsigned char*>(&c);
-  for (std::size_t i = 0; i < offsetof(ring_config, check); ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
+  return fnv1a(std::as_bytes(std::span{&c, 1}).first(offsetof(ring_config, check)));
 }
 
 [[noreturn]] void throw_corrupt(const std::string& what) {

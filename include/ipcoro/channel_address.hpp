@@ -33,8 +33,9 @@ class bad_channel_address : public std::invalid_argument {
 ///                   with peer_died. Both ends must say durable=1 (an end that does not is
 ///                   refused); capacity applies when the file is created.
 /// Each scheme is a row of the table in ipcoro/transport.hpp, which says which options it
-/// takes. Sizes accept a k/m suffix (1024, 1048576); shm: and file: ring sizes above the largest
-/// ring (spsc_ring_max_capacity, mpmc_ring_max_slots / _max_message) are refused.
+/// takes. Sizes are what parse_size() accepts: digits with an optional K, KiB, M, MiB, G or
+/// GiB (any case, powers of 1024); shm: and file: ring sizes above the largest ring
+/// (spsc_ring_max_capacity, mpmc_ring_max_slots / _max_message) are refused.
 ///
 /// Restarting after a crash: a receiver that opens a name left behind by a receiver that
 /// died takes it over, by default: the FIFO (when no process has it open for reading),
