@@ -731,3 +731,262 @@ TEST_CASE("crash matrix: MPMC ring by name", "[crash][shm-mpmc]") { run_matrix("
 TEST_CASE("crash matrix: file ring link", "[crash][file]") { run_matrix("file", true); }
 TEST_CASE("crash matrix: file ring by name", "[crash][file]") { run_matrix("file", false); }
 TEST_CASE("crash matrix: pipe by name (not applicable)", "[crash][pipe]") { run_matrix("pipe", false); }
+
+// ---- pipeline stages ----
+
+namespace {
+
+constexpr const char* stage_names[] = {"source", "transform", "sink"};
+constexpr const char* pipeline_transports[] = {"pipe", "fifo", "mq", "shm", "file"};
+
+/// Writes this process's pid to `fd` once, when `count` reaches `k` (for the stage that dies).
+struct stage_signal {
+  int fd;
+  bool victim;
+  std::uint64_t k;
+  void at(std::uint64_t count) const noexcept {
+    if (victim && count == k) say(fd, static_cast<std::uint64_t>(::getpid()));
+  }
+};
+
+task<void> kill_stage_at_signal(int fd, steady::time_point& killed_at, bool& killed) {
+  std::optional<std::uint64_t> pid;
+  try {
+    pid = co_await read_word(fd).with_timeout(setup_limit);
+  } catch (const ipcoro::timed_out&) {
+  }
+  if (!pid) co_return;
+  killed_at = steady::now();
+  ::kill(static_cast<pid_t>(*pid), SIGKILL);
+  killed = true;
+}
+
+task<void> run_pipeline(ipcoro::pipeline& job, const ipcoro::pipeline_options& opts, survivor_state& st,
+                        std::string& failed_stage) {
+  std::exception_ptr failure;
+  try {
+    (void)co_await job.run(opts).with_timeout(setup_limit);
+    st.clean_end = true;
+  } catch (const ipcoro::pipeline_error& e) {
+    failed_stage = e.stage();
+    st.error = e.what();
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (failure) classify(st, [&] { std::rethrow_exception(failure); });
+  st.ended = steady::now();
+}
+
+void pipeline_trial(int victim_stage, std::size_t trial, trial_result& r) {
+  r.detect_ms = -1;
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+  const std::uint64_t k = 1 + (trial * 37) % 300;
+  const stage_signal src{fds[1], victim_stage == 0, k};
+  const stage_signal mid{fds[1], victim_stage == 1, k};
+  const stage_signal end{fds[1], victim_stage == 2, k};
+  ipcoro::pipeline job =
+      ipcoro::pipeline::source<std::uint64_t>("source",
+                                              [src](channel_sender<std::uint64_t>& out) -> task<void> {
+                                                for (std::uint64_t i = 0;; ++i) {
+                                                  co_await out.send(i);
+                                                  src.at(i + 1);
+                                                }
+                                              })
+          .then<std::uint64_t>("transform",
+                               [mid](channel_receiver<std::uint64_t>& in,
+                                     channel_sender<std::uint64_t>& out) -> task<void> {
+                                 std::uint64_t n = 0;
+                                 while (std::optional<std::uint64_t> v = co_await in.receive()) {
+                                   co_await out.send(*v * 2);
+                                   mid.at(++n);
+                                 }
+                               })
+          .sink("sink", [end](channel_receiver<std::uint64_t>& in) -> task<void> {
+            std::uint64_t n = 0;
+            while (std::optional<std::uint64_t> v = co_await in.receive()) {
+              if (*v != 2 * n) throw std::runtime_error("sink: a value out of sequence");
+              end.at(++n);
+            }
+          });
+  ipcoro::pipeline_options opts;
+  opts.transport = pipeline_transports[trial % std::size(pipeline_transports)];
+  ipcoro::io_context ctx;
+  survivor_state st;
+  std::string failed_stage;
+  steady::time_point killed_at{};
+  bool killed = false;
+  {
+    // The stages inherit the pipe's write end; the parent's copy must go once they exist,
+    // so a read sees the end if no stage ever signals. Close it after run() has forked:
+    // the pipe is CLOEXEC and the stages are forked, so keep it open until run() ends.
+    ipcoro::sync_wait(ctx, ipcoro::when_all(kill_stage_at_signal(fds[0], killed_at, killed),
+                                            run_pipeline(job, opts, st, failed_stage)));
+  }
+  ::close(fds[0]);
+  ::close(fds[1]);
+  const std::string expected = stage_names[victim_stage];
+  if (killed) r.detect_ms = ms_between(killed_at, st.ended);
+  if (!killed) {
+    fail(r, outcome::setup_failed, "the stage never reached its point: " + st.error);
+  } else if (st.timed_out || r.detect_ms > static_cast<double>(bound().count())) {
+    fail(r, outcome::hang, "the pipeline took " + std::to_string(static_cast<long>(r.detect_ms)) + " ms to fail");
+  } else if (st.clean_end) {
+    fail(r, outcome::silent_end, "the pipeline finished although " + expected + " was killed");
+  } else if (failed_stage != expected) {
+    fail(r, outcome::wrong_error,
+         std::string(opts.transport) + ": the error names '" + failed_stage + "', not '" + expected + "': " + st.error);
+  } else {
+    r.outcome = static_cast<int>(outcome::survived);
+    r.set_note(st.error);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("crash matrix: a killed pipeline stage is named in the pipeline's error", "[crash][pipeline]") {
+  const int trials = trials_per_cell();
+  shared_array<trial_result> results(static_cast<std::size_t>(3 * trials));
+  run_trials(results.size(), parallel_trials(), setup_limit * 3, results, [trials](std::size_t i, trial_result& r) {
+    pipeline_trial(static_cast<int>(i) / trials, i % static_cast<std::size_t>(trials), r);
+    r.leftovers = remove_leftovers(r);
+  });
+  for (int stage = 0; stage < 3; ++stage) {
+    cell_report rep;
+    rep.group = "pipeline";
+    rep.transport = "pipe, fifo, mq, shm, file (in turn)";
+    rep.mode = "pipeline";
+    rep.victim = stage_names[stage];
+    rep.point = "mid_stream";
+    tally(rep, results, static_cast<std::size_t>(stage * trials), static_cast<std::size_t>(trials));
+    INFO(summary(rep));
+    CHECK(rep.counts[0] == rep.trials);
+    CHECK(rep.leftovers == 0);
+    report::get().add(rep);
+  }
+}
+
+// ---- the process mutex ----
+
+namespace {
+
+struct alignas(64) guarded {
+  ipcoro::process_mutex_state state;
+  std::uint64_t data;
+};
+
+enum class holder_death { holding_next_comes_later, holding_next_waits, after_unlock };
+constexpr const char* holder_death_names[] = {"while holding; the next locker comes later",
+                                              "while holding; the next locker waits",
+                                              "right after unlocking (control)"};
+
+task<void> lock_after_kill(const ipcoro::process_mutex& m, kill_state& ks, bool kill_first, survivor_state& st,
+                           bool& took_over, bool& inconsistent, std::uint64_t& data, guarded& g) {
+  std::exception_ptr failure;
+  try {
+    if (kill_first) ks.kill_now();
+    // The wait bound: one liveness check plus slack.
+    ipcoro::process_mutex_guard guard = co_await m.lock_for(bound());
+    took_over = guard.took_over();
+    inconsistent = guard.inconsistent();
+    data = g.data;
+    guard.mark_consistent();
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  if (failure) classify(st, [&] { std::rethrow_exception(failure); });
+  st.ended = steady::now();
+}
+
+task<ipcoro::process_mutex_guard> lock_of(const ipcoro::process_mutex& m) { co_return co_await m.lock(); }
+
+task<void> kill_after_a_turn(kill_state& ks) {
+  co_await ipcoro::nop();  // the lock above has started and found the mutex held
+  ks.kill_now();
+}
+
+void mutex_trial(holder_death how, trial_result& r) {
+  r.detect_ms = -1;
+  shared_array<guarded> shared(1);
+  guarded& g = shared[0];
+  const ipcoro::process_mutex::options opts{};
+  const ipcoro::process_mutex m(g.state, opts);
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+  child_process holder([&]() -> int {
+    ::close(fds[0]);
+    ipcoro::io_context ctx;
+    ipcoro::process_mutex_guard guard = ipcoro::sync_wait(ctx, lock_of(m));
+    g.data = 1;  // half of an update
+    if (how == holder_death::after_unlock) {
+      g.data = 2;
+      guard.unlock();
+    }
+    say(fds[1], 1);
+    wait_to_be_killed();
+  });
+  ::close(fds[1]);
+  ipcoro::io_context ctx;
+  kill_state ks;
+  ks.victim = &holder;
+  ks.fd = fds[0];
+  survivor_state st;
+  bool took_over = false;
+  bool inconsistent = false;
+  std::uint64_t data = 0;
+  const std::optional<std::uint64_t> reached = ipcoro::sync_wait(ctx, read_word(fds[0]).with_timeout(setup_limit));
+  if (!reached) {
+    fail(r, outcome::setup_failed, "the holder never took the lock");
+    ::close(fds[0]);
+    return;
+  }
+  if (how == holder_death::holding_next_waits) {
+    ipcoro::sync_wait(ctx, ipcoro::when_all(lock_after_kill(m, ks, false, st, took_over, inconsistent, data, g),
+                                            kill_after_a_turn(ks)));
+  } else {
+    ipcoro::sync_wait(ctx, lock_after_kill(m, ks, true, st, took_over, inconsistent, data, g));
+  }
+  (void)holder.wait(setup_limit);
+  ::close(fds[0]);
+  r.detect_ms = ms_between(ks.killed_at, st.ended);
+  const bool held = how != holder_death::after_unlock;
+  if (st.timed_out || r.detect_ms > static_cast<double>(bound().count())) {
+    fail(r, outcome::hang, "the next locker waited " + std::to_string(static_cast<long>(r.detect_ms)) + " ms");
+  } else if (!st.error.empty()) {
+    fail(r, outcome::wrong_error, "the next lock failed: " + st.error);
+  } else if (took_over != held || inconsistent != held) {
+    fail(r, held ? outcome::silent_end : outcome::wrong_error,
+         std::string("the next locker got took_over=") + (took_over ? "true" : "false") +
+             ", inconsistent=" + (inconsistent ? "true" : "false"));
+  } else if (data != (held ? 1u : 2u)) {
+    fail(r, outcome::corrupt, "the protected data reads " + std::to_string(data));
+  } else {
+    r.outcome = static_cast<int>(outcome::survived);
+    r.set_note(held ? "owner died: took_over and inconsistent" : "free and consistent");
+  }
+}
+
+}  // namespace
+
+TEST_CASE("crash matrix: a process mutex whose holder is killed is taken over, marked inconsistent",
+          "[crash][process_mutex]") {
+  const int trials = trials_per_cell();
+  constexpr holder_death all[] = {holder_death::holding_next_comes_later, holder_death::holding_next_waits,
+                                  holder_death::after_unlock};
+  shared_array<trial_result> results(static_cast<std::size_t>(3 * trials));
+  run_trials(results.size(), parallel_trials(), setup_limit * 3, results, [trials, &all](std::size_t i, trial_result& r) {
+    mutex_trial(all[static_cast<int>(i) / trials], r);
+  });
+  for (int c = 0; c < 3; ++c) {
+    cell_report rep;
+    rep.group = "process_mutex";
+    rep.transport = "process_mutex";
+    rep.mode = "shared memory";
+    rep.victim = "holder";
+    rep.point = holder_death_names[c];
+    tally(rep, results, static_cast<std::size_t>(c * trials), static_cast<std::size_t>(trials));
+    INFO(summary(rep));
+    CHECK(rep.counts[0] == rep.trials);
+    report::get().add(rep);
+  }
+}
