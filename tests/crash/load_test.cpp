@@ -173,7 +173,9 @@ void exactly_once(const std::string& transport, const std::string& options, std:
     }
   }
   CHECK(ipcoro::test::nothing_left_behind());
-  add_report(transport, std::to_string(producers) + " producers + " + std::to_string(consumers) + " consumers",
+  add_report(transport,
+             std::to_string(producers) + (producers == 1 ? " producer + " : " producers + ") +
+                 std::to_string(consumers) + (consumers == 1 ? " consumer" : " consumers"),
              per_producer * producers, seconds, ok, note);
 }
 
