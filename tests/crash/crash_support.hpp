@@ -55,8 +55,8 @@ inline message make_message(std::uint64_t seq, std::size_t words) {
 
 /// What a trial found. `survived` is the only good outcome.
 enum class outcome : int { survived, hang, silent_end, lost, duplicate, corrupt, wrong_error, setup_failed };
-inline constexpr const char* outcome_names[] = {"survived", "hang",        "silent_end",  "lost",
-                                                "duplicate", "corrupt",    "wrong_error", "setup_failed"};
+inline constexpr const char* outcome_names[] = {"survived",  "hang",    "silent_end",  "lost",
+                                                "duplicate", "corrupt", "wrong_error", "setup_failed"};
 inline constexpr int outcome_count = 8;
 
 /// Checks that messages come in sequence, whole, each once.
@@ -70,9 +70,11 @@ struct sequence_check {
     if (m.empty()) {
       fail(outcome::corrupt, "an empty message");
     } else if (m[0] < next) {
-      fail(outcome::duplicate, "message " + std::to_string(m[0]) + " came again after " + std::to_string(next - 1));
+      fail(outcome::duplicate,
+           "message " + std::to_string(m[0]) + " came again after " + std::to_string(next - 1));
     } else if (m[0] > next) {
-      fail(outcome::lost, "message " + std::to_string(m[0]) + " came where " + std::to_string(next) + " was due");
+      fail(outcome::lost,
+           "message " + std::to_string(m[0]) + " came where " + std::to_string(next) + " was due");
     } else {
       for (std::size_t i = 1; i < m.size(); ++i) {
         if (m[i] != word_of(m[0], i)) {
@@ -101,9 +103,7 @@ struct trial_result {
   int leftovers;
   char note[400];
 
-  void set_note(const std::string& s) noexcept {
-    std::snprintf(note, sizeof note, "%s", s.c_str());
-  }
+  void set_note(const std::string& s) noexcept { std::snprintf(note, sizeof note, "%s", s.c_str()); }
 };
 
 /// An array of T in anonymous shared memory, visible to every process forked after it.
@@ -226,18 +226,18 @@ class report {
     // Several suites may share one report file: merge by appending a JSON document per
     // program run, one per line.
     std::ofstream out(path, std::ios::app);
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
     out << "{\"program\":" << quoted(meta_.count("program") ? meta_.at("program") : "crash")
         << ",\"soak\":" << soak_factor() << ",\"seconds\":" << seconds;
     for (const auto& [k, v] : meta_) out << "," << quoted(k) << ":" << quoted(v);
     out << ",\"cells\":[";
     bool first = true;
     for (const cell_report& c : cells_) {
-      out << (first ? "" : ",") << "{\"group\":" << quoted(c.group) << ",\"transport\":" << quoted(c.transport)
-          << ",\"mode\":" << quoted(c.mode) << ",\"victim\":" << quoted(c.victim)
-          << ",\"point\":" << quoted(c.point) << ",\"status\":" << quoted(c.status)
-          << ",\"remark\":" << quoted(c.remark) << ",\"trials\":" << c.trials;
+      out << (first ? "" : ",") << "{\"group\":" << quoted(c.group)
+          << ",\"transport\":" << quoted(c.transport) << ",\"mode\":" << quoted(c.mode)
+          << ",\"victim\":" << quoted(c.victim) << ",\"point\":" << quoted(c.point)
+          << ",\"status\":" << quoted(c.status) << ",\"remark\":" << quoted(c.remark)
+          << ",\"trials\":" << c.trials;
       for (int i = 0; i < outcome_count; ++i) out << ",\"" << outcome_names[i] << "\":" << c.counts[i];
       out << ",\"leftovers\":" << c.leftovers << ",\"cut_frames\":" << c.cut_frames
           << ",\"peer_closed\":" << c.peer_closed << ",\"detect_ms_median\":" << percentile(c.detect_ms, 0.5)
@@ -261,7 +261,8 @@ inline void tally(cell_report& c, shared_array<trial_result>& results, std::size
   c.trials += static_cast<int>(count);
   for (std::size_t i = first; i < first + count; ++i) {
     const trial_result& r = results[i];
-    const int o = r.outcome >= 0 && r.outcome < outcome_count ? r.outcome : static_cast<int>(outcome::setup_failed);
+    const int o =
+        r.outcome >= 0 && r.outcome < outcome_count ? r.outcome : static_cast<int>(outcome::setup_failed);
     ++c.counts[o];
     c.leftovers += r.leftovers;
     c.cut_frames += r.cut_frame;

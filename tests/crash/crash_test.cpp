@@ -50,8 +50,15 @@ using steady = std::chrono::steady_clock;
 
 /// How long a peer's death may take to be seen: the check interval of rings and queues
 /// (ring_options::peer_check_interval) plus slack for a loaded machine (IPCORO_CRASH_SLACK_MS).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr int default_slack_ms = 4000;  // sanitized builds run several times slower
+#else
+constexpr int default_slack_ms = 1500;
+#endif
+
 std::chrono::milliseconds bound() {
-  return ipcoro::ring_options{}.peer_check_interval + std::chrono::milliseconds(env_int("IPCORO_CRASH_SLACK_MS", 1500));
+  return ipcoro::ring_options{}.peer_check_interval +
+         std::chrono::milliseconds(env_int("IPCORO_CRASH_SLACK_MS", default_slack_ms));
 }
 /// The longest a step before the kill (a fork, an open) may take before the trial fails.
 constexpr std::chrono::seconds setup_limit{20};
@@ -105,7 +112,8 @@ std::string remark_of(const cell& c) {
     return "approximated: 64 KiB records, killed at a varied record; a record is published by one atomic "
            "store after its copy, so a kill during the copy cannot be placed deterministically";
   if (byte_stream(c.transport) && c.when == point::mid_frame && c.sender_dies)
-    return "deterministic: killed while its send of a 256 KiB message is blocked with part of it in the 64 KiB "
+    return "deterministic: killed while its send of a 256 KiB message is blocked with part of it in the 64 "
+           "KiB "
            "pipe (seen through FIONREAD); the receiver must report the cut frame as one";
   if (byte_stream(c.transport) && c.when == point::mid_frame)
     return "256 KiB messages through a 64 KiB pipe: the receiver is killed while the next one arrives";
@@ -374,7 +382,8 @@ struct survivor_state {
   void note_wait(const kill_state& ks, steady::time_point started, bool started_after_kill) {
     if (!ks.killed) return;
     const steady::time_point from = started_after_kill ? started : ks.killed_at;
-    longest_wait_ms = std::max(longest_wait_ms, std::chrono::duration<double, std::milli>(steady::now() - from).count());
+    longest_wait_ms =
+        std::max(longest_wait_ms, std::chrono::duration<double, std::milli>(steady::now() - from).count());
   }
 };
 
@@ -575,13 +584,14 @@ void survive_as_receiver(const trial_plan& p, trial_result& r) {
       fail(r, st.check.bad, st.check.note);
     } else if (st.timed_out || st.longest_wait_ms > limit_ms) {
       fail(r, outcome::hang,
-           "a receive waited " + std::to_string(static_cast<long>(st.longest_wait_ms)) + " ms after the kill (bound " +
-               std::to_string(static_cast<long>(limit_ms)) + " ms)");
+           "a receive waited " + std::to_string(static_cast<long>(st.longest_wait_ms)) +
+               " ms after the kill (bound " + std::to_string(static_cast<long>(limit_ms)) + " ms)");
     } else if (st.clean_end && !during_close) {
       fail(r, outcome::silent_end,
            "a killed sender was taken for a clean end after " + std::to_string(r.received) + " messages");
     } else if (st.clean_end && r.received != p.total) {
-      fail(r, outcome::lost, "clean end after " + std::to_string(r.received) + " of " + std::to_string(p.total));
+      fail(r, outcome::lost,
+           "clean end after " + std::to_string(r.received) + " of " + std::to_string(p.total));
     } else if (!st.clean_end && st.unexpected_error) {
       fail(r, outcome::wrong_error, "unexpected error: " + st.error);
     } else if (!st.clean_end && st.ended_before_kill) {
@@ -654,7 +664,8 @@ void survive_as_sender(const trial_plan& p, trial_result& r) {
     if (st.timed_out) {
       fail(r, outcome::hang, "open_sender waited for a receiver that never came");
     } else if (st.error.empty() || st.unexpected_error) {
-      fail(r, outcome::wrong_error, "open_sender without a receiver: " + (st.error.empty() ? "succeeded" : st.error));
+      fail(r, outcome::wrong_error,
+           "open_sender without a receiver: " + (st.error.empty() ? "succeeded" : st.error));
     } else {
       r.outcome = static_cast<int>(outcome::survived);
       r.set_note(st.error);
@@ -671,11 +682,12 @@ void survive_as_sender(const trial_plan& p, trial_result& r) {
     if (ks.victim_silent) {
       fail(r, outcome::setup_failed, "the receiver ended before reaching its point");
     } else if (ks.victim_saw != outcome::survived) {
-      fail(r, ks.victim_saw, std::string("the receiver saw: ") + outcome_names[static_cast<int>(ks.victim_saw)]);
+      fail(r, ks.victim_saw,
+           std::string("the receiver saw: ") + outcome_names[static_cast<int>(ks.victim_saw)]);
     } else if (st.timed_out || st.longest_wait_ms > limit_ms) {
       fail(r, outcome::hang,
-           "a send waited " + std::to_string(static_cast<long>(st.longest_wait_ms)) + " ms after the kill (bound " +
-               std::to_string(static_cast<long>(limit_ms)) + " ms)");
+           "a send waited " + std::to_string(static_cast<long>(st.longest_wait_ms)) +
+               " ms after the kill (bound " + std::to_string(static_cast<long>(limit_ms)) + " ms)");
     } else if (st.unexpected_error) {
       fail(r, outcome::wrong_error, "unexpected error: " + st.error);
     } else if (st.ended_before_kill && p.c.when != point::during_close) {
@@ -697,7 +709,8 @@ void survive_as_sender(const trial_plan& p, trial_result& r) {
       if (!refused.empty()) {
         const std::string note = r.note;
         r.set_note(note + "; the restarted receiver was refused: " + refused);
-        if (r.outcome == static_cast<int>(outcome::survived)) r.outcome = static_cast<int>(outcome::wrong_error);
+        if (r.outcome == static_cast<int>(outcome::survived))
+          r.outcome = static_cast<int>(outcome::wrong_error);
       }
     }
   }
@@ -842,15 +855,15 @@ void pipeline_trial(int victim_stage, std::size_t trial, trial_result& r) {
                                                   src.at(i + 1);
                                                 }
                                               })
-          .then<std::uint64_t>("transform",
-                               [mid](channel_receiver<std::uint64_t>& in,
-                                     channel_sender<std::uint64_t>& out) -> task<void> {
-                                 std::uint64_t n = 0;
-                                 while (std::optional<std::uint64_t> v = co_await in.receive()) {
-                                   co_await out.send(*v * 2);
-                                   mid.at(++n);
-                                 }
-                               })
+          .then<std::uint64_t>(
+              "transform",
+              [mid](channel_receiver<std::uint64_t>& in, channel_sender<std::uint64_t>& out) -> task<void> {
+                std::uint64_t n = 0;
+                while (std::optional<std::uint64_t> v = co_await in.receive()) {
+                  co_await out.send(*v * 2);
+                  mid.at(++n);
+                }
+              })
           .sink("sink", [end](channel_receiver<std::uint64_t>& in) -> task<void> {
             std::uint64_t n = 0;
             while (std::optional<std::uint64_t> v = co_await in.receive()) {
@@ -879,12 +892,14 @@ void pipeline_trial(int victim_stage, std::size_t trial, trial_result& r) {
   if (!killed) {
     fail(r, outcome::setup_failed, "the stage never reached its point: " + st.error);
   } else if (st.timed_out || r.detect_ms > static_cast<double>(bound().count())) {
-    fail(r, outcome::hang, "the pipeline took " + std::to_string(static_cast<long>(r.detect_ms)) + " ms to fail");
+    fail(r, outcome::hang,
+         "the pipeline took " + std::to_string(static_cast<long>(r.detect_ms)) + " ms to fail");
   } else if (st.clean_end) {
     fail(r, outcome::silent_end, "the pipeline finished although " + expected + " was killed");
   } else if (failed_stage != expected) {
     fail(r, outcome::wrong_error,
-         std::string(opts.transport) + ": the error names '" + failed_stage + "', not '" + expected + "': " + st.error);
+         std::string(opts.transport) + ": the error names '" + failed_stage + "', not '" + expected +
+             "': " + st.error);
   } else {
     r.outcome = static_cast<int>(outcome::survived);
     r.set_note(st.error);
@@ -896,10 +911,11 @@ void pipeline_trial(int victim_stage, std::size_t trial, trial_result& r) {
 TEST_CASE("crash matrix: a killed pipeline stage is named in the pipeline's error", "[crash][pipeline]") {
   const int trials = trials_per_cell();
   shared_array<trial_result> results(static_cast<std::size_t>(3 * trials));
-  run_trials(results.size(), parallel_trials(), setup_limit * 3, results, [trials](std::size_t i, trial_result& r) {
-    pipeline_trial(static_cast<int>(i) / trials, i % static_cast<std::size_t>(trials), r);
-    r.leftovers = remove_leftovers(r);
-  });
+  run_trials(results.size(), parallel_trials(), setup_limit * 3, results,
+             [trials](std::size_t i, trial_result& r) {
+               pipeline_trial(static_cast<int>(i) / trials, i % static_cast<std::size_t>(trials), r);
+               r.leftovers = remove_leftovers(r);
+             });
   for (int stage = 0; stage < 3; ++stage) {
     cell_report rep;
     rep.group = "pipeline";
@@ -929,8 +945,9 @@ constexpr const char* holder_death_names[] = {"while holding; the next locker co
                                               "while holding; the next locker waits",
                                               "right after unlocking (control)"};
 
-task<void> lock_after_kill(const ipcoro::process_mutex& m, kill_state& ks, bool kill_first, survivor_state& st,
-                           bool& took_over, bool& inconsistent, std::uint64_t& data, guarded& g) {
+task<void> lock_after_kill(const ipcoro::process_mutex& m, kill_state& ks, bool kill_first,
+                           survivor_state& st, bool& took_over, bool& inconsistent, std::uint64_t& data,
+                           guarded& g) {
   std::exception_ptr failure;
   try {
     if (kill_first) ks.kill_now();
@@ -983,15 +1000,17 @@ void mutex_trial(holder_death how, trial_result& r) {
   bool took_over = false;
   bool inconsistent = false;
   std::uint64_t data = 0;
-  const std::optional<std::uint64_t> reached = ipcoro::sync_wait(ctx, read_word(fds[0]).with_timeout(setup_limit));
+  const std::optional<std::uint64_t> reached =
+      ipcoro::sync_wait(ctx, read_word(fds[0]).with_timeout(setup_limit));
   if (!reached) {
     fail(r, outcome::setup_failed, "the holder never took the lock");
     ::close(fds[0]);
     return;
   }
   if (how == holder_death::holding_next_waits) {
-    ipcoro::sync_wait(ctx, ipcoro::when_all(lock_after_kill(m, ks, false, st, took_over, inconsistent, data, g),
-                                            kill_after_a_turn(ks)));
+    ipcoro::sync_wait(ctx,
+                      ipcoro::when_all(lock_after_kill(m, ks, false, st, took_over, inconsistent, data, g),
+                                       kill_after_a_turn(ks)));
   } else {
     ipcoro::sync_wait(ctx, lock_after_kill(m, ks, true, st, took_over, inconsistent, data, g));
   }
@@ -1000,7 +1019,8 @@ void mutex_trial(holder_death how, trial_result& r) {
   r.detect_ms = ms_between(ks.killed_at, st.ended);
   const bool held = how != holder_death::after_unlock;
   if (st.timed_out || r.detect_ms > static_cast<double>(bound().count())) {
-    fail(r, outcome::hang, "the next locker waited " + std::to_string(static_cast<long>(r.detect_ms)) + " ms");
+    fail(r, outcome::hang,
+         "the next locker waited " + std::to_string(static_cast<long>(r.detect_ms)) + " ms");
   } else if (!st.error.empty()) {
     fail(r, outcome::wrong_error, "the next lock failed: " + st.error);
   } else if (took_over != held || inconsistent != held) {
@@ -1023,9 +1043,9 @@ TEST_CASE("crash matrix: a process mutex whose holder is killed is taken over, m
   constexpr holder_death all[] = {holder_death::holding_next_comes_later, holder_death::holding_next_waits,
                                   holder_death::after_unlock};
   shared_array<trial_result> results(static_cast<std::size_t>(3 * trials));
-  run_trials(results.size(), parallel_trials(), setup_limit * 3, results, [trials, &all](std::size_t i, trial_result& r) {
-    mutex_trial(all[static_cast<int>(i) / trials], r);
-  });
+  run_trials(
+      results.size(), parallel_trials(), setup_limit * 3, results,
+      [trials, &all](std::size_t i, trial_result& r) { mutex_trial(all[static_cast<int>(i) / trials], r); });
   for (int c = 0; c < 3; ++c) {
     cell_report rep;
     rep.group = "process_mutex";

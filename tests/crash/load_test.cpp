@@ -60,8 +60,8 @@ struct tally_slot {
   std::uint64_t last_plus_one;
 };
 
-void add_report(const std::string& transport, const std::string& shape, std::uint64_t messages, double seconds,
-                bool ok, const std::string& note) {
+void add_report(const std::string& transport, const std::string& shape, std::uint64_t messages,
+                double seconds, bool ok, const std::string& note) {
   cell_report rep;
   rep.group = "load";
   rep.transport = transport;
@@ -167,8 +167,8 @@ void exactly_once(const std::string& transport, const std::string& options, std:
     CHECK(disorder == 0);
     if (count != per_producer || sum != expected_sum || disorder != 0) {
       ok = false;
-      note = "producer " + std::to_string(p) + ": " + std::to_string(count) + " of " + std::to_string(per_producer) +
-             (sum != expected_sum ? ", checksum differs" : "") +
+      note = "producer " + std::to_string(p) + ": " + std::to_string(count) + " of " +
+             std::to_string(per_producer) + (sum != expected_sum ? ", checksum differs" : "") +
              (disorder != 0 ? ", " + std::to_string(disorder) + " out of order" : "");
     }
   }
@@ -208,7 +208,8 @@ task<void> client_batch(const std::vector<std::string>& addresses, std::size_t f
     txs.push_back(co_await ipcoro::open_sender<numbered>(addresses[i]));
   std::vector<task<void>> all;
   all.reserve(count);
-  for (std::size_t i = 0; i < count; ++i) all.push_back(produce(txs[i], static_cast<std::uint32_t>(first + i), per_client));
+  for (std::size_t i = 0; i < count; ++i)
+    all.push_back(produce(txs[i], static_cast<std::uint32_t>(first + i), per_client));
   co_await ipcoro::when_all(std::move(all));
   for (channel_sender<numbered>& tx : txs) tx.close();
 }
@@ -245,7 +246,8 @@ TEST_CASE("load: 1,000 concurrent FIFO clients served by one loop, every message
     ipcoro::io_context ctx;
     std::vector<channel_receiver<numbered>> rxs;
     rxs.reserve(clients);
-    for (const std::string& a : addresses) rxs.push_back(ipcoro::sync_wait(ctx, ipcoro::open_receiver<numbered>(a)));
+    for (const std::string& a : addresses)
+      rxs.push_back(ipcoro::sync_wait(ctx, ipcoro::open_receiver<numbered>(a)));
     for (ipcoro::test::handshake& h : ready) h.signal();
     ipcoro::sync_wait(ctx, serve_all(rxs, per_client, wrong));
     for (child_process& p : procs) CHECK(p.wait(std::chrono::minutes(10)) == 0);
