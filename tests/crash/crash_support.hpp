@@ -95,7 +95,8 @@ struct sequence_check {
 struct trial_result {
   int done;
   int outcome;
-  double detect_ms;  // from the kill to the survivor's error (or end); -1 when none applies
+  double detect_ms;        // from the kill to the survivor's error (or end); -1 when none applies
+  double longest_wait_ms;  // the longest single wait of the survivor after the kill
   std::uint64_t acknowledged;
   std::uint64_t received;
   int cut_frame;    // the survivor reported a message cut by the kill
@@ -179,6 +180,7 @@ struct cell_report {
   int cut_frames = 0;
   int peer_closed = 0;
   std::vector<double> detect_ms;
+  double longest_wait_ms = 0;
   std::vector<std::string> notes;  // the failures' notes (at most a few)
 };
 
@@ -242,7 +244,8 @@ class report {
       out << ",\"leftovers\":" << c.leftovers << ",\"cut_frames\":" << c.cut_frames
           << ",\"peer_closed\":" << c.peer_closed << ",\"detect_ms_median\":" << percentile(c.detect_ms, 0.5)
           << ",\"detect_ms_p95\":" << percentile(c.detect_ms, 0.95)
-          << ",\"detect_ms_max\":" << percentile(c.detect_ms, 1.0) << ",\"notes\":[";
+          << ",\"detect_ms_max\":" << percentile(c.detect_ms, 1.0)
+          << ",\"longest_wait_ms\":" << c.longest_wait_ms << ",\"notes\":[";
       for (std::size_t i = 0; i < c.notes.size(); ++i) out << (i ? "," : "") << quoted(c.notes[i]);
       out << "]}";
       first = false;
@@ -268,6 +271,7 @@ inline void tally(cell_report& c, shared_array<trial_result>& results, std::size
     c.cut_frames += r.cut_frame;
     c.peer_closed += r.peer_closed;
     if (r.detect_ms >= 0) c.detect_ms.push_back(r.detect_ms);
+    c.longest_wait_ms = std::max(c.longest_wait_ms, r.longest_wait_ms);
     if ((o != 0 || r.leftovers != 0) && c.notes.size() < 4) c.notes.emplace_back(r.note);
   }
   const bool clean = c.counts[0] == c.trials && c.leftovers == 0;

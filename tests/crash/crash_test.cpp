@@ -227,7 +227,9 @@ task<void> send_as_victim(channel_sender<message>& tx, const trial_plan& p, int 
       // (FIONREAD), and only then says the point is reached: the kill lands mid-frame.
       const long before = bytes_in_pipes(say_fd);
       message big = make_message(seq, p.big_words);
-      co_await ipcoro::when_all(send_big(tx, std::move(big)), watch_pipe(before, p.k, say_fd));
+      task<void> blocked = send_big(tx, std::move(big));  // named: GCC 12 and co_await temporaries
+      task<void> watcher = watch_pipe(before, p.k, say_fd);
+      co_await ipcoro::when_all(std::move(blocked), std::move(watcher));
       wait_to_be_killed();
     }
     message m = make_message(seq, p.words);
@@ -576,6 +578,7 @@ void survive_as_receiver(const trial_plan& p, trial_result& r) {
     r.received = st.check.next;
     r.peer_closed = ks.closed ? 1 : 0;
     if (!st.ended_before_kill) r.detect_ms = ms_between(ks.killed_at, st.ended);
+    r.longest_wait_ms = st.longest_wait_ms;
     const double limit_ms = static_cast<double>(bound().count());
     const bool during_close = p.c.when == point::during_close;
     if (ks.victim_silent) {
@@ -678,6 +681,7 @@ void survive_as_sender(const trial_plan& p, trial_result& r) {
     r.acknowledged = ks.reached;
     r.peer_closed = ks.closed ? 1 : 0;
     if (!st.ended_before_kill) r.detect_ms = ms_between(ks.killed_at, st.ended);
+    r.longest_wait_ms = st.longest_wait_ms;
     const double limit_ms = static_cast<double>(bound().count());
     if (ks.victim_silent) {
       fail(r, outcome::setup_failed, "the receiver ended before reaching its point");
@@ -888,7 +892,7 @@ void pipeline_trial(int victim_stage, std::size_t trial, trial_result& r) {
   ::close(fds[0]);
   ::close(fds[1]);
   const std::string expected = stage_names[victim_stage];
-  if (killed) r.detect_ms = ms_between(killed_at, st.ended);
+  if (killed) r.detect_ms = r.longest_wait_ms = ms_between(killed_at, st.ended);
   if (!killed) {
     fail(r, outcome::setup_failed, "the stage never reached its point: " + st.error);
   } else if (st.timed_out || r.detect_ms > static_cast<double>(bound().count())) {
@@ -1016,7 +1020,7 @@ void mutex_trial(holder_death how, trial_result& r) {
   }
   (void)holder.wait(setup_limit);
   ::close(fds[0]);
-  r.detect_ms = ms_between(ks.killed_at, st.ended);
+  r.detect_ms = r.longest_wait_ms = ms_between(ks.killed_at, st.ended);
   const bool held = how != holder_death::after_unlock;
   if (st.timed_out || r.detect_ms > static_cast<double>(bound().count())) {
     fail(r, outcome::hang,
