@@ -5,7 +5,9 @@
 
 #include "process.hpp"
 
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,10 +16,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -130,19 +132,21 @@ class shared_array {
 };
 
 /// Runs `jobs` trials, `parallel` at a time, each in a worker process of its own: `run(i,
-/// result)` fills result[i]. A worker that does not finish within `limit` is killed and
-/// its trial counted as a hang.
+/// result)` fills result[i]. A new worker starts as soon as any one has finished. A worker
+/// that does not finish within `limit` is killed and its trial counted as a hang.
 inline void run_trials(std::size_t jobs, int parallel, std::chrono::milliseconds limit,
                        shared_array<trial_result>& results,
                        const std::function<void(std::size_t, trial_result&)>& run) {
   struct running {
     std::size_t index;
     child_process worker;
+    int pidfd;
+    std::chrono::steady_clock::time_point deadline;
   };
-  std::deque<running> active;
-  auto finish_oldest = [&] {
-    running& r = active.front();
-    const int code = r.worker.wait(limit);
+  std::vector<std::unique_ptr<running>> active;  // child_process cannot be assigned
+  auto reap = [&](std::size_t at, std::chrono::milliseconds wait_for) {
+    running& r = *active[at];
+    const int code = r.worker.wait(wait_for);
     trial_result& res = results[r.index];
     if (code == -1) {
       res.outcome = static_cast<int>(outcome::hang);
@@ -151,18 +155,38 @@ inline void run_trials(std::size_t jobs, int parallel, std::chrono::milliseconds
       res.outcome = static_cast<int>(outcome::setup_failed);
       res.set_note("the trial's worker ended with status " + std::to_string(code) + " before reporting");
     }
-    active.pop_front();
+    if (r.pidfd >= 0) ::close(r.pidfd);
+    active.erase(active.begin() + static_cast<std::ptrdiff_t>(at));
+  };
+  // Waits until at least one worker has ended (or is past its time), and reaps it.
+  auto reap_one = [&] {
+    std::vector<pollfd> fds;
+    for (const auto& r : active) fds.push_back({r->pidfd, POLLIN, 0});
+    auto soonest = active.front()->deadline;
+    for (const auto& r : active) soonest = std::min(soonest, r->deadline);
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(soonest - std::chrono::steady_clock::now());
+    const int ready =
+        ::poll(fds.data(), fds.size(), static_cast<int>(std::max<std::int64_t>(left.count(), 0)) + 1);
+    for (std::size_t i = fds.size(); i-- > 0;) {
+      const bool ended = ready > 0 && (fds[i].revents != 0 || fds[i].fd < 0);
+      const bool late = std::chrono::steady_clock::now() >= active[i]->deadline;
+      if (ended || late) reap(i, ended ? limit : std::chrono::milliseconds(0));
+    }
   };
   for (std::size_t i = 0; i < jobs; ++i) {
-    if (active.size() >= static_cast<std::size_t>(std::max(parallel, 1))) finish_oldest();
+    while (active.size() >= static_cast<std::size_t>(std::max(parallel, 1))) reap_one();
     trial_result& res = results[i];
-    active.push_back({i, child_process([&run, i, &res]() -> int {
-                        run(i, res);
-                        res.done = 1;
-                        return 0;
-                      })});
+    child_process worker([&run, i, &res]() -> int {
+      run(i, res);
+      res.done = 1;
+      return 0;
+    });
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, worker.pid(), 0));
+    active.push_back(std::make_unique<running>(
+        running{i, std::move(worker), pidfd, std::chrono::steady_clock::now() + limit}));
   }
-  while (!active.empty()) finish_oldest();
+  while (!active.empty()) reap_one();
 }
 
 /// The totals of one cell of the matrix, for the report.
