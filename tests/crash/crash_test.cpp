@@ -956,7 +956,7 @@ task<void> lock_after_kill(const ipcoro::process_mutex& m, kill_state& ks, bool 
   try {
     if (kill_first) ks.kill_now();
     // The wait bound: one liveness check plus slack.
-    ipcoro::process_mutex_guard guard = co_await m.lock_for(bound());
+    ipcoro::process_mutex_guard guard = co_await m.lock().with_timeout(bound());
     took_over = guard.took_over();
     inconsistent = guard.inconsistent();
     data = g.data;
