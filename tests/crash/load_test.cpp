@@ -276,5 +276,5 @@ TEST_CASE("load: a message queue with 4 producer and 4 consumer processes carrie
 }
 
 TEST_CASE("load: a file ring carries every message exactly once", "[load][file]") {
-  exactly_once("file", "capacity=1m", 1, 1, scaled(250'000));
+  exactly_once("file", "capacity=1m", 1, 1, scaled(1'000'000));
 }
