@@ -28,7 +28,7 @@ namespace ipcoro::detail {
 
 namespace {
 
-constexpr std::string_view record_suffix = ".ipcoro-mq";
+constexpr std::string_view record_suffix = mq_record_suffix;
 
 region_layout record_layout() noexcept {
   return {mq_peer_type_tag, mq_peer_layout_version, sizeof(mq_peer_record)};
