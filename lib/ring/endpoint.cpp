@@ -2,6 +2,8 @@
 // The ring endpoints: attaching and leaving, the operations' fast paths, the public ends.
 #include "ring/endpoint.hpp"
 
+#include "liveness.hpp"
+
 #include <fmt/core.h>
 
 #include <atomic>
@@ -27,7 +29,7 @@ ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, st
 }
 
 void ring_endpoint::attach() {
-  identity_ = pack_participant(self_pid_, role_, self_start_time());
+  identity_ = pack_participant(self_pid_, role_, this_process_start_time());
   fenceless_ = asymmetric_barrier_registered();
   // A process that cannot issue membarrier() makes every waker fence. (A waker that
   // published without a fence just before seeing this delays that one wake-up by at most

@@ -19,10 +19,7 @@ namespace ipcoro::detail {
 
 using clock = std::chrono::steady_clock;
 
-/// This process's start time as a participant word keeps it; 0 when /proc cannot tell.
-std::uint64_t self_start_time() noexcept;
-/// Alive, not a zombie, and (when known) started at `start`: a reused pid is not the same process.
-bool pid_alive(pid_t pid, std::uint64_t start) noexcept;
+/// Whether the process a participant word records lives (by the rule of liveness.hpp).
 bool participant_alive(std::uint64_t v) noexcept;
 
 /// The CPU this thread runs on (+1, so that 0 means unknown); through rseq, cheap.

@@ -5,10 +5,10 @@
 #include "ipcoro/error.hpp"
 #include "ipcoro/futex.hpp"
 
+#include "liveness.hpp"
+
 #include <fmt/core.h>
-#include <poll.h>
 #include <sched.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,11 +22,6 @@ namespace {
 // The room a spinning SPSC sender waits for once the ring was full (at most a quarter of it).
 constexpr std::uint64_t spin_batch_bytes = 32 * 1024;
 
-bool proc_available() noexcept {
-  static const bool available = ::access("/proc/self/stat", R_OK) == 0;
-  return available;
-}
-
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -37,31 +32,8 @@ inline void cpu_relax() noexcept {
 
 }  // namespace
 
-std::uint64_t self_start_time() noexcept {
-  static std::atomic<pid_t> cached_pid{0};
-  static std::atomic<std::uint64_t> cached_start{0};
-  const pid_t me = ::getpid();
-  if (cached_pid.load(std::memory_order_acquire) != me) {
-    detail::proc_stat_fields st;
-    cached_start.store(detail::read_proc_stat(me, st) == 0 ? st.start_time & start_mask : 0,
-                       std::memory_order_relaxed);
-    cached_pid.store(me, std::memory_order_release);
-  }
-  return cached_start.load(std::memory_order_relaxed);
-}
-
-bool pid_alive(pid_t pid, std::uint64_t start) noexcept {
-  if (pid <= 0) return false;  // never kill(0) or kill(-1): those are process groups
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
-  if (!proc_available()) return true;
-  detail::proc_stat_fields st;
-  if (detail::read_proc_stat(pid, st) != 0) return false;  // it went away between the two looks
-  if (st.state == 'Z' || st.state == 'X' || st.state == 'x') return false;
-  return start == 0 || (st.start_time & start_mask) == start;
-}
-
 bool participant_alive(std::uint64_t v) noexcept {
-  return v != 0 && pid_alive(participant_pid(v), participant_start(v));
+  return v != 0 && pid_alive(participant_pid(v), participant_start(v), start_mask);
 }
 
 std::int32_t current_cpu_tag() noexcept {
@@ -73,10 +45,10 @@ bool ring_endpoint::slot_owner_alive(std::uint32_t pid) const noexcept {
   for (const participant_word& entry : hdr_->participants) {
     const std::uint64_t v = entry.load(std::memory_order_acquire);
     if (v != 0 && static_cast<std::uint32_t>(participant_pid(v)) == pid) {
-      return pid_alive(static_cast<pid_t>(pid), participant_start(v));
+      return pid_alive(static_cast<pid_t>(pid), participant_start(v), start_mask);
     }
   }
-  return pid_alive(static_cast<pid_t>(pid), 0);
+  return pid_running(static_cast<pid_t>(pid));
 }
 
 pid_t ring_endpoint::dead_peer() {
@@ -142,14 +114,7 @@ pid_t ring_endpoint::dead_peer() {
 }
 
 bool ring_endpoint::peer_claims_gone() const noexcept {
-  if (options_.peer_claim_fd < 0) return false;
-  // Never blocks: a timeout of 0. POLLHUP on a pipe's read end: no write end is open.
-  ::pollfd p{options_.peer_claim_fd, 0, 0};
-  int rc;
-  do {
-    rc = ::poll(&p, 1, 0);
-  } while (rc < 0 && errno == EINTR);
-  return rc > 0 && (p.revents & POLLHUP) != 0;
+  return options_.peer_claim_fd >= 0 && write_ends_closed(options_.peer_claim_fd);
 }
 
 // ---- waiting ----
