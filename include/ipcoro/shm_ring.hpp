@@ -92,7 +92,7 @@
 // futex_wake.
 //
 // Steady state allocates nothing: the fast paths work in the caller's coroutine frame,
-// and a sleep runs in a small coroutine whose frame is recycled per thread.
+// and a sleep runs in a task whose frame comes from the thread's frame pool.
 
 namespace ipcoro {
 
@@ -205,7 +205,8 @@ class [[nodiscard]] ring_send_operation {
   /// send has to wait: a send that completes at once costs no clock read.)
   template <class Rep, class Period>
   ring_send_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
-    ring_send_operation copy = *this;
+    ring_send_operation copy{endpoint_, message_};
+    copy.deadline_ = deadline_;
     copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
     return copy;
   }
@@ -213,7 +214,8 @@ class [[nodiscard]] ring_send_operation {
   template <class Duration>
   ring_send_operation with_deadline(
       std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
-    ring_send_operation copy = *this;
+    ring_send_operation copy{endpoint_, message_};
+    copy.timeout_ = timeout_;
     copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
     return copy;
   }
@@ -233,8 +235,7 @@ class [[nodiscard]] ring_send_operation {
   std::span<const std::byte> message_;
   std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
   std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
-  std::exception_ptr error_;
-  unsigned char state_ = 0;
+  task<> wait_;  // the sleep, once the fast path and the spin found no room
 };
 
 /// Receives one message into `buffer`: its size, or an empty optional at end of stream
@@ -252,7 +253,8 @@ class [[nodiscard]] ring_receive_operation {
   /// clock is read only if the receive has to wait.)
   template <class Rep, class Period>
   ring_receive_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
-    ring_receive_operation copy = *this;
+    ring_receive_operation copy{endpoint_, buffer_};
+    copy.deadline_ = deadline_;
     copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
     return copy;
   }
@@ -260,7 +262,8 @@ class [[nodiscard]] ring_receive_operation {
   template <class Duration>
   ring_receive_operation with_deadline(
       std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
-    ring_receive_operation copy = *this;
+    ring_receive_operation copy{endpoint_, buffer_};
+    copy.timeout_ = timeout_;
     copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
     return copy;
   }
@@ -280,10 +283,9 @@ class [[nodiscard]] ring_receive_operation {
   std::span<std::byte> buffer_;
   std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
   std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
-  std::exception_ptr error_;
+  task<> wait_;  // the sleep, once the fast path and the spin found nothing
   std::size_t size_ = 0;
   bool end_of_stream_ = false;
-  unsigned char state_ = 0;
 };
 
 /// The one sending end of an SPSC ring. Move-only; keep the region mapped while it

@@ -182,7 +182,6 @@ using detail::kind_mpmc;
 using detail::kind_spsc;
 using detail::role_receiver;
 using detail::role_sender;
-using detail::wait_idle;
 
 [[noreturn]] void throw_no_endpoint(const char* what) {
   throw std::system_error(
@@ -201,8 +200,9 @@ bool ring_send_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
 }
 
 void ring_send_operation::await_resume() {
-  state_ = wait_idle;
-  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  if (!wait_.valid()) return;  // done without sleeping
+  const task<> wait = std::move(wait_);  // its frame goes back to the pool on return
+  wait.handle().promise().take_result();  // rethrows what ended the wait
 }
 
 bool ring_receive_operation::await_ready() {
@@ -217,8 +217,10 @@ bool ring_receive_operation::suspend(std::coroutine_handle<> h, std::stop_token 
 }
 
 std::optional<std::size_t> ring_receive_operation::await_resume() {
-  state_ = wait_idle;
-  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  if (wait_.valid()) {
+    const task<> wait = std::move(wait_);
+    wait.handle().promise().take_result();
+  }
   if (end_of_stream_) return std::nullopt;
   return size_;
 }

@@ -2,9 +2,10 @@
 // ring_endpoint: one attached side of a ring, its participant record, and its waits.
 #pragma once
 
+#include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/shm_ring.hpp"
+#include "ipcoro/task.hpp"
 #include "ring/protocol.hpp"
-#include "ring/wait_task.hpp"
 
 #include <sys/types.h>
 
@@ -50,8 +51,11 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
   void ack_through(std::uint64_t position) noexcept;
 
  private:
-  wait_task send_wait(ring_send_operation& op);
-  wait_task receive_wait(ring_receive_operation& op);
+  /// The sleeps, on the core's pooled frames: no allocation once the pool is warm.
+  task<> send_wait(pooled_frame, ring_send_operation& op);
+  task<> receive_wait(pooled_frame, ring_receive_operation& op);
+  /// Starts `wait` for the operation awaited by `h`: true when `h` must suspend.
+  static bool start_wait(task<>& wait, std::coroutine_handle<> h, std::stop_token token);
 
   void attach();
   /// The sleeper's half: announce on `ev`, then make every waker's earlier publication

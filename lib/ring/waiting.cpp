@@ -213,7 +213,7 @@ void ring_endpoint::throw_peer_died(pid_t dead, const char* waiting) const {
                               kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
 }
 
-wait_task ring_endpoint::send_wait(ring_send_operation& op) {
+task<> ring_endpoint::send_wait(pooled_frame, ring_send_operation& op) {
   event_count& ev = hdr_->space;
   const clock::time_point start = clock::now();
   const clock::time_point deadline = deadline_of(op, start);
@@ -236,7 +236,7 @@ wait_task ring_endpoint::send_wait(ring_send_operation& op) {
   }
 }
 
-wait_task ring_endpoint::receive_wait(ring_receive_operation& op) {
+task<> ring_endpoint::receive_wait(pooled_frame, ring_receive_operation& op) {
   event_count& ev = hdr_->data;
   const clock::time_point start = clock::now();
   const clock::time_point deadline = deadline_of(op, start);
@@ -281,7 +281,8 @@ bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_hand
       }) != 0) {
     return false;
   }
-  return send_wait(op).start(h, std::move(token), op.state_, op.error_);
+  op.wait_ = send_wait(pooled_frame{}, op);
+  return start_wait(op.wait_, h, std::move(token));
 }
 
 bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h,
@@ -294,7 +295,14 @@ bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutin
       }) != 0) {
     return false;
   }
-  return receive_wait(op).start(h, std::move(token), op.state_, op.error_);
+  op.wait_ = receive_wait(pooled_frame{}, op);
+  return start_wait(op.wait_, h, std::move(token));
+}
+
+bool ring_endpoint::start_wait(task<>& wait, std::coroutine_handle<> h, std::stop_token token) {
+  detail::task_promise<void>& p = wait.handle().promise();
+  p.adopt_stop_token(std::move(token));
+  return p.start_for(h, wait.handle());
 }
 
 }  // namespace ipcoro::detail
