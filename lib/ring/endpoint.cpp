@@ -200,8 +200,8 @@ bool ring_send_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
 }
 
 void ring_send_operation::await_resume() {
-  if (!wait_.valid()) return;  // done without sleeping
-  const task<> wait = std::move(wait_);  // its frame goes back to the pool on return
+  if (!wait_.valid()) return;             // done without sleeping
+  const task<> wait = std::move(wait_);   // its frame goes back to the pool on return
   wait.handle().promise().take_result();  // rethrows what ended the wait
 }
 
@@ -227,111 +227,96 @@ std::optional<std::size_t> ring_receive_operation::await_resume() {
 
 // ---- endpoints ----
 
-spsc_ring_sender::spsc_ring_sender() noexcept = default;
-spsc_ring_sender::spsc_ring_sender(std::span<std::byte> region, const ring_options& options)
-    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_spsc, role_sender, options)) {}
-spsc_ring_sender::spsc_ring_sender(spsc_ring_sender&&) noexcept = default;
-spsc_ring_sender& spsc_ring_sender::operator=(spsc_ring_sender&& other) noexcept {
+template <ring_kind Kind, ring_role Role>
+basic_ring_end<Kind, Role>::basic_ring_end() noexcept = default;
+
+template <ring_kind Kind, ring_role Role>
+basic_ring_end<Kind, Role>::basic_ring_end(std::span<std::byte> region, const ring_options& options)
+    : endpoint_(std::make_unique<detail::ring_endpoint>(region, spsc ? kind_spsc : kind_mpmc,
+                                                        sender ? role_sender : role_receiver, options)) {}
+
+template <ring_kind Kind, ring_role Role>
+basic_ring_end<Kind, Role>::basic_ring_end(basic_ring_end&&) noexcept = default;
+
+template <ring_kind Kind, ring_role Role>
+basic_ring_end<Kind, Role>& basic_ring_end<Kind, Role>::operator=(basic_ring_end&& other) noexcept {
   if (this != &other) {
-    close();
-    endpoint_ = std::move(other.endpoint_);
+    if constexpr (spsc) close();
+    endpoint_ = std::move(other.endpoint_);  // an MPMC end detaches as its endpoint goes
     uncaught_ = other.uncaught_;
   }
   return *this;
 }
-spsc_ring_sender::~spsc_ring_sender() {
-  if (std::uncaught_exceptions() > uncaught_) {
-    abandon();
-  } else {
-    close();
-  }
-}
-void spsc_ring_sender::close() noexcept {
-  if (endpoint_) endpoint_->close();
-}
-void spsc_ring_sender::detach() noexcept {
-  if (endpoint_) endpoint_->detach();
-}
-void spsc_ring_sender::abandon() noexcept {
-  if (!endpoint_) return;
-  endpoint_->abandon();
-  endpoint_.reset();
-}
-std::size_t spsc_ring_sender::max_message_size() const noexcept {
-  return endpoint_ ? endpoint_->max_message() : 0;
-}
-std::size_t spsc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
-spsc_ring_receiver::spsc_ring_receiver() noexcept = default;
-spsc_ring_receiver::spsc_ring_receiver(std::span<std::byte> region, const ring_options& options)
-    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_spsc, role_receiver, options)) {}
-spsc_ring_receiver::spsc_ring_receiver(spsc_ring_receiver&&) noexcept = default;
-spsc_ring_receiver& spsc_ring_receiver::operator=(spsc_ring_receiver&& other) noexcept {
-  if (this != &other) {
+template <ring_kind Kind, ring_role Role>
+basic_ring_end<Kind, Role>::~basic_ring_end() {
+  if constexpr (spsc && sender) {
+    if (std::uncaught_exceptions() > uncaught_) {
+      abandon();
+    } else {
+      close();
+    }
+  } else if constexpr (spsc) {
     close();
-    endpoint_ = std::move(other.endpoint_);
   }
-  return *this;
 }
-spsc_ring_receiver::~spsc_ring_receiver() { close(); }
-void spsc_ring_receiver::ack() noexcept {
+
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::ack() noexcept requires(spsc && !sender) {
   if (endpoint_) endpoint_->ack();
 }
-std::uint64_t spsc_ring_receiver::position() const noexcept {
+
+template <ring_kind Kind, ring_role Role>
+std::uint64_t basic_ring_end<Kind, Role>::position() const noexcept requires(spsc && !sender) {
   return endpoint_ ? endpoint_->read_position() : 0;
 }
-void spsc_ring_receiver::ack(std::uint64_t position) noexcept {
+
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::ack(std::uint64_t position) noexcept requires(spsc && !sender) {
   if (endpoint_) endpoint_->ack_through(position);
 }
-void spsc_ring_receiver::close() noexcept {
+
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::close() noexcept {
   if (endpoint_) endpoint_->close();
 }
-void spsc_ring_receiver::detach() noexcept {
-  if (endpoint_) endpoint_->detach();
-}
-std::size_t spsc_ring_receiver::max_message_size() const noexcept {
-  return endpoint_ ? endpoint_->max_message() : 0;
-}
-std::size_t spsc_ring_receiver::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
-mpmc_ring_sender::mpmc_ring_sender() noexcept = default;
-mpmc_ring_sender::mpmc_ring_sender(std::span<std::byte> region, const ring_options& options)
-    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_mpmc, role_sender, options)) {}
-mpmc_ring_sender::mpmc_ring_sender(mpmc_ring_sender&&) noexcept = default;
-mpmc_ring_sender& mpmc_ring_sender::operator=(mpmc_ring_sender&&) noexcept = default;
-mpmc_ring_sender::~mpmc_ring_sender() = default;
-void mpmc_ring_sender::detach() noexcept { endpoint_.reset(); }
-void mpmc_ring_sender::abandon() noexcept {
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::detach() noexcept {
+  if constexpr (spsc) {
+    if (endpoint_) endpoint_->detach();
+  } else {
+    endpoint_.reset();
+  }
+}
+
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::abandon() noexcept requires sender {
   if (!endpoint_) return;
   endpoint_->abandon();
   endpoint_.reset();
 }
-void mpmc_ring_sender::close() noexcept {
-  if (endpoint_) endpoint_->close();
-}
-std::size_t mpmc_ring_sender::max_message_size() const noexcept {
-  return endpoint_ ? endpoint_->max_message() : 0;
-}
-std::size_t mpmc_ring_sender::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
 
-mpmc_ring_receiver::mpmc_ring_receiver() noexcept = default;
-mpmc_ring_receiver::mpmc_ring_receiver(std::span<std::byte> region, const ring_options& options)
-    : endpoint_(std::make_unique<detail::ring_endpoint>(region, kind_mpmc, role_receiver, options)) {}
-mpmc_ring_receiver::mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept = default;
-mpmc_ring_receiver& mpmc_ring_receiver::operator=(mpmc_ring_receiver&&) noexcept = default;
-mpmc_ring_receiver::~mpmc_ring_receiver() = default;
-void mpmc_ring_receiver::detach() noexcept { endpoint_.reset(); }
-void mpmc_ring_receiver::leave() noexcept {
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::leave() noexcept requires(!spsc && !sender) {
   if (!endpoint_) return;
   endpoint_->leave_receiving();
   endpoint_.reset();
 }
-void mpmc_ring_receiver::close() noexcept {
-  if (endpoint_) endpoint_->close();
-}
-std::size_t mpmc_ring_receiver::max_message_size() const noexcept {
+
+template <ring_kind Kind, ring_role Role>
+std::size_t basic_ring_end<Kind, Role>::max_message_size() const noexcept {
   return endpoint_ ? endpoint_->max_message() : 0;
 }
-std::size_t mpmc_ring_receiver::capacity() const noexcept { return endpoint_ ? endpoint_->capacity() : 0; }
+
+template <ring_kind Kind, ring_role Role>
+std::size_t basic_ring_end<Kind, Role>::capacity() const noexcept {
+  return endpoint_ ? endpoint_->capacity() : 0;
+}
+
+template class basic_ring_end<ring_kind::spsc, ring_role::sender>;
+template class basic_ring_end<ring_kind::spsc, ring_role::receiver>;
+template class basic_ring_end<ring_kind::mpmc, ring_role::sender>;
+template class basic_ring_end<ring_kind::mpmc, ring_role::receiver>;
 
 }  // namespace ipcoro
