@@ -38,36 +38,44 @@ void ring_endpoint::attach() {
   cpu_tag_ = current_cpu_tag();
   hdr_->cpu[role_ == role_sender ? 0 : 1].store(cpu_tag_, std::memory_order_relaxed);
   if (kind_ == kind_spsc) {
-    const int index = role_ == role_sender ? 0 : 1;
-    participant_word& entry = hdr_->participants[index];
-    std::uint64_t current = entry.load(std::memory_order_acquire);
-    for (;;) {
-      if (current != 0 && participant_alive(current)) {
-        throw std::system_error(EBUSY, std::system_category(),
-                                fmt::format("spsc_ring_{}: the ring already has a {}: process {} is alive",
-                                            role_name(), role_name(), participant_pid(current)));
-      }
-      if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) break;
-    }
-    participant_index_ = index;
-    const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
-    const std::uint64_t tail = hdr_->tail.load(std::memory_order_acquire);
-    if (head > tail || tail - head > capacity_ || head % 8 != 0 || tail % 8 != 0) {
-      detach();
-      throw_corrupt(fmt::format("positions {} (receiver) and {} (sender) do not fit a ring of {} bytes", head,
-                                tail, capacity_));
-    }
-    if (role_ == role_sender) {
-      hdr_->sender_closed.store(0, std::memory_order_release);
-      tail_ = tail;
-      head_cache_ = head;
-    } else {
-      hdr_->receiver_closed.store(0, std::memory_order_release);
-      read_pos_ = head;  // resume after the last acknowledged message
-      tail_cache_ = head;
-    }
-    return;
+    attach_spsc();
+  } else {
+    attach_mpmc();
   }
+}
+
+void ring_endpoint::attach_spsc() {
+  const int index = role_ == role_sender ? 0 : 1;
+  participant_word& entry = hdr_->participants[index];
+  std::uint64_t current = entry.load(std::memory_order_acquire);
+  for (;;) {
+    if (current != 0 && participant_alive(current)) {
+      throw std::system_error(EBUSY, std::system_category(),
+                              fmt::format("spsc_ring_{}: the ring already has a {}: process {} is alive",
+                                          role_name(), role_name(), participant_pid(current)));
+    }
+    if (entry.compare_exchange_weak(current, identity_, std::memory_order_acq_rel)) break;
+  }
+  participant_index_ = index;
+  const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
+  const std::uint64_t tail = hdr_->tail.load(std::memory_order_acquire);
+  if (head > tail || tail - head > capacity_ || head % 8 != 0 || tail % 8 != 0) {
+    detach();
+    throw_corrupt(fmt::format("positions {} (receiver) and {} (sender) do not fit a ring of {} bytes", head,
+                              tail, capacity_));
+  }
+  if (role_ == role_sender) {
+    hdr_->sender_closed.store(0, std::memory_order_release);
+    tail_ = tail;
+    head_cache_ = head;
+  } else {
+    hdr_->receiver_closed.store(0, std::memory_order_release);
+    read_pos_ = head;  // resume after the last acknowledged message
+    tail_cache_ = head;
+  }
+}
+
+void ring_endpoint::attach_mpmc() {
   // A dead process's entry is the only evidence that it was attached: a receiver that took
   // over the entry of the ring's last (killed) sender would find no sender recorded, take
   // that for "no sender attached yet" (dead_peer) and sleep until its own timeout instead of

@@ -51,13 +51,19 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
   void ack_through(std::uint64_t position) noexcept;
 
  private:
-  /// The sleeps, on the core's pooled frames: no allocation once the pool is warm.
-  task<> send_wait(pooled_frame, ring_send_operation& op);
-  task<> receive_wait(pooled_frame, ring_receive_operation& op);
+  /// Sleeps on `ev` until `attempt()` (one try of the waiting operation) succeeds, waking
+  /// at least every peer check interval (then, when `watch_peer`, looking for a dead peer)
+  /// and giving up with timed_out at `deadline`. Runs on the core's pooled frames: no
+  /// allocation once the pool is warm.
+  template <class Attempt>
+  task<> sleep_on(pooled_frame, event_count& ev, clock::time_point deadline, bool watch_peer,
+                  const char* waiting, Attempt attempt);
   /// Starts `wait` for the operation awaited by `h`: true when `h` must suspend.
   static bool start_wait(task<>& wait, std::coroutine_handle<> h, std::stop_token token);
 
   void attach();
+  void attach_spsc();
+  void attach_mpmc();
   /// The sleeper's half: announce on `ev`, then make every waker's earlier publication
   /// visible here. Returns the value to wait on.
   std::uint32_t prepare_sleep(event_count& ev) noexcept;

@@ -213,49 +213,24 @@ void ring_endpoint::throw_peer_died(pid_t dead, const char* waiting) const {
                               kind_name(), dead, kind_ == kind_mpmc ? "last " : ""));
 }
 
-task<> ring_endpoint::send_wait(pooled_frame, ring_send_operation& op) {
-  event_count& ev = hdr_->space;
-  const clock::time_point start = clock::now();
-  const clock::time_point deadline = deadline_of(op, start);
-  note_wait(start);
+template <class Attempt>
+task<> ring_endpoint::sleep_on(pooled_frame, event_count& ev, clock::time_point deadline, bool watch_peer,
+                               const char* waiting, Attempt attempt) {
   pid_t dead = 0;
   for (;;) {
     const std::uint32_t key = prepare_sleep(ev);
-    if (try_send(op.message_) == outcome::done) {
+    if (attempt()) {
       withdraw_sleep(ev, key);
       co_return;
     }
-    if (dead != 0) throw_peer_died(dead, "send");
+    // Dead and drained (receive): it can send no more, and everything it sent has been received.
+    if (dead != 0) throw_peer_died(dead, waiting);
     const auto now = clock::now();
     if (now >= deadline) throw timed_out{};
     const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
-    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out &&
-        !(kind_ == kind_spsc && options_.wait_for_new_receiver)) {
+    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out && watch_peer) {
       dead = dead_peer();
     }
-  }
-}
-
-task<> ring_endpoint::receive_wait(pooled_frame, ring_receive_operation& op) {
-  event_count& ev = hdr_->data;
-  const clock::time_point start = clock::now();
-  const clock::time_point deadline = deadline_of(op, start);
-  note_wait(start);
-  pid_t dead = 0;
-  for (;;) {
-    const std::uint32_t key = prepare_sleep(ev);
-    const outcome r = try_receive(op.buffer_, op.size_);
-    if (r != outcome::would_block) {
-      withdraw_sleep(ev, key);
-      op.end_of_stream_ = r == outcome::end_of_stream;
-      co_return;
-    }
-    // It can send no more, and everything it sent has been received.
-    if (dead != 0) throw_peer_died(dead, "receive");
-    const auto now = clock::now();
-    if (now >= deadline) throw timed_out{};
-    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
-    if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out) dead = dead_peer();
   }
 }
 
@@ -281,7 +256,11 @@ bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_hand
       }) != 0) {
     return false;
   }
-  op.wait_ = send_wait(pooled_frame{}, op);
+  const clock::time_point now = clock::now();
+  note_wait(now);
+  const bool watch_peer = !(kind_ == kind_spsc && options_.wait_for_new_receiver);
+  op.wait_ = sleep_on(pooled_frame{}, hdr_->space, deadline_of(op, now), watch_peer, "send",
+                      [this, &op] { return try_send(op.message_) == outcome::done; });
   return start_wait(op.wait_, h, std::move(token));
 }
 
@@ -295,7 +274,13 @@ bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutin
       }) != 0) {
     return false;
   }
-  op.wait_ = receive_wait(pooled_frame{}, op);
+  const clock::time_point now = clock::now();
+  note_wait(now);
+  op.wait_ = sleep_on(pooled_frame{}, hdr_->data, deadline_of(op, now), true, "receive", [this, &op] {
+    const outcome r = try_receive(op.buffer_, op.size_);
+    op.end_of_stream_ = r == outcome::end_of_stream;
+    return r != outcome::would_block;
+  });
   return start_wait(op.wait_, h, std::move(token));
 }
 
