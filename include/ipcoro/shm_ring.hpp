@@ -2,6 +2,7 @@
 // SPSC and MPMC message rings in shared memory, shm segments and mapped files alike.
 #pragma once
 
+#include "ipcoro/detail/op_deadline.hpp"
 #include "ipcoro/detail/region.hpp"
 #include "ipcoro/task.hpp"
 
@@ -68,7 +69,8 @@
 // read and its entry into the kernel makes FUTEX_WAIT return at once.
 //
 // Every wait can end: by data or space, by the peer closing (end of stream / EPIPE), by
-// the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out), by
+// the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out, as for
+// every awaitable; a timeout counts from when the operation first has to wait), by
 // cancellation through the awaiting task's stop token (ipcoro::operation_cancelled), or by
 // the peer's death: a sleeper wakes every `peer_check_interval`, checks the processes
 // recorded for the other side (alive, not a zombie, same start time, so a reused pid is
@@ -195,30 +197,13 @@ class ring_endpoint;
 /// the ring's max_message_size(), EPIPE once the receiving side closed the ring, EBADMSG
 /// when the region is corrupt; ipcoro::peer_died when the receiving side died while this
 /// waited for space; timed_out / operation_cancelled. The message is copied; it need only
-/// live until the co_await returns.
-class [[nodiscard]] ring_send_operation {
+/// live until the co_await returns. `.with_timeout(d)` / `.with_deadline(t)` bound the
+/// wait: timed_out, and nothing is sent then. A timeout counts from when the send first has
+/// to wait, so a send that completes at once reads no clock.
+class [[nodiscard]] ring_send_operation : public detail::deadline_methods<ring_send_operation> {
  public:
   ring_send_operation(detail::ring_endpoint* endpoint, std::span<const std::byte> message) noexcept
       : endpoint_(endpoint), message_(message) {}
-
-  /// Fails with timed_out unless sent within `d` from now. (The clock is read only if the
-  /// send has to wait: a send that completes at once costs no clock read.)
-  template <class Rep, class Period>
-  ring_send_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
-    ring_send_operation copy{endpoint_, message_};
-    copy.deadline_ = deadline_;
-    copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
-    return copy;
-  }
-  /// Fails with timed_out unless sent by `when`.
-  template <class Duration>
-  ring_send_operation with_deadline(
-      std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
-    ring_send_operation copy{endpoint_, message_};
-    copy.timeout_ = timeout_;
-    copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
-    return copy;
-  }
 
   bool await_ready();
   template <class P>
@@ -233,8 +218,6 @@ class [[nodiscard]] ring_send_operation {
 
   detail::ring_endpoint* endpoint_;
   std::span<const std::byte> message_;
-  std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
-  std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
   task<> wait_;  // the sleep, once the fast path and the spin found no room
 };
 
@@ -243,30 +226,13 @@ class [[nodiscard]] ring_send_operation {
 /// Throws std::system_error: EMSGSIZE when the next message is larger than `buffer` (it
 /// stays in the ring: receive again with a buffer of max_message_size()), EBADMSG when
 /// the region is corrupt; ipcoro::peer_died when the sending side died and the ring is
-/// drained; timed_out / operation_cancelled.
-class [[nodiscard]] ring_receive_operation {
+/// drained; timed_out / operation_cancelled. `.with_timeout(d)` / `.with_deadline(t)`
+/// bound the wait: timed_out, and no message is taken then. A timeout counts from when the
+/// receive first has to wait, so a receive that completes at once reads no clock.
+class [[nodiscard]] ring_receive_operation : public detail::deadline_methods<ring_receive_operation> {
  public:
   ring_receive_operation(detail::ring_endpoint* endpoint, std::span<std::byte> buffer) noexcept
       : endpoint_(endpoint), buffer_(buffer) {}
-
-  /// Fails with timed_out unless a message (or end of stream) arrives within `d`. (The
-  /// clock is read only if the receive has to wait.)
-  template <class Rep, class Period>
-  ring_receive_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
-    ring_receive_operation copy{endpoint_, buffer_};
-    copy.deadline_ = deadline_;
-    copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
-    return copy;
-  }
-  /// Fails with timed_out unless a message (or end of stream) arrives by `when`.
-  template <class Duration>
-  ring_receive_operation with_deadline(
-      std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
-    ring_receive_operation copy{endpoint_, buffer_};
-    copy.timeout_ = timeout_;
-    copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
-    return copy;
-  }
 
   bool await_ready();
   template <class P>
@@ -281,8 +247,6 @@ class [[nodiscard]] ring_receive_operation {
 
   detail::ring_endpoint* endpoint_;
   std::span<std::byte> buffer_;
-  std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
-  std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
   task<> wait_;  // the sleep, once the fast path and the spin found nothing
   std::size_t size_ = 0;
   bool end_of_stream_ = false;

@@ -69,12 +69,11 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
   std::uint32_t prepare_sleep(event_count& ev) noexcept;
   /// Counts a wait starting `now`; asks for fence mode when this side sleeps often.
   void note_wait(clock::time_point now) noexcept;
-  /// When a wait that starts `now` must end: the earlier of the operation's deadline and
-  /// its timeout counted from now.
+  /// When the operation's wait must end (time_point::max(): never). Called where it first
+  /// has to wait, so that a timeout counts from there; reads the clock only for a timeout.
   template <class Operation>
-  static clock::time_point deadline_of(const Operation& op, clock::time_point now) noexcept {
-    if (op.timeout_ == std::chrono::nanoseconds::max() || op.deadline_ <= now) return op.deadline_;
-    return op.timeout_ < op.deadline_ - now ? now + op.timeout_ : op.deadline_;
+  static clock::time_point deadline_of(const Operation& op) noexcept {
+    return op.limit_.resolve();
   }
   /// Takes back the announcement of a sleep that turned out not to be needed.
   void withdraw_sleep(event_count& ev, std::uint32_t key) noexcept;

@@ -244,6 +244,7 @@ void ring_endpoint::withdraw_sleep(event_count& ev, std::uint32_t key) noexcept 
 
 bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h,
                                     std::stop_token token) {
+  const clock::time_point deadline = deadline_of(op);  // the send first has to wait here
   // A sender that went on as soon as one record's room was free would write into the lines
   // the receiver is reading at that moment, and both would stall on every line: while
   // spinning, wait until a batch's room is free (the sleeping path takes any room).
@@ -256,16 +257,16 @@ bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_hand
       }) != 0) {
     return false;
   }
-  const clock::time_point now = clock::now();
-  note_wait(now);
+  note_wait(clock::now());
   const bool watch_peer = !(kind_ == kind_spsc && options_.wait_for_new_receiver);
-  op.wait_ = sleep_on(pooled_frame{}, hdr_->space, deadline_of(op, now), watch_peer, "send",
+  op.wait_ = sleep_on(pooled_frame{}, hdr_->space, deadline, watch_peer, "send",
                       [this, &op] { return try_send(op.message_) == outcome::done; });
   return start_wait(op.wait_, h, std::move(token));
 }
 
 bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h,
                                        std::stop_token token) {
+  const clock::time_point deadline = deadline_of(op);  // the receive first has to wait here
   if (spin([&] {
         prefetch_next_record();
         const outcome r = try_receive(op.buffer_, op.size_);
@@ -274,9 +275,8 @@ bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutin
       }) != 0) {
     return false;
   }
-  const clock::time_point now = clock::now();
-  note_wait(now);
-  op.wait_ = sleep_on(pooled_frame{}, hdr_->data, deadline_of(op, now), true, "receive", [this, &op] {
+  note_wait(clock::now());
+  op.wait_ = sleep_on(pooled_frame{}, hdr_->data, deadline, true, "receive", [this, &op] {
     const outcome r = try_receive(op.buffer_, op.size_);
     op.end_of_stream_ = r == outcome::end_of_stream;
     return r != outcome::would_block;
