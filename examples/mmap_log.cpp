@@ -21,7 +21,6 @@
 
 #include <fmt/core.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <charconv>
@@ -119,30 +118,6 @@ task<bool> consume(ipcoro::mapped_file& file, int report_fd, const char* name, s
   co_return true;
 }
 
-template <class Body>
-pid_t fork_process(Body body) {
-  std::fflush(nullptr);
-  const pid_t pid = ::fork();
-  if (pid != 0) return pid;
-  int code = 1;
-  try {
-    ipcoro::io_context ctx;
-    code = body(ctx) ? 0 : 1;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "mmap_log child: {}\n", e.what());
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
-}
-
-/// Waits for `pid`; returns its exit code, or 128 + the signal that killed it.
-int wait_exit(pid_t pid) {
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
 /// Reads "first count" from the report pipe.
 bool read_report(std::FILE* in, std::uint64_t& first, std::uint64_t& count) {
   unsigned long long f = 0;
@@ -187,27 +162,36 @@ int main(int argc, char** argv) try {
     if (::pipe(fds) != 0) throw std::system_error(errno, std::system_category(), "pipe");
     std::FILE* reports = ::fdopen(fds[0], "r");
 
-    // Every process opens the file by path, as separate programs would.
-    const pid_t producer = fork_process([&](ipcoro::io_context& ctx) {
-      auto f = ipcoro::mapped_file::open(path, layout);
-      ipcoro::sync_wait(ctx, produce(f, records));
-      return true;
-    });
+    // Every process opens the file by path, as separate programs would, on a loop of its own.
+    ipcoro::process producer = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto f = ipcoro::mapped_file::open(path, layout);
+          ipcoro::sync_wait(ctx, produce(f, records));
+          return 0;
+        },
+        {.name = "producer"});
     const std::uint64_t crash_after = records / 3;
-    const pid_t first = fork_process([&](ipcoro::io_context& ctx) {
-      auto f = ipcoro::mapped_file::open(path, layout);
-      return ipcoro::sync_wait(ctx, consume(f, fds[1], "consumer 1", crash_after));
-    });
-    const int first_status = wait_exit(first);
-    fmt::print("mmap_log:   consumer 1 ended by {}\n", first_status == 128 + SIGKILL
-                                                           ? "SIGKILL, as planned"
-                                                           : fmt::format("status {}", first_status));
-    const pid_t second = fork_process([&](ipcoro::io_context& ctx) {
-      auto f = ipcoro::mapped_file::open(path, layout);
-      return ipcoro::sync_wait(ctx, consume(f, fds[1], "consumer 2", ~std::uint64_t{0}));
-    });
-    const int second_status = wait_exit(second);
-    const int producer_status = wait_exit(producer);
+    ipcoro::process first = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto f = ipcoro::mapped_file::open(path, layout);
+          return ipcoro::sync_wait(ctx, consume(f, fds[1], "consumer 1", crash_after)) ? 0 : 1;
+        },
+        {.name = "consumer 1"});
+    ipcoro::io_context ctx;
+    const ipcoro::exit_status first_status = ipcoro::sync_wait(ctx, first.wait());
+    fmt::print("mmap_log:   consumer 1 ended by {}\n",
+               first_status.signal == SIGKILL ? "SIGKILL, as planned" : first_status.describe());
+    ipcoro::process second = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto f = ipcoro::mapped_file::open(path, layout);
+          return ipcoro::sync_wait(ctx, consume(f, fds[1], "consumer 2", ~std::uint64_t{0})) ? 0 : 1;
+        },
+        {.name = "consumer 2"});
+    const ipcoro::exit_status second_status = ipcoro::sync_wait(ctx, second.wait());
+    const ipcoro::exit_status producer_status = ipcoro::sync_wait(ctx, producer.wait());
     ::close(fds[1]);
 
     std::uint64_t first_from = 0, first_acked = 0, second_from = 0, second_count = 0;
@@ -215,7 +199,7 @@ int main(int argc, char** argv) try {
         read_report(reports, first_from, first_acked) && read_report(reports, second_from, second_count);
     std::fclose(reports);
     // Exactly once: consumer 1 acknowledged 0..k-1, consumer 2 processed k..N-1.
-    ok = first_status == 128 + SIGKILL && second_status == 0 && producer_status == 0 && reported &&
+    ok = first_status.signal == SIGKILL && second_status.success() && producer_status.success() && reported &&
          first_from == 0 && first_acked == crash_after && second_from == first_acked &&
          first_acked + second_count == records;
     fmt::print("mmap_log: {} records processed exactly once across the crash: {}\n",

@@ -21,6 +21,7 @@
 #include <ipcoro/fd_io.hpp>
 #include <ipcoro/io_context.hpp>
 #include <ipcoro/mqueue.hpp>
+#include <ipcoro/process.hpp>
 #include <ipcoro/sync_wait.hpp>
 #include <ipcoro/task.hpp>
 #include <ipcoro/unique_fd.hpp>
@@ -33,7 +34,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -220,18 +220,10 @@ task<void> show_progress(ipcoro::mq_demux& demux, tally& t) {
 }
 
 /// Fails the run if a worker exits abnormally; a clean exit (after its bye) is fine.
-task<void> watch(pid_t pid, std::uint32_t worker, std::vector<int>& exit_codes) {
-  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  if (pidfd < 0) throw std::system_error(errno, std::system_category(), "pidfd_open");
-  ipcoro::unique_fd owned(pidfd);
-  co_await exited(pidfd);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  exit_codes[worker] = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  if (exit_codes[worker] != 0) {
-    throw std::runtime_error(
-        fmt::format("worker {} (pid {}) ended with status {}", worker, pid, exit_codes[worker]));
-  }
+task<void> watch(ipcoro::process& p, std::uint32_t worker, std::vector<int>& exit_codes) {
+  const ipcoro::exit_status status = co_await p.wait();
+  exit_codes[worker] = status.exited() ? status.code : 128 + status.signal;
+  if (!status.success()) throw std::runtime_error(fmt::format("worker {} {}", worker, p.describe()));
 }
 
 bool queue_gone(const std::string& name) {
@@ -262,17 +254,16 @@ int run(std::uint32_t count, std::uint32_t workers) {
         ipcoro::mq_access::read_only);
 
     const pid_t dispatcher = ::getpid();
-    std::vector<pid_t> pids;
+    std::vector<ipcoro::process> procs;
     for (std::uint32_t w = 0; w < workers; ++w) {
-      std::fflush(nullptr);
-      const pid_t pid = ::fork();
-      if (pid < 0) throw std::system_error(errno, std::system_category(), "fork");
-      if (pid == 0) {
-        jobs.disown();
-        results.disown();
-        ::_exit(worker_main(w, dispatcher, jobs_name, results_name));
-      }
-      pids.push_back(pid);
+      procs.push_back(ipcoro::process::fork(
+          [&, w] {
+            jobs.disown();
+            results.disown();
+            return worker_main(w, dispatcher, jobs_name, results_name);
+          },
+          // A worker outlives a dead dispatcher long enough to remove its queues.
+          {.name = fmt::format("worker {}", w), .die_with_parent = false}));
     }
 
     ipcoro::mq_demux demux(results, label_count);
@@ -282,7 +273,7 @@ int run(std::uint32_t count, std::uint32_t workers) {
       demux.close();  // ends show_progress and the pump
     };
     std::vector<task<void>> watchers;
-    for (std::uint32_t w = 0; w < workers; ++w) watchers.push_back(watch(pids[w], w, exit_codes));
+    for (std::uint32_t w = 0; w < workers; ++w) watchers.push_back(watch(procs[w], w, exit_codes));
     try {
       ipcoro::sync_wait(ctx, [&]() -> task<void> {
         co_await ipcoro::when_all(demux.run(), dispatch(), show_progress(demux, t),
@@ -290,8 +281,7 @@ int run(std::uint32_t count, std::uint32_t workers) {
       }());
     } catch (const std::exception& e) {
       fmt::print(stderr, "mq_jobs: {}\n", e.what());
-      for (pid_t pid : pids) ::kill(pid, SIGKILL);
-      for (pid_t pid : pids) ::waitpid(pid, nullptr, 0);
+      procs.clear();  // kills and reaps every worker still running
       return 1;
     }
   }

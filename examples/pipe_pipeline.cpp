@@ -15,7 +15,6 @@
 #include <ipcoro/ipcoro.hpp>
 
 #include <fmt/core.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
@@ -68,13 +67,6 @@ std::byte decode(std::byte b) {
   return static_cast<std::byte>((std::to_integer<unsigned>(b) ^ 0x5au) - 0x35u);
 }
 
-struct fnv1a {
-  std::uint64_t h = 14695981039346656037ull;
-  void update(std::span<const std::byte> data) {
-    for (std::byte b : data) h = (h ^ std::to_integer<std::uint64_t>(b)) * 1099511628211ull;
-  }
-};
-
 std::span<std::byte> bytes_of(record_header& h) { return std::as_writable_bytes(std::span{&h, 1}); }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -86,22 +78,22 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 task<void> produce(ipcoro::pipe_writer out, config cfg) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::byte> payload(cfg.max_payload);
-  fnv1a sum;
+  std::uint64_t sum = ipcoro::fnv1a_basis;
   std::uint64_t bytes = 0;
   for (std::uint32_t seq = 0; seq < cfg.records; ++seq) {
     record_header h{seq, payload_length(seq, cfg)};
     auto body = std::span{payload}.first(h.length);
     fill_payload(seq, body);
-    sum.update(body);
+    sum = ipcoro::fnv1a(body, sum);
     co_await out.write_all(bytes_of(h));
     co_await out.write_all(body);
     bytes += h.length;
   }
-  record_header trailer{trailer_seq, sizeof sum.h};
+  record_header trailer{trailer_seq, sizeof sum};
   co_await out.write_all(bytes_of(trailer));
-  co_await out.write_all(std::as_bytes(std::span{&sum.h, 1}));
+  co_await out.write_all(std::as_bytes(std::span{&sum, 1}));
   fmt::print("producer:    {} records, {} payload bytes, checksum {:016x} ({:.2f} s)\n", cfg.records, bytes,
-             sum.h, seconds_since(t0));
+             sum, seconds_since(t0));
 }
 
 // A record in flight inside the transformer.
@@ -159,7 +151,7 @@ task<void> transform(ipcoro::pipe_reader in, ipcoro::pipe_writer out, config cfg
 task<bool> consume(ipcoro::pipe_reader in, config cfg) {
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::byte> payload(std::max<std::size_t>(cfg.max_payload, 8));
-  fnv1a sum;
+  std::uint64_t sum = ipcoro::fnv1a_basis;
   std::uint64_t bytes = 0;
   std::uint32_t expected_seq = 0;
   for (;;) {
@@ -181,11 +173,11 @@ task<bool> consume(ipcoro::pipe_reader in, config cfg) {
       std::uint64_t sent = 0;
       std::memcpy(&sent, body.data(), sizeof sent);
       const double s = seconds_since(t0);
-      const bool ok = sent == sum.h && expected_seq == cfg.records;
+      const bool ok = sent == sum && expected_seq == cfg.records;
       fmt::print(
           "consumer:    {} records, {} payload bytes, checksum {:016x} (producer said {:016x}), "
           "{:.1f} MB/s, {:.0f} records/s: {}\n",
-          expected_seq, bytes, sum.h, sent, bytes / s / 1e6, expected_seq / s, ok ? "verified" : "MISMATCH");
+          expected_seq, bytes, sum, sent, bytes / s / 1e6, expected_seq / s, ok ? "verified" : "MISMATCH");
       co_return ok;
     }
     if (h.seq != expected_seq) {
@@ -193,33 +185,13 @@ task<bool> consume(ipcoro::pipe_reader in, config cfg) {
       co_return false;
     }
     for (std::byte& b : body) b = decode(b);
-    sum.update(body);
+    sum = ipcoro::fnv1a(body, sum);
     bytes += h.length;
     ++expected_seq;
   }
 }
 
 // ---- processes ----
-
-template <class Body>
-pid_t fork_stage(const char* name, Body body) {
-  std::fflush(nullptr);
-  const pid_t pid = ::fork();
-  if (pid < 0) {
-    fmt::print(stderr, "fork for {} failed: {}\n", name, std::strerror(errno));
-    std::exit(1);
-  }
-  if (pid != 0) return pid;
-  int code = 1;
-  try {
-    ipcoro::io_context ctx;
-    code = body(ctx) ? 0 : 1;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "{}: {}\n", name, e.what());
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
-}
 
 std::uint32_t parse_number(std::string_view flag, const char* text) {
   char* end = nullptr;
@@ -251,35 +223,40 @@ int main(int argc, char** argv) try {
   auto [b_in, b_out] = ipcoro::make_pipe(opts);  // transformer -> consumer
   const auto t0 = std::chrono::steady_clock::now();
 
-  // Each child keeps only its own ends: a forgotten write end would hide end of stream.
-  const pid_t producer = fork_stage("producer", [&](ipcoro::io_context& ctx) {
-    a_in.close(), b_in.close(), b_out.close();
-    ipcoro::sync_wait(ctx, produce(std::move(a_out), cfg));
-    return true;
-  });
-  const pid_t transformer = fork_stage("transformer", [&](ipcoro::io_context& ctx) {
-    a_out.close(), b_in.close();
-    ipcoro::sync_wait(ctx, transform(std::move(a_in), std::move(b_out), cfg));
-    return true;
-  });
-  const pid_t consumer = fork_stage("consumer", [&](ipcoro::io_context& ctx) {
-    a_in.close(), a_out.close(), b_out.close();
-    return ipcoro::sync_wait(ctx, consume(std::move(b_in), cfg));
-  });
+  // Each child keeps only its own ends (a forgotten write end would hide end of stream) and
+  // runs a loop of its own.
+  std::array<ipcoro::process, 3> stages;
+  stages[0] = ipcoro::process::fork(
+      [&] {
+        a_in.close(), b_in.close(), b_out.close();
+        ipcoro::io_context ctx;
+        ipcoro::sync_wait(ctx, produce(std::move(a_out), cfg));
+        return 0;
+      },
+      {.name = "producer"});
+  stages[1] = ipcoro::process::fork(
+      [&] {
+        a_out.close(), b_in.close();
+        ipcoro::io_context ctx;
+        ipcoro::sync_wait(ctx, transform(std::move(a_in), std::move(b_out), cfg));
+        return 0;
+      },
+      {.name = "transformer"});
+  stages[2] = ipcoro::process::fork(
+      [&] {
+        a_in.close(), a_out.close(), b_out.close();
+        ipcoro::io_context ctx;
+        return ipcoro::sync_wait(ctx, consume(std::move(b_in), cfg)) ? 0 : 1;
+      },
+      {.name = "consumer"});
   a_in.close(), a_out.close(), b_in.close(), b_out.close();
 
+  ipcoro::io_context ctx;
   bool ok = true;
-  for (auto [pid, name] :
-       {std::pair{producer, "producer"}, {transformer, "transformer"}, {consumer, "consumer"}}) {
-    int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  for (ipcoro::process& stage : stages) {
+    if (!ipcoro::sync_wait(ctx, stage.wait()).success()) {
       ok = false;
-      if (WIFSIGNALED(status))
-        fmt::print(stderr, "{} (pid {}) was killed by signal {}\n", name, pid, WTERMSIG(status));
-      else
-        fmt::print(stderr, "{} (pid {}) failed with exit code {}\n", name, pid, WEXITSTATUS(status));
+      fmt::print(stderr, "{}\n", stage.describe());
     }
   }
   fmt::print("pipeline:    {} in {:.2f} s\n", ok ? "all three stages succeeded" : "FAILED",

@@ -57,12 +57,6 @@ std::uint64_t mix(std::uint64_t x) {
   return x ^ (x >> 31);
 }
 
-std::uint64_t hash_word(std::string_view w) {
-  std::uint64_t h = 14695981039346656037ull;
-  for (char c : w) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
-  return h;
-}
-
 /// The vocabulary: pronounceable made-up words of 3 to 10 letters, the same in every process.
 const std::vector<std::string>& vocabulary() {
   static const std::vector<std::string> words = [] {
@@ -115,7 +109,7 @@ task<void> tokenize(channel_receiver<text_chunk>& in, channel_sender<std::vector
     while (!text.empty()) {
       const std::size_t space = text.find(' ');
       const std::string_view w = text.substr(0, space);
-      if (!w.empty()) batch.push_back(hash_word(w));
+      if (!w.empty()) batch.push_back(ipcoro::fnv1a(w));
       text = space == std::string_view::npos ? std::string_view{} : text.substr(space + 1);
       if (batch.size() == 500) {
         co_await out.send(batch);
@@ -152,7 +146,7 @@ task<void> verify(channel_receiver<std::vector<word_count>>& in, std::uint64_t w
   }
   // The same corpus, counted here without any IPC.
   std::unordered_map<std::uint64_t, std::uint64_t> expected;
-  for (std::uint64_t i = 0; i < words; ++i) ++expected[hash_word(corpus_word(i))];
+  for (std::uint64_t i = 0; i < words; ++i) ++expected[ipcoro::fnv1a(corpus_word(i))];
   if (got != expected) {
     std::size_t wrong = 0;
     for (const auto& [w, n] : expected) {
@@ -164,7 +158,7 @@ task<void> verify(channel_receiver<std::vector<word_count>>& in, std::uint64_t w
   }
   std::vector<std::pair<std::uint64_t, std::string_view>> top;
   for (const std::string& w : vocabulary()) {
-    if (auto it = got.find(hash_word(w)); it != got.end()) top.emplace_back(it->second, w);
+    if (auto it = got.find(ipcoro::fnv1a(w)); it != got.end()) top.emplace_back(it->second, w);
   }
   std::partial_sort(top.begin(), top.begin() + std::min<std::size_t>(5, top.size()), top.end(),
                     [](const auto& a, const auto& b) { return a.first > b.first; });

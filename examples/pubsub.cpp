@@ -22,6 +22,7 @@
 // Usage: pubsub [--subscribers N] [--messages M] [--transport pipe|fifo|mq|shm|file|mixed]
 #include <ipcoro/channel.hpp>
 #include <ipcoro/event.hpp>
+#include <ipcoro/hash.hpp>
 #include <ipcoro/io_context.hpp>
 #include <ipcoro/process.hpp>
 #include <ipcoro/sync_wait.hpp>
@@ -85,12 +86,6 @@ std::uint64_t mix(std::uint64_t z) noexcept {  // splitmix64's finaliser
   return z ^ (z >> 31);
 }
 
-std::uint64_t fnv1a(std::string_view text) noexcept {
-  std::uint64_t h = 14695981039346656037ull;
-  for (char c : text) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
-  return h;
-}
-
 /// The schedule both sides know: the topic of the k-th message.
 std::uint32_t topic_of(std::uint64_t k) noexcept {
   return static_cast<std::uint32_t>(mix(k + 1) % topic_count);
@@ -105,7 +100,7 @@ news make_news(std::uint32_t topic, std::uint64_t seq) {
   n.length = static_cast<std::uint32_t>(24 + r % (n.body.size() - 24));
   const std::string line = fmt::format("{} #{} {:016x} ", topic_names[topic], seq, r);
   for (std::uint32_t i = 0; i < n.length; ++i) n.body[i] = line[i % line.size()];
-  n.checksum = fnv1a({n.body.data(), n.length});
+  n.checksum = ipcoro::fnv1a(std::string_view{n.body.data(), n.length});
   return n;
 }
 
@@ -161,7 +156,8 @@ task<control> subscribe(channel_receiver<news>& feed, channel_sender<control>& c
     if (n->seq != next[n->topic])
       complain(fmt::format("{} #{} where #{} was due", topic_names[n->topic], n->seq, next[n->topic]));
     next[n->topic] = n->seq + 1;
-    if (n->length > n->body.size() || fnv1a({n->body.data(), n->length}) != n->checksum) {
+    if (n->length > n->body.size() ||
+        ipcoro::fnv1a(std::string_view{n->body.data(), n->length}) != n->checksum) {
       complain("bad checksum");
     } else {
       const news want = make_news(n->topic, n->seq);

@@ -19,7 +19,6 @@
 
 #include <fmt/core.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -85,27 +84,6 @@ task<void> die_mid_update(const shared_counter& counter) {
   ::kill(::getpid(), SIGKILL);
 }
 
-template <class Body>
-pid_t fork_process(const char* name, Body body) {
-  std::fflush(nullptr);
-  const pid_t pid = ::fork();
-  if (pid < 0) {
-    fmt::print(stderr, "fork for {} failed: {}\n", name, std::strerror(errno));
-    std::exit(1);
-  }
-  if (pid != 0) return pid;
-  int code = 1;
-  try {
-    ipcoro::io_context ctx;
-    body(ctx);
-    code = 0;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "{} (pid {}): {}\n", name, ::getpid(), e.what());
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
-}
-
 std::uint32_t parse_number(std::string_view flag, const char* text) {
   char* end = nullptr;
   const unsigned long v = std::strtoul(text, &end, 10);
@@ -114,13 +92,6 @@ std::uint32_t parse_number(std::string_view flag, const char* text) {
     std::exit(2);
   }
   return static_cast<std::uint32_t>(v);
-}
-
-int wait_for(pid_t pid) {
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  return status;
 }
 
 }  // namespace
@@ -143,38 +114,44 @@ int main(int argc, char** argv) try {
   shared_counter counter = shared_counter::create(name, object_options);
   const auto t0 = std::chrono::steady_clock::now();
 
-  std::vector<pid_t> workers;
+  // Each child opens the segment by name, as an unrelated program would, on a loop of its own.
+  std::vector<ipcoro::process> workers;
   for (std::uint32_t p = 0; p < processes; ++p) {
-    workers.push_back(fork_process("worker", [&](ipcoro::io_context& ctx) {
-      const shared_counter mine = shared_counter::open(name, object_options);
-      const std::uint32_t half = increments / 2;
-      ipcoro::sync_wait(ctx, ipcoro::when_all(increment(mine, half), increment(mine, increments - half)));
-    }));
+    workers.push_back(ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          const shared_counter mine = shared_counter::open(name, object_options);
+          const std::uint32_t half = increments / 2;
+          ipcoro::sync_wait(ctx, ipcoro::when_all(increment(mine, half), increment(mine, increments - half)));
+          return 0;
+        },
+        {.name = "worker"}));
   }
-  const pid_t victim = fork_process("victim", [&](ipcoro::io_context& ctx) {
-    const shared_counter mine = shared_counter::open(name, object_options);
-    ipcoro::sync_wait(ctx, die_mid_update(mine));
-  });
+  ipcoro::process victim = ipcoro::process::fork(
+      [&] {
+        ipcoro::io_context ctx;
+        const shared_counter mine = shared_counter::open(name, object_options);
+        ipcoro::sync_wait(ctx, die_mid_update(mine));
+        return 0;
+      },
+      {.name = "victim"});
 
+  ipcoro::io_context ctx;
   bool ok = true;
-  for (const pid_t pid : workers) {
-    const int status = wait_for(pid);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-      fmt::print(stderr, "worker {} failed (status {:#x})\n", pid, status);
+  for (ipcoro::process& worker : workers) {
+    if (!ipcoro::sync_wait(ctx, worker.wait()).success()) {
+      fmt::print(stderr, "{} failed\n", worker.describe());
       ok = false;
     }
   }
-  const int victim_status = wait_for(victim);
-  if (!WIFSIGNALED(victim_status) || WTERMSIG(victim_status) != SIGKILL) {
-    fmt::print(stderr, "the victim (pid {}) was expected to die of SIGKILL (status {:#x})\n", victim,
-               victim_status);
+  if (ipcoro::sync_wait(ctx, victim.wait()).signal != SIGKILL) {
+    fmt::print(stderr, "{}, but was expected to die of SIGKILL\n", victim.describe());
     ok = false;
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   // Every process is gone: read the final state under the lock all the same (it may need
   // one last repair if the victim died after everyone else had finished).
-  ipcoro::io_context ctx;
   const counter_data final_state = ipcoro::sync_wait(ctx, [&]() -> task<counter_data> {
     auto value = co_await counter.lock();
     if (value.inconsistent()) {

@@ -14,7 +14,6 @@
 
 #include <fmt/core.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
@@ -24,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -165,51 +165,13 @@ task<bool> consume(std::span<std::byte> region, config cfg) {
   co_return ok;
 }
 
-std::uint64_t parse_size(std::string_view flag, const char* text) {
-  char* end = nullptr;
-  unsigned long long v = std::strtoull(text, &end, 10);
-  if (end != text && *end != '\0' && end[1] == '\0') {
-    switch (*end) {
-      case 'K':
-      case 'k':
-        v <<= 10;
-        ++end;
-        break;
-      case 'M':
-      case 'm':
-        v <<= 20;
-        ++end;
-        break;
-      case 'G':
-      case 'g':
-        v <<= 30;
-        ++end;
-        break;
-      default:
-        break;
-    }
-  }
-  if (end == text || *end != '\0') {
-    fmt::print(stderr, "{}: expected a number (K, M, G suffixes allowed), got '{}'\n", flag, text);
+std::uint64_t size_flag(std::string_view flag, const char* text) {
+  const std::optional<std::uint64_t> v = ipcoro::parse_size(text);
+  if (!v) {
+    fmt::print(stderr, "{}: expected a size ({}), got '{}'\n", flag, ipcoro::size_forms, text);
     std::exit(2);
   }
-  return v;
-}
-
-template <class Body>
-pid_t fork_side(const char* name, Body body) {
-  std::fflush(nullptr);
-  const pid_t pid = ::fork();
-  if (pid != 0) return pid;
-  int code = 1;
-  try {
-    ipcoro::io_context ctx;
-    code = body(ctx) ? 0 : 1;
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "{}: {}\n", name, e.what());
-  }
-  std::fflush(nullptr);
-  ::_exit(code);
+  return *v;
 }
 
 }  // namespace
@@ -219,13 +181,13 @@ int main(int argc, char** argv) try {
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (i + 1 < argc && arg == "--bytes")
-      cfg.bytes = parse_size(arg, argv[++i]);
+      cfg.bytes = size_flag(arg, argv[++i]);
     else if (i + 1 < argc && arg == "--message-size")
-      cfg.message_size = parse_size(arg, argv[++i]);
+      cfg.message_size = size_flag(arg, argv[++i]);
     else if (i + 1 < argc && arg == "--ring-size")
-      cfg.ring_size = parse_size(arg, argv[++i]);
+      cfg.ring_size = size_flag(arg, argv[++i]);
     else if (i + 1 < argc && arg == "--spin-us")
-      cfg.spin_us = static_cast<unsigned>(parse_size(arg, argv[++i]));
+      cfg.spin_us = static_cast<unsigned>(size_flag(arg, argv[++i]));
     else {
       fmt::print(stderr, "usage: {} [--bytes N] [--message-size BYTES] [--ring-size BYTES] [--spin-us US]\n",
                  argv[0]);
@@ -249,24 +211,29 @@ int main(int argc, char** argv) try {
                capacity / 1024, cfg.message_size / 1024,
                cfg.spin_us ? fmt::format(", spin {} us", cfg.spin_us) : "");
 
-    // Each side opens the segment by name, as an unrelated program would.
-    const pid_t producer = fork_side("producer", [&](ipcoro::io_context& ctx) {
-      auto s = ipcoro::shm_segment::open(name, layout);
-      ipcoro::sync_wait(ctx, produce(s.payload(), cfg));
-      return true;
-    });
-    const pid_t consumer = fork_side("consumer", [&](ipcoro::io_context& ctx) {
-      auto s = ipcoro::shm_segment::open(name, layout);
-      return ipcoro::sync_wait(ctx, consume(s.payload(), cfg));
-    });
+    // Each side opens the segment by name, as an unrelated program would, on a loop of its own.
+    std::array<ipcoro::process, 2> sides;
+    sides[0] = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto s = ipcoro::shm_segment::open(name, layout);
+          ipcoro::sync_wait(ctx, produce(s.payload(), cfg));
+          return 0;
+        },
+        {.name = "producer"});
+    sides[1] = ipcoro::process::fork(
+        [&] {
+          ipcoro::io_context ctx;
+          auto s = ipcoro::shm_segment::open(name, layout);
+          return ipcoro::sync_wait(ctx, consume(s.payload(), cfg)) ? 0 : 1;
+        },
+        {.name = "consumer"});
+    ipcoro::io_context ctx;
     bool ok = true;
-    for (auto [pid, side] : {std::pair{producer, "producer"}, {consumer, "consumer"}}) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    for (ipcoro::process& side : sides) {
+      if (!ipcoro::sync_wait(ctx, side.wait()).success()) {
         ok = false;
-        fmt::print(stderr, "{} (pid {}) failed\n", side, pid);
+        fmt::print(stderr, "{}\n", side.describe());
       }
     }
     fmt::print("shm_stream: {}\n", ok ? "verified" : "FAILED");

@@ -4,6 +4,7 @@
 #include "ipcoro/detail/wait_list.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/io_context.hpp"
+#include "loop.hpp"
 
 namespace ipcoro::detail {
 
@@ -26,13 +27,13 @@ void waiter::unpark() {
   stop_callback_.reset();  // waits for a callback running on another thread to return
   if (cancel_queued_remotely_) {
     cancel_queued_remotely_ = false;
-    ctx_->forget_calls(this);
+    loop::forget_calls(*ctx_, this);
   }
   if (cancelled_) throw operation_cancelled{};
 }
 
 void waiter::canceller::operator()() const noexcept {
-  if (!self->ctx_->call_on_loop(&cancel_on_loop, self)) self->cancel_queued_remotely_ = true;
+  if (!loop::call_on_loop(*self->ctx_, &cancel_on_loop, self)) self->cancel_queued_remotely_ = true;
 }
 
 void waiter::cancel_on_loop(void* arg) noexcept {
@@ -41,42 +42,28 @@ void waiter::cancel_on_loop(void* arg) noexcept {
   if (self->list_ == nullptr) return;
   self->list_->remove(*self);
   self->cancelled_ = true;
-  self->ctx_->schedule(*self);
+  loop::schedule(*self->ctx_, *self);
 }
 
 void wait_list::push_back(waiter& w) noexcept {
   w.list_ = this;
-  w.next_ = nullptr;
-  w.prev_ = tail_;
-  if (tail_)
-    tail_->next_ = &w;
-  else
-    head_ = &w;
-  tail_ = &w;
+  waiters_.push_back(w);
 }
 
 void wait_list::remove(waiter& w) noexcept {
-  if (w.prev_)
-    w.prev_->next_ = w.next_;
-  else
-    head_ = w.next_;
-  if (w.next_)
-    w.next_->prev_ = w.prev_;
-  else
-    tail_ = w.prev_;
-  w.prev_ = w.next_ = nullptr;
+  waiters_.remove(w);
   w.list_ = nullptr;
 }
 
 void wait_list::wake_one() noexcept {
-  waiter* w = head_;
+  waiter* w = waiters_.pop_front();
   if (w == nullptr) return;
-  remove(*w);
-  w->ctx_->schedule(*w);
+  w->list_ = nullptr;
+  loop::schedule(*w->ctx_, *w);
 }
 
 void wait_list::wake_all() noexcept {
-  while (head_ != nullptr) wake_one();
+  while (!waiters_.empty()) wake_one();
 }
 
 // ---- group_state ----

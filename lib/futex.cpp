@@ -4,6 +4,7 @@
 
 #include "ipcoro/error.hpp"
 #include "ipcoro/io_context.hpp"
+#include "loop.hpp"
 #include "uring/prep.hpp"
 
 #include <linux/futex.h>
@@ -110,14 +111,14 @@ struct futex_fallback {
     op->fallback_result_ = result;
     op->fallback_helper_ = nullptr;
     make_idle_locked(h);
-    op->ctx_->call_on_loop(&complete_on_loop, op);
+    detail::loop::call_on_loop(*op->ctx_, &complete_on_loop, op);
   }
 
   static void complete_on_loop(void* arg) noexcept {
     auto* op = static_cast<futex_wait_operation*>(arg);
     { std::lock_guard barrier(get().lock); }
-    op->ctx_->release_work();
-    op->ctx_->schedule(op->resume_node_);
+    detail::loop::release_work(*op->ctx_);
+    detail::loop::schedule(*op->ctx_, op->resume_node_);
   }
 
   /// Hands `op` to an idle helper, starting one if none is idle. Throws when no thread can
@@ -293,7 +294,7 @@ bool futex_wait_operation::start(std::coroutine_handle<> waiter, const std::stop
   ctx_ = &ctx;
   resume_node_.handle = waiter;
   detail::futex_fallback::get().add(*this);
-  ctx.hold_work();
+  detail::loop::hold_work(ctx);
   // May run at once (a stop requested meanwhile): it then schedules the resumption.
   if (token.stop_possible()) fallback_stop_.emplace(token, fallback_canceller{this});
   return true;
@@ -304,17 +305,17 @@ void futex_wait_operation::fallback_canceller::operator()() const noexcept {
     auto* self = static_cast<futex_wait_operation*>(arg);
     if (!detail::futex_fallback::get().remove(*self)) return;  // the outcome came first and stands
     self->fallback_result_ = -ECANCELED;
-    self->ctx_->release_work();
-    self->ctx_->schedule(self->resume_node_);
+    detail::loop::release_work(*self->ctx_);
+    detail::loop::schedule(*self->ctx_, self->resume_node_);
   };
-  if (!op->ctx_->call_on_loop(cancel_on_loop, op)) op->fallback_cancel_queued_ = true;
+  if (!detail::loop::call_on_loop(*op->ctx_, cancel_on_loop, op)) op->fallback_cancel_queued_ = true;
 }
 
 futex_wait_result futex_wait_operation::finish_fallback() {
   fallback_stop_.reset();  // waits for a callback running on another thread to return
   if (fallback_cancel_queued_) {
     fallback_cancel_queued_ = false;
-    ctx_->forget_calls(this);
+    detail::loop::forget_calls(*ctx_, this);
   }
   switch (fallback_result_) {
     case 0:

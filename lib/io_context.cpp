@@ -2,9 +2,11 @@
 // The io_uring event loop: submission, reaping, the ready queue, detached tasks, shutdown.
 #include "ipcoro/io_context.hpp"
 
-#include "ipcoro/detail/root_task.hpp"
+#include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/error.hpp"
-#include "ipcoro/pipe.hpp"
+#include "ipcoro/sigpipe.hpp"
+#include "ipcoro/unique_fd.hpp"
+#include "loop.hpp"
 #include "setup_error.hpp"
 #include "uring/ring.hpp"
 
@@ -53,12 +55,11 @@ struct io_context::impl {
   uring::ring ring;
   ring_features features;
   counters stats;
-  std::size_t in_flight = 0;                // operations started whose last CQE is not yet reaped
-  std::size_t external_work = 0;            // waits that other threads end through call_on_loop
-  detail::op_base* backlog_head = nullptr;  // operations waiting for SQ space
-  detail::op_base* backlog_tail = nullptr;
-  detail::ready_node* ready_head = nullptr;
-  detail::ready_node* ready_tail = nullptr;
+  std::size_t in_flight = 0;      // operations started whose last CQE is not yet reaped
+  std::size_t external_work = 0;  // waits that other threads end through call_on_loop
+  // Operations waiting for SQ space, and coroutines waiting to be resumed.
+  detail::intrusive_queue<detail::op_base, &detail::op_base::next_pending_> backlog;
+  detail::intrusive_queue<detail::ready_node, &detail::ready_node::next_ready> ready;
   bool stop_requested = false;
   bool stopping = false;
   pid_t owner_pid = ::getpid();
@@ -160,43 +161,31 @@ struct io_context::impl {
   /// cannot take more right now.
   void submit_op(detail::op_base& op) noexcept {
     const unsigned n = sqes_needed(op);
-    if (backlog_head == nullptr) {
+    if (backlog.empty()) {
       if (::io_uring_sqe* sqe = take_sqes(n)) {
         prepare(op, sqe);
         return;
       }
     }
-    op.next_pending_ = nullptr;
-    if (backlog_tail)
-      backlog_tail->next_pending_ = &op;
-    else
-      backlog_head = &op;
-    backlog_tail = &op;
+    backlog.push_back(op);
   }
 
   void flush_backlog() {
-    while (backlog_head != nullptr) {
-      detail::op_base& op = *backlog_head;
-      if (op.cancel_requested_ || stopping) {
-        backlog_head = op.next_pending_;
-        if (backlog_head == nullptr) backlog_tail = nullptr;
-        finish_op(op, -ECANCELED);
+    while (detail::op_base* op = backlog.front()) {
+      if (op->cancel_requested_ || stopping) {
+        backlog.pop_front();
+        finish_op(*op, -ECANCELED);
         continue;
       }
-      ::io_uring_sqe* sqe = take_sqes(sqes_needed(op));
+      ::io_uring_sqe* sqe = take_sqes(sqes_needed(*op));
       if (sqe == nullptr) return;
-      backlog_head = op.next_pending_;
-      if (backlog_head == nullptr) backlog_tail = nullptr;
-      prepare(op, sqe);
+      backlog.pop_front();
+      prepare(*op, sqe);
     }
   }
 
-  bool cancel_from_backlog(detail::op_base& op) noexcept {
-    for (detail::op_base* p = backlog_head; p != nullptr; p = p->next_pending_) {
-      if (p == &op) return true;  // flush_backlog completes it with -ECANCELED
-    }
-    return false;
-  }
+  // flush_backlog completes a cancelled operation it holds with -ECANCELED.
+  bool cancel_from_backlog(detail::op_base& op) noexcept { return backlog.contains(op); }
 
   // ---- completion ----
 
@@ -271,30 +260,15 @@ struct io_context::impl {
   // ---- the ready queue ----
 
   void push_ready(detail::ready_node& node) noexcept {
-    node.next_ready = nullptr;
-    if (ready_tail)
-      ready_tail->next_ready = &node;
-    else
-      ready_head = &node;
-    ready_tail = &node;
+    ready.push_back(node);
     if (notify_fd) notify();
   }
 
   /// Resumes what was ready when called; what those coroutines schedule waits a turn,
   /// so I/O completions are not starved.
   void drain_ready() {
-    detail::ready_node* node = ready_head;
-    detail::ready_node* const last = ready_tail;
-    if (node == nullptr) return;
-    ready_head = last->next_ready;
-    if (ready_head == nullptr) ready_tail = nullptr;
-    for (;;) {
-      detail::ready_node* next = node->next_ready;
-      const bool was_last = node == last;
-      node->handle.resume();  // may free `node`
-      if (was_last) break;
-      node = next;
-    }
+    auto batch = ready.take_all();
+    while (detail::ready_node* node = batch.pop_front()) node->handle.resume();  // may free `node`
   }
 
   // ---- the loop ----
@@ -338,11 +312,10 @@ struct io_context::impl {
     flush_backlog();
     drain_ready();
     flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
+    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
-    const bool must_not_wait = ready_head != nullptr || backlog_head != nullptr;
-    if (must_not_wait && backlog_head == nullptr && ring.sq_ready() == 0 &&
-        ++turns_without_enter < enter_every) {
+    const bool must_not_wait = !ready.empty() || !backlog.empty();
+    if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
       // Only coroutines to resume and nothing to submit: a hand-over between coroutines
       // (an event, an in-process channel) needs no syscall. Entering at least every
       // `enter_every` turns keeps I/O completions from starving: with DEFER_TASKRUN the
@@ -365,11 +338,11 @@ struct io_context::impl {
     flush_backlog();
     drain_ready();
     flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready_head == nullptr) return false;
+    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
     enter(0);
     reap();
-    return in_flight > 0 || external_work > 0 || ready_head != nullptr;
+    return in_flight > 0 || external_work > 0 || !ready.empty();
   }
 
   void enter(unsigned wait_nr) {
@@ -436,7 +409,7 @@ struct io_context::impl {
         ::io_uring_sqe_set_data64(sqe, 0);
       }
     }
-    while (in_flight > 0 || ready_head != nullptr || backlog_head != nullptr || external_work > 0) {
+    while (in_flight > 0 || !ready.empty() || !backlog.empty() || external_work > 0) {
       try {
         if (!turn()) break;
       } catch (const std::exception& ex) {
@@ -580,7 +553,7 @@ bool io_context::poll() {
   m.in_poll = false;
   // Coroutines made ready during this turn, or SQEs that found no room, are the next turn's:
   // the other loop must come back at once rather than sleep.
-  if (m.ready_head != nullptr || m.backlog_head != nullptr || m.ring.sq_ready() > 0) m.notify();
+  if (!m.ready.empty() || !m.backlog.empty() || m.ring.sq_ready() > 0) m.notify();
   m.rethrow_pending();
   return more;
 }
@@ -606,14 +579,15 @@ int io_context::poll_fd() {
   return m.notify_fd.get();
 }
 
-void io_context::run_until(const bool& done) {
-  impl_->stop_requested = false;
+void detail::loop::run_until(io_context& ctx, const bool& done) {
+  io_context::impl& m = *ctx.impl_;
+  m.stop_requested = false;
   while (!done) {
-    if (impl_->stop_requested) {
+    if (m.stop_requested) {
       throw std::logic_error("ipcoro: io_context::stop() called while sync_wait was waiting");
     }
-    const bool more = impl_->turn();
-    impl_->rethrow_pending();
+    const bool more = m.turn();
+    m.rethrow_pending();
     if (!more && !done) {
       throw std::logic_error(
           "ipcoro: deadlock: the awaited task is suspended but nothing is in flight that could resume it");
@@ -621,30 +595,20 @@ void io_context::run_until(const bool& done) {
   }
 }
 
-namespace {
-detail::root_task run_detached(task<void> t, io_context::impl* owner) {
-  try {
-    co_await std::move(t);
-  } catch (const operation_cancelled&) {
-    if (!owner->stopping) owner->report(std::current_exception());
-  } catch (...) {
-    owner->report(std::current_exception());
-  }
+std::stop_token detail::loop::detached_started(io_context& ctx) noexcept {
+  ++ctx.impl_->detached_alive;
+  return ctx.impl_->detached_stop.get_token();
 }
 
-std::coroutine_handle<> detached_done(void* owner) noexcept {
-  --static_cast<io_context::impl*>(owner)->detached_alive;
-  return std::noop_coroutine();
-}
-}  // namespace
+void detail::loop::detached_finished(io_context& ctx) noexcept { --ctx.impl_->detached_alive; }
 
-void io_context::spawn(task<void> t) {
-  if (!t.valid()) throw std::invalid_argument("ipcoro::io_context::spawn: empty task");
-  ++impl_->detached_alive;
-  run_detached(std::move(t), impl_.get())
-      .start(impl_->detached_stop.get_token(), &detached_done, impl_.get());
-  // It ran up to its first wait here, outside the loop: what it queued waits for a turn.
-  if (impl_->notify_fd) impl_->notify();
+void detail::loop::detached_failed(io_context& ctx, std::exception_ptr e, bool cancelled) noexcept {
+  if (cancelled && ctx.impl_->stopping) return;
+  ctx.impl_->report(std::move(e));
+}
+
+void detail::loop::started_outside_loop(io_context& ctx) noexcept {
+  if (ctx.impl_->notify_fd) ctx.impl_->notify();
 }
 
 void io_context::set_error_handler(std::function<void(std::exception_ptr)> handler) {
@@ -655,48 +619,51 @@ io_context::counters io_context::stats() const noexcept { return impl_->stats; }
 const ring_features& io_context::features() const noexcept { return impl_->features; }
 bool io_context::stopping() const noexcept { return impl_->stopping; }
 
-bool io_context::start_op(detail::op_base& op) {
-  if (impl_->stopping) {
+bool detail::loop::start_op(io_context& ctx, op_base& op) {
+  io_context::impl& m = *ctx.impl_;
+  if (m.stopping) {
     op.result_ = -ECANCELED;
     return false;
   }
-  op.ctx_ = this;
-  ++impl_->in_flight;
-  impl_->submit_op(op);
+  op.ctx_ = &ctx;
+  ++m.in_flight;
+  m.submit_op(op);
   return true;
 }
 
-void io_context::cancel_op(detail::op_base& op) noexcept {
+void detail::loop::cancel_op(io_context& ctx, op_base& op) noexcept {
   op.cancel_requested_ = true;
-  if (op.waiting_for_timer_ || impl_->cancel_from_backlog(op)) return;
-  impl_->cancel_now(op);
+  if (op.waiting_for_timer_ || ctx.impl_->cancel_from_backlog(op)) return;
+  ctx.impl_->cancel_now(op);
 }
 
-void io_context::schedule(detail::ready_node& node) noexcept { impl_->push_ready(node); }
+void detail::loop::schedule(io_context& ctx, ready_node& node) noexcept { ctx.impl_->push_ready(node); }
 
-bool io_context::call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept {
-  if (current_context == this) {
+bool detail::loop::call_on_loop(io_context& ctx, void (*fn)(void*) noexcept, void* arg) noexcept {
+  if (current_context == &ctx) {
     fn(arg);
     return true;
   }
+  io_context::impl& m = *ctx.impl_;
   try {
-    std::lock_guard lock(impl_->remote_mutex);
-    impl_->remote_calls.push_back({fn, arg});
+    std::lock_guard lock(m.remote_mutex);
+    m.remote_calls.push_back({fn, arg});
   } catch (...) {
     std::fprintf(stderr, "ipcoro: out of memory queueing a cross-thread stop request\n");
     std::terminate();
   }
   const std::uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = ::write(impl_->wake_fd.get(), &one, sizeof one);
+  [[maybe_unused]] ssize_t n = ::write(m.wake_fd.get(), &one, sizeof one);
   return false;
 }
 
-void io_context::hold_work() noexcept { ++impl_->external_work; }
-void io_context::release_work() noexcept { --impl_->external_work; }
+void detail::loop::hold_work(io_context& ctx) noexcept { ++ctx.impl_->external_work; }
+void detail::loop::release_work(io_context& ctx) noexcept { --ctx.impl_->external_work; }
 
-void io_context::forget_calls(void* arg) noexcept {
-  std::lock_guard lock(impl_->remote_mutex);
-  std::erase_if(impl_->remote_calls, [arg](const impl::remote_call& c) { return c.arg == arg; });
+void detail::loop::forget_calls(io_context& ctx, void* arg) noexcept {
+  io_context::impl& m = *ctx.impl_;
+  std::lock_guard lock(m.remote_mutex);
+  std::erase_if(m.remote_calls, [arg](const io_context::impl::remote_call& c) { return c.arg == arg; });
 }
 
 }  // namespace ipcoro

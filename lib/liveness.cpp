@@ -3,6 +3,7 @@
 #include "liveness.hpp"
 
 #include "ipcoro/error.hpp"
+#include "ipcoro/hash.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -17,8 +18,21 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string_view>
 
 namespace ipcoro::detail {
+
+std::uint64_t boot_id_hash() noexcept {
+  static const std::uint64_t hash = [] {
+    char text[64] = {};
+    std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re");
+    if (f == nullptr) return std::uint64_t{1};
+    const std::size_t n = std::fread(text, 1, sizeof text - 1, f);
+    std::fclose(f);
+    return n == 0 ? std::uint64_t{1} : (fnv1a(std::string_view{text, n}) | 1);
+  }();
+  return hash;
+}
 
 int read_proc_stat(pid_t pid, proc_stat_fields& out) noexcept {
   char path[48];

@@ -39,8 +39,7 @@ bool pid_running(pid_t pid) noexcept;
 bool write_ends_closed(int fd) noexcept;
 
 /// A hash of /proc/sys/kernel/random/boot_id, or 1 when it cannot be read (then every
-/// identity looks like this boot's, which errs on the side of "alive"). Defined in
-/// region.cpp, beside the hash it uses.
+/// identity looks like this boot's, which errs on the side of "alive").
 std::uint64_t boot_id_hash() noexcept;
 
 /// Fields 3 (state, 'Z' for a zombie) and 22 (start time in clock ticks since boot) of

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
 // mq_demux: routes labelled messages of one queue to the consumers waiting for each label.
+#include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/mqueue.hpp"
 
@@ -21,8 +22,7 @@ struct mq_demux::slot {
 
 struct mq_demux::label_state {
   detail::wait_list waiters;
-  slot* head = nullptr;  ///< held messages, oldest first
-  slot* tail = nullptr;
+  detail::intrusive_queue<slot, &slot::next> held_slots;  ///< oldest first
   std::size_t held = 0;
   std::size_t reserved = 0;  ///< held messages promised to consumers already woken
   std::size_t waiting = 0;   ///< consumers parked with nothing reserved
@@ -115,13 +115,8 @@ void mq_demux::deliver(slot& s, const mq_message& m) {
                             queue_->name(), label, labels_ - 1, m.size, m.priority));
   }
   s.message = {m.size - mq_label_header_size, m.priority};
-  s.next = nullptr;
   label_state& st = states_[label];
-  if (st.tail != nullptr)
-    st.tail->next = &s;
-  else
-    st.head = &s;
-  st.tail = &s;
+  st.held_slots.push_back(s);
   ++st.held;
   ++held_total_;
   // A consumer cancelled but not yet resumed has left the list already: it gets nothing.
@@ -159,9 +154,7 @@ std::optional<mq_message> mq_demux::take(mq_demux_receive_operation& op) {
     return std::nullopt;  // ended, with nothing left for this label
   }
   if (granted) --st.reserved;
-  slot* s = st.head;
-  st.head = s->next;
-  if (st.head == nullptr) st.tail = nullptr;
+  slot* s = st.held_slots.pop_front();
   --st.held;
   --held_total_;
   const mq_message m = s->message;

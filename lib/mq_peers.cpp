@@ -3,14 +3,16 @@
 // reading who is alive, with the process identities of region.hpp.
 #include "mq_peers.hpp"
 
-#include "ipcoro/codec.hpp"
+#include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/detail/region.hpp"
 #include "ipcoro/error.hpp"
+#include "ipcoro/hash.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/shm_ring.hpp"
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
+#include "loop.hpp"
 
 #include "liveness.hpp"
 
@@ -242,7 +244,7 @@ mq_peers::verdict mq_peers::peers() const noexcept {
 
 /// The waits of this thread to look at, and whether a ticker runs for them.
 struct mq_ticker {
-  mq_watched_wait* head = nullptr;
+  intrusive_queue<mq_watched_wait, &mq_watched_wait::next_, &mq_watched_wait::prev_> waits;
   bool running = false;
 
   static mq_ticker& of_thread() noexcept {
@@ -253,7 +255,7 @@ struct mq_ticker {
   /// Wakes every check interval while waits are registered, and cancels those that are due.
   static task<void> run(pooled_frame, mq_ticker& t) {
     const std::stop_token stop = co_await get_stop_token();
-    while (t.head != nullptr && !stop.stop_requested()) {
+    while (!t.waits.empty() && !stop.stop_requested()) {
       try {
         co_await sleep_for(ring_options{}.peer_check_interval);
       } catch (const operation_cancelled&) {
@@ -262,10 +264,10 @@ struct mq_ticker {
       io_context& ctx = io_context::current();
       if (ctx.stopping()) break;
       // cancel_op never resumes a waiter from here: the list stays as it is meanwhile.
-      for (mq_watched_wait* w = t.head; w != nullptr; w = w->next_) {
+      for (mq_watched_wait* w = t.waits.front(); w != nullptr; w = w->next_) {
         if (!w->fired_ && w->due()) {
           w->fired_ = true;
-          ctx.cancel_op(w->op_);
+          loop::cancel_op(ctx, w->op_);
         }
       }
     }
@@ -276,9 +278,7 @@ struct mq_ticker {
 mq_watched_wait::mq_watched_wait(const mq_peers& peers, op_base& op, waits_for what)
     : peers_(peers), op_(op), what_(what) {
   mq_ticker& t = mq_ticker::of_thread();
-  next_ = t.head;
-  if (next_ != nullptr) next_->prev_ = this;
-  t.head = this;
+  t.waits.push_back(*this);
   if (!t.running) {
     t.running = true;  // first: the ticker may run up to its first sleep inside spawn()
     try {
@@ -293,14 +293,7 @@ mq_watched_wait::mq_watched_wait(const mq_peers& peers, op_base& op, waits_for w
 
 mq_watched_wait::~mq_watched_wait() { unlink(mq_ticker::of_thread()); }
 
-void mq_watched_wait::unlink(mq_ticker& t) noexcept {
-  if (prev_ != nullptr) {
-    prev_->next_ = next_;
-  } else {
-    t.head = next_;
-  }
-  if (next_ != nullptr) next_->prev_ = prev_;
-}
+void mq_watched_wait::unlink(mq_ticker& t) noexcept { t.waits.remove(*this); }
 
 bool mq_watched_wait::due() const noexcept {
   if (what_ == waits_for::data && peers_.ended()) return true;

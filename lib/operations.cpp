@@ -4,6 +4,9 @@
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/timer.hpp"
+#include "loop.hpp"
+#include "uring/prep.hpp"
+#include "waitid_operation.hpp"
 
 #include <liburing.h>
 #include <poll.h>
@@ -45,7 +48,7 @@ bool op_awaiter_base::begin(std::coroutine_handle<> waiter, const std::stop_toke
   }
   io_context& ctx = io_context::current();
   ctx_ = &ctx;
-  if (!ctx.start_op(*this)) return false;
+  if (!loop::start_op(ctx, *this)) return false;
   if (token.stop_possible()) stop_callback_.emplace(token, canceller{this});
   return true;
 }
@@ -54,7 +57,7 @@ int op_awaiter_base::end() {
   stop_callback_.reset();  // waits for a callback running on another thread to return
   if (cancel_queued_remotely_) {
     cancel_queued_remotely_ = false;
-    ctx_->forget_calls(static_cast<op_base*>(this));
+    loop::forget_calls(*ctx_, static_cast<op_base*>(this));
   }
   if (result_ == -ECANCELED) {
     const bool shutting_down = ctx_ != nullptr && ctx_->stopping();
@@ -77,12 +80,12 @@ void op_awaiter_base::set_deadline(std::int64_t monotonic_nanoseconds) noexcept 
 }
 
 void op_awaiter_base::canceller::operator()() const noexcept {
-  if (!op->ctx_->call_on_loop(&cancel_on_loop, op)) op->cancel_queued_remotely_ = true;
+  if (!loop::call_on_loop(*op->ctx_, &cancel_on_loop, op)) op->cancel_queued_remotely_ = true;
 }
 
 void op_awaiter_base::cancel_on_loop(void* op) noexcept {
   auto* self = static_cast<op_base*>(op);
-  self->ctx_->cancel_op(*self);
+  loop::cancel_op(*self->ctx_, *self);
 }
 
 }  // namespace detail
@@ -293,6 +296,13 @@ void nop_operation::prep(detail::op_base&, ::io_uring_sqe* sqe) noexcept { ::io_
 
 void nop_operation::finish(int res) const {
   if (res < 0) throw_errno(-res, "nop");
+}
+
+// ---- waitid ----
+
+void detail::waitid_operation::prep(op_base& op, ::io_uring_sqe* sqe) noexcept {
+  auto& self = static_cast<waitid_operation&>(op);
+  uring::prep_waitid(sqe, P_PIDFD, static_cast<id_t>(self.pidfd_), &self.info_, WEXITED | WNOWAIT);
 }
 
 // ---- timer ----

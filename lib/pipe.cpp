@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Anonymous pipes: creation, capacity, the duplex pair, and SIGPIPE.
+// Anonymous pipes: creation, capacity and the duplex pair.
 #include "ipcoro/pipe.hpp"
 
 #include "ipcoro/error.hpp"
@@ -7,13 +7,11 @@
 
 #include <fcntl.h>
 #include <fmt/core.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <climits>
 #include <cstdio>
-#include <mutex>
 
 namespace ipcoro {
 
@@ -23,20 +21,6 @@ std::size_t read_proc_size(const char* path, std::size_t fallback) {
   return v >= 0 ? static_cast<std::size_t>(v) : fallback;
 }
 }  // namespace
-
-void ignore_sigpipe() noexcept {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    struct sigaction old {};
-    if (::sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL &&
-        (old.sa_flags & SA_SIGINFO) == 0) {
-      struct sigaction ign {};
-      ign.sa_handler = SIG_IGN;
-      sigemptyset(&ign.sa_mask);
-      ::sigaction(SIGPIPE, &ign, nullptr);
-    }
-  });
-}
 
 std::size_t pipe_max_size() { return read_proc_size("/proc/sys/fs/pipe-max-size", 1u << 20); }
 

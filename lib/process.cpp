@@ -6,7 +6,7 @@
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/unique_fd.hpp"
-#include "uring/prep.hpp"
+#include "waitid_operation.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -99,23 +99,6 @@ std::optional<exit_status> reap_if_exited(process::state& s) {
   return s.status;
 }
 
-/// IORING_OP_WAITID with WNOWAIT: completes when the child has exited, but leaves the
-/// reaping to reap_if_exited(). So a cancellation that races with the exit can never
-/// swallow a status, and several waits on one child all see it.
-class waitid_operation : public io_operation<waitid_operation> {
- public:
-  explicit waitid_operation(int pidfd) noexcept : io_operation(&prep), pidfd_(pidfd) {}
-  int finish(int res) const noexcept { return res; }
-
- private:
-  static void prep(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
-    auto& self = static_cast<waitid_operation&>(op);
-    uring::prep_waitid(sqe, P_PIDFD, static_cast<id_t>(self.pidfd_), &self.info_, WEXITED | WNOWAIT);
-  }
-  siginfo_t info_{};
-  int pidfd_;
-};
-
 using deadline_t = std::optional<std::chrono::steady_clock::time_point>;
 
 task<exit_status> wait_for_exit(process::state* s, deadline_t deadline) {
@@ -127,7 +110,8 @@ task<exit_status> wait_for_exit(process::state* s, deadline_t deadline) {
     if (s->status) co_return *s->status;
     int res = 0;
     if (process_waits_use_ring()) {
-      waitid_operation op{s->pidfd.get()};
+      // WNOWAIT: the reaping is reap_if_exited()'s, whichever wait gets there first.
+      detail::waitid_operation op{s->pidfd.get()};
       if (deadline) {
         res = co_await op.with_deadline(*deadline);
       } else {

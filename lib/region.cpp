@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
-// The region header (create, validate, map), the boot id of identities, and bounds-check errors.
+// The region header (create, validate, map) and bounds-check errors.
 #include "ipcoro/detail/region.hpp"
 
 #include "ipcoro/error.hpp"
+#include "ipcoro/hash.hpp"
 #include "ipcoro/unique_fd.hpp"
 
 #include "liveness.hpp"
@@ -23,6 +24,7 @@
 #include <limits>
 #include <new>
 #include <optional>
+#include <span>
 #include <string_view>
 #include <utility>
 
@@ -33,14 +35,8 @@ namespace {
 constexpr std::size_t checksum_begin = offsetof(region_header, header_version);
 constexpr std::size_t checksum_end = offsetof(region_header, checksum);
 
-std::uint64_t fnv1a(const void* data, std::size_t size, std::uint64_t h = 14695981039346656037ull) noexcept {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (std::size_t i = 0; i < size; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
 std::uint64_t header_checksum(const region_header& h) noexcept {
-  return fnv1a(reinterpret_cast<const std::byte*>(&h) + checksum_begin, checksum_end - checksum_begin);
+  return fnv1a(std::as_bytes(std::span{&h, 1}).subspan(checksum_begin, checksum_end - checksum_begin));
 }
 
 std::string size_text(std::uint64_t bytes) {
@@ -52,20 +48,6 @@ std::string size_text(std::uint64_t bytes) {
 }
 
 }  // namespace
-
-// ---- the boot of a process identity (see liveness.hpp) ----
-
-std::uint64_t boot_id_hash() noexcept {
-  static const std::uint64_t hash = [] {
-    char text[64] = {};
-    std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re");
-    if (f == nullptr) return std::uint64_t{1};
-    const std::size_t n = std::fread(text, 1, sizeof text - 1, f);
-    std::fclose(f);
-    return n == 0 ? std::uint64_t{1} : (fnv1a(text, n) | 1);
-  }();
-  return hash;
-}
 
 // ---- bounds ----
 

@@ -2,6 +2,8 @@
 // sync_wait's loop driver: runs the io_context until the task is done, unwinding on failure.
 #include "ipcoro/sync_wait.hpp"
 
+#include "loop.hpp"
+
 #include <exception>
 #include <stdexcept>
 #include <stop_token>
@@ -10,7 +12,7 @@ namespace ipcoro {
 
 void detail::drive(io_context& ctx, const bool& done, std::stop_source& source) {
   try {
-    ctx.run_until(done);
+    detail::loop::run_until(ctx, done);
   } catch (...) {
     std::exception_ptr first = std::current_exception();
     source.request_stop();
@@ -18,7 +20,7 @@ void detail::drive(io_context& ctx, const bool& done, std::stop_source& source) 
     // use-after-free: let it unwind through cancellation first.
     while (!done) {
       try {
-        ctx.run_until(done);
+        detail::loop::run_until(ctx, done);
       } catch (const std::logic_error&) {
         break;  // nothing in flight: the frames are safe to leave
       } catch (...) {

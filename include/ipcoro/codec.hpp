@@ -2,6 +2,8 @@
 // codec: how a channel turns values into bytes and back, and how peers recognise a type.
 #pragma once
 
+#include "ipcoro/hash.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -30,11 +32,6 @@ constexpr std::string_view spelled_type_name() noexcept {
   constexpr std::size_t start = signature.find(key) + key.size();
   constexpr std::size_t end = signature.find_first_of(";]", start);
   return signature.substr(start, end - start);
-}
-
-constexpr std::uint64_t fnv1a(std::string_view text, std::uint64_t h = 14695981039346656037ull) noexcept {
-  for (char c : text) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
-  return h;
 }
 
 [[noreturn]] void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got);
@@ -153,7 +150,7 @@ struct type_identity {
 template <encodable T>
 type_identity identity_of() {
   type_identity id{codec<T>::type_name(), codec<T>::version, 0};
-  id.fingerprint = detail::fnv1a(id.name) ^ (static_cast<std::uint64_t>(id.version) * 0x9e3779b97f4a7c15ull);
+  id.fingerprint = fnv1a(id.name) ^ (static_cast<std::uint64_t>(id.version) * 0x9e3779b97f4a7c15ull);
   return id;
 }
 

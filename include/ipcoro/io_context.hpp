@@ -2,8 +2,7 @@
 // io_context: the per-thread io_uring event loop that resumes coroutines.
 #pragma once
 
-#include "ipcoro/detail/op_base.hpp"
-#include "ipcoro/task.hpp"
+#include "ipcoro/version.hpp"
 
 #include <chrono>
 #include <cstdint>
@@ -12,6 +11,13 @@
 #include <memory>
 
 namespace ipcoro {
+
+template <class T>
+class task;
+
+namespace detail {
+struct loop;
+}
 
 /// What the kernel offered when the ring was set up (probed once, at construction).
 struct ring_features {
@@ -95,6 +101,7 @@ class io_context {
 
   /// Starts `t` detached: the io_context owns it until it finishes. Its failure goes to
   /// the error handler (by default: rethrown from `run()` / `sync_wait`), never swallowed.
+  /// (Declared with task incomplete: whoever makes a task has included ipcoro/task.hpp.)
   void spawn(task<void> t);
   /// Receives every exception a detached task ends with.
   void set_error_handler(std::function<void(std::exception_ptr)> handler);
@@ -104,32 +111,9 @@ class io_context {
   /// True while the destructor cancels and drains.
   bool stopping() const noexcept;
 
-  // ---- used by the library's awaitables; not part of the user-facing API ----
-  /// Queues `op`'s SQE (and its linked timeout). Returns false when the context is
-  /// shutting down; `op.result_` then holds -ECANCELED.
-  bool start_op(detail::op_base& op);
-  /// Asks the kernel to cancel `op`; its CQE still arrives and resumes it.
-  void cancel_op(detail::op_base& op) noexcept;
-  /// Resumes `node.handle` from the loop, after what is already queued.
-  void schedule(detail::ready_node& node) noexcept;
-  /// Runs `fn(arg)` on the loop's thread: at once when called there (returns true);
-  /// from any other thread it is queued, the loop is woken through an eventfd, and it
-  /// runs on the loop's next turn (returns false). This is how a std::stop_source
-  /// triggered on another thread reaches the ring, which only its own thread may touch.
-  bool call_on_loop(void (*fn)(void*) noexcept, void* arg) noexcept;
-  /// Drops queued calls whose argument is `arg`, before the object behind it goes away.
-  void forget_calls(void* arg) noexcept;
-  /// Counts a wait that another thread will end through call_on_loop (a fallback that
-  /// cannot use the ring): while held, run() keeps waiting and sync_wait sees no deadlock.
-  void hold_work() noexcept;
-  void release_work() noexcept;
-  /// Runs the loop until `done` turns true. Throws std::logic_error if nothing is left
-  /// that could make it true (a deadlock), and rethrows detached-task failures.
-  void run_until(const bool& done);
-
-  struct impl;
-
  private:
+  struct impl;
+  friend struct detail::loop;  // the library's awaitables reach the ring through it (lib/loop.hpp)
   std::unique_ptr<impl> impl_;
 };
 

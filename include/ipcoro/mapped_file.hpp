@@ -17,6 +17,7 @@
 #pragma once
 
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/region_layout.hpp"
 
 #include <sys/types.h>
 

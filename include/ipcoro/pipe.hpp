@@ -4,6 +4,7 @@
 #pragma once
 
 #include "ipcoro/fd_io.hpp"
+#include "ipcoro/sigpipe.hpp"
 #include "ipcoro/unique_fd.hpp"
 
 #include <cstddef>
@@ -123,10 +124,5 @@ struct duplex_pair {
 
 /// Two connected duplex ends, from two pipes.
 [[nodiscard]] duplex_pair make_duplex_pipe(const pipe_options& opts = {});
-
-/// Makes sure a write to a pipe without reader fails with EPIPE instead of killing the
-/// process: sets SIGPIPE to SIG_IGN if it still has its default action (a handler the
-/// program installed is left alone). Called by io_context and make_pipe; idempotent.
-void ignore_sigpipe() noexcept;
 
 }  // namespace ipcoro

@@ -278,7 +278,7 @@ class shared_object {
   }
   /// T's identity folded to 32 bits: its name as the compiler spells it, and its size.
   static constexpr std::uint32_t type_tag_of() noexcept {
-    const std::uint64_t h = detail::fnv1a(detail::spelled_type_name<T>(), detail::fnv1a("shared_object")) ^
+    const std::uint64_t h = fnv1a(detail::spelled_type_name<T>(), fnv1a("shared_object")) ^
                             (std::uint64_t{sizeof(T)} * 0x9e3779b97f4a7c15ull);
     return static_cast<std::uint32_t>(h ^ (h >> 32));
   }

@@ -24,6 +24,7 @@
 #pragma once
 
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/region_layout.hpp"
 
 #include <sys/types.h>
 

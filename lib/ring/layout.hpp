@@ -2,6 +2,7 @@
 // The rings' shared-memory ABI: the header, record and slot layouts, and their assertions.
 #pragma once
 
+#include "ipcoro/hash.hpp"
 #include "ipcoro/shm_ring.hpp"
 
 #include <sys/types.h>
@@ -9,6 +10,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 
 namespace ipcoro::detail {
 
@@ -118,10 +120,7 @@ constexpr std::size_t mpmc_stride(std::size_t max_message) noexcept {
 }
 
 inline std::uint64_t config_check(const ring_config& c) noexcept {
-  std::uint64_t h = 14695981039346656037ull;
-  const auto* p = reinterpret_cast<const unsigned char*>(&c);
-  for (std::size_t i = 0; i < offsetof(ring_config, check); ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
+  return fnv1a(std::as_bytes(std::span{&c, 1}).first(offsetof(ring_config, check)));
 }
 
 // The start time a participant word keeps (see participant_word).

@@ -167,12 +167,7 @@ void fill_pattern(std::span<std::byte> out, std::uint64_t seed, std::uint64_t of
   for (; i < n; ++i) out[i] = pattern_byte(seed, offset + i);
 }
 
-void checksum::update(std::span<const std::byte> data) noexcept {
-  for (std::byte b : data) {
-    h_ ^= static_cast<std::uint64_t>(b);
-    h_ *= 1099511628211ull;
-  }
-}
+void checksum::update(std::span<const std::byte> data) noexcept { h_ = fnv1a(data, h_); }
 
 namespace {
 

@@ -3,6 +3,8 @@
 // and counted payloads with checksums.
 #pragma once
 
+#include "ipcoro/hash.hpp"
+
 #include <sys/types.h>
 
 #include <chrono>
@@ -123,7 +125,7 @@ class checksum {
   std::uint64_t value() const noexcept { return h_; }
 
  private:
-  std::uint64_t h_ = 14695981039346656037ull;
+  std::uint64_t h_ = fnv1a_basis;
 };
 
 }  // namespace ipcoro::test

@@ -19,6 +19,8 @@ class io_context;
 
 namespace ipcoro::detail {
 
+struct loop;
+
 /// An entry in the io_context's queue of coroutines to resume; lives in an awaiter.
 struct ready_node {
   ready_node* next_ready = nullptr;
@@ -44,27 +46,37 @@ class op_base {
   op_base(const op_base&) = delete;
   op_base& operator=(const op_base&) = delete;
 
-  prep_fn prep_;
-  progress_fn progress_;
-  attempt_fn attempt_;
+  bool has_deadline() const noexcept { return deadline_.tv_sec != 0 || deadline_.tv_nsec != 0; }
+
+ protected:
+  // What an operation sets up before it is submitted, and reads back after.
   std::coroutine_handle<> waiter_;
   io_context* ctx_ = nullptr;
-  op_base* next_pending_ = nullptr;  ///< link in the io_context's backlog while the SQ is full
-  ::__kernel_timespec deadline_{};   ///< absolute CLOCK_MONOTONIC; tv_sec == 0: no deadline
+  ::__kernel_timespec deadline_{};  ///< absolute CLOCK_MONOTONIC; tv_sec == 0: no deadline
   int result_ = 0;
   int retry_fd_ = -1;                    ///< descriptor to poll before retrying -EAGAIN
   std::uint16_t retry_poll_events_ = 0;  ///< POLLIN/POLLOUT to await before retrying -EAGAIN
-  bool cancel_requested_ = false;
-  bool cancel_queued_remotely_ = false;  ///< a stop request from another thread is queued
   /// The request runs in an io_uring worker thread (IOSQE_ASYNC), where a linked timeout
   /// does not interrupt it; its deadline is a separate timer that cancels it explicitly.
   bool worker_bound_ = false;
-  bool timer_armed_ = false;        ///< the separate deadline timer's CQE is still to come
-  bool waiting_for_timer_ = false;  ///< finished, but the timer's CQE must be reaped first
   /// An expired deadline is an ordinary outcome (finish() sees -ETIMEDOUT), not timed_out.
   bool timeout_is_result_ = false;
 
-  bool has_deadline() const noexcept { return deadline_.tv_sec != 0 || deadline_.tv_nsec != 0; }
+ private:
+  // The loop's bookkeeping: only the io_context (lib/io_context.cpp, lib/loop.hpp) and the
+  // awaiter base (lib/operations.cpp) touch it.
+  friend class ipcoro::io_context;
+  friend struct loop;
+  friend class op_awaiter_base;
+
+  prep_fn prep_;
+  progress_fn progress_;
+  attempt_fn attempt_;
+  op_base* next_pending_ = nullptr;  ///< link in the io_context's backlog while the SQ is full
+  bool cancel_requested_ = false;
+  bool cancel_queued_remotely_ = false;  ///< a stop request from another thread is queued
+  bool timer_armed_ = false;             ///< the separate deadline timer's CQE is still to come
+  bool waiting_for_timer_ = false;       ///< finished, but the timer's CQE must be reaped first
 };
 
 /// The non-template half of every awaitable operation: starting, cancelling, finishing.

@@ -3,6 +3,8 @@
 // survive pid reuse, and bounds-checked access to memory another process can write.
 #pragma once
 
+#include "ipcoro/region_layout.hpp"
+
 #include <sys/types.h>
 
 #include <cstddef>
@@ -11,18 +13,7 @@
 #include <string>
 #include <type_traits>
 
-namespace ipcoro {
-
-/// What a region holds, checked on open: a user-chosen type tag (say which kind of object
-/// lives in the payload), the layout version of that object, and the payload size in bytes.
-/// When opening, `payload_size == 0` accepts whatever size the creator chose.
-struct region_layout {
-  std::uint32_t type_tag = 0;
-  std::uint32_t version = 0;
-  std::uint64_t payload_size = 0;
-};
-
-namespace detail {
+namespace ipcoro::detail {
 
 /// A process, named so that a reused pid is not mistaken for it: the pid, the start time
 /// of that process (clock ticks after boot, /proc/<pid>/stat field 22) and the boot it ran
@@ -142,5 +133,4 @@ T& checked_object(std::span<std::byte> region, std::uint64_t offset, const char*
   return *reinterpret_cast<T*>(region.data() + offset);
 }
 
-}  // namespace detail
-}  // namespace ipcoro
+}  // namespace ipcoro::detail

@@ -2,6 +2,7 @@
 // wait_list: the FIFO of suspended coroutines behind event, semaphore and mutex.
 #pragma once
 
+#include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/detail/op_base.hpp"
 #include "ipcoro/task.hpp"
 
@@ -46,7 +47,7 @@ class waiter : public ready_node {
 
 class wait_list {
  public:
-  bool empty() const noexcept { return head_ == nullptr; }
+  bool empty() const noexcept { return waiters_.empty(); }
   /// Unlinks the oldest waiter and schedules it on this thread's io_context.
   void wake_one() noexcept;
   void wake_all() noexcept;
@@ -56,8 +57,7 @@ class wait_list {
   void push_back(waiter& w) noexcept;
   void remove(waiter& w) noexcept;
 
-  waiter* head_ = nullptr;
-  waiter* tail_ = nullptr;
+  intrusive_queue<waiter, &waiter::next_, &waiter::prev_> waiters_;
 };
 
 }  // namespace ipcoro::detail
