@@ -22,6 +22,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <iterator>
@@ -132,6 +133,11 @@ kernel_version running_kernel() {
     throw std::runtime_error("cannot read the kernel version from uname");
   }
   return v;
+}
+
+bool no_defer_taskrun_forced() noexcept {
+  const char* v = std::getenv("IPCORO_NO_DEFER_TASKRUN");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
 }
 
 std::string unique_name(const std::string& tag) {
