@@ -169,9 +169,9 @@ TEST_CASE("one thread's asio run() serves a TCP echo and an ipcoro shm channel t
     if (ctx.features().futex && !ipcoro::test::futex_fallback_forced()) {
       CHECK(p.most_threads == 1);
     } else {
-      // The futex fallback parks each ring wait in a helper thread (docs/shared-memory.md):
-      // this process has one wait parked at a time.
-      CHECK(p.most_threads <= 2);
+      // The futex fallback parks each ring wait in a helper thread (docs/shared-memory.md),
+      // and starts 4 at its first wait; this process never has more than one wait parked.
+      CHECK(p.most_threads <= 5);
     }
     CHECK(child.wait() == 0);
   }
