@@ -197,7 +197,7 @@ bool mq_demux_receive_operation::suspend(std::coroutine_handle<> h, const std::s
   return true;
 }
 
-std::optional<mq_message> mq_demux_receive_operation::await_resume() {
+std::optional<mq_message> mq_demux_receive_operation::resume_untimed() {
   if (error_ == EINVAL) {
     throw_errno(EINVAL, fmt::format("mq_demux on queue {}: label {} is not below the demux's label count {}",
                                     demux_.queue_->name(), label_, demux_.labels_));
@@ -239,12 +239,6 @@ std::optional<mq_message> mq_demux_receive_operation::await_resume() {
     }
   }
   return demux_.take(*this);
-}
-
-task<std::optional<mq_message>> mq_demux_receive_operation::again(detail::pooled_frame, mq_demux& demux,
-                                                                  std::uint32_t label,
-                                                                  std::span<std::byte> buffer) {
-  co_return co_await demux.receive(label, buffer);
 }
 
 }  // namespace ipcoro

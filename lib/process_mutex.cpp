@@ -117,7 +117,8 @@ process_mutex_guard process_mutex_lock_operation::await_resume() {
   return inner_->await_resume();
 }
 
-task<process_mutex_guard> process_mutex_lock_operation::lock_contended(process_mutex_state& s,
+task<process_mutex_guard> process_mutex_lock_operation::lock_contended(detail::pooled_frame,
+                                                                       process_mutex_state& s,
                                                                        process_mutex_options opts,
                                                                        std::int64_t deadline_ns) {
   const std::uint32_t me = my_word();
@@ -186,11 +187,5 @@ bool process_mutex::holder_alive() const noexcept {
   return c != 0 && !holder_dead(*state_, c);
 }
 
-std::int64_t process_mutex::deadline_after(std::chrono::nanoseconds timeout) noexcept {
-  const std::int64_t now = monotonic_ns();
-  const std::int64_t t = timeout.count();
-  return t >= std::numeric_limits<std::int64_t>::max() - now ? std::numeric_limits<std::int64_t>::max()
-                                                             : now + t;
-}
 
 }  // namespace ipcoro

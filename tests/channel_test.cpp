@@ -641,7 +641,7 @@ TEST_CASE("bad channel addresses are refused with a message saying what is expec
   }
   const ipcoro::channel_address a =
       ipcoro::channel_address::parse("shm:/frames?capacity=4m&ring=mpmc&mode=0640&message_size=2k");
-  CHECK(a.transport == ipcoro::channel_transport::shm);
+  CHECK(a.scheme == "shm");
   CHECK(a.name == "/frames");
   CHECK(a.capacity == std::size_t{4} << 20);
   CHECK(a.message_size == 2048);

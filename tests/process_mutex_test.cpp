@@ -200,7 +200,7 @@ TEST_CASE(
   ipcoro::io_context ctx;
   ipcoro::sync_wait(ctx, [&]() -> task<void> {
     {
-      auto v = co_await obj.lock_for(10s);
+      auto v = co_await obj.lock().with_timeout(10s);
       CHECK(v.took_over());
       CHECK(v.inconsistent());
       CHECK(v->half_done == 1);
@@ -254,7 +254,7 @@ TEST_CASE("a waiter parked before the holder dies takes the lock over within a l
   clock_type::time_point killed;
   const auto acquired = ipcoro::sync_wait(ctx, [&]() -> task<clock_type::time_point> {
     auto waiter = [&]() -> task<clock_type::time_point> {
-      auto g = co_await m.lock_for(20s);
+      auto g = co_await m.lock().with_timeout(20s);
       CHECK(g.took_over());
       co_return clock_type::now();
     };
@@ -274,7 +274,7 @@ TEST_CASE("a waiter parked before the holder dies takes the lock over within a l
   CHECK(m.takeovers() == 1);
 }
 
-TEST_CASE("lock_for times out while a live process holds the lock, and never takes it over",
+TEST_CASE("lock().with_timeout times out while a live process holds the lock, and never takes it over",
           "[process_mutex][process]") {
   shared_state s;
   const process_mutex m(s.get(), quick_check);
@@ -288,7 +288,7 @@ TEST_CASE("lock_for times out while a live process holds the lock, and never tak
   REQUIRE(locked.wait());
   ipcoro::io_context ctx;
   const auto t0 = clock_type::now();
-  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, [&]() -> task<void> { auto g = co_await m.lock_for(200ms); }()),
+  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, [&]() -> task<void> { auto g = co_await m.lock().with_timeout(200ms); }()),
                   ipcoro::timed_out);
   CHECK(clock_type::now() - t0 >= 200ms);
   CHECK(m.holder_pid() == holder.pid());
@@ -324,7 +324,7 @@ TEST_CASE("a stop request cancels a lock wait and leaves the mutex usable", "[pr
   CHECK(cancelled);
   held->unlock();
   CHECK(ipcoro::sync_wait(ctx, [&]() -> task<bool> {
-    auto g = co_await m.lock_for(1s);
+    auto g = co_await m.lock().with_timeout(1s);
     co_return g.owns_lock();
   }()));
 }
@@ -340,7 +340,7 @@ TEST_CASE("a lock word naming a dead process that never recorded itself is taken
   CHECK_FALSE(m.holder_alive());
   ipcoro::io_context ctx;
   ipcoro::sync_wait(ctx, [&]() -> task<void> {
-    auto g = co_await m.lock_for(10s);
+    auto g = co_await m.lock().with_timeout(10s);
     CHECK(g.took_over());
     CHECK(m.holder_pid() == ::getpid());
   }());

@@ -17,8 +17,6 @@ class bad_channel_address : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-enum class channel_transport { pipe, fifo, mq, shm, file, fd };
-
 /// `pipe:`, `fifo:/path`, `mq:/name`, `shm:/name`, `file:/path` or `fd:N`, optionally
 /// followed by `?option=value&...`. Options:
 ///   capacity=N      bytes of pipe / FIFO buffer or shm / file ring; messages of a queue
@@ -34,7 +32,8 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 ///                   file). The sender waits for a restarted receiver instead of failing
 ///                   with peer_died. Both ends must say durable=1 (an end that does not is
 ///                   refused); capacity applies when the file is created.
-/// Sizes accept a k/m suffix (1024, 1048576); shm: and file: ring sizes above the largest
+/// Each scheme is a row of the table in ipcoro/transport.hpp, which says which options it
+/// takes. Sizes accept a k/m suffix (1024, 1048576); shm: and file: ring sizes above the largest
 /// ring (spsc_ring_max_capacity, mpmc_ring_max_slots / _max_message) are refused.
 ///
 /// Restarting after a crash: a receiver that opens a name left behind by a receiver that
@@ -45,8 +44,8 @@ enum class channel_transport { pipe, fifo, mq, shm, file, fd };
 /// read, or for a durable file whose receiver runs), and so is a name not made by a
 /// channel receiver.
 struct channel_address {
-  channel_transport transport = channel_transport::pipe;
-  std::string name;  ///< path, queue or segment name; the number for fd:
+  std::string scheme;  ///< the transport, as written before the colon: "pipe", "shm", ...
+  std::string name;    ///< path, queue or segment name; the number for fd:
   std::optional<std::size_t> capacity;
   std::optional<std::size_t> message_size;
   unsigned mode = 0600;
@@ -58,7 +57,5 @@ struct channel_address {
   [[nodiscard]] static channel_address parse(std::string_view address);
   int fd() const;  ///< the descriptor of an fd: address
 };
-
-const char* to_string(channel_transport t) noexcept;
 
 }  // namespace ipcoro

@@ -2,6 +2,7 @@
 // event: a manual-reset event for coroutines on one io_context.
 #pragma once
 
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/wait_list.hpp"
 
 namespace ipcoro {
@@ -23,16 +24,17 @@ class event {
   }
   void reset() noexcept { set_ = false; }
 
-  class [[nodiscard]] wait_operation : detail::waiter {
+  /// `.with_timeout(d)` / `.with_deadline(t)` bound the wait (`timed_out`).
+  class [[nodiscard]] wait_operation : detail::waiter, public detail::timer_bounded<wait_operation, void> {
    public:
     explicit wait_operation(event& ev) noexcept : event_(ev) {}
     bool await_ready() const noexcept { return event_.set_; }
     template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
+    bool suspend_untimed(std::coroutine_handle<P> h) {
       return park(event_.waiters_, h, detail::stop_token_of(h));
     }
     /// Throws operation_cancelled when the awaiting task was stopped first.
-    void await_resume() { unpark(); }
+    void resume_untimed() { unpark(); }
 
    private:
     event& event_;

@@ -52,6 +52,7 @@ class [[nodiscard]] futex_wait_operation : public io_operation<futex_wait_operat
 
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) {
+    arm_deadline();
     return start(h, detail::stop_token_of(h));
   }
   futex_wait_result await_resume() { return fallback_ ? finish_fallback() : finish(end()); }

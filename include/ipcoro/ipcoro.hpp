@@ -31,6 +31,7 @@
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
+#include "ipcoro/transport.hpp"
 #include "ipcoro/unique_fd.hpp"
 #include "ipcoro/when_all.hpp"
 #include "ipcoro/when_any.hpp"

@@ -210,14 +210,18 @@ class message_queue {
 class mq_demux;
 
 /// A consumer's wait for the next message of one label; see mq_demux::receive.
-class [[nodiscard]] mq_demux_receive_operation : detail::waiter {
+class [[nodiscard]] mq_demux_receive_operation
+    : detail::waiter,
+      public detail::timer_bounded<mq_demux_receive_operation, std::optional<mq_message>> {
  public:
   mq_demux_receive_operation(mq_demux& demux, std::uint32_t label, std::span<std::byte> buffer) noexcept
       : demux_(demux), buffer_(buffer), label_(label) {}
 
   bool await_ready() noexcept;
+  /// `.with_timeout(d)` / `.with_deadline(t)` bound the wait: timed_out, and no message is
+  /// taken then.
   template <class P>
-  bool await_suspend(std::coroutine_handle<P> h) {
+  bool suspend_untimed(std::coroutine_handle<P> h) {
     if constexpr (detail::stop_token_carrier<P>) token_ = &h.promise().stop_token();
     return suspend(h, detail::stop_token_of(h));
   }
@@ -226,26 +230,11 @@ class [[nodiscard]] mq_demux_receive_operation : detail::waiter {
   /// handed to this consumer as the stop came stays held for the next), the error that
   /// ended the demux's pump, or std::system_error for a bad label or a buffer smaller than
   /// mq_demux::max_payload().
-  std::optional<mq_message> await_resume();
-
-  /// Fails with `timed_out` unless a message comes within `d` from now; no message is
-  /// taken then. The operation must not have been awaited yet.
-  template <class Rep, class Period>
-  [[nodiscard]] task<std::optional<mq_message>> with_timeout(std::chrono::duration<Rep, Period> d) && {
-    return again(detail::pooled_frame{}, demux_, label_, buffer_).with_timeout(d);
-  }
-  /// As with_timeout, with an absolute CLOCK_MONOTONIC deadline.
-  template <class Duration>
-  [[nodiscard]] task<std::optional<mq_message>> with_deadline(
-      std::chrono::time_point<std::chrono::steady_clock, Duration> when) && {
-    return again(detail::pooled_frame{}, demux_, label_, buffer_).with_deadline(when);
-  }
+  std::optional<mq_message> resume_untimed();
 
  private:
   friend class mq_demux;
   bool suspend(std::coroutine_handle<> h, const std::stop_token& token);
-  static task<std::optional<mq_message>> again(detail::pooled_frame, mq_demux& demux, std::uint32_t label,
-                                               std::span<std::byte> buffer);
 
   mq_demux& demux_;
   std::span<std::byte> buffer_;

@@ -30,17 +30,18 @@ class mutex {
     mutex* mutex_;
   };
 
-  class [[nodiscard]] lock_operation {
+  /// `.with_timeout(d)` / `.with_deadline(t)` bound the wait (`timed_out`, without the lock).
+  class [[nodiscard]] lock_operation : public detail::timer_bounded<lock_operation, guard> {
    public:
     explicit lock_operation(mutex& m) noexcept : mutex_(m), acquire_(m.permits_) {}
     bool await_ready() noexcept { return acquire_.await_ready(); }
     template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
-      return acquire_.await_suspend(h);
+    bool suspend_untimed(std::coroutine_handle<P> h) {
+      return acquire_.suspend_untimed(h);
     }
     /// Throws operation_cancelled (without the lock) when stopped first.
-    guard await_resume() {
-      acquire_.await_resume();
+    guard resume_untimed() {
+      acquire_.resume_untimed();
       return guard{mutex_};
     }
 

@@ -9,7 +9,8 @@
 //  - Locking: `auto guard = co_await m.lock();`. Uncontended, that is one compare-and-swap
 //    and no suspension. Contended, the waiter spins briefly, then parks with a futex wait
 //    whose timeout (options::liveness_check) makes it look at the holder now and then.
-//    `lock_for(d)` throws timed_out after `d`; a stop request throws operation_cancelled.
+//    `lock().with_timeout(d)` throws timed_out after `d`; a stop request throws
+//    operation_cancelled.
 //  - The holder's pid is the lock word itself, and its start time and boot are recorded
 //    next to it, so a waiter can tell that the holder died (even if its pid was reused)
 //    and take the lock over: `guard.took_over()` is then true, and `guard.inconsistent()`
@@ -115,31 +116,32 @@ class [[nodiscard]] process_mutex_guard {
 };
 
 /// Acquires a process_mutex: `co_await m.lock()` gives a process_mutex_guard. The
-/// uncontended path neither suspends nor allocates; a contended lock runs a coroutine
-/// (one allocation) that parks with futex waits. Throws timed_out past its deadline,
-/// operation_cancelled when the awaiting task is stopped.
-class [[nodiscard]] process_mutex_lock_operation {
+/// uncontended path neither suspends, nor allocates, nor reads the clock; a contended lock
+/// runs on a pooled frame and parks with futex waits. `.with_timeout(d)` /
+/// `.with_deadline(t)` bound the wait (timed_out, without the lock); a stop request of the
+/// awaiting task gives operation_cancelled.
+class [[nodiscard]] process_mutex_lock_operation : public detail::deadline_methods<process_mutex_lock_operation> {
  public:
-  process_mutex_lock_operation(process_mutex_state& state, const process_mutex_options& opts,
-                               std::int64_t deadline_ns) noexcept
-      : state_(&state), options_(opts), deadline_ns_(deadline_ns) {}
+  process_mutex_lock_operation(process_mutex_state& state, const process_mutex_options& opts) noexcept
+      : state_(&state), options_(opts) {}
 
   bool await_ready();
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) {
-    contended_.emplace(lock_contended(*state_, options_, deadline_ns_));
+    const std::int64_t deadline_ns =
+        limit_.bounded() ? limit_.resolve_ns() : std::numeric_limits<std::int64_t>::max();
+    contended_.emplace(lock_contended(detail::pooled_frame{}, *state_, options_, deadline_ns));
     inner_.emplace(std::move(*contended_).operator co_await());
     return inner_->await_suspend(h);
   }
   process_mutex_guard await_resume();
 
  private:
-  static task<process_mutex_guard> lock_contended(process_mutex_state& state, process_mutex_options opts,
-                                                  std::int64_t deadline_ns);
+  static task<process_mutex_guard> lock_contended(detail::pooled_frame, process_mutex_state& state,
+                                                  process_mutex_options opts, std::int64_t deadline_ns);
 
   process_mutex_state* state_;
   process_mutex_options options_;
-  std::int64_t deadline_ns_;
   process_mutex_guard fast_;
   std::optional<task<process_mutex_guard>> contended_;
   std::optional<task<process_mutex_guard>::awaiter> inner_;
@@ -159,15 +161,9 @@ class process_mutex {
       : state_(&detail::checked_object<process_mutex_state>(region, offset, "process_mutex state")),
         options_(opts) {}
 
-  /// Waits for the lock as long as it takes (a dead holder's lock is taken over).
-  process_mutex_lock_operation lock() const noexcept {
-    return {*state_, options_, std::numeric_limits<std::int64_t>::max()};
-  }
-  /// Waits at most `timeout`, then throws timed_out.
-  template <class Rep, class Period>
-  process_mutex_lock_operation lock_for(std::chrono::duration<Rep, Period> timeout) const noexcept {
-    return {*state_, options_, deadline_after(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout))};
-  }
+  /// Waits for the lock as long as it takes (a dead holder's lock is taken over);
+  /// `co_await m.lock().with_timeout(50ms)` gives up with timed_out.
+  process_mutex_lock_operation lock() const noexcept { return {*state_, options_}; }
   /// Takes the lock if it is free now (never takes it over from a dead holder).
   std::optional<process_mutex_guard> try_lock() const;
 
@@ -179,8 +175,6 @@ class process_mutex {
   process_mutex_state& state() const noexcept { return *state_; }
 
  private:
-  static std::int64_t deadline_after(std::chrono::nanoseconds timeout) noexcept;
-
   process_mutex_state* state_;
   options options_;
 };
@@ -215,13 +209,15 @@ class [[nodiscard]] locked_object {
 };
 
 template <class T>
-class [[nodiscard]] shared_object_lock_operation {
+class [[nodiscard]] shared_object_lock_operation
+    : public detail::deadline_methods<shared_object_lock_operation<T>> {
  public:
   shared_object_lock_operation(process_mutex_lock_operation op, T* value) noexcept
       : op_(std::move(op)), value_(value) {}
   bool await_ready() { return op_.await_ready(); }
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) {
+    if (this->limit_.bounded()) (void)op_.with_deadline(this->limit_.resolve());  // now is the start
     return op_.await_suspend(h);
   }
   locked_object<T> await_resume() { return {op_.await_resume(), value_}; }
@@ -264,12 +260,8 @@ class shared_object {
     return shared_object(shm_segment::open(name, layout(opts)), opts);
   }
 
+  /// `co_await obj.lock()`, or `obj.lock().with_timeout(d)` to give up with timed_out.
   [[nodiscard]] shared_object_lock_operation<T> lock() const noexcept { return {mutex_.lock(), value_}; }
-  template <class Rep, class Period>
-  [[nodiscard]] shared_object_lock_operation<T> lock_for(
-      std::chrono::duration<Rep, Period> timeout) const noexcept {
-    return {mutex_.lock_for(timeout), value_};
-  }
   /// The value without the lock: for atomics, or for reading after every writer is done.
   T& unsafe_value() const noexcept { return *value_; }
   const process_mutex& mutex() const noexcept { return mutex_; }

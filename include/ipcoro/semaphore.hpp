@@ -2,6 +2,7 @@
 // semaphore: a counting semaphore for coroutines on one io_context.
 #pragma once
 
+#include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/wait_list.hpp"
 
 #include <cstddef>
@@ -29,16 +30,18 @@ class semaphore {
     count_ += n;
   }
 
-  class [[nodiscard]] acquire_operation : detail::waiter {
+  /// `.with_timeout(d)` / `.with_deadline(t)` bound the wait (`timed_out`, holding no permit).
+  class [[nodiscard]] acquire_operation : detail::waiter,
+                                          public detail::timer_bounded<acquire_operation, void> {
    public:
     explicit acquire_operation(semaphore& s) noexcept : sem_(s) {}
     bool await_ready() noexcept { return sem_.try_acquire(); }
     template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
+    bool suspend_untimed(std::coroutine_handle<P> h) {
       return park(sem_.waiters_, h, detail::stop_token_of(h));
     }
     /// Throws operation_cancelled (holding no permit) when stopped before a permit came.
-    void await_resume() { unpark(); }
+    void resume_untimed() { unpark(); }
 
    private:
     semaphore& sem_;

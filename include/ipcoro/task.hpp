@@ -3,6 +3,7 @@
 #pragma once
 
 #include "ipcoro/detail/frame_pool.hpp"
+#include "ipcoro/detail/op_deadline.hpp"
 #include "ipcoro/version.hpp"
 
 #include <chrono>
@@ -258,21 +259,25 @@ class [[nodiscard]] task {
     return std::move(*this);
   }
 
-  /// Fails with `timed_out` unless the task finishes within `d` from now: once the time
-  /// is up, the task is stopped through its stop token and awaited, and what it was
-  /// waiting for is left undone (a channel receive leaves its message to the next one).
-  /// A stop request from the awaiter still gives operation_cancelled.
+  /// Fails with `timed_out` unless the task finishes within `d` of the start of its
+  /// `co_await`: once the time is up, the task is stopped through its stop token and
+  /// awaited. What it was waiting for is left undone (a channel receive leaves its message
+  /// to the next one); a result it reached anyway is returned, never dropped. A stop
+  /// request from the awaiter still gives operation_cancelled. The same meaning as every
+  /// awaitable's with_timeout (detail::deadline_methods).
   /// `co_await rx.receive().with_timeout(50ms)`.
   template <class Rep, class Period>
   [[nodiscard]] task with_timeout(std::chrono::duration<Rep, Period> d) && {
-    return std::move(*this).with_deadline(std::chrono::steady_clock::now() +
-                                          std::chrono::ceil<std::chrono::steady_clock::duration>(d));
+    detail::op_deadline limit;
+    limit.limit_after(d);
+    return detail::deadline_runner<T>::run(std::move(*this), limit);
   }
   /// As with_timeout, with an absolute CLOCK_MONOTONIC deadline.
   template <class Duration>
   [[nodiscard]] task with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) && {
-    return detail::deadline_runner<T>::run(
-        std::move(*this), std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when));
+    detail::op_deadline limit;
+    limit.limit_at(when);
+    return detail::deadline_runner<T>::run(std::move(*this), limit);
   }
 
   struct awaiter {

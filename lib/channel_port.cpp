@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: MIT
+// channel_port: the channel layer's core: greetings, leaving while an operation waits, errors.
+#include "ipcoro/channel.hpp"
+
+#include "ipcoro/error.hpp"
+#include "ipcoro/transport.hpp"
+
+#include "channel_wire.hpp"
+
+#include <fmt/core.h>
+
+#include <cstring>
+#include <string>
+#include <system_error>
+#include <typeinfo>
+
+namespace ipcoro::detail {
+
+void throw_channel_closed(const char* what) { throw channel_closed(what); }
+
+void rethrow_for_address(std::string_view address, const std::system_error& e) {
+  std::string what = e.what();
+  // Only plain system errors: cancellation, timeouts and the library's own kinds keep
+  // their type (and say what they say).
+  if (typeid(e) != typeid(std::system_error) || what.starts_with("channel ") ||
+      what.find(address) != std::string::npos) {
+    throw;
+  }
+  // system_error appends ": <errno text>"; the new one appends it again.
+  if (const std::string tail = ": " + e.code().message(); what.ends_with(tail))
+    what.resize(what.size() - tail.size());
+  std::string hint;
+  if (e.code() == std::errc::invalid_argument) {
+    const channel_scheme* s = find_channel_scheme(address.substr(0, address.find(':')));
+    if (s != nullptr && !s->option_notes.empty())
+      hint = fmt::format(" (in the address, {})", s->option_notes);
+  }
+  throw std::system_error(e.code(), fmt::format("channel {}: {}{}", address, what, hint));
+}
+void throw_channel_error(const char* what) { throw channel_error(what); }
+
+void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got) {
+  throw decode_error(fmt::format("decoding {}: a message of {} bytes, expected {}", type, got, expected));
+}
+
+std::span<const std::byte> send_port::greeting() {
+  if (greeting_.empty()) {
+    const std::string& name = identity().name;
+    const std::size_t name_size = std::min<std::size_t>(name.size(), 1024);
+    greeting_head h{
+        greeting_magic,        wire_protocol, static_cast<std::uint16_t>(name_size), identity().version, 0,
+        identity().fingerprint};
+    greeting_.resize(sizeof h + name_size);
+    std::memcpy(greeting_.data(), &h, sizeof h);
+    std::memcpy(greeting_.data() + sizeof h, name.data(), name_size);
+  }
+  return std::as_bytes(std::span{greeting_.data(), greeting_.size()});
+}
+
+void receive_port::check_greeting(std::span<const std::byte> payload) const {
+  if (payload.size() < sizeof(greeting_head)) {
+    throw channel_error(
+        fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
+                    "channel sender",
+                    address(), payload.size()));
+  }
+  const auto h = read_head<greeting_head>(payload.data());
+  if (h.magic != greeting_magic) {
+    throw channel_error(
+        fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address()));
+  }
+  if (h.protocol != wire_protocol) {
+    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}",
+                                    address(), h.protocol, wire_protocol));
+  }
+  if (h.fingerprint != identity().fingerprint) {
+    const std::size_t n = std::min<std::size_t>(h.name_size, payload.size() - sizeof h);
+    const std::string_view name(reinterpret_cast<const char*>(payload.data() + sizeof h), n);
+    throw channel_type_mismatch(
+        fmt::format("channel {}: the sender sends '{}' (codec version {}), but this receiver "
+                    "expects '{}' (codec version {})",
+                    address(), name, h.version, identity().name, identity().version));
+  }
+}
+
+// ---- leaving while an operation waits ----
+
+void port_base::leave(port_exit how) noexcept {
+  if (leaving_) return;
+  leaving_ = true;
+  exit_ = how;
+  if (in_flight_ == 0) {
+    finish_once();
+  } else {
+    // Interrupts the operation waiting in the transport; its in_flight finishes the end
+    // on the way out, once nothing uses the transport any more.
+    stop_.request_stop();
+  }
+}
+
+void port_base::finish_once() noexcept {
+  if (finished_) return;
+  finished_ = true;
+  finish(exit_);
+}
+
+bool port_wait::start(std::coroutine_handle<> awaiter) {
+  if (port_.leaving_) return false;
+  started_ = true;
+  if (caller_ != nullptr && caller_->stop_requested()) {
+    // Cancelled already: the task sees it at once, as under the caller's own token.
+    promise_.set_stop_token(*caller_);
+  } else {
+    promise_.set_stop_token(port_.stop_.get_token());
+  }
+  if (!promise_.start_for(awaiter, task_)) return false;
+  // Only a task that waits can be cancelled by its caller: forwarding (a registration on
+  // the caller's token) is left out of the path where the transport takes it at once.
+  if (caller_ != nullptr && caller_->stop_possible()) forward_.emplace(*caller_, forward_stop{&port_});
+  return true;
+}
+
+void port_wait::end() {
+  forward_.reset();
+  // The caller's cancellation used the stop source up; the next operation needs a fresh
+  // one (the only allocation here, and only after a cancellation).
+  if (!port_.leaving_ && port_.stop_.stop_requested()) port_.stop_ = std::stop_source{};
+}
+
+bool port_wait::left() const noexcept {
+  return port_.leaving_ && (caller_ == nullptr || !caller_->stop_requested());
+}
+
+namespace {
+const char* left_word(port_exit how) noexcept {
+  switch (how) {
+    case port_exit::close:
+      return "closed";
+    case port_exit::detach:
+      return "detached";
+    case port_exit::abort:
+      return "aborted";
+  }
+  return "closed";
+}
+}  // namespace
+
+void throw_sender_left(const port_base& port, bool waited) {
+  throw channel_closed(fmt::format("channel {}: this sender was {} {} the send waited", port.address(),
+                                   left_word(port.left_how()), waited ? "while" : "before"));
+}
+
+void send_port::send_operation::await_resume() {
+  end();
+  if (started()) {
+    try {
+      commit_.handle().promise().take_result();
+      return;
+    } catch (const operation_cancelled&) {
+      if (!left()) throw;
+    }
+  }
+  throw_sender_left(port(), started());
+}
+
+bool receive_port::next_operation::await_resume() {
+  end();
+  if (!started()) return false;
+  try {
+    return fill_.handle().promise().take_result();
+  } catch (const operation_cancelled&) {
+    if (!left()) throw;
+    return false;
+  }
+}
+
+// ---- errors shared by the transports' adapters ----
+
+void rethrow_for(const channel_address& a, const std::system_error& e) {
+  std::string what = e.what();
+  const std::string suffix = ": " + e.code().message();
+  if (what.size() > suffix.size() && what.compare(what.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    what.resize(what.size() - suffix.size());
+  }
+  throw std::system_error(e.code(), fmt::format("channel {}: {}", a.text, what));
+}
+
+bool has_errno(const std::system_error& e, int err) noexcept {
+  return e.code() == std::error_code(err, std::system_category());
+}
+
+void no_channel(const channel_address& a, const std::system_error& e) {
+  throw channel_error(
+      fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
+}
+
+void throw_peer_died(const std::string& address, const peer_died& e) {
+  std::string_view what = e.what();
+  if (what.starts_with("channel ")) throw e;
+  const std::string suffix = ": " + e.code().message();  // system_error appends it again
+  if (what.ends_with(suffix)) what.remove_suffix(suffix.size());
+  throw peer_died(e.pid(), fmt::format("channel {}: {}", address, what));
+}
+
+}  // namespace ipcoro::detail

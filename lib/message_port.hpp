@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: MIT
+// message_port: a channel's ends over any transport that keeps message boundaries (queue, ring).
+#pragma once
+
+#include "ipcoro/channel.hpp"
+#include "ipcoro/error.hpp"
+#include "ipcoro/transport.hpp"
+
+#include "channel_wire.hpp"
+
+#include <fmt/core.h>
+
+#include <concepts>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace ipcoro::detail {
+
+template <class Transport>
+concept acknowledging = requires(Transport& t, std::uint64_t p) {
+  { t.position() } -> std::same_as<std::uint64_t>;
+  t.ack(p);
+};
+
+/// The sending end of a channel over a transport that keeps message boundaries (a queue
+/// or a ring): each message is a {kind, short fingerprint} head and the payload.
+template <message_sending_transport Transport>
+class message_send_port final : public send_port {
+ public:
+  message_send_port(std::string address, Transport transport)
+      : send_port(std::move(address)), transport_(std::move(transport)) {
+    buf_.grow(transport_.max_message(), 0);
+  }
+
+  std::span<std::byte> prepare(std::size_t size) override {
+    if (head_size + size > buf_.size()) {
+      throw channel_error(
+          fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
+                      "carries is {} bytes ({} of them frame it); {}",
+                      address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
+    }
+    put_head(buf_.data(), frame_kind::data);
+    used_ = head_size + size;
+    return {buf_.data() + head_size, size};
+  }
+
+  std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
+
+ protected:
+  task<void> commit(pooled_frame) override {
+    try {
+      if (!greeted_) {
+        // The greeting shares the size limit; a long type name is cut (the fingerprint
+        // is what is compared).
+        std::span<const std::byte> g = greeting();
+        g = g.first(std::min(g.size(), buf_.size() - head_size));
+        std::vector<std::byte> frame(head_size + g.size());
+        put_head(frame.data(), frame_kind::hello);
+        std::memcpy(frame.data() + head_size, g.data(), g.size());
+        co_await transport_.send(frame);
+        greeted_ = true;
+      }
+      co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
+    } catch (const peer_died& e) {
+      throw_peer_died(address(), e);
+    } catch (const std::system_error& e) {
+      if (e.code() == std::errc::broken_pipe) {
+        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+      }
+      throw;
+    }
+  }
+
+  void finish(port_exit how) noexcept override {
+    switch (how) {
+      case port_exit::close:
+        transport_.close(short_fingerprint(identity().fingerprint));
+        break;
+      case port_exit::detach:
+        transport_.detach();
+        break;
+      case port_exit::abort:
+        transport_.abort();
+        break;
+    }
+  }
+
+ private:
+  void put_head(std::byte* at, frame_kind kind) const noexcept {
+    const message_head h{static_cast<std::uint32_t>(kind), short_fingerprint(identity().fingerprint)};
+    std::memcpy(at, &h, sizeof h);
+  }
+
+  Transport transport_;
+  byte_buffer buf_;
+  std::size_t used_ = 0;
+  bool greeted_ = false;
+};
+
+/// The receiving end of a channel over a queue or a ring.
+template <message_receiving_transport Transport>
+class message_receive_port final : public receive_port {
+ public:
+  message_receive_port(std::string address, Transport transport)
+      : receive_port(std::move(address)), transport_(std::move(transport)) {
+    buf_.grow(transport_.max_message(), 0);
+  }
+
+  std::span<const std::byte> current() const noexcept override {
+    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
+  }
+  void consume() noexcept override {
+    current_ = false;
+    if constexpr (acknowledging<Transport>) consumed_position_ = current_position_;
+  }
+  /// Up to the message consumed last, not the one next() may have read ahead (select).
+  void acknowledge() noexcept override {
+    if constexpr (acknowledging<Transport>) transport_.ack(consumed_position_);
+  }
+
+ protected:
+  task<bool> fill(pooled_frame) override {
+    if (current_) co_return true;
+    if (ended_) co_return false;
+    for (;;) {
+      std::optional<std::size_t> size;
+      try {
+        size =
+            Transport::size_of(co_await transport_.receive(std::span<std::byte>{buf_.data(), buf_.size()}));
+      } catch (const peer_died& e) {
+        throw_peer_died(address(), e);
+      }
+      if (!size) {
+        ended_ = true;
+        co_return false;
+      }
+      if (*size < head_size) {
+        throw channel_error(fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
+                                        address(), *size));
+      }
+      const auto h = read_head<message_head>(buf_.data());
+      const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
+        check_greeting(payload);
+        continue;
+      }
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::end)) {
+        transport_.pass_end_on(h.fingerprint);
+        ended_ = true;
+        co_return false;
+      }
+      if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+        throw channel_error(fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
+      }
+      if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
+        throw channel_type_mismatch(
+            fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
+                        "this receiver expects '{}'",
+                        address(), h.fingerprint, identity().name));
+      }
+      length_ = payload.size();
+      current_ = true;
+      if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
+      co_return true;
+    }
+  }
+
+  void finish(port_exit) noexcept override {
+    transport_.close();
+    ended_ = true;
+    current_ = false;
+  }
+
+ private:
+  Transport transport_;
+  byte_buffer buf_;
+  std::size_t length_ = 0;
+  std::uint64_t current_position_ = 0;   // the transport's position after the current message
+  std::uint64_t consumed_position_ = 0;  // ... after the message consumed last
+  bool current_ = false;
+  bool ended_ = false;
+};
+
+}  // namespace ipcoro::detail

@@ -1,0 +1,220 @@
+// SPDX-License-Identifier: MIT
+// ring_channel: the ring adapters, the ring's address checks, and ring links.
+#include "ring_channel.hpp"
+
+#include "ipcoro/channel.hpp"
+#include "ipcoro/error.hpp"
+#include "ipcoro/shm_ring.hpp"
+
+#include "channel_wire.hpp"
+#include "link_claims.hpp"
+#include "message_port.hpp"
+
+#include <fmt/core.h>
+
+#include <optional>
+#include <string>
+#include <type_traits>
+
+namespace ipcoro::detail {
+namespace {
+
+constexpr std::size_t default_ring_capacity = 1024 * 1024;
+constexpr std::size_t default_mpmc_slots = 256;
+constexpr std::size_t default_mpmc_message = 4096;
+
+template <class Ring>
+struct ring_sending {
+  std::shared_ptr<void> region;
+  unique_fd peer_claim;  // see ring_claims; before the ring, which polls it
+  Ring ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto send(std::span<const std::byte> m) noexcept { return ring.send(m); }
+  std::string size_advice(std::size_t) const {
+    return std::is_same_v<Ring, spsc_ring_sender> ? "raise the address's capacity="
+                                                  : "raise the address's message_size=";
+  }
+  void close(std::uint32_t) noexcept { ring.close(); }
+  void detach() noexcept { ring.detach(); }
+  /// The ring keeps this process as a sender, so its exit reads as a death (peer_died).
+  void abort() noexcept { ring.abandon(); }
+};
+
+template <class Ring>
+struct ring_receiving {
+  std::shared_ptr<void> region;
+  unique_fd peer_claim;
+  Ring ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
+  void pass_end_on(std::uint32_t) noexcept {}
+  /// One receiver of an MPMC ring leaving does not close the ring for the others; the
+  /// last one closes it for the senders.
+  void close() noexcept {
+    if constexpr (std::is_same_v<Ring, mpmc_ring_receiver>) {
+      ring.leave();
+    } else {
+      ring.close();
+    }
+  }
+};
+
+/// The ring of a durable file channel under its receiving end: messages stay in the file
+/// until acknowledged, and leaving detaches instead of closing, so that the next receiver
+/// resumes where this one acknowledged last and the sender is not told to stop.
+struct durable_ring_receiving {
+  std::shared_ptr<void> region;
+  spsc_ring_receiver ring;
+
+  std::size_t max_message() const noexcept { return ring.max_message_size(); }
+  auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
+  void pass_end_on(std::uint32_t) noexcept {}
+  std::uint64_t position() const noexcept { return ring.position(); }
+  void ack(std::uint64_t position) noexcept { ring.ack(position); }
+  void close() noexcept { ring.detach(); }
+};
+
+[[noreturn]] void bad_address(const channel_address& a, const std::string& why) {
+  throw bad_channel_address(fmt::format("channel address \"{}\": {}", a.text, why));
+}
+
+/// Both ends of a ring link; the claims tell each end when the other can no longer be taken.
+class ring_link final : public link_ends {
+ public:
+  ring_link(const channel_address& a, std::shared_ptr<void> region, std::span<std::byte> payload)
+      : address_(a), region_(std::move(region)), payload_(payload), claims_(link_claims::make(a)) {}
+  std::unique_ptr<send_port> take_sender() override {
+    auto port = make_ring_sender(address_, region_, payload_, std::move(claims_.receiver_watch));
+    claims_.sender_claim.reset();  // the ring records this process now
+    return port;
+  }
+  std::unique_ptr<receive_port> take_receiver() override {
+    auto port = make_ring_receiver(address_, region_, payload_, std::move(claims_.sender_watch));
+    claims_.receiver_claim.reset();  // the ring records this process now
+    return port;
+  }
+
+ private:
+  channel_address address_;
+  std::shared_ptr<void> region_;
+  std::span<std::byte> payload_;
+  link_claims claims_;
+};
+
+ring_options claim_options(const unique_fd& peer_claim) {
+  ring_options o;
+  o.peer_claim_fd = peer_claim ? peer_claim.get() : -1;
+  return o;
+}
+
+}  // namespace
+
+region_layout ring_layout(const channel_address& a) {
+  if (a.mpmc) {
+    return mpmc_ring_layout(a.capacity.value_or(default_mpmc_slots),
+                            a.message_size.value_or(default_mpmc_message));
+  }
+  region_layout l = spsc_ring_layout(a.capacity.value_or(default_ring_capacity));
+  if (a.durable) l.type_tag = durable_ring_type_tag;
+  return l;
+}
+
+std::function<void(std::span<std::byte>)> ring_formatter(const channel_address& a) {
+  if (a.mpmc) {
+    const std::size_t message = a.message_size.value_or(default_mpmc_message);
+    return [message](std::span<std::byte> r) { format_mpmc_ring(r, message); };
+  }
+  return [](std::span<std::byte> r) { format_spsc_ring(r); };
+}
+
+region_layout expected_ring_layout(const channel_address& a) {
+  region_layout l = ring_layout(a);
+  l.payload_size = 0;  // the creator chose the size
+  return l;
+}
+
+/// Refuses a ring size above what a ring can hold, naming both figures: the ring would
+/// otherwise be clamped silently to a size the user never wrote.
+void check_ring_address(const channel_address& a) {
+  const std::size_t max_capacity = a.mpmc ? mpmc_ring_max_slots : spsc_ring_max_capacity;
+  if (a.capacity && *a.capacity > max_capacity) {
+    bad_address(
+        a, fmt::format("capacity={} is more than the largest {} allows, {} {}", *a.capacity,
+                       a.mpmc ? "MPMC ring" : "SPSC ring", max_capacity, a.mpmc ? "slots" : "bytes (1 TiB)"));
+  }
+  if (a.message_size && *a.message_size > mpmc_ring_max_message) {
+    bad_address(a, fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
+                               *a.message_size, mpmc_ring_max_message));
+  }
+  if (a.message_size && !a.mpmc) {
+    bad_address(a,
+                "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "
+                "follows from its capacity");
+  }
+}
+
+/// `peer_claim`: for a link's end, the read end of the other end's claim pipe (link_claims).
+std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
+                                            std::span<std::byte> payload, unique_fd peer_claim) {
+  const ring_options o = claim_options(peer_claim);
+  if (a.durable) {
+    ring_options durable = o;
+    durable.wait_for_new_receiver = true;
+    return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
+        a.text, ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               spsc_ring_sender(payload, durable)});
+  }
+  if (a.mpmc) {
+    return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
+        a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim),
+                                               mpmc_ring_sender(payload, o)});
+  }
+  return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
+      a.text,
+      ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o)});
+}
+
+std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
+                                                 std::span<std::byte> payload, unique_fd peer_claim) {
+  const ring_options o = claim_options(peer_claim);
+  if (a.durable) {
+    ring_options durable = o;
+    durable.manual_ack = true;
+    std::optional<spsc_ring_receiver> ring;
+    try {
+      ring.emplace(payload, durable);
+    } catch (const std::system_error& e) {
+      rethrow_for(a, e);  // EBUSY: a receiver that runs has it
+    }
+    return std::make_unique<message_receive_port<durable_ring_receiving>>(
+        a.text, durable_ring_receiving{std::move(region), std::move(*ring)});
+  }
+  if (a.mpmc) {
+    return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
+        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                   mpmc_ring_receiver(payload, o)});
+  }
+  return std::make_unique<message_receive_port<ring_receiving<spsc_ring_receiver>>>(
+      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), std::move(peer_claim),
+                                                 spsc_ring_receiver(payload, o)});
+}
+
+/// Who may still take each end of a ring (or queue) link. A ring records the processes attached to
+/// it, but before an end is taken its entry is empty, which alone means "not yet" forever.
+/// The processes that can still take an end are exactly those holding a copy of the link
+/// state with that end untaken: the creator and every process forked from it while it
+/// held the link. So each end has a pipe whose write end (the claim) lives in the link
+/// state: fork copies it, exec drops it (close-on-exec, and the link is gone with the
+/// old program), death closes it, and taking the end closes it once the ring records the
+/// taker, as does destroying the link. The other end's port keeps the read end: when it
+
+std::unique_ptr<link_ends> make_ring_link(const channel_address& a, std::shared_ptr<void> region,
+                                          std::span<std::byte> payload) {
+  return std::make_unique<ring_link>(a, std::move(region), payload);
+}
+
+}  // namespace ipcoro::detail

@@ -1,0 +1,47 @@
+// SPDX-License-Identifier: MIT
+// stream_port: a channel's ends over any byte stream (pipe, FIFO, inherited descriptor, socket).
+#pragma once
+
+#include "ipcoro/detail/channel_port.hpp"
+#include "ipcoro/fd_io.hpp"
+#include "ipcoro/transport.hpp"
+#include "ipcoro/unique_fd.hpp"
+
+#include <memory>
+#include <string>
+
+namespace ipcoro::detail {
+
+/// The sending end of a channel over the stream `fd`. `greet_at_open`: greet as soon as
+/// the end has its identity rather than with the first message (a FIFO opened by name,
+/// whose receiver waits for a greeting before it can tell a sender's end of file from
+/// "nobody came yet").
+std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd, write_path path,
+                                              bool greet_at_open = false);
+/// The receiving end of a channel over the stream `fd`. `keep`: what must live as long as
+/// the end (a FIFO's name). `placeholder`: a writer of our own that keeps end of file away
+/// until the first sender has greeted (a FIFO receiver opened before any sender).
+std::unique_ptr<receive_port> make_stream_receiver(std::string address, unique_fd fd,
+                                                   std::shared_ptr<void> keep = {},
+                                                   unique_fd placeholder = {});
+
+/// A link over a stream: its two connected descriptors, each taken once.
+class stream_link final : public link_ends {
+ public:
+  stream_link(std::string address, unique_fd read, unique_fd write, write_path path) noexcept
+      : address_(std::move(address)), read_(std::move(read)), write_(std::move(write)), path_(path) {}
+  std::unique_ptr<send_port> take_sender() override {
+    return make_stream_sender(address_, std::move(write_), path_);
+  }
+  std::unique_ptr<receive_port> take_receiver() override {
+    return make_stream_receiver(address_, std::move(read_));
+  }
+
+ private:
+  std::string address_;
+  unique_fd read_;
+  unique_fd write_;
+  write_path path_;
+};
+
+}  // namespace ipcoro::detail
