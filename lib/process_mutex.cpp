@@ -189,5 +189,4 @@ bool process_mutex::holder_alive() const noexcept {
   return c != 0 && !holder_dead(*state_, c);
 }
 
-
 }  // namespace ipcoro

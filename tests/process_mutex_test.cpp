@@ -288,8 +288,9 @@ TEST_CASE("lock().with_timeout times out while a live process holds the lock, an
   REQUIRE(locked.wait());
   ipcoro::io_context ctx;
   const auto t0 = clock_type::now();
-  CHECK_THROWS_AS(ipcoro::sync_wait(ctx, [&]() -> task<void> { auto g = co_await m.lock().with_timeout(200ms); }()),
-                  ipcoro::timed_out);
+  CHECK_THROWS_AS(
+      ipcoro::sync_wait(ctx, [&]() -> task<void> { auto g = co_await m.lock().with_timeout(200ms); }()),
+      ipcoro::timed_out);
   CHECK(clock_type::now() - t0 >= 200ms);
   CHECK(m.holder_pid() == holder.pid());
   CHECK(m.takeovers() == 0);

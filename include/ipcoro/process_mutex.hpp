@@ -120,7 +120,8 @@ class [[nodiscard]] process_mutex_guard {
 /// runs on a pooled frame and parks with futex waits. `.with_timeout(d)` /
 /// `.with_deadline(t)` bound the wait (timed_out, without the lock); a stop request of the
 /// awaiting task gives operation_cancelled.
-class [[nodiscard]] process_mutex_lock_operation : public detail::deadline_methods<process_mutex_lock_operation> {
+class [[nodiscard]] process_mutex_lock_operation
+    : public detail::deadline_methods<process_mutex_lock_operation> {
  public:
   process_mutex_lock_operation(process_mutex_state& state, const process_mutex_options& opts) noexcept
       : state_(&state), options_(opts) {}
