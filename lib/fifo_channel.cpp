@@ -69,7 +69,7 @@ task<std::unique_ptr<receive_port>> open_fifo_receiver(channel_address a) {
 task<std::unique_ptr<send_port>> open_fifo_sender(channel_address a) {
   if (::access(a.name.c_str(), F_OK) != 0 && errno == ENOENT) {
     throw channel_error(
-        fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
+        ENOENT, fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
   }
   pipe_writer writer = co_await open_fifo_writer(a.name);
   co_return make_stream_sender(a.text, writer.release_fd(), write_path::ring_only, true);

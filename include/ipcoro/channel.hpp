@@ -13,6 +13,7 @@
 #include "ipcoro/task.hpp"
 #include "ipcoro/when_any.hpp"
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -27,22 +28,29 @@
 
 namespace ipcoro {
 
-/// Base of the errors a channel reports; the message names the channel's address.
-class channel_error : public std::runtime_error {
+/// Base of the errors a channel reports; the message names the channel's address, and
+/// code() keeps the error below it: the errno of the system call that failed, EPIPE for a
+/// closed channel, ECONNRESET for a sender that left without closing, EPROTO or EBADMSG
+/// for a peer that does not speak the channel protocol, EMSGSIZE for a message too large.
+class channel_error : public std::system_error {
  public:
-  using std::runtime_error::runtime_error;
+  channel_error(std::error_code code, const std::string& what) : std::system_error(code, what) {}
+  /// `errno_value` in std::system_category().
+  channel_error(int errno_value, const std::string& what)
+      : std::system_error(errno_value, std::system_category(), what) {}
 };
 
-/// A send on a channel whose receiver has gone, or that was closed.
+/// A send on a channel whose receiver has gone, or that was closed (EPIPE by default).
 class channel_closed : public channel_error {
  public:
+  explicit channel_closed(const std::string& what) : channel_error(EPIPE, what) {}
   using channel_error::channel_error;
 };
 
-/// The peer speaks another type (or another codec version) than this end expects.
+/// The peer speaks another type (or another codec version) than this end expects (EPROTO).
 class channel_type_mismatch : public channel_error {
  public:
-  using channel_error::channel_error;
+  explicit channel_type_mismatch(const std::string& what) : channel_error(EPROTO, what) {}
 };
 
 template <class T>
@@ -57,7 +65,8 @@ namespace detail {
 /// names the address (and which of its options to change), keeping its error code.
 /// `throw;` semantics when it already does.
 [[noreturn]] void rethrow_for_address(std::string_view address, const std::system_error& e);
-[[noreturn]] void throw_channel_error(const char* what);
+/// channel_error with `errno_value` (an errno).
+[[noreturn]] void throw_channel_error(int errno_value, const char* what);
 /// channel_closed for a send that its own sender's close, detach or abort came before
 /// (`waited` false) or interrupted.
 [[noreturn]] void throw_sender_left(const port_base& port, bool waited);
@@ -364,7 +373,8 @@ class channel_receiver {
     for (;;) {
       if (s.receiver_closed) co_return false;
       if (s.count > 0) co_return true;
-      if (s.sender_aborted) detail::throw_channel_error("channel receive: the sender aborted the stream");
+      if (s.sender_aborted)
+        detail::throw_channel_error(ECONNRESET, "channel receive: the sender aborted the stream");
       if (s.sender_closed) co_return false;
       co_await detail::park_operation{s.receivers};
     }
