@@ -48,7 +48,7 @@ struct fresh_queue {
   ~fresh_queue() {
     try {
       ipcoro::message_queue::unlink(name);
-      ipcoro::shm_segment::remove(name + ".ipcoro-mq");
+      ipcoro::shm_segment::unlink(name + ".ipcoro-mq");
     } catch (...) {
     }
   }

@@ -52,12 +52,12 @@ struct fifo_options {
   /// them. The default lets only this user open the FIFO.
   unsigned mode = 0600;
   /// When the path already holds a FIFO that no process has open for reading (left behind
-  /// by a process that died), replace it with a fresh one (created aside, then renamed over
+  /// by a process that died), reclaim it: replace it with a fresh one (created aside, then renamed over
   /// it) instead of failing with EEXIST. A FIFO some process is reading is never taken
   /// over (EBUSY), and anything that is not a FIFO is never removed. The check opens the
   /// FIFO for writing for a moment, so a reader waiting in open() on it would be woken
   /// and then read end of stream.
-  bool replace_stale = false;
+  bool reclaim = false;
 };
 
 /// Owns a FIFO in the file system: creates it and removes it when destroyed. Move-only.
@@ -69,7 +69,7 @@ class fifo {
   /// Creates a FIFO at `path` (mkfifo). A relative path is made absolute against the
   /// current directory now, so the owner removes the right file even after a chdir.
   /// Throws std::system_error saying what to change: EEXIST when the path exists (naming
-  /// what is there), EBUSY when `replace_stale` meets a FIFO in use, ENOENT when the
+  /// what is there), EBUSY when `reclaim` meets a FIFO in use, ENOENT when the
   /// directory is missing, EACCES when this user may not create files there,
   /// ENAMETOOLONG naming the limit (NAME_MAX or PATH_MAX), EINVAL for a bad mode.
   explicit fifo(std::string path, const fifo_options& opts = {});
@@ -77,7 +77,7 @@ class fifo {
   fifo& operator=(fifo&& other) noexcept;
   fifo(const fifo&) = delete;
   fifo& operator=(const fifo&) = delete;
-  /// Removes the FIFO (see remove()).
+  /// Removes the FIFO (see unlink()).
   ~fifo();
 
   /// The absolute path of the FIFO; empty when this object owns none.
@@ -86,7 +86,7 @@ class fifo {
   /// Removes the FIFO now, if this is the process that created it (a forked child's copy
   /// of the object removes nothing) and the path still names the FIFO it created (a file
   /// that has since replaced it is left alone). Errors are ignored. Idempotent.
-  void remove() noexcept;
+  void unlink() noexcept;
   /// Stops owning the FIFO without removing it; returns its path.
   std::string release() noexcept;
   /// Whether `fd` is open on the FIFO this object created (not on one that has replaced

@@ -132,7 +132,7 @@ class [[nodiscard]] mq_receive_operation : public io_operation<mq_receive_operat
 /// their boundaries and come out highest priority first, oldest first within a priority.
 /// Move-only; operations in flight point at it, so it must stay in place until they
 /// complete. A queue obtained from `create` owns its name: its destructor, in the process
-/// that created it, unlinks the name (see `disown`). Use it from one thread.
+/// that created it, unlinks the name (see `release_name`). Use it from one thread.
 class message_queue {
  public:
   message_queue() noexcept = default;
@@ -186,7 +186,7 @@ class message_queue {
   /// True when the destructor will unlink the name.
   bool owns_name() const noexcept { return owner_pid_ != 0; }
   /// Keeps the name in the system when this object goes away.
-  void disown() noexcept { owner_pid_ = 0; }
+  void release_name() noexcept { owner_pid_ = 0; }
   /// Closes the descriptor (and unlinks the name if this object owns it).
   void close() noexcept;
 

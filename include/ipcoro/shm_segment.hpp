@@ -80,7 +80,7 @@ class shm_segment {
   }
   /// Removes the segment `name` if it exists (shm_unlink); returns whether it did. For
   /// cleanup by name; processes that have it mapped keep their mapping.
-  static bool remove(const std::string& name);
+  static bool unlink(const std::string& name);
 
   /// The payload: 64-byte aligned, `layout().payload_size` bytes, zeroed at creation.
   std::span<std::byte> payload() const noexcept { return region_.payload(); }
