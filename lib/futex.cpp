@@ -323,6 +323,7 @@ futex_wait_result futex_wait_operation::finish_fallback() {
     case -EAGAIN:
       return futex_wait_result::value_changed;
     case -ETIMEDOUT:
+      if (!timeout_is_result_) throw timed_out{};  // with_timeout / with_deadline came first
       return futex_wait_result::timed_out;
     case -ECANCELED:
       throw operation_cancelled{};

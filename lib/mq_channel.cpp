@@ -12,6 +12,7 @@
 #include "proc_value.hpp"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <mqueue.h>
 #include <sys/stat.h>
@@ -20,6 +21,7 @@
 #include <ctime>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ipcoro::detail {
@@ -306,16 +308,23 @@ class mq_link final : public link_ends {
 
 std::unique_ptr<link_ends> make_mq_link(const channel_address& a) { return std::make_unique<mq_link>(a); }
 
-/// Queues with a channel record beside them: those a channel receiver made.
+/// Queues a channel receiver made: each has its record in /dev/shm (names too long for a
+/// record are hashed there, and are not listed). Read from the records, since /dev/mqueue
+/// need not be mounted.
 std::vector<std::string> list_mq() {
   std::vector<std::string> out;
-  DIR* d = ::opendir("/dev/mqueue");
+  DIR* d = ::opendir("/dev/shm");
   if (d == nullptr) return out;
+  constexpr std::string_view suffix = mq_record_suffix;
   while (const dirent* e = ::readdir(d)) {
-    const std::string name = std::string("/") + e->d_name;
-    if (e->d_name[0] == '.') continue;
-    struct stat st {};
-    if (::stat(("/dev/shm" + mq_record_name(name)).c_str(), &st) == 0) out.push_back("mq:" + name);
+    const std::string_view entry = e->d_name;
+    if (!entry.ends_with(suffix)) continue;
+    const std::string name = "/" + std::string(entry.substr(0, entry.size() - suffix.size()));
+    if (mq_record_name(name) != "/" + std::string(entry)) continue;
+    const mqd_t q = ::mq_open(name.c_str(), O_RDONLY | O_CLOEXEC);
+    if (q == static_cast<mqd_t>(-1)) continue;
+    ::mq_close(q);
+    out.push_back("mq:" + name);
   }
   ::closedir(d);
   return out;

@@ -14,8 +14,9 @@
 #include "ipcoro/timer.hpp"
 #include "loop.hpp"
 
+#include "liveness.hpp"
+
 #include <fmt/core.h>
-#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,7 +29,7 @@ namespace ipcoro::detail {
 
 namespace {
 
-constexpr std::string_view record_suffix = ".ipcoro-mq";
+constexpr std::string_view record_suffix = mq_record_suffix;
 
 region_layout record_layout() noexcept {
   return {mq_peer_type_tag, mq_peer_layout_version, sizeof(mq_peer_record)};
@@ -50,16 +51,6 @@ bool entry_dead(const mq_peer_entry& e, std::uint64_t word) noexcept {
                              e.boot_id.load(std::memory_order_relaxed)};
   if (e.word.load(std::memory_order_acquire) != word) return false;
   return !process_alive(who);
-}
-
-/// True once no process holds a write end of the pipe whose read end is `fd`. Never waits.
-bool claims_hung_up(int fd) noexcept {
-  ::pollfd p{fd, 0, 0};
-  int rc;
-  do {
-    rc = ::poll(&p, 1, 0);
-  } while (rc < 0 && errno == EINTR);
-  return rc > 0 && (p.revents & POLLHUP) != 0;
 }
 
 }  // namespace
@@ -230,7 +221,7 @@ mq_peers::verdict mq_peers::peers() const noexcept {
   if (record_ == nullptr) return v;
   // Looked at before the entries: a taker records itself before it lets its claim go, so
   // once the claims are gone, the scan below sees whoever took the end.
-  const bool claims_gone = peer_claim_ && claims_hung_up(peer_claim_.get());
+  const bool claims_gone = peer_claim_ && write_ends_closed(peer_claim_.get());
   const std::uint64_t other = role_ == role::sender ? mq_peer_receiver : mq_peer_sender;
   for (const mq_peer_entry& e : record_->entries) {
     const std::uint64_t word = e.word.load(std::memory_order_acquire);

@@ -24,6 +24,8 @@ struct mq_ticker;
 /// The name of the record beside queue `queue_name`: "/jobs" has "/jobs.ipcoro-mq" (in
 /// /dev/shm); a name too long for the suffix keeps a prefix and adds a hash of the whole.
 std::string mq_record_name(std::string_view queue_name);
+/// What a record's name ends with.
+inline constexpr std::string_view mq_record_suffix = ".ipcoro-mq";
 
 /// A handle on a queue's peer record, recording at most one endpoint of this process.
 /// Empty (false) when the queue has no record: then nothing is recorded or checked. Moving

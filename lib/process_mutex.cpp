@@ -5,6 +5,8 @@
 
 #include "ipcoro/error.hpp"
 
+#include "liveness.hpp"
+
 #include <fmt/core.h>
 #include <time.h>
 

@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: MIT
-// The region header (create, validate, map), process identities, and bounds-check errors.
+// The region header (create, validate, map) and bounds-check errors.
 #include "ipcoro/detail/region.hpp"
 
 #include "ipcoro/error.hpp"
 #include "ipcoro/hash.hpp"
 #include "ipcoro/unique_fd.hpp"
 
+#include "liveness.hpp"
+
 #include <fcntl.h>
 #include <fmt/core.h>
-#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -21,7 +22,6 @@
 #include <cstring>
 #include <ctime>
 #include <limits>
-#include <mutex>
 #include <new>
 #include <optional>
 #include <span>
@@ -47,119 +47,7 @@ std::string size_text(std::uint64_t bytes) {
   return fmt::format("{} bytes", bytes);
 }
 
-// ---- process identities ----
-
-/// A hash of /proc/sys/kernel/random/boot_id, or 1 when it cannot be read (then every
-/// identity looks like this boot's, which errs on the side of "alive").
-std::uint64_t boot_id_hash() noexcept {
-  static const std::uint64_t hash = [] {
-    char text[64] = {};
-    std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re");
-    if (f == nullptr) return std::uint64_t{1};
-    const std::size_t n = std::fread(text, 1, sizeof text - 1, f);
-    std::fclose(f);
-    return n == 0 ? std::uint64_t{1} : (fnv1a(std::string_view{text, n}) | 1);
-  }();
-  return hash;
-}
-
 }  // namespace
-
-int read_proc_stat(pid_t pid, proc_stat_fields& out) noexcept {
-  char path[48];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return -errno;
-  char buf[1024];
-  ssize_t n;
-  do {
-    n = ::read(fd, buf, sizeof buf - 1);
-  } while (n < 0 && errno == EINTR);
-  const int err = errno;
-  ::close(fd);
-  if (n < 0) return -err;
-  if (n == 0) return -ESRCH;  // the process went away between open and read
-  buf[n] = '\0';
-  // Field 2 (the command name) may hold spaces and parentheses: start after the last ')'.
-  const char* p = std::strrchr(buf, ')');
-  if (p == nullptr) return -EINVAL;
-  ++p;
-  int field = 2;
-  while (*p != '\0' && field < 22) {
-    while (*p == ' ') ++p;
-    ++field;
-    if (field == 3) out.state = *p;
-    if (field == 22) {
-      char* end = nullptr;
-      out.start_time = std::strtoull(p, &end, 10);
-      return end == p ? -EINVAL : 0;
-    }
-    while (*p != ' ' && *p != '\0') ++p;
-  }
-  return -EINVAL;
-}
-
-namespace {
-
-struct identity_cache {
-  std::mutex lock;
-  std::atomic<bool> valid{false};
-  process_identity id;
-};
-
-identity_cache& the_identity_cache() {
-  static identity_cache* cache = [] {
-    auto* c = new identity_cache;  // never destroyed: identities are used until _exit
-    // A forked child is another process: forget the parent's identity. The lock is held
-    // across fork() so the child never inherits it locked by a thread it does not have.
-    ::pthread_atfork([] { the_identity_cache().lock.lock(); }, [] { the_identity_cache().lock.unlock(); },
-                     [] {
-                       identity_cache& c = the_identity_cache();
-                       c.valid.store(false, std::memory_order_relaxed);
-                       c.lock.unlock();
-                     });
-    return c;
-  }();
-  return *cache;
-}
-
-}  // namespace
-
-const process_identity& this_process() {
-  identity_cache& c = the_identity_cache();
-  if (c.valid.load(std::memory_order_acquire)) return c.id;
-  std::lock_guard guard(c.lock);
-  if (!c.valid.load(std::memory_order_relaxed)) {
-    const pid_t pid = ::getpid();
-    proc_stat_fields f;
-    if (const int rc = read_proc_stat(pid, f); rc < 0) {
-      throw_errno(
-          -rc, fmt::format("reading /proc/{}/stat for this process's start time (is /proc mounted?)", pid));
-    }
-    c.id = process_identity{pid, 0, f.start_time, boot_id_hash()};
-    c.valid.store(true, std::memory_order_release);
-  }
-  return c.id;
-}
-
-bool process_alive(const process_identity& who) noexcept {
-  if (who.pid <= 0) return false;
-  if (who.boot_id != boot_id_hash()) return false;
-  proc_stat_fields f;
-  const int rc = read_proc_stat(who.pid, f);
-  if (rc == -ENOENT || rc == -ESRCH) return false;
-  if (rc < 0) return true;                             // cannot tell: do not take anything from it
-  if (f.state == 'Z' || f.state == 'X') return false;  // exited, not yet reaped
-  return f.start_time == who.start_time;
-}
-
-bool pid_running(pid_t pid) noexcept {
-  if (pid <= 0) return false;
-  proc_stat_fields f;
-  const int rc = read_proc_stat(pid, f);
-  if (rc == -ENOENT || rc == -ESRCH) return false;
-  return rc < 0 || (f.state != 'Z' && f.state != 'X');
-}
 
 // ---- bounds ----
 

@@ -5,6 +5,8 @@
 #include "ipcoro/error.hpp"
 #include "ipcoro/unique_fd.hpp"
 
+#include "liveness.hpp"
+
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <limits.h>

@@ -31,11 +31,15 @@ class [[nodiscard]] io_operation : public detail::op_awaiter_base, public detail
  protected:
   using detail::op_awaiter_base::op_awaiter_base;
   /// Turns with_timeout / with_deadline into the request's absolute deadline (a linked
-  /// timeout), keeping an earlier one the operation set itself.
+  /// timeout), keeping an earlier one the operation set itself (whose expiry may be an
+  /// ordinary result, as a futex wait's own timeout is; with_timeout's is timed_out).
   void arm_deadline() noexcept {
     if (!this->limit_.bounded()) return;
     const std::int64_t when = this->limit_.resolve_ns();
-    if (!has_deadline() || when < deadline_.tv_sec * 1'000'000'000 + deadline_.tv_nsec) set_deadline(when);
+    if (!has_deadline() || when < deadline_.tv_sec * 1'000'000'000 + deadline_.tv_nsec) {
+      set_deadline(when);
+      timeout_is_result_ = false;
+    }
   }
 };
 

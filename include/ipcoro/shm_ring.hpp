@@ -2,6 +2,7 @@
 // SPSC and MPMC message rings in shared memory, shm segments and mapped files alike.
 #pragma once
 
+#include "ipcoro/detail/op_deadline.hpp"
 #include "ipcoro/detail/region.hpp"
 #include "ipcoro/task.hpp"
 
@@ -68,7 +69,8 @@
 // read and its entry into the kernel makes FUTEX_WAIT return at once.
 //
 // Every wait can end: by data or space, by the peer closing (end of stream / EPIPE), by
-// the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out), by
+// the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out, as for
+// every awaitable; a timeout counts from when the operation first has to wait), by
 // cancellation through the awaiting task's stop token (ipcoro::operation_cancelled), or by
 // the peer's death: a sleeper wakes every `peer_check_interval`, checks the processes
 // recorded for the other side (alive, not a zombie, same start time, so a reused pid is
@@ -92,7 +94,7 @@
 // futex_wake.
 //
 // Steady state allocates nothing: the fast paths work in the caller's coroutine frame,
-// and a sleep runs in a small coroutine whose frame is recycled per thread.
+// and a sleep runs in a task whose frame comes from the thread's frame pool.
 
 namespace ipcoro {
 
@@ -195,28 +197,13 @@ class ring_endpoint;
 /// the ring's max_message_size(), EPIPE once the receiving side closed the ring, EBADMSG
 /// when the region is corrupt; ipcoro::peer_died when the receiving side died while this
 /// waited for space; timed_out / operation_cancelled. The message is copied; it need only
-/// live until the co_await returns.
-class [[nodiscard]] ring_send_operation {
+/// live until the co_await returns. `.with_timeout(d)` / `.with_deadline(t)` bound the
+/// wait: timed_out, and nothing is sent then. A timeout counts from when the send first has
+/// to wait, so a send that completes at once reads no clock.
+class [[nodiscard]] ring_send_operation : public detail::deadline_methods<ring_send_operation> {
  public:
   ring_send_operation(detail::ring_endpoint* endpoint, std::span<const std::byte> message) noexcept
       : endpoint_(endpoint), message_(message) {}
-
-  /// Fails with timed_out unless sent within `d` from now. (The clock is read only if the
-  /// send has to wait: a send that completes at once costs no clock read.)
-  template <class Rep, class Period>
-  ring_send_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
-    ring_send_operation copy = *this;
-    copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
-    return copy;
-  }
-  /// Fails with timed_out unless sent by `when`.
-  template <class Duration>
-  ring_send_operation with_deadline(
-      std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
-    ring_send_operation copy = *this;
-    copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
-    return copy;
-  }
 
   bool await_ready();
   template <class P>
@@ -231,10 +218,7 @@ class [[nodiscard]] ring_send_operation {
 
   detail::ring_endpoint* endpoint_;
   std::span<const std::byte> message_;
-  std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
-  std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
-  std::exception_ptr error_;
-  unsigned char state_ = 0;
+  task<> wait_;  // the sleep, once the fast path and the spin found no room
 };
 
 /// Receives one message into `buffer`: its size, or an empty optional at end of stream
@@ -242,28 +226,13 @@ class [[nodiscard]] ring_send_operation {
 /// Throws std::system_error: EMSGSIZE when the next message is larger than `buffer` (it
 /// stays in the ring: receive again with a buffer of max_message_size()), EBADMSG when
 /// the region is corrupt; ipcoro::peer_died when the sending side died and the ring is
-/// drained; timed_out / operation_cancelled.
-class [[nodiscard]] ring_receive_operation {
+/// drained; timed_out / operation_cancelled. `.with_timeout(d)` / `.with_deadline(t)`
+/// bound the wait: timed_out, and no message is taken then. A timeout counts from when the
+/// receive first has to wait, so a receive that completes at once reads no clock.
+class [[nodiscard]] ring_receive_operation : public detail::deadline_methods<ring_receive_operation> {
  public:
   ring_receive_operation(detail::ring_endpoint* endpoint, std::span<std::byte> buffer) noexcept
       : endpoint_(endpoint), buffer_(buffer) {}
-
-  /// Fails with timed_out unless a message (or end of stream) arrives within `d`. (The
-  /// clock is read only if the receive has to wait.)
-  template <class Rep, class Period>
-  ring_receive_operation with_timeout(std::chrono::duration<Rep, Period> d) const noexcept {
-    ring_receive_operation copy = *this;
-    copy.timeout_ = std::chrono::duration_cast<std::chrono::nanoseconds>(d);
-    return copy;
-  }
-  /// Fails with timed_out unless a message (or end of stream) arrives by `when`.
-  template <class Duration>
-  ring_receive_operation with_deadline(
-      std::chrono::time_point<std::chrono::steady_clock, Duration> when) const noexcept {
-    ring_receive_operation copy = *this;
-    copy.deadline_ = std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
-    return copy;
-  }
 
   bool await_ready();
   template <class P>
@@ -278,152 +247,115 @@ class [[nodiscard]] ring_receive_operation {
 
   detail::ring_endpoint* endpoint_;
   std::span<std::byte> buffer_;
-  std::chrono::steady_clock::time_point deadline_ = std::chrono::steady_clock::time_point::max();
-  std::chrono::nanoseconds timeout_ = std::chrono::nanoseconds::max();  // from the first wait; max: none
-  std::exception_ptr error_;
+  task<> wait_;  // the sleep, once the fast path and the spin found nothing
   std::size_t size_ = 0;
   bool end_of_stream_ = false;
-  unsigned char state_ = 0;
 };
 
-/// The one sending end of an SPSC ring. Move-only; keep the region mapped while it
-/// exists, and do not move or destroy it while one of its operations is in flight.
-class spsc_ring_sender {
+/// Which kind of ring an endpoint attaches to: SPSC (one sender, one receiver, messages of
+/// any size up to capacity / 2 - 8) or MPMC (any number of each, fixed-size slots).
+enum class ring_kind : unsigned char { spsc, mpmc };
+/// Which end of the ring an endpoint is.
+enum class ring_role : unsigned char { sender, receiver };
+
+/// One end of a ring; use it through the four names below (spsc_ring_sender, ...), which
+/// say what each end does when it goes. Move-only; keep the region mapped while it exists,
+/// and do not move or destroy it while one of its operations is in flight.
+template <ring_kind Kind, ring_role Role>
+class basic_ring_end {
+  static constexpr bool spsc = Kind == ring_kind::spsc;
+  static constexpr bool sender = Role == ring_role::sender;
+
  public:
-  spsc_ring_sender() noexcept;
-  /// Attaches to the ring formatted in `region` as its sender, recording this process.
-  /// Throws std::system_error: EINVAL when the region holds no valid SPSC ring (what
-  /// mismatched is in the message), EBUSY when another live process is its sender. A
-  /// sender that died is replaced: sending resumes after its last complete message.
-  explicit spsc_ring_sender(std::span<std::byte> region, const ring_options& options = {});
-  spsc_ring_sender(spsc_ring_sender&&) noexcept;
-  spsc_ring_sender& operator=(spsc_ring_sender&&) noexcept;
-  /// close(); but when destroyed by an exception unwinding the stack, abandon(), so that
-  /// a producer that fails never marks a persistent ring as finished.
-  ~spsc_ring_sender();
+  basic_ring_end() noexcept;
+  /// Attaches to the ring formatted in `region` as this end, recording this process.
+  /// Throws std::system_error: EINVAL when the region holds no valid ring of this kind
+  /// (what mismatched is in the message); SPSC: EBUSY when another live process holds this
+  /// end (one that died is replaced: sending resumes after its last complete message,
+  /// receiving at the last acknowledged position, so that a previous receiver's
+  /// unacknowledged messages come again); MPMC: EUSERS when the ring's table of 64
+  /// attached endpoints is full.
+  explicit basic_ring_end(std::span<std::byte> region, const ring_options& options = {});
+  basic_ring_end(basic_ring_end&&) noexcept;
+  /// SPSC: close()s this end first. MPMC: detaches it first.
+  basic_ring_end& operator=(basic_ring_end&&) noexcept;
+  /// SPSC sender: close(); but when destroyed by an exception unwinding the stack,
+  /// abandon(), so that a producer that fails never marks a persistent ring as finished.
+  /// SPSC receiver: close(). MPMC: detaches (does not close the ring: others may go on).
+  ~basic_ring_end();
 
   /// Copies `message` into the ring, waiting for space while it is full.
-  ring_send_operation send(std::span<const std::byte> message) noexcept { return {endpoint_.get(), message}; }
-  /// Ends the stream: the receiver gets the messages already sent, then an empty
-  /// optional. Detaches. Idempotent; the destructor calls it.
-  void close() noexcept;
-  /// Detaches without ending the stream: a later sender (another process, or after a
-  /// restart) continues it.
-  void detach() noexcept;
-  /// Lets go of the ring as a failed producer: neither closes nor detaches, so the ring
-  /// keeps this process as its sender, and the receiver gets peer_died once this process
-  /// has exited (no other sender can attach until then). The endpoint becomes empty.
-  void abandon() noexcept;
-  /// The largest message this ring carries: capacity / 2 - 8.
-  std::size_t max_message_size() const noexcept;
-  /// Data bytes in the ring.
-  std::size_t capacity() const noexcept;
-  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
+  ring_send_operation send(std::span<const std::byte> message) noexcept requires sender {
+    return {endpoint_.get(), message};
+  }
+  /// Copies the next message into `buffer`; see ring_receive_operation. Each message of an
+  /// MPMC ring goes to exactly one receiver.
+  ring_receive_operation receive(std::span<std::byte> buffer) noexcept requires(!sender) {
+    return {endpoint_.get(), buffer};
+  }
 
- private:
-  std::unique_ptr<detail::ring_endpoint> endpoint_;
-  int uncaught_ = std::uncaught_exceptions();  // unwinding in the destructor: more than this
-};
+  /// SPSC receiver: acknowledges every message received so far (with
+  /// ring_options::manual_ack): they will not come again, and the sender may reuse their
+  /// space. A store and at most one futex wake; no wait.
+  void ack() noexcept requires(spsc && !sender);
+  /// SPSC receiver: the ring position right after the last message received: acknowledge
+  /// up to it later with ack(position), e.g. once that message has been handed on by a
+  /// caller that reads ahead. Before the first receive: the position acknowledged last.
+  std::uint64_t position() const noexcept requires(spsc && !sender);
+  /// SPSC receiver: acknowledges the messages received before `position` (a value
+  /// position() returned); an older or unknown position does nothing.
+  void ack(std::uint64_t position) noexcept requires(spsc && !sender);
 
-/// The one receiving end of an SPSC ring. Move-only; same lifetime rules as the sender.
-class spsc_ring_receiver {
- public:
-  spsc_ring_receiver() noexcept;
-  /// Attaches as the receiver (EINVAL: no valid SPSC ring; EBUSY: another live receiver).
-  /// Reading starts at the last acknowledged position: after a previous receiver's crash
-  /// or detach(), its unacknowledged messages come again.
-  explicit spsc_ring_receiver(std::span<std::byte> region, const ring_options& options = {});
-  spsc_ring_receiver(spsc_ring_receiver&&) noexcept;
-  spsc_ring_receiver& operator=(spsc_ring_receiver&&) noexcept;
-  /// close().
-  ~spsc_ring_receiver();
-
-  /// Copies the next message into `buffer`; see ring_receive_operation.
-  ring_receive_operation receive(std::span<std::byte> buffer) noexcept { return {endpoint_.get(), buffer}; }
-  /// Acknowledges every message received so far (with ring_options::manual_ack): they
-  /// will not come again, and the sender may reuse their space. A store and at most one
-  /// futex wake; no wait.
-  void ack() noexcept;
-  /// The ring position right after the last message received: acknowledge up to it later
-  /// with ack(position), e.g. once that message has been handed on by a caller that reads
-  /// ahead. Before the first receive: the position acknowledged last.
-  std::uint64_t position() const noexcept;
-  /// Acknowledges the messages received before `position` (a value position() returned);
-  /// an older or unknown position does nothing.
-  void ack(std::uint64_t position) noexcept;
-  /// Messages received but not yet acknowledged are given back (manual_ack), then the
-  /// ring is closed for the sender (its sends fail with EPIPE) and this end detaches.
-  /// The destructor calls it.
-  void close() noexcept;
-  /// Detaches without closing; unacknowledged messages go to the next receiver.
-  void detach() noexcept;
-  std::size_t max_message_size() const noexcept;
-  std::size_t capacity() const noexcept;
-  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
-
- private:
-  std::unique_ptr<detail::ring_endpoint> endpoint_;
-};
-
-/// One of the sending ends of an MPMC ring (any number of processes, and several
-/// endpoints per process). Move-only; same lifetime rules as above.
-class mpmc_ring_sender {
- public:
-  mpmc_ring_sender() noexcept;
-  /// Attaches to the MPMC ring in `region` as a sender (EINVAL: no valid MPMC ring;
-  /// EUSERS: the ring's table of 64 attached endpoints is full).
-  explicit mpmc_ring_sender(std::span<std::byte> region, const ring_options& options = {});
-  mpmc_ring_sender(mpmc_ring_sender&&) noexcept;
-  mpmc_ring_sender& operator=(mpmc_ring_sender&&) noexcept;
-  /// Detaches (does not close the ring: other senders may go on).
-  ~mpmc_ring_sender();
-
-  ring_send_operation send(std::span<const std::byte> message) noexcept { return {endpoint_.get(), message}; }
-  /// Closes the whole ring: sends fail with EPIPE from now on, receivers get an empty
+  /// SPSC sender: ends the stream: the receiver gets the messages already sent, then an
+  /// empty optional. Detaches. Idempotent; the destructor calls it.
+  /// SPSC receiver: messages received but not yet acknowledged are given back
+  /// (manual_ack), then the ring is closed for the sender (its sends fail with EPIPE) and
+  /// this end detaches. The destructor calls it.
+  /// MPMC: closes the whole ring: sends fail with EPIPE from now on, receivers get an empty
   /// optional once it is drained. Call it once every sender has finished.
   void close() noexcept;
-  /// Leaves the ring without closing it (others go on sending); the destructor does the same.
+  /// Detaches without ending the stream. SPSC: a later end of this side (another process,
+  /// or after a restart) continues it; unacknowledged messages go to the next receiver.
+  /// MPMC: leaves the ring (others go on) and the endpoint becomes empty; the destructor
+  /// does the same.
   void detach() noexcept;
-  /// Lets go of the ring as a failed producer: like detach(), but the ring keeps this
-  /// process's record, so receivers get peer_died once every sender, this process among
-  /// them, has died. The endpoint becomes empty.
-  void abandon() noexcept;
+  /// Lets go of the ring as a failed producer. SPSC: neither closes nor detaches, so the
+  /// ring keeps this process as its sender, and the receiver gets peer_died once this
+  /// process has exited (no other sender can attach until then). MPMC: like detach(), but
+  /// the ring keeps this process's record, so receivers get peer_died once every sender,
+  /// this process among them, has died. The endpoint becomes empty.
+  void abandon() noexcept requires sender;
+  /// MPMC receiver: leaves the ring as a receiver that is done: detaches, and when no
+  /// other receiver is recorded (alive or dead), closes the receiving side, as an SPSC
+  /// receiver's close() does: sends fail with EPIPE, and senders waiting for room wake with
+  /// it, until a receiver attaches again. Other receivers, and the messages left for them,
+  /// stay.
+  void leave() noexcept requires(!spsc && !sender);
+
+  /// The largest message this ring carries (SPSC: capacity / 2 - 8); 0 for an empty endpoint.
   std::size_t max_message_size() const noexcept;
-  /// Number of slots.
+  /// SPSC: data bytes in the ring; MPMC: number of slots. 0 for an empty endpoint.
   std::size_t capacity() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
  private:
   std::unique_ptr<detail::ring_endpoint> endpoint_;
+  int uncaught_ = std::uncaught_exceptions();  // SPSC sender: unwinding in the destructor is more than this
 };
 
-/// One of the receiving ends of an MPMC ring. Each message goes to exactly one receiver.
-class mpmc_ring_receiver {
- public:
-  mpmc_ring_receiver() noexcept;
-  /// Attaches as a receiver (EINVAL, EUSERS as for the sender).
-  explicit mpmc_ring_receiver(std::span<std::byte> region, const ring_options& options = {});
-  mpmc_ring_receiver(mpmc_ring_receiver&&) noexcept;
-  mpmc_ring_receiver& operator=(mpmc_ring_receiver&&) noexcept;
-  /// Detaches.
-  ~mpmc_ring_receiver();
+/// The one sending end of an SPSC ring.
+using spsc_ring_sender = basic_ring_end<ring_kind::spsc, ring_role::sender>;
+/// The one receiving end of an SPSC ring.
+using spsc_ring_receiver = basic_ring_end<ring_kind::spsc, ring_role::receiver>;
+/// One of the sending ends of an MPMC ring (any number of processes, and several endpoints
+/// per process).
+using mpmc_ring_sender = basic_ring_end<ring_kind::mpmc, ring_role::sender>;
+/// One of the receiving ends of an MPMC ring.
+using mpmc_ring_receiver = basic_ring_end<ring_kind::mpmc, ring_role::receiver>;
 
-  ring_receive_operation receive(std::span<std::byte> buffer) noexcept { return {endpoint_.get(), buffer}; }
-  /// Closes the whole ring (see mpmc_ring_sender::close).
-  void close() noexcept;
-  /// Leaves the ring without closing it; the destructor does the same.
-  void detach() noexcept;
-  /// Leaves the ring as a receiver that is done: detaches, and when no other receiver is
-  /// recorded (alive or dead), closes the receiving side, as an SPSC receiver's close()
-  /// does: sends fail with EPIPE, and senders waiting for room wake with it, until a
-  /// receiver attaches again. Other receivers, and the messages left for them, stay.
-  void leave() noexcept;
-  std::size_t max_message_size() const noexcept;
-  std::size_t capacity() const noexcept;
-  explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
-
- private:
-  std::unique_ptr<detail::ring_endpoint> endpoint_;
-};
+extern template class basic_ring_end<ring_kind::spsc, ring_role::sender>;
+extern template class basic_ring_end<ring_kind::spsc, ring_role::receiver>;
+extern template class basic_ring_end<ring_kind::mpmc, ring_role::sender>;
+extern template class basic_ring_end<ring_kind::mpmc, ring_role::receiver>;
 
 }  // namespace ipcoro

@@ -29,28 +29,6 @@ struct process_identity {
 };
 static_assert(std::is_trivially_copyable_v<process_identity> && sizeof(process_identity) == 24);
 
-/// This process's identity, computed once per process (again in a forked child).
-/// Throws std::system_error when /proc is not mounted (it names /proc).
-const process_identity& this_process();
-
-/// False when `who` is certainly gone: no such pid, a zombie, another start time (the pid
-/// was reused) or another boot. True otherwise, including when /proc cannot tell (then
-/// nothing is taken from a process that may still be alive).
-bool process_alive(const process_identity& who) noexcept;
-
-/// False when no process has pid `pid` (or it is a zombie); true otherwise, including
-/// when /proc cannot tell. Weaker than process_alive: a reused pid counts as running.
-bool pid_running(pid_t pid) noexcept;
-
-/// Fields 3 (state, 'Z' for a zombie) and 22 (start time in clock ticks since boot) of
-/// /proc/<pid>/stat.
-struct proc_stat_fields {
-  char state = '?';
-  std::uint64_t start_time = 0;
-};
-/// Reads them; returns 0, or -errno (-ENOENT / -ESRCH when there is no such process).
-int read_proc_stat(pid_t pid, proc_stat_fields& out) noexcept;
-
 /// The header at offset 0 of every region. The magic is written last (a release store
 /// through std::atomic_ref), so a reader that sees it sees a complete header; the checksum
 /// catches corruption of the rest. Plain data, so it can be copied out and checked.

@@ -1,0 +1,468 @@
+// SPDX-License-Identifier: MIT
+// The rings' protocol: formatting, attach-time validation, SPSC and MPMC send and receive.
+#include "ring/protocol.hpp"
+
+#include "ipcoro/futex.hpp"
+
+#include <fmt/core.h>
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <system_error>
+
+namespace ipcoro::detail {
+
+// How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
+constexpr std::uint64_t prefetch_distance = 256;
+
+namespace {
+ring_header& write_header(std::span<std::byte> region, const ring_config& geometry) {
+  std::memset(region.data(), 0, ring_header_size);
+  auto* h = new (region.data()) ring_header{};
+  h->config = geometry;
+  h->config.magic = 0;
+  h->config.check = config_check(geometry);  // computed over the final magic
+  return *h;
+}
+
+void publish_header(ring_header& h) noexcept {
+  // Last, so that a process attaching early finds no magic rather than half a header.
+  std::atomic_ref<std::uint64_t>(h.config.magic).store(ring_magic, std::memory_order_release);
+}
+}  // namespace
+
+[[noreturn]] void throw_corrupt(const std::string& what) {
+  throw std::system_error(EBADMSG, std::system_category(), "shm ring is corrupt: " + what);
+}
+
+[[noreturn]] void throw_invalid(const std::string& what) {
+  throw std::system_error(EINVAL, std::system_category(), what);
+}
+
+void check_region(std::span<std::byte> region, std::size_t minimum, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(region.data()) % 64 != 0) {
+    throw_invalid(
+        fmt::format("{}: the region must be 64-byte aligned (a segment's or mapping's payload is)", what));
+  }
+  if (region.size() < minimum) {
+    throw_invalid(fmt::format("{}: the region has {} bytes; this ring needs at least {}", what, region.size(),
+                              minimum));
+  }
+}
+
+void wake_announced(event_count& ev) noexcept {
+  std::uint32_t v = ev.seq.load(std::memory_order_relaxed);
+  while ((v & sleeper_bit) != 0) {
+    if (ev.seq.compare_exchange_weak(v, v + 1, std::memory_order_release, std::memory_order_relaxed)) {
+      futex_wake(ev.seq, INT_MAX);
+      return;
+    }
+  }
+}
+
+std::uint32_t announce_sleeper(event_count& ev) noexcept {
+  std::uint32_t v = ev.seq.load(std::memory_order_relaxed);
+  while ((v & sleeper_bit) == 0) {
+    if (ev.seq.compare_exchange_weak(v, v | sleeper_bit, std::memory_order_seq_cst,
+                                     std::memory_order_relaxed)) {
+      return v | sleeper_bit;
+    }
+  }
+  return v;
+}
+
+bool asymmetric_barrier_registered() noexcept {
+  static std::atomic<pid_t> cached_pid{0};
+  static std::atomic<bool> cached{false};
+  const pid_t me = ::getpid();
+  if (cached_pid.load(std::memory_order_acquire) != me) {
+    const char* off = std::getenv("IPCORO_RING_NO_MEMBARRIER");
+    const long supported = off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0
+                               ? 0
+                               : ::syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    const bool ok = supported > 0 && (supported & MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0 &&
+                    (supported & MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) != 0 &&
+                    ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED, 0, 0) == 0;
+    cached.store(ok, std::memory_order_relaxed);
+    cached_pid.store(me, std::memory_order_release);
+  }
+  return cached.load(std::memory_order_relaxed);
+}
+
+bool asymmetric_barrier() noexcept {
+  return ::syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0, 0) == 0;
+}
+
+ring_protocol::ring_protocol(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role,
+                             bool manual_ack)
+    : kind_(kind), role_(role), self_pid_(::getpid()), manual_ack_(manual_ack) {
+  const char* what = kind == kind_spsc ? (role == role_sender ? "spsc_ring_sender" : "spsc_ring_receiver")
+                                       : (role == role_sender ? "mpmc_ring_sender" : "mpmc_ring_receiver");
+  check_region(region, ring_header_size, what);
+  hdr_ = std::launder(reinterpret_cast<ring_header*>(region.data()));
+  // Copy the description out once; from here on only the copy is used, so a peer that
+  // rewrites the header cannot steer this process outside the region.
+  ring_config c{};
+  c.magic = std::atomic_ref<std::uint64_t>(hdr_->config.magic).load(std::memory_order_acquire);
+  if (c.magic != ring_magic) {
+    throw_invalid(
+        fmt::format("{}: no ring in this region (magic {:#018x}, expected {:#018x}): not formatted yet, "
+                    "or not a ring",
+                    what, c.magic, ring_magic));
+  }
+  std::memcpy(reinterpret_cast<std::byte*>(&c) + sizeof c.magic,
+              reinterpret_cast<const std::byte*>(&hdr_->config) + sizeof c.magic, sizeof c - sizeof c.magic);
+  if (c.version != ring_version) {
+    throw_invalid(fmt::format("{}: the ring has layout version {}; this ipcoro reads version {}", what,
+                              c.version, ring_version));
+  }
+  if (c.check != config_check(c)) {
+    throw_invalid(
+        fmt::format("{}: the ring header is corrupt: its check word does not match its fields", what));
+  }
+  if (c.kind != kind) {
+    throw_invalid(fmt::format("{}: the region holds an {} ring, not an {} ring", what,
+                              c.kind == kind_spsc ? "SPSC" : (c.kind == kind_mpmc ? "MPMC" : "unknown"),
+                              kind == kind_spsc ? "SPSC" : "MPMC"));
+  }
+  if (c.header_size != ring_header_size || c.participants != participant_count) {
+    throw_invalid(
+        fmt::format("{}: the ring header has size {} and {} participant entries; expected {} and {}", what,
+                    c.header_size, c.participants, ring_header_size, participant_count));
+  }
+  if (c.region_size > region.size() || c.region_size < ring_header_size) {
+    throw_invalid(fmt::format("{}: the ring was formatted for a region of {} bytes, but this region has {}",
+                              what, c.region_size, region.size()));
+  }
+  const std::uint64_t data_bytes = c.region_size - ring_header_size;
+  if (kind == kind_spsc) {
+    if (!std::has_single_bit(c.capacity) || c.capacity < min_spsc_capacity || c.capacity > data_bytes ||
+        c.max_message != std::min<std::uint64_t>(c.capacity / 2 - sizeof(record_header), UINT32_MAX)) {
+      throw_invalid(
+          fmt::format("{}: the ring's geometry is inconsistent (capacity {}, max message {}, {} data bytes)",
+                      what, c.capacity, c.max_message, data_bytes));
+    }
+  } else {
+    if (!std::has_single_bit(c.capacity) || c.capacity < 2 || c.capacity > max_mpmc_slots ||
+        c.max_message == 0 || c.max_message > max_mpmc_message ||
+        c.slot_stride != mpmc_stride(c.max_message) || c.capacity > data_bytes / c.slot_stride) {
+      throw_invalid(
+          fmt::format("{}: the ring's geometry is inconsistent ({} slots of {} bytes for messages of {}, "
+                      "{} data bytes)",
+                      what, c.capacity, c.slot_stride, c.max_message, data_bytes));
+    }
+    stride_ = c.slot_stride;
+  }
+  data_ = region.data() + ring_header_size;
+  capacity_ = c.capacity;
+  mask_ = c.capacity - 1;
+  max_message_ = c.max_message;
+}
+
+void ring_protocol::release_read_position() noexcept {
+  hdr_->head.store(read_pos_, std::memory_order_release);
+  notify(hdr_->space);
+}
+
+void ring_protocol::raise_fence_mode(std::uint32_t to) noexcept {
+  std::uint32_t mode = hdr_->fence_required.load(std::memory_order_relaxed);
+  while (mode < to && !hdr_->fence_required.compare_exchange_weak(mode, to, std::memory_order_seq_cst)) {
+  }
+}
+
+// ---- SPSC ----
+
+ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> message) {
+  if (message.size() > max_message_) {
+    throw std::system_error(
+        EMSGSIZE, std::system_category(),
+        fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
+                    "(capacity / 2 - 8); format a larger region",
+                    message.size(), max_message_));
+  }
+  if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
+  }
+  const std::uint64_t record = align8(sizeof(record_header) + message.size());
+  std::uint64_t offset = tail_ & mask_;
+  const std::uint64_t to_end = capacity_ - offset;
+  const std::uint64_t needed = record <= to_end ? record : to_end + record;
+  if (tail_ - head_cache_ + needed > capacity_) {
+    const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
+    if (head > tail_ || tail_ - head > capacity_) {
+      throw_corrupt(
+          fmt::format("the receiver's position {} is outside [{}, {}]", head, tail_ - capacity_, tail_));
+    }
+    head_cache_ = head;
+    if (tail_ - head_cache_ + needed > capacity_) return outcome::would_block;
+  }
+  std::uint64_t tail = tail_;
+  if (record > to_end) {
+    // Does not fit before the end: pad to the end, start over at offset 0.
+    const record_header pad{static_cast<std::uint32_t>(to_end - sizeof(record_header)), record_padding};
+    std::memcpy(data_ + offset, &pad, sizeof pad);
+    tail += to_end;
+    offset = 0;
+  }
+  if (tail + record + prefetch_distance + 64 <= head_cache_ + capacity_) {
+    // Free room further on: take ownership of its lines now, so that later records are
+    // not written into lines the receiver still holds.
+    __builtin_prefetch(data_ + ((tail + prefetch_distance) & mask_), 1);
+    __builtin_prefetch(data_ + ((tail + prefetch_distance + 64) & mask_), 1);
+  }
+  const record_header rh{static_cast<std::uint32_t>(message.size()), record_data};
+  std::memcpy(data_ + offset, &rh, sizeof rh);
+  if (!message.empty()) std::memcpy(data_ + offset + sizeof rh, message.data(), message.size());
+  tail_ = tail + record;
+  hdr_->tail.store(tail_, std::memory_order_release);
+  notify(hdr_->data);
+  return outcome::done;
+}
+
+ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
+  const auto refresh_tail = [this] {
+    const std::uint64_t t = hdr_->tail.load(std::memory_order_acquire);
+    if (t < read_pos_ || t - read_pos_ > capacity_ || t % 8 != 0) {
+      throw_corrupt(
+          fmt::format("the sender's position {} is outside [{}, {}]", t, read_pos_, read_pos_ + capacity_));
+    }
+    tail_cache_ = t;
+  };
+  for (;;) {
+    if (read_pos_ == tail_cache_) {
+      refresh_tail();
+      if (read_pos_ == tail_cache_) {
+        if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
+        refresh_tail();  // the flag is set after the last message: this sees it
+        if (read_pos_ == tail_cache_) return outcome::end_of_stream;
+      }
+    }
+    const std::uint64_t offset = read_pos_ & mask_;
+    const std::uint64_t to_end = capacity_ - offset;
+    const std::uint64_t available = tail_cache_ - read_pos_;
+    record_header rh;
+    std::memcpy(&rh, data_ + offset, sizeof rh);
+    if (rh.type == record_padding) {
+      if (rh.length != to_end - sizeof rh || to_end > available) {
+        throw_corrupt(
+            fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
+                        rh.length, offset));
+      }
+      read_pos_ += to_end;
+      continue;
+    }
+    if (rh.type != record_data) {
+      throw_corrupt(fmt::format("unknown record type {:#x} at offset {}", rh.type, offset));
+    }
+    const std::uint64_t record = align8(sizeof rh + std::uint64_t{rh.length});
+    if (rh.length > max_message_ || record > to_end || record > available) {
+      throw_corrupt(
+          fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} "
+                      "published)",
+                      rh.length, offset, to_end, available));
+    }
+    if (rh.length > buffer.size()) {
+      throw std::system_error(
+          EMSGSIZE, std::system_category(),
+          fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
+                      "it stays in the ring (max_message_size() is {})",
+                      rh.length, buffer.size(), max_message_));
+    }
+    if (read_pos_ + record + prefetch_distance + 64 <= tail_cache_) {
+      // Published records further on: start fetching them from the sender's cache now.
+      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance) & mask_));
+      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance + 64) & mask_));
+    }
+    if (rh.length != 0) std::memcpy(buffer.data(), data_ + offset + sizeof rh, rh.length);
+    read_pos_ += record;
+    size = rh.length;
+    if (!manual_ack_) release_read_position();
+    return outcome::done;
+  }
+}
+
+// ---- MPMC ----
+
+ring_protocol::outcome ring_protocol::mpmc_try_send(std::span<const std::byte> message) {
+  if (message.size() > max_message_) {
+    throw std::system_error(
+        EMSGSIZE, std::system_category(),
+        fmt::format("mpmc ring send: a message of {} bytes exceeds this ring's slot size of {}",
+                    message.size(), max_message_));
+  }
+  if (hdr_->sender_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(), "mpmc ring send: the ring was closed");
+  }
+  if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
+    throw std::system_error(EPIPE, std::system_category(),
+                            "mpmc ring send: every receiver has closed the ring (none is attached)");
+  }
+  std::atomic<std::uint64_t>& next = hdr_->tail;
+  std::uint64_t pos = next.load(std::memory_order_relaxed);
+  // Bounded, so that a peer scribbling on the positions cannot keep this loop turning.
+  for (std::uint64_t round = 0; round < 4 * capacity_ + 64; ++round) {
+    slot_header& s = slot_at(pos);
+    std::uint64_t w = s.word.load(std::memory_order_acquire);
+    const auto d = static_cast<std::int32_t>(slot_seq(w) - static_cast<std::uint32_t>(pos));
+    if (d == 0 && slot_owner(w) == 0 && !slot_abandoned(w)) {
+      // Claim the slot, recording who holds it, then move the shared position on
+      // (someone else may already have, seeing the claim).
+      if (s.word.compare_exchange_strong(
+              w, make_slot_word(static_cast<std::uint32_t>(pos), static_cast<std::uint32_t>(self_pid_)),
+              std::memory_order_acquire)) {
+        std::uint64_t expected = pos;
+        next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+        s.size.store(static_cast<std::uint32_t>(message.size()), std::memory_order_relaxed);
+        if (!message.empty()) std::memcpy(slot_payload(s), message.data(), message.size());
+        s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + 1), 0), std::memory_order_release);
+        notify(hdr_->data);
+        return outcome::done;
+      }
+      continue;
+    }
+    if (d < 0) {
+      // The slot still holds the message of the previous lap: full, unless others moved on.
+      const std::uint64_t now = next.load(std::memory_order_relaxed);
+      if (now == pos) return outcome::would_block;
+      pos = now;
+      continue;
+    }
+    // Claimed for this position by another sender, or already past it: help move on.
+    std::uint64_t expected = pos;
+    next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+    pos = next.load(std::memory_order_relaxed);
+  }
+  return outcome::would_block;
+}
+
+ring_protocol::outcome ring_protocol::mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
+  std::atomic<std::uint64_t>& next = hdr_->head;
+  std::uint64_t pos = next.load(std::memory_order_relaxed);
+  for (std::uint64_t round = 0; round < 4 * capacity_ + 64; ++round) {
+    slot_header& s = slot_at(pos);
+    std::uint64_t w = s.word.load(std::memory_order_acquire);
+    const auto d = static_cast<std::int32_t>(slot_seq(w) - static_cast<std::uint32_t>(pos + 1));
+    if (d == 0 && slot_owner(w) == 0) {
+      const bool skip = slot_abandoned(w);
+      const std::uint32_t length = s.size.load(std::memory_order_relaxed);
+      if (!skip && (length > max_message_ || length > buffer.size())) {
+        // Only meaningful if the slot still holds the message the length was read from.
+        if (s.word.load(std::memory_order_acquire) != w) continue;
+        if (length > max_message_) {
+          throw_corrupt(fmt::format("slot {} holds a message of {} bytes, above the slot size {}",
+                                    pos & mask_, length, max_message_));
+        }
+        throw std::system_error(
+            EMSGSIZE, std::system_category(),
+            fmt::format("mpmc ring receive: the next message has {} bytes but the buffer only {}; "
+                        "it stays in the ring (max_message_size() is {})",
+                        length, buffer.size(), max_message_));
+      }
+      if (s.word.compare_exchange_strong(
+              w, make_slot_word(static_cast<std::uint32_t>(pos + 1), static_cast<std::uint32_t>(self_pid_)),
+              std::memory_order_acquire)) {
+        std::uint64_t expected = pos;
+        next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+        if (!skip && length != 0) std::memcpy(buffer.data(), slot_payload(s), length);
+        s.word.store(make_slot_word(static_cast<std::uint32_t>(pos + capacity_), 0),
+                     std::memory_order_release);
+        notify(hdr_->space);
+        if (skip) {
+          pos = next.load(std::memory_order_relaxed);
+          continue;
+        }
+        size = length;
+        return outcome::done;
+      }
+      continue;
+    }
+    if (d < 0) {
+      // Nothing published at this position yet: empty, unless others moved on.
+      const std::uint64_t now = next.load(std::memory_order_relaxed);
+      if (now != pos) {
+        pos = now;
+        continue;
+      }
+      if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
+      const std::uint64_t again = s.word.load(std::memory_order_acquire);
+      if (static_cast<std::int32_t>(slot_seq(again) - static_cast<std::uint32_t>(pos + 1)) >= 0) continue;
+      // Closed and drained, unless a sender is still writing this slot.
+      return slot_owner(again) == 0 ? outcome::end_of_stream : outcome::would_block;
+    }
+    std::uint64_t expected = pos;
+    next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
+    pos = next.load(std::memory_order_relaxed);
+  }
+  return outcome::would_block;
+}
+
+}  // namespace ipcoro::detail
+
+namespace ipcoro {
+
+using namespace detail;
+
+std::size_t spsc_ring_region_size(std::size_t capacity) noexcept {
+  return ring_header_size + std::bit_ceil(std::clamp(capacity, min_spsc_capacity, max_spsc_capacity));
+}
+
+std::size_t mpmc_ring_region_size(std::size_t slots, std::size_t max_message) noexcept {
+  return ring_header_size + std::bit_ceil(std::clamp<std::size_t>(slots, 2, max_mpmc_slots)) *
+                                mpmc_stride(std::clamp<std::size_t>(max_message, 1, max_mpmc_message));
+}
+
+void format_spsc_ring(std::span<std::byte> region) {
+  check_region(region, ring_header_size + min_spsc_capacity, "format_spsc_ring");
+  const std::size_t capacity = std::min(std::bit_floor(region.size() - ring_header_size), max_spsc_capacity);
+  ring_config c{};
+  c.magic = ring_magic;
+  c.version = ring_version;
+  c.kind = kind_spsc;
+  c.region_size = ring_header_size + capacity;
+  c.capacity = capacity;
+  c.slot_stride = 0;
+  c.max_message =
+      static_cast<std::uint32_t>(std::min<std::uint64_t>(capacity / 2 - sizeof(record_header), UINT32_MAX));
+  c.header_size = ring_header_size;
+  c.participants = participant_count;
+  publish_header(write_header(region, c));
+}
+
+void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message) {
+  if (max_message == 0 || max_message > max_mpmc_message) {
+    throw_invalid(fmt::format("format_mpmc_ring: max_message {} must be between 1 and {}", max_message,
+                              max_mpmc_message));
+  }
+  const std::size_t stride = mpmc_stride(max_message);
+  check_region(region, ring_header_size + 2 * stride, "format_mpmc_ring");
+  const std::size_t slots =
+      std::min(std::bit_floor((region.size() - ring_header_size) / stride), max_mpmc_slots);
+  ring_config c{};
+  c.magic = ring_magic;
+  c.version = ring_version;
+  c.kind = kind_mpmc;
+  c.region_size = ring_header_size + slots * stride;
+  c.capacity = slots;
+  c.slot_stride = static_cast<std::uint32_t>(stride);
+  c.max_message = static_cast<std::uint32_t>(max_message);
+  c.header_size = ring_header_size;
+  c.participants = participant_count;
+  ring_header& h = write_header(region, c);
+  std::byte* data = region.data() + ring_header_size;
+  for (std::size_t i = 0; i < slots; ++i) {
+    auto* s = new (data + i * stride) slot_header{};
+    s->word.store(make_slot_word(static_cast<std::uint32_t>(i), 0), std::memory_order_relaxed);
+  }
+  publish_header(h);
+}
+
+}  // namespace ipcoro

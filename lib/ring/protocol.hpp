@@ -1,0 +1,136 @@
+// SPDX-License-Identifier: MIT
+// The rings' protocol: non-blocking send and receive of both kinds, fences and wake-ups.
+#pragma once
+
+#include "ring/layout.hpp"
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+namespace ipcoro::detail {
+
+/// A seq_cst fence. On x86-64 a locked no-op RMW on the stack orders exactly like mfence
+/// for ordinary memory and costs less (it is Linux's smp_mb() there); it runs once per
+/// message on each side.
+inline void full_fence() noexcept {
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
+  asm volatile("lock orq $0, (%%rsp)" ::: "memory", "cc");
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+/// The waker's half, after it published its position (and ordered that before this):
+/// wakes the sleepers on `ev` if one announced itself since the last wake.
+void wake_announced(event_count& ev) noexcept;
+
+/// The sleeper's half: sets the bit (unless set) and returns the value to wait on. Must be
+/// followed by a full fence (and, for fenceless wakers, the asymmetric barrier) before the
+/// sleeper looks at the ring again.
+std::uint32_t announce_sleeper(event_count& ev) noexcept;
+
+/// Whether this process takes part in the asymmetric barrier: registered for
+/// MEMBARRIER_CMD_GLOBAL_EXPEDITED (Linux 4.16), so that a sleeper's membarrier() executes a
+/// full fence on this process's threads wherever they run. Asked once per process; the
+/// environment variable IPCORO_RING_NO_MEMBARRIER (anything but "" or "0") makes the process
+/// behave as if membarrier were missing (its rings then fence on every message).
+bool asymmetric_barrier_registered() noexcept;
+
+/// A full fence on every running thread of every registered process (and this one).
+bool asymmetric_barrier() noexcept;
+
+[[noreturn]] void throw_corrupt(const std::string& what);
+[[noreturn]] void throw_invalid(const std::string& what);
+void check_region(std::span<std::byte> region, std::size_t minimum, const char* what);
+
+/// One side of a ring in a region: the geometry copied out and checked on attach, this
+/// side's private positions, and the non-blocking send and receive of both kinds. It never
+/// waits; ring_endpoint adds the sleeping, the liveness checks and the participant table.
+class __attribute__((visibility("hidden"))) ring_protocol {
+ public:
+  enum class outcome : unsigned char { done, would_block, end_of_stream };
+
+  /// Validates the ring in `region` (EINVAL naming what mismatched) and copies its geometry.
+  ring_protocol(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role, bool manual_ack);
+  ring_protocol(const ring_protocol&) = delete;
+  ring_protocol& operator=(const ring_protocol&) = delete;
+
+  outcome try_send(std::span<const std::byte> message) {
+    const outcome r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    moved_ += r == outcome::done;
+    return r;
+  }
+  outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
+    const outcome r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    moved_ += r == outcome::done;
+    return r;
+  }
+
+  std::uint64_t read_position() const noexcept { return read_pos_; }
+  std::size_t max_message() const noexcept { return max_message_; }
+  std::size_t capacity() const noexcept { return capacity_; }
+
+ protected:
+  ~ring_protocol() = default;
+
+  void release_read_position() noexcept;
+  /// Wakes the sleepers on `ev`, after this side published a position. Without a fence
+  /// when this process takes part in the asymmetric barrier: the sleeper's membarrier()
+  /// orders the publication for it.
+  void notify(event_count& ev) noexcept {
+    if (fenceless_ && hdr_->fence_required.load(std::memory_order_relaxed) == 0) {
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+    } else {
+      full_fence();
+    }
+    wake_announced(ev);
+  }
+  /// Moves ring_header::fence_required up to `to` (never down).
+  void raise_fence_mode(std::uint32_t to) noexcept;
+  /// While an SPSC receiver polls an empty ring: pulls in the lines the next record will
+  /// occupy together with the tail, so that both arrive in one cache-miss time.
+  void prefetch_next_record() const noexcept {
+    if (kind_ != kind_spsc) return;
+    __builtin_prefetch(data_ + (read_pos_ & mask_));
+    __builtin_prefetch(data_ + ((read_pos_ + 64) & mask_));
+  }
+  slot_header& slot_at(std::uint64_t pos) const noexcept {
+    return *reinterpret_cast<slot_header*>(data_ + (pos & mask_) * stride_);
+  }
+  std::byte* slot_payload(slot_header& s) const noexcept {
+    return reinterpret_cast<std::byte*>(&s) + slot_header_size;
+  }
+  const char* role_name() const noexcept { return role_ == role_sender ? "sender" : "receiver"; }
+  const char* kind_name() const noexcept { return kind_ == kind_spsc ? "SPSC" : "MPMC"; }
+
+  ring_header* hdr_;
+  std::byte* data_;
+  std::uint32_t kind_;
+  std::uint32_t role_;
+  std::uint64_t capacity_;  // SPSC: bytes; MPMC: slots
+  std::uint64_t mask_;
+  std::size_t stride_ = 0;
+  std::size_t max_message_;
+  pid_t self_pid_;
+  // SPSC positions kept privately: only this side moves them.
+  std::uint64_t tail_ = 0;        // sender: bytes written
+  std::uint64_t head_cache_ = 0;  // sender: last seen release position of the receiver
+  std::uint64_t read_pos_ = 0;    // receiver: next record
+  std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
+  std::uint64_t moved_ = 0;       // messages this side moved
+  bool manual_ack_;
+  bool fenceless_ = false;  // this process is registered for the asymmetric barrier
+
+ private:
+  outcome spsc_try_send(std::span<const std::byte> message);
+  outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  outcome mpmc_try_send(std::span<const std::byte> message);
+  outcome mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+};
+
+}  // namespace ipcoro::detail
