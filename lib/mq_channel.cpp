@@ -83,7 +83,7 @@ struct mq_sending {
   }
   /// The record keeps this process as a sender, so its exit reads as a death (peer_died).
   void abort() noexcept {
-    peers.abandon();
+    peers.abort();
     queue.close();
   }
 

@@ -38,7 +38,7 @@ struct ring_sending {
   void close(std::uint32_t) noexcept { ring.close(); }
   void detach() noexcept { ring.detach(); }
   /// The ring keeps this process as a sender, so its exit reads as a death (peer_died).
-  void abort() noexcept { ring.abandon(); }
+  void abort() noexcept { ring.abort(); }
 };
 
 template <class Ring>

@@ -72,7 +72,7 @@
 // the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out, as for
 // every awaitable; a timeout counts from when the operation first has to wait), by
 // cancellation through the awaiting task's stop token (ipcoro::operation_cancelled), or by
-// the peer's death: a sleeper wakes every `peer_check_interval`, checks the processes
+// the peer's death: a sleeper wakes every `liveness_check_interval`, checks the processes
 // recorded for the other side (alive, not a zombie, same start time, so a reused pid is
 // not mistaken for them) and throws ipcoro::peer_died once they are all gone.
 //
@@ -120,7 +120,7 @@ struct ring_options {
   /// a streaming receiver from sleeping (and its sender from waking it) between messages.
   std::chrono::nanoseconds spin{std::chrono::microseconds(2)};
   /// How often a sleeping waiter wakes to check that its peer is still alive.
-  std::chrono::milliseconds peer_check_interval{100};
+  std::chrono::milliseconds liveness_check_interval{100};
   /// Receivers of an SPSC ring: false (default) frees each message's space as it is
   /// received; true keeps received messages in the ring until ack(), so that a receiver
   /// restarted after a crash gets the unacknowledged ones again. The sender can then
@@ -280,7 +280,7 @@ class basic_ring_end {
   /// SPSC: close()s this end first. MPMC: detaches it first.
   basic_ring_end& operator=(basic_ring_end&&) noexcept;
   /// SPSC sender: close(); but when destroyed by an exception unwinding the stack,
-  /// abandon(), so that a producer that fails never marks a persistent ring as finished.
+  /// abort(), so that a producer that fails never marks a persistent ring as finished.
   /// SPSC receiver: close(). MPMC: detaches (does not close the ring: others may go on).
   ~basic_ring_end();
 
@@ -324,7 +324,7 @@ class basic_ring_end {
   /// process has exited (no other sender can attach until then). MPMC: like detach(), but
   /// the ring keeps this process's record, so receivers get peer_died once every sender,
   /// this process among them, has died. The endpoint becomes empty.
-  void abandon() noexcept requires sender;
+  void abort() noexcept requires sender;
   /// MPMC receiver: leaves the ring as a receiver that is done: detaches, and when no
   /// other receiver is recorded (alive or dead), closes the receiving side, as an SPSC
   /// receiver's close() does: sends fail with EPIPE, and senders waiting for room wake with

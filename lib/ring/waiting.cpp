@@ -227,7 +227,7 @@ task<> ring_endpoint::sleep_on(pooled_frame, event_count& ev, clock::time_point 
     if (dead != 0) throw_peer_died(dead, waiting);
     const auto now = clock::now();
     if (now >= deadline) throw timed_out{};
-    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
+    const auto wait = std::min<std::chrono::nanoseconds>(options_.liveness_check_interval, deadline - now);
     if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out && watch_peer) {
       dead = dead_peer();
     }
