@@ -2,6 +2,7 @@
 // Child processes: fork a function or exec a program, wire descriptors in, await the exit through a pidfd.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/task.hpp"
 
 #include <signal.h>
@@ -17,7 +18,7 @@
 namespace ipcoro {
 
 /// How a child process ended.
-struct exit_status {
+struct IPCORO_API exit_status {
   int code = 0;    ///< exit code when exited normally
   int signal = 0;  ///< terminating signal, 0 when exited normally
   bool core_dumped = false;
@@ -58,13 +59,13 @@ struct process_options {
 /// True when process waits on this thread go through IORING_OP_WAITID (Linux 6.7); false
 /// when they poll the pidfd instead: the kernel lacks the opcode, or the environment sets
 /// IPCORO_WAITID_FALLBACK to anything but "" or "0" (read at every wait).
-bool process_waits_use_ring() noexcept;
+IPCORO_API bool process_waits_use_ring() noexcept;
 
 /// A child process, owned: move-only. Unless detached, the destructor makes sure the
 /// child is neither left running nor left a zombie (SIGKILL, then reap). A copy that a
 /// forked child inherits never signals, waits for or kills the child it names: only the
 /// process that spawned it does. See docs/processes.md.
-class process {
+class IPCORO_API process {
  public:
   process() noexcept;
   process(process&& other) noexcept;

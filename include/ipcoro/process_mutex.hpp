@@ -24,6 +24,7 @@
 
 #include "ipcoro/codec.hpp"
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/futex.hpp"
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/task.hpp"
@@ -68,7 +69,7 @@ struct process_mutex_options {
 };
 
 /// Holds a process_mutex until destroyed or unlock()ed. Move-only.
-class [[nodiscard]] process_mutex_guard {
+class [[nodiscard]] IPCORO_API process_mutex_guard {
  public:
   process_mutex_guard() noexcept = default;
   process_mutex_guard(process_mutex_guard&& other) noexcept
@@ -120,7 +121,8 @@ class [[nodiscard]] process_mutex_guard {
 /// runs on a pooled frame and parks with futex waits. `.with_timeout(d)` /
 /// `.with_deadline(t)` bound the wait (timed_out, without the lock); a stop request of the
 /// awaiting task gives operation_cancelled.
-class [[nodiscard]] process_mutex_lock_operation : public detail::deadline_methods<process_mutex_lock_operation> {
+class [[nodiscard]] IPCORO_API process_mutex_lock_operation
+    : public detail::deadline_methods<process_mutex_lock_operation> {
  public:
   process_mutex_lock_operation(process_mutex_state& state, const process_mutex_options& opts) noexcept
       : state_(&state), options_(opts) {}
@@ -149,7 +151,7 @@ class [[nodiscard]] process_mutex_lock_operation : public detail::deadline_metho
 
 /// A handle onto a process_mutex_state in shared memory. Cheap to copy; the memory must
 /// stay mapped while the handle, its guards and its lock operations are in use.
-class process_mutex {
+class IPCORO_API process_mutex {
  public:
   using options = process_mutex_options;
 

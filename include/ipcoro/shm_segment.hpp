@@ -24,6 +24,7 @@
 #pragma once
 
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/region_layout.hpp"
 
 #include <sys/types.h>
@@ -36,7 +37,7 @@
 namespace ipcoro {
 
 /// A mapped shared memory segment: a validated header, then `payload()`. Move-only.
-class shm_segment {
+class IPCORO_API shm_segment {
  public:
   struct options {
     unsigned mode = 0600;  ///< permission bits, at most 0777, applied exactly

@@ -4,6 +4,7 @@
 
 #include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/detail/op_deadline.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/version.hpp"
 
 #include <chrono>
@@ -90,7 +91,7 @@ struct [[nodiscard]] stop_requested_awaiter {
 template <class T>
 struct deadline_runner;
 
-class task_promise_base {
+class IPCORO_API task_promise_base {
  public:
   struct final_awaiter {
     bool await_ready() const noexcept { return false; }

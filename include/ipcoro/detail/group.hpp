@@ -4,6 +4,7 @@
 #pragma once
 
 #include "ipcoro/detail/root_task.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/version.hpp"
 
 #include <coroutine>
@@ -27,7 +28,7 @@ using value_or_monostate = std::conditional_t<
 
 /// Children run under the group's stop token, which also follows the owner's token. The
 /// owner must outlive every child: it awaits `join()` before leaving.
-class group_state {
+class IPCORO_API group_state {
  public:
   group_state() = default;
   group_state(const group_state&) = delete;
