@@ -177,7 +177,7 @@ int check_path_text(const std::string& path) noexcept {
 }
 
 [[noreturn]] void throw_nul_in_path(action a, const std::string& path) {
-  throw_with(EINVAL, a, std::string(path.c_str()), "the path contains a NUL byte");
+  throw_with(EINVAL, a, path.substr(0, path.find('\0')), "the path contains a NUL byte");
 }
 
 action open_action(const detail::fifo_open_request& req) noexcept {

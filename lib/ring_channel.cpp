@@ -19,7 +19,7 @@
 namespace ipcoro::detail {
 namespace {
 
-constexpr std::size_t default_ring_capacity = 1024 * 1024;
+constexpr std::size_t default_ring_capacity = std::size_t{1024} * 1024;
 constexpr std::size_t default_mpmc_slots = 256;
 constexpr std::size_t default_mpmc_message = 4096;
 

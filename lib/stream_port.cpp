@@ -204,7 +204,7 @@ class stream_receive_port final : public receive_port {
         keep_(std::move(keep)),
         fd_(std::move(fd)),
         placeholder_(std::move(placeholder)) {
-    buf_.grow(64 * 1024, 0);
+    buf_.grow(std::size_t{64} * 1024, 0);
   }
 
   std::span<const std::byte> current() const noexcept override {

@@ -106,8 +106,8 @@ struct local_channel {
   bool readable() const noexcept { return count > 0 || sender_closed || receiver_closed; }
 };
 
-IPCORO_API [[nodiscard]] std::unique_ptr<send_port> link_send_port(void* state);
-IPCORO_API [[nodiscard]] std::unique_ptr<receive_port> link_receive_port(void* state);
+IPCORO_API [[nodiscard]] std::unique_ptr<send_port> link_send_port(void* link_state);
+IPCORO_API [[nodiscard]] std::unique_ptr<receive_port> link_receive_port(void* link_state);
 IPCORO_API [[nodiscard]] task<std::unique_ptr<send_port>> open_send_port(channel_address address);
 IPCORO_API [[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(channel_address address);
 

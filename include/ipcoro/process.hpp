@@ -86,7 +86,7 @@ class IPCORO_API process {
   /// `close_other_fds` and `working_directory` do not apply. Throws std::system_error
   /// (EAGAIN: process limit, EMFILE: no descriptor for the pidfd; ECHILD when SIGCHLD is
   /// ignored, which makes children unwaitable) and std::invalid_argument for bad `fds`.
-  [[nodiscard]] static process fork(std::function<int()> body, const process_options& opts = {});
+  [[nodiscard]] static process fork(const std::function<int()>& body, const process_options& opts = {});
 
   /// Starts a child (clone3 with CLONE_VFORK | CLONE_PIDFD; fork where clone3 is filtered)
   /// that runs execvp(program, [program, args...]). Returns once the child has exec'd or

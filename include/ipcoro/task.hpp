@@ -167,7 +167,8 @@ class task_promise : public task_promise_base {
   using stored = std::conditional_t<std::is_reference_v<T>, std::add_pointer_t<T>, T>;
 
  public:
-  task_promise() noexcept {}
+  // Not `= default`: that is deleted, as value_ is a union member with a non-trivial type.
+  task_promise() noexcept {}  // NOLINT(modernize-use-equals-default)
   task_promise(const task_promise&) = delete;
   task_promise& operator=(const task_promise&) = delete;
   ~task_promise() {

@@ -20,7 +20,7 @@ namespace ipcoro::detail {
 namespace {
 
 // The room a spinning SPSC sender waits for once the ring was full (at most a quarter of it).
-constexpr std::uint64_t spin_batch_bytes = 32 * 1024;
+constexpr std::uint64_t spin_batch_bytes = std::uint64_t{32} * 1024;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)

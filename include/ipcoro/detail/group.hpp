@@ -47,7 +47,7 @@ class IPCORO_API group_state {
 
   /// Records how a child (or a scope's body) failed. A real error stops the siblings;
   /// operation_cancelled is kept apart, since stopping the siblings produces it.
-  void record_failure(std::exception_ptr e) noexcept;
+  void record_failure(const std::exception_ptr& e) noexcept;
   /// The first child to finish claims the win (when_any); later ones return false.
   bool claim(std::size_t index) noexcept {
     if (winner_ != no_winner) return false;

@@ -35,7 +35,7 @@ class IPCORO_API waiter : public ready_node {
     waiter* self;
     void operator()() const noexcept;
   };
-  static void cancel_on_loop(void* self) noexcept;
+  static void cancel_on_loop(void* arg) noexcept;
 
   waiter* prev_ = nullptr;
   waiter* next_ = nullptr;
