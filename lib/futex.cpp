@@ -76,7 +76,9 @@ bool futex_waits_use_ring() noexcept {
 // waiter's loop with call_on_loop; the wait is counted with hold_work() meanwhile, so the
 // loop keeps running for it. Idle helpers wait on their control word for the next wait;
 // they live until the process exits, so a wait allocates nothing once enough helpers
-// exist (as many as the most waits ever parked at once).
+// exist. The first wait starts several at once (initial_helpers): a wait parked while
+// another helper is still handing its outcome back needs one more than the waits parked,
+// a moment a warm-up may not meet, and a helper started later would allocate then.
 
 namespace detail {
 
@@ -88,6 +90,8 @@ struct futex_fallback {
     helper* next_idle = nullptr;
     bool thread_running = false;
   };
+
+  static constexpr std::size_t initial_helpers = 4;
 
   std::mutex lock;
   std::vector<std::unique_ptr<helper>> helpers;
@@ -129,13 +133,17 @@ struct futex_fallback {
       std::lock_guard guard(lock);
       if (idle == nullptr) {
         check_kernel();
-        helpers.push_back(std::make_unique<helper>());
-        make_idle_locked(*helpers.back());
+        const std::size_t n = helpers.empty() ? initial_helpers : 1;
+        for (std::size_t i = 0; i < n; ++i) {
+          helpers.push_back(std::make_unique<helper>());
+          make_idle_locked(*helpers.back());
+        }
       }
       h = idle;
       if (!h->thread_running) {
         std::thread(&run_helper, h).detach();  // throws std::system_error (EAGAIN) if it cannot
         h->thread_running = true;
+        start_idle_helpers_locked();
       }
       idle = h->next_idle;
       h->next_idle = nullptr;
@@ -161,6 +169,20 @@ struct futex_fallback {
     }
     wake_helper(*h);
     return true;
+  }
+
+  /// Starts the threads of the idle helpers that have none (new ones, or all of them in a
+  /// forked child), now rather than at a later wait.
+  void start_idle_helpers_locked() noexcept {
+    for (helper* h = idle; h != nullptr; h = h->next_idle) {
+      if (h->thread_running) continue;
+      try {
+        std::thread(&run_helper, h).detach();
+        h->thread_running = true;
+      } catch (...) {  // no thread now (EAGAIN, memory): a wait that needs it starts it
+        return;
+      }
+    }
   }
 
   static void wake_helper(helper& h) noexcept {

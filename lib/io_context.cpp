@@ -478,6 +478,11 @@ io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
   impl_->busy_poll_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(opts.busy_poll).count();
   impl_->wake_fd.reset(::eventfd(0, EFD_CLOEXEC));
   if (!impl_->wake_fd) throw_errno(errno, "eventfd (the io_context's cross-thread wake-up)");
+  // Room in both vectors of calls from other threads (stop requests, futex fallback
+  // completions), which trade places at every turn: queueing a call allocates nothing
+  // unless more than this many arrive between two turns of the loop.
+  impl_->remote_calls.reserve(64);
+  impl_->remote_batch.reserve(64);
 
   const uring::features& f = impl_->ring.probed();
   auto& out = impl_->features;

@@ -261,6 +261,175 @@ bool env_flag(const char* variable) noexcept {
 /// For tests of the fallback: exec through fork() even where clone3 works.
 bool clone3_fallback_forced() noexcept { return env_flag("IPCORO_CLONE3_FALLBACK"); }
 
+/// Everything the exec child touches, ready before it starts: between fork and exec the
+/// child makes only async-signal-safe calls.
+struct exec_child {
+  wiring_plan plan;
+  std::vector<char*> argv;
+  const char* cwd = nullptr;
+  sigset_t no_signals;
+  struct sigaction default_action {};
+  bool die_with_parent = true;
+  bool close_other_fds = true;
+  pid_t parent = -1;
+  int report_fd = -1;  // the status pipe's write end
+
+  /// The child's part: wires, closes, changes directory and execs; on failure writes an
+  /// exec_failure to report_fd and exits.
+  [[noreturn]] void run() noexcept {
+    if (die_with_parent) die_with(parent);
+    // Start the program as a shell would: ipcoro ignores SIGPIPE in this process, and an
+    // ignored signal or a blocked mask would otherwise carry over exec.
+    ::sigaction(SIGPIPE, &default_action, nullptr);
+    ::sigprocmask(SIG_SETMASK, &no_signals, nullptr);
+    exec_failure f{exec_failure::wiring, 0, 0};
+    std::size_t failed = 0;
+    if (int err = plan.wire(&failed); err != 0) {
+      f = {exec_failure::wiring, err, static_cast<int>(failed)};
+    } else if (int err2 = close_other_fds ? plan.close_others() : 0; err2 != 0) {
+      f = {exec_failure::closing, err2, 0};
+    } else if (cwd != nullptr && ::chdir(cwd) != 0) {
+      f = {exec_failure::chdir, errno, 0};
+    } else {
+      ::execvp(argv[0], argv.data());
+      f = {exec_failure::exec, errno, 0};
+    }
+    [[maybe_unused]] ssize_t n = ::write(report_fd, &f, sizeof f);
+    ::_exit(exit_exec_failed);
+  }
+};
+
+/// Validates the descriptor wiring and prepares what the child will need. `program` and
+/// `args` must outlive the result (argv points into them).
+exec_child prepare_exec_child(const std::string& program, const std::vector<std::string>& args,
+                              const process_options& opts, const std::string& name) {
+  exec_child c;
+  c.plan = plan_wiring(opts, name);
+  c.argv.reserve(args.size() + 2);
+  c.argv.push_back(const_cast<char*>(program.c_str()));
+  for (const std::string& a : args) c.argv.push_back(const_cast<char*>(a.c_str()));
+  c.argv.push_back(nullptr);
+  c.cwd = opts.working_directory.empty() ? nullptr : opts.working_directory.c_str();
+  sigemptyset(&c.no_signals);
+  c.default_action.sa_handler = SIG_DFL;
+  sigemptyset(&c.default_action.sa_mask);
+  c.die_with_parent = opts.die_with_parent;
+  c.close_other_fds = opts.close_other_fds;
+  c.parent = ::getpid();
+  return c;
+}
+
+/// The status pipe: close-on-exec, so a successful exec closes it (the parent reads end of
+/// file) and a failure writes an exec_failure. Its write end lives at or above `base`, above
+/// every target, so that the wiring cannot overwrite it.
+struct status_pipe {
+  unique_fd read_end;
+  unique_fd write_end;
+};
+
+status_pipe open_status_pipe(const std::string& program, int base) {
+  int raw[2];
+  if (::pipe2(raw, O_CLOEXEC) != 0) throw_errno(errno, fmt::format("exec '{}': status pipe", program));
+  status_pipe p{unique_fd{raw[0]}, unique_fd{raw[1]}};
+  if (p.write_end.get() < base) {
+    const int moved = ::fcntl(p.write_end.get(), F_DUPFD_CLOEXEC, base);
+    if (moved < 0) throw_errno(errno, fmt::format("exec '{}': status pipe", program));
+    p.write_end.reset(moved);
+  }
+  return p;
+}
+
+/// What the parent read from the status pipe: nothing (the child exec'd) or why it could not.
+struct status_report {
+  ssize_t n = 0;  // bytes read
+  int err = 0;    // the errno of a failed read
+  exec_failure failure{};
+};
+
+status_report read_status(int fd) noexcept {
+  status_report r;
+  do {
+    r.n = ::read(fd, &r.failure, sizeof r.failure);
+  } while (r.n < 0 && errno == EINTR);
+  if (r.n < 0) r.err = errno;
+  return r;
+}
+
+struct started_child {
+  std::unique_ptr<process::state> state;
+  status_report report;
+};
+
+/// The parent's part: starts the child and learns whether it exec'd.
+///
+/// clone3(CLONE_VFORK | CLONE_PIDFD): the pidfd comes with the child, atomically, and this
+/// thread resumes only once the child has exec'd or exited. So the status pipe is read
+/// without waiting for its end of file, which a child that another thread forks meanwhile
+/// could hold off for as long as it lives. Without CLONE_VM the child gets its own copy of
+/// memory, as after fork(); it skips glibc's fork handlers, which only matter to code that
+/// the exec child never runs. Where clone3 is missing or filtered (seccomp), fork().
+started_child start_exec_child(exec_child& child, status_pipe& pipe, std::string name,
+                               const std::string& program) {
+  int pidfd = -1;
+  ::clone_args request{};
+  request.flags = CLONE_VFORK | CLONE_PIDFD;
+  request.pidfd = reinterpret_cast<std::uintptr_t>(&pidfd);
+  request.exit_signal = SIGCHLD;
+  const bool try_clone3 = !clone3_fallback_forced();
+  const long cloned = try_clone3 ? ::syscall(SYS_clone3, &request, sizeof request) : -1;
+  if (cloned == 0) child.run();
+  if (cloned > 0) {
+    pipe.write_end.reset();
+    started_child started{adopt(static_cast<pid_t>(cloned), std::move(name), pidfd), {}};
+    // A failure was written before the child exited; no bytes and no end of file: exec'd.
+    if (::fcntl(pipe.read_end.get(), F_SETFL, O_NONBLOCK) != 0) {
+      throw_errno(errno, fmt::format("exec '{}': status pipe", program));
+    }
+    started.report = read_status(pipe.read_end.get());
+    if (started.report.n < 0 && started.report.err == EAGAIN) started.report.n = 0;
+    return started;
+  }
+  if (try_clone3 && errno != ENOSYS && errno != EPERM) {
+    throw_errno(errno, fmt::format("clone3 for exec '{}'", program));
+  }
+  const pid_t pid = ::fork();
+  if (pid < 0) throw_errno(errno, fmt::format("fork for exec '{}'", program));
+  if (pid == 0) child.run();
+  pipe.write_end.reset();
+  started_child started{adopt(pid, std::move(name)), {}};
+  // Blocks until the child has exec'd (end of file) or reported why it could not.
+  started.report = read_status(pipe.read_end.get());
+  return started;
+}
+
+/// Throws the error for a child that could not exec, naming the step that failed.
+[[noreturn]] void throw_exec_failure(const std::string& name, const std::string& program,
+                                     const status_report& r, const wiring_plan& plan,
+                                     const process_options& opts) {
+  const std::string prefix = name == program ? std::string() : fmt::format("process '{}': ", name);
+  if (r.n != static_cast<ssize_t>(sizeof r.failure)) {
+    throw_errno(r.n < 0 ? r.err : EIO,
+                fmt::format("{}exec '{}': reading the child's status", prefix, program));
+  }
+  const exec_failure& f = r.failure;
+  switch (f.stage) {
+    case exec_failure::wiring: {
+      const fd_mapping& m = plan.maps.at(static_cast<std::size_t>(f.index));
+      throw_errno(f.err, fmt::format("{}exec '{}': wiring descriptor {} (from the parent's {})", prefix,
+                                     program, m.child_fd, m.parent_fd));
+    }
+    case exec_failure::closing:
+      throw_errno(f.err,
+                  fmt::format("{}exec '{}': closing other descriptors (close_range)", prefix, program));
+    case exec_failure::chdir:
+      throw_errno(
+          f.err, fmt::format("{}exec '{}': working directory '{}'", prefix, program, opts.working_directory));
+    case exec_failure::exec:
+    default:
+      throw_errno(f.err, fmt::format("{}exec '{}'", prefix, program));
+  }
+}
+
 }  // namespace
 
 // ---- exit_status ----
@@ -345,132 +514,13 @@ process process::exec(const std::string& program, const std::vector<std::string>
                       const process_options& opts) {
   std::string name = opts.name.empty() ? program : opts.name;
   check_sigchld(name);
-  wiring_plan plan = plan_wiring(opts, name);
-
-  // Everything the child touches is ready before fork: between fork and exec only
-  // async-signal-safe calls.
-  std::vector<char*> argv;
-  argv.reserve(args.size() + 2);
-  argv.push_back(const_cast<char*>(program.c_str()));
-  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  const char* cwd = opts.working_directory.empty() ? nullptr : opts.working_directory.c_str();
-  sigset_t no_signals;
-  sigemptyset(&no_signals);
-  struct sigaction default_action {};
-  default_action.sa_handler = SIG_DFL;
-  sigemptyset(&default_action.sa_mask);
-
-  // The status pipe: close-on-exec, so a successful exec closes it (the parent reads end
-  // of file) and a failure writes an exec_failure. Its write end lives above every
-  // target so that the wiring cannot overwrite it.
-  int raw[2];
-  if (::pipe2(raw, O_CLOEXEC) != 0) throw_errno(errno, fmt::format("exec '{}': status pipe", program));
-  unique_fd status_read{raw[0]};
-  unique_fd status_write{raw[1]};
-  if (status_write.get() < plan.base) {
-    const int moved = ::fcntl(status_write.get(), F_DUPFD_CLOEXEC, plan.base);
-    if (moved < 0) throw_errno(errno, fmt::format("exec '{}': status pipe", program));
-    status_write.reset(moved);
-  }
-  const int report_fd = status_write.get();
-
-  const pid_t parent = ::getpid();
-  // The child's part: async-signal-safe calls only, on what was prepared above.
-  auto run_child = [&]() noexcept {
-    if (opts.die_with_parent) die_with(parent);
-    // Start the program as a shell would: ipcoro ignores SIGPIPE in this process, and an
-    // ignored signal or a blocked mask would otherwise carry over exec.
-    ::sigaction(SIGPIPE, &default_action, nullptr);
-    ::sigprocmask(SIG_SETMASK, &no_signals, nullptr);
-    exec_failure f{exec_failure::wiring, 0, 0};
-    std::size_t failed = 0;
-    if (int err = plan.wire(&failed); err != 0) {
-      f = {exec_failure::wiring, err, static_cast<int>(failed)};
-    } else if (int err2 = opts.close_other_fds ? plan.close_others() : 0; err2 != 0) {
-      f = {exec_failure::closing, err2, 0};
-    } else if (cwd != nullptr && ::chdir(cwd) != 0) {
-      f = {exec_failure::chdir, errno, 0};
-    } else {
-      ::execvp(argv[0], argv.data());
-      f = {exec_failure::exec, errno, 0};
-    }
-    [[maybe_unused]] ssize_t n = ::write(report_fd, &f, sizeof f);
-    ::_exit(exit_exec_failed);
-  };
-
-  // clone3(CLONE_VFORK | CLONE_PIDFD): the pidfd comes with the child, atomically, and this
-  // thread resumes only once the child has exec'd or exited. So the status pipe is read
-  // without waiting for its end of file, which a child that another thread forks meanwhile
-  // could hold off for as long as it lives. Without CLONE_VM the child gets its own copy of
-  // memory, as after fork(); it skips glibc's fork handlers, which only matter to code that
-  // the exec child never runs. Where clone3 is missing or filtered (seccomp), fork().
-  std::unique_ptr<state> s;
-  ssize_t n = 0;
-  exec_failure f{};
-  int pidfd = -1;
-  ::clone_args request{};
-  request.flags = CLONE_VFORK | CLONE_PIDFD;
-  request.pidfd = reinterpret_cast<std::uintptr_t>(&pidfd);
-  request.exit_signal = SIGCHLD;
-  const bool try_clone3 = !clone3_fallback_forced();
-  const long cloned = try_clone3 ? ::syscall(SYS_clone3, &request, sizeof request) : -1;
-  if (cloned == 0) {
-    run_child();
-    ::_exit(exit_exec_failed);
-  }
-  if (cloned > 0) {
-    status_write.reset();
-    s = adopt(static_cast<pid_t>(cloned), std::move(name), pidfd);
-    // A failure was written before the child exited; no bytes and no end of file: exec'd.
-    if (::fcntl(status_read.get(), F_SETFL, O_NONBLOCK) != 0) {
-      throw_errno(errno, fmt::format("exec '{}': status pipe", program));
-    }
-    do {
-      n = ::read(status_read.get(), &f, sizeof f);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0 && errno == EAGAIN) n = 0;
-  } else {
-    if (try_clone3 && errno != ENOSYS && errno != EPERM) {
-      throw_errno(errno, fmt::format("clone3 for exec '{}'", program));
-    }
-    const pid_t pid = ::fork();
-    if (pid < 0) throw_errno(errno, fmt::format("fork for exec '{}'", program));
-    if (pid == 0) {
-      run_child();
-      ::_exit(exit_exec_failed);
-    }
-    status_write.reset();
-    s = adopt(pid, std::move(name));
-    // Blocks until the child has exec'd (end of file) or reported why it could not.
-    do {
-      n = ::read(status_read.get(), &f, sizeof f);
-    } while (n < 0 && errno == EINTR);
-  }
-  if (n == 0) return process{std::move(s)};
-
-  process failed_child{std::move(s)};  // exiting already; its destructor reaps it
-  const std::string prefix =
-      failed_child.name() == program ? std::string() : fmt::format("process '{}': ", failed_child.name());
-  if (n != static_cast<ssize_t>(sizeof f)) {
-    throw_errno(n < 0 ? errno : EIO, fmt::format("{}exec '{}': reading the child's status", prefix, program));
-  }
-  switch (f.stage) {
-    case exec_failure::wiring: {
-      const fd_mapping& m = plan.maps.at(static_cast<std::size_t>(f.index));
-      throw_errno(f.err, fmt::format("{}exec '{}': wiring descriptor {} (from the parent's {})", prefix,
-                                     program, m.child_fd, m.parent_fd));
-    }
-    case exec_failure::closing:
-      throw_errno(f.err,
-                  fmt::format("{}exec '{}': closing other descriptors (close_range)", prefix, program));
-    case exec_failure::chdir:
-      throw_errno(
-          f.err, fmt::format("{}exec '{}': working directory '{}'", prefix, program, opts.working_directory));
-    case exec_failure::exec:
-    default:
-      throw_errno(f.err, fmt::format("{}exec '{}'", prefix, program));
-  }
+  exec_child child = prepare_exec_child(program, args, opts, name);
+  status_pipe pipe = open_status_pipe(program, child.plan.base);
+  child.report_fd = pipe.write_end.get();
+  started_child started = start_exec_child(child, pipe, std::move(name), program);
+  if (started.report.n == 0) return process{std::move(started.state)};
+  process failed_child{std::move(started.state)};  // exiting already; its destructor reaps it
+  throw_exec_failure(failed_child.name(), program, started.report, child.plan, opts);
 }
 
 pid_t process::pid() const noexcept { return state_ ? state_->pid : -1; }

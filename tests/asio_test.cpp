@@ -166,7 +166,13 @@ TEST_CASE("one thread's asio run() serves a TCP echo and an ipcoro shm channel t
     CHECK(p.tcp_rounds == rounds);
     CHECK(p.channel_rounds == rounds);
     CHECK(threads_before == 1);
-    CHECK(p.most_threads == 1);
+    if (ctx.features().futex && !ipcoro::test::futex_fallback_forced()) {
+      CHECK(p.most_threads == 1);
+    } else {
+      // The futex fallback parks each ring wait in a helper thread (docs/shared-memory.md),
+      // and starts 4 at its first wait; this process never has more than one wait parked.
+      CHECK(p.most_threads <= 5);
+    }
     CHECK(child.wait() == 0);
   }
   CHECK(nothing_left_behind());

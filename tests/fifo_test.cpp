@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "counting_new.hpp"
+#include "skip.hpp"
 
 namespace {
 
@@ -959,10 +960,8 @@ TEST_CASE("a missing directory and a missing FIFO are told apart", "[fifo][error
 
 TEST_CASE("permission denied names the FIFO's mode and owner and the user that was refused",
           "[fifo][errors][root]") {
-  if (::geteuid() != 0) {
-    WARN("not running as root: cannot create a FIFO owned by another user to be refused; skipped");
-    return;
-  }
+  if (::geteuid() != 0)
+    IPCORO_SKIP("not running as root: cannot create a FIFO owned by another user to be refused");
   temp_dir dir(0755);                   // nobody may search it, not write to it
   ipcoro::fifo f(dir.at("root-only"));  // mode 0600, owned by root
   const std::string closed_dir = dir.at("closed");

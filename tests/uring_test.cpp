@@ -5,6 +5,7 @@
 #include "uring/ring.hpp"
 
 #include "process.hpp"
+#include "skip.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -124,6 +125,8 @@ constexpr std::uint64_t any_bit = ipcoro::uring::futex_bitset_match_any;
 TEST_CASE("a ring set up with single_issuer gets SINGLE_ISSUER and DEFER_TASKRUN on Linux 6.1 and later",
           "[uring]") {
   const kernel_version k = running_kernel();
+  if (ipcoro::test::no_defer_taskrun_forced())
+    IPCORO_SKIP("IPCORO_NO_DEFER_TASKRUN is set: rings are made as before Linux 6.0");
   ring r;
   REQUIRE_FALSE(r.initialised());
   REQUIRE(r.init(setup_request{}) == 0);
@@ -273,8 +276,7 @@ TEST_CASE("a futex wait whose expected value differs from the word completes wit
   ring r;
   REQUIRE(r.init(setup_request{}) == 0);
   if (!r.probed().op_futex_wait) {
-    WARN("skipped: this kernel has no IORING_OP_FUTEX_WAIT (Linux 6.7)");
-    return;
+    IPCORO_SKIP("this kernel has no IORING_OP_FUTEX_WAIT (Linux 6.7)");
   }
   alignas(4) std::uint32_t word = 5;
   ipcoro::uring::prep_futex_wait(sqe_for(r, 1), &word, 4, any_bit, private_u32);
@@ -288,8 +290,7 @@ TEST_CASE("a futex wake with no waiter completes with 0 woken", "[uring]") {
   ring r;
   REQUIRE(r.init(setup_request{}) == 0);
   if (!r.probed().op_futex_wake) {
-    WARN("skipped: this kernel has no IORING_OP_FUTEX_WAKE (Linux 6.7)");
-    return;
+    IPCORO_SKIP("this kernel has no IORING_OP_FUTEX_WAKE (Linux 6.7)");
   }
   alignas(4) std::uint32_t word = 0;
   ipcoro::uring::prep_futex_wake(sqe_for(r, 1), &word, 1, any_bit, private_u32);
@@ -307,8 +308,7 @@ TEST_CASE("a futex wait on a matching word stays pending until a futex wake SQE 
   req.single_issuer = single_issuer;
   REQUIRE(r.init(req) == 0);
   if (!r.probed().op_futex_wait || !r.probed().op_futex_wake) {
-    WARN("skipped: this kernel has no IORING_OP_FUTEX_WAIT/WAKE (Linux 6.7)");
-    return;
+    IPCORO_SKIP("this kernel has no IORING_OP_FUTEX_WAIT/WAKE (Linux 6.7)");
   }
   alignas(4) std::uint32_t word = 0;
   ipcoro::uring::prep_futex_wait(sqe_for(r, 1), &word, 0, any_bit, private_u32);
@@ -346,8 +346,7 @@ TEST_CASE("a futex wait on a MAP_SHARED word is completed by a wake from another
   ring r;
   REQUIRE(r.init(setup_request{}) == 0);
   if (!r.probed().op_futex_wait || !r.probed().op_futex_wake) {
-    WARN("skipped: this kernel has no IORING_OP_FUTEX_WAIT/WAKE (Linux 6.7)");
-    return;
+    IPCORO_SKIP("this kernel has no IORING_OP_FUTEX_WAIT/WAKE (Linux 6.7)");
   }
   // Without FUTEX2_PRIVATE: the futex is keyed by the shared page, not by this process.
   constexpr std::uint32_t shared_u32 = ipcoro::uring::futex2_size_u32;

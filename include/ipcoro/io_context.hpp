@@ -46,9 +46,11 @@ struct ring_features {
 class IPCORO_API io_context {
  public:
   struct options {
-    unsigned entries = 256;     ///< submission queue size
-    unsigned cq_entries = 0;    ///< completion queue size; 0 means 4 × entries
-    bool single_issuer = true;  ///< use SINGLE_ISSUER | DEFER_TASKRUN where the kernel has them
+    unsigned entries = 256;   ///< submission queue size
+    unsigned cq_entries = 0;  ///< completion queue size; 0 means 4 × entries
+    /// Use SINGLE_ISSUER | DEFER_TASKRUN where the kernel has them, and unless the
+    /// environment sets IPCORO_NO_DEFER_TASKRUN=1 (which makes the ring as on Linux 5.19).
+    bool single_issuer = true;
     /// Opt-in busy polling: before sleeping in the kernel, keep collecting completions
     /// without sleeping for up to this long. Waking a sleeping thread on another CPU costs
     /// ~20 us here, so an answer that comes within the budget arrives far sooner — at the

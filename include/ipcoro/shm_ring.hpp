@@ -299,14 +299,14 @@ class IPCORO_API basic_ring_end {
   /// SPSC receiver: acknowledges every message received so far (with
   /// ring_options::manual_ack): they will not come again, and the sender may reuse their
   /// space. A store and at most one futex wake; no wait.
-  void ack() noexcept requires(spsc && !sender);
+  void ack() noexcept requires(spsc && !sender) { ack_all(); }
   /// SPSC receiver: the ring position right after the last message received: acknowledge
   /// up to it later with ack(position), e.g. once that message has been handed on by a
   /// caller that reads ahead. Before the first receive: the position acknowledged last.
-  std::uint64_t position() const noexcept requires(spsc && !sender);
+  std::uint64_t position() const noexcept requires(spsc && !sender) { return read_position(); }
   /// SPSC receiver: acknowledges the messages received before `position` (a value
   /// position() returned); an older or unknown position does nothing.
-  void ack(std::uint64_t position) noexcept requires(spsc && !sender);
+  void ack(std::uint64_t position) noexcept requires(spsc && !sender) { ack_through(position); }
 
   /// SPSC sender: ends the stream: the receiver gets the messages already sent, then an
   /// empty optional. Detaches. Idempotent; the destructor calls it.
@@ -326,13 +326,13 @@ class IPCORO_API basic_ring_end {
   /// process has exited (no other sender can attach until then). MPMC: like detach(), but
   /// the ring keeps this process's record, so receivers get peer_died once every sender,
   /// this process among them, has died. The endpoint becomes empty.
-  void abort() noexcept requires sender;
+  void abort() noexcept requires sender { abort_end(); }
   /// MPMC receiver: leaves the ring as a receiver that is done: detaches, and when no
   /// other receiver is recorded (alive or dead), closes the receiving side, as an SPSC
   /// receiver's close() does: sends fail with EPIPE, and senders waiting for room wake with
   /// it, until a receiver attaches again. Other receivers, and the messages left for them,
   /// stay.
-  void leave() noexcept requires(!spsc && !sender);
+  void leave() noexcept requires(!spsc && !sender) { leave_end(); }
 
   /// The largest message this ring carries (SPSC: capacity / 2 - 8); 0 for an empty endpoint.
   std::size_t max_message_size() const noexcept;
@@ -341,6 +341,14 @@ class IPCORO_API basic_ring_end {
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
  private:
+  // The constrained members above are defined inline (clang 14 rejects out-of-line
+  // definitions of constrained members of a class template) and call these.
+  void ack_all() noexcept;
+  std::uint64_t read_position() const noexcept;
+  void ack_through(std::uint64_t position) noexcept;
+  void abort_end() noexcept;
+  void leave_end() noexcept;
+
   std::unique_ptr<detail::ring_endpoint> endpoint_;
   int uncaught_ = std::uncaught_exceptions();  // SPSC sender: unwinding in the destructor is more than this
 };

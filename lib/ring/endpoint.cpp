@@ -270,17 +270,17 @@ basic_ring_end<Kind, Role>::~basic_ring_end() {
 }
 
 template <ring_kind Kind, ring_role Role>
-void basic_ring_end<Kind, Role>::ack() noexcept requires(spsc && !sender) {
+void basic_ring_end<Kind, Role>::ack_all() noexcept {
   if (endpoint_) endpoint_->ack();
 }
 
 template <ring_kind Kind, ring_role Role>
-std::uint64_t basic_ring_end<Kind, Role>::position() const noexcept requires(spsc && !sender) {
+std::uint64_t basic_ring_end<Kind, Role>::read_position() const noexcept {
   return endpoint_ ? endpoint_->read_position() : 0;
 }
 
 template <ring_kind Kind, ring_role Role>
-void basic_ring_end<Kind, Role>::ack(std::uint64_t position) noexcept requires(spsc && !sender) {
+void basic_ring_end<Kind, Role>::ack_through(std::uint64_t position) noexcept {
   if (endpoint_) endpoint_->ack_through(position);
 }
 
@@ -299,14 +299,14 @@ void basic_ring_end<Kind, Role>::detach() noexcept {
 }
 
 template <ring_kind Kind, ring_role Role>
-void basic_ring_end<Kind, Role>::abort() noexcept requires sender {
+void basic_ring_end<Kind, Role>::abort_end() noexcept {
   if (!endpoint_) return;
   endpoint_->abort();
   endpoint_.reset();
 }
 
 template <ring_kind Kind, ring_role Role>
-void basic_ring_end<Kind, Role>::leave() noexcept requires(!spsc && !sender) {
+void basic_ring_end<Kind, Role>::leave_end() noexcept {
   if (!endpoint_) return;
   endpoint_->leave_receiving();
   endpoint_.reset();

@@ -8,8 +8,21 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 namespace ipcoro::uring {
+
+namespace {
+
+/// IPCORO_NO_DEFER_TASKRUN set (to anything but "" or "0"): set rings up as a kernel before
+/// 6.0 would, without SINGLE_ISSUER and DEFER_TASKRUN, so that tests and CI reach that path.
+bool defer_taskrun_forced_off() noexcept {
+  const char* v = std::getenv("IPCORO_NO_DEFER_TASKRUN");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+}  // namespace
 
 ring::~ring() { exit(); }
 
@@ -23,9 +36,10 @@ int ring::init(const setup_request& req) noexcept {
       IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
       0,
   };
+  const bool single_issuer = req.single_issuer && !defer_taskrun_forced_off();
   int rc = -EINVAL;
   for (unsigned flags : wanted) {
-    if (!req.single_issuer && (flags & IORING_SETUP_SINGLE_ISSUER)) continue;
+    if (!single_issuer && (flags & IORING_SETUP_SINGLE_ISSUER)) continue;
     ::io_uring_params params{};
     params.flags = flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
     params.cq_entries = cq;

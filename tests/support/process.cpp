@@ -22,6 +22,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <iterator>
@@ -133,6 +134,16 @@ kernel_version running_kernel() {
   }
   return v;
 }
+
+namespace {
+bool env_flag(const char* variable) noexcept {
+  const char* v = std::getenv(variable);
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+}  // namespace
+
+bool no_defer_taskrun_forced() noexcept { return env_flag("IPCORO_NO_DEFER_TASKRUN"); }
+bool futex_fallback_forced() noexcept { return env_flag("IPCORO_FUTEX_FALLBACK"); }
 
 std::string unique_name(const std::string& tag) {
   static std::atomic<unsigned> counter{0};

@@ -96,6 +96,11 @@ struct kernel_version {
   bool at_least(int maj, int min) const noexcept { return major > maj || (major == maj && minor >= min); }
 };
 kernel_version running_kernel();
+/// Whether IPCORO_NO_DEFER_TASKRUN makes every ring as a kernel before 6.0 would (no
+/// SINGLE_ISSUER, no DEFER_TASKRUN), as the library reads it.
+bool no_defer_taskrun_forced() noexcept;
+/// Whether IPCORO_FUTEX_FALLBACK sends every futex wait through the helper-thread fallback.
+bool futex_fallback_forced() noexcept;
 
 /// Makes io_uring_setup fail with EPERM in this process and its children from now on, as
 /// a container's seccomp policy would. False when the kernel refuses the filter.
