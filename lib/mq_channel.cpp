@@ -53,11 +53,8 @@ std::string why_dead(pid_t pid, const char* peer, const char* end) {
   return fmt::format("the {} (process {}) died", peer, pid);
 }
 
-/// The queue under a message channel's sending end, and its peer record. A wait for room
-/// in a full queue is looked at every check interval (mq_watched_wait) and ends with
-/// peer_died once every receiver recorded has died, or channel_closed once they have all
-/// closed.
-struct mq_sending {
+/// A queue, its peer record, and the address for messages: what both ends hold.
+struct mq_end {
   message_queue queue;
   mq_peers peers;
   std::string address;
@@ -65,6 +62,13 @@ struct mq_sending {
   std::size_t max_message() const noexcept {
     return static_cast<std::size_t>(queue.attributes().message_size);
   }
+};
+
+/// The queue under a message channel's sending end, and its peer record. A wait for room
+/// in a full queue is looked at every check interval (mq_watched_wait) and ends with
+/// peer_died once every receiver recorded has died, or channel_closed once they have all
+/// closed.
+struct mq_sending : mq_end {
   task<void> send(std::span<const std::byte> m) { return send_checked(pooled_frame{}, m); }
   std::string size_advice(std::size_t wanted) const { return mq_size_advice(wanted); }
   /// Never waits: the end goes into the peer record, where receivers find it once they
@@ -122,14 +126,7 @@ struct mq_sending {
 /// empty queue is looked at every check interval: it ends the stream once a sender's
 /// close is recorded, and throws peer_died once every sender recorded has died without
 /// closing.
-struct mq_receiving {
-  message_queue queue;
-  mq_peers peers;
-  std::string address;
-
-  std::size_t max_message() const noexcept {
-    return static_cast<std::size_t>(queue.attributes().message_size);
-  }
+struct mq_receiving : mq_end {
   task<std::optional<mq_message>> receive(std::span<std::byte> buffer) {
     return receive_checked(pooled_frame{}, buffer);
   }
@@ -250,7 +247,7 @@ task<std::unique_ptr<receive_port>> open_mq_receiver(channel_address a) {
   mq_created c = create_queue(a);
   c.peers.attach(mq_peers::role::receiver);
   co_return std::make_unique<mq_receive_port>(a.text,
-                                              mq_receiving{std::move(c.queue), std::move(c.peers), a.text});
+                                              mq_receiving{{std::move(c.queue), std::move(c.peers), a.text}});
 }
 
 task<std::unique_ptr<send_port>> open_mq_sender(channel_address a) {
@@ -263,7 +260,7 @@ task<std::unique_ptr<send_port>> open_mq_sender(channel_address a) {
   }
   mq_peers peers = mq_peers::open(a.name, q->native_handle());
   peers.attach(mq_peers::role::sender);
-  co_return std::make_unique<mq_send_port>(a.text, mq_sending{std::move(*q), std::move(peers), a.text});
+  co_return std::make_unique<mq_send_port>(a.text, mq_sending{{std::move(*q), std::move(peers), a.text}});
 }
 
 /// A queue link: the queue is opened for both ends and its name removed at once; the

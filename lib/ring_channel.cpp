@@ -157,60 +157,49 @@ void check_ring_address(const channel_address& a) {
   }
 }
 
+namespace {
+template <class Ring>
+std::unique_ptr<send_port> ring_sender_port(const channel_address& a, std::shared_ptr<void> region,
+                                            unique_fd peer_claim, Ring ring) {
+  return std::make_unique<message_send_port<ring_sending<Ring>>>(
+      a.text, ring_sending<Ring>{std::move(region), std::move(peer_claim), std::move(ring)});
+}
+template <class Ring>
+std::unique_ptr<receive_port> ring_receiver_port(const channel_address& a, std::shared_ptr<void> region,
+                                                 unique_fd peer_claim, Ring ring) {
+  return std::make_unique<message_receive_port<ring_receiving<Ring>>>(
+      a.text, ring_receiving<Ring>{std::move(region), std::move(peer_claim), std::move(ring)});
+}
+}  // namespace
+
 /// `peer_claim`: for a link's end, the read end of the other end's claim pipe (link_claims).
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
                                             std::span<std::byte> payload, unique_fd peer_claim) {
-  const ring_options o = claim_options(peer_claim);
-  if (a.durable) {
-    ring_options durable = o;
-    durable.wait_for_new_receiver = true;
-    return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
-        a.text, ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim),
-                                               spsc_ring_sender(payload, durable)});
-  }
-  if (a.mpmc) {
-    return std::make_unique<message_send_port<ring_sending<mpmc_ring_sender>>>(
-        a.text, ring_sending<mpmc_ring_sender>{std::move(region), std::move(peer_claim),
-                                               mpmc_ring_sender(payload, o)});
-  }
-  return std::make_unique<message_send_port<ring_sending<spsc_ring_sender>>>(
-      a.text,
-      ring_sending<spsc_ring_sender>{std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o)});
+  ring_options o = claim_options(peer_claim);
+  o.wait_for_new_receiver = a.durable;  // a durable channel's receiver comes back
+  if (a.mpmc)
+    return ring_sender_port(a, std::move(region), std::move(peer_claim), mpmc_ring_sender(payload, o));
+  return ring_sender_port(a, std::move(region), std::move(peer_claim), spsc_ring_sender(payload, o));
 }
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
                                                  std::span<std::byte> payload, unique_fd peer_claim) {
-  const ring_options o = claim_options(peer_claim);
+  ring_options o = claim_options(peer_claim);
   if (a.durable) {
-    ring_options durable = o;
-    durable.manual_ack = true;
+    o.manual_ack = true;
     std::optional<spsc_ring_receiver> ring;
     try {
-      ring.emplace(payload, durable);
+      ring.emplace(payload, o);
     } catch (const std::system_error& e) {
       rethrow_for(a, e);  // EBUSY: a receiver that runs has it
     }
     return std::make_unique<message_receive_port<durable_ring_receiving>>(
         a.text, durable_ring_receiving{std::move(region), std::move(*ring)});
   }
-  if (a.mpmc) {
-    return std::make_unique<message_receive_port<ring_receiving<mpmc_ring_receiver>>>(
-        a.text, ring_receiving<mpmc_ring_receiver>{std::move(region), std::move(peer_claim),
-                                                   mpmc_ring_receiver(payload, o)});
-  }
-  return std::make_unique<message_receive_port<ring_receiving<spsc_ring_receiver>>>(
-      a.text, ring_receiving<spsc_ring_receiver>{std::move(region), std::move(peer_claim),
-                                                 spsc_ring_receiver(payload, o)});
+  if (a.mpmc)
+    return ring_receiver_port(a, std::move(region), std::move(peer_claim), mpmc_ring_receiver(payload, o));
+  return ring_receiver_port(a, std::move(region), std::move(peer_claim), spsc_ring_receiver(payload, o));
 }
-
-/// Who may still take each end of a ring (or queue) link. A ring records the processes attached to
-/// it, but before an end is taken its entry is empty, which alone means "not yet" forever.
-/// The processes that can still take an end are exactly those holding a copy of the link
-/// state with that end untaken: the creator and every process forked from it while it
-/// held the link. So each end has a pipe whose write end (the claim) lives in the link
-/// state: fork copies it, exec drops it (close-on-exec, and the link is gone with the
-/// old program), death closes it, and taking the end closes it once the ring records the
-/// taker, as does destroying the link. The other end's port keeps the read end: when it
 
 std::unique_ptr<link_ends> make_ring_link(const channel_address& a, std::shared_ptr<void> region,
                                           std::span<std::byte> payload) {

@@ -87,20 +87,43 @@ class deadline_methods {
  public:
   /// Fails with `timed_out` unless the operation completes within `d` of starting to wait.
   /// `co_await op.with_timeout(50ms)`; calling both this and with_deadline keeps the earlier.
+  /// On a temporary that can move (`co_await ring.receive(buf).with_timeout(50ms)`), the
+  /// result is the operation itself, which may be kept and returned; otherwise it refers to
+  /// the operation, and must be awaited while that lives (in the same expression).
   template <class Rep, class Period>
-  awaiter_ref<Derived> with_timeout(std::chrono::duration<Rep, Period> d) noexcept {
+  auto with_timeout(std::chrono::duration<Rep, Period> d) & noexcept {
     limit_.limit_after(d);
-    return {static_cast<Derived&>(*this)};
+    return awaiter_ref<Derived>{self()};
+  }
+  template <class Rep, class Period>
+  auto with_timeout(std::chrono::duration<Rep, Period> d) && noexcept {
+    limit_.limit_after(d);
+    return moved_or_ref();
   }
   /// Fails with `timed_out` unless the operation completes by `when` (CLOCK_MONOTONIC).
   template <class Duration>
-  awaiter_ref<Derived> with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) noexcept {
+  auto with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) & noexcept {
     limit_.limit_at(when);
-    return {static_cast<Derived&>(*this)};
+    return awaiter_ref<Derived>{self()};
+  }
+  template <class Duration>
+  auto with_deadline(std::chrono::time_point<std::chrono::steady_clock, Duration> when) && noexcept {
+    limit_.limit_at(when);
+    return moved_or_ref();
   }
 
  protected:
   op_deadline limit_;
+
+ private:
+  Derived& self() noexcept { return static_cast<Derived&>(*this); }
+  auto moved_or_ref() noexcept {
+    if constexpr (std::is_nothrow_move_constructible_v<Derived>) {
+      return Derived(std::move(self()));
+    } else {
+      return awaiter_ref<Derived>{self()};
+    }
+  }
 };
 
 }  // namespace ipcoro::detail
