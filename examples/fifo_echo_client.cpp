@@ -133,8 +133,8 @@ task<void> check_replies(const ipcoro::pipe_reader& in, std::uint32_t pid, const
 
 task<void> run_client(const config& cfg) {
   const auto pid = static_cast<std::uint32_t>(::getpid());
-  // replace_stale: a client that died with this pid long ago may have left its FIFO.
-  ipcoro::fifo reply_fifo(fmt::format("{}/echo-reply-{}", cfg.reply_dir, pid), {.replace_stale = true});
+  // reclaim: a client that died with this pid long ago may have left its FIFO.
+  ipcoro::fifo reply_fifo(fmt::format("{}/echo-reply-{}", cfg.reply_dir, pid), {.reclaim = true});
 
   ipcoro::pipe_writer to_server;
   try {
@@ -153,7 +153,7 @@ task<void> run_client(const config& cfg) {
 
   // Completes once the server's session has opened the other end.
   ipcoro::pipe_reader from_server = co_await ipcoro::open_fifo_reader(reply_path).with_timeout(cfg.timeout);
-  reply_fifo.remove();  // both ends are open: the name is no longer needed
+  reply_fifo.unlink();  // both ends are open: the name is no longer needed
 
   message_header welcome_header{};
   if (co_await from_server.read_exact(std::as_writable_bytes(std::span(&welcome_header, 1)))

@@ -250,7 +250,7 @@ int main(int argc, char** argv) try {
   if (argc < 2 || argv[1][0] == '-') usage(argv[0]);
   const std::string path = argv[1];
   server_state st;
-  ipcoro::fifo_options opts{.mode = 0600, .replace_stale = true};  // reclaim what a crashed server left
+  ipcoro::fifo_options opts{.mode = 0600, .reclaim = true};  // reclaim what a crashed server left
   for (int i = 2; i < argc; ++i) {
     const std::string_view arg = argv[i];
     if (arg == "--clients" && i + 1 < argc) {

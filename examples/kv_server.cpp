@@ -361,7 +361,7 @@ struct remove_reply_segments {
   ~remove_reply_segments() {
     for (const std::string& n : names) {
       try {
-        ipcoro::shm_segment::remove(n);
+        ipcoro::shm_segment::unlink(n);
       } catch (const std::exception&) {
       }
     }

@@ -60,7 +60,7 @@ void report(int fd, const std::string& line) {
 
 task<void> produce(ipcoro::mapped_file& file, std::uint64_t records) {
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 50ms;
+  opts.liveness_check_interval = 50ms;
   ipcoro::spsc_ring_sender tx(file.payload(), opts);
   std::uint64_t dead_peer_reports = 0;
   for (std::uint64_t seq = 0; seq < records;) {

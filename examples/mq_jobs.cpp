@@ -258,8 +258,8 @@ int run(std::uint32_t count, std::uint32_t workers) {
     for (std::uint32_t w = 0; w < workers; ++w) {
       procs.push_back(ipcoro::process::fork(
           [&, w] {
-            jobs.disown();
-            results.disown();
+            jobs.release_name();
+            results.release_name();
             return worker_main(w, dispatcher, jobs_name, results_name);
           },
           // A worker outlives a dead dispatcher long enough to remove its queues.

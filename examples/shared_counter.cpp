@@ -47,7 +47,7 @@ constexpr ipcoro::shared_object_options object_options{
     .type_tag = 0x4354'5253,  // "SRTC"
     .version = 1,
     .mode = 0600,
-    .mutex = {.liveness_check = 50ms, .spin = 100},
+    .mutex = {.liveness_check_interval = 50ms, .spin = 100},
 };
 
 using shared_counter = ipcoro::shared_object<counter_data>;

@@ -69,9 +69,9 @@ const channel_address& channel_link::address() const {
   return state_->address;
 }
 
-channel_link channel_link::create(std::string_view text) {
+channel_link channel_link::create(std::string_view address) {
   auto s = std::make_unique<state>();
-  s->address = channel_address::parse(text);
+  s->address = channel_address::parse(address);
   const channel_scheme& scheme = scheme_of(s->address);
   if (scheme.make_link == nullptr) cannot(s->address, "make a link");
   try {
@@ -86,16 +86,16 @@ channel_link channel_link::create(std::string_view text) {
 
 namespace detail {
 
-std::unique_ptr<send_port> link_send_port(void* raw) {
-  auto* s = static_cast<channel_link::state*>(raw);
+std::unique_ptr<send_port> link_send_port(void* link_state) {
+  auto* s = static_cast<channel_link::state*>(link_state);
   if (s == nullptr) throw std::logic_error("channel_link::sender: empty link");
   if (s->sender_taken) throw std::logic_error("channel_link::sender: the sending end was taken already");
   s->sender_taken = true;
   return s->ends->take_sender();
 }
 
-std::unique_ptr<receive_port> link_receive_port(void* raw) {
-  auto* s = static_cast<channel_link::state*>(raw);
+std::unique_ptr<receive_port> link_receive_port(void* link_state) {
+  auto* s = static_cast<channel_link::state*>(link_state);
   if (s == nullptr) throw std::logic_error("channel_link::receiver: empty link");
   if (s->receiver_taken)
     throw std::logic_error("channel_link::receiver: the receiving end was taken already");
@@ -117,8 +117,8 @@ std::vector<std::string> list_channels() {
   return out;
 }
 
-std::string inspect_channel(std::string_view text) {
-  const channel_address a = channel_address::parse(text);
+std::string inspect_channel(std::string_view address) {
+  const channel_address a = channel_address::parse(address);
   const channel_scheme& s = scheme_of(a);
   if (s.inspect == nullptr) return fmt::format("{}: {}", a.text, s.about);
   try {

@@ -37,7 +37,7 @@ void rethrow_for_address(std::string_view address, const std::system_error& e) {
   }
   throw std::system_error(e.code(), fmt::format("channel {}: {}{}", address, what, hint));
 }
-void throw_channel_error(const char* what) { throw channel_error(what); }
+void throw_channel_error(int errno_value, const char* what) { throw channel_error(errno_value, what); }
 
 void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got) {
   throw decode_error(fmt::format("decoding {}: a message of {} bytes, expected {}", type, got, expected));
@@ -60,18 +60,20 @@ std::span<const std::byte> send_port::greeting() {
 void receive_port::check_greeting(std::span<const std::byte> payload) const {
   if (payload.size() < sizeof(greeting_head)) {
     throw channel_error(
-        fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
-                    "channel sender",
-                    address(), payload.size()));
+        EPROTO, fmt::format("channel {}: the peer's greeting is {} bytes, too short: it is not an ipcoro "
+                            "channel sender",
+                            address(), payload.size()));
   }
   const auto h = read_head<greeting_head>(payload.data());
   if (h.magic != greeting_magic) {
     throw channel_error(
+        EPROTO,
         fmt::format("channel {}: the peer is not an ipcoro channel sender (bad greeting)", address()));
   }
   if (h.protocol != wire_protocol) {
-    throw channel_error(fmt::format("channel {}: the peer speaks channel protocol {}, this program {}",
-                                    address(), h.protocol, wire_protocol));
+    throw channel_error(
+        EPROTO, fmt::format("channel {}: the peer speaks channel protocol {}, this program {}", address(),
+                            h.protocol, wire_protocol));
   }
   if (h.fingerprint != identity().fingerprint) {
     const std::size_t n = std::min<std::size_t>(h.name_size, payload.size() - sizeof h);
@@ -191,7 +193,7 @@ bool has_errno(const std::system_error& e, int err) noexcept {
 
 void no_channel(const channel_address& a, const std::system_error& e) {
   throw channel_error(
-      fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
+      e.code(), fmt::format("no channel at \"{}\": nobody has opened its receiver ({})", a.text, e.what()));
 }
 
 void throw_peer_died(const std::string& address, const peer_died& e) {

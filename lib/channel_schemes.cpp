@@ -16,7 +16,7 @@ extern const channel_scheme fd_scheme;    // pipe_channel.cpp
 }  // namespace detail
 
 namespace {
-const std::array<const channel_scheme*, 6> table{
+constexpr std::array<const channel_scheme*, 6> table{
     &detail::pipe_scheme, &detail::fifo_scheme, &detail::mq_scheme,
     &detail::shm_scheme,  &detail::file_scheme, &detail::fd_scheme,
 };

@@ -72,7 +72,7 @@ void group_state::follow(const std::stop_token& parent) {
   if (parent.stop_possible()) parent_link_.emplace(parent, forward_stop{&source_});
 }
 
-void group_state::record_failure(std::exception_ptr e) noexcept {
+void group_state::record_failure(const std::exception_ptr& e) noexcept {
   try {
     std::rethrow_exception(e);
   } catch (const operation_cancelled&) {

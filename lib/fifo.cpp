@@ -177,7 +177,7 @@ int check_path_text(const std::string& path) noexcept {
 }
 
 [[noreturn]] void throw_nul_in_path(action a, const std::string& path) {
-  throw_with(EINVAL, a, std::string(path.c_str()), "the path contains a NUL byte");
+  throw_with(EINVAL, a, path.substr(0, path.find('\0')), "the path contains a NUL byte");
 }
 
 action open_action(const detail::fifo_open_request& req) noexcept {
@@ -235,7 +235,7 @@ bool identify(const std::string& path, file_identity& out) noexcept {
 
 /// Replaces the stale FIFO at `path` by a fresh one: made under a temporary name in the
 /// same directory, then renamed over it, so the two inodes coexist and cannot share a number.
-void replace_stale_fifo(const std::string& path, mode_t mode) {
+void reclaim_stale_fifo(const std::string& path, mode_t mode) {
   static std::atomic<unsigned> counter{0};
   const std::string aside =
       fmt::format("{}/.ipcoro-fifo-{}-{}", parent_of(path), ::getpid(), counter.fetch_add(1));
@@ -271,17 +271,17 @@ fifo::fifo(std::string path, const fifo_options& opts) {
                  fmt::format("the path already exists and is {}; remove it or choose another path",
                              type_name(st.st_mode)));
     }
-    if (!opts.replace_stale) {
+    if (!opts.reclaim) {
       throw_with(EEXIST, action::create, path,
                  "a FIFO already exists there; if a process that died left it behind, set "
-                 "fifo_options::replace_stale to replace it, or remove it (rm)");
+                 "fifo_options::reclaim to replace it, or remove it (rm)");
     }
     if (fifo_has_reader(path)) {
       throw_with(EBUSY, action::create, path,
                  "the FIFO that exists there is in use: a process has it open for reading "
                  "(is another server running?)");
     }
-    replace_stale_fifo(path, mode);
+    reclaim_stale_fifo(path, mode);
   }
   // mkfifo applies the umask; the mode asked for is applied as given.
   struct stat st {};
@@ -315,7 +315,7 @@ fifo::fifo(fifo&& other) noexcept
 
 fifo& fifo::operator=(fifo&& other) noexcept {
   if (this != &other) {
-    remove();
+    unlink();
     path_ = std::move(other.path_);
     other.path_.clear();
     dev_ = std::exchange(other.dev_, 0);
@@ -326,9 +326,9 @@ fifo& fifo::operator=(fifo&& other) noexcept {
   return *this;
 }
 
-fifo::~fifo() { remove(); }
+fifo::~fifo() { unlink(); }
 
-void fifo::remove() noexcept {
+void fifo::unlink() noexcept {
   if (path_.empty()) return;
   // Only the process that made it: a forked child dropping its copy of the object leaves
   // the parent's FIFO alone. And only our own FIFO: a survivor may have replaced a stale

@@ -46,7 +46,7 @@ fifo_ends open_fifo_ends(const channel_address& a) {
 task<std::unique_ptr<receive_port>> open_fifo_receiver(channel_address a) {
   // Opened at once, not when the first sender comes: a writer of our own stands in
   // until that sender has greeted, so the read end sees no end of file before it.
-  // A FIFO that nobody reads is a dead receiver's: it is replaced (replace_stale).
+  // A FIFO that nobody reads is a dead receiver's: it is replaced (reclaim).
   std::shared_ptr<fifo> node;
   try {
     node = std::make_shared<fifo>(a.name, fifo_options{a.mode, true});
@@ -69,7 +69,7 @@ task<std::unique_ptr<receive_port>> open_fifo_receiver(channel_address a) {
 task<std::unique_ptr<send_port>> open_fifo_sender(channel_address a) {
   if (::access(a.name.c_str(), F_OK) != 0 && errno == ENOENT) {
     throw channel_error(
-        fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
+        ENOENT, fmt::format("no channel at \"{}\": nobody has opened its receiver (no such FIFO)", a.text));
   }
   pipe_writer writer = co_await open_fifo_writer(a.name);
   co_return make_stream_sender(a.text, writer.release_fd(), write_path::ring_only, true);
@@ -79,7 +79,7 @@ task<std::unique_ptr<send_port>> open_fifo_sender(channel_address a) {
 std::unique_ptr<link_ends> make_fifo_link(const channel_address& a) {
   fifo node(a.name, fifo_options{a.mode, false});
   fifo_ends ends = open_fifo_ends(a);
-  node.remove();
+  node.unlink();
   return std::make_unique<stream_link>(a.text, std::move(ends.read), std::move(ends.write),
                                        write_path::ring_only);
 }

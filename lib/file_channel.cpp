@@ -55,9 +55,9 @@ struct owned_file {
     rethrow_for(a, e);
   }
   throw channel_error(
-      fmt::format("channel {}: the file is {} durable channel's, but this address {} durable=1; "
-                  "write it on both ends or on neither",
-                  a.text, a.durable ? "not a" : "a", a.durable ? "says" : "does not say"));
+      EPROTO, fmt::format("channel {}: the file is {} durable channel's, but this address {} durable=1; "
+                          "write it on both ends or on neither",
+                          a.text, a.durable ? "not a" : "a", a.durable ? "says" : "does not say"));
 }
 
 /// The file of a durable channel: opened as it is when it exists (whatever its capacity),
@@ -75,7 +75,7 @@ mapped_file open_or_create_durable(const channel_address& a) {
       if (!has_errno(e, EEXIST)) rethrow_for(a, e);
     }
   }
-  throw channel_error(fmt::format("channel {}: the file keeps appearing and disappearing", a.text));
+  throw channel_error(EAGAIN, fmt::format("channel {}: the file keeps appearing and disappearing", a.text));
 }
 
 task<std::unique_ptr<receive_port>> open_file_receiver(channel_address a) {

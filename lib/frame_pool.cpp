@@ -7,7 +7,8 @@ namespace {
 
 static_assert(class_of(1) == 0 && class_of(64) == 0 && class_of(65) == 1 && class_of(4096) == 63);
 static_assert(class_of(4097) == 64 && block_size(64) == 8192 && class_of(65536 + 16) == 68);
-static_assert(block_size(classes - 1) == 1024 * 1024 && class_of(1024 * 1024 + 1) == classes);
+static_assert(block_size(classes - 1) == std::size_t{1024} * 1024 &&
+              class_of(std::size_t{1024} * 1024 + 1) == classes);
 static_assert(sizeof(std::uint32_t) <= prefix && sizeof(free_block) <= prefix);
 
 std::size_t limit_of(std::size_t size_class) noexcept {

@@ -51,7 +51,7 @@ std::int64_t monotonic_now_ns() noexcept {
 
 }  // namespace
 
-struct io_context::impl {
+struct __attribute__((visibility("hidden"))) io_context::impl {  // never exported (see IPCORO_API)
   uring::ring ring;
   ring_features features;
   counters stats;

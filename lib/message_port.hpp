@@ -36,6 +36,7 @@ class message_send_port final : public send_port {
   std::span<std::byte> prepare(std::size_t size) override {
     if (head_size + size > buf_.size()) {
       throw channel_error(
+          EMSGSIZE,
           fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
                       "carries is {} bytes ({} of them frame it); {}",
                       address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
@@ -66,7 +67,8 @@ class message_send_port final : public send_port {
       throw_peer_died(address(), e);
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address()));
+        throw channel_closed(e.code(),
+                             fmt::format("channel {}: the receiver has closed the channel", address()));
       }
       throw;
     }
@@ -136,7 +138,8 @@ class message_receive_port final : public receive_port {
         co_return false;
       }
       if (*size < head_size) {
-        throw channel_error(fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
+        throw channel_error(EBADMSG,
+                            fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
                                         address(), *size));
       }
       const auto h = read_head<message_head>(buf_.data());
@@ -151,7 +154,8 @@ class message_receive_port final : public receive_port {
         co_return false;
       }
       if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-        throw channel_error(fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
+        throw channel_error(EBADMSG,
+                            fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
       }
       if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
         throw channel_type_mismatch(

@@ -87,7 +87,7 @@ struct mq_sending : mq_end {
   }
   /// The record keeps this process as a sender, so its exit reads as a death (peer_died).
   void abort() noexcept {
-    peers.abandon();
+    peers.abort();
     queue.close();
   }
 
@@ -272,7 +272,7 @@ class mq_link final : public link_ends {
     mq_created c = create_queue(a);
     receive_queue_ = std::move(c.queue);
     send_queue_ = message_queue::open(a.name, mq_open_options{mq_access::write_only});
-    receive_queue_.disown();
+    receive_queue_.release_name();
     message_queue::unlink(a.name);
     c.peers.unlink();
     peers_ = std::move(c.peers);

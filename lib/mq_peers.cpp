@@ -201,7 +201,7 @@ void mq_peers::close() noexcept {
   peer_claim_.reset();
 }
 
-void mq_peers::abandon() noexcept {
+void mq_peers::abort() noexcept {
   index_ = -1;
   record_ = nullptr;
   segment_.reset();
@@ -257,7 +257,7 @@ struct mq_ticker {
     const std::stop_token stop = co_await get_stop_token();
     while (!t.waits.empty() && !stop.stop_requested()) {
       try {
-        co_await sleep_for(ring_options{}.peer_check_interval);
+        co_await sleep_for(ring_options{}.liveness_check_interval);
       } catch (const operation_cancelled&) {
         break;  // the io_context shuts down
       }

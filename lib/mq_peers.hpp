@@ -76,7 +76,7 @@ class mq_peers {
   void close() noexcept;
   /// Lets go of the record without removing the entry: the peers see this process as
   /// attached until it exits, then as dead (an aborted sender).
-  void abandon() noexcept;
+  void abort() noexcept;
 
   /// Marks the stream ended (a sender's close).
   void mark_end() noexcept;
@@ -102,7 +102,7 @@ class mq_peers {
 /// ticker ends by cancelling it once the record says so: a wait for room once the
 /// receivers are dead or gone, a wait for data once the end is recorded or the senders are
 /// dead. Then `op` throws operation_cancelled and fired() is true: look at the record.
-/// The ticker wakes every check interval (ring_options::peer_check_interval) while some
+/// The ticker wakes every check interval (ring_options::liveness_check_interval) while some
 /// wait of the thread is registered, so that a wait costs no timer of its own. Lives in
 /// the waiting coroutine's frame, registered from construction to destruction.
 class mq_watched_wait {

@@ -44,17 +44,18 @@ int checked_fd(const channel_address& a, int access) {
   const int fd = a.fd();
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0) {
-    throw channel_error(
-        fmt::format("channel {}: descriptor {} is not open in this process ({}); pass a "
-                    "descriptor the process has, such as one process::exec wired in",
-                    a.text, fd, std::strerror(errno)));
+    const int err = errno;
+    throw channel_error(err, fmt::format("channel {}: descriptor {} is not open in this process ({}); pass a "
+                                         "descriptor the process has, such as one process::exec wired in",
+                                         a.text, fd, std::strerror(err)));
   }
   const int mode = flags & O_ACCMODE;
   if (mode != O_RDWR && mode != access) {
-    throw channel_error(fmt::format("channel {}: descriptor {} is open for {} only, and a {} needs to {} it",
-                                    a.text, fd, mode == O_RDONLY ? "reading" : "writing",
-                                    access == O_RDONLY ? "receiver" : "sender",
-                                    access == O_RDONLY ? "read" : "write"));
+    throw channel_error(
+        EBADF,
+        fmt::format("channel {}: descriptor {} is open for {} only, and a {} needs to {} it", a.text, fd,
+                    mode == O_RDONLY ? "reading" : "writing", access == O_RDONLY ? "receiver" : "sender",
+                    access == O_RDONLY ? "read" : "write"));
   }
   return fd;
 }

@@ -473,7 +473,7 @@ void process::kill_and_reap() noexcept {
   if (rc == 0) state_->status = status_of(info);
 }
 
-process process::fork(std::function<int()> body, const process_options& opts) {
+process process::fork(const std::function<int()>& body, const process_options& opts) {
   if (!body) throw std::invalid_argument("ipcoro::process::fork: empty body");
   std::string name = opts.name.empty() ? std::string("child") : opts.name;
   check_sigchld(name);

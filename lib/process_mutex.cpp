@@ -87,7 +87,7 @@ void process_mutex_guard::unlock() {
           EPERM, std::system_category(),
           fmt::format("process_mutex unlock: pid {} no longer holds the lock (pid {} does); it "
                       "was taken over while this process held it: is every process in the "
-                      "same pid namespace, and is liveness_check longer than a stall?",
+                      "same pid namespace, and is liveness_check_interval longer than a stall?",
                       me, c & pid_mask));
     }
   } while (!s.word.compare_exchange_weak(c, 0, std::memory_order_release, std::memory_order_relaxed));
@@ -125,7 +125,7 @@ task<process_mutex_guard> process_mutex_lock_operation::lock_contended(detail::p
                                                                        std::int64_t deadline_ns) {
   const std::uint32_t me = my_word();
   const std::int64_t check_ns = std::max<std::int64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(opts.liveness_check).count(), 1);
+      std::chrono::duration_cast<std::chrono::nanoseconds>(opts.liveness_check_interval).count(), 1);
   for (;;) {
     for (unsigned i = 0; i < opts.spin; ++i) {
       std::uint32_t c = s.word.load(std::memory_order_relaxed);

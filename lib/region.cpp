@@ -40,7 +40,7 @@ std::uint64_t header_checksum(const region_header& h) noexcept {
 }
 
 std::string size_text(std::uint64_t bytes) {
-  constexpr std::uint64_t mib = 1024 * 1024;
+  constexpr std::uint64_t mib = std::uint64_t{1024} * 1024;
   constexpr std::uint64_t gib = 1024 * mib;
   if (bytes >= 10 * gib) return fmt::format("{} bytes ({} GiB)", bytes, bytes / gib);
   if (bytes >= 10 * mib) return fmt::format("{} bytes ({} MiB)", bytes, bytes / mib);

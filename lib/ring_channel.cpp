@@ -19,7 +19,7 @@
 namespace ipcoro::detail {
 namespace {
 
-constexpr std::size_t default_ring_capacity = 1024 * 1024;
+constexpr std::size_t default_ring_capacity = std::size_t{1024} * 1024;
 constexpr std::size_t default_mpmc_slots = 256;
 constexpr std::size_t default_mpmc_message = 4096;
 
@@ -38,7 +38,7 @@ struct ring_sending {
   void close(std::uint32_t) noexcept { ring.close(); }
   void detach() noexcept { ring.detach(); }
   /// The ring keeps this process as a sender, so its exit reads as a death (peer_died).
-  void abort() noexcept { ring.abandon(); }
+  void abort() noexcept { ring.abort(); }
 };
 
 template <class Ring>

@@ -198,7 +198,7 @@ void shm_segment::unlink() {
   }
 }
 
-bool shm_segment::remove(const std::string& name) {
+bool shm_segment::unlink(const std::string& name) {
   const std::string n = normalise_name(name);
   if (::shm_unlink(n.c_str()) == 0) return true;
   if (errno == ENOENT) return false;

@@ -94,8 +94,8 @@ class stream_send_port final : public send_port {
   std::span<std::byte> prepare(std::size_t size) override {
     if (size > max_stream_payload) {
       throw channel_error(
-          fmt::format("channel {}: a message of {} bytes is larger than a stream frame allows ({})",
-                      address(), size, max_stream_payload));
+          EMSGSIZE, fmt::format("channel {}: a message of {} bytes is larger than a stream frame allows ({})",
+                                address(), size, max_stream_payload));
     }
     used_ = 0;
     if (!greeted_) put_greeting();
@@ -112,9 +112,9 @@ class stream_send_port final : public send_port {
   task<void> commit(pooled_frame) override {
     if (cut_) {
       throw channel_error(
-          fmt::format("channel {}: an earlier send was cancelled half way through its message; "
-                      "the stream cannot go on (close() now aborts it)",
-                      address()));
+          EPROTO, fmt::format("channel {}: an earlier send was cancelled half way through its message; "
+                              "the stream cannot go on (close() now aborts it)",
+                              address()));
     }
     write_all_operation write{fd_.get(), std::span<const std::byte>{buf_.data(), used_}, path_};
     try {
@@ -126,10 +126,10 @@ class stream_send_port final : public send_port {
       throw;
     } catch (const std::system_error& e) {
       if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(
-            fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
-                        "process ended",
-                        address()));
+        throw channel_closed(e.code(),
+                             fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
+                                         "process ended",
+                                         address()));
       }
       throw;
     }
@@ -204,7 +204,7 @@ class stream_receive_port final : public receive_port {
         keep_(std::move(keep)),
         fd_(std::move(fd)),
         placeholder_(std::move(placeholder)) {
-    buf_.grow(64 * 1024, 0);
+    buf_.grow(std::size_t{64} * 1024, 0);
   }
 
   std::span<const std::byte> current() const noexcept override {
@@ -226,10 +226,10 @@ class stream_receive_port final : public receive_port {
       if (avail >= head_size) {
         const auto h = read_head<stream_head>(buf_.data() + begin_);
         if (h.length > max_stream_payload) {
-          throw channel_error(
-              fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
-                          "channel sender, or the stream is corrupt",
-                          address(), h.length));
+          throw channel_error(EBADMSG,
+                              fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
+                                          "channel sender, or the stream is corrupt",
+                                          address(), h.length));
         }
         need = head_size + h.length;
         if (avail >= need) {
@@ -247,10 +247,10 @@ class stream_receive_port final : public receive_port {
             continue;
           }
           if (greetings_ == 0 || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-            throw channel_error(
-                fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
-                            "message is not a greeting)",
-                            address()));
+            throw channel_error(EPROTO,
+                                fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
+                                            "message is not a greeting)",
+                                            address()));
           }
           length_ = h.length;
           current_ = true;
@@ -269,18 +269,20 @@ class stream_receive_port final : public receive_port {
           co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, buf_.size() - end_}};
       if (n == 0) {
         if (avail > 0) {
-          throw channel_error(fmt::format(
-              "channel {}: the stream ended inside a message ({} of {} bytes came)", address(), avail, need));
+          throw channel_error(
+              ECONNRESET, fmt::format("channel {}: the stream ended inside a message ({} of {} bytes came)",
+                                      address(), avail, need));
         }
         if (greetings_ > goodbyes_) {
           throw channel_error(
-              fmt::format("channel {}: the sender went away without closing the channel: it died "
-                          "or was killed mid-stream",
-                          address()));
+              ECONNRESET, fmt::format("channel {}: the sender went away without closing the channel: it died "
+                                      "or was killed mid-stream",
+                                      address()));
         }
         if (greetings_ == 0) {
           // Every sender greets before it can close, so this one never started.
           throw channel_error(
+              ECONNRESET,
               fmt::format("channel {}: the sender went away before its greeting: it died or was "
                           "killed before it began (or the writer is not an ipcoro channel sender)",
                           address()));

@@ -48,7 +48,7 @@ struct fresh_queue {
   ~fresh_queue() {
     try {
       ipcoro::message_queue::unlink(name);
-      ipcoro::shm_segment::remove(name + ".ipcoro-mq");
+      ipcoro::shm_segment::unlink(name + ".ipcoro-mq");
     } catch (...) {
     }
   }
@@ -67,7 +67,7 @@ int idle_receiver(const std::string& address, const handshake& ready, const hand
 
 /// How long a test waits for a child that should finish at once: a hang is a failure.
 constexpr auto bounded = 20s;
-/// What "within one peer_check_interval" (100 ms) may take on a loaded machine.
+/// What "within one liveness_check_interval" (100 ms) may take on a loaded machine.
 constexpr auto soon = 3s;
 
 }  // namespace

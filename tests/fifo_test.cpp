@@ -223,11 +223,11 @@ TEST_CASE("a FIFO is created with mode 0600 and removed by its owner", "[fifo]")
     ipcoro::fifo a(path);
     ipcoro::fifo b(std::move(a));
     CHECK_FALSE(a);
-    a.remove();
+    a.unlink();
     CHECK(exists(path));
     const std::string released = b.release();
     CHECK(released == path);
-    b.remove();
+    b.unlink();
     CHECK(exists(path));
     CHECK(::unlink(path.c_str()) == 0);
   }
@@ -247,7 +247,7 @@ TEST_CASE("creating a FIFO where a file exists fails with EEXIST saying what is 
   SECTION("a regular file is never replaced") {
     touch(path);
     for (bool replace : {false, true}) {
-      const failure f = failure_of_call([&] { ipcoro::fifo x(path, {.replace_stale = replace}); });
+      const failure f = failure_of_call([&] { ipcoro::fifo x(path, {.reclaim = replace}); });
       CHECK(f.code == EEXIST);
       CHECK_THAT(f.what, Catch::Contains(path) && Catch::Contains("regular file"));
       CHECK(S_ISREG(stat_of(path).st_mode));
@@ -258,11 +258,11 @@ TEST_CASE("creating a FIFO where a file exists fails with EEXIST saying what is 
     const ino_t stale = stat_of(path).st_ino;
     const failure f = failure_of_call([&] { ipcoro::fifo x(path); });
     CHECK(f.code == EEXIST);
-    CHECK_THAT(f.what, Catch::Contains(path) && Catch::Contains("replace_stale"));
+    CHECK_THAT(f.what, Catch::Contains(path) && Catch::Contains("reclaim"));
     CHECK(stat_of(path).st_ino == stale);
 
     {
-      ipcoro::fifo fresh(path, {.replace_stale = true});
+      ipcoro::fifo fresh(path, {.reclaim = true});
       CHECK(S_ISFIFO(stat_of(path).st_mode));
       CHECK(stat_of(path).st_ino != stale);
       CHECK(dir.entries() == 1);  // nothing left from the replacement
@@ -287,7 +287,7 @@ TEST_CASE("creating a FIFO where a file exists fails with EEXIST saying what is 
     done_r.close();
     ipcoro::io_context ctx;
     REQUIRE(ipcoro::sync_wait(ctx, await_bytes(ready_r, 1)));
-    const failure f = failure_of_call([&] { ipcoro::fifo x(path, {.replace_stale = true}); });
+    const failure f = failure_of_call([&] { ipcoro::fifo x(path, {.reclaim = true}); });
     CHECK(f.code == EBUSY);
     CHECK_THAT(f.what, Catch::Contains(path) && Catch::Contains("open for reading"));
     CHECK(stat_of(path).st_ino == in_use);
@@ -300,12 +300,12 @@ TEST_CASE("the owner leaves alone a FIFO that has replaced its own", "[fifo]") {
   temp_dir dir;
   const std::string path = dir.at("replaced");
   ipcoro::fifo first(path);
-  ipcoro::fifo second(path, {.replace_stale = true});
+  ipcoro::fifo second(path, {.reclaim = true});
   const ino_t second_ino = stat_of(path).st_ino;
-  first.remove();
+  first.unlink();
   REQUIRE(exists(path));
   CHECK(stat_of(path).st_ino == second_ino);
-  second.remove();
+  second.unlink();
   CHECK_FALSE(exists(path));
 }
 

@@ -225,7 +225,7 @@ TEST_CASE(
 
   {
     auto q = message_queue::create(name, {2, 16});
-    q.disown();
+    q.release_name();
   }
   REQUIRE(queue_exists(name));
   auto opened = message_queue::open(name);

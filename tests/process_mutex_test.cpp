@@ -68,7 +68,7 @@ struct name_guard {
   explicit name_guard(std::string n) : name(std::move(n)) {}
   ~name_guard() {
     try {
-      ipcoro::shm_segment::remove(name);
+      ipcoro::shm_segment::unlink(name);
     } catch (...) {
     }
   }
@@ -94,7 +94,7 @@ struct counter {
   std::uint64_t half_done;  // set while an update is in progress
 };
 
-const process_mutex::options quick_check{.liveness_check = 20ms, .spin = 100};
+const process_mutex::options quick_check{.liveness_check_interval = 20ms, .spin = 100};
 
 }  // namespace
 

@@ -231,7 +231,7 @@ void ping_pong(int spin_us, bool mpmc_pong, int rounds, bool echo_without_membar
   else
     ipcoro::format_spsc_ring(pong);
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 1h;
+  opts.liveness_check_interval = 1h;
   opts.spin = std::chrono::microseconds(spin_us);
   opts.adaptive_fences = adaptive_fences;
 
@@ -314,7 +314,7 @@ TEST_CASE(
   ipcoro::format_spsc_ring(data);
   ipcoro::format_spsc_ring(answers);
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 1h;
+  opts.liveness_check_interval = 1h;
   if (GENERATE(false, true)) opts.spin = std::chrono::nanoseconds::zero();  // else the default spin
   constexpr int bursts = 3000;
 
@@ -592,7 +592,7 @@ TEST_CASE("a waiter learns that its peer was killed instead of waiting forever",
   ipcoro::format_spsc_ring(mem.bytes());
   auto [ready_r, ready_w] = ipcoro::make_pipe();
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 20ms;
+  opts.liveness_check_interval = 20ms;
 
   SECTION("the receiver, after the messages sent before the death") {
     child_process producer([&, &ready_w = ready_w] {
@@ -656,7 +656,7 @@ TEST_CASE("a sender destroyed by an exception unwinding leaves the stream open: 
   shared_memory mem(ipcoro::spsc_ring_region_size(4096));
   ipcoro::format_spsc_ring(mem.bytes());
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 20ms;
+  opts.liveness_check_interval = 20ms;
   child_process producer([&] {
     try {
       ipcoro::spsc_ring_sender tx(mem.bytes());
@@ -699,7 +699,7 @@ TEST_CASE("SIGKILL of the producer at random points: the consumer gets an intact
     const std::uint64_t kill_after = 50 + rng() % 2000;
     auto [progress_r, progress_w] = ipcoro::make_pipe();
     ipcoro::ring_options opts;
-    opts.peer_check_interval = 20ms;
+    opts.liveness_check_interval = 20ms;
 
     child_process producer([&] {
       return run([&]() -> task<int> {
@@ -754,7 +754,7 @@ TEST_CASE(
     const std::uint64_t kill_after = 100 + rng() % 4000;
     auto [progress_r, progress_w] = ipcoro::make_pipe();
     ipcoro::ring_options opts;
-    opts.peer_check_interval = 20ms;
+    opts.liveness_check_interval = 20ms;
     opts.manual_ack = true;
 
     child_process producer([&] {
@@ -1037,7 +1037,7 @@ TEST_CASE("MPMC receivers learn that every sender died, and senders that every r
   ipcoro::format_mpmc_ring(mem.bytes(), 64);
   auto [ready_r, ready_w] = ipcoro::make_pipe();
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 20ms;
+  opts.liveness_check_interval = 20ms;
   const bool senders_die = GENERATE(true, false);
 
   std::vector<child_process> peers;
@@ -1115,7 +1115,7 @@ TEST_CASE("an MPMC endpoint attaching after the whole other side was killed lear
   ipcoro::format_mpmc_ring(mem.bytes(), 64);
   auto [ready_r, ready_w] = ipcoro::make_pipe();
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 20ms;
+  opts.liveness_check_interval = 20ms;
   const bool sender_dies = GENERATE(true, false);
 
   child_process peer([&, &ready_w = ready_w] {
@@ -1176,7 +1176,7 @@ TEST_CASE(
     const std::uint64_t kill_after = 20 + rng() % 300;
     auto [progress_r, progress_w] = ipcoro::make_pipe();
     ipcoro::ring_options opts;
-    opts.peer_check_interval = 20ms;
+    opts.liveness_check_interval = 20ms;
 
     std::vector<child_process> producers;
     for (int p = 0; p < senders; ++p) {
@@ -1284,7 +1284,7 @@ TEST_CASE("a slot left half-written or half-read by a process that died is relea
   shared_memory mem(ipcoro::mpmc_ring_region_size(2, 1024));
   ipcoro::format_mpmc_ring(mem.bytes(), 1024);
   ipcoro::ring_options opts;
-  opts.peer_check_interval = 20ms;
+  opts.liveness_check_interval = 20ms;
   ipcoro::io_context ctx;
 
   SECTION("a sender that died while copying in: receivers skip its slot") {

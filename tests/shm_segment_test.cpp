@@ -46,7 +46,7 @@ struct name_guard {
   explicit name_guard(std::string n) : name(std::move(n)) {}
   ~name_guard() {
     try {
-      shm_segment::remove(name);
+      shm_segment::unlink(name);
     } catch (...) {
     }
   }

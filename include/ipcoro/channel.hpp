@@ -10,9 +10,11 @@
 #include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/detail/wait_list.hpp"
 #include "ipcoro/error.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/when_any.hpp"
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -27,22 +29,29 @@
 
 namespace ipcoro {
 
-/// Base of the errors a channel reports; the message names the channel's address.
-class channel_error : public std::runtime_error {
+/// Base of the errors a channel reports; the message names the channel's address, and
+/// code() keeps the error below it: the errno of the system call that failed, EPIPE for a
+/// closed channel, ECONNRESET for a sender that left without closing, EPROTO or EBADMSG
+/// for a peer that does not speak the channel protocol, EMSGSIZE for a message too large.
+class IPCORO_API channel_error : public std::system_error {
  public:
-  using std::runtime_error::runtime_error;
+  channel_error(std::error_code code, const std::string& what) : std::system_error(code, what) {}
+  /// `errno_value` in std::system_category().
+  channel_error(int errno_value, const std::string& what)
+      : std::system_error(errno_value, std::system_category(), what) {}
 };
 
-/// A send on a channel whose receiver has gone, or that was closed.
-class channel_closed : public channel_error {
+/// A send on a channel whose receiver has gone, or that was closed (EPIPE by default).
+class IPCORO_API channel_closed : public channel_error {
  public:
+  explicit channel_closed(const std::string& what) : channel_error(EPIPE, what) {}
   using channel_error::channel_error;
 };
 
-/// The peer speaks another type (or another codec version) than this end expects.
-class channel_type_mismatch : public channel_error {
+/// The peer speaks another type (or another codec version) than this end expects (EPROTO).
+class IPCORO_API channel_type_mismatch : public channel_error {
  public:
-  using channel_error::channel_error;
+  explicit channel_type_mismatch(const std::string& what) : channel_error(EPROTO, what) {}
 };
 
 template <class T>
@@ -52,15 +61,16 @@ class channel_receiver;
 
 namespace detail {
 
-[[noreturn]] void throw_channel_closed(const char* what);
+IPCORO_API [[noreturn]] void throw_channel_closed(const char* what);
 /// Rethrows an error of opening or creating the transport behind `address` so that it
 /// names the address (and which of its options to change), keeping its error code.
 /// `throw;` semantics when it already does.
-[[noreturn]] void rethrow_for_address(std::string_view address, const std::system_error& e);
-[[noreturn]] void throw_channel_error(const char* what);
+IPCORO_API [[noreturn]] void rethrow_for_address(std::string_view address, const std::system_error& e);
+/// channel_error with `errno_value` (an errno).
+IPCORO_API [[noreturn]] void throw_channel_error(int errno_value, const char* what);
 /// channel_closed for a send that its own sender's close, detach or abort came before
 /// (`waited` false) or interrupted.
-[[noreturn]] void throw_sender_left(const port_base& port, bool waited);
+IPCORO_API [[noreturn]] void throw_sender_left(const port_base& port, bool waited);
 
 /// Parks a coroutine in a wait_list until woken (or cancelled).
 class [[nodiscard]] park_operation : waiter {
@@ -96,10 +106,10 @@ struct local_channel {
   bool readable() const noexcept { return count > 0 || sender_closed || receiver_closed; }
 };
 
-[[nodiscard]] std::unique_ptr<send_port> link_send_port(void* state);
-[[nodiscard]] std::unique_ptr<receive_port> link_receive_port(void* state);
-[[nodiscard]] task<std::unique_ptr<send_port>> open_send_port(channel_address address);
-[[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(channel_address address);
+IPCORO_API [[nodiscard]] std::unique_ptr<send_port> link_send_port(void* link_state);
+IPCORO_API [[nodiscard]] std::unique_ptr<receive_port> link_receive_port(void* link_state);
+IPCORO_API [[nodiscard]] task<std::unique_ptr<send_port>> open_send_port(channel_address address);
+IPCORO_API [[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(channel_address address);
 
 }  // namespace detail
 
@@ -364,7 +374,8 @@ class channel_receiver {
     for (;;) {
       if (s.receiver_closed) co_return false;
       if (s.count > 0) co_return true;
-      if (s.sender_aborted) detail::throw_channel_error("channel receive: the sender aborted the stream");
+      if (s.sender_aborted)
+        detail::throw_channel_error(ECONNRESET, "channel receive: the sender aborted the stream");
       if (s.sender_closed) co_return false;
       co_await detail::park_operation{s.receivers};
     }
@@ -459,7 +470,7 @@ template <class T>
 /// end it uses and destroys the link, which closes the end it did not take. Names
 /// (FIFO path, queue, segment, file) are removed as soon as both ends are open, so
 /// nothing is left behind even if every process crashes. `fd:` addresses are not links.
-class channel_link {
+class IPCORO_API channel_link {
  public:
   channel_link() noexcept;
   channel_link(channel_link&&) noexcept;

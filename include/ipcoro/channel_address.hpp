@@ -2,6 +2,8 @@
 // channel_address: the string form of a channel's transport, name and options.
 #pragma once
 
+#include "ipcoro/export.hpp"
+
 #include <cstddef>
 #include <optional>
 #include <stdexcept>
@@ -12,7 +14,7 @@ namespace ipcoro {
 
 /// Thrown for an address that cannot be parsed; the message quotes it and says what is
 /// expected instead.
-class bad_channel_address : public std::invalid_argument {
+class IPCORO_API bad_channel_address : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
 };
@@ -44,7 +46,7 @@ class bad_channel_address : public std::invalid_argument {
 /// record beside it): a live owner's name is refused with EEXIST (EBUSY for a FIFO being
 /// read, or for a durable file whose receiver runs), and so is a name not made by a
 /// channel receiver.
-struct channel_address {
+struct IPCORO_API channel_address {
   std::string scheme;  ///< the transport, as written before the colon: "pipe", "shm", ...
   std::string name;    ///< path, queue or segment name; the number for fd:
   std::optional<std::size_t> capacity;

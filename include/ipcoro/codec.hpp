@@ -2,6 +2,7 @@
 // codec: how a channel turns values into bytes and back, and how peers recognise a type.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/hash.hpp"
 
 #include <cstddef>
@@ -17,7 +18,7 @@
 namespace ipcoro {
 
 /// Thrown when bytes received from a peer cannot be decoded into the receiver's type.
-class decode_error : public std::runtime_error {
+class IPCORO_API decode_error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
@@ -34,7 +35,7 @@ constexpr std::string_view spelled_type_name() noexcept {
   return signature.substr(start, end - start);
 }
 
-[[noreturn]] void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got);
+IPCORO_API [[noreturn]] void throw_decode_size(std::string_view type, std::size_t expected, std::size_t got);
 
 }  // namespace detail
 

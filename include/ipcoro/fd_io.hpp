@@ -2,6 +2,7 @@
 // Awaitable reads, writes and splices on any file descriptor, through the io_uring loop.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/io_operation.hpp"
 
 #include <cstddef>
@@ -17,7 +18,7 @@ enum class write_path : unsigned char { try_nowait_first, ring_only };
 
 /// One read(2): completes with the number of bytes read, 0 at end of stream. An empty
 /// buffer completes at once with 0 (through the ring it would wait for data).
-class [[nodiscard]] read_operation : public io_operation<read_operation> {
+class [[nodiscard]] IPCORO_API read_operation : public io_operation<read_operation> {
  public:
   read_operation(int fd, std::span<std::byte> buffer) noexcept;
   std::size_t finish(int res) const;
@@ -34,7 +35,7 @@ class [[nodiscard]] read_operation : public io_operation<read_operation> {
 /// descriptor can take the bytes at once (RWF_NOWAIT), the write is done without the ring
 /// and without suspending; otherwise it waits in the ring.
 /// Writing to a pipe or FIFO with no reader throws std::system_error with EPIPE.
-class [[nodiscard]] write_operation : public io_operation<write_operation> {
+class [[nodiscard]] IPCORO_API write_operation : public io_operation<write_operation> {
  public:
   write_operation(int fd, std::span<const std::byte> buffer,
                   write_path path = write_path::try_nowait_first) noexcept;
@@ -51,7 +52,7 @@ class [[nodiscard]] write_operation : public io_operation<write_operation> {
 /// Reads until the buffer is full or the stream ends, resubmitting after short reads
 /// without resuming the coroutine. Completes with the bytes read: `buffer.size()`, or
 /// fewer only when end of stream came first.
-class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operation> {
+class [[nodiscard]] IPCORO_API read_exact_operation : public io_operation<read_exact_operation> {
  public:
   read_exact_operation(int fd, std::span<std::byte> buffer) noexcept;
   std::size_t finish(int res) const;
@@ -70,7 +71,7 @@ class [[nodiscard]] read_exact_operation : public io_operation<read_exact_operat
 /// write_operation, to write without the ring). Throws on error (EPIPE when
 /// the reader is gone); on error the bytes already written are not reported by the
 /// error, but written() still says how many there were.
-class [[nodiscard]] write_all_operation : public io_operation<write_all_operation> {
+class [[nodiscard]] IPCORO_API write_all_operation : public io_operation<write_all_operation> {
  public:
   write_all_operation(int fd, std::span<const std::byte> buffer,
                       write_path path = write_path::try_nowait_first) noexcept;
@@ -92,7 +93,7 @@ class [[nodiscard]] write_all_operation : public io_operation<write_all_operatio
 /// without copying them through user space; one of the two must be a pipe. An offset of
 /// -1 means "the descriptor's current position" (required for pipes). Completes with the
 /// bytes moved, 0 at end of input.
-class [[nodiscard]] splice_operation : public io_operation<splice_operation> {
+class [[nodiscard]] IPCORO_API splice_operation : public io_operation<splice_operation> {
  public:
   splice_operation(int fd_in, std::int64_t off_in, int fd_out, std::int64_t off_out, std::uint32_t length,
                    unsigned flags) noexcept;
@@ -113,7 +114,7 @@ class [[nodiscard]] splice_operation : public io_operation<splice_operation> {
 /// but never blocks the loop, and can be timed out or cancelled. Completes with the new descriptor,
 /// owned by the caller; throws std::system_error with the errno otherwise. `path` must
 /// stay valid until the operation completes.
-class [[nodiscard]] openat_operation : public io_operation<openat_operation> {
+class [[nodiscard]] IPCORO_API openat_operation : public io_operation<openat_operation> {
  public:
   openat_operation(int dir_fd, const char* path, int flags, unsigned mode) noexcept;
   int finish(int res) const;
@@ -128,7 +129,7 @@ class [[nodiscard]] openat_operation : public io_operation<openat_operation> {
 
 /// Waits until `fd` is ready for `events` (POLLIN, POLLOUT, ...; IORING_OP_POLL_ADD, one
 /// shot). Completes with the returned events, which may include POLLERR or POLLHUP.
-class [[nodiscard]] poll_operation : public io_operation<poll_operation> {
+class [[nodiscard]] IPCORO_API poll_operation : public io_operation<poll_operation> {
  public:
   poll_operation(int fd, unsigned events) noexcept;
   unsigned finish(int res) const;
@@ -140,7 +141,7 @@ class [[nodiscard]] poll_operation : public io_operation<poll_operation> {
 };
 
 /// IORING_OP_NOP: a round trip through the kernel that does nothing.
-class [[nodiscard]] nop_operation : public io_operation<nop_operation> {
+class [[nodiscard]] IPCORO_API nop_operation : public io_operation<nop_operation> {
  public:
   nop_operation() noexcept;
   void finish(int res) const;

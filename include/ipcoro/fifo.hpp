@@ -26,6 +26,7 @@
 //    opens both at once, so the two processes may name them in either order.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/io_operation.hpp"
 #include "ipcoro/pipe.hpp"
@@ -52,24 +53,24 @@ struct fifo_options {
   /// them. The default lets only this user open the FIFO.
   unsigned mode = 0600;
   /// When the path already holds a FIFO that no process has open for reading (left behind
-  /// by a process that died), replace it with a fresh one (created aside, then renamed over
+  /// by a process that died), reclaim it: replace it with a fresh one (created aside, then renamed over
   /// it) instead of failing with EEXIST. A FIFO some process is reading is never taken
   /// over (EBUSY), and anything that is not a FIFO is never removed. The check opens the
   /// FIFO for writing for a moment, so a reader waiting in open() on it would be woken
   /// and then read end of stream.
-  bool replace_stale = false;
+  bool reclaim = false;
 };
 
 /// Owns a FIFO in the file system: creates it and removes it when destroyed. Move-only.
 /// Removing the name does not disturb processes that have the FIFO open; new opens fail
 /// with ENOENT.
-class fifo {
+class IPCORO_API fifo {
  public:
   fifo() noexcept = default;
   /// Creates a FIFO at `path` (mkfifo). A relative path is made absolute against the
   /// current directory now, so the owner removes the right file even after a chdir.
   /// Throws std::system_error saying what to change: EEXIST when the path exists (naming
-  /// what is there), EBUSY when `replace_stale` meets a FIFO in use, ENOENT when the
+  /// what is there), EBUSY when `reclaim` meets a FIFO in use, ENOENT when the
   /// directory is missing, EACCES when this user may not create files there,
   /// ENAMETOOLONG naming the limit (NAME_MAX or PATH_MAX), EINVAL for a bad mode.
   explicit fifo(std::string path, const fifo_options& opts = {});
@@ -77,7 +78,7 @@ class fifo {
   fifo& operator=(fifo&& other) noexcept;
   fifo(const fifo&) = delete;
   fifo& operator=(const fifo&) = delete;
-  /// Removes the FIFO (see remove()).
+  /// Removes the FIFO (see unlink()).
   ~fifo();
 
   /// The absolute path of the FIFO; empty when this object owns none.
@@ -86,7 +87,7 @@ class fifo {
   /// Removes the FIFO now, if this is the process that created it (a forked child's copy
   /// of the object removes nothing) and the path still names the FIFO it created (a file
   /// that has since replaced it is left alone). Errors are ignored. Idempotent.
-  void remove() noexcept;
+  void unlink() noexcept;
   /// Stops owning the FIFO without removing it; returns its path.
   std::string release() noexcept;
   /// Whether `fd` is open on the FIFO this object created (not on one that has replaced
@@ -111,13 +112,13 @@ struct fifo_open_request {
   unsigned found_mode = 0;  ///< st_mode of a path that turned out not to be a FIFO
 };
 /// Fills the SQE: openat through an io_uring worker (IOSQE_ASYNC).
-void prep_fifo_open(fifo_open_request& req, ::io_uring_sqe* sqe) noexcept;
+IPCORO_API void prep_fifo_open(fifo_open_request& req, ::io_uring_sqe* sqe) noexcept;
 /// Checks the path before opening it: -EAGAIN when it is a FIFO (go on and open it),
 /// otherwise the error to report (-EINVAL with `found_mode` set: not a FIFO).
-int check_fifo_path(fifo_open_request& req) noexcept;
+IPCORO_API int check_fifo_path(fifo_open_request& req) noexcept;
 /// Turns the open's result into an owned, validated descriptor, or throws the error with
 /// the path and what to change.
-unique_fd finish_fifo_open(const fifo_open_request& req, int res);
+IPCORO_API unique_fd finish_fifo_open(const fifo_open_request& req, int res);
 }  // namespace detail
 
 /// Opens a FIFO for reading (`End` = pipe_reader) or writing (`End` = pipe_writer) through
@@ -202,7 +203,7 @@ class fifo_server_reader {
 /// Neither open can wait, so this is a plain call. Throws std::system_error like
 /// `open_fifo_reader` (EINVAL for a path that is not a FIFO, ENOENT, EACCES —
 /// the server needs read and write permission — ENAMETOOLONG).
-[[nodiscard]] fifo_server_reader open_fifo_server_reader(const std::string& path);
+IPCORO_API [[nodiscard]] fifo_server_reader open_fifo_server_reader(const std::string& path);
 
 /// Writes one message of at most `fifo_message_max` (PIPE_BUF, 4096) bytes in a single
 /// write, which the kernel makes atomic on a pipe or FIFO: other writers' messages come
@@ -210,7 +211,7 @@ class fifo_server_reader {
 /// to take the whole message. A larger message is refused with EMSGSIZE before anything
 /// is written. Throws EPIPE when no process has the FIFO open for reading. `message` must
 /// stay valid until the operation completes.
-class [[nodiscard]] message_write_operation : public io_operation<message_write_operation> {
+class [[nodiscard]] IPCORO_API message_write_operation : public io_operation<message_write_operation> {
  public:
   message_write_operation(int fd, std::span<const std::byte> message) noexcept;
   void finish(int res) const;
@@ -241,7 +242,7 @@ class [[nodiscard]] message_write_operation : public io_operation<message_write_
 /// particular order (opening them one after the other in the same order on both sides
 /// would deadlock). A `timeout` above zero bounds each open (`timed_out`); a stop request
 /// cancels them. If either open fails, the other end is closed and the error rethrown.
-[[nodiscard]] task<duplex_pipe> open_fifo_duplex(
+IPCORO_API [[nodiscard]] task<duplex_pipe> open_fifo_duplex(
     std::string read_path, std::string write_path,
     std::chrono::milliseconds timeout = std::chrono::milliseconds::zero());
 

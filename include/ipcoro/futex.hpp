@@ -3,6 +3,7 @@
 // shared between processes or private to one.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/io_operation.hpp"
 
 #include <atomic>
@@ -44,7 +45,7 @@ enum class futex_wait_result : unsigned char {
 /// lost. So change the word first, then wake: the wait then ends with value_changed
 /// instead. A wake that futex_wake counted as reaching a waiter is never lost, on either
 /// path.
-class [[nodiscard]] futex_wait_operation : public io_operation<futex_wait_operation> {
+class [[nodiscard]] IPCORO_API futex_wait_operation : public io_operation<futex_wait_operation> {
  public:
   futex_wait_operation(std::atomic<std::uint32_t>& word, std::uint32_t expected, futex_scope scope,
                        std::chrono::nanoseconds timeout) noexcept;
@@ -91,7 +92,8 @@ template <class Rep, class Period>
 /// Wakes up to `count` waiters on `word` (FUTEX_WAKE, a syscall that never blocks) in any
 /// process, whether they wait through the ring or through the fallback. Returns the number
 /// woken.
-int futex_wake(std::atomic<std::uint32_t>& word, int count, futex_scope scope = futex_scope::shared) noexcept;
+IPCORO_API int futex_wake(std::atomic<std::uint32_t>& word, int count,
+                          futex_scope scope = futex_scope::shared) noexcept;
 
 /// True when futex waits on this thread go through the ring; false when the fallback is
 /// in use: the kernel lacks IORING_OP_FUTEX_WAIT (Linux 6.7), or the environment sets
@@ -100,6 +102,6 @@ int futex_wake(std::atomic<std::uint32_t>& word, int count, futex_scope scope = 
 /// parks each wait in a helper thread (futex_waitv, Linux 5.16, on the word and a control
 /// word) that hands the outcome to the waiting loop; helpers are reused, so a process has
 /// as many as it ever had waits parked at once.
-bool futex_waits_use_ring() noexcept;
+IPCORO_API bool futex_waits_use_ring() noexcept;
 
 }  // namespace ipcoro

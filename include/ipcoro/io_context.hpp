@@ -2,6 +2,7 @@
 // io_context: the per-thread io_uring event loop that resumes coroutines.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/version.hpp"
 
 #include <chrono>
@@ -42,7 +43,7 @@ struct ring_features {
 /// events, semaphores and mutexes end too. A detached task still suspended after that
 /// (on an awaitable that ignores cancellation) is reported on stderr and left alone:
 /// destroying a frame that something may still resume would be worse than leaking it.
-class io_context {
+class IPCORO_API io_context {
  public:
   struct options {
     unsigned entries = 256;   ///< submission queue size

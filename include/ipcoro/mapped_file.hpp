@@ -17,6 +17,7 @@
 #pragma once
 
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/region_layout.hpp"
 
 #include <sys/types.h>
@@ -30,7 +31,7 @@ namespace ipcoro {
 
 /// A file mapped MAP_SHARED: a validated header, then `payload()`. Move-only. The file is
 /// never removed by this class: it is meant to persist (remove it with std::filesystem).
-class mapped_file {
+class IPCORO_API mapped_file {
  public:
   mapped_file() noexcept = default;
   mapped_file(mapped_file&&) noexcept = default;

@@ -6,6 +6,7 @@
 #include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/wait_list.hpp"
 #include "ipcoro/event.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/io_operation.hpp"
 #include "ipcoro/task.hpp"
 
@@ -67,7 +68,7 @@ struct mq_labelled_view {
 };
 /// Splits a message sent with `send_labelled`; std::nullopt when it is shorter than the
 /// label header.
-std::optional<mq_labelled_view> mq_split_label(std::span<const std::byte> message) noexcept;
+IPCORO_API std::optional<mq_labelled_view> mq_split_label(std::span<const std::byte> message) noexcept;
 
 /// One message sent: tries `mq_send` on the non-blocking descriptor first and, when the
 /// queue is full, waits for POLLOUT through the ring and tries again (another sender may
@@ -75,7 +76,7 @@ std::optional<mq_labelled_view> mq_split_label(std::span<const std::byte> messag
 /// std::system_error naming the queue and the limit: EMSGSIZE for a message larger than
 /// the queue's message size, EINVAL for a priority not below mq_priority_max, EBADF on a
 /// read-only queue. Allocates nothing. The queue and the message stay alive until it completes.
-class [[nodiscard]] mq_send_operation : public io_operation<mq_send_operation> {
+class [[nodiscard]] IPCORO_API mq_send_operation : public io_operation<mq_send_operation> {
  public:
   mq_send_operation(const message_queue& queue, std::span<const std::byte> message,
                     unsigned priority) noexcept;
@@ -109,7 +110,7 @@ class [[nodiscard]] mq_send_operation : public io_operation<mq_send_operation> {
 /// naming the queue: EMSGSIZE when the buffer is smaller than the queue's message size,
 /// EBADF on a write-only queue. A cancelled or timed-out receive has taken no message.
 /// Allocates nothing. The queue and the buffer stay alive until it completes.
-class [[nodiscard]] mq_receive_operation : public io_operation<mq_receive_operation> {
+class [[nodiscard]] IPCORO_API mq_receive_operation : public io_operation<mq_receive_operation> {
  public:
   mq_receive_operation(const message_queue& queue, std::span<std::byte> buffer) noexcept;
   mq_message finish(int res) const;
@@ -132,8 +133,8 @@ class [[nodiscard]] mq_receive_operation : public io_operation<mq_receive_operat
 /// their boundaries and come out highest priority first, oldest first within a priority.
 /// Move-only; operations in flight point at it, so it must stay in place until they
 /// complete. A queue obtained from `create` owns its name: its destructor, in the process
-/// that created it, unlinks the name (see `disown`). Use it from one thread.
-class message_queue {
+/// that created it, unlinks the name (see `release_name`). Use it from one thread.
+class IPCORO_API message_queue {
  public:
   message_queue() noexcept = default;
   message_queue(message_queue&& other) noexcept;
@@ -186,7 +187,7 @@ class message_queue {
   /// True when the destructor will unlink the name.
   bool owns_name() const noexcept { return owner_pid_ != 0; }
   /// Keeps the name in the system when this object goes away.
-  void disown() noexcept { owner_pid_ = 0; }
+  void release_name() noexcept { owner_pid_ = 0; }
   /// Closes the descriptor (and unlinks the name if this object owns it).
   void close() noexcept;
 
@@ -210,7 +211,7 @@ class message_queue {
 class mq_demux;
 
 /// A consumer's wait for the next message of one label; see mq_demux::receive.
-class [[nodiscard]] mq_demux_receive_operation
+class [[nodiscard]] IPCORO_API mq_demux_receive_operation
     : detail::waiter,
       public detail::timer_bounded<mq_demux_receive_operation, std::optional<mq_message>> {
  public:
@@ -259,7 +260,7 @@ class [[nodiscard]] mq_demux_receive_operation
 /// below `labels` ends the pump with std::system_error(EBADMSG) naming it (that message
 /// is dropped, loudly). Steady state allocates nothing. Use from one thread; the queue
 /// must outlive the demux, and run() and every consumer must end before it is destroyed.
-class mq_demux {
+class IPCORO_API mq_demux {
  public:
   /// Routes labels 0 .. labels-1. Allocates `max_held` slots of one message size. Throws
   /// std::invalid_argument when `labels` or `max_held` is 0 or the queue's message size

@@ -3,6 +3,7 @@
 // full-duplex pair built from two of them.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/sigpipe.hpp"
 #include "ipcoro/unique_fd.hpp"
@@ -75,17 +76,17 @@ struct pipe_pair {
 
 /// Creates a pipe (pipe2 with O_CLOEXEC). Throws std::system_error naming the limit hit:
 /// EMFILE/ENFILE (descriptors), or a capacity above /proc/sys/fs/pipe-max-size.
-[[nodiscard]] pipe_pair make_pipe(const pipe_options& opts = {});
+IPCORO_API [[nodiscard]] pipe_pair make_pipe(const pipe_options& opts = {});
 
 /// The buffer size of the pipe behind `fd` (F_GETPIPE_SZ).
-std::size_t pipe_capacity(int fd);
+IPCORO_API std::size_t pipe_capacity(int fd);
 /// Sets the buffer size of the pipe behind `fd` and returns the size granted (the kernel
 /// rounds up). Throws std::system_error that names /proc/sys/fs/pipe-max-size and its value
 /// when `bytes` is above it, and /proc/sys/fs/pipe-user-pages-soft when this user's pipes
 /// already use too much memory.
-std::size_t set_pipe_capacity(int fd, std::size_t bytes);
+IPCORO_API std::size_t set_pipe_capacity(int fd, std::size_t bytes);
 /// The system-wide limit from /proc/sys/fs/pipe-max-size.
-std::size_t pipe_max_size();
+IPCORO_API std::size_t pipe_max_size();
 
 /// One end of a full-duplex channel made of two pipes: it reads what the other end
 /// writes and writes what the other end reads. Pipes are one-way; this is the classic
@@ -123,6 +124,6 @@ struct duplex_pair {
 };
 
 /// Two connected duplex ends, from two pipes.
-[[nodiscard]] duplex_pair make_duplex_pipe(const pipe_options& opts = {});
+IPCORO_API [[nodiscard]] duplex_pair make_duplex_pipe(const pipe_options& opts = {});
 
 }  // namespace ipcoro

@@ -4,6 +4,7 @@
 
 #include "ipcoro/channel.hpp"
 #include "ipcoro/codec.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/process.hpp"
 #include "ipcoro/sync_wait.hpp"
@@ -23,7 +24,7 @@ namespace ipcoro {
 
 /// A pipeline stopped because a stage failed or died. what() names the stage, its pid and
 /// what happened (its exception's message, or the signal that killed it).
-class pipeline_error : public std::runtime_error {
+class IPCORO_API pipeline_error : public std::runtime_error {
  public:
   pipeline_error(std::string stage, const std::string& what)
       : std::runtime_error(what), stage_(std::move(stage)) {}
@@ -135,7 +136,7 @@ class pipeline_builder {
 /// (channel_closed) counts as finished, as `yes | head` does in a shell; once a stage has
 /// finished, the stages before it get 2 seconds to end on their own before they are
 /// stopped (a producer busy with something else cannot learn that nobody reads).
-class pipeline {
+class IPCORO_API pipeline {
  public:
   /// Starts a pipeline with a stage that writes T: `body(channel_sender<T>&)` returning
   /// task<void>.

@@ -2,6 +2,7 @@
 // Child processes: fork a function or exec a program, wire descriptors in, await the exit through a pidfd.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/task.hpp"
 
 #include <signal.h>
@@ -17,7 +18,7 @@
 namespace ipcoro {
 
 /// How a child process ended.
-struct exit_status {
+struct IPCORO_API exit_status {
   int code = 0;    ///< exit code when exited normally
   int signal = 0;  ///< terminating signal, 0 when exited normally
   bool core_dumped = false;
@@ -58,13 +59,13 @@ struct process_options {
 /// True when process waits on this thread go through IORING_OP_WAITID (Linux 6.7); false
 /// when they poll the pidfd instead: the kernel lacks the opcode, or the environment sets
 /// IPCORO_WAITID_FALLBACK to anything but "" or "0" (read at every wait).
-bool process_waits_use_ring() noexcept;
+IPCORO_API bool process_waits_use_ring() noexcept;
 
 /// A child process, owned: move-only. Unless detached, the destructor makes sure the
 /// child is neither left running nor left a zombie (SIGKILL, then reap). A copy that a
 /// forked child inherits never signals, waits for or kills the child it names: only the
 /// process that spawned it does. See docs/processes.md.
-class process {
+class IPCORO_API process {
  public:
   process() noexcept;
   process(process&& other) noexcept;
@@ -85,7 +86,7 @@ class process {
   /// `close_other_fds` and `working_directory` do not apply. Throws std::system_error
   /// (EAGAIN: process limit, EMFILE: no descriptor for the pidfd; ECHILD when SIGCHLD is
   /// ignored, which makes children unwaitable) and std::invalid_argument for bad `fds`.
-  [[nodiscard]] static process fork(std::function<int()> body, const process_options& opts = {});
+  [[nodiscard]] static process fork(const std::function<int()>& body, const process_options& opts = {});
 
   /// Starts a child (clone3 with CLONE_VFORK | CLONE_PIDFD; fork where clone3 is filtered)
   /// that runs execvp(program, [program, args...]). Returns once the child has exec'd or

@@ -8,14 +8,14 @@
 //    is a cheap handle onto it.
 //  - Locking: `auto guard = co_await m.lock();`. Uncontended, that is one compare-and-swap
 //    and no suspension. Contended, the waiter spins briefly, then parks with a futex wait
-//    whose timeout (options::liveness_check) makes it look at the holder now and then.
+//    whose timeout (options::liveness_check_interval) makes it look at the holder now and then.
 //    `lock().with_timeout(d)` throws timed_out after `d`; a stop request throws
 //    operation_cancelled.
 //  - The holder's pid is the lock word itself, and its start time and boot are recorded
 //    next to it, so a waiter can tell that the holder died (even if its pid was reused)
 //    and take the lock over: `guard.took_over()` is then true, and `guard.inconsistent()`
 //    stays true for every later holder until one repairs the data and calls
-//    `guard.mark_consistent()`. The death is noticed within one liveness_check.
+//    `guard.mark_consistent()`. The death is noticed within one liveness_check_interval.
 //  - The lock belongs to a process, not to a coroutine: coroutines of one process take
 //    turns like coroutines of different processes, and any of them may unlock a guard.
 //    All processes must share one pid namespace.
@@ -24,6 +24,7 @@
 
 #include "ipcoro/codec.hpp"
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/futex.hpp"
 #include "ipcoro/shm_segment.hpp"
 #include "ipcoro/task.hpp"
@@ -61,14 +62,14 @@ static_assert(sizeof(process_mutex_state) == 64);
 struct process_mutex_options {
   /// How long a waiter sleeps before it checks that the holder still runs: the longest a
   /// dead holder keeps the lock.
-  std::chrono::milliseconds liveness_check{50};
+  std::chrono::milliseconds liveness_check_interval{50};
   /// Times a contended lock re-reads the word before parking (a holder is often about to
   /// release it, and parking costs a sleep and a wake of tens of microseconds).
   unsigned spin = 100;
 };
 
 /// Holds a process_mutex until destroyed or unlock()ed. Move-only.
-class [[nodiscard]] process_mutex_guard {
+class [[nodiscard]] IPCORO_API process_mutex_guard {
  public:
   process_mutex_guard() noexcept = default;
   process_mutex_guard(process_mutex_guard&& other) noexcept
@@ -120,7 +121,7 @@ class [[nodiscard]] process_mutex_guard {
 /// runs on a pooled frame and parks with futex waits. `.with_timeout(d)` /
 /// `.with_deadline(t)` bound the wait (timed_out, without the lock); a stop request of the
 /// awaiting task gives operation_cancelled.
-class [[nodiscard]] process_mutex_lock_operation
+class [[nodiscard]] IPCORO_API process_mutex_lock_operation
     : public detail::deadline_methods<process_mutex_lock_operation> {
  public:
   process_mutex_lock_operation(process_mutex_state& state, const process_mutex_options& opts) noexcept
@@ -150,7 +151,7 @@ class [[nodiscard]] process_mutex_lock_operation
 
 /// A handle onto a process_mutex_state in shared memory. Cheap to copy; the memory must
 /// stay mapped while the handle, its guards and its lock operations are in use.
-class process_mutex {
+class IPCORO_API process_mutex {
  public:
   using options = process_mutex_options;
 

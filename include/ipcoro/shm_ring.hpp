@@ -4,6 +4,7 @@
 
 #include "ipcoro/detail/op_deadline.hpp"
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/task.hpp"
 
 #include <sys/types.h>
@@ -72,7 +73,7 @@
 // the operation's own timeout (`with_timeout`, `with_deadline`: ipcoro::timed_out, as for
 // every awaitable; a timeout counts from when the operation first has to wait), by
 // cancellation through the awaiting task's stop token (ipcoro::operation_cancelled), or by
-// the peer's death: a sleeper wakes every `peer_check_interval`, checks the processes
+// the peer's death: a sleeper wakes every `liveness_check_interval`, checks the processes
 // recorded for the other side (alive, not a zombie, same start time, so a reused pid is
 // not mistaken for them) and throws ipcoro::peer_died once they are all gone.
 //
@@ -100,7 +101,7 @@ namespace ipcoro {
 
 /// Thrown by a wait on a ring whose peer process died without closing: the sender of an
 /// SPSC ring, or every sender (receiver) of an MPMC ring. Carries ECONNRESET.
-class peer_died : public std::system_error {
+class IPCORO_API peer_died : public std::system_error {
  public:
   peer_died(pid_t pid, const std::string& what);
   /// The pid the dead peer had; 0 when no peer ever attached and none can any more
@@ -120,7 +121,7 @@ struct ring_options {
   /// a streaming receiver from sleeping (and its sender from waking it) between messages.
   std::chrono::nanoseconds spin{std::chrono::microseconds(2)};
   /// How often a sleeping waiter wakes to check that its peer is still alive.
-  std::chrono::milliseconds peer_check_interval{100};
+  std::chrono::milliseconds liveness_check_interval{100};
   /// Receivers of an SPSC ring: false (default) frees each message's space as it is
   /// received; true keeps received messages in the ring until ack(), so that a receiver
   /// restarted after a crash gets the unacknowledged ones again. The sender can then
@@ -158,10 +159,10 @@ inline constexpr std::size_t mpmc_ring_max_message = std::size_t{1} << 30;
 
 /// Region size for an SPSC ring with `capacity` data bytes (rounded up to a power of two,
 /// at least 4096, at most spsc_ring_max_capacity).
-std::size_t spsc_ring_region_size(std::size_t capacity) noexcept;
+IPCORO_API std::size_t spsc_ring_region_size(std::size_t capacity) noexcept;
 /// Region size for an MPMC ring with `slots` slots (rounded up to a power of two) of
 /// messages of up to `max_message` bytes.
-std::size_t mpmc_ring_region_size(std::size_t slots, std::size_t max_message) noexcept;
+IPCORO_API std::size_t mpmc_ring_region_size(std::size_t slots, std::size_t max_message) noexcept;
 
 /// Type tags and layout version for a shm_segment or mapped_file that holds a ring.
 inline constexpr std::uint32_t spsc_ring_type_tag = 0x43535053;  // "SPSC"
@@ -183,10 +184,10 @@ inline region_layout mpmc_ring_layout(std::size_t slots, std::size_t max_message
 /// least ring_header_size + 4096 bytes; throws std::system_error(EINVAL) otherwise. Do it
 /// once, before any process attaches (e.g. before fork(), or right after creating the
 /// segment); the magic number is written last.
-void format_spsc_ring(std::span<std::byte> region);
+IPCORO_API void format_spsc_ring(std::span<std::byte> region);
 /// Writes an empty MPMC ring into `region`: slots for messages of up to `max_message`
 /// bytes, as many as fit (a power of two, at least 2). Same requirements as above.
-void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message);
+IPCORO_API void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message);
 
 namespace detail {
 class ring_endpoint;
@@ -200,7 +201,7 @@ class ring_endpoint;
 /// live until the co_await returns. `.with_timeout(d)` / `.with_deadline(t)` bound the
 /// wait: timed_out, and nothing is sent then. A timeout counts from when the send first has
 /// to wait, so a send that completes at once reads no clock.
-class [[nodiscard]] ring_send_operation : public detail::deadline_methods<ring_send_operation> {
+class [[nodiscard]] IPCORO_API ring_send_operation : public detail::deadline_methods<ring_send_operation> {
  public:
   ring_send_operation(detail::ring_endpoint* endpoint, std::span<const std::byte> message) noexcept
       : endpoint_(endpoint), message_(message) {}
@@ -229,7 +230,8 @@ class [[nodiscard]] ring_send_operation : public detail::deadline_methods<ring_s
 /// drained; timed_out / operation_cancelled. `.with_timeout(d)` / `.with_deadline(t)`
 /// bound the wait: timed_out, and no message is taken then. A timeout counts from when the
 /// receive first has to wait, so a receive that completes at once reads no clock.
-class [[nodiscard]] ring_receive_operation : public detail::deadline_methods<ring_receive_operation> {
+class [[nodiscard]] IPCORO_API ring_receive_operation
+    : public detail::deadline_methods<ring_receive_operation> {
  public:
   ring_receive_operation(detail::ring_endpoint* endpoint, std::span<std::byte> buffer) noexcept
       : endpoint_(endpoint), buffer_(buffer) {}
@@ -262,7 +264,7 @@ enum class ring_role : unsigned char { sender, receiver };
 /// say what each end does when it goes. Move-only; keep the region mapped while it exists,
 /// and do not move or destroy it while one of its operations is in flight.
 template <ring_kind Kind, ring_role Role>
-class basic_ring_end {
+class IPCORO_API basic_ring_end {
   static constexpr bool spsc = Kind == ring_kind::spsc;
   static constexpr bool sender = Role == ring_role::sender;
 
@@ -280,7 +282,7 @@ class basic_ring_end {
   /// SPSC: close()s this end first. MPMC: detaches it first.
   basic_ring_end& operator=(basic_ring_end&&) noexcept;
   /// SPSC sender: close(); but when destroyed by an exception unwinding the stack,
-  /// abandon(), so that a producer that fails never marks a persistent ring as finished.
+  /// abort(), so that a producer that fails never marks a persistent ring as finished.
   /// SPSC receiver: close(). MPMC: detaches (does not close the ring: others may go on).
   ~basic_ring_end();
 
@@ -324,7 +326,7 @@ class basic_ring_end {
   /// process has exited (no other sender can attach until then). MPMC: like detach(), but
   /// the ring keeps this process's record, so receivers get peer_died once every sender,
   /// this process among them, has died. The endpoint becomes empty.
-  void abandon() noexcept requires sender { abandon_end(); }
+  void abort() noexcept requires sender { abort_end(); }
   /// MPMC receiver: leaves the ring as a receiver that is done: detaches, and when no
   /// other receiver is recorded (alive or dead), closes the receiving side, as an SPSC
   /// receiver's close() does: sends fail with EPIPE, and senders waiting for room wake with
@@ -344,7 +346,7 @@ class basic_ring_end {
   void ack_all() noexcept;
   std::uint64_t read_position() const noexcept;
   void ack_through(std::uint64_t position) noexcept;
-  void abandon_end() noexcept;
+  void abort_end() noexcept;
   void leave_end() noexcept;
 
   std::unique_ptr<detail::ring_endpoint> endpoint_;

@@ -24,6 +24,7 @@
 #pragma once
 
 #include "ipcoro/detail/region.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/region_layout.hpp"
 
 #include <sys/types.h>
@@ -36,7 +37,7 @@
 namespace ipcoro {
 
 /// A mapped shared memory segment: a validated header, then `payload()`. Move-only.
-class shm_segment {
+class IPCORO_API shm_segment {
  public:
   struct options {
     unsigned mode = 0600;  ///< permission bits, at most 0777, applied exactly
@@ -80,7 +81,7 @@ class shm_segment {
   }
   /// Removes the segment `name` if it exists (shm_unlink); returns whether it did. For
   /// cleanup by name; processes that have it mapped keep their mapping.
-  static bool remove(const std::string& name);
+  static bool unlink(const std::string& name);
 
   /// The payload: 64-byte aligned, `layout().payload_size` bytes, zeroed at creation.
   std::span<std::byte> payload() const noexcept { return region_.payload(); }

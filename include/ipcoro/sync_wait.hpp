@@ -4,6 +4,7 @@
 
 #include "ipcoro/detail/group.hpp"
 #include "ipcoro/detail/root_task.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/task.hpp"
 
@@ -17,7 +18,7 @@ namespace detail {
 /// Runs `ctx` until `done`. If the loop throws (a detached task failed, or a deadlock),
 /// stops the task through `source` and keeps the loop turning until it has unwound, so
 /// that nothing the kernel may still write to is freed, then rethrows the first error.
-void drive(io_context& ctx, const bool& done, std::stop_source& source);
+IPCORO_API void drive(io_context& ctx, const bool& done, std::stop_source& source);
 
 template <class T>
 root_task run_sync(task<T> t, std::optional<value_or_monostate<T>>& value, std::exception_ptr& error) {

@@ -4,6 +4,7 @@
 
 #include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/detail/op_deadline.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/version.hpp"
 
 #include <chrono>
@@ -90,7 +91,7 @@ struct [[nodiscard]] stop_requested_awaiter {
 template <class T>
 struct deadline_runner;
 
-class task_promise_base {
+class IPCORO_API task_promise_base {
  public:
   struct final_awaiter {
     bool await_ready() const noexcept { return false; }
@@ -166,7 +167,8 @@ class task_promise : public task_promise_base {
   using stored = std::conditional_t<std::is_reference_v<T>, std::add_pointer_t<T>, T>;
 
  public:
-  task_promise() noexcept {}
+  // Not `= default`: that is deleted, as value_ is a union member with a non-trivial type.
+  task_promise() noexcept {}  // NOLINT(modernize-use-equals-default)
   task_promise(const task_promise&) = delete;
   task_promise& operator=(const task_promise&) = delete;
   ~task_promise() {

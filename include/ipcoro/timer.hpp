@@ -2,6 +2,7 @@
 // sleep_for / sleep_until: timers on the io_uring loop.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/io_operation.hpp"
 
 #include <chrono>
@@ -9,7 +10,7 @@
 namespace ipcoro {
 
 /// Suspends the awaiting coroutine until a CLOCK_MONOTONIC instant (IORING_OP_TIMEOUT).
-class [[nodiscard]] timer_operation : public io_operation<timer_operation> {
+class [[nodiscard]] IPCORO_API timer_operation : public io_operation<timer_operation> {
  public:
   explicit timer_operation(std::chrono::steady_clock::time_point when) noexcept;
   void finish(int res) const;

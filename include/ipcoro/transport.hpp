@@ -4,6 +4,7 @@
 
 #include "ipcoro/channel_address.hpp"
 #include "ipcoro/detail/channel_port.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/task.hpp"
 
 #include <concepts>
@@ -67,7 +68,7 @@ concept message_receiving_transport = requires(T& t, const T& c, std::span<std::
 namespace detail {
 /// The two ends of a link, made before fork: each is taken once, in any process that
 /// holds a copy of the link.
-class link_ends {
+class IPCORO_API link_ends {
  public:
   link_ends() = default;
   link_ends(const link_ends&) = delete;
@@ -123,15 +124,15 @@ struct channel_scheme {
 };
 
 /// Every scheme, in the order addresses list them.
-std::span<const channel_scheme* const> channel_schemes() noexcept;
+IPCORO_API std::span<const channel_scheme* const> channel_schemes() noexcept;
 /// The row of `name` ("fifo"), or nullptr.
-const channel_scheme* find_channel_scheme(std::string_view name) noexcept;
+IPCORO_API const channel_scheme* find_channel_scheme(std::string_view name) noexcept;
 
 /// The addresses of every channel whose receiver has made it and that exists now, for the
 /// schemes that can be listed (`mq:` and `shm:`; FIFOs and files can be anywhere).
-std::vector<std::string> list_channels();
+IPCORO_API std::vector<std::string> list_channels();
 /// One line on the channel at `address`; throws bad_channel_address for a bad address, and
 /// std::system_error naming it when there is nothing there.
-std::string inspect_channel(std::string_view address);
+IPCORO_API std::string inspect_channel(std::string_view address);
 
 }  // namespace ipcoro

@@ -2,12 +2,14 @@
 // An owned file descriptor that closes itself.
 #pragma once
 
+#include "ipcoro/export.hpp"
+
 #include <utility>
 
 namespace ipcoro {
 
 /// Owns one file descriptor and closes it on destruction. Move-only.
-class unique_fd {
+class IPCORO_API unique_fd {
  public:
   unique_fd() noexcept = default;
   explicit unique_fd(int fd) noexcept : fd_(fd) {}

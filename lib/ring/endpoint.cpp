@@ -22,8 +22,8 @@ namespace detail {
 ring_endpoint::ring_endpoint(std::span<std::byte> region, std::uint32_t kind, std::uint32_t role,
                              const ring_options& options)
     : ring_protocol(region, kind, role, options.manual_ack), options_(options), spin_budget_(options.spin) {
-  if (options_.peer_check_interval <= std::chrono::milliseconds::zero()) {
-    options_.peer_check_interval = std::chrono::milliseconds(1);
+  if (options_.liveness_check_interval <= std::chrono::milliseconds::zero()) {
+    options_.liveness_check_interval = std::chrono::milliseconds(1);
   }
   attach();
 }
@@ -260,7 +260,7 @@ template <ring_kind Kind, ring_role Role>
 basic_ring_end<Kind, Role>::~basic_ring_end() {
   if constexpr (spsc && sender) {
     if (std::uncaught_exceptions() > uncaught_) {
-      abandon();
+      abort();
     } else {
       close();
     }
@@ -299,9 +299,9 @@ void basic_ring_end<Kind, Role>::detach() noexcept {
 }
 
 template <ring_kind Kind, ring_role Role>
-void basic_ring_end<Kind, Role>::abandon_end() noexcept {
+void basic_ring_end<Kind, Role>::abort_end() noexcept {
   if (!endpoint_) return;
-  endpoint_->abandon();
+  endpoint_->abort();
   endpoint_.reset();
 }
 

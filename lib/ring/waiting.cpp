@@ -20,7 +20,7 @@ namespace ipcoro::detail {
 namespace {
 
 // The room a spinning SPSC sender waits for once the ring was full (at most a quarter of it).
-constexpr std::uint64_t spin_batch_bytes = 32 * 1024;
+constexpr std::uint64_t spin_batch_bytes = std::uint64_t{32} * 1024;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -227,7 +227,7 @@ task<> ring_endpoint::sleep_on(pooled_frame, event_count& ev, clock::time_point 
     if (dead != 0) throw_peer_died(dead, waiting);
     const auto now = clock::now();
     if (now >= deadline) throw timed_out{};
-    const auto wait = std::min<std::chrono::nanoseconds>(options_.peer_check_interval, deadline - now);
+    const auto wait = std::min<std::chrono::nanoseconds>(options_.liveness_check_interval, deadline - now);
     if (co_await futex_wait(ev.seq, key, wait) == futex_wait_result::timed_out && watch_peer) {
       dead = dead_peer();
     }

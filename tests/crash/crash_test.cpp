@@ -49,7 +49,7 @@ using steady = std::chrono::steady_clock;
 // ---- settings ----
 
 /// How long a peer's death may take to be seen: the check interval of rings and queues
-/// (ring_options::peer_check_interval) plus slack for a loaded machine (IPCORO_CRASH_SLACK_MS).
+/// (ring_options::liveness_check_interval) plus slack for a loaded machine (IPCORO_CRASH_SLACK_MS).
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 constexpr int default_slack_ms = 4000;  // sanitized builds run several times slower
 #else
@@ -57,7 +57,7 @@ constexpr int default_slack_ms = 1500;
 #endif
 
 std::chrono::milliseconds bound() {
-  return ipcoro::ring_options{}.peer_check_interval +
+  return ipcoro::ring_options{}.liveness_check_interval +
          std::chrono::milliseconds(env_int("IPCORO_CRASH_SLACK_MS", default_slack_ms));
 }
 /// The longest a step before the kill (a fork, an open) may take before the trial fails.

@@ -4,6 +4,7 @@
 
 #include "ipcoro/codec.hpp"
 #include "ipcoro/detail/frame_pool.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/mutex.hpp"
 #include "ipcoro/task.hpp"
 
@@ -40,7 +41,7 @@ enum class port_exit : unsigned char { close, detach, abort };
 /// so leaving while another coroutine waits never frees what that coroutine uses: the
 /// wait is cancelled through the port's stop source, and the transport is finished once
 /// the operation has returned.
-class port_base {
+class IPCORO_API port_base {
  public:
   explicit port_base(std::string address) : address_(std::move(address)) {}
   port_base(const port_base&) = delete;
@@ -101,7 +102,7 @@ class port_base {
 /// follows the awaiting coroutine's own stop token, so a caller's cancellation still
 /// works. A task that completes without suspending touches no stop machinery beyond the
 /// token copy every task makes.
-class port_wait {
+class IPCORO_API port_wait {
  public:
   port_wait(const port_wait&) = delete;
   port_wait& operator=(const port_wait&) = delete;
@@ -147,7 +148,7 @@ class port_wait {
 /// The sending end of a transport. One message at a time: prepare() hands out space for
 /// the payload, send_prepared() sends it. Callers serialise through `lock` and hold an
 /// in_flight while they use the end.
-class send_port : public port_base {
+class IPCORO_API send_port : public port_base {
  public:
   using port_base::port_base;
 
@@ -187,7 +188,7 @@ class send_port : public port_base {
 
 /// The receiving end of a transport. next() makes the next data message current (checking
 /// greetings on the way) or reports the end of the stream; consume() moves past it.
-class receive_port : public port_base {
+class IPCORO_API receive_port : public port_base {
  public:
   using port_base::port_base;
 

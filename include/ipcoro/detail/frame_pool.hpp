@@ -2,6 +2,8 @@
 // frame_pool: per-thread recycling of coroutine frames for coroutines that opt in.
 #pragma once
 
+#include "ipcoro/export.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <new>
@@ -61,11 +63,11 @@ struct slot {
   lists* current;
   bool gone;
 };
-[[gnu::tls_model("initial-exec")]] extern constinit thread_local slot tls;
+[[gnu::tls_model("initial-exec")]] IPCORO_API extern constinit thread_local slot tls;
 
 /// The slow paths: the first use in a thread, an empty list, a full list, unpooled sizes.
-void* allocate_slow(std::size_t size, bool pooled);
-void deallocate_slow(void* block, std::uint32_t size_class) noexcept;
+IPCORO_API void* allocate_slow(std::size_t size, bool pooled);
+IPCORO_API void deallocate_slow(void* block, std::uint32_t size_class) noexcept;
 
 }  // namespace frame_pool
 
@@ -107,6 +109,6 @@ inline void deallocate_frame(void* frame) noexcept {
 }
 
 /// Blocks the calling thread's pool holds for reuse (for tests).
-std::size_t pooled_frames() noexcept;
+IPCORO_API std::size_t pooled_frames() noexcept;
 
 }  // namespace ipcoro::detail

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "ipcoro/detail/root_task.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/version.hpp"
 
 #include <coroutine>
@@ -27,7 +28,7 @@ using value_or_monostate = std::conditional_t<
 
 /// Children run under the group's stop token, which also follows the owner's token. The
 /// owner must outlive every child: it awaits `join()` before leaving.
-class group_state {
+class IPCORO_API group_state {
  public:
   group_state() = default;
   group_state(const group_state&) = delete;
@@ -46,7 +47,7 @@ class group_state {
 
   /// Records how a child (or a scope's body) failed. A real error stops the siblings;
   /// operation_cancelled is kept apart, since stopping the siblings produces it.
-  void record_failure(std::exception_ptr e) noexcept;
+  void record_failure(const std::exception_ptr& e) noexcept;
   /// The first child to finish claims the win (when_any); later ones return false.
   bool claim(std::size_t index) noexcept {
     if (winner_ != no_winner) return false;

@@ -2,6 +2,7 @@
 // The state every io_uring operation keeps inside its awaiter (so inside the coroutine frame).
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/version.hpp"
 
 #include <linux/time_types.h>
@@ -80,7 +81,7 @@ class op_base {
 };
 
 /// The non-template half of every awaitable operation: starting, cancelling, finishing.
-class op_awaiter_base : public op_base {
+class IPCORO_API op_awaiter_base : public op_base {
  public:
   using op_base::op_base;
 

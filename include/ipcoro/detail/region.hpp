@@ -3,6 +3,7 @@
 // survive pid reuse, and bounds-checked access to memory another process can write.
 #pragma once
 
+#include "ipcoro/export.hpp"
 #include "ipcoro/region_layout.hpp"
 
 #include <sys/types.h>
@@ -61,7 +62,7 @@ struct region_origin {
 };
 
 /// An owned MAP_SHARED mapping of a whole region (header + payload). Move-only.
-class mapped_region {
+class IPCORO_API mapped_region {
  public:
   mapped_region() noexcept = default;
   mapped_region(mapped_region&& other) noexcept;
@@ -101,9 +102,9 @@ class mapped_region {
   std::size_t payload_size_ = 0;
 };
 
-[[noreturn]] void throw_out_of_bounds(const char* what, std::uint64_t offset, std::uint64_t length,
-                                      std::size_t size);
-[[noreturn]] void throw_misaligned(const char* what, std::uint64_t offset, std::size_t alignment);
+IPCORO_API [[noreturn]] void throw_out_of_bounds(const char* what, std::uint64_t offset, std::uint64_t length,
+                                                 std::size_t size);
+IPCORO_API [[noreturn]] void throw_misaligned(const char* what, std::uint64_t offset, std::size_t alignment);
 
 /// Throws std::system_error(EBADMSG) naming `what` unless [offset, offset + length) lies
 /// inside `region`. For offsets and lengths read from memory another process can write.

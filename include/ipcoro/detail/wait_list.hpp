@@ -4,6 +4,7 @@
 
 #include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/detail/op_base.hpp"
+#include "ipcoro/export.hpp"
 #include "ipcoro/task.hpp"
 
 #include <coroutine>
@@ -16,7 +17,7 @@ class wait_list;
 
 /// One coroutine waiting in a wait_list; lives in the awaiter (no allocation). A stop
 /// request unlinks it and resumes it with operation_cancelled; a grant that came first wins.
-class waiter : public ready_node {
+class IPCORO_API waiter : public ready_node {
  public:
   waiter() = default;
   waiter(const waiter&) = delete;
@@ -34,7 +35,7 @@ class waiter : public ready_node {
     waiter* self;
     void operator()() const noexcept;
   };
-  static void cancel_on_loop(void* self) noexcept;
+  static void cancel_on_loop(void* arg) noexcept;
 
   waiter* prev_ = nullptr;
   waiter* next_ = nullptr;
@@ -45,7 +46,7 @@ class waiter : public ready_node {
   std::optional<std::stop_callback<canceller>> stop_callback_;
 };
 
-class wait_list {
+class IPCORO_API wait_list {
  public:
   bool empty() const noexcept { return waiters_.empty(); }
   /// Unlinks the oldest waiter and schedules it on this thread's io_context.
