@@ -171,8 +171,8 @@ channel_address channel_address::parse(std::string_view address) {
 }
 
 int channel_address::fd() const {
-  if (find_channel_scheme(scheme) == nullptr ||
-      find_channel_scheme(scheme)->name_form != address_name::number) {
+  const channel_scheme* s = find_channel_scheme(scheme);
+  if (s == nullptr || s->name_form != address_name::number) {
     throw std::logic_error("channel_address::fd: not an fd: address");
   }
   return std::stoi(name);
