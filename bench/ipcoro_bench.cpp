@@ -6,6 +6,7 @@
 //
 // Usage: ipcoro-bench [--quick] [--iterations N] [--transport pipe,fifo,mq,shm,file,inproc]
 //                     [--pin | --same-core] [--json FILE] [--plot FILE.png]
+#include "bench_loops.hpp"
 #include "bench_report.hpp"
 #include "bench_support.hpp"
 #include "counting_new.hpp"
@@ -47,7 +48,6 @@ using namespace ipcoro::bench;
 using namespace std::chrono_literals;
 using ipcoro::task;
 
-constexpr std::size_t rtt_size = 64;
 constexpr std::array<std::size_t, 3> tput_sizes{64, 1024, 64 * 1024};
 // Busy polling and ring spinning spend up to this long checking before they sleep.
 constexpr std::chrono::microseconds busy_poll_budget{200};
@@ -79,13 +79,20 @@ std::string unique_name(std::string_view what) {
 
 // ---- the watchdog: a measurement that hangs ends the program with its name ----
 
+// Either way out removes the names the run still owns (segments, queues, FIFOs, files).
 char watchdog_label[160];
 void on_alarm(int) {
   const char prefix[] = "ipcoro-bench: timed out in ";
   [[maybe_unused]] ssize_t n = ::write(2, prefix, sizeof prefix - 1);
   n = ::write(2, watchdog_label, std::strlen(watchdog_label));
   n = ::write(2, "\n", 1);
+  remove_owned_names();
   ::_exit(1);
+}
+void on_terminate(int sig) {
+  remove_owned_names();
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
 }
 struct watchdog {
   watchdog(const std::string& label, unsigned seconds) {
@@ -148,61 +155,8 @@ struct raw_mq_end {
   }
 };
 
-template <class E>
-void sync_echo(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    e.receive(buf);
-    e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-void sync_ping(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w,
-               std::vector<double>& rtt) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup; ++i) {
-    e.send(buf);
-    e.receive(buf);
-  }
-  w.start();
-  for (std::size_t i = 0; i < n; ++i) {
-    const auto t0 = clock_type::now();
-    e.send(buf);
-    e.receive(buf);
-    rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
-  }
-  w.stop();
-}
-
-template <class E>
-void sync_produce(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size, std::byte{0x5a});
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-void sync_consume(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    e.receive(buf);
-  }
-  w.stop();
-}
-
 // ---- ipcoro endpoints: the same loops as coroutines on an io_context ----
 
-void expect(bool ok, const char* what) {
-  if (!ok) throw std::runtime_error(what);
-}
-void check_received(std::size_t n, std::size_t size) { expect(n == size, "short read: end of stream"); }
 void check_received(const ipcoro::mq_message& m, std::size_t size) {
   expect(m.size == size, "short message");
 }
@@ -318,54 +272,6 @@ struct asio_fd_end {
   }
 };
 
-template <class E>
-asio::awaitable<void> asio_echo(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    const std::size_t got = co_await e.receive(buf);
-    check_received(got, size);
-    co_await e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-asio::awaitable<void> asio_ping(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w,
-                                std::vector<double>& rtt) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    const auto t0 = clock_type::now();
-    co_await e.send(buf);
-    const std::size_t got = co_await e.receive(buf);
-    check_received(got, size);
-    if (i >= warmup) rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
-  }
-  w.stop();
-}
-
-template <class E>
-asio::awaitable<void> asio_produce(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size, std::byte{0x5a});
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    co_await e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-asio::awaitable<void> asio_consume(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    const std::size_t got = co_await e.receive(buf);
-    check_received(got, size);
-  }
-  w.stop();
-}
-
 /// Runs `make(end)` to completion on a fresh single-threaded Asio io_context; rethrows.
 template <class Make>
 void run_asio(int in_fd, int out_fd, Make make) {
@@ -432,15 +338,17 @@ task<void> chan_consume(ipcoro::channel_receiver<blob<N>>& rx, std::size_t warmu
   w.stop();
 }
 
-/// Removes what a channel address may have left behind (the link should have removed it).
-void remove_leftovers(const std::string& address) {
+/// The name a channel address creates, owned so that it is removed even if the link is not
+/// (the link should remove it itself); empty for pipes.
+owned_name owned_name_of(const std::string& address) {
   const auto colon = address.find(':');
   const auto query = address.find('?');
-  const std::string kind = address.substr(0, colon);
+  const std::string scheme = address.substr(0, colon);
   const std::string path = address.substr(colon + 1, query == std::string::npos ? query : query - colon - 1);
-  if (kind == "fifo" || kind == "file") ::unlink(path.c_str());
-  if (kind == "mq") ::mq_unlink(path.c_str());
-  if (kind == "shm") ::shm_unlink(path.c_str());
+  if (scheme == "fifo" || scheme == "file") return {name_kind::file, path};
+  if (scheme == "mq") return {name_kind::mqueue, path};
+  if (scheme == "shm") return {name_kind::shm, path};
+  return {};
 }
 
 std::string channel_address(const std::string& transport, std::size_t size) {
@@ -475,6 +383,7 @@ pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std
     ipcoro::sync_wait(ctx, std::move(t));
   };
   const std::string addr_a = channel_address(transport, N), addr_b = channel_address(transport, N);
+  const owned_name name_a = owned_name_of(addr_a), name_b = owned_name_of(addr_b);
   pair_result r;
   {
     auto a = ipcoro::channel_link::create(addr_a);
@@ -492,14 +401,13 @@ pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std
           run_side(chan_ping<N>(tx, rx, warmup, n, w, rtt));
         });
   }
-  remove_leftovers(addr_a);
-  remove_leftovers(addr_b);
   return r;
 }
 
 template <std::size_t N>
 pair_result channel_tput(const std::string& transport, placement where, std::size_t warmup, std::size_t n) {
   const std::string addr = channel_address(transport, N);
+  const owned_name name = owned_name_of(addr);
   pair_result r;
   {
     auto link = ipcoro::channel_link::create(addr);
@@ -516,7 +424,6 @@ pair_result channel_tput(const std::string& transport, placement where, std::siz
           ipcoro::sync_wait(ctx, chan_consume<N>(rx, warmup, n, w));
         });
   }
-  remove_leftovers(addr);
   return r;
 }
 
@@ -562,17 +469,6 @@ pair_result with_size(std::size_t size, F&& f) {
 }
 
 // ---- one measurement per (transport, impl, mode) ----
-
-enum class kind { rtt, tput };
-
-struct job {
-  std::string transport, impl, mode;
-  kind what = kind::rtt;
-  placement where = placement::cross_core;
-  std::size_t size = rtt_size;
-  std::size_t warmup = 0, n = 0;
-  std::size_t pipe_capacity = 0;  // 0: the default
-};
 
 ipcoro::io_context::options context_options(const job& j) {
   ipcoro::io_context::options o;
@@ -696,10 +592,11 @@ pair_result measure_stream(const job& j, std::vector<double>* rtt) {
   }
   // FIFOs: throughput uses one (the peer writes, the measurer reads), round trips two;
   // both sides open them in the same order, so neither waits forever.
-  char dir_template[] = "/tmp/ipcoro-bench-fifo-XXXXXX";
-  if (::mkdtemp(dir_template) == nullptr) throw std::system_error(errno, std::system_category(), "mkdtemp");
-  const std::string dir = dir_template;
-  const std::string there = dir + "/there", back = dir + "/back";
+  const owned_name dir = make_owned_directory("/tmp/ipcoro-bench-fifo-");
+  const owned_name there_name(name_kind::file, dir.name() + "/there");
+  const owned_name back_name(name_kind::file, dir.name() + "/back");
+  const std::string& there = there_name.name();
+  const std::string& back = back_name.name();
   if (::mkfifo(there.c_str(), 0600) != 0 || ::mkfifo(back.c_str(), 0600) != 0)
     throw std::system_error(errno, std::system_category(), "mkfifo");
   pair_result r = run_pair(
@@ -723,9 +620,6 @@ pair_result measure_stream(const job& j, std::vector<double>* rtt) {
           stream_side(j, false, first.get(), -1, w, rtt);
         }
       });
-  ::unlink(there.c_str());
-  ::unlink(back.c_str());
-  ::rmdir(dir.c_str());
   return r;
 }
 
@@ -742,9 +636,11 @@ pair_result measure_mq(const job& j, std::vector<double>* rtt) {
   const ipcoro::mq_attributes attrs{
       .max_messages = std::min(10L, mq_limit("/proc/sys/fs/mqueue/msg_max", 10)),
       .message_size = static_cast<long>(j.size)};
-  ipcoro::message_queue there = ipcoro::message_queue::create(fmt::format("/{}", unique_name("mq")), attrs);
+  const owned_name there_name(name_kind::mqueue, fmt::format("/{}", unique_name("mq")));
+  const owned_name back_name(name_kind::mqueue, fmt::format("/{}", unique_name("mq")));
+  ipcoro::message_queue there = ipcoro::message_queue::create(there_name.name(), attrs);
   ipcoro::message_queue back;
-  if (j.what == kind::rtt) back = ipcoro::message_queue::create(fmt::format("/{}", unique_name("mq")), attrs);
+  if (j.what == kind::rtt) back = ipcoro::message_queue::create(back_name.name(), attrs);
   const auto side = [&](bool peer, window& w) {
     const ipcoro::message_queue* in = peer ? &there : &back;
     const ipcoro::message_queue* out = peer ? &back : &there;
@@ -789,26 +685,24 @@ class region {
   region(const std::string& transport, const ipcoro::region_layout& layout,
          const std::function<void(std::span<std::byte>)>& init) {
     if (transport == "shm") {
-      segment_ = ipcoro::shm_segment::create(fmt::format("/{}", unique_name("shm")), layout,
+      name_ = owned_name(name_kind::shm, fmt::format("/{}", unique_name("shm")));
+      segment_ = ipcoro::shm_segment::create(name_.name(), layout,
                                              ipcoro::shm_segment::options{.mode = 0600, .initialize = init});
       bytes_ = segment_.payload();
     } else {
-      path_ = fmt::format("/tmp/{}", unique_name("file"));
-      file_ = ipcoro::mapped_file::create(path_, layout, 0600, init);
+      name_ = owned_name(name_kind::file, fmt::format("/tmp/{}", unique_name("file")));
+      file_ = ipcoro::mapped_file::create(name_.name(), layout, 0600, init);
       bytes_ = file_.payload();
     }
-  }
-  ~region() {
-    if (!path_.empty()) ::unlink(path_.c_str());
   }
   region(const region&) = delete;
   region& operator=(const region&) = delete;
   std::span<std::byte> bytes() const noexcept { return bytes_; }
 
  private:
+  owned_name name_;  // first: removed last, even when the run ends on the watchdog
   ipcoro::shm_segment segment_;
   ipcoro::mapped_file file_;
-  std::string path_;
   std::span<std::byte> bytes_;
 };
 
@@ -1455,6 +1349,8 @@ int main(int argc, char** argv) {
     fmt::print("only one usable CPU: cross-core rows skipped\n");
   }
   ::signal(SIGALRM, on_alarm);
+  ::signal(SIGINT, on_terminate);
+  ::signal(SIGTERM, on_terminate);
 
   double load[3] = {0, 0, 0};
   ::getloadavg(load, 3);
