@@ -30,6 +30,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -227,6 +228,12 @@ pair_result run_pair(placement where, Peer&& peer, Self&& self) {
   result.peer.seconds = r.seconds;
   result.ok = self_ok && peer_ok;
   return result;
+}
+
+/// A name no other run can have: ipcoro-bench-PID-WHAT-N.
+inline std::string unique_name(std::string_view what) {
+  static int counter = 0;
+  return fmt::format("ipcoro-bench-{}-{}-{}", ::getpid(), what, ++counter);
 }
 
 /// What a created name is, which says how to remove it.

@@ -1,15 +1,18 @@
 // SPDX-License-Identifier: MIT
 // ipcoro-bench: every transport side by side — raw blocking syscalls, ipcoro's transport
-// API, ipcoro's typed channels and standalone Asio — measured in one run: 64-byte round
-// trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap allocations
-// and CPU time per message, task switch cost, and the targets of the benchmark issue.
+// API, ipcoro's typed channels, standalone Asio, and the libraries people pick instead
+// (ZeroMQ, Boost.Interprocess message_queue, Asio local sockets; peers.hpp) — measured in one run: 64-byte
+// round trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap allocations and CPU time
+// per message, task switch cost, and the targets of the benchmark issue.
 //
-// Usage: ipcoro-bench [--quick] [--iterations N] [--transport pipe,fifo,mq,shm,file,inproc]
+// Usage: ipcoro-bench [--quick] [--iterations N]
+//                     [--transport pipe,fifo,mq,shm,file,inproc,zmq,boost-mq,asio-local]
 //                     [--pin | --same-core] [--json FILE] [--plot FILE.png]
 #include "bench_loops.hpp"
 #include "bench_report.hpp"
 #include "bench_support.hpp"
 #include "counting_new.hpp"
+#include "peers.hpp"
 
 #include <ipcoro/ipcoro.hpp>
 
@@ -62,7 +65,8 @@ struct settings {
   std::size_t rounds = 4;               // parts each row is measured in, interleaved
   std::vector<placement> placements{placement::cross_core, placement::same_core};
   placement tput_placement = placement::cross_core;
-  std::set<std::string> transports{"pipe", "fifo", "mq", "shm", "file", "inproc"};
+  std::set<std::string> transports{"pipe",   "fifo", "mq",       "shm",       "file",
+                                   "inproc", "zmq",  "boost-mq", "asio-local"};
   std::string json, plot;
 };
 
@@ -70,11 +74,6 @@ std::size_t warmup_of(std::size_t n) { return std::max<std::size_t>(n / 10, 100)
 
 std::size_t tput_messages(const settings& s, std::size_t size) {
   return std::max<std::size_t>(std::min<std::uint64_t>(s.tput_bytes / size, s.tput_max_messages), 64);
-}
-
-std::string unique_name(std::string_view what) {
-  static int counter = 0;
-  return fmt::format("ipcoro-bench-{}-{}-{}", ::getpid(), what, ++counter);
 }
 
 // ---- the watchdog: a measurement that hangs ends the program with its name ----
@@ -756,6 +755,7 @@ pair_result measure_ring(const job& j, std::vector<double>* rtt) {
 }
 
 pair_result measure(const job& j, std::vector<double>* rtt) {
+  if (find_peer(j.transport) != nullptr) return measure_peer(j, rtt);
   if (j.impl == "ipcoro-channel") {
     return with_size(j.size, [&]<std::size_t N>() {
       if (j.transport == "inproc")
@@ -891,6 +891,7 @@ void record(results& res, const job& j, pair_result& r, std::vector<double>& sam
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.base_mode = base_mode;
     if (!r.ok) {
@@ -910,6 +911,7 @@ void record(results& res, const job& j, pair_result& r, std::vector<double>& sam
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.size = j.size;
     row.base_mode = base_mode;
@@ -936,6 +938,7 @@ void skip(results& res, const job& j, const std::string& why) {
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.note = why;
     res.rtt.push_back(row);
@@ -944,6 +947,7 @@ void skip(results& res, const job& j, const std::string& why) {
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.size = j.size;
     row.note = why;
@@ -1025,6 +1029,29 @@ struct runner {
   }
 };
 
+/// The peer libraries' rows of one comparison: each peer that --transport selects and this
+/// build has. A peer that is not built is listed as skipped, with its packages, when
+/// `note_missing` (once per kind of row).
+void add_peer_rows(runner& run, const settings& cfg, kind what, placement where, std::size_t size,
+                   bool note_missing) {
+  for (const peer_library& p : peer_libraries()) {
+    const std::string transport(p.transport);
+    if (cfg.transports.count(transport) == 0) continue;
+    const job j{transport,
+                std::string(p.impl),
+                std::string(what == kind::rtt ? p.rtt_mode : p.tput_mode),
+                what,
+                where,
+                size};
+    if (p.built) {
+      run.add(j);
+    } else if (note_missing) {
+      skip(run.res, j, fmt::format("not built: install {} and reconfigure", p.packages));
+    }
+  }
+  run.flush();
+}
+
 void run_all(const settings& cfg, results& res, bool& failed) {
   runner run{cfg, res, false, {}};
   const auto want = [&](const char* t) { return cfg.transports.count(t) != 0; };
@@ -1066,6 +1093,8 @@ void run_all(const settings& cfg, results& res, bool& failed) {
     run.add({"inproc", "ipcoro-channel", "", kind::rtt, placement::same_core});
     run.flush();
   }
+  for (placement where : cfg.placements)
+    add_peer_rows(run, cfg, kind::rtt, where, rtt_size, where == cfg.placements.front());
 
   // Throughput.
   const placement tp = cfg.tput_placement;
@@ -1122,6 +1151,7 @@ void run_all(const settings& cfg, results& res, bool& failed) {
       run.add({"inproc", "ipcoro-channel", "", kind::tput, placement::same_core, size});
       run.flush();
     }
+    add_peer_rows(run, cfg, kind::tput, tp, size, size == tput_sizes.front());
   }
 
   // Task switch.
@@ -1238,14 +1268,14 @@ void evaluate_targets(const results& res, std::vector<verdict>& out) {
     std::string offenders;
     int measured = 0;
     for (const auto& r : res.rtt) {
-      if (!r.note.empty() || r.impl == "raw" || r.impl == "asio") continue;
+      if (!r.note.empty() || (r.impl != "ipcoro" && r.impl != "ipcoro-channel")) continue;
       ++measured;
       if (r.allocs > 0)
         offenders += fmt::format("; {} {}{}{} {} round trip: {:.3f}", r.transport, r.impl,
                                  r.mode.empty() ? "" : " ", r.mode, r.placement, r.allocs);
     }
     for (const auto& r : res.tput) {
-      if (!r.note.empty() || r.impl == "raw" || r.impl == "asio") continue;
+      if (!r.note.empty() || (r.impl != "ipcoro" && r.impl != "ipcoro-channel")) continue;
       ++measured;
       if (r.allocs > 0)
         offenders += fmt::format("; {} {}{}{} {}: {:.3f}", r.transport, r.impl, r.mode.empty() ? "" : " ",
@@ -1276,7 +1306,8 @@ void usage(const char* argv0) {
              "          [--json FILE] [--plot FILE.png]\n"
              "  --quick          a smoke run of a few seconds (CI)\n"
              "  --iterations N   round trips per latency row (default 100000)\n"
-             "  --transport LIST comma-separated subset of pipe,fifo,mq,shm,file,inproc\n"
+             "  --transport LIST comma-separated subset of pipe,fifo,mq,shm,file,inproc and of the\n"
+             "                   peer libraries zmq,boost-mq,asio-local (default: all)\n"
              "  --pin            only the two sides on different cores (the first two usable CPUs)\n"
              "  --same-core      only the two sides on the same core (the first usable CPU)\n"
              "  --json FILE      write every figure as a JSON list of rows\n"
@@ -1308,8 +1339,12 @@ int main(int argc, char** argv) {
       while (!list.empty()) {
         const auto comma = list.find(',');
         const std::string t(list.substr(0, comma));
-        if (t != "pipe" && t != "fifo" && t != "mq" && t != "shm" && t != "file" && t != "inproc") {
-          fmt::print(stderr, "--transport: unknown transport '{}' (pipe, fifo, mq, shm, file, inproc)\n", t);
+        if (t != "pipe" && t != "fifo" && t != "mq" && t != "shm" && t != "file" && t != "inproc" &&
+            find_peer(t) == nullptr) {
+          fmt::print(stderr,
+                     "--transport: unknown transport '{}' (pipe, fifo, mq, shm, file, inproc; peers: zmq, "
+                     "boost-mq, asio-local)\n",
+                     t);
           return 2;
         }
         cfg.transports.insert(t);
@@ -1360,6 +1395,12 @@ int main(int argc, char** argv) {
       "{} CPUs, load average {:.2f} {:.2f} {:.2f}\n",
       cfg.quick ? "quick" : "full", cfg.iterations, si(static_cast<double>(cfg.tput_max_messages)),
       usable_cpu_count(), load[0], load[1], load[2]);
+  std::string peer_list;
+  for (const peer_library& p : peer_libraries()) {
+    peer_list += fmt::format("{}{} {}", peer_list.empty() ? "" : ", ", p.transport,
+                             p.built ? "built" : fmt::format("not built (needs {})", p.packages));
+  }
+  fmt::print("peer libraries: {}\n", peer_list);
   std::fflush(stdout);
 
   results res;
