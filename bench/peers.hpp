@@ -25,7 +25,7 @@ struct peer_library {
 
 /// How long a peer row's side waits for one message before it fails the row (as a ring's
 /// receive does), so that a peer that died ends its row, not the run.
-inline constexpr std::chrono::seconds peer_time_limit{60};
+inline constexpr std::chrono::seconds peer_time_limit{30};
 
 /// Every peer, built or not, in the order of the tables.
 std::span<const peer_library> peer_libraries() noexcept;
