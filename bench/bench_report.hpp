@@ -58,6 +58,7 @@ struct results {
   std::vector<rtt_row> rtt;
   std::vector<tput_row> tput;
   std::vector<scalar_row> scalars;
+  std::string allocation_counting;  ///< what allocs/msg counts, said under the peer table
 
   const rtt_row* find_rtt(const std::string& transport, const std::string& impl, const std::string& mode,
                           const std::string& placement) const {
@@ -157,9 +158,8 @@ inline void print_peer_comparison(const results& res) {
     }
     fmt::print("\n");
   }
-  fmt::print(
-      "allocs/msg counts global operator new in both processes, as for every row; memory a peer takes\n"
-      "with malloc is not counted (libzmq's message bodies above 33 bytes, for one).\n");
+  if (!res.allocation_counting.empty())
+    fmt::print("allocs/msg, as for every row: {}\n", res.allocation_counting);
 }
 
 inline void print_tables(const results& res) {

@@ -43,6 +43,10 @@ using clock_type = std::chrono::steady_clock;
 /// (ipcoro-bench links the counting operator new of tests/support).
 std::uint64_t allocation_count() noexcept;
 
+/// malloc-family allocations so far in this process, operator new included (defined by
+/// counting_malloc.cpp, which is built without sanitizers only).
+std::uint64_t malloc_count() noexcept;
+
 /// The CPUs this process may run on (its affinity mask at the first call), in order.
 inline const std::vector<int>& usable_cpus() {
   static const std::vector<int> cpus = [] {

@@ -43,7 +43,15 @@
 #include <string_view>
 #include <vector>
 
-std::uint64_t ipcoro::bench::allocation_count() noexcept { return ipcoro::test::allocations(); }
+// Every malloc-family allocation where counting_malloc.cpp is built (it sees what C libraries
+// such as libzmq allocate); under a sanitizer, global operator new only.
+std::uint64_t ipcoro::bench::allocation_count() noexcept {
+#if IPCORO_BENCH_COUNT_MALLOC
+  return malloc_count();
+#else
+  return ipcoro::test::allocations();
+#endif
+}
 
 namespace {
 
@@ -1404,6 +1412,10 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   results res;
+  res.allocation_counting =
+      IPCORO_BENCH_COUNT_MALLOC
+          ? "every malloc, calloc, realloc and memalign in both processes (operator new included)"
+          : "global operator new in both processes (a sanitizer build: malloc is not counted)";
   bool failed = false;
   run_all(cfg, res, failed);
   print_tables(res);
