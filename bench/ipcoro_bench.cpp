@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 // ipcoro-bench: every transport side by side — raw blocking syscalls, ipcoro's transport
 // API, ipcoro's typed channels, standalone Asio, and the libraries people pick instead
-// (ZeroMQ, Boost.Interprocess message_queue, Asio local sockets; peers.hpp) — measured in one run: 64-byte
-// round trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap allocations and CPU time
-// per message, task switch cost, and the targets of the benchmark issue.
+// (ZeroMQ, Boost.Interprocess, Asio local sockets: peers.hpp) — measured in one run: 64-byte
+// round trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap
+// allocations and CPU time per message, task switch cost, and the targets of the benchmark
+// issue.
 //
 // Usage: ipcoro-bench [--quick] [--iterations N]
 //                     [--transport pipe,fifo,mq,shm,file,inproc,zmq,boost-mq,asio-local]
@@ -1403,12 +1404,7 @@ int main(int argc, char** argv) {
       "{} CPUs, load average {:.2f} {:.2f} {:.2f}\n",
       cfg.quick ? "quick" : "full", cfg.iterations, si(static_cast<double>(cfg.tput_max_messages)),
       usable_cpu_count(), load[0], load[1], load[2]);
-  std::string peer_list;
-  for (const peer_library& p : peer_libraries()) {
-    peer_list += fmt::format("{}{} {}", peer_list.empty() ? "" : ", ", p.transport,
-                             p.built ? "built" : fmt::format("not built (needs {})", p.packages));
-  }
-  fmt::print("peer libraries: {}\n", peer_list);
+  fmt::print("peer libraries: {}\n", describe_peers());
   std::fflush(stdout);
 
   results res;

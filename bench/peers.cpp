@@ -2,6 +2,8 @@
 // The table of peer libraries ipcoro-bench compares, and the choice of which one measures a row.
 #include "peers.hpp"
 
+#include <fmt/core.h>
+
 #include <array>
 #include <stdexcept>
 #include <string>
@@ -23,6 +25,15 @@ const peer_library* find_peer(std::string_view transport) noexcept {
     if (p.transport == transport) return &p;
   }
   return nullptr;
+}
+
+std::string describe_peers() {
+  std::string list;
+  for (const peer_library& p : peers) {
+    list += fmt::format("{}{} {}", list.empty() ? "" : ", ", p.transport,
+                        p.built ? std::string("built") : fmt::format("not built (needs {})", p.packages));
+  }
+  return list;
 }
 
 pair_result measure_peer(const job& j, [[maybe_unused]] std::vector<double>* rtt) {

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -29,6 +30,9 @@ inline constexpr std::chrono::seconds peer_time_limit{30};
 
 /// Every peer, built or not, in the order of the tables.
 std::span<const peer_library> peer_libraries() noexcept;
+
+/// "zmq built, boost-mq not built (needs libboost-dev), ...": for the run's first lines.
+std::string describe_peers();
 
 /// The peer selected by `transport`, or nullptr when it names none.
 const peer_library* find_peer(std::string_view transport) noexcept;
