@@ -262,9 +262,10 @@ inline bool write_plot(const results& res, const std::string& png, const std::st
   char dir_template[] = "/tmp/ipcoro-bench-plot-XXXXXX";
   if (::mkdtemp(dir_template) == nullptr) return false;
   const std::string dir = dir_template;
-  const auto label = [](const std::string& t, const std::string& impl, const std::string& mode) {
-    std::string s = t + " " + impl;
-    if (!mode.empty()) s += " " + mode;
+  // A peer's link names its library already: "zmq pair", not "zmq zmq pair".
+  const auto label = [](const auto& r) {
+    std::string s = r.peer ? r.transport : r.transport + " " + r.impl;
+    if (!r.mode.empty()) s += " " + r.mode;
     return s;
   };
   // Colour by implementation: raw grey, ipcoro blue, channel green, Asio orange, peers purple.
@@ -281,14 +282,12 @@ inline bool write_plot(const results& res, const std::string& png, const std::st
   for (const auto& r : res.rtt) {
     if (!r.note.empty()) continue;
     std::FILE* f = r.placement == "same-core" ? same : cross;
-    fmt::print(f, "\"{}\" {} {}\n", label(r.transport, r.impl, r.mode), r.p50, colour(r));
+    fmt::print(f, "\"{}\" {} {}\n", label(r), r.p50, colour(r));
   }
   for (const auto& r : res.tput) {
     if (!r.note.empty()) continue;
-    if (r.size == 65536)
-      fmt::print(big, "\"{}\" {} {}\n", label(r.transport, r.impl, r.mode), r.bytes_per_s / 1e9, colour(r));
-    if (r.size == 64)
-      fmt::print(small, "\"{}\" {} {}\n", label(r.transport, r.impl, r.mode), r.msgs_per_s / 1e6, colour(r));
+    if (r.size == 65536) fmt::print(big, "\"{}\" {} {}\n", label(r), r.bytes_per_s / 1e9, colour(r));
+    if (r.size == 64) fmt::print(small, "\"{}\" {} {}\n", label(r), r.msgs_per_s / 1e6, colour(r));
   }
   for (std::FILE* f : {cross, same, big, small}) std::fclose(f);
   const std::string script = dir + "/plot.gp";
