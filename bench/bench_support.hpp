@@ -227,6 +227,10 @@ pair_result run_pair(placement where, Peer&& peer, Self&& self) {
                        ? std::string(r.error)
                        : std::string("peer process failed");
   }
+  // A peer that failed before the measurer gave up has said why: keep that too.
+  if (!self_ok && n == static_cast<ssize_t>(sizeof r) && !r.ok && r.error[0] != '\0') {
+    result.error += fmt::format(" ({})", r.error);
+  }
   result.peer.allocs = r.allocs;
   result.peer.cpu_seconds = r.cpu_seconds;
   result.peer.seconds = r.seconds;
