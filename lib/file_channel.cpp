@@ -6,6 +6,7 @@
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
+#include "ring/protocol.hpp"
 #include "ring_channel.hpp"
 
 #include <fmt/core.h>
@@ -128,6 +129,12 @@ std::unique_ptr<link_ends> make_file_link(const channel_address& a) {
 
 void check_file_address(const channel_address& a) {
   check_ring_address(a);
+  if (a.checksum && a.mpmc) {
+    throw bad_channel_address(fmt::format(
+        "channel address \"{}\": checksum=xxh3 applies to an SPSC ring (records of an MPMC ring's "
+        "slots carry none); drop ring=mpmc or the checksum",
+        a.text));
+  }
   if (a.durable && a.mpmc) {
     throw bad_channel_address(
         fmt::format("channel address \"{}\": durable=1 applies to an SPSC ring: its one receiver "
@@ -143,9 +150,11 @@ std::string inspect_file(const channel_address& a) {
       probe.durable = durable && !mpmc;
       probe.mpmc = mpmc;
       try {
-        const region_layout l = mapped_file::open(a.name, expected_ring_layout(probe)).layout();
-        return fmt::format("{}: {}{} ring in a mapped file, {} bytes of ring", a.text,
-                           probe.durable ? "durable " : "", mpmc ? "MPMC" : "SPSC", l.payload_size);
+        const mapped_file file = mapped_file::open(a.name, expected_ring_layout(probe));
+        const bool checked = ring_checksum_of(file.payload()) == ring_checksum::xxh3;
+        return fmt::format("{}: {}{} ring in a mapped file, {} bytes of ring, checksum={}", a.text,
+                           probe.durable ? "durable " : "", mpmc ? "MPMC" : "SPSC",
+                           file.layout().payload_size, checked ? "xxh3" : "none");
       } catch (const std::system_error& e) {
         if (has_errno(e, ENOENT)) rethrow_for(a, e);
       }
@@ -163,7 +172,7 @@ extern const channel_scheme file_scheme{
     .about = "a ring in a memory-mapped file (durable=1: a persistent queue)",
     .name_form = address_name::path,
     .options = address_option::capacity | address_option::message_size | address_option::mode |
-               address_option::ring | address_option::durable,
+               address_option::ring | address_option::durable | address_option::checksum,
     .option_notes = "capacity= is the ring's size in bytes (SPSC) or slots (MPMC)",
     .check = check_file_address,
     .open_sender = open_file_sender,

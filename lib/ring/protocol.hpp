@@ -47,6 +47,9 @@ bool asymmetric_barrier() noexcept;
 [[noreturn]] void throw_corrupt(const std::string& what);
 [[noreturn]] void throw_invalid(const std::string& what);
 void check_region(std::span<std::byte> region, std::size_t minimum, const char* what);
+/// What the header of the ring in `region` says about checksums, unvalidated (attaching
+/// validates it): for refusing an end that disagrees before it attaches.
+ring_checksum ring_checksum_of(std::span<const std::byte> region) noexcept;
 
 /// One side of a ring in a region: the geometry copied out and checked on attach, this
 /// side's private positions, and the non-blocking send and receive of both kinds. It never
@@ -74,6 +77,8 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::uint64_t read_position() const noexcept { return read_pos_; }
   std::size_t max_message() const noexcept { return max_message_; }
   std::size_t capacity() const noexcept { return capacity_; }
+  /// Whether the ring's records carry checks (feature_xxh3).
+  bool record_checks() const noexcept { return checked_; }
 
  protected:
   ~ring_protocol() = default;
@@ -105,6 +110,11 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::byte* slot_payload(slot_header& s) const noexcept {
     return reinterpret_cast<std::byte*>(&s) + slot_header_size;
   }
+  /// An SPSC record's size for `n` bytes of header and payload: checked records start
+  /// 16-aligned, so that a padding record's header always fits before the end.
+  std::uint64_t align_record(std::uint64_t n) const noexcept {
+    return checked_ ? (n + 15) & ~std::uint64_t{15} : align8(n);
+  }
   const char* role_name() const noexcept { return role_ == role_sender ? "sender" : "receiver"; }
   const char* kind_name() const noexcept { return kind_ == kind_spsc ? "SPSC" : "MPMC"; }
 
@@ -124,11 +134,23 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
   std::uint64_t moved_ = 0;       // messages this side moved
   bool manual_ack_;
-  bool fenceless_ = false;  // this process is registered for the asymmetric barrier
+  bool checked_ = false;  // feature_xxh3: records carry record_check_header's check
+  std::size_t record_size_ = sizeof(record_header);  // SPSC: bytes of a record's header
+  bool fenceless_ = false;                           // this process is registered for the asymmetric barrier
 
  private:
   outcome spsc_try_send(std::span<const std::byte> message);
   outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  /// Writes the header of a record (with its check when checked_) at `offset`, for ring position `pos`.
+  void spsc_put_header(std::uint64_t offset, std::uint64_t pos, std::uint32_t length, std::uint32_t type,
+                       std::span<const std::byte> payload) noexcept;
+  /// With checks: EBADMSG unless ring_header::end_check vouches for an end at read_pos_.
+  void spsc_check_end() const;
+  /// EBADMSG naming the record at `offset` unless its check (in the header at `offset`) holds.
+  void spsc_check_record(std::uint64_t offset, std::uint32_t length, std::uint32_t type,
+                         const std::byte* payload) const;
+  /// Validates ring_config::version and features of `c` (EINVAL naming what).
+  void accept_features(ring_config& c, const char* what);
   outcome mpmc_try_send(std::span<const std::byte> message);
   outcome mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size);
 };
