@@ -3,6 +3,7 @@
 #pragma once
 
 #include "ring/layout.hpp"
+#include "truncation_guard.hpp"
 
 #include <sys/types.h>
 
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <system_error>
 
 namespace ipcoro::detail {
 
@@ -63,13 +65,32 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   ring_protocol(const ring_protocol&) = delete;
   ring_protocol& operator=(const ring_protocol&) = delete;
 
+  /// Both: after a truncation_guard absorbed a fault in this ring's file, the error that
+  /// says so (EBADMSG), whatever the operation read or wrote in the zeros.
   outcome try_send(std::span<const std::byte> message) {
-    const outcome r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    outcome r;
+    try {
+      r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    } catch (const std::system_error&) {
+      throw_if_truncated(hdr_);  // the zeros it read are the truncation's, not a peer's
+      throw;
+    }
+    // A page of the ring's file vanished under this operation: what it wrote went nowhere.
+    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
+      throw_if_truncated(hdr_);
     moved_ += r == outcome::done;
     return r;
   }
   outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
-    const outcome r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    outcome r;
+    try {
+      r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    } catch (const std::system_error&) {
+      throw_if_truncated(hdr_);
+      throw;
+    }
+    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
+      throw_if_truncated(hdr_);
     moved_ += r == outcome::done;
     return r;
   }
