@@ -22,23 +22,21 @@ constexpr std::uint32_t end_type = 0x45;  // not a record type: an end of stream
 bool record_checks_available() noexcept { return true; }
 
 std::uint64_t record_check(std::uint64_t position, std::uint32_t length, std::uint32_t type,
-                           const std::byte* payload) noexcept {
+                           std::span<const std::byte> payload) noexcept {
   const record_fields f{position, length, type};
-  return XXH3_64bits_withSeed(payload, length, XXH3_64bits(&f, sizeof f));
+  return XXH3_64bits_withSeed(payload.data(), payload.size(), XXH3_64bits(&f, sizeof f));
 }
 
 #else
 
 bool record_checks_available() noexcept { return false; }
 
-std::uint64_t record_check(std::uint64_t, std::uint32_t, std::uint32_t, const std::byte*) noexcept {
+std::uint64_t record_check(std::uint64_t, std::uint32_t, std::uint32_t, std::span<const std::byte>) noexcept {
   return 0;  // never called: a ring with checks is refused on attach and on format
 }
 
 #endif
 
-std::uint64_t end_mark(std::uint64_t position) noexcept {
-  return record_check(position, 0, end_type, nullptr);
-}
+std::uint64_t end_mark(std::uint64_t position) noexcept { return record_check(position, 0, end_type, {}); }
 
 }  // namespace ipcoro::detail

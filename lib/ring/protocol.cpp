@@ -202,12 +202,12 @@ void ring_protocol::spsc_put_header(std::uint64_t offset, std::uint64_t pos, std
     std::memcpy(data_ + offset, &rh, sizeof rh);
     return;
   }
-  const record_check_header rh{length, type, record_check(pos, length, type, payload.data())};
+  const record_check_header rh{length, type, record_check(pos, length, type, payload)};
   std::memcpy(data_ + offset, &rh, sizeof rh);
 }
 
 void ring_protocol::spsc_check_record(std::uint64_t offset, std::uint32_t length, std::uint32_t type,
-                                      const std::byte* payload) const {
+                                      std::span<const std::byte> payload) const {
   std::uint64_t check = 0;
   std::memcpy(&check, data_ + offset + offsetof(record_check_header, check), sizeof check);
   if (check != record_check(read_pos_, length, type, payload)) {
@@ -322,7 +322,7 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
             fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
                         rh.length, offset));
       }
-      if (checked_) spsc_check_record(offset, rh.length, rh.type, nullptr);
+      if (checked_) spsc_check_record(offset, rh.length, rh.type, {});
       read_pos_ += to_end;
       continue;
     }
@@ -339,7 +339,7 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
     const std::byte* payload = data_ + offset + record_size_;
     if (rh.length > buffer.size()) {
       // A damaged length is EBADMSG, not advice to pass a larger buffer.
-      if (checked_) spsc_check_record(offset, rh.length, rh.type, payload);
+      if (checked_) spsc_check_record(offset, rh.length, rh.type, {payload, rh.length});
       throw std::system_error(
           EMSGSIZE, std::system_category(),
           fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
@@ -353,7 +353,7 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
     }
     if (rh.length != 0) std::memcpy(buffer.data(), payload, rh.length);
     // Over the copy, which is what the caller gets (and is in this CPU's cache now).
-    if (checked_) spsc_check_record(offset, rh.length, rh.type, buffer.data());
+    if (checked_) spsc_check_record(offset, rh.length, rh.type, buffer.first(rh.length));
     read_pos_ += record;
     size = rh.length;
     if (!manual_ack_) release_read_position();

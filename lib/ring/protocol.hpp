@@ -169,7 +169,7 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   void spsc_check_end() const;
   /// EBADMSG naming the record at `offset` unless its check (in the header at `offset`) holds.
   void spsc_check_record(std::uint64_t offset, std::uint32_t length, std::uint32_t type,
-                         const std::byte* payload) const;
+                         std::span<const std::byte> payload) const;
   /// Validates ring_config::version and features of `c` (EINVAL naming what).
   void accept_features(ring_config& c, const char* what);
   outcome mpmc_try_send(std::span<const std::byte> message);
