@@ -141,6 +141,34 @@ TEST_CASE("with checksum=xxh3 a record edited by another process is EBADMSG nami
   CHECK(contains(f.what, "fails its checksum"));
 }
 
+TEST_CASE("a checksummed file ring carries a stream of every size through many wrap-arounds",
+          "[file][checksum][ipc]") {
+  const temp_path file("ckw");
+  const std::string address = "file:" + file.path + "?checksum=xxh3&capacity=4096";
+  ipcoro::io_context ctx;
+  auto rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<std::string>(address));
+  const auto message = [](int i) {
+    return std::string(static_cast<std::size_t>(i * 37 % 1500), char('a' + i % 26));
+  };
+  constexpr int count = 3000;
+  child_process sender([&] {
+    ipcoro::io_context c;
+    auto tx = ipcoro::sync_wait(c, ipcoro::open_sender<std::string>(address));
+    for (int i = 0; i < count; ++i) ipcoro::sync_wait(c, tx.send(message(i)));
+    tx.close();
+    return 0;
+  });
+  int received = 0;
+  bool in_order = true;
+  while (const std::optional<std::string> m = ipcoro::sync_wait(ctx, rx.receive().with_timeout(20s))) {
+    in_order = in_order && *m == message(received);
+    ++received;
+  }
+  CHECK(in_order);
+  CHECK(received == count);
+  CHECK(sender.wait() == 0);
+}
+
 TEST_CASE("an end whose checksum= differs from the ring's is refused naming both", "[file][checksum]") {
   const temp_path file("ckm");
   const std::string plain = "file:" + file.path;
