@@ -88,27 +88,32 @@ struct raw_mapping {
 
 TEST_CASE("with checksum=xxh3 a record edited by another process is EBADMSG naming its offset",
           "[file][checksum][ipc]") {
-  const std::string edit = GENERATE("payload byte", "length", "rewound position and close");
+  const std::string edit =
+      GENERATE("payload byte", "length", "rewound position and close", "close flag of a running sender");
   CAPTURE(edit);
   const temp_path file("ck");
   const std::string address = "file:" + file.path + "?checksum=xxh3";
   ipcoro::io_context ctx;
   auto rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
 
+  const bool flag_only = edit == "close flag of a running sender";
+  const handshake sent, finish;
   child_process sender([&] {
     ipcoro::io_context c;
     auto tx = ipcoro::sync_wait(c, ipcoro::open_sender<int>(address));
     for (int i = 1; i <= 3; ++i) ipcoro::sync_wait(c, tx.send(i));
-    tx.close();
-    return 0;
+    if (!flag_only) tx.close();
+    sent.signal();
+    return finish.wait() ? 0 : 1;
   });
-  REQUIRE(sender.wait() == 0);
+  REQUIRE(sent.wait());
 
-  // Records: 0 the sender's greeting, then 1, 2 and 3. The hostile process damages record 2.
+  // Records: 0 the sender's greeting, then 1, 2 and 3. The hostile process damages record 2,
+  // or sets the close flag while the sender runs (the end would come after record 3).
   std::uint64_t damaged = 0;
   {
     const raw_mapping view(file.path);
-    damaged = view.record_offset(2);
+    damaged = view.record_offset(flag_only ? 4 : 2);
   }
   child_process hostile([&] {
     raw_mapping m(file.path);
@@ -119,8 +124,10 @@ TEST_CASE("with checksum=xxh3 a record edited by another process is EBADMSG nami
             static_cast<std::uint8_t>(m.get<std::uint8_t>(record + 16 + length - 1) ^ 1));
     } else if (edit == "length") {
       m.put<std::uint32_t>(record, length - 4);  // still inside the ring: only the checksum tells
-    } else {
+    } else if (edit == "rewound position and close") {
       m.put<std::uint64_t>(tail_at, m.record_offset(2));  // the stream now "ends" after 1
+    } else {
+      m.put<std::uint32_t>(ring_at + offsetof(ipcoro::detail::ring_header, sender_closed), 1);
     }
     return 0;
   });
@@ -134,8 +141,10 @@ TEST_CASE("with checksum=xxh3 a record edited by another process is EBADMSG nami
       values.push_back(*v);
     }
   });
+  finish.signal();
+  CHECK(sender.wait() == 0);
   CAPTURE(f.what);
-  CHECK(values == std::vector<int>{1});
+  CHECK(values == (flag_only ? std::vector<int>{1, 2, 3} : std::vector<int>{1}));
   CHECK(f.code == EBADMSG);
   CHECK(contains(f.what, "at offset " + std::to_string(damaged) + " "));
   CHECK(contains(f.what, "fails its checksum"));
