@@ -90,6 +90,12 @@ class __attribute__((visibility("hidden"))) ring_protocol {
     }
     wake_announced(ev);
   }
+  /// MPMC: throws EBADMSG, naming the field, if the positions, or the words of the slots at
+  /// `pos`, the tail and the head, describe a state the protocol cannot reach. Each bound is
+  /// checked against positions read on the side that makes it sound while others move them,
+  /// and a problem is reported only when a second look finds one too: a stale read is not
+  /// corruption. For slow paths only (two fences and a few loads).
+  [[gnu::cold]] void mpmc_validate(std::uint64_t pos) const;
   /// Moves ring_header::fence_required up to `to` (never down).
   void raise_fence_mode(std::uint32_t to) noexcept;
   /// While an SPSC receiver polls an empty ring: pulls in the lines the next record will
@@ -131,6 +137,8 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
   outcome mpmc_try_send(std::span<const std::byte> message);
   outcome mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  /// One look for mpmc_validate(): what is impossible, or "".
+  std::string mpmc_problem(std::uint64_t pos) const;
 };
 
 }  // namespace ipcoro::detail
