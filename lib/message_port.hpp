@@ -4,6 +4,7 @@
 
 #include "ipcoro/channel.hpp"
 #include "ipcoro/error.hpp"
+#include "ipcoro/shm_ring.hpp"
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
@@ -16,6 +17,17 @@
 #include <vector>
 
 namespace ipcoro::detail {
+
+/// A transport that can also move a message without waiting (a ring): the channel's path
+/// for a message that needs no wait uses it.
+template <class Transport>
+concept trying_sender = requires(Transport& t, std::span<const std::byte> m) {
+  { t.try_send(m) } -> std::same_as<bool>;
+};
+template <class Transport>
+concept trying_receiver = requires(Transport& t, std::span<std::byte> b) {
+  { t.try_receive(b) } -> std::same_as<ring_try_result>;
+};
 
 template <class Transport>
 concept acknowledging = requires(Transport& t, std::uint64_t p) {
@@ -48,6 +60,18 @@ class message_send_port final : public send_port {
 
   std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
 
+  bool try_send_prepared() override {
+    if constexpr (trying_sender<Transport>) {
+      if (!greeted_) return false;
+      try {
+        return transport_.try_send(std::span<const std::byte>{buf_.data(), used_});
+      } catch (...) {
+        rethrow_send_error();
+      }
+    }
+    return false;
+  }
+
  protected:
   task<void> commit(pooled_frame) override {
     try {
@@ -63,14 +87,8 @@ class message_send_port final : public send_port {
         greeted_ = true;
       }
       co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
-    } catch (const peer_died& e) {
-      throw_peer_died(address(), e);
-    } catch (const std::system_error& e) {
-      if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(e.code(),
-                             fmt::format("channel {}: the receiver has closed the channel", address()));
-      }
-      throw;
+    } catch (...) {
+      rethrow_send_error();
     }
   }
 
@@ -89,6 +107,20 @@ class message_send_port final : public send_port {
   }
 
  private:
+  /// In a handler: rethrows the transport's error in the channel's terms.
+  [[noreturn]] void rethrow_send_error() const {
+    try {
+      throw;
+    } catch (const peer_died& e) {
+      throw_peer_died(address(), e);
+    } catch (const std::system_error& e) {
+      if (e.code() == std::errc::broken_pipe) {
+        throw channel_closed(e.code(),
+                             fmt::format("channel {}: the receiver has closed the channel", address()));
+      }
+      throw;
+    }
+  }
   void put_head(std::byte* at, frame_kind kind) const noexcept {
     const message_head h{static_cast<std::uint32_t>(kind), short_fingerprint(identity().fingerprint)};
     std::memcpy(at, &h, sizeof h);
@@ -133,43 +165,29 @@ class message_receive_port final : public receive_port {
       } catch (const peer_died& e) {
         throw_peer_died(address(), e);
       }
-      if (!size) {
-        ended_ = true;
-        co_return false;
-      }
-      if (*size < head_size) {
-        throw channel_error(EBADMSG,
-                            fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
-                                        address(), *size));
-      }
-      const auto h = read_head<message_head>(buf_.data());
-      const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
-      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
-        check_greeting(payload);
-        continue;
-      }
-      if (h.kind == static_cast<std::uint32_t>(frame_kind::end)) {
-        transport_.pass_end_on(h.fingerprint);
-        ended_ = true;
-        co_return false;
-      }
-      if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-        throw channel_error(EBADMSG,
-                            fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
-      }
-      if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
-        throw channel_type_mismatch(
-            fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
-                        "this receiver expects '{}'",
-                        address(), h.fingerprint, identity().name));
-      }
-      length_ = payload.size();
-      current_ = true;
-      if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
-      co_return true;
+      if (const std::optional<bool> data = take(size)) co_return *data;
     }
   }
 
+ public:
+  bool try_next() override {
+    if (current_) return true;
+    if constexpr (trying_receiver<Transport>) {
+      while (!ended_) {
+        ring_try_result r;
+        try {
+          r = transport_.try_receive(std::span<std::byte>{buf_.data(), buf_.size()});
+        } catch (const peer_died& e) {
+          throw_peer_died(address(), e);
+        }
+        if (r.would_block) return false;
+        if (const std::optional<bool> data = take(r.size)) return *data;
+      }
+    }
+    return false;
+  }
+
+ protected:
   void finish(port_exit) noexcept override {
     transport_.close();
     ended_ = true;
@@ -177,6 +195,46 @@ class message_receive_port final : public receive_port {
   }
 
  private:
+  /// Takes the message of `size` bytes in the buffer (none: the end of the stream): true
+  /// when it is a data message, now current; false at the end; empty for a greeting (go
+  /// on to the next message).
+  std::optional<bool> take(std::optional<std::size_t> size) {
+    if (!size) {
+      ended_ = true;
+      return false;
+    }
+    if (*size < head_size) {
+      throw channel_error(
+          EBADMSG,
+          fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame", address(), *size));
+    }
+    const auto h = read_head<message_head>(buf_.data());
+    const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
+    if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
+      check_greeting(payload);
+      return std::nullopt;
+    }
+    if (h.kind == static_cast<std::uint32_t>(frame_kind::end)) {
+      transport_.pass_end_on(h.fingerprint);
+      ended_ = true;
+      return false;
+    }
+    if (h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+      throw channel_error(EBADMSG,
+                          fmt::format("channel {}: a message of unknown kind {}", address(), h.kind));
+    }
+    if (h.fingerprint != short_fingerprint(identity().fingerprint)) {
+      throw channel_type_mismatch(
+          fmt::format("channel {}: a message of another type (fingerprint {:08x}) arrived; "
+                      "this receiver expects '{}'",
+                      address(), h.fingerprint, identity().name));
+    }
+    length_ = payload.size();
+    current_ = true;
+    if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
+    return true;
+  }
+
   Transport transport_;
   byte_buffer buf_;
   std::size_t length_ = 0;

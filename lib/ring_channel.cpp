@@ -31,6 +31,7 @@ struct ring_sending {
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto send(std::span<const std::byte> m) noexcept { return ring.send(m); }
+  bool try_send(std::span<const std::byte> m) { return ring.try_send(m); }
   std::string size_advice(std::size_t) const {
     return std::is_same_v<Ring, spsc_ring_sender> ? "raise the address's capacity="
                                                   : "raise the address's message_size=";
@@ -49,6 +50,7 @@ struct ring_receiving {
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   /// One receiver of an MPMC ring leaving does not close the ring for the others; the
@@ -71,6 +73,7 @@ struct durable_ring_receiving {
 
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
+  ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   std::uint64_t position() const noexcept { return ring.position(); }

@@ -234,7 +234,7 @@ class channel_sender {
     if (co_await detail::stop_requested()) throw operation_cancelled{};
     const std::size_t size = codec<T>::size(value);
     codec<T>::encode(value, port.prepare(size));
-    co_await port.send_prepared();
+    if (!port.try_send_prepared()) co_await port.send_prepared();
     ++port.messages;
     port.bytes += size;
   }
@@ -399,7 +399,8 @@ class channel_receiver {
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
     if (port.leaving()) co_return std::nullopt;
-    const bool got = co_await port.next();
+    bool got = port.try_next();
+    if (!got) got = co_await port.next();
     if (!got) co_return std::nullopt;
     if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     std::optional<T> value;
@@ -413,7 +414,8 @@ class channel_receiver {
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
     if (port.leaving()) co_return false;
-    const bool got = co_await port.next();
+    bool got = port.try_next();
+    if (!got) got = co_await port.next();
     if (!got) co_return false;
     if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     take_current(port, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
@@ -438,7 +440,7 @@ class channel_receiver {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
-    if (!port.leaving()) (void)co_await port.next();
+    if (!port.leaving() && !port.try_next()) (void)co_await port.next();
   }
 
   static task<std::optional<T>> nothing(detail::pooled_frame) { co_return std::nullopt; }

@@ -254,6 +254,12 @@ class [[nodiscard]] IPCORO_API ring_receive_operation
   bool end_of_stream_ = false;
 };
 
+/// What a non-blocking try_receive() found.
+struct ring_try_result {
+  bool would_block = false;         ///< the ring was empty: nothing taken
+  std::optional<std::size_t> size;  ///< else the message's size, or empty at the end of the stream
+};
+
 /// Which kind of ring an endpoint attaches to: SPSC (one sender, one receiver, messages of
 /// any size up to capacity / 2 - 8) or MPMC (any number of each, fixed-size slots).
 enum class ring_kind : unsigned char { spsc, mpmc };
@@ -294,6 +300,20 @@ class IPCORO_API basic_ring_end {
   /// MPMC ring goes to exactly one receiver.
   ring_receive_operation receive(std::span<std::byte> buffer) noexcept requires(!sender) {
     return {endpoint_.get(), buffer};
+  }
+
+  /// Sends `message` if the ring has room for it now, without waiting or spinning: true
+  /// once it is in the ring, false when the ring is full. Throws as send() does.
+  bool try_send(std::span<const std::byte> message) requires sender {
+    return ring_send_operation{endpoint_.get(), message}.await_ready();
+  }
+  /// Takes the next message into `buffer` if one is there now, without waiting or
+  /// spinning: `would_block` when the ring is empty; else what receive() would have given
+  /// (its size, or an empty optional at the end of the stream). Throws as receive() does.
+  ring_try_result try_receive(std::span<std::byte> buffer) requires(!sender) {
+    ring_receive_operation op{endpoint_.get(), buffer};
+    if (!op.await_ready()) return {true, std::nullopt};
+    return {false, op.await_resume()};
   }
 
   /// SPSC receiver: acknowledges every message received so far (with

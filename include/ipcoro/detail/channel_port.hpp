@@ -170,6 +170,11 @@ class IPCORO_API send_port : public port_base {
   /// detached, aborted) before or while it waits, and operation_cancelled when the
   /// caller's stop token is triggered.
   send_operation send_prepared() { return send_operation{*this, commit(pooled_frame{})}; }
+  /// Sends the prepared message at once if the transport can take it without waiting (and
+  /// has greeted): true when sent; false when send_prepared() must be awaited. Throws what
+  /// send_prepared() would. The path of a message that needs no wait: no task, no stop
+  /// machinery.
+  virtual bool try_send_prepared() { return false; }
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
   /// Called once the end has its identity, before any send: a transport that greets
@@ -206,6 +211,10 @@ class IPCORO_API receive_port : public port_base {
   /// end is left. Cancelling it through the caller's stop token loses nothing: whatever
   /// was read stays buffered in the port.
   next_operation next() { return next_operation{*this, fill(pooled_frame{})}; }
+  /// next() when it need not wait: true with a data message current; false when next()
+  /// must be awaited (nothing has arrived, the stream ended, or the transport has no such
+  /// path). Throws what next() would.
+  virtual bool try_next() { return false; }
   virtual std::span<const std::byte> current() const noexcept = 0;
   virtual void consume() noexcept = 0;
   /// Acknowledges every message consumed so far, on a transport that keeps messages until
