@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <random>
 #include <span>
 #include <string>
@@ -231,6 +232,61 @@ TEST_CASE("a corrupt MPMC tail, head or slot word wakes a sleeping side with EBA
       head_of(mem).store(garbage(f, p, head_of(mem).load(), rng));
     } else {
       const std::uint64_t pos = sender_sleeps ? tail_of(mem).load() : head_of(mem).load();
+      slot_word(mem, pos).store(garbage(f, p, pos, rng));
+    }
+    return 0;
+  });
+  REQUIRE(hostile.wait(30s) == 0);
+  REQUIRE(victim.wait(30s) == reported);
+}
+
+TEST_CASE("a process polling try_send or try_receive on a corrupt MPMC ring gets EBADMSG, not 'full' forever",
+          "[ring_corruption][poll]") {
+  const field f = GENERATE(field::tail, field::head, field::slot);
+  const pattern p = GENERATE(pattern::ahead, pattern::behind, pattern::random);
+  const bool sender_polls = GENERATE(true, false);
+  INFO(name_of(f) << " " << name_of(p) << ", the " << (sender_polls ? "sender" : "receiver") << " polling");
+  shared_memory mem(ipcoro::mpmc_ring_region_size(slots, max_message));
+  ipcoro::format_mpmc_ring(mem.bytes(), max_message);
+  advance(mem, 37 * slots + 3);
+  signal_pipe polling;
+
+  child_process victim([&] {
+    return run([&]() -> task<int> {
+      std::array<std::byte, max_message> buf{};
+      verdict v = no_error;
+      try {
+        // Never waits: a polling loop, bounded by its own clock.
+        std::optional<ipcoro::mpmc_ring_sender> tx;
+        std::optional<ipcoro::mpmc_ring_receiver> rx;
+        if (sender_polls) {
+          tx.emplace(mem.bytes(), options());
+          for (std::size_t i = 0; i < slots; ++i) co_await tx->send(buf);  // full
+        } else {
+          rx.emplace(mem.bytes(), options());
+        }
+        polling.signal();
+        const auto give_up = std::chrono::steady_clock::now() + 2 * bound;
+        v = hung;
+        while (v == hung && std::chrono::steady_clock::now() < give_up) {
+          if (sender_polls ? tx->try_send(buf) : !rx->try_receive(buf).would_block) v = no_error;
+        }
+        std::fprintf(stderr, "the polling side: %s\n", v == hung ? "still full (empty)" : "no error");
+      } catch (const std::system_error& e) {
+        v = judge(e, f, "the polling side");
+      }
+      co_return v;
+    }());
+  });
+  REQUIRE(polling.wait(30s));
+  child_process hostile([&] {
+    std::mt19937_64 rng(0xf00 + static_cast<int>(f) * 3 + static_cast<int>(p));
+    if (f == field::tail) {
+      tail_of(mem).store(garbage(f, p, tail_of(mem).load(), rng));
+    } else if (f == field::head) {
+      head_of(mem).store(garbage(f, p, head_of(mem).load(), rng));
+    } else {
+      const std::uint64_t pos = sender_polls ? tail_of(mem).load() : head_of(mem).load();
       slot_word(mem, pos).store(garbage(f, p, pos, rng));
     }
     return 0;

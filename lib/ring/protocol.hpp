@@ -63,11 +63,13 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   outcome try_send(std::span<const std::byte> message) {
     const outcome r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
     moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
     return r;
   }
   outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
     const outcome r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
     moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
     return r;
   }
 
@@ -96,6 +98,17 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   /// and a problem is reported only when a second look finds one too: a stale read is not
   /// corruption. For slow paths only (two fences and a few loads).
   [[gnu::cold]] void mpmc_validate(std::uint64_t pos) const;
+  /// mpmc_validate() at the position this side works at (the tail or the head).
+  void mpmc_validate_here() const {
+    mpmc_validate((role_ == role_sender ? hdr_->tail : hdr_->head).load(std::memory_order_relaxed));
+  }
+  /// MPMC: every `polls_per_check` fruitless attempts (spinning, or a caller
+  /// polling try_send / try_receive), the ring is validated, so that one polling without
+  /// ever sleeping learns of a wedged ring too.
+  void note_would_block() {
+    constexpr std::uint32_t polls_per_check = 256;
+    if (kind_ == kind_mpmc && ++fruitless_polls_ % polls_per_check == 0) mpmc_validate_here();
+  }
   /// Moves ring_header::fence_required up to `to` (never down).
   void raise_fence_mode(std::uint32_t to) noexcept;
   /// While an SPSC receiver polls an empty ring: pulls in the lines the next record will
@@ -131,6 +144,8 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::uint64_t moved_ = 0;       // messages this side moved
   bool manual_ack_;
   bool fenceless_ = false;  // this process is registered for the asymmetric barrier
+  // MPMC: attempts that found the ring full (sender) or empty (receiver), for note_would_block().
+  std::uint32_t fruitless_polls_ = 0;
 
  private:
   outcome spsc_try_send(std::span<const std::byte> message);
