@@ -95,6 +95,9 @@ static_assert(offsetof(ring_header, fence_required) == 72,
               "tests/shm_ring_test.cpp reads the fence mode here");
 static_assert(offsetof(ring_header, end_check) == 80 && offsetof(ring_header, cpu) == 128,
               "end_check uses padding that version 2 rings keep zero");
+static_assert(offsetof(ring_header, tail) == 192 && offsetof(ring_header, head) == 256 &&
+                  offsetof(ring_header, data) == 320 && offsetof(ring_header, space) == 384,
+              "tests/ring_corruption_test.cpp writes the MPMC positions, and watches the sleepers, here");
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
                   std::atomic<std::uint32_t>::is_always_lock_free,
               "the ring's words must be address-free lock-free atomics to live in shared memory");

@@ -400,18 +400,26 @@ ring_protocol::outcome ring_protocol::mpmc_try_send(std::span<const std::byte> m
       }
       continue;
     }
+    const auto laps = static_cast<std::int32_t>(capacity_);
     if (d < 0) {
       // The slot still holds the message of the previous lap: full, unless others moved on.
       const std::uint64_t now = next.load(std::memory_order_relaxed);
-      if (now == pos) return outcome::would_block;
+      if (now == pos) {
+        // Full means the previous lap's message, or a slow sender's claim of that lap.
+        if (d != 1 - laps && (d != -laps || slot_owner(w) == 0)) mpmc_validate(pos);
+        return outcome::would_block;
+      }
       pos = now;
       continue;
     }
     // Claimed for this position by another sender, or already past it: help move on.
+    // Anything else (a read many laps late, or a slot no protocol step wrote) is looked at.
+    if ((d != 0 || slot_abandoned(w)) && d != 1 && d != laps) mpmc_validate(pos);
     std::uint64_t expected = pos;
     next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
     pos = next.load(std::memory_order_relaxed);
   }
+  mpmc_validate(pos);
   return outcome::would_block;
 }
 
@@ -456,6 +464,7 @@ ring_protocol::outcome ring_protocol::mpmc_try_receive(std::span<std::byte> buff
       }
       continue;
     }
+    const auto laps = static_cast<std::int32_t>(capacity_);
     if (d < 0) {
       // Nothing published at this position yet: empty, unless others moved on.
       const std::uint64_t now = next.load(std::memory_order_relaxed);
@@ -463,17 +472,118 @@ ring_protocol::outcome ring_protocol::mpmc_try_receive(std::span<std::byte> buff
         pos = now;
         continue;
       }
+      // Empty means free for this position or being written at it, or a slow receiver's
+      // claim of the previous lap.
+      if ((d != -1 || slot_abandoned(w)) && (d != -laps || slot_owner(w) == 0)) mpmc_validate(pos);
       if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
       const std::uint64_t again = s.word.load(std::memory_order_acquire);
       if (static_cast<std::int32_t>(slot_seq(again) - static_cast<std::uint32_t>(pos + 1)) >= 0) continue;
       // Closed and drained, unless a sender is still writing this slot.
       return slot_owner(again) == 0 ? outcome::end_of_stream : outcome::would_block;
     }
+    // Claimed by another receiver, or (read late) already taken: help move on.
+    if (d != 0 && d != laps - 1) mpmc_validate(pos);
     std::uint64_t expected = pos;
     next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
     pos = next.load(std::memory_order_relaxed);
   }
+  mpmc_validate(pos);
   return outcome::would_block;
+}
+
+namespace {
+
+std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+  return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept { return a < b ? 0 : a - b; }
+
+// Positions seen around the reads of the slot words: t0 and h0 before, t1 and h1 after.
+// Both only grow, so a lower bound is sound against the earlier value, an upper bound
+// against the later one, whatever moved in between.
+struct mpmc_positions {
+  std::uint64_t t0, h0, t1, h1;
+};
+
+// A slot word is in one of four states, each for one position P: free for P (the sequence
+// is P), being written at P (P, with its sender's pid), holding the message of P (P + 1),
+// or being read at P (P + 1, with its receiver's pid). Each state is reachable only with
+// P in one range of the positions (see mpmc_try_send and mpmc_try_receive):
+// - free: the tail has not passed P, and the message of P - C was taken (the head passed it);
+// - being written: claimed at the tail, which receivers cannot pass before it is published;
+// - holding: published at or before the tail, not taken yet (the head has not passed it);
+// - being read: claimed at the head, not lapped by the tail yet.
+// The tail may trail a claim by one position (the claimer moves it just after).
+std::string slot_problem(std::uint64_t pos, std::uint64_t w, std::uint64_t capacity,
+                         const mpmc_positions& v) {
+  const std::uint64_t mask = capacity - 1;
+  const std::uint32_t seq = slot_seq(w);
+  const auto r = static_cast<std::uint32_t>((seq - static_cast<std::uint32_t>(pos)) & mask);
+  const bool owned = slot_owner(w) != 0;
+  if (r > 1 || (slot_abandoned(w) && (r == 0 || owned))) {
+    return fmt::format("mpmc slot {} word {:#018x}: sequence {} cannot belong to slot {} of a {}-slot ring{}",
+                       pos & mask, w, seq, pos & mask, capacity,
+                       slot_abandoned(w) ? " (marked abandoned)" : "");
+  }
+  const std::uint64_t p = pos + static_cast<std::uint64_t>(static_cast<std::int64_t>(
+                                    static_cast<std::int32_t>(seq - r - static_cast<std::uint32_t>(pos))));
+  std::uint64_t lo = 0;
+  std::uint64_t hi = 0;
+  const char* state = nullptr;
+  if (r == 0 && !owned) {
+    state = "free for";
+    lo = v.t0;
+    hi = std::min(saturating_add(v.t1, capacity), saturating_add(v.h1, capacity - 1));
+  } else if (r == 0) {
+    state = "being written at";
+    lo = v.h0;
+    hi = v.t1;
+  } else if (!owned) {
+    state = "holding the message of";
+    lo = v.h0;
+    hi = std::min(v.t1, saturating_add(v.h1, capacity - 1));
+  } else {
+    state = "being read at";
+    lo = saturating_sub(v.t0, capacity);
+    hi = v.h1;
+  }
+  if (p >= lo && p <= hi) return {};
+  return fmt::format("mpmc slot {} sequence {} ({} position {}) cannot follow tail {} and head {}",
+                     pos & mask, seq, state, p, v.t1, v.h1);
+}
+
+}  // namespace
+
+std::string ring_protocol::mpmc_problem(std::uint64_t pos) const {
+  full_fence();
+  mpmc_positions v{};
+  v.t0 = hdr_->tail.load(std::memory_order_seq_cst);
+  v.h0 = hdr_->head.load(std::memory_order_seq_cst);
+  const std::uint64_t at[3] = {pos, v.t0, v.h0};
+  std::uint64_t words[3];
+  for (int i = 0; i < 3; ++i) words[i] = slot_at(at[i]).word.load(std::memory_order_seq_cst);
+  v.t1 = hdr_->tail.load(std::memory_order_seq_cst);
+  v.h1 = hdr_->head.load(std::memory_order_seq_cst);
+  // At most C messages are in flight; the head passes the tail by one at most, when a
+  // sender died between claiming a slot and moving the tail and receivers skipped its slot.
+  if (v.t0 > v.h1 && v.t0 - v.h1 > capacity_) {
+    return fmt::format("mpmc tail {} is ahead of head {} by more than the ring's {} slots", v.t0, v.h1,
+                       capacity_);
+  }
+  if (v.h0 > v.t1 && v.h0 - v.t1 > 1) return fmt::format("mpmc tail {} is behind head {}", v.t1, v.h0);
+  for (int i = 0; i < 3; ++i) {
+    std::string problem = slot_problem(at[i], words[i], capacity_, v);
+    if (!problem.empty()) return problem;
+  }
+  return {};
+}
+
+void ring_protocol::mpmc_validate(std::uint64_t pos) const {
+  if (mpmc_problem(pos).empty()) return;
+  // Every bound holds for any moment between the reads; look once more all the same, so
+  // that only a state that stays impossible is reported.
+  const std::string problem = mpmc_problem(pos);
+  if (!problem.empty()) throw_corrupt(problem);
 }
 
 }  // namespace ipcoro::detail

@@ -79,6 +79,7 @@ class __attribute__((visibility("hidden"))) ring_protocol {
     if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
       throw_if_truncated(hdr_);
     moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
     return r;
   }
   outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
@@ -92,6 +93,7 @@ class __attribute__((visibility("hidden"))) ring_protocol {
     if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
       throw_if_truncated(hdr_);
     moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
     return r;
   }
 
@@ -115,6 +117,23 @@ class __attribute__((visibility("hidden"))) ring_protocol {
       full_fence();
     }
     wake_announced(ev);
+  }
+  /// MPMC: throws EBADMSG, naming the field, if the positions, or the words of the slots at
+  /// `pos`, the tail and the head, describe a state the protocol cannot reach. Each bound is
+  /// checked against positions read on the side that makes it sound while others move them,
+  /// and a problem is reported only when a second look finds one too: a stale read is not
+  /// corruption. For slow paths only (two fences and a few loads).
+  [[gnu::cold]] void mpmc_validate(std::uint64_t pos) const;
+  /// mpmc_validate() at the position this side works at (the tail or the head).
+  void mpmc_validate_here() const {
+    mpmc_validate((role_ == role_sender ? hdr_->tail : hdr_->head).load(std::memory_order_relaxed));
+  }
+  /// MPMC: every `polls_per_check` fruitless attempts (spinning, or a caller
+  /// polling try_send / try_receive), the ring is validated, so that one polling without
+  /// ever sleeping learns of a wedged ring too.
+  void note_would_block() {
+    constexpr std::uint32_t polls_per_check = 256;
+    if (kind_ == kind_mpmc && ++fruitless_polls_ % polls_per_check == 0) mpmc_validate_here();
   }
   /// Moves ring_header::fence_required up to `to` (never down).
   void raise_fence_mode(std::uint32_t to) noexcept;
@@ -158,6 +177,8 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   bool checked_ = false;  // feature_xxh3: records carry record_check_header's check
   std::size_t record_size_ = sizeof(record_header);  // SPSC: bytes of a record's header
   bool fenceless_ = false;                           // this process is registered for the asymmetric barrier
+  // MPMC: attempts that found the ring full (sender) or empty (receiver), for note_would_block().
+  std::uint32_t fruitless_polls_ = 0;
 
  private:
   outcome spsc_try_send(std::span<const std::byte> message);
@@ -174,6 +195,8 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   void accept_features(ring_config& c, const char* what);
   outcome mpmc_try_send(std::span<const std::byte> message);
   outcome mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  /// One look for mpmc_validate(): what is impossible, or "".
+  std::string mpmc_problem(std::uint64_t pos) const;
 };
 
 }  // namespace ipcoro::detail
