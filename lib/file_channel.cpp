@@ -146,12 +146,6 @@ std::unique_ptr<link_ends> make_file_link(const channel_address& a) {
 
 void check_file_address(const channel_address& a) {
   check_ring_address(a);
-  if (a.checksum && a.mpmc) {
-    throw bad_channel_address(fmt::format(
-        "channel address \"{}\": checksum=xxh3 applies to an SPSC ring (records of an MPMC ring's "
-        "slots carry none); drop ring=mpmc or the checksum",
-        a.text));
-  }
   if (a.durable && a.mpmc) {
     throw bad_channel_address(
         fmt::format("channel address \"{}\": durable=1 applies to an SPSC ring: its one receiver "

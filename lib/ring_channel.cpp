@@ -166,6 +166,11 @@ void check_ring_address(const channel_address& a) {
     bad_address(a, fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
                                *a.message_size, mpmc_ring_max_message));
   }
+  if (a.checksum && a.mpmc) {
+    bad_address(a,
+                "checksum=xxh3 applies to an SPSC ring (records of an MPMC ring's slots carry none); drop "
+                "ring=mpmc or the checksum");
+  }
   if (a.message_size && !a.mpmc) {
     bad_address(a,
                 "message_size applies to an MPMC ring (ring=mpmc); an SPSC ring's largest message "

@@ -150,10 +150,17 @@ TEST_CASE("with checksum=xxh3 a record edited by another process is EBADMSG nami
   CHECK(contains(f.what, "fails its checksum"));
 }
 
-TEST_CASE("a checksummed file ring carries a stream of every size through many wrap-arounds",
-          "[file][checksum][ipc]") {
+/// The ring a test works on: a file (removed after the test), or a segment (its receiver
+/// removes the name when it closes).
+std::string ring_address(const std::string& scheme, const temp_path& file, const char* tag) {
+  return scheme == "file" ? "file:" + file.path : "shm:/" + ipcoro::test::unique_name(tag);
+}
+
+TEST_CASE("a checksummed ring carries a stream of every size through many wrap-arounds",
+          "[file][shm][checksum][ipc]") {
+  const std::string scheme = GENERATE("file", "shm");
   const temp_path file("ckw");
-  const std::string address = "file:" + file.path + "?checksum=xxh3&capacity=4096";
+  const std::string address = ring_address(scheme, file, "ckw") + "?checksum=xxh3&capacity=4096";
   ipcoro::io_context ctx;
   auto rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<std::string>(address));
   const auto message = [](int i) {
@@ -178,9 +185,11 @@ TEST_CASE("a checksummed file ring carries a stream of every size through many w
   CHECK(sender.wait() == 0);
 }
 
-TEST_CASE("an end whose checksum= differs from the ring's is refused naming both", "[file][checksum]") {
+TEST_CASE("an end whose checksum= differs from the ring's is refused naming both",
+          "[file][shm][checksum]") {
+  const std::string scheme = GENERATE("file", "shm");
   const temp_path file("ckm");
-  const std::string plain = "file:" + file.path;
+  const std::string plain = ring_address(scheme, file, "ckm");
   const std::string checked = plain + "?checksum=xxh3";
   ipcoro::io_context ctx;
   for (const auto& [receiver, sender] : {std::pair{checked, plain}, std::pair{plain, checked}}) {

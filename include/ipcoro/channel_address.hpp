@@ -34,7 +34,7 @@ class IPCORO_API bad_channel_address : public std::invalid_argument {
 ///                   file). The sender waits for a restarted receiver instead of failing
 ///                   with peer_died. Both ends must say durable=1 (an end that does not is
 ///                   refused); capacity applies when the file is created.
-///   checksum=none|xxh3  (file:, SPSC) xxh3: every record carries an XXH3-64 checksum of
+///   checksum=none|xxh3  (shm:, file:; SPSC) xxh3: every record carries an XXH3-64 checksum of
 ///                   its position, length and payload, and a close carries one of the final
 ///                   position, so a damaged or edited record, a moved position or a stray
 ///                   close flag is an error (EBADMSG naming the record's offset), never
@@ -62,7 +62,7 @@ struct IPCORO_API channel_address {
   unsigned mode = 0600;
   bool mpmc = false;
   bool durable = false;   ///< file: only; see durable=1 above
-  bool checksum = false;  ///< file: only; checksum=xxh3 (see above)
+  bool checksum = false;  ///< shm: and file: SPSC rings; checksum=xxh3 (see above)
   std::string text;       ///< the address as given, for messages
 
   /// Parses and checks an address; throws bad_channel_address naming what is wrong.
