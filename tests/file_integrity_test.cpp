@@ -185,8 +185,7 @@ TEST_CASE("a checksummed ring carries a stream of every size through many wrap-a
   CHECK(sender.wait() == 0);
 }
 
-TEST_CASE("an end whose checksum= differs from the ring's is refused naming both",
-          "[file][shm][checksum]") {
+TEST_CASE("an end whose checksum= differs from the ring's is refused naming both", "[file][shm][checksum]") {
   const std::string scheme = GENERATE("file", "shm");
   const temp_path file("ckm");
   const std::string plain = ring_address(scheme, file, "ckm");
