@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: MIT
 // Measurement pieces shared by the benchmark programs: pinning, CPU time, percentiles,
-// a forked two-process runner that reports each side's steady-state window, raw futex and
-// busy-spin ping-pongs, and memcpy bandwidth.
+// a forked two-process runner that reports each side's steady-state window, the names a run
+// creates (removed even when it ends on a signal), raw futex and busy-spin ping-pongs, and
+// memcpy bandwidth.
 #pragma once
 
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <linux/futex.h>
+#include <mqueue.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -26,8 +28,11 @@
 #include <cstring>
 #include <exception>
 #include <span>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 namespace ipcoro::bench {
@@ -37,6 +42,10 @@ using clock_type = std::chrono::steady_clock;
 /// Number of global operator new calls so far in this process; the program supplies it
 /// (ipcoro-bench links the counting operator new of tests/support).
 std::uint64_t allocation_count() noexcept;
+
+/// malloc-family allocations so far in this process, operator new included (defined by
+/// counting_malloc.cpp, which is built without sanitizers only).
+std::uint64_t malloc_count() noexcept;
 
 /// The CPUs this process may run on (its affinity mask at the first call), in order.
 inline const std::vector<int>& usable_cpus() {
@@ -139,6 +148,22 @@ inline const char* name_of(placement p) noexcept {
   return p == placement::cross_core ? "cross-core" : "same-core";
 }
 
+/// The message size of every round-trip row.
+inline constexpr std::size_t rtt_size = 64;
+
+/// What a row measures: 64-byte round trips, or one-way throughput.
+enum class kind { rtt, tput };
+
+/// One row to measure: which transport and implementation, how, and how many messages.
+struct job {
+  std::string transport, impl, mode;
+  kind what = kind::rtt;
+  placement where = placement::cross_core;
+  std::size_t size = rtt_size;
+  std::size_t warmup = 0, n = 0;
+  std::size_t pipe_capacity = 0;  // 0: the default
+};
+
 namespace detail {
 struct wire_report {
   std::uint64_t allocs;
@@ -202,11 +227,134 @@ pair_result run_pair(placement where, Peer&& peer, Self&& self) {
                        ? std::string(r.error)
                        : std::string("peer process failed");
   }
+  // A peer that failed before the measurer gave up has said why: keep that too.
+  if (!self_ok && n == static_cast<ssize_t>(sizeof r) && !r.ok && r.error[0] != '\0') {
+    result.error += fmt::format(" ({})", r.error);
+  }
   result.peer.allocs = r.allocs;
   result.peer.cpu_seconds = r.cpu_seconds;
   result.peer.seconds = r.seconds;
   result.ok = self_ok && peer_ok;
   return result;
+}
+
+/// A name no other run can have: ipcoro-bench-PID-WHAT-N.
+inline std::string unique_name(std::string_view what) {
+  static int counter = 0;
+  return fmt::format("ipcoro-bench-{}-{}-{}", ::getpid(), what, ++counter);
+}
+
+/// What a created name is, which says how to remove it.
+enum class name_kind : std::uint8_t { file, directory, shm, mqueue };
+
+namespace detail {
+/// A slot of the table a signal handler walks: 0 free, 1 being filled, 2 in use.
+struct remembered_name {
+  std::atomic<int> state{0};
+  pid_t owner = 0;
+  name_kind kind = name_kind::file;
+  char name[240] = {};
+};
+inline remembered_name remembered_names[32];
+
+/// Removes one name; only async-signal-safe calls (shm_unlink and mq_unlink are unlink and
+/// a bare system call in glibc).
+inline void remove_name(name_kind kind, const char* name) noexcept {
+  switch (kind) {
+    case name_kind::file:
+      ::unlink(name);
+      break;
+    case name_kind::directory:
+      ::rmdir(name);
+      break;
+    case name_kind::shm:
+      ::shm_unlink(name);
+      break;
+    case name_kind::mqueue:
+      ::mq_unlink(name);
+      break;
+  }
+}
+}  // namespace detail
+
+/// Removes every name this process still owns (see owned_name): for a process about to end
+/// abruptly (the watchdog, SIGINT, SIGTERM). Async-signal-safe. Names a forked child
+/// inherited in its copy of the table belong to the parent and are left alone.
+inline void remove_owned_names() noexcept {
+  const pid_t self = ::getpid();
+  // Directories last: the files they hold go first.
+  for (const bool directories : {false, true}) {
+    for (auto& slot : detail::remembered_names) {
+      if (slot.state.load(std::memory_order_acquire) != 2 || slot.owner != self) continue;
+      if ((slot.kind == name_kind::directory) != directories) continue;
+      detail::remove_name(slot.kind, slot.name);
+    }
+  }
+}
+
+/// A file, directory, shared memory object or message queue this process created: removed
+/// when the owned_name goes, whatever the row's outcome, and by remove_owned_names() if the
+/// process ends first. Make it before creating the name, so no path leaves it behind.
+class owned_name {
+ public:
+  owned_name() = default;
+  /// Remembers `name` (a path, or "/name" for shm and mqueue). Throws std::length_error
+  /// when the name is too long or too many are owned at once.
+  owned_name(name_kind kind, std::string name) : kind_(kind), name_(std::move(name)) {
+    if (name_.size() >= sizeof detail::remembered_names[0].name)
+      throw std::length_error("name too long: " + name_);
+    for (auto& slot : detail::remembered_names) {
+      int free = 0;
+      if (!slot.state.compare_exchange_strong(free, 1, std::memory_order_acq_rel)) continue;
+      slot.owner = ::getpid();
+      slot.kind = kind_;
+      std::memcpy(slot.name, name_.c_str(), name_.size() + 1);
+      slot.state.store(2, std::memory_order_release);
+      slot_ = &slot;
+      return;
+    }
+    throw std::length_error("too many names owned at once");
+  }
+  ~owned_name() { remove(); }
+  owned_name(owned_name&& other) noexcept
+      : kind_(other.kind_), name_(std::move(other.name_)), slot_(std::exchange(other.slot_, nullptr)) {}
+  owned_name& operator=(owned_name&& other) noexcept {
+    if (this != &other) {
+      remove();
+      kind_ = other.kind_;
+      name_ = std::move(other.name_);
+      slot_ = std::exchange(other.slot_, nullptr);
+    }
+    return *this;
+  }
+
+  const std::string& name() const noexcept { return name_; }
+
+  /// Removes the name now (if it still exists) and forgets it.
+  void remove() noexcept {
+    if (slot_ == nullptr) return;
+    detail::remove_name(kind_, name_.c_str());
+    slot_->state.store(0, std::memory_order_release);
+    slot_ = nullptr;
+  }
+
+ private:
+  name_kind kind_ = name_kind::file;
+  std::string name_;
+  detail::remembered_name* slot_ = nullptr;
+};
+
+/// Makes a fresh directory from `prefix` + "XXXXXX" (mkdtemp), owned: removed once empty
+/// when the owned_name goes.
+inline owned_name make_owned_directory(const std::string& prefix) {
+  std::string path = prefix + "XXXXXX";
+  if (::mkdtemp(path.data()) == nullptr) throw std::system_error(errno, std::system_category(), "mkdtemp");
+  try {
+    return owned_name(name_kind::directory, path);
+  } catch (...) {
+    ::rmdir(path.c_str());
+    throw;
+  }
 }
 
 /// Anonymous MAP_SHARED memory, shared with processes forked after it was made.

@@ -1,14 +1,19 @@
 // SPDX-License-Identifier: MIT
 // ipcoro-bench: every transport side by side — raw blocking syscalls, ipcoro's transport
-// API, ipcoro's typed channels and standalone Asio — measured in one run: 64-byte round
-// trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap allocations
-// and CPU time per message, task switch cost, and the targets of the benchmark issue.
+// API, ipcoro's typed channels, standalone Asio, and the libraries people pick instead
+// (ZeroMQ, Boost.Interprocess, Asio local sockets: peers.hpp) — measured in one run: 64-byte
+// round trips (p50/p99/p99.9), one-way throughput at 64 B, 1 KiB and 64 KiB, heap
+// allocations and CPU time per message, task switch cost, and the targets of the benchmark
+// issue.
 //
-// Usage: ipcoro-bench [--quick] [--iterations N] [--transport pipe,fifo,mq,shm,file,inproc]
+// Usage: ipcoro-bench [--quick] [--iterations N]
+//                     [--transport pipe,fifo,mq,shm,file,inproc,zmq,boost-mq,asio-local]
 //                     [--pin | --same-core] [--json FILE] [--plot FILE.png]
+#include "bench_loops.hpp"
 #include "bench_report.hpp"
 #include "bench_support.hpp"
 #include "counting_new.hpp"
+#include "peers.hpp"
 
 #include <ipcoro/ipcoro.hpp>
 
@@ -39,7 +44,15 @@
 #include <string_view>
 #include <vector>
 
-std::uint64_t ipcoro::bench::allocation_count() noexcept { return ipcoro::test::allocations(); }
+// Every malloc-family allocation where counting_malloc.cpp is built (it sees what C libraries
+// such as libzmq allocate); under a sanitizer, global operator new only.
+std::uint64_t ipcoro::bench::allocation_count() noexcept {
+#if IPCORO_BENCH_COUNT_MALLOC
+  return malloc_count();
+#else
+  return ipcoro::test::allocations();
+#endif
+}
 
 namespace {
 
@@ -47,7 +60,6 @@ using namespace ipcoro::bench;
 using namespace std::chrono_literals;
 using ipcoro::task;
 
-constexpr std::size_t rtt_size = 64;
 constexpr std::array<std::size_t, 3> tput_sizes{64, 1024, 64 * 1024};
 // Busy polling and ring spinning spend up to this long checking before they sleep.
 constexpr std::chrono::microseconds busy_poll_budget{200};
@@ -62,7 +74,8 @@ struct settings {
   std::size_t rounds = 4;               // parts each row is measured in, interleaved
   std::vector<placement> placements{placement::cross_core, placement::same_core};
   placement tput_placement = placement::cross_core;
-  std::set<std::string> transports{"pipe", "fifo", "mq", "shm", "file", "inproc"};
+  std::set<std::string> transports{"pipe",   "fifo", "mq",       "shm",       "file",
+                                   "inproc", "zmq",  "boost-mq", "asio-local"};
   std::string json, plot;
 };
 
@@ -72,20 +85,22 @@ std::size_t tput_messages(const settings& s, std::size_t size) {
   return std::max<std::size_t>(std::min<std::uint64_t>(s.tput_bytes / size, s.tput_max_messages), 64);
 }
 
-std::string unique_name(std::string_view what) {
-  static int counter = 0;
-  return fmt::format("ipcoro-bench-{}-{}-{}", ::getpid(), what, ++counter);
-}
-
 // ---- the watchdog: a measurement that hangs ends the program with its name ----
 
+// Either way out removes the names the run still owns (segments, queues, FIFOs, files).
 char watchdog_label[160];
 void on_alarm(int) {
   const char prefix[] = "ipcoro-bench: timed out in ";
   [[maybe_unused]] ssize_t n = ::write(2, prefix, sizeof prefix - 1);
   n = ::write(2, watchdog_label, std::strlen(watchdog_label));
   n = ::write(2, "\n", 1);
+  remove_owned_names();
   ::_exit(1);
+}
+void on_terminate(int sig) {
+  remove_owned_names();
+  ::signal(sig, SIG_DFL);
+  ::raise(sig);
 }
 struct watchdog {
   watchdog(const std::string& label, unsigned seconds) {
@@ -148,61 +163,8 @@ struct raw_mq_end {
   }
 };
 
-template <class E>
-void sync_echo(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    e.receive(buf);
-    e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-void sync_ping(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w,
-               std::vector<double>& rtt) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup; ++i) {
-    e.send(buf);
-    e.receive(buf);
-  }
-  w.start();
-  for (std::size_t i = 0; i < n; ++i) {
-    const auto t0 = clock_type::now();
-    e.send(buf);
-    e.receive(buf);
-    rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
-  }
-  w.stop();
-}
-
-template <class E>
-void sync_produce(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size, std::byte{0x5a});
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-void sync_consume(const E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    e.receive(buf);
-  }
-  w.stop();
-}
-
 // ---- ipcoro endpoints: the same loops as coroutines on an io_context ----
 
-void expect(bool ok, const char* what) {
-  if (!ok) throw std::runtime_error(what);
-}
-void check_received(std::size_t n, std::size_t size) { expect(n == size, "short read: end of stream"); }
 void check_received(const ipcoro::mq_message& m, std::size_t size) {
   expect(m.size == size, "short message");
 }
@@ -318,54 +280,6 @@ struct asio_fd_end {
   }
 };
 
-template <class E>
-asio::awaitable<void> asio_echo(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    const std::size_t got = co_await e.receive(buf);
-    check_received(got, size);
-    co_await e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-asio::awaitable<void> asio_ping(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w,
-                                std::vector<double>& rtt) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    const auto t0 = clock_type::now();
-    co_await e.send(buf);
-    const std::size_t got = co_await e.receive(buf);
-    check_received(got, size);
-    if (i >= warmup) rtt.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
-  }
-  w.stop();
-}
-
-template <class E>
-asio::awaitable<void> asio_produce(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size, std::byte{0x5a});
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    co_await e.send(buf);
-  }
-  w.stop();
-}
-
-template <class E>
-asio::awaitable<void> asio_consume(E& e, std::size_t size, std::size_t warmup, std::size_t n, window& w) {
-  std::vector<std::byte> buf(size);
-  for (std::size_t i = 0; i < warmup + n; ++i) {
-    if (i == warmup) w.start();
-    const std::size_t got = co_await e.receive(buf);
-    check_received(got, size);
-  }
-  w.stop();
-}
-
 /// Runs `make(end)` to completion on a fresh single-threaded Asio io_context; rethrows.
 template <class Make>
 void run_asio(int in_fd, int out_fd, Make make) {
@@ -432,15 +346,17 @@ task<void> chan_consume(ipcoro::channel_receiver<blob<N>>& rx, std::size_t warmu
   w.stop();
 }
 
-/// Removes what a channel address may have left behind (the link should have removed it).
-void remove_leftovers(const std::string& address) {
+/// The name a channel address creates, owned so that it is removed even if the link is not
+/// (the link should remove it itself); empty for pipes.
+owned_name owned_name_of(const std::string& address) {
   const auto colon = address.find(':');
   const auto query = address.find('?');
-  const std::string kind = address.substr(0, colon);
+  const std::string scheme = address.substr(0, colon);
   const std::string path = address.substr(colon + 1, query == std::string::npos ? query : query - colon - 1);
-  if (kind == "fifo" || kind == "file") ::unlink(path.c_str());
-  if (kind == "mq") ::mq_unlink(path.c_str());
-  if (kind == "shm") ::shm_unlink(path.c_str());
+  if (scheme == "fifo" || scheme == "file") return {name_kind::file, path};
+  if (scheme == "mq") return {name_kind::mqueue, path};
+  if (scheme == "shm") return {name_kind::shm, path};
+  return {};
 }
 
 std::string channel_address(const std::string& transport, std::size_t size) {
@@ -475,6 +391,7 @@ pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std
     ipcoro::sync_wait(ctx, std::move(t));
   };
   const std::string addr_a = channel_address(transport, N), addr_b = channel_address(transport, N);
+  const owned_name name_a = owned_name_of(addr_a), name_b = owned_name_of(addr_b);
   pair_result r;
   {
     auto a = ipcoro::channel_link::create(addr_a);
@@ -492,14 +409,13 @@ pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std
           run_side(chan_ping<N>(tx, rx, warmup, n, w, rtt));
         });
   }
-  remove_leftovers(addr_a);
-  remove_leftovers(addr_b);
   return r;
 }
 
 template <std::size_t N>
 pair_result channel_tput(const std::string& transport, placement where, std::size_t warmup, std::size_t n) {
   const std::string addr = channel_address(transport, N);
+  const owned_name name = owned_name_of(addr);
   pair_result r;
   {
     auto link = ipcoro::channel_link::create(addr);
@@ -516,7 +432,6 @@ pair_result channel_tput(const std::string& transport, placement where, std::siz
           ipcoro::sync_wait(ctx, chan_consume<N>(rx, warmup, n, w));
         });
   }
-  remove_leftovers(addr);
   return r;
 }
 
@@ -562,17 +477,6 @@ pair_result with_size(std::size_t size, F&& f) {
 }
 
 // ---- one measurement per (transport, impl, mode) ----
-
-enum class kind { rtt, tput };
-
-struct job {
-  std::string transport, impl, mode;
-  kind what = kind::rtt;
-  placement where = placement::cross_core;
-  std::size_t size = rtt_size;
-  std::size_t warmup = 0, n = 0;
-  std::size_t pipe_capacity = 0;  // 0: the default
-};
 
 ipcoro::io_context::options context_options(const job& j) {
   ipcoro::io_context::options o;
@@ -696,10 +600,11 @@ pair_result measure_stream(const job& j, std::vector<double>* rtt) {
   }
   // FIFOs: throughput uses one (the peer writes, the measurer reads), round trips two;
   // both sides open them in the same order, so neither waits forever.
-  char dir_template[] = "/tmp/ipcoro-bench-fifo-XXXXXX";
-  if (::mkdtemp(dir_template) == nullptr) throw std::system_error(errno, std::system_category(), "mkdtemp");
-  const std::string dir = dir_template;
-  const std::string there = dir + "/there", back = dir + "/back";
+  const owned_name dir = make_owned_directory("/tmp/ipcoro-bench-fifo-");
+  const owned_name there_name(name_kind::file, dir.name() + "/there");
+  const owned_name back_name(name_kind::file, dir.name() + "/back");
+  const std::string& there = there_name.name();
+  const std::string& back = back_name.name();
   if (::mkfifo(there.c_str(), 0600) != 0 || ::mkfifo(back.c_str(), 0600) != 0)
     throw std::system_error(errno, std::system_category(), "mkfifo");
   pair_result r = run_pair(
@@ -723,9 +628,6 @@ pair_result measure_stream(const job& j, std::vector<double>* rtt) {
           stream_side(j, false, first.get(), -1, w, rtt);
         }
       });
-  ::unlink(there.c_str());
-  ::unlink(back.c_str());
-  ::rmdir(dir.c_str());
   return r;
 }
 
@@ -742,9 +644,11 @@ pair_result measure_mq(const job& j, std::vector<double>* rtt) {
   const ipcoro::mq_attributes attrs{
       .max_messages = std::min(10L, mq_limit("/proc/sys/fs/mqueue/msg_max", 10)),
       .message_size = static_cast<long>(j.size)};
-  ipcoro::message_queue there = ipcoro::message_queue::create(fmt::format("/{}", unique_name("mq")), attrs);
+  const owned_name there_name(name_kind::mqueue, fmt::format("/{}", unique_name("mq")));
+  const owned_name back_name(name_kind::mqueue, fmt::format("/{}", unique_name("mq")));
+  ipcoro::message_queue there = ipcoro::message_queue::create(there_name.name(), attrs);
   ipcoro::message_queue back;
-  if (j.what == kind::rtt) back = ipcoro::message_queue::create(fmt::format("/{}", unique_name("mq")), attrs);
+  if (j.what == kind::rtt) back = ipcoro::message_queue::create(back_name.name(), attrs);
   const auto side = [&](bool peer, window& w) {
     const ipcoro::message_queue* in = peer ? &there : &back;
     const ipcoro::message_queue* out = peer ? &back : &there;
@@ -789,26 +693,24 @@ class region {
   region(const std::string& transport, const ipcoro::region_layout& layout,
          const std::function<void(std::span<std::byte>)>& init) {
     if (transport == "shm") {
-      segment_ = ipcoro::shm_segment::create(fmt::format("/{}", unique_name("shm")), layout,
+      name_ = owned_name(name_kind::shm, fmt::format("/{}", unique_name("shm")));
+      segment_ = ipcoro::shm_segment::create(name_.name(), layout,
                                              ipcoro::shm_segment::options{.mode = 0600, .initialize = init});
       bytes_ = segment_.payload();
     } else {
-      path_ = fmt::format("/tmp/{}", unique_name("file"));
-      file_ = ipcoro::mapped_file::create(path_, layout, 0600, init);
+      name_ = owned_name(name_kind::file, fmt::format("/tmp/{}", unique_name("file")));
+      file_ = ipcoro::mapped_file::create(name_.name(), layout, 0600, init);
       bytes_ = file_.payload();
     }
-  }
-  ~region() {
-    if (!path_.empty()) ::unlink(path_.c_str());
   }
   region(const region&) = delete;
   region& operator=(const region&) = delete;
   std::span<std::byte> bytes() const noexcept { return bytes_; }
 
  private:
+  owned_name name_;  // first: removed last, even when the run ends on the watchdog
   ipcoro::shm_segment segment_;
   ipcoro::mapped_file file_;
-  std::string path_;
   std::span<std::byte> bytes_;
 };
 
@@ -862,6 +764,7 @@ pair_result measure_ring(const job& j, std::vector<double>* rtt) {
 }
 
 pair_result measure(const job& j, std::vector<double>* rtt) {
+  if (find_peer(j.transport) != nullptr) return measure_peer(j, rtt);
   if (j.impl == "ipcoro-channel") {
     return with_size(j.size, [&]<std::size_t N>() {
       if (j.transport == "inproc")
@@ -997,6 +900,7 @@ void record(results& res, const job& j, pair_result& r, std::vector<double>& sam
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.base_mode = base_mode;
     if (!r.ok) {
@@ -1016,6 +920,7 @@ void record(results& res, const job& j, pair_result& r, std::vector<double>& sam
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.size = j.size;
     row.base_mode = base_mode;
@@ -1042,6 +947,7 @@ void skip(results& res, const job& j, const std::string& why) {
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.note = why;
     res.rtt.push_back(row);
@@ -1050,6 +956,7 @@ void skip(results& res, const job& j, const std::string& why) {
     row.transport = j.transport;
     row.impl = j.impl;
     row.mode = j.mode;
+    row.peer = find_peer(j.transport) != nullptr;
     row.placement = placement_name;
     row.size = j.size;
     row.note = why;
@@ -1131,6 +1038,29 @@ struct runner {
   }
 };
 
+/// The peer libraries' rows of one comparison: each peer that --transport selects and this
+/// build has. A peer that is not built is listed as skipped, with its packages, when
+/// `note_missing` (once per kind of row).
+void add_peer_rows(runner& run, const settings& cfg, kind what, placement where, std::size_t size,
+                   bool note_missing) {
+  for (const peer_library& p : peer_libraries()) {
+    const std::string transport(p.transport);
+    if (cfg.transports.count(transport) == 0) continue;
+    const job j{transport,
+                std::string(p.impl),
+                std::string(what == kind::rtt ? p.rtt_mode : p.tput_mode),
+                what,
+                where,
+                size};
+    if (p.built) {
+      run.add(j);
+    } else if (note_missing) {
+      skip(run.res, j, fmt::format("not built: install {} and reconfigure", p.packages));
+    }
+  }
+  run.flush();
+}
+
 void run_all(const settings& cfg, results& res, bool& failed) {
   runner run{cfg, res, false, {}};
   const auto want = [&](const char* t) { return cfg.transports.count(t) != 0; };
@@ -1172,6 +1102,8 @@ void run_all(const settings& cfg, results& res, bool& failed) {
     run.add({"inproc", "ipcoro-channel", "", kind::rtt, placement::same_core});
     run.flush();
   }
+  for (placement where : cfg.placements)
+    add_peer_rows(run, cfg, kind::rtt, where, rtt_size, where == cfg.placements.front());
 
   // Throughput.
   const placement tp = cfg.tput_placement;
@@ -1228,6 +1160,7 @@ void run_all(const settings& cfg, results& res, bool& failed) {
       run.add({"inproc", "ipcoro-channel", "", kind::tput, placement::same_core, size});
       run.flush();
     }
+    add_peer_rows(run, cfg, kind::tput, tp, size, size == tput_sizes.front());
   }
 
   // Task switch.
@@ -1344,14 +1277,14 @@ void evaluate_targets(const results& res, std::vector<verdict>& out) {
     std::string offenders;
     int measured = 0;
     for (const auto& r : res.rtt) {
-      if (!r.note.empty() || r.impl == "raw" || r.impl == "asio") continue;
+      if (!r.note.empty() || (r.impl != "ipcoro" && r.impl != "ipcoro-channel")) continue;
       ++measured;
       if (r.allocs > 0)
         offenders += fmt::format("; {} {}{}{} {} round trip: {:.3f}", r.transport, r.impl,
                                  r.mode.empty() ? "" : " ", r.mode, r.placement, r.allocs);
     }
     for (const auto& r : res.tput) {
-      if (!r.note.empty() || r.impl == "raw" || r.impl == "asio") continue;
+      if (!r.note.empty() || (r.impl != "ipcoro" && r.impl != "ipcoro-channel")) continue;
       ++measured;
       if (r.allocs > 0)
         offenders += fmt::format("; {} {}{}{} {}: {:.3f}", r.transport, r.impl, r.mode.empty() ? "" : " ",
@@ -1382,7 +1315,8 @@ void usage(const char* argv0) {
              "          [--json FILE] [--plot FILE.png]\n"
              "  --quick          a smoke run of a few seconds (CI)\n"
              "  --iterations N   round trips per latency row (default 100000)\n"
-             "  --transport LIST comma-separated subset of pipe,fifo,mq,shm,file,inproc\n"
+             "  --transport LIST comma-separated subset of pipe,fifo,mq,shm,file,inproc and of the\n"
+             "                   peer libraries zmq,boost-mq,asio-local (default: all)\n"
              "  --pin            only the two sides on different cores (the first two usable CPUs)\n"
              "  --same-core      only the two sides on the same core (the first usable CPU)\n"
              "  --json FILE      write every figure as a JSON list of rows\n"
@@ -1414,8 +1348,12 @@ int main(int argc, char** argv) {
       while (!list.empty()) {
         const auto comma = list.find(',');
         const std::string t(list.substr(0, comma));
-        if (t != "pipe" && t != "fifo" && t != "mq" && t != "shm" && t != "file" && t != "inproc") {
-          fmt::print(stderr, "--transport: unknown transport '{}' (pipe, fifo, mq, shm, file, inproc)\n", t);
+        if (t != "pipe" && t != "fifo" && t != "mq" && t != "shm" && t != "file" && t != "inproc" &&
+            find_peer(t) == nullptr) {
+          fmt::print(stderr,
+                     "--transport: unknown transport '{}' (pipe, fifo, mq, shm, file, inproc; peers: zmq, "
+                     "boost-mq, asio-local)\n",
+                     t);
           return 2;
         }
         cfg.transports.insert(t);
@@ -1455,6 +1393,8 @@ int main(int argc, char** argv) {
     fmt::print("only one usable CPU: cross-core rows skipped\n");
   }
   ::signal(SIGALRM, on_alarm);
+  ::signal(SIGINT, on_terminate);
+  ::signal(SIGTERM, on_terminate);
 
   double load[3] = {0, 0, 0};
   ::getloadavg(load, 3);
@@ -1464,9 +1404,14 @@ int main(int argc, char** argv) {
       "{} CPUs, load average {:.2f} {:.2f} {:.2f}\n",
       cfg.quick ? "quick" : "full", cfg.iterations, si(static_cast<double>(cfg.tput_max_messages)),
       usable_cpu_count(), load[0], load[1], load[2]);
+  fmt::print("peer libraries: {}\n", describe_peers());
   std::fflush(stdout);
 
   results res;
+  res.allocation_counting =
+      IPCORO_BENCH_COUNT_MALLOC
+          ? "every malloc, calloc, realloc and memalign in both processes (operator new included)"
+          : "global operator new in both processes (a sanitizer build: malloc is not counted)";
   bool failed = false;
   run_all(cfg, res, failed);
   print_tables(res);

@@ -6,6 +6,7 @@
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
+#include "ring/checksum.hpp"
 
 #include <fmt/core.h>
 
@@ -37,7 +38,7 @@ std::string option_list(const channel_scheme& s) {
   static constexpr std::pair<unsigned, const char*> names[] = {
       {address_option::capacity, "capacity"}, {address_option::message_size, "message_size"},
       {address_option::mode, "mode"},         {address_option::ring, "ring"},
-      {address_option::durable, "durable"},
+      {address_option::durable, "durable"},   {address_option::checksum, "checksum"},
   };
   std::string out;
   for (const auto& [bit, name] : names) {
@@ -103,6 +104,7 @@ void apply_option(channel_address& a, const channel_scheme& s, std::string_view 
   if (key == "mode") bit = address_option::mode;
   if (key == "ring") bit = address_option::ring;
   if (key == "durable") bit = address_option::durable;
+  if (key == "checksum") bit = address_option::checksum;
   if ((s.options & bit) == 0) {
     bad_address(address,
                 fmt::format("option \"{}\" does not apply to {}: it takes {}", key, s.name, option_list(s)));
@@ -130,6 +132,14 @@ void apply_option(channel_address& a, const channel_scheme& s, std::string_view 
   } else if (bit == address_option::ring) {
     if (value != "spsc" && value != "mpmc") bad_address(address, "ring= takes spsc or mpmc");
     a.mpmc = value == "mpmc";
+  } else if (bit == address_option::checksum) {
+    if (value != "none" && value != "xxh3") bad_address(address, "checksum= takes none or xxh3");
+    a.checksum = value == "xxh3";
+    if (a.checksum && !detail::record_checks_available()) {
+      bad_address(address,
+                  "checksum=xxh3 needs libxxhash, which this build of ipcoro was built without; install "
+                  "libxxhash-dev and rebuild ipcoro");
+    }
   } else {
     if (value != "1" && value != "0") bad_address(address, "durable= takes 1 or 0");
     a.durable = value == "1";

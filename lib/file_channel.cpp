@@ -6,7 +6,9 @@
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
+#include "ring/protocol.hpp"
 #include "ring_channel.hpp"
+#include "truncation_guard.hpp"
 
 #include <fmt/core.h>
 #include <sys/stat.h>
@@ -18,10 +20,25 @@
 namespace ipcoro::detail {
 namespace {
 
+/// The guard of a file channel's mapping: a truncated file is an error of the ring
+/// operation that touches a page past its end, not a SIGBUS (see truncation_guard).
+truncation_guard guard_of(const mapped_file& f) {
+  const std::span<std::byte> payload = f.payload();
+  return truncation_guard({payload.data() - region_payload_offset, region_payload_offset + payload.size()},
+                          f.path());
+}
+
+/// A mapped file under its truncation guard (declared after it: unguarded before unmapped).
+struct guarded_file {
+  explicit guarded_file(mapped_file f) : file(std::move(f)), guard(guard_of(file)) {}
+  mapped_file file;
+  truncation_guard guard;
+};
+
 /// A mapped file that is removed when the receiver that created it goes: only by the
 /// creating process (not a forked child's copy), and only while the path still names it.
 struct owned_file {
-  explicit owned_file(mapped_file f) : file(std::move(f)), owner(::getpid()) {
+  explicit owned_file(mapped_file f) : file(std::move(f)), guard(guard_of(file)), owner(::getpid()) {
     struct stat st {};
     if (::stat(file.path().c_str(), &st) == 0) {
       dev = st.st_dev;
@@ -31,6 +48,7 @@ struct owned_file {
   owned_file(const owned_file&) = delete;
   owned_file& operator=(const owned_file&) = delete;
   mapped_file file;
+  truncation_guard guard;
   pid_t owner;
   dev_t dev = 0;
   ino_t ino = 0;
@@ -80,8 +98,8 @@ mapped_file open_or_create_durable(const channel_address& a) {
 
 task<std::unique_ptr<receive_port>> open_file_receiver(channel_address a) {
   if (a.durable) {
-    auto file = std::make_shared<mapped_file>(open_or_create_durable(a));
-    const std::span<std::byte> payload = file->payload();
+    auto file = std::make_shared<guarded_file>(open_or_create_durable(a));
+    const std::span<std::byte> payload = file->file.payload();
     co_return make_ring_receiver(a, std::move(file), payload);
   }
   std::shared_ptr<owned_file> file;
@@ -98,15 +116,15 @@ task<std::unique_ptr<receive_port>> open_file_receiver(channel_address a) {
 }
 
 task<std::unique_ptr<send_port>> open_file_sender(channel_address a) {
-  std::shared_ptr<mapped_file> file;
+  std::shared_ptr<guarded_file> file;
   try {
-    file = std::make_shared<mapped_file>(mapped_file::open(a.name, expected_ring_layout(a)));
+    file = std::make_shared<guarded_file>(mapped_file::open(a.name, expected_ring_layout(a)));
   } catch (const std::system_error& e) {
     if (e.code() == std::errc::no_such_file_or_directory) no_channel(a, e);
     if (has_errno(e, EPROTO)) refuse_file(a, e);
     throw;
   }
-  const std::span<std::byte> payload = file->payload();
+  const std::span<std::byte> payload = file->file.payload();
   co_return make_ring_sender(a, std::move(file), payload);
 }
 
@@ -120,9 +138,9 @@ std::unique_ptr<link_ends> make_file_link(const channel_address& a) {
                     a.text));
   }
   auto file =
-      std::make_shared<mapped_file>(mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a)));
+      std::make_shared<guarded_file>(mapped_file::create(a.name, ring_layout(a), a.mode, ring_formatter(a)));
   if (::unlink(a.name.c_str()) != 0) throw_errno(errno, fmt::format("channel {}: removing the file", a.text));
-  const std::span<std::byte> payload = file->payload();
+  const std::span<std::byte> payload = file->file.payload();
   return make_ring_link(a, std::move(file), payload);
 }
 
@@ -143,9 +161,11 @@ std::string inspect_file(const channel_address& a) {
       probe.durable = durable && !mpmc;
       probe.mpmc = mpmc;
       try {
-        const region_layout l = mapped_file::open(a.name, expected_ring_layout(probe)).layout();
-        return fmt::format("{}: {}{} ring in a mapped file, {} bytes of ring", a.text,
-                           probe.durable ? "durable " : "", mpmc ? "MPMC" : "SPSC", l.payload_size);
+        const mapped_file file = mapped_file::open(a.name, expected_ring_layout(probe));
+        const bool checked = ring_checksum_of(file.payload()) == ring_checksum::xxh3;
+        return fmt::format("{}: {}{} ring in a mapped file, {} bytes of ring, checksum={}", a.text,
+                           probe.durable ? "durable " : "", mpmc ? "MPMC" : "SPSC",
+                           file.layout().payload_size, checked ? "xxh3" : "none");
       } catch (const std::system_error& e) {
         if (has_errno(e, ENOENT)) rethrow_for(a, e);
       }
@@ -163,7 +183,7 @@ extern const channel_scheme file_scheme{
     .about = "a ring in a memory-mapped file (durable=1: a persistent queue)",
     .name_form = address_name::path,
     .options = address_option::capacity | address_option::message_size | address_option::mode |
-               address_option::ring | address_option::durable,
+               address_option::ring | address_option::durable | address_option::checksum,
     .option_notes = "capacity= is the ring's size in bytes (SPSC) or slots (MPMC)",
     .check = check_file_address,
     .open_sender = open_file_sender,

@@ -382,11 +382,13 @@ started_child start_exec_child(exec_child& child, status_pipe& pipe, std::string
     pipe.write_end.reset();
     started_child started{adopt(static_cast<pid_t>(cloned), std::move(name), pidfd), {}};
     // A failure was written before the child exited; no bytes and no end of file: exec'd.
-    if (::fcntl(pipe.read_end.get(), F_SETFL, O_NONBLOCK) != 0) {
-      throw_errno(errno, fmt::format("exec '{}': status pipe", program));
+    // Asked with poll(), which cannot fail here the way making the pipe non-blocking
+    // could (that would have left the child neither owned nor reaped).
+    pollfd ready{pipe.read_end.get(), POLLIN, 0};
+    int n = 0;
+    while ((n = ::poll(&ready, 1, 0)) < 0 && errno == EINTR) {
     }
-    started.report = read_status(pipe.read_end.get());
-    if (started.report.n < 0 && started.report.err == EAGAIN) started.report.n = 0;
+    if (n > 0) started.report = read_status(pipe.read_end.get());
     return started;
   }
   if (try_clone3 && errno != ENOSYS && errno != EPERM) {

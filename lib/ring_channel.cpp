@@ -9,6 +9,7 @@
 #include "channel_wire.hpp"
 #include "link_claims.hpp"
 #include "message_port.hpp"
+#include "ring/protocol.hpp"
 
 #include <fmt/core.h>
 
@@ -108,6 +109,17 @@ class ring_link final : public link_ends {
   link_claims claims_;
 };
 
+/// Refuses, before attaching (an SPSC sender's failed attach would close the stream), a
+/// ring whose checksum choice is not the address's.
+void check_ring_checksum(const channel_address& a, std::span<const std::byte> payload) {
+  const bool checked = ring_checksum_of(payload) == ring_checksum::xxh3;
+  if (checked == a.checksum) return;
+  throw channel_error(EPROTO,
+                      fmt::format("channel {}: the ring's records carry checksum={}, but this address "
+                                  "says checksum={}; write the same checksum= on both ends",
+                                  a.text, checked ? "xxh3" : "none", a.checksum ? "xxh3" : "none"));
+}
+
 ring_options claim_options(const unique_fd& peer_claim) {
   ring_options o;
   o.peer_claim_fd = peer_claim ? peer_claim.get() : -1;
@@ -131,6 +143,7 @@ std::function<void(std::span<std::byte>)> ring_formatter(const channel_address& 
     const std::size_t message = a.message_size.value_or(default_mpmc_message);
     return [message](std::span<std::byte> r) { format_mpmc_ring(r, message); };
   }
+  if (a.checksum) return format_spsc_ring_with_checksums;
   return [](std::span<std::byte> r) { format_spsc_ring(r); };
 }
 
@@ -152,6 +165,11 @@ void check_ring_address(const channel_address& a) {
   if (a.message_size && *a.message_size > mpmc_ring_max_message) {
     bad_address(a, fmt::format("message_size={} is more than the largest MPMC ring message, {} bytes (1 GiB)",
                                *a.message_size, mpmc_ring_max_message));
+  }
+  if (a.checksum && a.mpmc) {
+    bad_address(a,
+                "checksum=xxh3 applies to an SPSC ring (records of an MPMC ring's slots carry none); drop "
+                "ring=mpmc or the checksum");
   }
   if (a.message_size && !a.mpmc) {
     bad_address(a,
@@ -178,6 +196,7 @@ std::unique_ptr<receive_port> ring_receiver_port(const channel_address& a, std::
 /// `peer_claim`: for a link's end, the read end of the other end's claim pipe (link_claims).
 std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::shared_ptr<void> region,
                                             std::span<std::byte> payload, unique_fd peer_claim) {
+  check_ring_checksum(a, payload);
   ring_options o = claim_options(peer_claim);
   o.wait_for_new_receiver = a.durable;  // a durable channel's receiver comes back
   if (a.mpmc)
@@ -187,6 +206,7 @@ std::unique_ptr<send_port> make_ring_sender(const channel_address& a, std::share
 
 std::unique_ptr<receive_port> make_ring_receiver(const channel_address& a, std::shared_ptr<void> region,
                                                  std::span<std::byte> payload, unique_fd peer_claim) {
+  check_ring_checksum(a, payload);
   ring_options o = claim_options(peer_claim);
   if (a.durable) {
     o.manual_ack = true;

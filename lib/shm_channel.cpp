@@ -6,6 +6,7 @@
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
+#include "ring/protocol.hpp"
 #include "ring_channel.hpp"
 
 #include <dirent.h>
@@ -52,14 +53,19 @@ std::unique_ptr<link_ends> make_shm_link(const channel_address& a) {
   return make_ring_link(a, std::move(seg), payload);
 }
 
-/// The segment's region header, if it holds a channel's ring (SPSC or MPMC).
-std::optional<region_layout> ring_region(const std::string& name) {
+/// What a segment that holds a channel's ring (SPSC or MPMC) says about it.
+struct ring_facts {
+  region_layout layout;
+  ring_checksum checksum;
+};
+std::optional<ring_facts> ring_region(const std::string& name) {
   for (const bool mpmc : {false, true}) {
     channel_address probe;
     probe.name = name;
     probe.mpmc = mpmc;
     try {
-      return shm_segment::open(name, expected_ring_layout(probe)).layout();
+      const shm_segment s = shm_segment::open(name, expected_ring_layout(probe));
+      return ring_facts{s.layout(), ring_checksum_of(s.payload())};
     } catch (const std::system_error&) {
     }
   }
@@ -80,13 +86,14 @@ std::vector<std::string> list_shm() {
 }
 
 std::string inspect_shm(const channel_address& a) {
-  const std::optional<region_layout> l = ring_region(a.name);
-  if (!l) {
+  const std::optional<ring_facts> r = ring_region(a.name);
+  if (!r) {
     throw std::system_error(ENOENT, std::system_category(),
                             fmt::format("channel {}: no channel's ring in a segment of that name", a.text));
   }
-  return fmt::format("{}: shared-memory {} ring, {} bytes of ring", a.text,
-                     l->type_tag == spsc_ring_type_tag ? "SPSC" : "MPMC", l->payload_size);
+  return fmt::format("{}: shared-memory {} ring, {} bytes of ring, checksum={}", a.text,
+                     r->layout.type_tag == spsc_ring_type_tag ? "SPSC" : "MPMC", r->layout.payload_size,
+                     r->checksum == ring_checksum::xxh3 ? "xxh3" : "none");
 }
 
 }  // namespace
@@ -96,8 +103,8 @@ extern const channel_scheme shm_scheme{
     .example = "shm:/jobs",
     .about = "a ring in a POSIX shared-memory segment",
     .name_form = address_name::ipc_name,
-    .options =
-        address_option::capacity | address_option::message_size | address_option::mode | address_option::ring,
+    .options = address_option::capacity | address_option::message_size | address_option::mode |
+               address_option::ring | address_option::checksum,
     .option_notes = "capacity= is the ring's size in bytes (SPSC) or slots (MPMC)",
     .check = check_ring_address,
     .open_sender = open_shm_sender,

@@ -39,6 +39,41 @@ def raw_mode_for(transport, mode):
     return mode if mode in ("1MiB-pipe",) else ""
 
 
+PEERS = ("zmq", "boost-mq", "asio-local")
+
+
+def print_peers(rtt, tput):
+    """Each peer library's row beside each channel row of the same kind, as the program's table."""
+    links = []
+    for (t, impl, mode, place, size) in list(rtt) + list(tput):
+        if impl == "ipcoro-channel" and mode == "" and t != "inproc" and t not in links:
+            links.append(t)
+    peer_rtt = [(k, v) for k, v in rtt.items() if k[0] in PEERS]
+    peer_tput = [(k, v) for k, v in tput.items() if k[0] in PEERS]
+    if not peer_rtt and not peer_tput:
+        return
+    print("\n### Peer libraries beside ipcoro's channels\n")
+    print("Each cell is the channel's advantage over the peer: the peer's p50 over the channel's, or the "
+          "channel's messages/s over the peer's; above 1× the channel wins.\n")
+    print("| row | peer | peer figure | " + " | ".join(f"{t} channel" for t in links) + " |")
+    print("|---|---|--:|" + "--:|" * len(links))
+    for (t, impl, mode, place, size), v in peer_rtt:
+        cells = []
+        for link in links:
+            ch = rtt.get((link, "ipcoro-channel", "", place, size))
+            cells.append(f"{v['p50'] / ch['p50']:.2f}×" if ch else "–")
+        name = f"{t} {mode}".strip()
+        print(f"| rtt p50 {place} | {name} | {v['p50']:.2f} µs | " + " | ".join(cells) + " |")
+    for (t, impl, mode, place, size), v in peer_tput:
+        cells = []
+        for link in links:
+            ch = tput.get((link, "ipcoro-channel", "", place, size))
+            cells.append(f"{ch['msgs'] / v['msgs']:.2f}×" if ch else "–")
+        name = f"{t} {mode}".strip()
+        print(f"| throughput {size_name(size)} | {name} | {si(v['msgs'], ' msg/s')} | "
+              + " | ".join(cells) + " |")
+
+
 def main(path):
     rows = json.load(open(path))
     rtt = OrderedDict()
@@ -78,6 +113,8 @@ def main(path):
             f"{v['bytes'] / raw['bytes']:.3f}×" if raw else "–")
         print(f"| {t} | {impl} | {mode} | {size_name(size)} | {si(v['msgs'])} | {si(v['bytes'], 'B')} | "
               f"{ratio} | {v['cpu']:.3f} | {v['allocs_per_msg']:.3f} |")
+
+    print_peers(rtt, tput)
 
     print("\n### Task switch and other figures\n")
     print("| figure | impl | value |")

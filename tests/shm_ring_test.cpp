@@ -1429,3 +1429,64 @@ TEST_CASE("steady-state sends and receives allocate nothing, sleeps included", "
   }());
   REQUIRE(measured == 0);
 }
+
+TEST_CASE("try_send and try_receive move what fits without waiting, across processes, SPSC and MPMC",
+          "[ring]") {
+  const bool mpmc = GENERATE(false, true);
+  CAPTURE(mpmc);
+  const std::size_t size = mpmc ? ipcoro::mpmc_ring_region_size(8, 64) : ipcoro::spsc_ring_region_size(4096);
+  shared_memory mem(size);
+  if (mpmc) {
+    ipcoro::format_mpmc_ring(mem.bytes(), 64);
+  } else {
+    ipcoro::format_spsc_ring(mem.bytes());
+  }
+  ipcoro::test::handshake filled;
+  ipcoro::test::handshake drained;
+  // The child fills the ring with try_send until it says "full", then (once the parent
+  // has drained it) sends one more and closes; the exit code tells how many went in.
+  auto fill = [&](auto tx) {
+    std::array<std::byte, 40> m{};
+    int sent = 0;
+    for (; sent < 1000; ++sent) {
+      m[0] = static_cast<std::byte>(sent);
+      if (!tx.try_send(m)) break;
+    }
+    filled.signal();
+    if (!drained.wait() || !tx.try_send(m)) return 255;  // drained: room again
+    tx.close();
+    return sent;
+  };
+  ipcoro::test::child_process child([&] {
+    if (mpmc) return fill(ipcoro::mpmc_ring_sender(mem.bytes()));
+    return fill(ipcoro::spsc_ring_sender(mem.bytes()));
+  });
+  auto drain = [&](auto& rx) {
+    std::array<std::byte, 64> buf{};
+    REQUIRE(filled.wait());
+    int got = 0;
+    for (;;) {
+      const ipcoro::ring_try_result r = rx.try_receive(buf);
+      if (r.would_block) break;
+      REQUIRE(r.size == std::optional<std::size_t>(40));
+      CHECK(buf[0] == static_cast<std::byte>(got));
+      ++got;
+    }
+    drained.signal();
+    const int sent = child.wait();
+    CHECK(sent == got);
+    CHECK(got > 1);
+    // The last message, then the end of the stream: both without waiting.
+    CHECK(rx.try_receive(buf).size == std::optional<std::size_t>(40));
+    const ipcoro::ring_try_result end = rx.try_receive(buf);
+    CHECK_FALSE(end.would_block);
+    CHECK_FALSE(end.size.has_value());
+  };
+  if (mpmc) {
+    ipcoro::mpmc_ring_receiver rx(mem.bytes());
+    drain(rx);
+  } else {
+    ipcoro::spsc_ring_receiver rx(mem.bytes());
+    drain(rx);
+  }
+}

@@ -34,6 +34,14 @@ class IPCORO_API bad_channel_address : public std::invalid_argument {
 ///                   file). The sender waits for a restarted receiver instead of failing
 ///                   with peer_died. Both ends must say durable=1 (an end that does not is
 ///                   refused); capacity applies when the file is created.
+///   checksum=none|xxh3  (shm:, file:; SPSC) xxh3: every record carries an XXH3-64 checksum of
+///                   its position, length and payload, and a close carries one of the final
+///                   position, so a damaged or edited record, a moved position or a stray
+///                   close flag is an error (EBADMSG naming the record's offset), never
+///                   delivered or read as an end. Recorded in the ring when the receiver
+///                   creates it; an end whose address says otherwise is refused (EPROTO).
+///                   Needs a build with libxxhash (otherwise refused, naming it). See
+///                   ring_checksum in ipcoro/shm_ring.hpp for what it does not protect.
 /// Each scheme is a row of the table in ipcoro/transport.hpp, which says which options it
 /// takes. Sizes are what parse_size() accepts: digits with an optional K, KiB, M, MiB, G or
 /// GiB (any case, powers of 1024); shm: and file: ring sizes above the largest ring
@@ -53,8 +61,9 @@ struct IPCORO_API channel_address {
   std::optional<std::size_t> message_size;
   unsigned mode = 0600;
   bool mpmc = false;
-  bool durable = false;  ///< file: only; see durable=1 above
-  std::string text;      ///< the address as given, for messages
+  bool durable = false;   ///< file: only; see durable=1 above
+  bool checksum = false;  ///< shm: and file: SPSC rings; checksum=xxh3 (see above)
+  std::string text;       ///< the address as given, for messages
 
   /// Parses and checks an address; throws bad_channel_address naming what is wrong.
   [[nodiscard]] static channel_address parse(std::string_view address);

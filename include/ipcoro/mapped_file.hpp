@@ -14,6 +14,15 @@
 //    (posix_fallocate, so a full disk is an error at creation, not a SIGBUS later), given
 //    its header, synced, and only then linked under its path. A path never names a
 //    half-made region, even after a machine crash.
+//
+// Truncation: a process that may write the file can shorten it while it is mapped. The
+// kernel then drops the lost pages from every mapping, and touching a page that lies wholly
+// past the new end raises SIGBUS, which kills the process unless it handles the signal.
+// Files cannot be sealed against this (only memfd/tmpfs objects made for sealing can): keep
+// the file where only trusted processes can write it (mode 0600), or handle SIGBUS. A file:
+// channel does the latter for its own mapping: the ring operation that touches a lost page
+// fails with EBADMSG naming the file and its new size (docs/shared-memory.md, "Truncation
+// of a mapped file").
 #pragma once
 
 #include "ipcoro/detail/region.hpp"

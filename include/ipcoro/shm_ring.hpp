@@ -179,12 +179,25 @@ inline region_layout mpmc_ring_layout(std::size_t slots, std::size_t max_message
   return {mpmc_ring_type_tag, ring_layout_version, mpmc_ring_region_size(slots, max_message)};
 }
 
+/// Whether an SPSC ring's records carry a checksum. xxh3: each record carries an XXH3-64
+/// hash over its ring position, length, type and payload, and a close carries one over the
+/// final position, so that a receiver reports a damaged record, a moved position or a
+/// close flag not set by the sender's close() as EBADMSG instead of delivering it or
+/// ending the stream (16 bytes per record instead of 8, and a hash on each side). It
+/// detects accidents and naive tampering, not a peer that forges records knowing the
+/// scheme. Needs libxxhash at build time.
+enum class ring_checksum : unsigned char { none, xxh3 };
+
 /// Writes an empty SPSC ring into `region` (overwriting it): the capacity is the largest
 /// power of two that fits after the header. `region` must be 64-byte aligned and hold at
 /// least ring_header_size + 4096 bytes; throws std::system_error(EINVAL) otherwise. Do it
 /// once, before any process attaches (e.g. before fork(), or right after creating the
 /// segment); the magic number is written last.
 IPCORO_API void format_spsc_ring(std::span<std::byte> region);
+/// format_spsc_ring(), for a ring whose records carry ring_checksum::xxh3 checksums. Such a
+/// ring has layout version 3, which ipcoro before it refuses (a ring without checksums keeps
+/// version 2). Also throws std::system_error(EINVAL) in a build without libxxhash.
+IPCORO_API void format_spsc_ring_with_checksums(std::span<std::byte> region);
 /// Writes an empty MPMC ring into `region`: slots for messages of up to `max_message`
 /// bytes, as many as fit (a power of two, at least 2). Same requirements as above.
 IPCORO_API void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message);
@@ -358,6 +371,8 @@ class IPCORO_API basic_ring_end {
   std::size_t max_message_size() const noexcept;
   /// SPSC: data bytes in the ring; MPMC: number of slots. 0 for an empty endpoint.
   std::size_t capacity() const noexcept;
+  /// Whether the ring's records carry checksums (chosen when it was formatted).
+  ring_checksum checksum() const noexcept;
   explicit operator bool() const noexcept { return static_cast<bool>(endpoint_); }
 
  private:

@@ -94,6 +94,7 @@ inline constexpr unsigned message_size = 1u << 1;
 inline constexpr unsigned mode = 1u << 2;
 inline constexpr unsigned ring = 1u << 3;
 inline constexpr unsigned durable = 1u << 4;
+inline constexpr unsigned checksum = 1u << 5;
 }  // namespace address_option
 
 /// One row of the table of address schemes: everything the channel layer, and tools, know

@@ -3,6 +3,7 @@
 #include "ring/endpoint.hpp"
 
 #include "liveness.hpp"
+#include "ring/checksum.hpp"
 
 #include <fmt/core.h>
 
@@ -160,7 +161,9 @@ void ring_endpoint::close() noexcept {
   }
   if (participant_index_ < 0) return;
   if (role_ == role_sender) {
-    // After the last tail store: a receiver that sees the flag sees every message.
+    // After the last tail store: a receiver that sees the flag sees every message (and
+    // the end check, which vouches that this close, at this position, set it).
+    if (checked_) hdr_->end_check.store(end_mark(tail_), std::memory_order_relaxed);
     hdr_->sender_closed.store(1, std::memory_order_release);
     notify(hdr_->data);
   } else {
@@ -320,6 +323,11 @@ std::size_t basic_ring_end<Kind, Role>::max_message_size() const noexcept {
 template <ring_kind Kind, ring_role Role>
 std::size_t basic_ring_end<Kind, Role>::capacity() const noexcept {
   return endpoint_ ? endpoint_->capacity() : 0;
+}
+
+template <ring_kind Kind, ring_role Role>
+ring_checksum basic_ring_end<Kind, Role>::checksum() const noexcept {
+  return endpoint_ && endpoint_->record_checks() ? ring_checksum::xxh3 : ring_checksum::none;
 }
 
 template class basic_ring_end<ring_kind::spsc, ring_role::sender>;

@@ -17,6 +17,13 @@ namespace ipcoro::detail {
 inline constexpr std::uint64_t ring_magic = 0x31474e4952435049ull;  // "IPCRING1" in memory order
 // 2: the futex word carries the "a sleeper waits on this value" bit (was: a waiter count).
 inline constexpr std::uint32_t ring_version = 2;
+// 3: version 2 plus ring_config::features. Written only for a ring with a feature, so that a
+// ring without one stays readable by an ipcoro that reads version 2 alone, and an older
+// ipcoro refuses a ring whose records it would misread.
+inline constexpr std::uint32_t ring_version_features = 3;
+// ring_config::features: SPSC records carry an XXH3-64 check (record_check_header), and
+// the end of stream carries one in ring_header::end_check.
+inline constexpr std::uint32_t feature_xxh3 = 1;
 inline constexpr std::uint32_t kind_spsc = 1;
 inline constexpr std::uint32_t kind_mpmc = 2;
 inline constexpr std::size_t participant_count = 64;
@@ -37,8 +44,12 @@ struct ring_config {
   std::uint32_t max_message;
   std::uint32_t header_size;
   std::uint32_t participants;
-  std::uint64_t check;  // FNV-1a of the fields above
+  std::uint64_t check;      // FNV-1a of the fields above (version 3: and of features)
+  std::uint32_t features;   // version 3 only (feature_*); 0 in a version 2 ring
+  std::uint32_t reserved_;  // 0
 };
+static_assert(offsetof(ring_config, check) == 48 && sizeof(ring_config) == 64,
+              "a version 2 ring has its check word at 48 and zeros after it");
 
 // The futex word of one direction. Bit 0 set: a sleeper announced that it waits on this
 // value. A waker that finds the bit clears it by adding 1 (which also changes the value)
@@ -70,8 +81,9 @@ struct ring_header {
   alignas(64) std::atomic<std::uint32_t> sender_closed;  // SPSC: end of stream; MPMC: ring closed
   std::atomic<std::uint32_t> receiver_closed;            // sends fail with EPIPE (MPMC: no receiver is left)
   std::atomic<std::uint32_t> fence_required;             // sticky fence_mode: publishers fence per message
-  alignas(64) std::atomic<std::int32_t> cpu[2];          // CPU a sender [0] / receiver [1] last ran on, + 1
-  alignas(64) std::atomic<std::uint64_t> tail;           // SPSC: bytes written; MPMC: next send position
+  std::atomic<std::uint64_t> end_check;  // feature_xxh3: end_mark(tail) of the close, before sender_closed
+  alignas(64) std::atomic<std::int32_t> cpu[2];  // CPU a sender [0] / receiver [1] last ran on, + 1
+  alignas(64) std::atomic<std::uint64_t> tail;   // SPSC: bytes written; MPMC: next send position
   alignas(64)
       std::atomic<std::uint64_t> head;  // SPSC: bytes released (acknowledged); MPMC: next receive position
   alignas(64) event_count data;         // receivers sleep here
@@ -81,6 +93,11 @@ struct ring_header {
 static_assert(sizeof(ring_header) <= ring_header_size);
 static_assert(offsetof(ring_header, fence_required) == 72,
               "tests/shm_ring_test.cpp reads the fence mode here");
+static_assert(offsetof(ring_header, end_check) == 80 && offsetof(ring_header, cpu) == 128,
+              "end_check uses padding that version 2 rings keep zero");
+static_assert(offsetof(ring_header, tail) == 192 && offsetof(ring_header, head) == 256 &&
+                  offsetof(ring_header, data) == 320 && offsetof(ring_header, space) == 384,
+              "tests/ring_corruption_test.cpp writes the MPMC positions, and watches the sleepers, here");
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free &&
                   std::atomic<std::uint32_t>::is_always_lock_free,
               "the ring's words must be address-free lock-free atomics to live in shared memory");
@@ -90,6 +107,14 @@ struct record_header {
   std::uint32_t length;
   std::uint32_t type;
 };
+// SPSC with feature_xxh3: the record header is followed by the record's check,
+// record_check(position, length, type, payload), before the payload.
+struct record_check_header {
+  std::uint32_t length;
+  std::uint32_t type;
+  std::uint64_t check;
+};
+static_assert(sizeof(record_check_header) == 16);
 inline constexpr std::uint32_t record_data = 0x44;
 inline constexpr std::uint32_t record_padding = 0x50;
 
@@ -120,7 +145,9 @@ constexpr std::size_t mpmc_stride(std::size_t max_message) noexcept {
 }
 
 inline std::uint64_t config_check(const ring_config& c) noexcept {
-  return fnv1a(std::as_bytes(std::span{&c, 1}).first(offsetof(ring_config, check)));
+  const std::uint64_t h = fnv1a(std::as_bytes(std::span{&c, 1}).first(offsetof(ring_config, check)));
+  if (c.version < ring_version_features) return h;
+  return fnv1a(std::as_bytes(std::span{&c.features, 1}), h);
 }
 
 // The start time a participant word keeps (see participant_word).

@@ -2,6 +2,8 @@
 // The rings' protocol: formatting, attach-time validation, SPSC and MPMC send and receive.
 #include "ring/protocol.hpp"
 
+#include "ring/checksum.hpp"
+
 #include "ipcoro/futex.hpp"
 
 #include <fmt/core.h>
@@ -57,6 +59,14 @@ void check_region(std::span<std::byte> region, std::size_t minimum, const char* 
     throw_invalid(fmt::format("{}: the region has {} bytes; this ring needs at least {}", what, region.size(),
                               minimum));
   }
+}
+
+ring_checksum ring_checksum_of(std::span<const std::byte> region) noexcept {
+  if (region.size() < sizeof(ring_config)) return ring_checksum::none;
+  ring_config c{};
+  std::memcpy(&c, region.data(), sizeof c);
+  return c.version == ring_version_features && (c.features & feature_xxh3) != 0 ? ring_checksum::xxh3
+                                                                                : ring_checksum::none;
 }
 
 void wake_announced(event_count& ev) noexcept {
@@ -121,14 +131,7 @@ ring_protocol::ring_protocol(std::span<std::byte> region, std::uint32_t kind, st
   }
   std::memcpy(reinterpret_cast<std::byte*>(&c) + sizeof c.magic,
               reinterpret_cast<const std::byte*>(&hdr_->config) + sizeof c.magic, sizeof c - sizeof c.magic);
-  if (c.version != ring_version) {
-    throw_invalid(fmt::format("{}: the ring has layout version {}; this ipcoro reads version {}", what,
-                              c.version, ring_version));
-  }
-  if (c.check != config_check(c)) {
-    throw_invalid(
-        fmt::format("{}: the ring header is corrupt: its check word does not match its fields", what));
-  }
+  accept_features(c, what);
   if (c.kind != kind) {
     throw_invalid(fmt::format("{}: the region holds an {} ring, not an {} ring", what,
                               c.kind == kind_spsc ? "SPSC" : (c.kind == kind_mpmc ? "MPMC" : "unknown"),
@@ -146,7 +149,7 @@ ring_protocol::ring_protocol(std::span<std::byte> region, std::uint32_t kind, st
   const std::uint64_t data_bytes = c.region_size - ring_header_size;
   if (kind == kind_spsc) {
     if (!std::has_single_bit(c.capacity) || c.capacity < min_spsc_capacity || c.capacity > data_bytes ||
-        c.max_message != std::min<std::uint64_t>(c.capacity / 2 - sizeof(record_header), UINT32_MAX)) {
+        c.max_message != std::min<std::uint64_t>(c.capacity / 2 - record_size_, UINT32_MAX)) {
       throw_invalid(
           fmt::format("{}: the ring's geometry is inconsistent (capacity {}, max message {}, {} data bytes)",
                       what, c.capacity, c.max_message, data_bytes));
@@ -166,6 +169,61 @@ ring_protocol::ring_protocol(std::span<std::byte> region, std::uint32_t kind, st
   capacity_ = c.capacity;
   mask_ = c.capacity - 1;
   max_message_ = c.max_message;
+}
+
+void ring_protocol::accept_features(ring_config& c, const char* what) {
+  if (c.version != ring_version && c.version != ring_version_features) {
+    throw_invalid(fmt::format("{}: the ring has layout version {}; this ipcoro reads versions {} and {}",
+                              what, c.version, ring_version, ring_version_features));
+  }
+  if (c.version == ring_version) c.features = 0;  // not covered by a version 2 check word
+  if (c.check != config_check(c)) {
+    throw_invalid(
+        fmt::format("{}: the ring header is corrupt: its check word does not match its fields", what));
+  }
+  if ((c.features & ~feature_xxh3) != 0 || (c.features != 0 && c.kind != kind_spsc)) {
+    throw_invalid(
+        fmt::format("{}: the ring uses features {:#x} that this ipcoro does not know", what, c.features));
+  }
+  checked_ = (c.features & feature_xxh3) != 0;
+  if (checked_ && !record_checks_available()) {
+    throw_invalid(
+        fmt::format("{}: the ring's records carry xxh3 checksums, but this build of ipcoro has no "
+                    "libxxhash to verify them (install libxxhash-dev and rebuild ipcoro)",
+                    what));
+  }
+  record_size_ = checked_ ? sizeof(record_check_header) : sizeof(record_header);
+}
+
+void ring_protocol::spsc_put_header(std::uint64_t offset, std::uint64_t pos, std::uint32_t length,
+                                    std::uint32_t type, std::span<const std::byte> payload) noexcept {
+  if (!checked_) {
+    const record_header rh{length, type};
+    std::memcpy(data_ + offset, &rh, sizeof rh);
+    return;
+  }
+  const record_check_header rh{length, type, record_check(pos, length, type, payload)};
+  std::memcpy(data_ + offset, &rh, sizeof rh);
+}
+
+void ring_protocol::spsc_check_record(std::uint64_t offset, std::uint32_t length, std::uint32_t type,
+                                      std::span<const std::byte> payload) const {
+  std::uint64_t check = 0;
+  std::memcpy(&check, data_ + offset + offsetof(record_check_header, check), sizeof check);
+  if (check != record_check(read_pos_, length, type, payload)) {
+    throw_corrupt(fmt::format("the record at offset {} (position {}, {} bytes) fails its checksum", offset,
+                              read_pos_, length));
+  }
+}
+
+void ring_protocol::spsc_check_end() const {
+  if (!checked_) return;
+  if (hdr_->end_check.load(std::memory_order_relaxed) != end_mark(read_pos_)) {
+    throw_corrupt(
+        fmt::format("the end of stream at offset {} (position {}) fails its checksum: the close "
+                    "flag or the sender's position was not written by the sender's close",
+                    read_pos_ & mask_, read_pos_));
+  }
 }
 
 void ring_protocol::release_read_position() noexcept {
@@ -192,7 +250,7 @@ ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> m
   if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
     throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
   }
-  const std::uint64_t record = align8(sizeof(record_header) + message.size());
+  const std::uint64_t record = align_record(record_size_ + message.size());
   std::uint64_t offset = tail_ & mask_;
   const std::uint64_t to_end = capacity_ - offset;
   const std::uint64_t needed = record <= to_end ? record : to_end + record;
@@ -208,8 +266,7 @@ ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> m
   std::uint64_t tail = tail_;
   if (record > to_end) {
     // Does not fit before the end: pad to the end, start over at offset 0.
-    const record_header pad{static_cast<std::uint32_t>(to_end - sizeof(record_header)), record_padding};
-    std::memcpy(data_ + offset, &pad, sizeof pad);
+    spsc_put_header(offset, tail, static_cast<std::uint32_t>(to_end - record_size_), record_padding, {});
     tail += to_end;
     offset = 0;
   }
@@ -219,9 +276,8 @@ ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> m
     __builtin_prefetch(data_ + ((tail + prefetch_distance) & mask_), 1);
     __builtin_prefetch(data_ + ((tail + prefetch_distance + 64) & mask_), 1);
   }
-  const record_header rh{static_cast<std::uint32_t>(message.size()), record_data};
-  std::memcpy(data_ + offset, &rh, sizeof rh);
-  if (!message.empty()) std::memcpy(data_ + offset + sizeof rh, message.data(), message.size());
+  spsc_put_header(offset, tail, static_cast<std::uint32_t>(message.size()), record_data, message);
+  if (!message.empty()) std::memcpy(data_ + offset + record_size_, message.data(), message.size());
   tail_ = tail + record;
   hdr_->tail.store(tail_, std::memory_order_release);
   notify(hdr_->data);
@@ -243,34 +299,47 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
       if (read_pos_ == tail_cache_) {
         if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
         refresh_tail();  // the flag is set after the last message: this sees it
-        if (read_pos_ == tail_cache_) return outcome::end_of_stream;
+        if (read_pos_ == tail_cache_) {
+          spsc_check_end();
+          return outcome::end_of_stream;
+        }
       }
     }
     const std::uint64_t offset = read_pos_ & mask_;
     const std::uint64_t to_end = capacity_ - offset;
     const std::uint64_t available = tail_cache_ - read_pos_;
+    if (record_size_ > to_end || record_size_ > available) {
+      throw_corrupt(
+          fmt::format("a record header at offset {} overruns the ring ({} bytes to its end, {} "
+                      "published)",
+                      offset, to_end, available));
+    }
     record_header rh;
     std::memcpy(&rh, data_ + offset, sizeof rh);
     if (rh.type == record_padding) {
-      if (rh.length != to_end - sizeof rh || to_end > available) {
+      if (rh.length != to_end - record_size_ || to_end > available) {
         throw_corrupt(
             fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
                         rh.length, offset));
       }
+      if (checked_) spsc_check_record(offset, rh.length, rh.type, {});
       read_pos_ += to_end;
       continue;
     }
     if (rh.type != record_data) {
       throw_corrupt(fmt::format("unknown record type {:#x} at offset {}", rh.type, offset));
     }
-    const std::uint64_t record = align8(sizeof rh + std::uint64_t{rh.length});
+    const std::uint64_t record = align_record(record_size_ + std::uint64_t{rh.length});
     if (rh.length > max_message_ || record > to_end || record > available) {
       throw_corrupt(
           fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} "
                       "published)",
                       rh.length, offset, to_end, available));
     }
+    const std::byte* payload = data_ + offset + record_size_;
     if (rh.length > buffer.size()) {
+      // A damaged length is EBADMSG, not advice to pass a larger buffer.
+      if (checked_) spsc_check_record(offset, rh.length, rh.type, {payload, rh.length});
       throw std::system_error(
           EMSGSIZE, std::system_category(),
           fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
@@ -282,7 +351,9 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
       __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance) & mask_));
       __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance + 64) & mask_));
     }
-    if (rh.length != 0) std::memcpy(buffer.data(), data_ + offset + sizeof rh, rh.length);
+    if (rh.length != 0) std::memcpy(buffer.data(), payload, rh.length);
+    // Over the copy, which is what the caller gets (and is in this CPU's cache now).
+    if (checked_) spsc_check_record(offset, rh.length, rh.type, buffer.first(rh.length));
     read_pos_ += record;
     size = rh.length;
     if (!manual_ack_) release_read_position();
@@ -329,18 +400,26 @@ ring_protocol::outcome ring_protocol::mpmc_try_send(std::span<const std::byte> m
       }
       continue;
     }
+    const auto laps = static_cast<std::int32_t>(capacity_);
     if (d < 0) {
       // The slot still holds the message of the previous lap: full, unless others moved on.
       const std::uint64_t now = next.load(std::memory_order_relaxed);
-      if (now == pos) return outcome::would_block;
+      if (now == pos) {
+        // Full means the previous lap's message, or a slow sender's claim of that lap.
+        if (d != 1 - laps && (d != -laps || slot_owner(w) == 0)) mpmc_validate(pos);
+        return outcome::would_block;
+      }
       pos = now;
       continue;
     }
     // Claimed for this position by another sender, or already past it: help move on.
+    // Anything else (a read many laps late, or a slot no protocol step wrote) is looked at.
+    if ((d != 0 || slot_abandoned(w)) && d != 1 && d != laps) mpmc_validate(pos);
     std::uint64_t expected = pos;
     next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
     pos = next.load(std::memory_order_relaxed);
   }
+  mpmc_validate(pos);
   return outcome::would_block;
 }
 
@@ -385,6 +464,7 @@ ring_protocol::outcome ring_protocol::mpmc_try_receive(std::span<std::byte> buff
       }
       continue;
     }
+    const auto laps = static_cast<std::int32_t>(capacity_);
     if (d < 0) {
       // Nothing published at this position yet: empty, unless others moved on.
       const std::uint64_t now = next.load(std::memory_order_relaxed);
@@ -392,17 +472,118 @@ ring_protocol::outcome ring_protocol::mpmc_try_receive(std::span<std::byte> buff
         pos = now;
         continue;
       }
+      // Empty means free for this position or being written at it, or a slow receiver's
+      // claim of the previous lap.
+      if ((d != -1 || slot_abandoned(w)) && (d != -laps || slot_owner(w) == 0)) mpmc_validate(pos);
       if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
       const std::uint64_t again = s.word.load(std::memory_order_acquire);
       if (static_cast<std::int32_t>(slot_seq(again) - static_cast<std::uint32_t>(pos + 1)) >= 0) continue;
       // Closed and drained, unless a sender is still writing this slot.
       return slot_owner(again) == 0 ? outcome::end_of_stream : outcome::would_block;
     }
+    // Claimed by another receiver, or (read late) already taken: help move on.
+    if (d != 0 && d != laps - 1) mpmc_validate(pos);
     std::uint64_t expected = pos;
     next.compare_exchange_strong(expected, pos + 1, std::memory_order_relaxed);
     pos = next.load(std::memory_order_relaxed);
   }
+  mpmc_validate(pos);
   return outcome::would_block;
+}
+
+namespace {
+
+std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+  return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept { return a < b ? 0 : a - b; }
+
+// Positions seen around the reads of the slot words: t0 and h0 before, t1 and h1 after.
+// Both only grow, so a lower bound is sound against the earlier value, an upper bound
+// against the later one, whatever moved in between.
+struct mpmc_positions {
+  std::uint64_t t0, h0, t1, h1;
+};
+
+// A slot word is in one of four states, each for one position P: free for P (the sequence
+// is P), being written at P (P, with its sender's pid), holding the message of P (P + 1),
+// or being read at P (P + 1, with its receiver's pid). Each state is reachable only with
+// P in one range of the positions (see mpmc_try_send and mpmc_try_receive):
+// - free: the tail has not passed P, and the message of P - C was taken (the head passed it);
+// - being written: claimed at the tail, which receivers cannot pass before it is published;
+// - holding: published at or before the tail, not taken yet (the head has not passed it);
+// - being read: claimed at the head, not lapped by the tail yet.
+// The tail may trail a claim by one position (the claimer moves it just after).
+std::string slot_problem(std::uint64_t pos, std::uint64_t w, std::uint64_t capacity,
+                         const mpmc_positions& v) {
+  const std::uint64_t mask = capacity - 1;
+  const std::uint32_t seq = slot_seq(w);
+  const auto r = static_cast<std::uint32_t>((seq - static_cast<std::uint32_t>(pos)) & mask);
+  const bool owned = slot_owner(w) != 0;
+  if (r > 1 || (slot_abandoned(w) && (r == 0 || owned))) {
+    return fmt::format("mpmc slot {} word {:#018x}: sequence {} cannot belong to slot {} of a {}-slot ring{}",
+                       pos & mask, w, seq, pos & mask, capacity,
+                       slot_abandoned(w) ? " (marked abandoned)" : "");
+  }
+  const std::uint64_t p = pos + static_cast<std::uint64_t>(static_cast<std::int64_t>(
+                                    static_cast<std::int32_t>(seq - r - static_cast<std::uint32_t>(pos))));
+  std::uint64_t lo = 0;
+  std::uint64_t hi = 0;
+  const char* state = nullptr;
+  if (r == 0 && !owned) {
+    state = "free for";
+    lo = v.t0;
+    hi = std::min(saturating_add(v.t1, capacity), saturating_add(v.h1, capacity - 1));
+  } else if (r == 0) {
+    state = "being written at";
+    lo = v.h0;
+    hi = v.t1;
+  } else if (!owned) {
+    state = "holding the message of";
+    lo = v.h0;
+    hi = std::min(v.t1, saturating_add(v.h1, capacity - 1));
+  } else {
+    state = "being read at";
+    lo = saturating_sub(v.t0, capacity);
+    hi = v.h1;
+  }
+  if (p >= lo && p <= hi) return {};
+  return fmt::format("mpmc slot {} sequence {} ({} position {}) cannot follow tail {} and head {}",
+                     pos & mask, seq, state, p, v.t1, v.h1);
+}
+
+}  // namespace
+
+std::string ring_protocol::mpmc_problem(std::uint64_t pos) const {
+  full_fence();
+  mpmc_positions v{};
+  v.t0 = hdr_->tail.load(std::memory_order_seq_cst);
+  v.h0 = hdr_->head.load(std::memory_order_seq_cst);
+  const std::uint64_t at[3] = {pos, v.t0, v.h0};
+  std::uint64_t words[3];
+  for (int i = 0; i < 3; ++i) words[i] = slot_at(at[i]).word.load(std::memory_order_seq_cst);
+  v.t1 = hdr_->tail.load(std::memory_order_seq_cst);
+  v.h1 = hdr_->head.load(std::memory_order_seq_cst);
+  // At most C messages are in flight; the head passes the tail by one at most, when a
+  // sender died between claiming a slot and moving the tail and receivers skipped its slot.
+  if (v.t0 > v.h1 && v.t0 - v.h1 > capacity_) {
+    return fmt::format("mpmc tail {} is ahead of head {} by more than the ring's {} slots", v.t0, v.h1,
+                       capacity_);
+  }
+  if (v.h0 > v.t1 && v.h0 - v.t1 > 1) return fmt::format("mpmc tail {} is behind head {}", v.t1, v.h0);
+  for (int i = 0; i < 3; ++i) {
+    std::string problem = slot_problem(at[i], words[i], capacity_, v);
+    if (!problem.empty()) return problem;
+  }
+  return {};
+}
+
+void ring_protocol::mpmc_validate(std::uint64_t pos) const {
+  if (mpmc_problem(pos).empty()) return;
+  // Every bound holds for any moment between the reads; look once more all the same, so
+  // that only a state that stays impossible is reported.
+  const std::string problem = mpmc_problem(pos);
+  if (!problem.empty()) throw_corrupt(problem);
 }
 
 }  // namespace ipcoro::detail
@@ -420,22 +601,35 @@ std::size_t mpmc_ring_region_size(std::size_t slots, std::size_t max_message) no
                                 mpmc_stride(std::clamp<std::size_t>(max_message, 1, max_mpmc_message));
 }
 
-void format_spsc_ring(std::span<std::byte> region) {
+namespace {
+void format_spsc(std::span<std::byte> region, bool checked) {
   check_region(region, ring_header_size + min_spsc_capacity, "format_spsc_ring");
+  if (checked && !record_checks_available()) {
+    throw_invalid(
+        "format_spsc_ring_with_checksums: xxh3 checksums need libxxhash, which this build of ipcoro was "
+        "built "
+        "without (install libxxhash-dev and rebuild ipcoro)");
+  }
+  const std::size_t header = checked ? sizeof(record_check_header) : sizeof(record_header);
   const std::size_t capacity = std::min(std::bit_floor(region.size() - ring_header_size), max_spsc_capacity);
   ring_config c{};
   c.magic = ring_magic;
-  c.version = ring_version;
+  c.version = checked ? ring_version_features : ring_version;
+  c.features = checked ? feature_xxh3 : 0;
   c.kind = kind_spsc;
   c.region_size = ring_header_size + capacity;
   c.capacity = capacity;
   c.slot_stride = 0;
-  c.max_message =
-      static_cast<std::uint32_t>(std::min<std::uint64_t>(capacity / 2 - sizeof(record_header), UINT32_MAX));
+  c.max_message = static_cast<std::uint32_t>(std::min<std::uint64_t>(capacity / 2 - header, UINT32_MAX));
   c.header_size = ring_header_size;
   c.participants = participant_count;
   publish_header(write_header(region, c));
 }
+}  // namespace
+
+void format_spsc_ring(std::span<std::byte> region) { format_spsc(region, false); }
+
+void format_spsc_ring_with_checksums(std::span<std::byte> region) { format_spsc(region, true); }
 
 void format_mpmc_ring(std::span<std::byte> region, std::size_t max_message) {
   if (max_message == 0 || max_message > max_mpmc_message) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "ring/layout.hpp"
+#include "truncation_guard.hpp"
 
 #include <sys/types.h>
 
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <system_error>
 
 namespace ipcoro::detail {
 
@@ -47,6 +49,9 @@ bool asymmetric_barrier() noexcept;
 [[noreturn]] void throw_corrupt(const std::string& what);
 [[noreturn]] void throw_invalid(const std::string& what);
 void check_region(std::span<std::byte> region, std::size_t minimum, const char* what);
+/// What the header of the ring in `region` says about checksums, unvalidated (attaching
+/// validates it): for refusing an end that disagrees before it attaches.
+ring_checksum ring_checksum_of(std::span<const std::byte> region) noexcept;
 
 /// One side of a ring in a region: the geometry copied out and checked on attach, this
 /// side's private positions, and the non-blocking send and receive of both kinds. It never
@@ -60,20 +65,43 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   ring_protocol(const ring_protocol&) = delete;
   ring_protocol& operator=(const ring_protocol&) = delete;
 
+  /// Both: after a truncation_guard absorbed a fault in this ring's file, the error that
+  /// says so (EBADMSG), whatever the operation read or wrote in the zeros.
   outcome try_send(std::span<const std::byte> message) {
-    const outcome r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    outcome r;
+    try {
+      r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
+    } catch (const std::system_error&) {
+      throw_if_truncated(hdr_);  // the zeros it read are the truncation's, not a peer's
+      throw;
+    }
+    // A page of the ring's file vanished under this operation: what it wrote went nowhere.
+    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
+      throw_if_truncated(hdr_);
     moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
     return r;
   }
   outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
-    const outcome r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    outcome r;
+    try {
+      r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
+    } catch (const std::system_error&) {
+      throw_if_truncated(hdr_);
+      throw;
+    }
+    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
+      throw_if_truncated(hdr_);
     moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
     return r;
   }
 
   std::uint64_t read_position() const noexcept { return read_pos_; }
   std::size_t max_message() const noexcept { return max_message_; }
   std::size_t capacity() const noexcept { return capacity_; }
+  /// Whether the ring's records carry checks (feature_xxh3).
+  bool record_checks() const noexcept { return checked_; }
 
  protected:
   ~ring_protocol() = default;
@@ -90,6 +118,23 @@ class __attribute__((visibility("hidden"))) ring_protocol {
     }
     wake_announced(ev);
   }
+  /// MPMC: throws EBADMSG, naming the field, if the positions, or the words of the slots at
+  /// `pos`, the tail and the head, describe a state the protocol cannot reach. Each bound is
+  /// checked against positions read on the side that makes it sound while others move them,
+  /// and a problem is reported only when a second look finds one too: a stale read is not
+  /// corruption. For slow paths only (two fences and a few loads).
+  [[gnu::cold]] void mpmc_validate(std::uint64_t pos) const;
+  /// mpmc_validate() at the position this side works at (the tail or the head).
+  void mpmc_validate_here() const {
+    mpmc_validate((role_ == role_sender ? hdr_->tail : hdr_->head).load(std::memory_order_relaxed));
+  }
+  /// MPMC: every `polls_per_check` fruitless attempts (spinning, or a caller
+  /// polling try_send / try_receive), the ring is validated, so that one polling without
+  /// ever sleeping learns of a wedged ring too.
+  void note_would_block() {
+    constexpr std::uint32_t polls_per_check = 256;
+    if (kind_ == kind_mpmc && ++fruitless_polls_ % polls_per_check == 0) mpmc_validate_here();
+  }
   /// Moves ring_header::fence_required up to `to` (never down).
   void raise_fence_mode(std::uint32_t to) noexcept;
   /// While an SPSC receiver polls an empty ring: pulls in the lines the next record will
@@ -104,6 +149,11 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   }
   std::byte* slot_payload(slot_header& s) const noexcept {
     return reinterpret_cast<std::byte*>(&s) + slot_header_size;
+  }
+  /// An SPSC record's size for `n` bytes of header and payload: checked records start
+  /// 16-aligned, so that a padding record's header always fits before the end.
+  std::uint64_t align_record(std::uint64_t n) const noexcept {
+    return checked_ ? (n + 15) & ~std::uint64_t{15} : align8(n);
   }
   const char* role_name() const noexcept { return role_ == role_sender ? "sender" : "receiver"; }
   const char* kind_name() const noexcept { return kind_ == kind_spsc ? "SPSC" : "MPMC"; }
@@ -124,13 +174,29 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
   std::uint64_t moved_ = 0;       // messages this side moved
   bool manual_ack_;
-  bool fenceless_ = false;  // this process is registered for the asymmetric barrier
+  bool checked_ = false;  // feature_xxh3: records carry record_check_header's check
+  std::size_t record_size_ = sizeof(record_header);  // SPSC: bytes of a record's header
+  bool fenceless_ = false;                           // this process is registered for the asymmetric barrier
+  // MPMC: attempts that found the ring full (sender) or empty (receiver), for note_would_block().
+  std::uint32_t fruitless_polls_ = 0;
 
  private:
   outcome spsc_try_send(std::span<const std::byte> message);
   outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  /// Writes the header of a record (with its check when checked_) at `offset`, for ring position `pos`.
+  void spsc_put_header(std::uint64_t offset, std::uint64_t pos, std::uint32_t length, std::uint32_t type,
+                       std::span<const std::byte> payload) noexcept;
+  /// With checks: EBADMSG unless ring_header::end_check vouches for an end at read_pos_.
+  void spsc_check_end() const;
+  /// EBADMSG naming the record at `offset` unless its check (in the header at `offset`) holds.
+  void spsc_check_record(std::uint64_t offset, std::uint32_t length, std::uint32_t type,
+                         std::span<const std::byte> payload) const;
+  /// Validates ring_config::version and features of `c` (EINVAL naming what).
+  void accept_features(ring_config& c, const char* what);
   outcome mpmc_try_send(std::span<const std::byte> message);
   outcome mpmc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  /// One look for mpmc_validate(): what is impossible, or "".
+  std::string mpmc_problem(std::uint64_t pos) const;
 };
 
 }  // namespace ipcoro::detail

@@ -223,6 +223,9 @@ task<> ring_endpoint::sleep_on(pooled_frame, event_count& ev, clock::time_point 
       withdraw_sleep(ev, key);
       co_return;
     }
+    // A ring a peer scribbled on can look full or empty forever: each time this side goes
+    // to sleep, and after each liveness check, make sure that its state is one it can be in.
+    if (kind_ == kind_mpmc) mpmc_validate_here();
     // Dead and drained (receive): it can send no more, and everything it sent has been received.
     if (dead != 0) throw_peer_died(dead, waiting);
     const auto now = clock::now();
