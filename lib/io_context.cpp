@@ -60,6 +60,8 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
   // Operations waiting for SQ space, and coroutines waiting to be resumed.
   detail::intrusive_queue<detail::op_base, &detail::op_base::next_pending_> backlog;
   detail::intrusive_queue<detail::ready_node, &detail::ready_node::next_ready> ready;
+  detail::turn_end_hook* turn_end = nullptr;  // what runs once the ready have run (a stack)
+  const bool* awaited_done = nullptr;         // sync_wait's flag, while it runs the loop
   bool stop_requested = false;
   bool stopping = false;
   pid_t owner_pid = ::getpid();
@@ -271,6 +273,15 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
     while (detail::ready_node* node = batch.pop_front()) node->handle.resume();  // may free `node`
   }
 
+  void run_turn_end() noexcept {
+    while (detail::turn_end_hook* h = turn_end) {
+      turn_end = h->next_hook;
+      h->next_hook = nullptr;
+      h->queued = false;
+      h->fn(*h);
+    }
+  }
+
   // ---- the loop ----
 
   void reap() {
@@ -311,10 +322,11 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
   bool turn() {
     flush_backlog();
     drain_ready();
+    run_turn_end();
     flush_backlog();
     if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
-    const bool must_not_wait = !ready.empty() || !backlog.empty();
+    const bool must_not_wait = !ready.empty() || !backlog.empty() || (awaited_done && *awaited_done);
     if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
       // Only coroutines to resume and nothing to submit: a hand-over between coroutines
       // (an event, an in-process channel) needs no syscall. Entering at least every
@@ -337,6 +349,7 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
   bool turn_without_waiting() {
     flush_backlog();
     drain_ready();
+    run_turn_end();
     flush_backlog();
     if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
@@ -409,7 +422,7 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
         ::io_uring_sqe_set_data64(sqe, 0);
       }
     }
-    while (in_flight > 0 || !ready.empty() || !backlog.empty() || external_work > 0) {
+    while (in_flight > 0 || !ready.empty() || !backlog.empty() || external_work > 0 || turn_end != nullptr) {
       try {
         if (!turn()) break;
       } catch (const std::exception& ex) {
@@ -535,6 +548,7 @@ void io_context::run() {
     impl_->rethrow_pending();
     if (!more) break;
   }
+  impl_->run_turn_end();
 }
 
 void io_context::stop() noexcept { impl_->stop_requested = true; }
@@ -587,6 +601,11 @@ int io_context::poll_fd() {
 void detail::loop::run_until(io_context& ctx, const bool& done) {
   io_context::impl& m = *ctx.impl_;
   m.stop_requested = false;
+  struct restore {
+    io_context::impl& m;
+    const bool* outer;
+    ~restore() { m.awaited_done = outer; }
+  } restore_at_exit{m, std::exchange(m.awaited_done, &done)};
   while (!done) {
     if (m.stop_requested) {
       throw std::logic_error("ipcoro: io_context::stop() called while sync_wait was waiting");
@@ -598,6 +617,7 @@ void detail::loop::run_until(io_context& ctx, const bool& done) {
           "ipcoro: deadlock: the awaited task is suspended but nothing is in flight that could resume it");
     }
   }
+  m.run_turn_end();  // what the task sent on its last step reaches the kernel before sync_wait returns
 }
 
 std::stop_token detail::loop::detached_started(io_context& ctx) noexcept {
@@ -660,6 +680,11 @@ bool detail::loop::call_on_loop(io_context& ctx, void (*fn)(void*) noexcept, voi
   const std::uint64_t one = 1;
   [[maybe_unused]] ssize_t n = ::write(m.wake_fd.get(), &one, sizeof one);
   return false;
+}
+
+void detail::loop::at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept {
+  if (!hook.queued) hook.next_hook = std::exchange(ctx.impl_->turn_end, &hook);
+  hook.queued = true;
 }
 
 void detail::loop::hold_work(io_context& ctx) noexcept { ++ctx.impl_->external_work; }

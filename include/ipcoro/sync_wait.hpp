@@ -51,7 +51,7 @@ T sync_wait(io_context& ctx, task<T> t) {
   bool done = false;
   std::stop_source source;
   detail::run_sync(std::move(t), value, error).start(source.get_token(), &detail::mark_done, &done);
-  if (!done) detail::drive(ctx, done, source);
+  detail::drive(ctx, done, source);  // also when done: what `t` sent reaches the kernel
   if (error) std::rethrow_exception(error);
   if constexpr (!std::is_void_v<T>) return std::move(*value);
 }
