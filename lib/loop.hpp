@@ -43,6 +43,12 @@ struct loop {
   /// Runs `hook.fn` at the end of the current turn of the loop (once, however often it is
   /// asked before then); also when run() or sync_wait returns and when the context shuts down.
   static void at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept;
+  /// Whether the loop is being turned: run(), sync_wait or poll() is on the stack, or another
+  /// loop embeds this one (poll_fd). Work started on a context that is not may wait until the
+  /// next sync_wait or the context's shutdown: a caller outside the loop must not rely on it.
+  static bool driven(const io_context& ctx) noexcept;
+  /// Counts (+1) or uncounts (-1) a caller that is about to turn the loop (sync_wait).
+  static void count_driver(io_context& ctx, int delta) noexcept;
   /// Runs the loop until `done` turns true. Throws std::logic_error if nothing is left
   /// that could make it true (a deadlock), and rethrows detached-task failures.
   static void run_until(io_context& ctx, const bool& done);

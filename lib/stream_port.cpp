@@ -21,6 +21,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 namespace ipcoro::detail {
@@ -87,6 +88,7 @@ struct stream_out : turn_end_hook {
   std::shared_ptr<stream_out> keep;  // while the hook is queued
   int error = 0;                     // a deferred write's errno, for the next send or flush
   bool flushing = false;             // a task is writing `writing`
+  bool drained = false;              // set when that task ends (for finish() outside the loop)
 };
 
 void note_write() noexcept { writes_made.fetch_add(1, std::memory_order_relaxed); }
@@ -183,7 +185,27 @@ task<void> keep_writing(pooled_frame, std::shared_ptr<stream_out> out) {
   }
   if (cancelled) write_patiently(o);
   o.flushing = false;
+  o.drained = true;
   o.progress.wake_all();
+}
+
+/// finish() outside a running loop, while a write task that an earlier turn left in the loop
+/// still holds frames: nothing else may turn the loop before this process waits for its peer,
+/// so this turns it until the task has written everything (or failed), as a blocking write
+/// would wait.
+void drain_outside_loop(stream_out& o) noexcept {
+  io_context* ctx = io_context::current_or_null();
+  if (!o.flushing || ctx == nullptr || ctx->stopping() || loop::driven(*ctx)) return;
+  o.drained = false;
+  while (!o.drained) {
+    try {
+      loop::run_until(*ctx, o.drained);
+    } catch (const std::logic_error&) {  // nothing left that could finish it: give up
+      return;
+    } catch (...) {  // another task's failure: reported as it would have been, and on
+      loop::detached_failed(*ctx, std::current_exception(), false);
+    }
+  }
 }
 
 /// Starts writing what is held: at once as far as the pipe takes it without waiting, the
@@ -193,7 +215,8 @@ void start_flush(stream_out& o, const std::shared_ptr<stream_out>& self) noexcep
     if (!o.flushing) o.progress.wake_all();
     return;
   }
-  if (io_context* ctx = io_context::current_or_null(); ctx != nullptr && !ctx->stopping()) {
+  if (io_context* ctx = io_context::current_or_null();
+      ctx != nullptr && !ctx->stopping() && loop::driven(*ctx)) {
     try {
       o.flushing = true;
       ctx->spawn(keep_writing(pooled_frame{}, self));
@@ -289,7 +312,8 @@ class stream_send_port final : public send_port {
   /// without it knows the sender died mid-stream. What is held is written first, also on
   /// abort (without the end frame): a message whose send completed is never dropped
   /// here. Never blocks the loop: what the pipe cannot take now is written through the
-  /// ring, or, with no loop, waited for here, bounded.
+  /// ring. Outside a running loop it is waited for here: bounded when no write task is in
+  /// the loop, and by turning the loop until that task is done when one is.
   void finish(port_exit how) noexcept override {
     stream_out& o = *out_;
     if (o.fd && o.error == 0) {
@@ -307,6 +331,7 @@ class stream_send_port final : public send_port {
         }
       }
       start_flush(o, out_);
+      drain_outside_loop(o);
     }
     out_.reset();  // the descriptor closes once what is held is written
   }

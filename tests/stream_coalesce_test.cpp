@@ -187,6 +187,36 @@ TEST_CASE("close and abort write the messages still held; close then ends the st
   CHECK(nothing_left_behind());
 }
 
+TEST_CASE("a close outside the loop, after sync_wait left a write in the loop, writes all and ends cleanly",
+          "[channel][ipc][coalesce][close]") {
+  const std::string transport = GENERATE("pipe", "fifo");
+  // The pipe fills while the receiver waits, so sync_wait returns with a write still in the
+  // loop; nothing turns that loop again before the sender waits for the receiver.
+  const std::string address = fresh_address(transport, "capacity=4096");
+  CAPTURE(address);
+  constexpr int count = 500;  // 6 KB: more than the pipe takes, within what pipe and sender hold
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake go;
+    child_process child([&]() -> int {
+      channel_receiver<int> rx = link.receiver<int>();
+      link.reset();
+      if (!go.wait()) return 5;
+      return expect_in_order(rx, count);
+    });
+    ipcoro::io_context ctx;
+    channel_sender<int> tx = link.sender<int>();
+    link.reset();
+    ipcoro::sync_wait(ctx, [](channel_sender<int>& tx) -> task<void> {
+      for (int i = 0; i < count; ++i) co_await tx.send(i);
+    }(tx));
+    go.signal();
+    tx.close();  // outside any loop: must not leave the rest to a loop nobody turns
+    CHECK(child.wait() == 0);
+  }
+  CHECK(nothing_left_behind());
+}
+
 TEST_CASE("a receiver that dies while messages are held is reported by the next send, flush or close",
           "[channel][ipc][coalesce]") {
   const std::string transport = GENERATE("pipe", "fifo");
