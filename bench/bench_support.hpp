@@ -5,6 +5,8 @@
 // memcpy bandwidth.
 #pragma once
 
+#include "shared_memory.hpp"
+
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <linux/futex.h>
@@ -357,23 +359,7 @@ inline owned_name make_owned_directory(const std::string& prefix) {
   }
 }
 
-/// Anonymous MAP_SHARED memory, shared with processes forked after it was made.
-class shared_memory {
- public:
-  explicit shared_memory(std::size_t size) : size_(size) {
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
-    data_ = static_cast<std::byte*>(p);
-  }
-  ~shared_memory() { ::munmap(data_, size_); }
-  shared_memory(const shared_memory&) = delete;
-  shared_memory& operator=(const shared_memory&) = delete;
-  std::span<std::byte> bytes() const noexcept { return {data_, size_}; }
-
- private:
-  std::byte* data_;
-  std::size_t size_;
-};
+using ipcoro::test::shared_memory;  // tests/support/shared_memory.hpp
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)

@@ -7,6 +7,7 @@
 #include "ipcoro/task.hpp"
 
 #include "process.hpp"
+#include "shared_memory.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -38,27 +39,7 @@ using namespace std::chrono_literals;
 using ipcoro::task;
 using ipcoro::test::child_process;
 
-/// Anonymous MAP_SHARED memory: created before fork(), shared with every child, gone with them.
-class shared_memory {
- public:
-  explicit shared_memory(std::size_t size) : size_(size) {
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
-    data_ = static_cast<std::byte*>(p);
-  }
-  ~shared_memory() { ::munmap(data_, size_); }
-  shared_memory(const shared_memory&) = delete;
-  shared_memory& operator=(const shared_memory&) = delete;
-  std::span<std::byte> bytes() const noexcept { return {data_, size_}; }
-  template <class T>
-  T& at(std::size_t offset) const noexcept {
-    return *std::launder(reinterpret_cast<T*>(data_ + offset));
-  }
-
- private:
-  std::byte* data_;
-  std::size_t size_;
-};
+using ipcoro::test::shared_memory;
 
 /// A one-way "go" over a pipe, with a bound on the wait (a child that died never signals).
 class signal_pipe {

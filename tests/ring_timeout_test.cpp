@@ -8,7 +8,10 @@
 #include "ipcoro/timer.hpp"
 #include "ipcoro/when_all.hpp"
 
+#include "shared_memory.hpp"
+
 #include <sys/mman.h>
+
 #include <catch2/catch.hpp>
 
 #include <array>
@@ -24,30 +27,14 @@ namespace {
 using namespace std::chrono_literals;
 using ipcoro::task;
 
-/// Anonymous shared memory for one ring, unmapped at the end of the test.
-class ring_memory {
- public:
-  explicit ring_memory(std::size_t size) : size_(size) {
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
-    data_ = static_cast<std::byte*>(p);
-  }
-  ~ring_memory() { ::munmap(data_, size_); }
-  ring_memory(const ring_memory&) = delete;
-  ring_memory& operator=(const ring_memory&) = delete;
-  std::span<std::byte> bytes() const noexcept { return {data_, size_}; }
-
- private:
-  std::byte* data_;
-  std::size_t size_;
-};
+using ipcoro::test::shared_memory;
 
 }  // namespace
 
 TEST_CASE("a ring receive with the longest timeout waits for its message instead of timing out",
           "[shm_ring][timeout]") {
   // The timeout saturates instead of overflowing when it is turned into nanoseconds.
-  ring_memory mem(ipcoro::spsc_ring_region_size(4096));
+  shared_memory mem(ipcoro::spsc_ring_region_size(4096));
   ipcoro::format_spsc_ring(mem.bytes());
   ipcoro::ring_options opts;
   opts.spin = 0ns;  // straight to sleep
@@ -69,7 +56,7 @@ TEST_CASE("a ring receive with the longest timeout waits for its message instead
 
 TEST_CASE("a ring send bounded by a timeout and a deadline gives up at the earlier, sending nothing",
           "[shm_ring][timeout]") {
-  ring_memory mem(ipcoro::mpmc_ring_region_size(2, 8));
+  shared_memory mem(ipcoro::mpmc_ring_region_size(2, 8));
   ipcoro::format_mpmc_ring(mem.bytes(), 8);
   ipcoro::mpmc_ring_sender tx(mem.bytes());
   ipcoro::mpmc_ring_receiver rx(mem.bytes());

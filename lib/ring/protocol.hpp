@@ -68,33 +68,11 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   /// Both: after a truncation_guard absorbed a fault in this ring's file, the error that
   /// says so (EBADMSG), whatever the operation read or wrote in the zeros.
   outcome try_send(std::span<const std::byte> message) {
-    outcome r;
-    try {
-      r = kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message);
-    } catch (const std::system_error&) {
-      throw_if_truncated(hdr_);  // the zeros it read are the truncation's, not a peer's
-      throw;
-    }
-    // A page of the ring's file vanished under this operation: what it wrote went nowhere.
-    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
-      throw_if_truncated(hdr_);
-    moved_ += r == outcome::done;
-    if (r == outcome::would_block) note_would_block();
-    return r;
+    return attempt([&] { return kind_ == kind_spsc ? spsc_try_send(message) : mpmc_try_send(message); });
   }
   outcome try_receive(std::span<std::byte> buffer, std::size_t& size) {
-    outcome r;
-    try {
-      r = kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size);
-    } catch (const std::system_error&) {
-      throw_if_truncated(hdr_);
-      throw;
-    }
-    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
-      throw_if_truncated(hdr_);
-    moved_ += r == outcome::done;
-    if (r == outcome::would_block) note_would_block();
-    return r;
+    return attempt(
+        [&] { return kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size); });
   }
 
   std::uint64_t read_position() const noexcept { return read_pos_; }
@@ -181,6 +159,24 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::uint32_t fruitless_polls_ = 0;
 
  private:
+  /// One non-blocking try of either direction. A page of the ring's file that vanished
+  /// under it (truncation) is reported as that, not as the corruption its zeros look like,
+  /// and not as a success that wrote nowhere; the outcome is counted.
+  template <class Try>
+  outcome attempt(Try try_once) {
+    outcome r;
+    try {
+      r = try_once();
+    } catch (const std::system_error&) {
+      throw_if_truncated(hdr_);
+      throw;
+    }
+    if (truncation_faults.load(std::memory_order_relaxed) != 0) [[unlikely]]
+      throw_if_truncated(hdr_);
+    moved_ += r == outcome::done;
+    if (r == outcome::would_block) note_would_block();
+    return r;
+  }
   outcome spsc_try_send(std::span<const std::byte> message);
   outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
   /// Writes the header of a record (with its check when checked_) at `offset`, for ring position `pos`.
