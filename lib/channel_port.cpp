@@ -43,6 +43,8 @@ void throw_decode_size(std::string_view type, std::size_t expected, std::size_t 
   throw decode_error(fmt::format("decoding {}: a message of {} bytes, expected {}", type, got, expected));
 }
 
+task<void> send_port::drain(pooled_frame) { co_return; }
+
 std::span<const std::byte> send_port::greeting() {
   if (greeting_.empty()) {
     const std::string& name = identity().name;

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT
-// The io_uring event loop: submission, reaping, the ready queue, detached tasks, shutdown.
+// io_context's public face: construction, run, poll and embedding, sync_wait's loop, and what the library
+// asks of it.
 #include "ipcoro/io_context.hpp"
 
+#include "io_context_impl.hpp"
 #include "ipcoro/detail/intrusive_queue.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/sigpipe.hpp"
@@ -31,423 +33,11 @@ namespace {
 
 thread_local io_context* current_context = nullptr;
 
-// user_data of the loop's own eventfd read; operation addresses are never this small.
-constexpr std::uint64_t wake_tag = 1;
-// Operations are 8-byte aligned: the low bit of user_data marks a worker-bound
-// operation's deadline timer (see op_base::worker_bound_).
-constexpr std::uint64_t timer_bit = 1;
-
-constexpr int erestartsys = 512;  // leaks out of io-wq when a blocked open is interrupted
-
 // A forked child inherits the parent's io_context object but must not drive its ring
 // (the ring belongs to the parent's task); it starts its own.
 void forget_context_in_child() noexcept { current_context = nullptr; }
 
-std::int64_t monotonic_now_ns() noexcept {
-  ::timespec ts{};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
-}
-
 }  // namespace
-
-struct __attribute__((visibility("hidden"))) io_context::impl {  // never exported (see IPCORO_API)
-  uring::ring ring;
-  ring_features features;
-  counters stats;
-  std::size_t in_flight = 0;      // operations started whose last CQE is not yet reaped
-  std::size_t external_work = 0;  // waits that other threads end through call_on_loop
-  // Operations waiting for SQ space, and coroutines waiting to be resumed.
-  detail::intrusive_queue<detail::op_base, &detail::op_base::next_pending_> backlog;
-  detail::intrusive_queue<detail::ready_node, &detail::ready_node::next_ready> ready;
-  bool stop_requested = false;
-  bool stopping = false;
-  pid_t owner_pid = ::getpid();
-  std::size_t detached_alive = 0;
-  std::stop_source detached_stop;
-  std::function<void(std::exception_ptr)> error_handler;
-  std::exception_ptr pending_error;
-
-  // Calls queued by other threads (stop requests), and the eventfd that wakes the loop.
-  struct remote_call {
-    void (*fn)(void*) noexcept;
-    void* arg;
-  };
-  std::mutex remote_mutex;
-  std::vector<remote_call> remote_calls;
-  std::vector<remote_call> remote_batch;  // swapped in, so the lock is not held while calling
-  unique_fd wake_fd;
-  std::uint64_t wake_value = 0;  // the kernel writes the eventfd counter here
-  bool wake_armed = false;
-
-  // Embedding in another loop (poll_fd, poll): an eventfd registered with the ring, which the
-  // kernel signals for every completion (with DEFER_TASKRUN: as soon as one is waiting to be
-  // posted), and which notify() signals for work that begins outside poll().
-  unique_fd notify_fd;
-  bool in_poll = false;
-  bool notify_pending = false;  // notify() wrote and poll() has not read since
-
-  void notify() noexcept {
-    if (!notify_fd || in_poll || notify_pending) return;
-    const std::uint64_t one = 1;
-    [[maybe_unused]] ssize_t n = ::write(notify_fd.get(), &one, sizeof one);
-    notify_pending = true;
-  }
-
-  void arm_wake() noexcept {
-    // While shutting down, only waits ended by other threads still need waking.
-    if (wake_armed || !wake_fd || (stopping && external_work == 0)) return;
-    ::io_uring_sqe* sqe = take_sqes(1);
-    if (sqe == nullptr) return;  // re-armed on the next turn
-    ::io_uring_prep_read(sqe, wake_fd.get(), &wake_value, sizeof wake_value, 0);
-    ::io_uring_sqe_set_data64(sqe, wake_tag);
-    wake_armed = true;
-  }
-
-  void run_remote_calls() {
-    {
-      std::lock_guard lock(remote_mutex);
-      remote_batch.swap(remote_calls);
-    }
-    for (const remote_call& c : remote_batch) c.fn(c.arg);
-    remote_batch.clear();
-  }
-
-  // ---- submission ----
-
-  ::io_uring_sqe* take_sqes(unsigned n) noexcept {
-    if (ring.sq_space_left() < n) {
-      int rc = ring.submit();
-      if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
-      if (ring.sq_space_left() < n) return nullptr;
-    }
-    return ring.try_get_sqe();
-  }
-
-  void prepare(detail::op_base& op, ::io_uring_sqe* sqe) noexcept {
-    const bool poll_first = op.retry_poll_events_ != 0 && op.result_ == -EAGAIN;
-    if (poll_first) {
-      // The descriptor is non-blocking: wait for readiness, then retry in the same chain.
-      ::io_uring_prep_poll_add(sqe, op.retry_fd_, op.retry_poll_events_);
-      ::io_uring_sqe_set_data64(sqe, 0);
-      sqe->flags |= IOSQE_IO_LINK;
-      sqe = ring.try_get_sqe();
-    }
-    op.prep_(op, sqe);
-    ::io_uring_sqe_set_data(sqe, &op);
-    if (op.has_deadline() && op.worker_bound_) {
-      // Measured on 6.18: a linked timeout does not interrupt a FIFO open blocked in an
-      // io-wq worker, while IORING_OP_ASYNC_CANCEL does. So: a plain timer that cancels.
-      if (!op.timer_armed_) {
-        ::io_uring_sqe* t = ring.try_get_sqe();
-        ::io_uring_prep_timeout(t, &op.deadline_, 0, IORING_TIMEOUT_ABS);
-        ::io_uring_sqe_set_data64(t, reinterpret_cast<std::uintptr_t>(&op) | timer_bit);
-        op.timer_armed_ = true;
-      }
-    } else if (op.has_deadline()) {
-      sqe->flags |= IOSQE_IO_LINK;
-      ::io_uring_sqe* t = ring.try_get_sqe();
-      ::io_uring_prep_link_timeout(t, &op.deadline_, IORING_TIMEOUT_ABS);
-      ::io_uring_sqe_set_data64(t, 0);
-    }
-  }
-
-  static unsigned sqes_needed(const detail::op_base& op) noexcept {
-    return 1u + (op.has_deadline() ? 1u : 0u) +
-           (op.retry_poll_events_ != 0 && op.result_ == -EAGAIN ? 1u : 0u);
-  }
-
-  /// Queues `op`'s SQEs, or parks it in the backlog when the SQ is full and the kernel
-  /// cannot take more right now.
-  void submit_op(detail::op_base& op) noexcept {
-    const unsigned n = sqes_needed(op);
-    if (backlog.empty()) {
-      if (::io_uring_sqe* sqe = take_sqes(n)) {
-        prepare(op, sqe);
-        return;
-      }
-    }
-    backlog.push_back(op);
-  }
-
-  void flush_backlog() {
-    while (detail::op_base* op = backlog.front()) {
-      if (op->cancel_requested_ || stopping) {
-        backlog.pop_front();
-        finish_op(*op, -ECANCELED);
-        continue;
-      }
-      ::io_uring_sqe* sqe = take_sqes(sqes_needed(*op));
-      if (sqe == nullptr) return;
-      backlog.pop_front();
-      prepare(*op, sqe);
-    }
-  }
-
-  // flush_backlog completes a cancelled operation it holds with -ECANCELED.
-  bool cancel_from_backlog(detail::op_base& op) noexcept { return backlog.contains(op); }
-
-  // ---- completion ----
-
-  void finish_op(detail::op_base& op, int res) {
-    op.result_ = res;
-    if (op.timer_armed_) {
-      // The timer's CQE names this operation: resume only once it has been reaped.
-      op.waiting_for_timer_ = true;
-      if (::io_uring_sqe* sqe = take_sqes(1)) {
-        ::io_uring_prep_timeout_remove(sqe, reinterpret_cast<std::uintptr_t>(&op) | timer_bit, 0);
-        ::io_uring_sqe_set_data64(sqe, 0);
-      }
-      return;
-    }
-    --in_flight;
-    op.waiter_.resume();
-  }
-
-  /// The CQE of a worker-bound operation's deadline timer.
-  void timer_fired(detail::op_base& op, int res) {
-    op.timer_armed_ = false;
-    if (op.waiting_for_timer_) {
-      op.waiting_for_timer_ = false;
-      --in_flight;
-      op.waiter_.resume();
-    } else if (res == -ETIME) {
-      cancel_now(op);  // its CQE follows, as -ECANCELED or an interrupted -EINTR
-    }
-  }
-
-  void cancel_now(detail::op_base& op) noexcept {
-    ::io_uring_sqe* sqe = take_sqes(1);
-    if (sqe == nullptr) return;  // the kernel is refusing work; the op still ends by itself
-    ::io_uring_prep_cancel(sqe, &op, 0);
-    ::io_uring_sqe_set_data64(sqe, 0);
-    // Submit now, not at the next turn: by then this op may have completed and its awaiter
-    // reused the address for a new operation that the request would wrongly cancel.
-    const int rc = ring.submit();
-    if (rc > 0) stats.submitted += static_cast<unsigned>(rc);
-  }
-
-  void complete(detail::op_base& op, int res) {
-    const bool cancelled = op.cancel_requested_ || stopping;
-    if (res == -EINTR || res == -erestartsys) {
-      // An io-wq worker interrupted by a cancellation reports EINTR; otherwise retry.
-      const bool expired = op.has_deadline() &&
-                           monotonic_now_ns() >= op.deadline_.tv_sec * 1'000'000'000 + op.deadline_.tv_nsec;
-      if (cancelled || expired) {
-        finish_op(op, -ECANCELED);
-      } else {
-        submit_op(op);
-      }
-      return;
-    }
-    if (res == -EAGAIN && op.retry_poll_events_ != 0 && !cancelled) {
-      op.result_ = -EAGAIN;  // makes prepare() link a poll in front
-      submit_op(op);
-      return;
-    }
-    if (op.progress_ != nullptr && !op.progress_(op, res)) {
-      op.result_ = 0;
-      if (cancelled) {
-        finish_op(op, -ECANCELED);
-      } else {
-        submit_op(op);
-      }
-      return;
-    }
-    finish_op(op, res);
-  }
-
-  // ---- the ready queue ----
-
-  void push_ready(detail::ready_node& node) noexcept {
-    ready.push_back(node);
-    if (notify_fd) notify();
-  }
-
-  /// Resumes what was ready when called; what those coroutines schedule waits a turn,
-  /// so I/O completions are not starved.
-  void drain_ready() {
-    auto batch = ready.take_all();
-    while (detail::ready_node* node = batch.pop_front()) node->handle.resume();  // may free `node`
-  }
-
-  // ---- the loop ----
-
-  void reap() {
-    constexpr unsigned batch = 64;
-    ::io_uring_cqe* cqes[batch];
-    struct completion {
-      std::uint64_t user_data;
-      int res;
-    } done[batch];
-    for (;;) {
-      if (ring.cq_overflow_pending()) {
-        ++stats.overflowed;
-        // Pull the kernel's backlog of completions into the CQ as room appears.
-        (void)ring.submit_and_wait(0);
-      }
-      const unsigned n = ring.peek_batch(cqes, batch);
-      if (n == 0) return;
-      // Copy and release the slots first: resumed coroutines may need the CQ.
-      for (unsigned i = 0; i < n; ++i) done[i] = {cqes[i]->user_data, cqes[i]->res};
-      ring.advance(n);
-      stats.completed += n;
-      for (unsigned i = 0; i < n; ++i) {
-        if (done[i].user_data == wake_tag) {
-          wake_armed = false;
-          run_remote_calls();
-        } else if ((done[i].user_data & timer_bit) != 0) {
-          timer_fired(*reinterpret_cast<detail::op_base*>(done[i].user_data & ~timer_bit), done[i].res);
-        } else if (done[i].user_data != 0) {
-          complete(*reinterpret_cast<detail::op_base*>(done[i].user_data), done[i].res);
-        }
-      }
-      if (n < batch && !ring.cq_overflow_pending()) return;
-    }
-  }
-
-  /// One turn: resume the ready, submit, wait if nothing else is runnable, reap.
-  /// Returns false when there is nothing at all to wait for.
-  bool turn() {
-    flush_backlog();
-    drain_ready();
-    flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
-    arm_wake();
-    const bool must_not_wait = !ready.empty() || !backlog.empty();
-    if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
-      // Only coroutines to resume and nothing to submit: a hand-over between coroutines
-      // (an event, an in-process channel) needs no syscall. Entering at least every
-      // `enter_every` turns keeps I/O completions from starving: with DEFER_TASKRUN the
-      // kernel posts them only when this thread enters.
-      reap();
-      return true;
-    }
-    turns_without_enter = 0;
-    if (!must_not_wait && busy_poll_ns > 0 && busy_poll()) {
-      reap();
-      return true;
-    }
-    enter(must_not_wait ? 0 : 1);
-    reap();
-    return true;
-  }
-
-  /// poll()'s turn: as turn(), but never sleeping. Returns true while work remains.
-  bool turn_without_waiting() {
-    flush_backlog();
-    drain_ready();
-    flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
-    arm_wake();
-    enter(0);
-    reap();
-    return in_flight > 0 || external_work > 0 || !ready.empty();
-  }
-
-  void enter(unsigned wait_nr) {
-    const int rc = ring.submit_and_wait(wait_nr);
-    if (rc > 0)
-      stats.submitted += static_cast<unsigned>(rc);
-    else if (rc < 0 && rc != -EBUSY && rc != -EAGAIN)
-      throw_errno(-rc, "io_uring_enter");
-  }
-
-  /// Collects completions without sleeping until one is ready or the budget is spent.
-  /// Returns true when a completion is ready.
-  bool busy_poll() {
-    const std::int64_t deadline = monotonic_now_ns() + busy_poll_ns;
-    for (;;) {
-      // With DEFER_TASKRUN, completions are only posted when this thread enters the
-      // kernel, so each check is an io_uring_enter that never sleeps.
-      enter(0);
-      ++stats.busy_polls;
-      if (::io_uring_cq_ready(ring.raw()) > 0) return true;
-      if (monotonic_now_ns() >= deadline) return false;
-      // When the peer shares this CPU, spinning would only delay its answer: yielding lets
-      // it run, and costs almost nothing when nothing else is runnable here.
-      ::sched_yield();
-    }
-  }
-
-  std::int64_t busy_poll_ns = 0;
-  static constexpr unsigned enter_every = 64;
-  unsigned turns_without_enter = 0;
-
-  void rethrow_pending() {
-    if (pending_error) std::rethrow_exception(std::exchange(pending_error, nullptr));
-  }
-
-  void report(std::exception_ptr e) noexcept {
-    if (error_handler) {
-      try {
-        error_handler(e);
-        return;
-      } catch (...) {
-        e = std::current_exception();
-      }
-    }
-    if (!pending_error && !stopping) {
-      pending_error = e;
-      return;
-    }
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& ex) {
-      std::fprintf(stderr, "ipcoro: a detached task failed: %s\n", ex.what());
-    } catch (...) {
-      std::fprintf(stderr, "ipcoro: a detached task failed with a non-standard exception\n");
-    }
-  }
-
-  void shutdown() noexcept {
-    stopping = true;
-    detached_stop.request_stop();
-    if (in_flight > 0 || wake_armed) {
-      if (::io_uring_sqe* sqe = take_sqes(1)) {
-        ::io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
-        ::io_uring_sqe_set_data64(sqe, 0);
-      }
-    }
-    while (in_flight > 0 || !ready.empty() || !backlog.empty() || external_work > 0) {
-      try {
-        if (!turn()) break;
-      } catch (const std::exception& ex) {
-        std::fprintf(stderr, "ipcoro: while shutting down: %s\n", ex.what());
-        if (in_flight > 0) {
-          // The ring is broken; waiting more could hang. Leak the frames rather than let
-          // the kernel write into freed memory.
-          std::fprintf(stderr, "ipcoro: %zu operations still in flight; leaking the ring\n", in_flight);
-          leak_ring = true;
-          return;
-        }
-      }
-    }
-    // The wake read's buffer lives here: cancel it and wait for its CQE as for any operation's.
-    if (wake_armed) {
-      if (::io_uring_sqe* sqe = take_sqes(1)) {
-        ::io_uring_prep_cancel64(sqe, wake_tag, 0);
-        ::io_uring_sqe_set_data64(sqe, 0);
-      }
-    }
-    while (wake_armed) {
-      if (ring.submit_and_wait(1) < 0) {
-        leak_ring = true;
-        return;
-      }
-      reap();
-    }
-    if (pending_error) report(std::exchange(pending_error, nullptr));
-    if (detached_alive > 0) {
-      std::fprintf(stderr,
-                   "ipcoro: %zu detached tasks were still suspended at shutdown on something that "
-                   "ignores cancellation; they were not destroyed\n",
-                   detached_alive);
-    }
-  }
-
-  bool leak_ring = false;
-};
 
 // ---- io_context ----
 
@@ -530,10 +120,14 @@ io_context* io_context::current_or_null() noexcept { return current_context; }
 
 void io_context::run() {
   impl_->stop_requested = false;
-  while (!impl_->stop_requested) {
-    const bool more = impl_->turn();
-    impl_->rethrow_pending();
-    if (!more) break;
+  {
+    const impl::driven_scope driven = impl_->drive();
+    while (!impl_->stop_requested) {
+      const bool more = impl_->turn();
+      impl_->rethrow_pending();
+      if (!more) break;
+    }
+    impl_->run_turn_end();
   }
 }
 
@@ -548,14 +142,10 @@ bool io_context::poll() {
     m.notify_pending = false;
   }
   bool more = false;
-  m.in_poll = true;
-  try {
+  {
+    const impl::driven_scope driven = m.drive(true);
     more = m.turn_without_waiting();
-  } catch (...) {
-    m.in_poll = false;
-    throw;
   }
-  m.in_poll = false;
   // Coroutines made ready during this turn, or SQEs that found no room, are the next turn's:
   // the other loop must come back at once rather than sleep.
   if (!m.ready.empty() || !m.backlog.empty() || m.ring.sq_ready() > 0) m.notify();
@@ -587,16 +177,25 @@ int io_context::poll_fd() {
 void detail::loop::run_until(io_context& ctx, const bool& done) {
   io_context::impl& m = *ctx.impl_;
   m.stop_requested = false;
-  while (!done) {
-    if (m.stop_requested) {
-      throw std::logic_error("ipcoro: io_context::stop() called while sync_wait was waiting");
+  struct restore {
+    io_context::impl& m;
+    const bool* outer;
+    ~restore() { m.awaited_done = outer; }
+  } restore_at_exit{m, std::exchange(m.awaited_done, &done)};
+  {
+    const io_context::impl::driven_scope driven = m.drive();
+    while (!done) {
+      if (m.stop_requested) {
+        throw std::logic_error("ipcoro: io_context::stop() called while sync_wait was waiting");
+      }
+      const bool more = m.turn();
+      m.rethrow_pending();
+      if (!more && !done) {
+        throw std::logic_error(
+            "ipcoro: deadlock: the awaited task is suspended but nothing is in flight that could resume it");
+      }
     }
-    const bool more = m.turn();
-    m.rethrow_pending();
-    if (!more && !done) {
-      throw std::logic_error(
-          "ipcoro: deadlock: the awaited task is suspended but nothing is in flight that could resume it");
-    }
+    m.run_turn_end();  // what the task sent on its last step reaches the kernel before sync_wait returns
   }
 }
 
@@ -660,6 +259,17 @@ bool detail::loop::call_on_loop(io_context& ctx, void (*fn)(void*) noexcept, voi
   const std::uint64_t one = 1;
   [[maybe_unused]] ssize_t n = ::write(m.wake_fd.get(), &one, sizeof one);
   return false;
+}
+
+bool detail::loop::driven(const io_context& ctx) noexcept {
+  return ctx.impl_->driving > 0 || ctx.impl_->notify_fd;
+}
+
+void detail::loop::count_driver(io_context& ctx, int delta) noexcept { ctx.impl_->driving += delta; }
+
+void detail::loop::at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept {
+  if (!hook.queued) hook.next_hook = std::exchange(ctx.impl_->turn_end, &hook);
+  hook.queued = true;
 }
 
 void detail::loop::hold_work(io_context& ctx) noexcept { ++ctx.impl_->external_work; }

@@ -10,6 +10,15 @@
 
 namespace ipcoro::detail {
 
+/// Work for the end of a loop turn: once the coroutines made ready have run, before the
+/// loop submits what they queued and waits (a stream sender's coalesced write). Lives in
+/// its owner, which keeps it alive while it is queued.
+struct turn_end_hook {
+  void (*fn)(turn_end_hook& self) noexcept = nullptr;
+  turn_end_hook* next_hook = nullptr;
+  bool queued = false;
+};
+
 /// What the library asks of an io_context beyond the public API (a friend of it). Every
 /// function must be called on the context's own thread, except call_on_loop.
 struct loop {
@@ -31,6 +40,15 @@ struct loop {
   /// cannot use the ring): while held, run() keeps waiting and sync_wait sees no deadlock.
   static void hold_work(io_context& ctx) noexcept;
   static void release_work(io_context& ctx) noexcept;
+  /// Runs `hook.fn` at the end of the current turn of the loop (once, however often it is
+  /// asked before then); also when run() or sync_wait returns and when the context shuts down.
+  static void at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept;
+  /// Whether the loop is being turned: run(), sync_wait or poll() is on the stack, or another
+  /// loop embeds this one (poll_fd). Work started on a context that is not may wait until the
+  /// next sync_wait or the context's shutdown: a caller outside the loop must not rely on it.
+  static bool driven(const io_context& ctx) noexcept;
+  /// Counts (+1) or uncounts (-1) a caller that is about to turn the loop (sync_wait).
+  static void count_driver(io_context& ctx, int delta) noexcept;
   /// Runs the loop until `done` turns true. Throws std::logic_error if nothing is left
   /// that could make it true (a deadlock), and rethrows detached-task failures.
   static void run_until(io_context& ctx, const bool& done);

@@ -8,22 +8,41 @@
 #include "ipcoro/pipe.hpp"
 
 #include "channel_wire.hpp"
+#include "loop.hpp"
 
+#include <fcntl.h>
 #include <fmt/core.h>
 #include <poll.h>
 #include <unistd.h>
 
+#include <sys/uio.h>
+
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 namespace ipcoro::detail {
 
 namespace {
 
-/// How long a close waits for room for its end marker before giving up.
+/// How long a write that cannot use the loop (it has shut down, or there is none) waits
+/// for room before giving up.
 constexpr std::chrono::seconds end_patience{30};
+
+/// How many bytes a stream sender holds unwritten, at most, before a send waits for the
+/// kernel to take some (the backpressure): the pipe's capacity, and no more than this.
+constexpr std::size_t coalesce_bound = std::size_t{64} * 1024;
+
+std::size_t bound_for(int fd) noexcept {
+  const int capacity = ::fcntl(fd, F_GETPIPE_SZ);
+  return capacity > 0 ? std::min(static_cast<std::size_t>(capacity), coalesce_bound) : coalesce_bound;
+}
+
+std::atomic<std::uint64_t> writes_made{0};
+std::atomic<std::uint64_t> peak_held{0};
 
 /// True once `fd` can take a write of at most PIPE_BUF bytes without blocking (or would
 /// fail at once: no reader left), waiting at most `wait` milliseconds for that.
@@ -35,50 +54,185 @@ bool writable_within(int fd, int wait) noexcept {
   return n > 0;
 }
 
-/// Writes a small frame (at most PIPE_BUF bytes: all or nothing) that poll() said fits.
-void write_small(int fd, const void* data, std::size_t size) noexcept {
-  while (::write(fd, data, size) < 0 && errno == EINTR) {
+/// The bytes at `p` (whole frames, `n` in all) that go out in one write: as many whole
+/// frames as fit in PIPE_BUF, so that several writers' frames never interleave (writes
+/// of up to PIPE_BUF bytes are atomic); one frame alone when it is larger.
+std::size_t next_chunk(const std::byte* p, std::size_t n) noexcept {
+  std::size_t take = 0;
+  while (take + head_size <= n) {
+    const std::size_t frame = head_size + read_head<stream_head>(p + take).length;
+    if (take > 0 && take + frame > PIPE_BUF) break;
+    take += frame;
+    if (take >= PIPE_BUF) break;
   }
+  return std::min(take, n);
 }
 
-/// Writes a close's last frames (at most PIPE_BUF bytes: all or nothing) once the pipe has
-/// room, waiting for it at most `end_patience`; without room by then, or without a reader,
-/// they are not written and the receiver reports a sender that went away.
-void post_patiently(int fd, std::span<const std::byte> frames) noexcept {
-  const auto patience = std::chrono::duration_cast<std::chrono::milliseconds>(end_patience);
-  if (writable_within(fd, static_cast<int>(patience.count()))) write_small(fd, frames.data(), frames.size());
+/// A stream sender's output, shared by the port, the end-of-turn hook and the task that
+/// writes while the pipe is full, so that it outlives the port until it is written. Frames
+/// accepted by a send wait in `pending`; a flush moves them to `writing` and writes them.
+struct stream_out : turn_end_hook {
+  stream_out(unique_fd f, write_path p) noexcept : fd(std::move(f)), path(p), bound(bound_for(fd.get())) {}
+
+  std::size_t held() const noexcept { return used + (write_end - written); }
+
+  unique_fd fd;
+  write_path path;
+  std::size_t bound;
+  byte_buffer pending;
+  std::size_t used = 0;
+  byte_buffer writing;
+  std::size_t write_end = 0;
+  std::size_t written = 0;
+  wait_list progress;                // sends waiting for room, flushes waiting for the kernel
+  std::shared_ptr<stream_out> keep;  // while the hook is queued
+  int error = 0;                     // a deferred write's errno, for the next send or flush
+  bool flushing = false;             // a task is writing `writing`
+  bool drained = false;              // set when that task ends (for finish() outside the loop)
+};
+
+void note_write() noexcept { writes_made.fetch_add(1, std::memory_order_relaxed); }
+
+/// A deferred write failed: what is held is lost; the next send or flush reports `err`.
+void fail(stream_out& o, int err) noexcept {
+  o.error = err;
+  o.used = o.write_end = o.written = 0;
+  o.progress.wake_all();
 }
 
-/// Writes a close's last frames through the ring once the pipe has room: the reader is
-/// slow, and a close must not block the loop's thread waiting for it. It ends when they
-/// are written or when the reader is gone (EPIPE). If the io_context shuts down first
-/// (the process is most likely ending), it waits there, bounded, so that a clean close
-/// still reads as one.
-task<void> post_when_room(pooled_frame, unique_fd fd, write_path path, std::vector<std::byte> frames) {
-  try {
-    co_await write_all_operation{fd.get(), frames, path};
-  } catch (const operation_cancelled&) {
-    post_patiently(fd.get(), frames);
-  } catch (...) {  // nobody reads any more: nothing to tell
-  }
+/// Moves the pending frames to `writing` once the previous ones are written.
+bool take_pending(stream_out& o) noexcept {
+  if (o.written < o.write_end || o.used == 0) return o.written < o.write_end;
+  std::swap(o.pending, o.writing);
+  o.write_end = std::exchange(o.used, 0);
+  o.written = 0;
+  return true;
 }
 
-/// Posts a close's last frames (at most PIPE_BUF bytes) from a close(), which cannot
-/// await. When the pipe is full, the write is handed to this thread's loop; with no loop
-/// running here, it waits for room, bounded.
-void post_at_close(unique_fd fd, write_path path, std::vector<std::byte> frames) noexcept {
-  if (writable_within(fd.get(), 0)) {
-    write_small(fd.get(), frames.data(), frames.size());
-    return;
+/// Writes what it can without waiting. True when all is written (or failed).
+bool write_now(stream_out& o) noexcept {
+  while (take_pending(o)) {
+    const std::byte* p = o.writing.data() + o.written;
+    const std::size_t chunk = next_chunk(p, o.write_end - o.written);
+    ssize_t n = -1;
+    if (o.path == write_path::try_nowait_first) {
+      ::iovec iov{const_cast<std::byte*>(p), chunk};
+      n = ::pwritev2(o.fd.get(), &iov, 1, -1, RWF_NOWAIT);
+    } else if (chunk <= PIPE_BUF && writable_within(o.fd.get(), 0)) {
+      n = ::write(o.fd.get(), p, chunk);  // atomic, and poll() said it fits
+    } else {
+      return false;
+    }
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EOPNOTSUPP) return false;
+      fail(o, errno);
+      return true;
+    }
+    note_write();
+    o.written += static_cast<std::size_t>(n);
+    if (static_cast<std::size_t>(n) < chunk) return false;
   }
-  if (io_context* ctx = io_context::current_or_null(); ctx != nullptr && !ctx->stopping()) {
-    try {
-      ctx->spawn(post_when_room(pooled_frame{}, std::move(fd), path, std::move(frames)));
+  return true;
+}
+
+/// Writes everything held, waiting for room without the loop, at most `end_patience`
+/// in all: for a loop that has shut down (the process is most likely ending) or none.
+void write_patiently(stream_out& o) noexcept {
+  const auto until = std::chrono::steady_clock::now() + end_patience;
+  while (take_pending(o)) {
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    if (left.count() <= 0 || !writable_within(o.fd.get(), static_cast<int>(left.count()))) {
+      fail(o, ETIMEDOUT);
       return;
-    } catch (...) {  // no memory for the task: fall back to waiting here, bounded
+    }
+    const std::size_t piece =
+        std::min<std::size_t>(next_chunk(o.writing.data() + o.written, o.write_end - o.written), PIPE_BUF);
+    const ssize_t n = ::write(o.fd.get(), o.writing.data() + o.written, piece);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (n < 0) {
+      fail(o, errno);
+      return;
+    }
+    note_write();
+    o.written += static_cast<std::size_t>(n);
+  }
+}
+
+/// Writes through the ring what could not be written at once, and what is sent meanwhile,
+/// waking the sends and flushes that wait for it as it goes.
+task<void> keep_writing(pooled_frame, std::shared_ptr<stream_out> out) {
+  stream_out& o = *out;
+  bool cancelled = false;
+  while (!cancelled && o.error == 0 && take_pending(o)) {
+    const std::size_t chunk = next_chunk(o.writing.data() + o.written, o.write_end - o.written);
+    write_all_operation write{o.fd.get(), std::span<const std::byte>{o.writing.data() + o.written, chunk},
+                              o.path};
+    try {
+      co_await write;
+      o.written += chunk;
+      note_write();
+    } catch (const operation_cancelled&) {
+      o.written += write.written();
+      cancelled = true;  // the loop is shutting down
+    } catch (const std::system_error& e) {
+      fail(o, e.code().value());
+    } catch (...) {
+      fail(o, ENOMEM);
+    }
+    o.progress.wake_all();
+  }
+  if (cancelled) write_patiently(o);
+  o.flushing = false;
+  o.drained = true;
+  o.progress.wake_all();
+}
+
+/// finish() outside a running loop, while a write task that an earlier turn left in the loop
+/// still holds frames: nothing else may turn the loop before this process waits for its peer,
+/// so this turns it until the task has written everything (or failed), as a blocking write
+/// would wait.
+void drain_outside_loop(stream_out& o) noexcept {
+  io_context* ctx = io_context::current_or_null();
+  if (!o.flushing || ctx == nullptr || ctx->stopping() || loop::driven(*ctx)) return;
+  o.drained = false;
+  while (!o.drained) {
+    try {
+      loop::run_until(*ctx, o.drained);
+    } catch (const std::logic_error&) {  // nothing left that could finish it: give up
+      return;
+    } catch (...) {  // another task's failure: reported as it would have been, and on
+      loop::detached_failed(*ctx, std::current_exception(), false);
     }
   }
-  post_patiently(fd.get(), frames);
+}
+
+/// Starts writing what is held: at once as far as the pipe takes it without waiting, the
+/// rest through the ring (or, with no loop to use, waiting here, bounded).
+void start_flush(stream_out& o, const std::shared_ptr<stream_out>& self) noexcept {
+  if (o.flushing || o.error != 0 || write_now(o)) {
+    if (!o.flushing) o.progress.wake_all();
+    return;
+  }
+  if (io_context* ctx = io_context::current_or_null();
+      ctx != nullptr && !ctx->stopping() && loop::driven(*ctx)) {
+    try {
+      o.flushing = true;
+      ctx->spawn(keep_writing(pooled_frame{}, self));
+      return;
+    } catch (...) {  // no memory for the task: wait here, bounded
+      o.flushing = false;
+    }
+  }
+  write_patiently(o);
+  o.progress.wake_all();
+}
+
+void flush_at_turn_end(turn_end_hook& hook) noexcept {
+  auto& o = static_cast<stream_out&>(hook);
+  const std::shared_ptr<stream_out> self = std::move(o.keep);
+  start_flush(o, self);
 }
 
 class stream_send_port final : public send_port {
@@ -87,111 +241,164 @@ class stream_send_port final : public send_port {
   /// message (a FIFO opened by name, whose receiver waits for a greeting before it can
   /// tell a sender's end of file from "nobody came yet").
   stream_send_port(std::string address, unique_fd fd, write_path path, bool greet_at_open = false)
-      : send_port(std::move(address)), fd_(std::move(fd)), path_(path), greet_at_open_(greet_at_open) {
+      : send_port(std::move(address)),
+        out_(std::make_shared<stream_out>(std::move(fd), path)),
+        greet_at_open_(greet_at_open) {
+    out_->fn = &flush_at_turn_end;
     ignore_sigpipe();  // a close() may write without a loop
   }
 
+  /// Frames the message where it will wait: behind what is held while that stays within
+  /// the bound (or nothing is held), otherwise aside until there is room.
   std::span<std::byte> prepare(std::size_t size) override {
     if (size > max_stream_payload) {
       throw channel_error(
           EMSGSIZE, fmt::format("channel {}: a message of {} bytes is larger than a stream frame allows ({})",
                                 address(), size, max_stream_payload));
     }
-    used_ = 0;
-    if (!greeted_) put_greeting();
-    buf_.grow(used_ + head_size + size, used_);
-    put(frame_kind::data, size);
-    std::span<std::byte> out{buf_.data() + used_, size};
-    used_ += size;
-    return out;
+    stream_out& o = *out_;
+    frame_ = head_size + size + (greeted_ ? 0 : head_size + greeting().size());
+    aside_ = o.held() > 0 && o.held() + frame_ > o.bound;
+    byte_buffer& to = aside_ ? aside_buf_ : o.pending;
+    const std::size_t at = aside_ ? 0 : o.used;
+    to.grow(at + frame_, at);
+    std::byte* p = to.data() + at;
+    if (!greeted_) p = put_greeting(p);
+    p = put(p, frame_kind::data, size);
+    return {p, size};
+  }
+
+  /// Takes the message when it went behind what is held: it goes out at the end of this
+  /// turn of the loop, with whatever else is sent meanwhile.
+  bool try_send_prepared() override {
+    check();
+    if (aside_) return false;
+    accept();
+    return true;
   }
 
   std::size_t max_payload() const noexcept override { return max_stream_payload; }
 
  protected:
+  /// A message set aside waits until what is held leaves room for it.
   task<void> commit(pooled_frame) override {
-    if (cut_) {
-      throw channel_error(
-          EPROTO, fmt::format("channel {}: an earlier send was cancelled half way through its message; "
-                              "the stream cannot go on (close() now aborts it)",
-                              address()));
+    check();
+    stream_out& o = *out_;
+    while (o.held() > 0 && o.held() + frame_ > o.bound) {
+      start_flush(o, out_);
+      check();
+      if (o.held() > 0 && o.held() + frame_ > o.bound) co_await park_operation{o.progress};
+      check();
     }
-    write_all_operation write{fd_.get(), std::span<const std::byte>{buf_.data(), used_}, path_};
-    try {
-      co_await write;
-    } catch (const operation_cancelled&) {
-      // Part of a frame is in the pipe: whatever follows would be read as the rest of it.
-      // Writes of up to PIPE_BUF bytes are atomic, so only large messages get here.
-      if (write.written() > 0) cut_ = true;
-      throw;
-    } catch (const std::system_error& e) {
-      if (e.code() == std::errc::broken_pipe) {
-        throw channel_closed(e.code(),
-                             fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
-                                         "process ended",
-                                         address()));
-      }
-      throw;
+    o.pending.grow(o.used + frame_, o.used);
+    std::memcpy(o.pending.data() + o.used, aside_buf_.data(), frame_);
+    aside_ = false;
+    accept();
+  }
+
+  task<void> drain(pooled_frame) override {
+    check();
+    stream_out& o = *out_;
+    while (o.held() > 0 || o.flushing) {
+      start_flush(o, out_);
+      check();
+      if (o.held() > 0 || o.flushing) co_await park_operation{o.progress};
+      check();
     }
-    greeted_ = true;
   }
 
   /// A byte stream's end of file cannot tell a closed sender from a dead one, so a sender
   /// that has spoken says goodbye with an end frame; a receiver that sees end of file
-  /// without it knows the sender died mid-stream. A stream with a cut frame can only be
-  /// aborted: the receiver then reports the cut instead of misreading what follows.
+  /// without it knows the sender died mid-stream. What is held is written first, also on
+  /// abort (without the end frame): a message whose send completed is never dropped
+  /// here. Never blocks the loop: what the pipe cannot take now is written through the
+  /// ring. Outside a running loop it is waited for here: bounded when no write task is in
+  /// the loop, and by turning the loop until that task is done when one is.
   void finish(port_exit how) noexcept override {
-    if (how != port_exit::abort && fd_ && !cut_) {
-      try {
-        // A sender that never sent still greets first: end of file before any greeting
-        // means a sender that died before it started.
-        used_ = 0;
-        if (!greeted_) put_greeting();
-        buf_.grow(used_ + head_size, used_);
-        put(frame_kind::end, 0);
-        post_at_close(std::move(fd_), path_, std::vector<std::byte>(buf_.data(), buf_.data() + used_));
-      } catch (...) {  // no memory: the receiver reports a sender that went away
+    stream_out& o = *out_;
+    if (o.fd && o.error == 0) {
+      if (how != port_exit::abort) {
+        try {
+          // A sender that never sent still greets first: end of file before any greeting
+          // means a sender that died before it started.
+          frame_ = head_size + (greeted_ ? 0 : head_size + greeting().size());
+          o.pending.grow(o.used + frame_, o.used);
+          std::byte* p = o.pending.data() + o.used;
+          if (!greeted_) p = put_greeting(p);
+          put(p, frame_kind::end, 0);
+          o.used += frame_;
+        } catch (...) {  // no memory: the receiver reports a sender that went away
+        }
       }
+      start_flush(o, out_);
+      drain_outside_loop(o);
     }
-    fd_.reset();
+    out_.reset();  // the descriptor closes once what is held is written
   }
 
   /// Greets at once when asked to and the pipe has room (it nearly always has), so that
   /// the receiver can tell this sender's death from its not having come yet.
   void opened() noexcept override {
-    if (!greet_at_open_ || greeted_ || !fd_ || !writable_within(fd_.get(), 0)) return;
+    stream_out& o = *out_;
+    if (!greet_at_open_ || greeted_ || !o.fd || o.held() > 0 || !writable_within(o.fd.get(), 0)) return;
     try {
-      used_ = 0;
-      put_greeting();
-      if (used_ > PIPE_BUF) return;  // not atomic: it goes with the first message
-      const ssize_t n = ::write(fd_.get(), buf_.data(), used_);
-      greeted_ = n == static_cast<ssize_t>(used_);
+      byte_buffer b;
+      b.grow(head_size + greeting().size(), 0);
+      const std::size_t n = static_cast<std::size_t>(put_greeting(b.data()) - b.data());
+      if (n > PIPE_BUF) return;  // not atomic: it goes with the first message
+      greeted_ = ::write(o.fd.get(), b.data(), n) == static_cast<ssize_t>(n);
     } catch (...) {  // no memory: it goes with the first message
     }
   }
 
  private:
-  void put(frame_kind kind, std::size_t length) noexcept {
+  static std::byte* put(std::byte* p, frame_kind kind, std::size_t length) noexcept {
     const stream_head h{static_cast<std::uint32_t>(length), static_cast<std::uint32_t>(kind)};
-    std::memcpy(buf_.data() + used_, &h, sizeof h);
-    used_ += sizeof h;
+    std::memcpy(p, &h, sizeof h);
+    return p + sizeof h;
   }
-  /// Puts the greeting frame at the start of the (empty) buffer.
-  void put_greeting() {
+  std::byte* put_greeting(std::byte* p) {
     const std::span<const std::byte> g = greeting();
-    buf_.grow(head_size + g.size(), 0);
-    put(frame_kind::hello, g.size());
-    std::memcpy(buf_.data() + used_, g.data(), g.size());
-    used_ += g.size();
+    p = put(p, frame_kind::hello, g.size());
+    std::memcpy(p, g.data(), g.size());
+    return p + g.size();
   }
 
-  unique_fd fd_;
-  write_path path_;
-  byte_buffer buf_;
-  std::size_t used_ = 0;
+  /// Reports what a deferred write found: the receiver gone (channel_closed), or another error.
+  void check() const {
+    const int err = out_->error;
+    if (err == 0) return;
+    if (err == EPIPE) {
+      throw channel_closed(std::error_code(EPIPE, std::system_category()),
+                           fmt::format("channel {}: the receiver has gone: it closed the channel, or its "
+                                       "process ended",
+                                       address()));
+    }
+    throw channel_error(err, fmt::format("channel {}: writing earlier messages failed", address()));
+  }
+
+  /// The prepared frame now waits in `pending`, to go out at the end of this loop turn.
+  void accept() noexcept {
+    stream_out& o = *out_;
+    o.used += frame_;
+    greeted_ = true;
+    if (o.held() > peak_held.load(std::memory_order_relaxed))
+      peak_held.store(o.held(), std::memory_order_relaxed);
+    if (o.flushing || o.queued) return;  // the write in flight takes it next
+    if (io_context* ctx = io_context::current_or_null(); ctx != nullptr) {
+      o.keep = out_;
+      loop::at_turn_end(*ctx, o);
+    } else {
+      start_flush(o, out_);
+    }
+  }
+
+  std::shared_ptr<stream_out> out_;
+  byte_buffer aside_buf_;  // a message waiting for room
+  std::size_t frame_ = 0;  // the prepared frame's size (with the greeting before it, if any)
+  bool aside_ = false;
   bool greet_at_open_ = false;
   bool greeted_ = false;
-  bool cut_ = false;
 };
 
 class stream_receive_port final : public receive_port {
@@ -217,46 +424,22 @@ class stream_receive_port final : public receive_port {
   }
 
  protected:
+  /// A message already read needs no wait (and no task): each read takes in up to 64 KiB,
+  /// which may hold hundreds of frames.
+  bool try_next() override {
+    if (current_) return true;
+    if (ended_) return false;
+    std::size_t need = 0;
+    return parse(need);
+  }
+
   task<bool> fill(pooled_frame) override {
     if (current_) co_return true;
     if (ended_) co_return false;
     for (;;) {
+      std::size_t need = 0;
+      if (parse(need)) co_return true;
       const std::size_t avail = end_ - begin_;
-      std::size_t need = head_size;
-      if (avail >= head_size) {
-        const auto h = read_head<stream_head>(buf_.data() + begin_);
-        if (h.length > max_stream_payload) {
-          throw channel_error(EBADMSG,
-                              fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
-                                          "channel sender, or the stream is corrupt",
-                                          address(), h.length));
-        }
-        need = head_size + h.length;
-        if (avail >= need) {
-          const std::span<const std::byte> payload{buf_.data() + begin_ + head_size, h.length};
-          if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
-            check_greeting(payload);
-            ++greetings_;
-            placeholder_.reset();
-            begin_ += need;
-            continue;
-          }
-          if (h.kind == static_cast<std::uint32_t>(frame_kind::end) && greetings_ > goodbyes_) {
-            ++goodbyes_;
-            begin_ += need;
-            continue;
-          }
-          if (greetings_ == 0 || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-            throw channel_error(EPROTO,
-                                fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
-                                            "message is not a greeting)",
-                                            address()));
-          }
-          length_ = h.length;
-          current_ = true;
-          co_return true;
-        }
-      }
       if (begin_ + need > buf_.size()) {
         std::memmove(buf_.data(), buf_.data() + begin_, avail);
         begin_ = 0;
@@ -302,6 +485,47 @@ class stream_receive_port final : public receive_port {
   }
 
  private:
+  /// Makes the next data frame already read current, taking greetings and goodbyes on the
+  /// way: true when there is one; false when more must be read (`need` bytes from begin_).
+  bool parse(std::size_t& need) {
+    for (;;) {
+      const std::size_t avail = end_ - begin_;
+      need = head_size;
+      if (avail < head_size) return false;
+      const auto h = read_head<stream_head>(buf_.data() + begin_);
+      if (h.length > max_stream_payload) {
+        throw channel_error(EBADMSG,
+                            fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
+                                        "channel sender, or the stream is corrupt",
+                                        address(), h.length));
+      }
+      need = head_size + h.length;
+      if (avail < need) return false;
+      const std::span<const std::byte> payload{buf_.data() + begin_ + head_size, h.length};
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
+        check_greeting(payload);
+        ++greetings_;
+        placeholder_.reset();
+        begin_ += need;
+        continue;
+      }
+      if (h.kind == static_cast<std::uint32_t>(frame_kind::end) && greetings_ > goodbyes_) {
+        ++goodbyes_;
+        begin_ += need;
+        continue;
+      }
+      if (greetings_ == 0 || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
+        throw channel_error(EPROTO,
+                            fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
+                                        "message is not a greeting)",
+                                        address()));
+      }
+      length_ = h.length;
+      current_ = true;
+      return true;
+    }
+  }
+
   const std::byte* buf_data() const noexcept { return const_cast<byte_buffer&>(buf_).data(); }
 
   std::shared_ptr<void> keep_;
@@ -318,6 +542,10 @@ class stream_receive_port final : public receive_port {
 };
 
 }  // namespace
+
+stream_stats stream_sender_stats() noexcept {
+  return {writes_made.load(std::memory_order_relaxed), peak_held.load(std::memory_order_relaxed)};
+}
 
 std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd, write_path path,
                                               bool greet_at_open) {

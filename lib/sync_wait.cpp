@@ -31,4 +31,7 @@ void detail::drive(io_context& ctx, const bool& done, std::stop_source& source) 
   }
 }
 
+detail::drive_scope::drive_scope(io_context& ctx) noexcept : ctx_(ctx) { loop::count_driver(ctx_, 1); }
+detail::drive_scope::~drive_scope() { loop::count_driver(ctx_, -1); }
+
 }  // namespace ipcoro

@@ -159,6 +159,18 @@ class channel_sender {
     return channel_send_operation<T>{*this, std::move(value)};
   }
 
+  /// Completes once every value sent so far has reached the kernel: it is in the pipe, FIFO,
+  /// queue or ring, and a process may exit or block without losing it. Only byte streams
+  /// (pipe, FIFO, `fd:`) hold sent values back, until the end of the loop's turn; elsewhere
+  /// this does nothing. Throws channel_closed when the receiver has gone (a write made after
+  /// the send completed may be the one that found out), and when this sender is empty.
+  [[nodiscard]] task<void> flush() {
+    if constexpr (encodable<T>) {
+      if (port_) return flush_port(detail::pooled_frame{}, port_);
+    }
+    return flush_local(detail::pooled_frame{}, local_ != nullptr);
+  }
+
   /// Ends the stream: receivers get what was sent, then an empty optional. Waiting
   /// senders and receivers wake up; a send of this sender that is waiting (in another
   /// coroutine) gets channel_closed, and its message is not sent. Never throws; a second
@@ -276,6 +288,19 @@ class channel_sender {
     if (!port.try_send_prepared()) co_await port.send_prepared();
     ++port.messages;
     port.bytes += size;
+  }
+
+  static task<void> flush_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner) {
+    detail::send_port& port = *owner;
+    mutex::guard guard = co_await port.lock.lock();
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving()) detail::throw_sender_left(port, false);
+    detail::send_port::send_operation flushed = port.flush_sent();
+    co_await flushed;
+  }
+  static task<void> flush_local(detail::pooled_frame, bool open) {
+    if (!open) detail::throw_channel_closed("channel flush: this sender is empty (moved from or closed)");
+    co_return;
   }
 
   std::shared_ptr<detail::local_channel<T>> local_;

@@ -20,6 +20,19 @@ namespace detail {
 /// that nothing the kernel may still write to is freed, then rethrows the first error.
 IPCORO_API void drive(io_context& ctx, const bool& done, std::stop_source& source);
 
+/// While it lives, `ctx` counts as a loop being turned: what the task starts before drive()
+/// (its first steps run inline) may leave work in the loop, as it may once drive() runs.
+class IPCORO_API drive_scope {
+ public:
+  explicit drive_scope(io_context& ctx) noexcept;
+  ~drive_scope();
+  drive_scope(const drive_scope&) = delete;
+  drive_scope& operator=(const drive_scope&) = delete;
+
+ private:
+  io_context& ctx_;
+};
+
 template <class T>
 root_task run_sync(task<T> t, std::optional<value_or_monostate<T>>& value, std::exception_ptr& error) {
   try {
@@ -50,8 +63,9 @@ T sync_wait(io_context& ctx, task<T> t) {
   std::exception_ptr error;
   bool done = false;
   std::stop_source source;
+  const detail::drive_scope driving(ctx);
   detail::run_sync(std::move(t), value, error).start(source.get_token(), &detail::mark_done, &done);
-  if (!done) detail::drive(ctx, done, source);
+  detail::drive(ctx, done, source);  // also when done: what `t` sent reaches the kernel
   if (error) std::rethrow_exception(error);
   if constexpr (!std::is_void_v<T>) return std::move(*value);
 }

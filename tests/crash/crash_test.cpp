@@ -225,6 +225,7 @@ task<void> send_as_victim(channel_sender<message>& tx, const trial_plan& p, int 
       // Nobody reads yet: the send of a frame four times the pipe's size blocks with part
       // of it written. A watcher on this loop sees the pipe grow past what it held before
       // (FIONREAD), and only then says the point is reached: the kill lands mid-frame.
+      co_await tx.flush();  // what was sent before is in the pipe, not held: only the big frame grows it
       const long before = bytes_in_pipes(say_fd);
       message big = make_message(seq, p.big_words);
       task<void> blocked = send_big(tx, std::move(big));  // named: GCC 12 and co_await temporaries
@@ -234,7 +235,12 @@ task<void> send_as_victim(channel_sender<message>& tx, const trial_plan& p, int 
     }
     message m = make_message(seq, p.words);
     co_await tx.send(std::move(m));
-    if (seq + 1 == p.k && !p.cut_frame) say(say_fd, p.k);
+    // A completed send promises delivery once the message reached the kernel: at the end of
+    // the loop's turn, or on flush() (docs/channels.md). Only then may the victim claim it.
+    if (seq + 1 == p.k && !p.cut_frame) {
+      co_await tx.flush();
+      say(say_fd, p.k);
+    }
     if (p.c.when == point::during_close && seq + 1 == p.total) {
       tx.close();
       say(say_fd, closed_marker);

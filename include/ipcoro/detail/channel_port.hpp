@@ -175,6 +175,9 @@ class IPCORO_API send_port : public port_base {
   /// send_prepared() would. The path of a message that needs no wait: no task, no stop
   /// machinery.
   virtual bool try_send_prepared() { return false; }
+  /// Completes once every message sent so far is in the kernel; throws what a send would
+  /// (channel_closed once the receiver has gone, also when only a deferred write saw it).
+  send_operation flush_sent() { return send_operation{*this, drain(pooled_frame{})}; }
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
   /// Called once the end has its identity, before any send: a transport that greets
@@ -184,12 +187,23 @@ class IPCORO_API send_port : public port_base {
  protected:
   /// Sends the prepared message (after the greeting, the first time).
   [[nodiscard]] virtual task<void> commit(pooled_frame) = 0;
+  /// flush_sent()'s part in the transport: nothing where every send reaches the kernel
+  /// before it completes.
+  [[nodiscard]] virtual task<void> drain(pooled_frame);
   /// The greeting's payload, built once.
   std::span<const std::byte> greeting();
 
  private:
   std::string greeting_;
 };
+
+/// What the stream senders of this process have done, for tests: write system calls made
+/// (those of the io_uring included), and the most bytes one sender held unwritten.
+struct stream_stats {
+  std::uint64_t writes = 0;
+  std::uint64_t peak_buffered = 0;
+};
+IPCORO_API stream_stats stream_sender_stats() noexcept;
 
 /// The receiving end of a transport. next() makes the next data message current (checking
 /// greetings on the way) or reports the end of the stream; consume() moves past it.

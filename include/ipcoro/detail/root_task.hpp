@@ -2,6 +2,8 @@
 // root_task: a self-owning coroutine that runs a task to completion and then calls back.
 #pragma once
 
+#include "ipcoro/detail/frame_pool.hpp"
+
 #include <coroutine>
 #include <exception>
 #include <stop_token>
@@ -21,6 +23,11 @@ class root_task {
     std::stop_token token_;
     on_done_fn on_done_ = nullptr;
     void* arg_ = nullptr;
+
+    // From the thread's frame pool: a detached task started once per loop turn (a stream
+    // sender's flush through the ring) allocates nothing once the pool is warm.
+    static void* operator new(std::size_t size) { return allocate_frame(size, true); }
+    static void operator delete(void* frame) noexcept { deallocate_frame(frame); }
 
     root_task get_return_object() noexcept {
       return root_task{std::coroutine_handle<promise_type>::from_promise(*this)};
