@@ -751,7 +751,9 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
       channel_receiver<T>::pop_local(s);
       return true;
     } else {
-      std::optional<T> value = std::move(s.slots[s.head]);
+      // In place from T, not from the slot's optional: GCC 12 then sees no "maybe
+      // uninitialized" vector in the optional (-Werror).
+      R value{std::in_place, std::move(*s.slots[s.head])};
       channel_receiver<T>::pop_local(s);
       return value;
     }
