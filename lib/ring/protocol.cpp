@@ -239,18 +239,19 @@ void ring_protocol::raise_fence_mode(std::uint32_t to) noexcept {
 
 // ---- SPSC ----
 
-ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> message) {
-  if (message.size() > max_message_) {
+ring_protocol::outcome ring_protocol::spsc_reserve(std::size_t size, spsc_slot& slot) {
+  if (size > max_message_) {
     throw std::system_error(
         EMSGSIZE, std::system_category(),
         fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
                     "(capacity / 2 - 8); format a larger region",
-                    message.size(), max_message_));
+                    size, max_message_));
   }
+  if (loan_open_) throw_loan_open();
   if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
     throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
   }
-  const std::uint64_t record = align_record(record_size_ + message.size());
+  const std::uint64_t record = align_record(record_size_ + size);
   std::uint64_t offset = tail_ & mask_;
   const std::uint64_t to_end = capacity_ - offset;
   const std::uint64_t needed = record <= to_end ? record : to_end + record;
@@ -265,7 +266,8 @@ ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> m
   }
   std::uint64_t tail = tail_;
   if (record > to_end) {
-    // Does not fit before the end: pad to the end, start over at offset 0.
+    // Does not fit before the end: pad to the end, start over at offset 0. (Unpublished
+    // until the record after it is: a dropped loan leaves it unseen.)
     spsc_put_header(offset, tail, static_cast<std::uint32_t>(to_end - record_size_), record_padding, {});
     tail += to_end;
     offset = 0;
@@ -276,15 +278,29 @@ ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> m
     __builtin_prefetch(data_ + ((tail + prefetch_distance) & mask_), 1);
     __builtin_prefetch(data_ + ((tail + prefetch_distance + 64) & mask_), 1);
   }
-  spsc_put_header(offset, tail, static_cast<std::uint32_t>(message.size()), record_data, message);
-  if (!message.empty()) std::memcpy(data_ + offset + record_size_, message.data(), message.size());
-  tail_ = tail + record;
-  hdr_->tail.store(tail_, std::memory_order_release);
-  notify(hdr_->data);
+  slot = {offset, tail, size};
   return outcome::done;
 }
 
-ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
+void ring_protocol::spsc_publish(const spsc_slot& slot, std::size_t length) noexcept {
+  const std::span<const std::byte> payload{data_ + slot.offset + record_size_, length};
+  spsc_put_header(slot.offset, slot.pos, static_cast<std::uint32_t>(length), record_data, payload);
+  tail_ = slot.pos + align_record(record_size_ + length);
+  hdr_->tail.store(tail_, std::memory_order_release);
+  notify(hdr_->data);
+}
+
+ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> message) {
+  spsc_slot slot;
+  const outcome r = spsc_reserve(message.size(), slot);
+  if (r != outcome::done) return r;
+  if (!message.empty()) std::memcpy(data_ + slot.offset + record_size_, message.data(), message.size());
+  spsc_publish(slot, message.size());
+  return outcome::done;
+}
+
+ring_protocol::outcome ring_protocol::spsc_next(std::uint64_t& offset, std::uint32_t& length) {
+  if (peeked_) release_peeked(read_pos_);  // the next receive frees the view's space first
   const auto refresh_tail = [this] {
     const std::uint64_t t = hdr_->tail.load(std::memory_order_acquire);
     if (t < read_pos_ || t - read_pos_ > capacity_ || t % 8 != 0) {
@@ -305,7 +321,7 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
         }
       }
     }
-    const std::uint64_t offset = read_pos_ & mask_;
+    offset = read_pos_ & mask_;
     const std::uint64_t to_end = capacity_ - offset;
     const std::uint64_t available = tail_cache_ - read_pos_;
     if (record_size_ > to_end || record_size_ > available) {
@@ -336,29 +352,38 @@ ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buff
                       "published)",
                       rh.length, offset, to_end, available));
     }
-    const std::byte* payload = data_ + offset + record_size_;
-    if (rh.length > buffer.size()) {
-      // A damaged length is EBADMSG, not advice to pass a larger buffer.
-      if (checked_) spsc_check_record(offset, rh.length, rh.type, {payload, rh.length});
-      throw std::system_error(
-          EMSGSIZE, std::system_category(),
-          fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
-                      "it stays in the ring (max_message_size() is {})",
-                      rh.length, buffer.size(), max_message_));
-    }
     if (read_pos_ + record + prefetch_distance + 64 <= tail_cache_) {
       // Published records further on: start fetching them from the sender's cache now.
       __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance) & mask_));
       __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance + 64) & mask_));
     }
-    if (rh.length != 0) std::memcpy(buffer.data(), payload, rh.length);
-    // Over the copy, which is what the caller gets (and is in this CPU's cache now).
-    if (checked_) spsc_check_record(offset, rh.length, rh.type, buffer.first(rh.length));
-    read_pos_ += record;
-    size = rh.length;
-    if (!manual_ack_) release_read_position();
+    length = rh.length;
     return outcome::done;
   }
+}
+
+ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
+  std::uint64_t offset = 0;
+  std::uint32_t length = 0;
+  const outcome r = spsc_next(offset, length);
+  if (r != outcome::done) return r;
+  const std::byte* payload = data_ + offset + record_size_;
+  if (length > buffer.size()) {
+    // A damaged length is EBADMSG, not advice to pass a larger buffer.
+    if (checked_) spsc_check_record(offset, length, record_data, {payload, length});
+    throw std::system_error(
+        EMSGSIZE, std::system_category(),
+        fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
+                    "it stays in the ring (max_message_size() is {})",
+                    length, buffer.size(), max_message_));
+  }
+  if (length != 0) std::memcpy(buffer.data(), payload, length);
+  // Over the copy, which is what the caller gets (and is in this CPU's cache now).
+  if (checked_) spsc_check_record(offset, length, record_data, buffer.first(length));
+  read_pos_ += align_record(record_size_ + std::uint64_t{length});
+  size = length;
+  if (!manual_ack_) release_read_position();
+  return outcome::done;
 }
 
 // ---- MPMC ----
