@@ -166,18 +166,20 @@ void send_port::send_operation::await_resume() {
 }
 
 void throw_loan_open(const send_port& port) {
-  throw channel_error(EBUSY, fmt::format("channel {}: a loan is open on this sender; commit or drop it before "
-                                         "the next send or loan",
-                                         port.address()));
+  throw channel_error(EBUSY,
+                      fmt::format("channel {}: a loan is open on this sender; commit or drop it before "
+                                  "the next send or loan",
+                                  port.address()));
 }
 
 void check_object_view(std::span<const std::byte> bytes, std::size_t size, std::size_t align,
                        std::string_view type) {
   if (bytes.size() != size) throw_decode_size(type, size, bytes.size());
   if (reinterpret_cast<std::uintptr_t>(bytes.data()) % align != 0) {
-    throw channel_error(EINVAL, fmt::format("channel receive_object_view: the message of {} sits at an address "
-                                            "not aligned to {}",
-                                            type, align));
+    throw channel_error(EINVAL,
+                        fmt::format("channel receive_object_view: the message of {} sits at an address "
+                                    "not aligned to {}",
+                                    type, align));
   }
 }
 
@@ -253,7 +255,9 @@ void throw_peer_died(const std::string& address, const peer_died& e) {
 namespace ipcoro {
 
 void channel_loan::commit(std::size_t size) {
-  if (!port_) detail::throw_channel_closed("channel loan commit: this loan is empty (committed, dropped or moved from)");
+  if (!port_)
+    detail::throw_channel_closed(
+        "channel loan commit: this loan is empty (committed, dropped or moved from)");
   const std::shared_ptr<detail::send_port> owner = port_;  // drop() below lets go of port_
   detail::send_port& port = *owner;
   if (size > space_.size()) {
@@ -263,16 +267,23 @@ void channel_loan::commit(std::size_t size) {
   }
   if (port.leaving()) {
     drop();
-    throw channel_closed(fmt::format("channel {}: this sender was {} before the loan was committed; nothing "
-                                     "was sent",
-                                     port.address(), detail::left_word(port.left_how())));
+    throw channel_closed(
+        fmt::format("channel {}: this sender was {} before the loan was committed; nothing "
+                    "was sent",
+                    port.address(), detail::left_word(port.left_how())));
   }
   port.commit_loan(size);
   port.loan_open = false;
   ++port.messages;
   port.bytes += size;
   port_.reset();
-  space_ = {};
+}
+
+channel_loan& channel_loan::operator=(channel_loan&& other) noexcept {
+  drop();
+  port_ = std::move(other.port_);
+  space_ = other.space_;
+  return *this;
 }
 
 void channel_loan::drop() noexcept {
@@ -280,14 +291,20 @@ void channel_loan::drop() noexcept {
   port_->drop_loan();
   port_->loan_open = false;
   port_.reset();
-  space_ = {};
+}
+
+channel_view& channel_view::operator=(channel_view&& other) noexcept {
+  release();
+  port_ = std::move(other.port_);
+  bytes_ = other.bytes_;
+  serial_ = other.serial_;
+  return *this;
 }
 
 void channel_view::release() noexcept {
   if (!port_) return;
   if (port_->viewing && port_->view_serial == serial_) port_->end_view();
   port_.reset();
-  bytes_ = {};
 }
 
 }  // namespace ipcoro

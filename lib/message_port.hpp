@@ -318,8 +318,9 @@ class message_receive_port final : public receive_port {
       return false;
     }
     if (frame->size() < head_size) {
-      throw channel_error(EBADMSG, fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame",
-                                               address(), frame->size()));
+      throw channel_error(
+          EBADMSG, fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame", address(),
+                               frame->size()));
     }
     const auto h = read_head<message_head>(frame->data());
     const std::span<const std::byte> payload = frame->subspan(head_size);
@@ -351,7 +352,7 @@ class message_receive_port final : public receive_port {
 
   Transport transport_;
   byte_buffer buf_;
-  ring_view view_;                  // the current message in place (viewing transports)
+  ring_view view_;                    // the current message in place (viewing transports)
   const std::byte* frame_ = nullptr;  // the current message's frame: in buf_ or in view_
   std::size_t length_ = 0;
   std::uint64_t current_position_ = 0;   // the transport's position after the current message

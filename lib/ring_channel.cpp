@@ -56,7 +56,9 @@ struct ring_receiving {
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
   ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
-  auto receive_view() noexcept requires std::is_same_v<Ring, spsc_ring_receiver> { return ring.receive_view(); }
+  auto receive_view() noexcept requires std::is_same_v<Ring, spsc_ring_receiver> {
+    return ring.receive_view();
+  }
   ring_try_view try_receive_view() requires std::is_same_v<Ring, spsc_ring_receiver> {
     return ring.try_receive_view();
   }

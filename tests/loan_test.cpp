@@ -46,7 +46,8 @@ using ipcoro::test::nothing_left_behind;
 using bytes = std::vector<std::byte>;
 
 void fill_pattern(std::span<std::byte> out, std::uint64_t seed) {
-  for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<std::byte>((seed * 131 + i * 7 + 3) & 0xff);
+  for (std::size_t i = 0; i < out.size(); ++i)
+    out[i] = static_cast<std::byte>((seed * 131 + i * 7 + 3) & 0xff);
 }
 
 bool has_pattern(std::span<const std::byte> in, std::uint64_t seed) {
@@ -80,9 +81,9 @@ struct point {
 
 TEST_CASE("a committed loan arrives intact, in many sizes, through many wrap-arounds of the ring",
           "[loan][ipc]") {
-  const std::string address = GENERATE(fresh_address("shm", "capacity=65536"),
-                                       fresh_address("file", "capacity=65536"),
-                                       fresh_address("shm", "capacity=65536&checksum=xxh3"));
+  const std::string address =
+      GENERATE(fresh_address("shm", "capacity=65536"), fresh_address("file", "capacity=65536"),
+               fresh_address("shm", "capacity=65536&checksum=xxh3"));
   CAPTURE(address);
   constexpr int messages = 2000;
   constexpr std::size_t largest = 9000;
@@ -178,7 +179,8 @@ TEST_CASE("a dropped loan publishes nothing, and commit(k) past the loan is EINV
         good += v && v->size() == 100 && has_pattern(*v, static_cast<std::uint64_t>(i));
         if (i % 3 == 0) {
           std::optional<channel_view> c = co_await rx.receive_view().with_timeout(10s);
-          good += c && c->bytes().size() == 50 && has_pattern(c->bytes(), static_cast<std::uint64_t>(i) + 100000);
+          good +=
+              c && c->bytes().size() == 50 && has_pattern(c->bytes(), static_cast<std::uint64_t>(i) + 100000);
         }
       }
       std::optional<bytes> end = co_await rx.receive().with_timeout(10s);
@@ -212,36 +214,37 @@ TEST_CASE("a receiver killed while the sender waits for loan space, or holds a l
     channel_sender<bytes> tx = link.sender<bytes>();
     link.reset();
     REQUIRE(attached.wait());
-    got = ipcoro::sync_wait(ctx, [](channel_sender<bytes>& tx, child_process& receiver, bool by_loan,
-                                    bool holding) -> task<ending> {
-      ending e;
-      std::optional<channel_loan> held;
-      try {
-        if (holding) {
-          channel_loan first = co_await tx.loan(1000).with_timeout(10s);
-          held.emplace(std::move(first));
-        }
-        receiver.kill(SIGKILL);
-        (void)receiver.wait();
-        if (held) held->commit();  // room was taken: it goes in, as a try_send with room would
-        // Keep sending until a wait for space finds the receiver dead.
-        for (int i = 0; i < 1000; ++i) {
-          if (by_loan) {
-            channel_loan loan = co_await tx.loan(1000).with_timeout(10s);
-            loan.commit();
-          } else {
-            bytes v(1000);
-            co_await tx.send(std::move(v)).with_timeout(10s);
+    got = ipcoro::sync_wait(
+        ctx,
+        [](channel_sender<bytes>& tx, child_process& receiver, bool by_loan, bool holding) -> task<ending> {
+          ending e;
+          std::optional<channel_loan> held;
+          try {
+            if (holding) {
+              channel_loan first = co_await tx.loan(1000).with_timeout(10s);
+              held.emplace(std::move(first));
+            }
+            receiver.kill(SIGKILL);
+            (void)receiver.wait();
+            if (held) held->commit();  // room was taken: it goes in, as a try_send with room would
+            // Keep sending until a wait for space finds the receiver dead.
+            for (int i = 0; i < 1000; ++i) {
+              if (by_loan) {
+                channel_loan loan = co_await tx.loan(1000).with_timeout(10s);
+                loan.commit();
+              } else {
+                bytes v(1000);
+                co_await tx.send(std::move(v)).with_timeout(10s);
+              }
+            }
+          } catch (const ipcoro::timed_out&) {
+            e.timed_out = true;
+          } catch (const std::system_error& err) {
+            e.code = err.code().value();
+            e.what = err.what();
           }
-        }
-      } catch (const ipcoro::timed_out&) {
-        e.timed_out = true;
-      } catch (const std::system_error& err) {
-        e.code = err.code().value();
-        e.what = err.what();
-      }
-      co_return e;
-    }(tx, receiver, by_loan, holding));
+          co_return e;
+        }(tx, receiver, by_loan, holding));
   }
   CAPTURE(got.what);
   CHECK_FALSE(got.timed_out);
@@ -251,8 +254,9 @@ TEST_CASE("a receiver killed while the sender waits for loan space, or holds a l
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a sender killed holding an uncommitted loan: the receiver gets what was committed, then peer death",
-          "[loan][ipc][death]") {
+TEST_CASE(
+    "a sender killed holding an uncommitted loan: the receiver gets what was committed, then peer death",
+    "[loan][ipc][death]") {
   const bool by_loan = GENERATE(false, true);
   CAPTURE(by_loan);
   const std::string address = fresh_address("shm", "capacity=16384");
@@ -265,17 +269,18 @@ TEST_CASE("a sender killed holding an uncommitted loan: the receiver gets what w
       ipcoro::io_context ctx;
       channel_sender<int> tx = link.sender<int>();
       link.reset();
-      ipcoro::sync_wait(ctx, [](channel_sender<int>& tx, const handshake& holding, bool by_loan) -> task<void> {
-        for (int i = 0; i < 3; ++i) co_await tx.send(i);
-        if (by_loan) {
-          ipcoro::object_loan<int> loan = co_await tx.loan_object();
-          *loan = 42;  // written, never committed
-          holding.signal();
-          ::pause();  // killed holding it
-        }
-        holding.signal();
-        ::pause();  // killed mid-stream
-      }(tx, holding, by_loan));
+      ipcoro::sync_wait(ctx,
+                        [](channel_sender<int>& tx, const handshake& holding, bool by_loan) -> task<void> {
+                          for (int i = 0; i < 3; ++i) co_await tx.send(i);
+                          if (by_loan) {
+                            ipcoro::object_loan<int> loan = co_await tx.loan_object();
+                            *loan = 42;  // written, never committed
+                            holding.signal();
+                            ::pause();  // killed holding it
+                          }
+                          holding.signal();
+                          ::pause();  // killed mid-stream
+                        }(tx, holding, by_loan));
       return 0;
     });
     channel_receiver<int> rx = link.receiver<int>();
@@ -407,7 +412,8 @@ TEST_CASE("a loan waiting for space ends by timeout or cancellation with nothing
         co_await ipcoro::sleep_for(5ms);
         stop.request_stop();
       };
-      auto [cancelled, ignored] = co_await ipcoro::when_all(loan_then_note(tx, stop.get_token()), stop_soon(stop));
+      auto [cancelled, ignored] =
+          co_await ipcoro::when_all(loan_then_note(tx, stop.get_token()), stop_soon(stop));
       (void)ignored;
       co_return (timed_out ? 1 : 0) + (cancelled ? 2 : 0);
     }(tx, committed));
@@ -442,25 +448,26 @@ TEST_CASE("a view stays valid until released, and only its release gives its roo
       // three fit and the fourth needs the first one's room.
       const std::size_t record_header = checked ? 16 : 8;
       const std::size_t size = (tx.max_message_size() + record_header + 8) / 2 - record_header - 8;
-      return ipcoro::sync_wait(ctx, [](channel_sender<bytes>& tx, std::size_t size, const handshake& viewing,
-                                       const handshake& blocked, const handshake& released) -> task<int> {
-        for (int i = 0; i < 4; ++i) {
-          if (i == 1 && !viewing.wait()) co_return 2;
-          if (i == 3) {
-            try {
-              channel_loan early = co_await tx.loan(size).with_timeout(200ms);
-              co_return 3;  // got room while the view holds it
-            } catch (const ipcoro::timed_out&) {
-            }
-            blocked.signal();
-            if (!released.wait()) co_return 4;
-          }
-          channel_loan loan = co_await tx.loan(size).with_timeout(10s);
-          fill_pattern(loan.bytes(), static_cast<std::uint64_t>(i));
-          loan.commit();
-        }
-        co_return 0;
-      }(tx, size, viewing, blocked, released));
+      return ipcoro::sync_wait(ctx,
+                               [](channel_sender<bytes>& tx, std::size_t size, const handshake& viewing,
+                                  const handshake& blocked, const handshake& released) -> task<int> {
+                                 for (int i = 0; i < 4; ++i) {
+                                   if (i == 1 && !viewing.wait()) co_return 2;
+                                   if (i == 3) {
+                                     try {
+                                       channel_loan early = co_await tx.loan(size).with_timeout(200ms);
+                                       co_return 3;  // got room while the view holds it
+                                     } catch (const ipcoro::timed_out&) {
+                                     }
+                                     blocked.signal();
+                                     if (!released.wait()) co_return 4;
+                                   }
+                                   channel_loan loan = co_await tx.loan(size).with_timeout(10s);
+                                   fill_pattern(loan.bytes(), static_cast<std::uint64_t>(i));
+                                   loan.commit();
+                                 }
+                                 co_return 0;
+                               }(tx, size, viewing, blocked, released));
     });
     channel_receiver<bytes> rx = link.receiver<bytes>();
     link.reset();
@@ -547,7 +554,8 @@ TEST_CASE("a loan on a transport that cannot lend is refused naming the address;
       try {
         (void)ipcoro::sync_wait(ctx, tx.loan(4));
       } catch (const ipcoro::channel_error& e) {
-        refused = e.code().value() == EOPNOTSUPP && contains(e.what(), address) && contains(e.what(), "SPSC ring");
+        refused =
+            e.code().value() == EOPNOTSUPP && contains(e.what(), address) && contains(e.what(), "SPSC ring");
       }
       ipcoro::sync_wait(ctx, tx.send(7));
       return refused ? 0 : 1;

@@ -126,20 +126,13 @@ IPCORO_API [[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(c
 class IPCORO_API channel_loan {
  public:
   channel_loan() noexcept = default;
-  channel_loan(channel_loan&& other) noexcept
-      : port_(std::move(other.port_)), space_(std::exchange(other.space_, {})) {}
-  channel_loan& operator=(channel_loan&& other) noexcept {
-    if (this != &other) {
-      drop();
-      port_ = std::move(other.port_);
-      space_ = std::exchange(other.space_, {});
-    }
-    return *this;
-  }
+  channel_loan(channel_loan&&) noexcept = default;
+  /// Drops what this loan holds first.
+  channel_loan& operator=(channel_loan&& other) noexcept;
   ~channel_loan() { drop(); }
 
-  /// The lent bytes.
-  std::span<std::byte> bytes() const noexcept { return space_; }
+  /// The lent bytes (none once committed, dropped or moved from).
+  std::span<std::byte> bytes() const noexcept { return port_ ? space_ : std::span<std::byte>{}; }
   /// Publishes the whole loan as one message. Never waits (the room was taken by loan()).
   void commit() { commit(space_.size()); }
   /// Publishes the first `size` bytes as one message. Throws std::system_error(EINVAL)
@@ -191,21 +184,13 @@ class object_loan {
 class IPCORO_API channel_view {
  public:
   channel_view() noexcept = default;
-  channel_view(channel_view&& other) noexcept
-      : port_(std::move(other.port_)), bytes_(std::exchange(other.bytes_, {})), serial_(other.serial_) {}
-  channel_view& operator=(channel_view&& other) noexcept {
-    if (this != &other) {
-      release();
-      port_ = std::move(other.port_);
-      bytes_ = std::exchange(other.bytes_, {});
-      serial_ = other.serial_;
-    }
-    return *this;
-  }
+  channel_view(channel_view&&) noexcept = default;
+  /// Releases what this view holds first.
+  channel_view& operator=(channel_view&& other) noexcept;
   ~channel_view() { release(); }
 
-  /// The message's encoding (what receive() would decode).
-  std::span<const std::byte> bytes() const noexcept { return bytes_; }
+  /// The message's encoding (what receive() would decode); none once released or moved from.
+  std::span<const std::byte> bytes() const noexcept { return port_ ? bytes_ : std::span<const std::byte>{}; }
   /// Gives the message's room back; later calls do nothing.
   void release() noexcept;
   explicit operator bool() const noexcept { return port_ != nullptr; }
@@ -481,7 +466,8 @@ class channel_receiver {
   }
   /// receive_view() of one T: a const T& in place. Throws decode_error when the message
   /// does not hold exactly one T (it is released).
-  [[nodiscard]] task<std::optional<object_view<T>>> receive_object_view() requires std::is_trivially_copyable_v<T> {
+  [[nodiscard]] task<std::optional<object_view<T>>> receive_object_view() requires
+      std::is_trivially_copyable_v<T> {
     return object_view_port(detail::pooled_frame{}, receive_view());
   }
 
@@ -587,25 +573,6 @@ class channel_receiver {
     while (!state->readable()) co_await detail::park_operation{state->receivers};
   }
 
-  static task<std::optional<channel_view>> receive_view_port(detail::pooled_frame,
-                                                            std::shared_ptr<detail::receive_port> owner) {
-    detail::receive_port& port = *owner;
-    mutex::guard guard = co_await port.lock.lock();
-    const detail::port_base::in_flight busy{port};
-    port.end_view();
-    if (port.leaving()) co_return std::nullopt;
-    bool got = port.try_next_view();
-    if (!got) got = co_await port.next_view();
-    if (!got) co_return std::nullopt;
-    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
-    const std::span<const std::byte> payload = port.current();
-    port.viewing = true;
-    ++port.messages;
-    port.bytes += payload.size();
-    std::optional<channel_view> view{std::in_place, std::move(owner), payload, ++port.view_serial};
-    co_return view;
-  }
-
   static task<std::optional<object_view<T>>> object_view_port(detail::pooled_frame,
                                                               task<std::optional<channel_view>> next) {
     std::optional<channel_view> view = co_await std::move(next);
@@ -617,35 +584,57 @@ class channel_receiver {
 
   static task<std::optional<channel_view>> nothing_view(detail::pooled_frame) { co_return std::nullopt; }
 
-  static task<std::optional<T>> receive_port(detail::pooled_frame,
-                                             std::shared_ptr<detail::receive_port> owner) {
+  /// The receive operations' one shape: under the port's lock, the view handed out last is
+  /// released, the next message is made current (`view`: left in place), the stop token is
+  /// checked at the commit point (a receive that lost a race leaves the message current),
+  /// and `take(owner)` makes the result; Result{} at the end of the stream.
+  template <class Result, class Take>
+  static task<Result> take_next(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner, bool view,
+                                Take take) {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
     port.end_view();
-    if (port.leaving()) co_return std::nullopt;
-    bool got = port.try_next();
-    if (!got) got = co_await port.next();
-    if (!got) co_return std::nullopt;
+    if (port.leaving()) co_return Result{};
+    bool got = view ? port.try_next_view() : port.try_next();
+    if (!got) got = view ? co_await port.next_view() : co_await port.next();
+    if (!got) co_return Result{};
     if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
-    std::optional<T> value;
-    take_current(port, [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
-    co_return value;
+    co_return take(owner);
+  }
+
+  static task<std::optional<T>> receive_port(detail::pooled_frame,
+                                             std::shared_ptr<detail::receive_port> owner) {
+    return take_next<std::optional<T>>(
+        detail::pooled_frame{}, std::move(owner), false, [](std::shared_ptr<detail::receive_port>& owner) {
+          std::optional<T> value;
+          take_current(*owner,
+                       [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
+          return value;
+        });
   }
 
   static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner,
                                       T& into) {
-    detail::receive_port& port = *owner;
-    mutex::guard guard = co_await port.lock.lock();
-    const detail::port_base::in_flight busy{port};
-    port.end_view();
-    if (port.leaving()) co_return false;
-    bool got = port.try_next();
-    if (!got) got = co_await port.next();
-    if (!got) co_return false;
-    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
-    take_current(port, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
-    co_return true;
+    return take_next<bool>(
+        detail::pooled_frame{}, std::move(owner), false,
+        [&into](std::shared_ptr<detail::receive_port>& owner) {
+          take_current(*owner, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
+          return true;
+        });
+  }
+
+  static task<std::optional<channel_view>> receive_view_port(detail::pooled_frame,
+                                                             std::shared_ptr<detail::receive_port> owner) {
+    return take_next<std::optional<channel_view>>(
+        detail::pooled_frame{}, std::move(owner), true, [](std::shared_ptr<detail::receive_port>& owner) {
+          detail::receive_port& port = *owner;
+          const std::span<const std::byte> payload = port.current();
+          port.viewing = true;
+          ++port.messages;
+          port.bytes += payload.size();
+          return std::optional<channel_view>{std::in_place, owner, payload, ++port.view_serial};
+        });
   }
 
   /// Decodes the port's current message with `decode` and moves past it, also when

@@ -451,11 +451,11 @@ class IPCORO_API basic_ring_end {
 
   /// SPSC sender: lends `size` bytes of the ring to write a message in place (zero-copy);
   /// see ring_loan and ring_loan_operation. An MPMC ring has no loans.
-  ring_loan_operation loan(std::size_t size) noexcept requires(spsc && sender) {
+  ring_loan_operation loan(std::size_t size) noexcept requires(spsc&& sender) {
     return {endpoint_.get(), size};
   }
   /// SPSC sender: loan() if the ring has room now, without waiting; empty when it is full.
-  std::optional<ring_loan> try_loan(std::size_t size) requires(spsc && sender) {
+  std::optional<ring_loan> try_loan(std::size_t size) requires(spsc&& sender) {
     ring_loan_operation op{endpoint_.get(), size};
     if (!op.await_ready()) return std::nullopt;
     return op.await_resume();

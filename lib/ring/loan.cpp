@@ -38,9 +38,10 @@ void ring_protocol::commit_reserved(std::size_t length) {
                             "spsc ring loan commit: no loan is open (committed, dropped or never made)");
   }
   if (length > loan_.size) {
-    throw std::system_error(EINVAL, std::system_category(),
-                            fmt::format("spsc ring loan commit: {} bytes committed, but the loan holds only {}",
-                                        length, loan_.size));
+    throw std::system_error(
+        EINVAL, std::system_category(),
+        fmt::format("spsc ring loan commit: {} bytes committed, but the loan holds only {}", length,
+                    loan_.size));
   }
   loan_open_ = false;
   spsc_publish(loan_, length);

@@ -185,9 +185,9 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   bool checked_ = false;  // feature_xxh3: records carry record_check_header's check
   std::size_t record_size_ = sizeof(record_header);  // SPSC: bytes of a record's header
   bool fenceless_ = false;                           // this process is registered for the asymmetric barrier
-  spsc_slot loan_{};         // sender: the open reservation (loan_open_)
-  bool loan_open_ = false;   // sender: a reservation is open
-  bool peeked_ = false;      // receiver: try_peek() gave the record before read_pos_, unreleased
+  spsc_slot loan_{};                                 // sender: the open reservation (loan_open_)
+  bool loan_open_ = false;                           // sender: a reservation is open
+  bool peeked_ = false;  // receiver: try_peek() gave the record before read_pos_, unreleased
   // MPMC: attempts that found the ring full (sender) or empty (receiver), for note_would_block().
   std::uint32_t fruitless_polls_ = 0;
 
