@@ -133,6 +133,8 @@ class message_send_port final : public send_port {
   }
 
   void finish(port_exit how) noexcept override {
+    // An open loan is never published after this, and must not outlive an aborted end.
+    if constexpr (loaning_sender<Transport>) loan_.drop();
     switch (how) {
       case port_exit::close:
         transport_.close(short_fingerprint(identity().fingerprint));

@@ -311,19 +311,20 @@ TEST_CASE(
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("close() of a sender with a loan open discards it: commit throws channel_closed, nothing is sent",
+TEST_CASE("close() or abort() of a sender with a loan open discards it: commit throws channel_closed",
           "[loan][ipc]") {
   const std::string address = GENERATE(fresh_address("shm"), fresh_address("file"));
-  CAPTURE(address);
+  const bool aborts = GENERATE(false, true);
+  CAPTURE(address, aborts);
   int values = 0;
-  bool clean_end = false;
+  ending got;
   {
     channel_link link = channel_link::create(address);
-    child_process sender([&link]() -> int {
+    child_process sender([&link, aborts]() -> int {
       ipcoro::io_context ctx;
       channel_sender<int> tx = link.sender<int>();
       link.reset();
-      return ipcoro::sync_wait(ctx, [](channel_sender<int>& tx) -> task<int> {
+      return ipcoro::sync_wait(ctx, [](channel_sender<int>& tx, bool aborts) -> task<int> {
         co_await tx.send(1);
         ipcoro::object_loan<int> loan = co_await tx.loan_object();
         *loan = 2;
@@ -333,29 +334,43 @@ TEST_CASE("close() of a sender with a loan open discards it: commit throws chann
           co_await tx.send(3);
           bad = 1;
         } catch (const ipcoro::channel_error& e) {
-          bad += e.code().value() != EBUSY || !contains(e.what(), "loan is open");
+          bad +=
+              e.code().value() != EBUSY || !contains(e.what(), "loan is open") || !contains(e.what(), "ch");
         }
-        tx.close();
+        if (aborts) {
+          tx.abort();
+        } else {
+          tx.close();
+        }
         try {
           loan.commit();
           bad += 10;
         } catch (const ipcoro::channel_closed& e) {
-          bad += !contains(e.what(), "closed") || !contains(e.what(), "ch");
+          bad += !contains(e.what(), aborts ? "aborted" : "closed") || !contains(e.what(), "ch");
         }
         co_return bad;
-      }(tx));
+      }(tx, aborts));
     });
     channel_receiver<int> rx = link.receiver<int>();
     link.reset();
     ipcoro::io_context ctx;
-    clean_end = ipcoro::sync_wait(ctx, [](channel_receiver<int>& rx, int& values) -> task<bool> {
-      while (std::optional<int> v = co_await rx.receive().with_timeout(10s)) values += *v;
-      co_return true;
-    }(rx, values));
+    try {
+      ipcoro::sync_wait(ctx, [](channel_receiver<int>& rx, int& values) -> task<void> {
+        while (std::optional<int> v = co_await rx.receive().with_timeout(10s)) values += *v;
+      }(rx, values));
+    } catch (const ipcoro::timed_out&) {
+      got.timed_out = true;
+    } catch (const std::system_error& e) {
+      got.code = e.code().value();
+      got.what = e.what();
+    }
     CHECK(sender.wait() == 0);
   }
+  CAPTURE(got.what);
   CHECK(values == 1);
-  CHECK(clean_end);
+  CHECK_FALSE(got.timed_out);
+  // An aborted stream ends as a sender that died: peer_died once the process has exited.
+  CHECK(got.code == (aborts ? ECONNRESET : 0));
   CHECK(nothing_left_behind());
 }
 

@@ -279,7 +279,7 @@ struct ring_try_result {
 /// ring_checksum::xxh3 the record's check is computed then, over what the loan holds).
 /// Destroying or drop()ping it uncommitted publishes nothing. Move-only; while it is open
 /// the sender's send, try_send and loan throw EBUSY; close() of the sender drops it. The
-/// ring end must outlive it.
+/// ring end must outlive it (drop it before abort(), which empties the end).
 class IPCORO_API ring_loan {
  public:
   ring_loan() noexcept = default;
