@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Zero-copy loans on SPSC rings: reserve / commit on the sender, peek / release on the receiver.
 #include "ring/protocol.hpp"
+#include "ring/spsc_path.hpp"
 
 #include <fmt/core.h>
 

@@ -210,6 +210,7 @@ class __attribute__((visibility("hidden"))) ring_protocol {
     if (r == outcome::would_block) note_would_block();
     return r;
   }
+  // The halves shared with the loans are inline in ring/spsc_path.hpp.
   /// try_send's first half: the checks, the room, the padding record of a wrap.
   outcome spsc_reserve(std::size_t size, spsc_slot& slot);
   /// try_send's second half: the header (and its check) over the payload in place, the tail.
@@ -219,7 +220,17 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   /// of its header and its `length`. read_pos_ is at it.
   outcome spsc_next(std::uint64_t& offset, std::uint32_t& length);
   outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
-  [[noreturn]] void throw_loan_open() const;
+  [[noreturn, gnu::cold]] void throw_loan_open() const;
+  // The error paths of the functions above (ring/spsc_path.hpp), out of line.
+  [[noreturn, gnu::cold]] void throw_too_large(std::size_t size) const;
+  [[noreturn, gnu::cold]] void throw_receiver_closed() const;
+  [[noreturn, gnu::cold]] void throw_bad_head(std::uint64_t head) const;
+  [[noreturn, gnu::cold]] void throw_bad_tail(std::uint64_t tail) const;
+  [[noreturn, gnu::cold]] void throw_bad_record_header(std::uint64_t offset, std::uint64_t to_end,
+                                                       std::uint64_t available) const;
+  /// EBADMSG for a record whose type, or length against where it lies, is impossible.
+  [[noreturn, gnu::cold]] void throw_bad_record(const record_header& rh, std::uint64_t offset,
+                                                std::uint64_t to_end, std::uint64_t available) const;
   /// EOPNOTSUPP for a loan or view on an MPMC ring.
   [[noreturn]] void throw_no_loans(const char* what) const;
   /// Writes the header of a record (with its check when checked_) at `offset`, for ring position `pos`.
