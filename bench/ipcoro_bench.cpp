@@ -14,6 +14,7 @@
 #include "bench_support.hpp"
 #include "counting_new.hpp"
 #include "peers.hpp"
+#include "targets.hpp"
 
 #include <ipcoro/ipcoro.hpp>
 
@@ -1218,141 +1219,6 @@ void run_all(const settings& cfg, results& res, bool& failed) {
   failed = run.failed;
 }
 
-// ---- the targets of the issue ----
-
-struct verdict {
-  std::string target;
-  std::string figure;
-  int state = 0;  // 1 met, 0 missed, -1 not measured
-};
-
-void evaluate_targets(const results& res, std::vector<verdict>& out) {
-  const auto rtt_ratio = [&](const char* t, const char* impl, const char* mode, const char* base_mode,
-                             const char* where) -> std::optional<double> {
-    const rtt_row* a = res.find_rtt(t, impl, mode, where);
-    const rtt_row* b = res.find_rtt(t, "raw", base_mode, where);
-    if (!a || !b) return std::nullopt;
-    return a->p50 / b->p50;
-  };
-  const auto add = [&](std::string target, std::optional<double> v, bool met, std::string figure) {
-    out.push_back(
-        {std::move(target), v ? std::move(figure) : std::string("not measured"), v ? (met ? 1 : 0) : -1});
-  };
-  for (const char* where : {"cross-core", "same-core"}) {
-    const bool cross = std::string_view(where) == "cross-core";
-    const double limit = cross ? 1.05 : 1.5;
-    const auto r = rtt_ratio("pipe", "ipcoro", "", "", where);
-    add(fmt::format("pipe round trip <= {}x raw, {} (p50)", limit, where), r, r && *r <= limit,
-        r ? fmt::format("{:.3f}x", *r) : "");
-    const rtt_row* ip = res.find_rtt("pipe", "ipcoro", "", where);
-    const rtt_row* as = res.find_rtt("pipe", "asio", "", where);
-    add(fmt::format("pipe round trip below Asio, {} (p50)", where),
-        ip && as ? std::optional<double>(ip->p50) : std::nullopt, ip && as && ip->p50 < as->p50,
-        ip && as ? fmt::format("ipcoro {:.2f} us, asio {:.2f} us", ip->p50, as->p50) : "");
-  }
-  {
-    const auto r = rtt_ratio("pipe", "ipcoro", "busy-poll", "", "cross-core");
-    const rtt_row* bp = res.find_rtt("pipe", "ipcoro", "busy-poll", "cross-core");
-    const rtt_row* raw = res.find_rtt("pipe", "raw", "", "cross-core");
-    add("pipe round trip with busy-poll <= 0.3x raw, cross-core (p50; CPU cost reported)", r, r && *r <= 0.3,
-        r ? fmt::format("{:.3f}x; CPU {:.2f} us/rtt vs raw {:.2f}", *r, bp->cpu_us, raw->cpu_us) : "");
-  }
-  {
-    const tput_row* ip = res.find_tput("pipe", "ipcoro", "1MiB-pipe", 65536);
-    const tput_row* raw = res.find_tput("pipe", "raw", "1MiB-pipe", 65536);
-    const std::optional<double> r =
-        ip && raw ? std::optional<double>(ip->bytes_per_s / raw->bytes_per_s) : std::nullopt;
-    add("pipe throughput at 64 KiB >= raw blocking, both with a 1 MiB pipe", r, r && *r >= 1.0,
-        r ? fmt::format("{:.3f}x ({}B/s vs {}B/s)", *r, si(ip->bytes_per_s), si(raw->bytes_per_s)) : "");
-    const tput_row* vm = res.find_tput("pipe", "ipcoro", "vmsplice", 65536);
-    const tput_row* raw64 = res.find_tput("pipe", "raw", "", 65536);
-    const std::optional<double> v =
-        vm && raw ? std::optional<double>(vm->bytes_per_s / raw->bytes_per_s) : std::nullopt;
-    add("pipe throughput at 64 KiB with vmsplice >= 3x raw (raw with the same 1 MiB pipe)", v, v && *v >= 3.0,
-        v ? fmt::format("{:.3f}x ({}B/s vs {}B/s; vs raw with the default pipe {:.3f}x)", *v,
-                        si(vm->bytes_per_s), si(raw->bytes_per_s),
-                        raw64 ? vm->bytes_per_s / raw64->bytes_per_s : 0.0)
-          : "");
-  }
-  for (const char* where : {"cross-core", "same-core"}) {
-    const bool cross = std::string_view(where) == "cross-core";
-    const double limit = cross ? 1.1 : 1.5;
-    const auto r = rtt_ratio("mq", "ipcoro", "", "", where);
-    add(fmt::format("mq round trip <= {}x raw, {} (p50)", limit, where), r, r && *r <= limit,
-        r ? fmt::format("{:.3f}x", *r) : "");
-  }
-  {
-    const auto s = rtt_ratio("shm", "ipcoro", "spin", "spin", "cross-core");
-    add("shm ring round trip spinning <= 2x raw busy-spin ping-pong (p50)", s, s && *s <= 2.0,
-        s ? fmt::format("{:.3f}x", *s) : "");
-    const auto f = rtt_ratio("shm", "ipcoro", "sleep", "futex", "cross-core");
-    add("shm ring round trip sleeping <= 1.1x raw futex ping-pong (p50)", f, f && *f <= 1.1,
-        f ? fmt::format("{:.3f}x", *f) : "");
-  }
-  {
-    const tput_row* loan = res.find_tput("shm", "ipcoro-channel", "loan", 65536);
-    const tput_row* copying = res.find_tput("shm", "ipcoro-channel", "", 65536);
-    const std::optional<double> r =
-        loan && copying ? std::optional<double>(loan->bytes_per_s / copying->bytes_per_s) : std::nullopt;
-    add("shm channel throughput at 64 KiB with loans >= 2x the copying channel", r, r && *r >= 2.0,
-        r ? fmt::format("{:.3f}x ({}B/s vs {}B/s)", *r, si(loan->bytes_per_s), si(copying->bytes_per_s))
-          : "");
-  }
-  {
-    const tput_row* copy = res.find_tput("shm", "raw", "memcpy", 65536);
-    const tput_row* sleep = res.find_tput("shm", "ipcoro", "sleep", 65536);
-    const tput_row* spin = res.find_tput("shm", "ipcoro", "spin", 65536);
-    const tput_row* best =
-        sleep && spin ? (sleep->bytes_per_s >= spin->bytes_per_s ? sleep : spin) : (sleep ? sleep : spin);
-    const std::optional<double> r =
-        copy && best ? std::optional<double>(best->bytes_per_s / copy->bytes_per_s) : std::nullopt;
-    add("shm ring throughput at 64 KiB >= 0.6x streaming memcpy", r, r && *r >= 0.6,
-        r ? fmt::format("{:.3f}x ({} {}B/s vs memcpy {}B/s)", *r, best->mode, si(best->bytes_per_s),
-                        si(copy->bytes_per_s))
-          : "");
-    const tput_row* s64 = res.find_tput("shm", "ipcoro", "sleep", 64);
-    const tput_row* p64 = res.find_tput("shm", "ipcoro", "spin", 64);
-    const tput_row* b64 = s64 && p64 ? (s64->msgs_per_s >= p64->msgs_per_s ? s64 : p64) : (s64 ? s64 : p64);
-    add("shm ring throughput at 64 B >= 20 M msgs/s one way",
-        b64 ? std::optional<double>(b64->msgs_per_s) : std::nullopt, b64 && b64->msgs_per_s >= 20e6,
-        b64 ? fmt::format("{} msgs/s ({})", si(b64->msgs_per_s), b64->mode) : "");
-  }
-  {
-    std::string offenders;
-    int measured = 0;
-    for (const auto& r : res.rtt) {
-      if (!r.note.empty() || (r.impl != "ipcoro" && r.impl != "ipcoro-channel")) continue;
-      ++measured;
-      if (r.allocs > 0)
-        offenders += fmt::format("; {} {}{}{} {} round trip: {:.3f}", r.transport, r.impl,
-                                 r.mode.empty() ? "" : " ", r.mode, r.placement, r.allocs);
-    }
-    for (const auto& r : res.tput) {
-      if (!r.note.empty() || (r.impl != "ipcoro" && r.impl != "ipcoro-channel")) continue;
-      ++measured;
-      if (r.allocs > 0)
-        offenders += fmt::format("; {} {}{}{} {}: {:.3f}", r.transport, r.impl, r.mode.empty() ? "" : " ",
-                                 r.mode, size_label(r.size), r.allocs);
-    }
-    add("zero heap allocations per message in steady state (ipcoro and channel rows)",
-        measured ? std::optional<double>(1) : std::nullopt, offenders.empty(),
-        offenders.empty() ? fmt::format("0 in all {} rows", measured)
-                          : "allocations per message in" + offenders.substr(1));
-  }
-  {
-    const auto ns = res.find_scalar("inproc", "ipcoro", "task_switch");
-    const auto floor = res.find_scalar("inproc", "raw", "task_switch");
-    add("task switch (resume of an awaiting coroutine) <= 5 ns", ns, ns && *ns <= 5.0,
-        ns ? fmt::format(
-                 "{:.2f} ns awaiting a pooled task (no stop token {:.2f}; heap frame {:.2f}; bare resume "
-                 "{:.2f}; via the loop's ready queue {:.2f})",
-                 *ns, res.find_scalar("inproc", "ipcoro", "task_switch.no_stop_token").value_or(0),
-                 res.find_scalar("inproc", "ipcoro", "task_switch.heap_frame").value_or(0), floor.value_or(0),
-                 res.find_scalar("inproc", "ipcoro", "task_switch.loop").value_or(0))
-           : "");
-  }
-}
-
 void usage(const char* argv0) {
   fmt::print(stderr,
              "usage: {} [--quick] [--iterations N] [--transport LIST] [--pin | --same-core]\n"
@@ -1460,17 +1326,8 @@ int main(int argc, char** argv) {
   run_all(cfg, res, failed);
   print_tables(res);
 
-  std::vector<verdict> verdicts;
-  evaluate_targets(res, verdicts);
-  fmt::print("\nTargets (issue 6){}\n",
-             cfg.quick ? " — a quick run: too short to judge, shown for the record" : "");
   int met = 0, missed = 0;
-  for (const auto& v : verdicts) {
-    const char* state = v.state == 1 ? "met" : v.state == 0 ? "MISSED" : "n/a";
-    met += v.state == 1;
-    missed += v.state == 0;
-    fmt::print("  {:<7} {:<82} {}\n", state, v.target, v.figure);
-  }
+  print_targets(res, cfg.quick, met, missed);
   ::getloadavg(load, 3);
   fmt::print("{} met, {} missed; took {:.0f} s; load average at the end {:.2f} {:.2f} {:.2f}\n", met, missed,
              std::chrono::duration<double>(std::chrono::system_clock::now() - started).count(), load[0],
