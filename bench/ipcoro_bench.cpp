@@ -347,6 +347,35 @@ task<void> chan_consume(ipcoro::channel_receiver<blob<N>>& rx, std::size_t warmu
   w.stop();
 }
 
+/// chan_produce with zero-copy loans: each message is written once, into the ring (a copy
+/// of `out`, as a producer that builds it in place would write it).
+template <std::size_t N>
+task<void> chan_produce_loans(ipcoro::channel_sender<blob<N>>& tx, std::size_t warmup, std::size_t n,
+                              window& w) {
+  blob<N> out{};
+  out.fill(std::byte{0x5a});
+  for (std::size_t i = 0; i < warmup + n; ++i) {
+    if (i == warmup) w.start();
+    ipcoro::channel_loan loan = co_await tx.loan(N);
+    std::memcpy(loan.bytes().data(), out.data(), N);
+    loan.commit();
+  }
+  w.stop();
+  tx.close();
+}
+
+/// chan_consume with views: each message is looked at in place and released.
+template <std::size_t N>
+task<void> chan_consume_views(ipcoro::channel_receiver<blob<N>>& rx, std::size_t warmup, std::size_t n,
+                              window& w) {
+  for (std::size_t i = 0; i < warmup + n; ++i) {
+    if (i == warmup) w.start();
+    std::optional<ipcoro::channel_view> m = co_await rx.receive_view();
+    expect(m.has_value() && m->bytes().size() == N, "channel: end of stream");
+  }
+  w.stop();
+}
+
 /// The name a channel address creates, owned so that it is removed even if the link is not
 /// (the link should remove it itself); empty for pipes.
 owned_name owned_name_of(const std::string& address) {
@@ -413,8 +442,10 @@ pair_result channel_rtt(const std::string& transport, [[maybe_unused]] const std
   return r;
 }
 
+/// `loans`: the producer lends and commits, the consumer views (mode "loan").
 template <std::size_t N>
-pair_result channel_tput(const std::string& transport, placement where, std::size_t warmup, std::size_t n) {
+pair_result channel_tput(const std::string& transport, placement where, std::size_t warmup, std::size_t n,
+                         bool loans) {
   const std::string addr = channel_address(transport, N);
   const owned_name name = owned_name_of(addr);
   pair_result r;
@@ -425,12 +456,14 @@ pair_result channel_tput(const std::string& transport, placement where, std::siz
         [&](window& w) {
           ipcoro::io_context ctx;
           auto tx = link.template sender<blob<N>>();
-          ipcoro::sync_wait(ctx, chan_produce<N>(tx, warmup, n, w));
+          ipcoro::sync_wait(
+              ctx, loans ? chan_produce_loans<N>(tx, warmup, n, w) : chan_produce<N>(tx, warmup, n, w));
         },
         [&](window& w) {
           ipcoro::io_context ctx;
           auto rx = link.template receiver<blob<N>>();
-          ipcoro::sync_wait(ctx, chan_consume<N>(rx, warmup, n, w));
+          ipcoro::sync_wait(
+              ctx, loans ? chan_consume_views<N>(rx, warmup, n, w) : chan_consume<N>(rx, warmup, n, w));
         });
   }
   return r;
@@ -771,7 +804,7 @@ pair_result measure(const job& j, std::vector<double>* rtt) {
       if (j.transport == "inproc")
         return j.what == kind::rtt ? inproc_rtt<N>(j.warmup, j.n, *rtt) : inproc_tput<N>(j.warmup, j.n);
       return j.what == kind::rtt ? channel_rtt<N>(j.transport, j.mode, j.where, j.warmup, j.n, *rtt)
-                                 : channel_tput<N>(j.transport, j.where, j.warmup, j.n);
+                                 : channel_tput<N>(j.transport, j.where, j.warmup, j.n, j.mode == "loan");
     });
   }
   if (j.transport == "pipe" || j.transport == "fifo") return measure_stream(j, rtt);
@@ -1152,6 +1185,8 @@ void run_all(const settings& cfg, results& res, bool& failed) {
       run.add({t, "ipcoro", "sleep", kind::tput, tp, size}, "memcpy");
       run.add({t, "ipcoro", "spin", kind::tput, tp, size}, "memcpy");
       run.add({t, "ipcoro-channel", "", kind::tput, tp, size}, "memcpy");
+      if (std::string_view(t) == "shm")
+        run.add({t, "ipcoro-channel", "loan", kind::tput, tp, size}, "memcpy");
       run.flush();
       tput_row copy = memcpy_row;
       copy.transport = t;

@@ -167,6 +167,52 @@ void send_port::send_operation::await_resume() {
   throw_sender_left(port(), started());
 }
 
+void throw_loan_open(const send_port& port) {
+  throw channel_error(EBUSY,
+                      fmt::format("channel {}: a loan is open on this sender; commit or drop it before "
+                                  "the next send or loan",
+                                  port.address()));
+}
+
+void check_object_view(std::span<const std::byte> bytes, std::size_t size, std::size_t align,
+                       std::string_view type) {
+  if (bytes.size() != size) throw_decode_size(type, size, bytes.size());
+  if (reinterpret_cast<std::uintptr_t>(bytes.data()) % align != 0) {
+    throw channel_error(EINVAL,
+                        fmt::format("channel receive_object_view: the message of {} sits at an address "
+                                    "not aligned to {}",
+                                    type, align));
+  }
+}
+
+std::span<std::byte> send_port::lend_operation::await_resume() {
+  end();
+  if (started()) {
+    try {
+      return lend_.handle().promise().take_result();
+    } catch (const operation_cancelled&) {
+      if (!left()) throw;
+    }
+  }
+  throw_sender_left(port(), started());
+}
+
+void send_port::throw_cannot_lend() const {
+  throw channel_error(EOPNOTSUPP,
+                      fmt::format("channel {}: zero-copy loans need an SPSC ring (a shm: or file: address "
+                                  "without ring=mpmc); this transport copies every message: use send()",
+                                  address()));
+}
+
+bool send_port::try_lend(std::size_t, std::span<std::byte>&) { throw_cannot_lend(); }
+
+task<std::span<std::byte>> send_port::lend_task(pooled_frame, std::size_t) {
+  throw_cannot_lend();
+  co_return std::span<std::byte>{};
+}
+
+void send_port::commit_loan(std::size_t) { throw_cannot_lend(); }
+
 bool receive_port::next_operation::await_resume() {
   end();
   if (!started()) return false;
@@ -207,3 +253,60 @@ void throw_peer_died(const std::string& address, const peer_died& e) {
 }
 
 }  // namespace ipcoro::detail
+
+namespace ipcoro {
+
+void channel_loan::commit(std::size_t size) {
+  if (!port_)
+    detail::throw_channel_closed(
+        "channel loan commit: this loan is empty (committed, dropped or moved from)");
+  const std::shared_ptr<detail::send_port> owner = port_;  // drop() below lets go of port_
+  detail::send_port& port = *owner;
+  if (size > space_.size()) {
+    throw std::system_error(EINVAL, std::system_category(),
+                            fmt::format("channel {}: loan commit of {} bytes, but the loan holds only {}",
+                                        port.address(), size, space_.size()));
+  }
+  if (port.leaving()) {
+    drop();
+    throw channel_closed(
+        fmt::format("channel {}: this sender was {} before the loan was committed; nothing "
+                    "was sent",
+                    port.address(), detail::left_word(port.left_how())));
+  }
+  port.commit_loan(size);
+  port.loan_open = false;
+  ++port.messages;
+  port.bytes += size;
+  port_.reset();
+}
+
+channel_loan& channel_loan::operator=(channel_loan&& other) noexcept {
+  drop();
+  port_ = std::move(other.port_);
+  space_ = other.space_;
+  return *this;
+}
+
+void channel_loan::drop() noexcept {
+  if (!port_) return;
+  port_->drop_loan();
+  port_->loan_open = false;
+  port_.reset();
+}
+
+channel_view& channel_view::operator=(channel_view&& other) noexcept {
+  release();
+  port_ = std::move(other.port_);
+  bytes_ = other.bytes_;
+  serial_ = other.serial_;
+  return *this;
+}
+
+void channel_view::release() noexcept {
+  if (!port_) return;
+  if (port_->viewing && port_->view_serial == serial_) port_->end_view();
+  port_.reset();
+}
+
+}  // namespace ipcoro

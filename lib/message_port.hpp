@@ -29,6 +29,19 @@ concept trying_receiver = requires(Transport& t, std::span<std::byte> b) {
   { t.try_receive(b) } -> std::same_as<ring_try_result>;
 };
 
+/// A transport that lends space in itself (an SPSC ring): the channel's zero-copy loans.
+template <class Transport>
+concept loaning_sender = requires(Transport& t, std::size_t n) {
+  { t.try_loan(n) } -> std::same_as<std::optional<ring_loan>>;
+  t.loan(n);
+};
+/// A transport that gives messages in place (an SPSC ring): the channel's zero-copy views.
+template <class Transport>
+concept viewing_receiver = requires(Transport& t) {
+  { t.try_receive_view() } -> std::same_as<ring_try_view>;
+  t.receive_view();
+};
+
 template <class Transport>
 concept acknowledging = requires(Transport& t, std::uint64_t p) {
   { t.position() } -> std::same_as<std::uint64_t>;
@@ -46,13 +59,7 @@ class message_send_port final : public send_port {
   }
 
   std::span<std::byte> prepare(std::size_t size) override {
-    if (head_size + size > buf_.size()) {
-      throw channel_error(
-          EMSGSIZE,
-          fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
-                      "carries is {} bytes ({} of them frame it); {}",
-                      address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
-    }
+    check_fits(size);
     put_head(buf_.data(), frame_kind::data);
     used_ = head_size + size;
     return {buf_.data() + head_size, size};
@@ -72,27 +79,62 @@ class message_send_port final : public send_port {
     return false;
   }
 
+  bool try_lend(std::size_t size, std::span<std::byte>& space) override {
+    if constexpr (loaning_sender<Transport>) {
+      check_fits(size);
+      if (!greeted_) return false;
+      try {
+        std::optional<ring_loan> l = transport_.try_loan(head_size + size);
+        if (!l) return false;
+        loan_ = std::move(*l);
+      } catch (...) {
+        rethrow_send_error();
+      }
+      space = open_loan();
+      return true;
+    } else {
+      return send_port::try_lend(size, space);
+    }
+  }
+  void commit_loan(std::size_t size) override {
+    if constexpr (loaning_sender<Transport>) {
+      loan_.commit(head_size + size);
+    } else {
+      send_port::commit_loan(size);
+    }
+  }
+  void drop_loan() noexcept override {
+    if constexpr (loaning_sender<Transport>) loan_.drop();
+  }
+
  protected:
   task<void> commit(pooled_frame) override {
     try {
-      if (!greeted_) {
-        // The greeting shares the size limit; a long type name is cut (the fingerprint
-        // is what is compared).
-        std::span<const std::byte> g = greeting();
-        g = g.first(std::min(g.size(), buf_.size() - head_size));
-        std::vector<std::byte> frame(head_size + g.size());
-        put_head(frame.data(), frame_kind::hello);
-        std::memcpy(frame.data() + head_size, g.data(), g.size());
-        co_await transport_.send(frame);
-        greeted_ = true;
-      }
+      if (!greeted_) co_await greet(pooled_frame{});
       co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
     } catch (...) {
       rethrow_send_error();
     }
   }
 
+  task<std::span<std::byte>> lend_task(pooled_frame, std::size_t size) override {
+    if constexpr (!loaning_sender<Transport>) throw_cannot_lend();
+    check_fits(size);
+    try {
+      if (!greeted_) co_await greet(pooled_frame{});
+      if constexpr (loaning_sender<Transport>) {
+        ring_loan l = co_await transport_.loan(head_size + size);
+        loan_ = std::move(l);
+      }
+    } catch (...) {
+      rethrow_send_error();
+    }
+    co_return open_loan();
+  }
+
   void finish(port_exit how) noexcept override {
+    // An open loan is never published after this, and must not outlive an aborted end.
+    if constexpr (loaning_sender<Transport>) loan_.drop();
     switch (how) {
       case port_exit::close:
         transport_.close(short_fingerprint(identity().fingerprint));
@@ -121,6 +163,32 @@ class message_send_port final : public send_port {
       throw;
     }
   }
+  void check_fits(std::size_t size) const {
+    if (head_size + size > buf_.size()) {
+      throw channel_error(
+          EMSGSIZE,
+          fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
+                      "carries is {} bytes ({} of them frame it); {}",
+                      address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
+    }
+  }
+  /// Sends the greeting, which shares the size limit; a long type name is cut (the
+  /// fingerprint is what is compared).
+  task<void> greet(pooled_frame) {
+    std::span<const std::byte> g = greeting();
+    g = g.first(std::min(g.size(), buf_.size() - head_size));
+    std::vector<std::byte> frame(head_size + g.size());
+    put_head(frame.data(), frame_kind::hello);
+    std::memcpy(frame.data() + head_size, g.data(), g.size());
+    co_await transport_.send(frame);
+    greeted_ = true;
+  }
+  /// The payload space of the loan just taken, its head written.
+  std::span<std::byte> open_loan() noexcept {
+    const std::span<std::byte> all = loan_.bytes();
+    put_head(all.data(), frame_kind::data);
+    return all.subspan(head_size);
+  }
   void put_head(std::byte* at, frame_kind kind) const noexcept {
     const message_head h{static_cast<std::uint32_t>(kind), short_fingerprint(identity().fingerprint)};
     std::memcpy(at, &h, sizeof h);
@@ -128,6 +196,7 @@ class message_send_port final : public send_port {
 
   Transport transport_;
   byte_buffer buf_;
+  ring_loan loan_;  // the open loan (loaning transports)
   std::size_t used_ = 0;
   bool greeted_ = false;
 };
@@ -141,11 +210,10 @@ class message_receive_port final : public receive_port {
     buf_.grow(transport_.max_message(), 0);
   }
 
-  std::span<const std::byte> current() const noexcept override {
-    return {const_cast<byte_buffer&>(buf_).data() + head_size, length_};
-  }
+  std::span<const std::byte> current() const noexcept override { return {frame_ + head_size, length_}; }
   void consume() noexcept override {
     current_ = false;
+    if constexpr (viewing_receiver<Transport>) view_.release();
     if constexpr (acknowledging<Transport>) consumed_position_ = current_position_;
   }
   /// Up to the message consumed last, not the one next() may have read ahead (select).
@@ -187,8 +255,43 @@ class message_receive_port final : public receive_port {
     return false;
   }
 
+  bool try_next_view() override {
+    if constexpr (viewing_receiver<Transport>) {
+      if (current_) return true;
+      while (!ended_) {
+        ring_try_view r;
+        try {
+          r = transport_.try_receive_view();
+        } catch (const peer_died& e) {
+          throw_peer_died(address(), e);
+        }
+        if (r.would_block) return false;
+        if (const std::optional<bool> data = take_view(std::move(r.view))) return *data;
+      }
+      return false;
+    } else {
+      return try_next();
+    }
+  }
+
  protected:
+  task<bool> fill_view(pooled_frame) override {
+    if constexpr (!viewing_receiver<Transport>) co_return co_await fill(pooled_frame{});
+    if (current_) co_return true;
+    if (ended_) co_return false;
+    for (;;) {
+      std::optional<ring_view> view;
+      try {
+        if constexpr (viewing_receiver<Transport>) view = co_await transport_.receive_view();
+      } catch (const peer_died& e) {
+        throw_peer_died(address(), e);
+      }
+      if (const std::optional<bool> data = take_view(std::move(view))) co_return *data;
+    }
+  }
+
   void finish(port_exit) noexcept override {
+    if constexpr (viewing_receiver<Transport>) view_.release();
     transport_.close();
     ended_ = true;
     current_ = false;
@@ -199,17 +302,30 @@ class message_receive_port final : public receive_port {
   /// when it is a data message, now current; false at the end; empty for a greeting (go
   /// on to the next message).
   std::optional<bool> take(std::optional<std::size_t> size) {
-    if (!size) {
+    if (!size) return take_frame(std::nullopt);
+    return take_frame(std::span<const std::byte>{buf_.data(), *size});
+  }
+  /// take() for a message in place: a data message's view stays open (current) until consume().
+  std::optional<bool> take_view(std::optional<ring_view> view) {
+    if (!view) return take_frame(std::nullopt);
+    const std::optional<bool> data = take_frame(view->bytes());
+    if (data && *data) {
+      if constexpr (viewing_receiver<Transport>) view_ = std::move(*view);
+    }
+    return data;  // a greeting's view is released here
+  }
+  std::optional<bool> take_frame(std::optional<std::span<const std::byte>> frame) {
+    if (!frame) {
       ended_ = true;
       return false;
     }
-    if (*size < head_size) {
+    if (frame->size() < head_size) {
       throw channel_error(
-          EBADMSG,
-          fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame", address(), *size));
+          EBADMSG, fmt::format("channel {}: a message of {} bytes is not an ipcoro channel frame", address(),
+                               frame->size()));
     }
-    const auto h = read_head<message_head>(buf_.data());
-    const std::span<const std::byte> payload{buf_.data() + head_size, *size - head_size};
+    const auto h = read_head<message_head>(frame->data());
+    const std::span<const std::byte> payload = frame->subspan(head_size);
     if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
       check_greeting(payload);
       return std::nullopt;
@@ -229,6 +345,7 @@ class message_receive_port final : public receive_port {
                       "this receiver expects '{}'",
                       address(), h.fingerprint, identity().name));
     }
+    frame_ = frame->data();
     length_ = payload.size();
     current_ = true;
     if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
@@ -237,6 +354,8 @@ class message_receive_port final : public receive_port {
 
   Transport transport_;
   byte_buffer buf_;
+  ring_view view_;                    // the current message in place (viewing transports)
+  const std::byte* frame_ = nullptr;  // the current message's frame: in buf_ or in view_
   std::size_t length_ = 0;
   std::uint64_t current_position_ = 0;   // the transport's position after the current message
   std::uint64_t consumed_position_ = 0;  // ... after the message consumed last

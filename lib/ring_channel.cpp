@@ -33,6 +33,10 @@ struct ring_sending {
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto send(std::span<const std::byte> m) noexcept { return ring.send(m); }
   bool try_send(std::span<const std::byte> m) { return ring.try_send(m); }
+  auto loan(std::size_t n) noexcept requires std::is_same_v<Ring, spsc_ring_sender> { return ring.loan(n); }
+  std::optional<ring_loan> try_loan(std::size_t n) requires std::is_same_v<Ring, spsc_ring_sender> {
+    return ring.try_loan(n);
+  }
   std::string size_advice(std::size_t) const {
     return std::is_same_v<Ring, spsc_ring_sender> ? "raise the address's capacity="
                                                   : "raise the address's message_size=";
@@ -52,6 +56,12 @@ struct ring_receiving {
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
   ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
+  auto receive_view() noexcept requires std::is_same_v<Ring, spsc_ring_receiver> {
+    return ring.receive_view();
+  }
+  ring_try_view try_receive_view() requires std::is_same_v<Ring, spsc_ring_receiver> {
+    return ring.try_receive_view();
+  }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   /// One receiver of an MPMC ring leaving does not close the ring for the others; the
@@ -75,6 +85,8 @@ struct durable_ring_receiving {
   std::size_t max_message() const noexcept { return ring.max_message_size(); }
   auto receive(std::span<std::byte> buffer) noexcept { return ring.receive(buffer); }
   ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
+  auto receive_view() noexcept { return ring.receive_view(); }
+  ring_try_view try_receive_view() { return ring.try_receive_view(); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   std::uint64_t position() const noexcept { return ring.position(); }

@@ -19,11 +19,13 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -117,6 +119,123 @@ IPCORO_API [[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(c
 
 }  // namespace detail
 
+/// Space lent by a channel sender in its transport (channel_sender::loan): exactly the
+/// bytes asked for, where the message will travel: on an SPSC ring (`shm:`, `file:`) the
+/// ring itself, so the message is written once and never copied. The bytes are the
+/// message's encoding (codec<T>): what receive() decodes, or receive_view() shows.
+/// commit() publishes it as one message; destroying it (or drop()) uncommitted publishes
+/// nothing and frees the sender for its next operation. While a loan is open, the
+/// sender's send() and loan() throw channel_error(EBUSY); close(), detach() or abort() of
+/// the sender discard it (commit() then throws channel_closed). Move-only.
+class IPCORO_API channel_loan {
+ public:
+  channel_loan() noexcept = default;
+  channel_loan(channel_loan&&) noexcept = default;
+  /// Drops what this loan holds first.
+  channel_loan& operator=(channel_loan&& other) noexcept;
+  ~channel_loan() { drop(); }
+
+  /// The lent bytes (none once committed, dropped or moved from).
+  std::span<std::byte> bytes() const noexcept { return port_ ? space_ : std::span<std::byte>{}; }
+  /// Publishes the whole loan as one message. Never waits (the room was taken by loan()).
+  void commit() { commit(space_.size()); }
+  /// Publishes the first `size` bytes as one message. Throws std::system_error(EINVAL)
+  /// naming both numbers when `size` is more than the loan holds (the loan stays open),
+  /// channel_closed when the sender was closed meanwhile (nothing is published).
+  void commit(std::size_t size);
+  /// Gives the space up unpublished; nothing for a committed, dropped or empty loan.
+  void drop() noexcept;
+  explicit operator bool() const noexcept { return port_ != nullptr; }
+
+  explicit channel_loan(std::shared_ptr<detail::send_port> port, std::span<std::byte> space) noexcept
+      : port_(std::move(port)), space_(space) {}
+
+ private:
+  std::shared_ptr<detail::send_port> port_;
+  std::span<std::byte> space_;
+};
+
+/// A loan of one T in place (channel_sender::loan_object): a T value-initialised in the
+/// transport's memory, committed as one T. For trivially copyable T of alignment up to 8
+/// (a ring's records are 8-aligned).
+template <class T>
+class object_loan {
+  static_assert(std::is_trivially_copyable_v<T>, "object_loan: T must be trivially copyable");
+  static_assert(alignof(T) <= 8, "object_loan: a ring's records are 8-aligned; T may not need more");
+
+ public:
+  object_loan() noexcept = default;
+  explicit object_loan(channel_loan loan) noexcept : loan_(std::move(loan)) {
+    ::new (static_cast<void*>(loan_.bytes().data())) T();
+  }
+  T& value() const noexcept { return *std::launder(reinterpret_cast<T*>(loan_.bytes().data())); }
+  T& operator*() const noexcept { return value(); }
+  T* operator->() const noexcept { return &value(); }
+  /// Publishes the T.
+  void commit() { loan_.commit(sizeof(T)); }
+  void drop() noexcept { loan_.drop(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(loan_); }
+
+ private:
+  channel_loan loan_;
+};
+
+/// The next message of a channel, not copied out (channel_receiver::receive_view): on an
+/// SPSC ring its bytes are in the ring; elsewhere in the receiver's own buffer. Valid until
+/// release(), its destruction, or the next receive of that receiver (receive, receive_into,
+/// receive_view, ready), which release it first. Until then its room in the ring is not
+/// given back to the sender: a sender that fills the ring waits for the release. Move-only.
+class IPCORO_API channel_view {
+ public:
+  channel_view() noexcept = default;
+  channel_view(channel_view&&) noexcept = default;
+  /// Releases what this view holds first.
+  channel_view& operator=(channel_view&& other) noexcept;
+  ~channel_view() { release(); }
+
+  /// The message's encoding (what receive() would decode); none once released or moved from.
+  std::span<const std::byte> bytes() const noexcept { return port_ ? bytes_ : std::span<const std::byte>{}; }
+  /// Gives the message's room back; later calls do nothing.
+  void release() noexcept;
+  explicit operator bool() const noexcept { return port_ != nullptr; }
+
+  channel_view(std::shared_ptr<detail::receive_port> port, std::span<const std::byte> bytes,
+               std::uint64_t serial) noexcept
+      : port_(std::move(port)), bytes_(bytes), serial_(serial) {}
+
+ private:
+  std::shared_ptr<detail::receive_port> port_;
+  std::span<const std::byte> bytes_;
+  std::uint64_t serial_ = 0;
+};
+
+/// A view of one T in place (channel_receiver::receive_object_view).
+template <class T>
+class object_view {
+  static_assert(std::is_trivially_copyable_v<T>, "object_view: T must be trivially copyable");
+  static_assert(alignof(T) <= 8, "object_view: a ring's records are 8-aligned; T may not need more");
+
+ public:
+  object_view() noexcept = default;
+  explicit object_view(channel_view view) noexcept : view_(std::move(view)) {}
+  const T& value() const noexcept { return *std::launder(reinterpret_cast<const T*>(view_.bytes().data())); }
+  const T& operator*() const noexcept { return value(); }
+  const T* operator->() const noexcept { return &value(); }
+  void release() noexcept { view_.release(); }
+  explicit operator bool() const noexcept { return static_cast<bool>(view_); }
+
+ private:
+  channel_view view_;
+};
+
+namespace detail {
+/// channel_error(EBUSY): `port` has a loan open.
+IPCORO_API [[noreturn]] void throw_loan_open(const send_port& port);
+/// Checks that a view holds one T where a T may live (decode_error / channel_error otherwise).
+IPCORO_API void check_object_view(std::span<const std::byte> bytes, std::size_t size, std::size_t align,
+                                  std::string_view type);
+}  // namespace detail
+
 /// The sending half of a channel. Move-only; destroying it closes it.
 template <class T>
 class channel_sender {
@@ -169,6 +288,24 @@ class channel_sender {
       if (port_) return flush_port(detail::pooled_frame{}, port_);
     }
     return flush_local(detail::pooled_frame{}, local_ != nullptr);
+  }
+
+  /// Lends `size` bytes of the transport to write one message's encoding in place (see
+  /// channel_loan): waits for room as send() does, and fails as send() does
+  /// (channel_closed, peer_died, EMSGSIZE; timed_out / operation_cancelled with nothing
+  /// lent or published). SPSC rings (`shm:`, `file:`) only: elsewhere channel_error
+  /// (EOPNOTSUPP) naming the address; an in-process channel holds values, not bytes.
+  [[nodiscard]] task<channel_loan> loan(std::size_t size) {
+    if constexpr (encodable<T>) {
+      if (port_) return loan_port(detail::pooled_frame{}, port_, size);
+    }
+    if (local_)
+      detail::throw_channel_error(EOPNOTSUPP, "channel loan: an in-process channel holds values, not bytes");
+    detail::throw_channel_closed("channel loan: this sender is empty (moved from or closed)");
+  }
+  /// loan(sizeof(T)) with a T value-initialised in place: set its fields, then commit().
+  [[nodiscard]] task<object_loan<T>> loan_object() requires std::is_trivially_copyable_v<T> {
+    return loan_object_port(detail::pooled_frame{}, loan(sizeof(T)));
   }
 
   /// Ends the stream: receivers get what was sent, then an empty optional. Waiting
@@ -277,11 +414,33 @@ class channel_sender {
     }
   }
 
+  static task<channel_loan> loan_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner,
+                                      std::size_t size) {
+    detail::send_port& port = *owner;
+    mutex::guard guard = co_await port.lock.lock();
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving()) detail::throw_sender_left(port, false);
+    if (port.loan_open) detail::throw_loan_open(port);
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
+    std::span<std::byte> space;
+    if (!port.try_lend(size, space)) space = co_await port.lend(size);
+    port.loan_open = true;
+    channel_loan loan{std::move(owner), space};
+    co_return loan;
+  }
+
+  static task<object_loan<T>> loan_object_port(detail::pooled_frame, task<channel_loan> lend) {
+    channel_loan loan = co_await std::move(lend);
+    object_loan<T> typed{std::move(loan)};
+    co_return typed;
+  }
+
   static task<void> send_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner, T value) {
     detail::send_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
     if (port.leaving()) detail::throw_sender_left(port, false);
+    if (port.loan_open) detail::throw_loan_open(port);
     if (co_await detail::stop_requested()) throw operation_cancelled{};
     const std::size_t size = codec<T>::size(value);
     codec<T>::encode(value, port.prepare(size));
@@ -349,6 +508,27 @@ class channel_receiver {
   /// value). `into` must stay alive until the returned task has completed.
   [[nodiscard]] channel_receive_operation<T, bool> receive_into(T& into) {
     return channel_receive_operation<T, bool>{*this, &into};
+  }
+
+  /// The next message in place, not copied out (see channel_view): its encoding, or an
+  /// empty optional at the end of the stream. Waits and fails as receive() does (nothing
+  /// is lost to a cancellation or a timeout). Zero-copy on an SPSC ring (`shm:`, `file:`);
+  /// elsewhere the bytes are the receiver's buffer. An in-process channel has none:
+  /// channel_error(EOPNOTSUPP).
+  [[nodiscard]] task<std::optional<channel_view>> receive_view() {
+    if constexpr (encodable<T>) {
+      if (port_) return receive_view_port(detail::pooled_frame{}, port_);
+    }
+    if (local_)
+      detail::throw_channel_error(EOPNOTSUPP,
+                                  "channel receive_view: an in-process channel holds values, not bytes");
+    return nothing_view(detail::pooled_frame{});
+  }
+  /// receive_view() of one T: a const T& in place. Throws decode_error when the message
+  /// does not hold exactly one T (it is released).
+  [[nodiscard]] task<std::optional<object_view<T>>> receive_object_view() requires
+      std::is_trivially_copyable_v<T> {
+    return object_view_port(detail::pooled_frame{}, receive_view());
   }
 
   /// Completes once receive() would not wait: a value is ready or the stream has ended.
@@ -472,33 +652,68 @@ class channel_receiver {
     while (!state->readable()) co_await detail::park_operation{state->receivers};
   }
 
-  static task<std::optional<T>> receive_port(detail::pooled_frame,
-                                             std::shared_ptr<detail::receive_port> owner) {
+  static task<std::optional<object_view<T>>> object_view_port(detail::pooled_frame,
+                                                              task<std::optional<channel_view>> next) {
+    std::optional<channel_view> view = co_await std::move(next);
+    if (!view) co_return std::nullopt;
+    detail::check_object_view(view->bytes(), sizeof(T), alignof(T), codec<T>::type_name());
+    std::optional<object_view<T>> typed{std::in_place, std::move(*view)};
+    co_return typed;
+  }
+
+  static task<std::optional<channel_view>> nothing_view(detail::pooled_frame) { co_return std::nullopt; }
+
+  /// The receive operations' one shape: under the port's lock, the view handed out last is
+  /// released, the next message is made current (`view`: left in place), the stop token is
+  /// checked at the commit point (a receive that lost a race leaves the message current),
+  /// and `take(owner)` makes the result; Result{} at the end of the stream.
+  template <class Result, class Take>
+  static task<Result> take_next(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner, bool view,
+                                Take take) {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
-    if (port.leaving()) co_return std::nullopt;
-    bool got = port.try_next();
-    if (!got) got = co_await port.next();
-    if (!got) co_return std::nullopt;
+    port.end_view();
+    if (port.leaving()) co_return Result{};
+    bool got = view ? port.try_next_view() : port.try_next();
+    if (!got) got = view ? co_await port.next_view() : co_await port.next();
+    if (!got) co_return Result{};
     if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
-    std::optional<T> value;
-    take_current(port, [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
-    co_return value;
+    co_return take(owner);
+  }
+
+  static task<std::optional<T>> receive_port(detail::pooled_frame,
+                                             std::shared_ptr<detail::receive_port> owner) {
+    return take_next<std::optional<T>>(
+        detail::pooled_frame{}, std::move(owner), false, [](std::shared_ptr<detail::receive_port>& owner) {
+          std::optional<T> value;
+          take_current(*owner,
+                       [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
+          return value;
+        });
   }
 
   static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner,
                                       T& into) {
-    detail::receive_port& port = *owner;
-    mutex::guard guard = co_await port.lock.lock();
-    const detail::port_base::in_flight busy{port};
-    if (port.leaving()) co_return false;
-    bool got = port.try_next();
-    if (!got) got = co_await port.next();
-    if (!got) co_return false;
-    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
-    take_current(port, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
-    co_return true;
+    return take_next<bool>(
+        detail::pooled_frame{}, std::move(owner), false,
+        [&into](std::shared_ptr<detail::receive_port>& owner) {
+          take_current(*owner, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
+          return true;
+        });
+  }
+
+  static task<std::optional<channel_view>> receive_view_port(detail::pooled_frame,
+                                                             std::shared_ptr<detail::receive_port> owner) {
+    return take_next<std::optional<channel_view>>(
+        detail::pooled_frame{}, std::move(owner), true, [](std::shared_ptr<detail::receive_port>& owner) {
+          detail::receive_port& port = *owner;
+          const std::span<const std::byte> payload = port.current();
+          port.viewing = true;
+          ++port.messages;
+          port.bytes += payload.size();
+          return std::optional<channel_view>{std::in_place, owner, payload, ++port.view_serial};
+        });
   }
 
   /// Decodes the port's current message with `decode` and moves past it, also when
@@ -519,6 +734,7 @@ class channel_receiver {
     detail::receive_port& port = *owner;
     mutex::guard guard = co_await port.lock.lock();
     const detail::port_base::in_flight busy{port};
+    port.end_view();
     if (!port.leaving() && !port.try_next()) (void)co_await port.next();
   }
 

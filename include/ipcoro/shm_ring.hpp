@@ -273,6 +273,126 @@ struct ring_try_result {
   std::optional<std::size_t> size;  ///< else the message's size, or empty at the end of the stream
 };
 
+/// Space lent by an SPSC ring's sender (basic_ring_end::loan): exactly the bytes asked
+/// for, inside the ring, where the message will be. Write the message there and commit():
+/// only then does the receiver see it (the sender's position moves at commit; with
+/// ring_checksum::xxh3 the record's check is computed then, over what the loan holds).
+/// Destroying or drop()ping it uncommitted publishes nothing. Move-only; while it is open
+/// the sender's send, try_send and loan throw EBUSY; close() of the sender drops it. The
+/// ring end must outlive it (drop it before abort(), which empties the end).
+class IPCORO_API ring_loan {
+ public:
+  ring_loan() noexcept = default;
+  ring_loan(ring_loan&& other) noexcept;
+  ring_loan& operator=(ring_loan&& other) noexcept;
+  ~ring_loan() { drop(); }
+
+  /// The lent bytes: write the message here (never past them).
+  std::span<std::byte> bytes() const noexcept { return space_; }
+  /// Publishes the whole loan as one message. Never waits.
+  void commit() { commit(space_.size()); }
+  /// Publishes the first `size` bytes as one message; std::system_error(EINVAL) naming both
+  /// numbers when `size` is more than the loan holds (then the loan stays open).
+  void commit(std::size_t size);
+  /// Gives the space back unpublished; nothing when committed, dropped or empty.
+  void drop() noexcept;
+  explicit operator bool() const noexcept { return endpoint_ != nullptr; }
+
+ private:
+  friend class ring_loan_operation;
+  ring_loan(detail::ring_endpoint* endpoint, std::span<std::byte> space) noexcept
+      : endpoint_(endpoint), space_(space) {}
+
+  detail::ring_endpoint* endpoint_ = nullptr;
+  std::span<std::byte> space_;
+};
+
+/// The next message of an SPSC ring, in place (basic_ring_end::receive_view): valid until
+/// release(), its destruction, or the next receive / receive_view of that end, which
+/// release it first. Its space goes back to the sender only then (with
+/// ring_options::manual_ack: at ack(), as for a copied message). Move-only; the ring end
+/// must outlive it. The bytes are in memory the sender's process shares: a sender that
+/// misbehaves can change them while they are read (the checksum, if any, was checked when
+/// the view was made).
+class IPCORO_API ring_view {
+ public:
+  ring_view() noexcept = default;
+  ring_view(ring_view&& other) noexcept;
+  ring_view& operator=(ring_view&& other) noexcept;
+  ~ring_view() { release(); }
+
+  std::span<const std::byte> bytes() const noexcept { return bytes_; }
+  /// Gives the message's space back to the sender; later calls do nothing.
+  void release() noexcept;
+  explicit operator bool() const noexcept { return endpoint_ != nullptr; }
+
+ private:
+  friend class ring_view_operation;
+  ring_view(detail::ring_endpoint* endpoint, std::span<const std::byte> bytes, std::uint64_t end) noexcept
+      : endpoint_(endpoint), bytes_(bytes), end_(end) {}
+
+  detail::ring_endpoint* endpoint_ = nullptr;
+  std::span<const std::byte> bytes_;
+  std::uint64_t end_ = 0;  // the ring position right after the message
+};
+
+/// Lends `size` bytes of an SPSC ring: waits for room as send() does (spinning, sleeping,
+/// the receiver's death: ipcoro::peer_died; timed_out / operation_cancelled, with nothing
+/// lent or published), and throws as send() does (EMSGSIZE, EPIPE, EBADMSG; EBUSY while
+/// another loan of this end is open).
+class [[nodiscard]] IPCORO_API ring_loan_operation : public detail::deadline_methods<ring_loan_operation> {
+ public:
+  ring_loan_operation(detail::ring_endpoint* endpoint, std::size_t size) noexcept
+      : endpoint_(endpoint), size_(size) {}
+
+  bool await_ready();
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) {
+    return suspend(h, detail::stop_token_of(h));
+  }
+  ring_loan await_resume();
+
+ private:
+  friend class detail::ring_endpoint;
+  bool suspend(std::coroutine_handle<> h, std::stop_token token);
+
+  detail::ring_endpoint* endpoint_;
+  std::size_t size_;
+  std::span<std::byte> space_;
+  task<> wait_;
+};
+
+/// Waits for the next message of an SPSC ring as receive() does, and gives it in place:
+/// a ring_view, or an empty optional at the end of the stream. Throws as receive() does.
+class [[nodiscard]] IPCORO_API ring_view_operation : public detail::deadline_methods<ring_view_operation> {
+ public:
+  explicit ring_view_operation(detail::ring_endpoint* endpoint) noexcept : endpoint_(endpoint) {}
+
+  bool await_ready();
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) {
+    return suspend(h, detail::stop_token_of(h));
+  }
+  std::optional<ring_view> await_resume();
+
+ private:
+  friend class detail::ring_endpoint;
+  bool suspend(std::coroutine_handle<> h, std::stop_token token);
+  /// One non-blocking look; true when done (a message, or the end).
+  bool attempt();
+
+  detail::ring_endpoint* endpoint_;
+  std::span<const std::byte> bytes_;
+  task<> wait_;
+  bool end_of_stream_ = false;
+};
+
+/// What a non-blocking try_receive_view() found.
+struct ring_try_view {
+  bool would_block = false;       ///< the ring was empty
+  std::optional<ring_view> view;  ///< else the message, or empty at the end of the stream
+};
+
 /// Which kind of ring an endpoint attaches to: SPSC (one sender, one receiver, messages of
 /// any size up to capacity / 2 - 8) or MPMC (any number of each, fixed-size slots).
 enum class ring_kind : unsigned char { spsc, mpmc };
@@ -325,6 +445,28 @@ class IPCORO_API basic_ring_end {
   /// (its size, or an empty optional at the end of the stream). Throws as receive() does.
   ring_try_result try_receive(std::span<std::byte> buffer) requires(!sender) {
     ring_receive_operation op{endpoint_.get(), buffer};
+    if (!op.await_ready()) return {true, std::nullopt};
+    return {false, op.await_resume()};
+  }
+
+  /// SPSC sender: lends `size` bytes of the ring to write a message in place (zero-copy);
+  /// see ring_loan and ring_loan_operation. An MPMC ring has no loans.
+  ring_loan_operation loan(std::size_t size) noexcept requires(spsc&& sender) {
+    return {endpoint_.get(), size};
+  }
+  /// SPSC sender: loan() if the ring has room now, without waiting; empty when it is full.
+  std::optional<ring_loan> try_loan(std::size_t size) requires(spsc&& sender) {
+    ring_loan_operation op{endpoint_.get(), size};
+    if (!op.await_ready()) return std::nullopt;
+    return op.await_resume();
+  }
+  /// SPSC receiver: the next message in place (zero-copy); see ring_view.
+  ring_view_operation receive_view() noexcept requires(spsc && !sender) {
+    return ring_view_operation{endpoint_.get()};
+  }
+  /// SPSC receiver: receive_view() if a message (or the end) is there now, without waiting.
+  ring_try_view try_receive_view() requires(spsc && !sender) {
+    ring_view_operation op{endpoint_.get()};
     if (!op.await_ready()) return {true, std::nullopt};
     return {false, op.await_resume()};
   }

@@ -161,6 +161,7 @@ void ring_endpoint::close() noexcept {
   }
   if (participant_index_ < 0) return;
   if (role_ == role_sender) {
+    drop_reserved();  // an open loan is never published after the close
     // After the last tail store: a receiver that sees the flag sees every message (and
     // the end check, which vouches that this close, at this position, set it).
     if (checked_) hdr_->end_check.store(end_mark(tail_), std::memory_order_relaxed);
@@ -234,6 +235,90 @@ std::optional<std::size_t> ring_receive_operation::await_resume() {
   }
   if (end_of_stream_) return std::nullopt;
   return size_;
+}
+
+bool ring_loan_operation::await_ready() {
+  if (endpoint_ == nullptr) throw_no_endpoint("ring loan");
+  return endpoint_->try_reserve(size_, space_) == detail::ring_endpoint::outcome::done;
+}
+
+bool ring_loan_operation::suspend(std::coroutine_handle<> h, std::stop_token token) {
+  return endpoint_->start_loan_wait(*this, h, std::move(token));
+}
+
+ring_loan ring_loan_operation::await_resume() {
+  if (wait_.valid()) {
+    const task<> wait = std::move(wait_);
+    wait.handle().promise().take_result();
+  }
+  return ring_loan{endpoint_, space_};
+}
+
+ring_loan::ring_loan(ring_loan&& other) noexcept
+    : endpoint_(std::exchange(other.endpoint_, nullptr)), space_(other.space_) {}
+
+ring_loan& ring_loan::operator=(ring_loan&& other) noexcept {
+  if (this != &other) {
+    drop();
+    endpoint_ = std::exchange(other.endpoint_, nullptr);
+    space_ = other.space_;
+  }
+  return *this;
+}
+
+void ring_loan::commit(std::size_t size) {
+  if (endpoint_ == nullptr) throw_no_endpoint("ring loan commit");
+  endpoint_->commit_reserved(size);  // throws (and keeps the loan) for a size above it
+  endpoint_ = nullptr;
+}
+
+void ring_loan::drop() noexcept {
+  if (endpoint_ == nullptr) return;
+  endpoint_->drop_reserved();
+  endpoint_ = nullptr;
+}
+
+bool ring_view_operation::attempt() {
+  const auto r = endpoint_->try_peek(bytes_);
+  end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
+  return r != detail::ring_endpoint::outcome::would_block;
+}
+
+bool ring_view_operation::await_ready() {
+  if (endpoint_ == nullptr) throw_no_endpoint("ring receive_view");
+  return attempt();
+}
+
+bool ring_view_operation::suspend(std::coroutine_handle<> h, std::stop_token token) {
+  return endpoint_->start_view_wait(*this, h, std::move(token));
+}
+
+std::optional<ring_view> ring_view_operation::await_resume() {
+  if (wait_.valid()) {
+    const task<> wait = std::move(wait_);
+    wait.handle().promise().take_result();
+  }
+  if (end_of_stream_) return std::nullopt;
+  return ring_view{endpoint_, bytes_, endpoint_->read_position()};
+}
+
+ring_view::ring_view(ring_view&& other) noexcept
+    : endpoint_(std::exchange(other.endpoint_, nullptr)), bytes_(other.bytes_), end_(other.end_) {}
+
+ring_view& ring_view::operator=(ring_view&& other) noexcept {
+  if (this != &other) {
+    release();
+    endpoint_ = std::exchange(other.endpoint_, nullptr);
+    bytes_ = other.bytes_;
+    end_ = other.end_;
+  }
+  return *this;
+}
+
+void ring_view::release() noexcept {
+  if (endpoint_ == nullptr) return;
+  endpoint_->release_peeked(end_);
+  endpoint_ = nullptr;
 }
 
 // ---- endpoints ----

@@ -39,6 +39,8 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
 
   bool start_send_wait(ring_send_operation& op, std::coroutine_handle<> h, std::stop_token token);
   bool start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h, std::stop_token token);
+  bool start_loan_wait(ring_loan_operation& op, std::coroutine_handle<> h, std::stop_token token);
+  bool start_view_wait(ring_view_operation& op, std::coroutine_handle<> h, std::stop_token token);
 
   void close() noexcept;
   void detach() noexcept;
@@ -58,6 +60,15 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
   template <class Attempt>
   task<> sleep_on(pooled_frame, event_count& ev, clock::time_point deadline, bool watch_peer,
                   const char* waiting, Attempt attempt);
+  /// The slow path of a sender's operation: spins (for a batch's room), then sleeps on the
+  /// space word until `attempt()` succeeds; true when `h` must suspend.
+  template <class Attempt>
+  bool wait_for_room(task<>& wait, clock::time_point deadline, std::coroutine_handle<> h,
+                     std::stop_token token, Attempt attempt);
+  /// The same for a receiver's operation, on the data word.
+  template <class Attempt>
+  bool wait_for_data(task<>& wait, clock::time_point deadline, std::coroutine_handle<> h,
+                     std::stop_token token, Attempt attempt);
   /// Starts `wait` for the operation awaited by `h`: true when `h` must suspend.
   static bool start_wait(task<>& wait, std::coroutine_handle<> h, std::stop_token token);
 

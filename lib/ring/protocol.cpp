@@ -3,6 +3,7 @@
 #include "ring/protocol.hpp"
 
 #include "ring/checksum.hpp"
+#include "ring/spsc_path.hpp"
 
 #include "ipcoro/futex.hpp"
 
@@ -22,9 +23,6 @@
 #include <system_error>
 
 namespace ipcoro::detail {
-
-// How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
-constexpr std::uint64_t prefetch_distance = 256;
 
 namespace {
 ring_header& write_header(std::span<std::byte> region, const ring_config& geometry) {
@@ -195,17 +193,6 @@ void ring_protocol::accept_features(ring_config& c, const char* what) {
   record_size_ = checked_ ? sizeof(record_check_header) : sizeof(record_header);
 }
 
-void ring_protocol::spsc_put_header(std::uint64_t offset, std::uint64_t pos, std::uint32_t length,
-                                    std::uint32_t type, std::span<const std::byte> payload) noexcept {
-  if (!checked_) {
-    const record_header rh{length, type};
-    std::memcpy(data_ + offset, &rh, sizeof rh);
-    return;
-  }
-  const record_check_header rh{length, type, record_check(pos, length, type, payload)};
-  std::memcpy(data_ + offset, &rh, sizeof rh);
-}
-
 void ring_protocol::spsc_check_record(std::uint64_t offset, std::uint32_t length, std::uint32_t type,
                                       std::span<const std::byte> payload) const {
   std::uint64_t check = 0;
@@ -239,126 +226,78 @@ void ring_protocol::raise_fence_mode(std::uint32_t to) noexcept {
 
 // ---- SPSC ----
 
+void ring_protocol::throw_too_large(std::size_t size) const {
+  throw std::system_error(EMSGSIZE, std::system_category(),
+                          fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
+                                      "(capacity / 2 - 8); format a larger region",
+                                      size, max_message_));
+}
+
+void ring_protocol::throw_receiver_closed() const {
+  throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
+}
+
+void ring_protocol::throw_bad_head(std::uint64_t head) const {
+  throw_corrupt(
+      fmt::format("the receiver's position {} is outside [{}, {}]", head, tail_ - capacity_, tail_));
+}
+
+void ring_protocol::throw_bad_tail(std::uint64_t tail) const {
+  throw_corrupt(
+      fmt::format("the sender's position {} is outside [{}, {}]", tail, read_pos_, read_pos_ + capacity_));
+}
+
+void ring_protocol::throw_bad_record(const record_header& rh, std::uint64_t offset, std::uint64_t to_end,
+                                     std::uint64_t available) const {
+  if (rh.type == record_padding) {
+    throw_corrupt(fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
+                              rh.length, offset));
+  }
+  if (rh.type != record_data)
+    throw_corrupt(fmt::format("unknown record type {:#x} at offset {}", rh.type, offset));
+  throw_corrupt(
+      fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} published)",
+                  rh.length, offset, to_end, available));
+}
+
+void ring_protocol::throw_bad_record_header(std::uint64_t offset, std::uint64_t to_end,
+                                            std::uint64_t available) const {
+  throw_corrupt(
+      fmt::format("a record header at offset {} overruns the ring ({} bytes to its end, {} published)",
+                  offset, to_end, available));
+}
+
 ring_protocol::outcome ring_protocol::spsc_try_send(std::span<const std::byte> message) {
-  if (message.size() > max_message_) {
-    throw std::system_error(
-        EMSGSIZE, std::system_category(),
-        fmt::format("spsc ring send: a message of {} bytes exceeds this ring's limit of {} "
-                    "(capacity / 2 - 8); format a larger region",
-                    message.size(), max_message_));
-  }
-  if (hdr_->receiver_closed.load(std::memory_order_acquire) != 0) {
-    throw std::system_error(EPIPE, std::system_category(), "spsc ring send: the receiver closed the ring");
-  }
-  const std::uint64_t record = align_record(record_size_ + message.size());
-  std::uint64_t offset = tail_ & mask_;
-  const std::uint64_t to_end = capacity_ - offset;
-  const std::uint64_t needed = record <= to_end ? record : to_end + record;
-  if (tail_ - head_cache_ + needed > capacity_) {
-    const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
-    if (head > tail_ || tail_ - head > capacity_) {
-      throw_corrupt(
-          fmt::format("the receiver's position {} is outside [{}, {}]", head, tail_ - capacity_, tail_));
-    }
-    head_cache_ = head;
-    if (tail_ - head_cache_ + needed > capacity_) return outcome::would_block;
-  }
-  std::uint64_t tail = tail_;
-  if (record > to_end) {
-    // Does not fit before the end: pad to the end, start over at offset 0.
-    spsc_put_header(offset, tail, static_cast<std::uint32_t>(to_end - record_size_), record_padding, {});
-    tail += to_end;
-    offset = 0;
-  }
-  if (tail + record + prefetch_distance + 64 <= head_cache_ + capacity_) {
-    // Free room further on: take ownership of its lines now, so that later records are
-    // not written into lines the receiver still holds.
-    __builtin_prefetch(data_ + ((tail + prefetch_distance) & mask_), 1);
-    __builtin_prefetch(data_ + ((tail + prefetch_distance + 64) & mask_), 1);
-  }
-  spsc_put_header(offset, tail, static_cast<std::uint32_t>(message.size()), record_data, message);
-  if (!message.empty()) std::memcpy(data_ + offset + record_size_, message.data(), message.size());
-  tail_ = tail + record;
-  hdr_->tail.store(tail_, std::memory_order_release);
-  notify(hdr_->data);
+  spsc_slot slot;
+  const outcome r = spsc_reserve(message.size(), slot);
+  if (r != outcome::done) return r;
+  if (!message.empty()) std::memcpy(data_ + slot.offset + record_size_, message.data(), message.size());
+  spsc_publish(slot, message.size());
   return outcome::done;
 }
 
 ring_protocol::outcome ring_protocol::spsc_try_receive(std::span<std::byte> buffer, std::size_t& size) {
-  const auto refresh_tail = [this] {
-    const std::uint64_t t = hdr_->tail.load(std::memory_order_acquire);
-    if (t < read_pos_ || t - read_pos_ > capacity_ || t % 8 != 0) {
-      throw_corrupt(
-          fmt::format("the sender's position {} is outside [{}, {}]", t, read_pos_, read_pos_ + capacity_));
-    }
-    tail_cache_ = t;
-  };
-  for (;;) {
-    if (read_pos_ == tail_cache_) {
-      refresh_tail();
-      if (read_pos_ == tail_cache_) {
-        if (hdr_->sender_closed.load(std::memory_order_acquire) == 0) return outcome::would_block;
-        refresh_tail();  // the flag is set after the last message: this sees it
-        if (read_pos_ == tail_cache_) {
-          spsc_check_end();
-          return outcome::end_of_stream;
-        }
-      }
-    }
-    const std::uint64_t offset = read_pos_ & mask_;
-    const std::uint64_t to_end = capacity_ - offset;
-    const std::uint64_t available = tail_cache_ - read_pos_;
-    if (record_size_ > to_end || record_size_ > available) {
-      throw_corrupt(
-          fmt::format("a record header at offset {} overruns the ring ({} bytes to its end, {} "
-                      "published)",
-                      offset, to_end, available));
-    }
-    record_header rh;
-    std::memcpy(&rh, data_ + offset, sizeof rh);
-    if (rh.type == record_padding) {
-      if (rh.length != to_end - record_size_ || to_end > available) {
-        throw_corrupt(
-            fmt::format("a padding record of {} bytes at offset {} does not reach the end of the ring",
-                        rh.length, offset));
-      }
-      if (checked_) spsc_check_record(offset, rh.length, rh.type, {});
-      read_pos_ += to_end;
-      continue;
-    }
-    if (rh.type != record_data) {
-      throw_corrupt(fmt::format("unknown record type {:#x} at offset {}", rh.type, offset));
-    }
-    const std::uint64_t record = align_record(record_size_ + std::uint64_t{rh.length});
-    if (rh.length > max_message_ || record > to_end || record > available) {
-      throw_corrupt(
-          fmt::format("a record of {} bytes at offset {} overruns the ring ({} bytes to its end, {} "
-                      "published)",
-                      rh.length, offset, to_end, available));
-    }
-    const std::byte* payload = data_ + offset + record_size_;
-    if (rh.length > buffer.size()) {
-      // A damaged length is EBADMSG, not advice to pass a larger buffer.
-      if (checked_) spsc_check_record(offset, rh.length, rh.type, {payload, rh.length});
-      throw std::system_error(
-          EMSGSIZE, std::system_category(),
-          fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
-                      "it stays in the ring (max_message_size() is {})",
-                      rh.length, buffer.size(), max_message_));
-    }
-    if (read_pos_ + record + prefetch_distance + 64 <= tail_cache_) {
-      // Published records further on: start fetching them from the sender's cache now.
-      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance) & mask_));
-      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance + 64) & mask_));
-    }
-    if (rh.length != 0) std::memcpy(buffer.data(), payload, rh.length);
-    // Over the copy, which is what the caller gets (and is in this CPU's cache now).
-    if (checked_) spsc_check_record(offset, rh.length, rh.type, buffer.first(rh.length));
-    read_pos_ += record;
-    size = rh.length;
-    if (!manual_ack_) release_read_position();
-    return outcome::done;
+  std::uint64_t offset = 0;
+  std::uint32_t length = 0;
+  const outcome r = spsc_next(offset, length);
+  if (r != outcome::done) return r;
+  const std::byte* payload = data_ + offset + record_size_;
+  if (length > buffer.size()) {
+    // A damaged length is EBADMSG, not advice to pass a larger buffer.
+    if (checked_) spsc_check_record(offset, length, record_data, {payload, length});
+    throw std::system_error(
+        EMSGSIZE, std::system_category(),
+        fmt::format("spsc ring receive: the next message has {} bytes but the buffer only {}; "
+                    "it stays in the ring (max_message_size() is {})",
+                    length, buffer.size(), max_message_));
   }
+  if (length != 0) std::memcpy(buffer.data(), payload, length);
+  // Over the copy, which is what the caller gets (and is in this CPU's cache now).
+  if (checked_) spsc_check_record(offset, length, record_data, buffer.first(length));
+  read_pos_ += align_record(record_size_ + std::uint64_t{length});
+  size = length;
+  if (!manual_ack_) release_read_position();
+  return outcome::done;
 }
 
 // ---- MPMC ----

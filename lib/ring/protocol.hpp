@@ -75,6 +75,29 @@ class __attribute__((visibility("hidden"))) ring_protocol {
         [&] { return kind_ == kind_spsc ? spsc_try_receive(buffer, size) : mpmc_try_receive(buffer, size); });
   }
 
+  /// SPSC sender: room for a message of `size` bytes, not published: `space` is exactly
+  /// where its payload goes. A reserve that wraps writes the padding record as try_send
+  /// does; nothing is visible to the receiver until commit_reserved() moves the tail.
+  /// While it is open, try_send and try_reserve throw EBUSY. Throws as try_send does.
+  outcome try_reserve(std::size_t size, std::span<std::byte>& space);
+  /// Publishes the first `length` bytes of the open reservation (EINVAL when more than it
+  /// holds, naming both); with checks the record's check is computed over them now.
+  void commit_reserved(std::size_t length);
+  /// Gives the open reservation up: nothing is published.
+  void drop_reserved() noexcept { loan_open_ = false; }
+  bool reservation_open() const noexcept { return loan_open_; }
+  /// SPSC receiver: the next message in place: `view` points into the ring, valid until
+  /// release_peeked() or the next try_receive / try_peek, which release it first. Its
+  /// space is not given back to the sender before then (with manual_ack: before ack).
+  outcome try_peek(std::span<const std::byte>& view);
+  /// Releases the message try_peek() gave, if `end` (read_position() right after it) is
+  /// still the one open; anything else does nothing.
+  void release_peeked(std::uint64_t end) noexcept {
+    if (!peeked_ || end != read_pos_) return;
+    peeked_ = false;
+    if (!manual_ack_) release_read_position();
+  }
+
   std::uint64_t read_position() const noexcept { return read_pos_; }
   std::size_t max_message() const noexcept { return max_message_; }
   std::size_t capacity() const noexcept { return capacity_; }
@@ -83,6 +106,13 @@ class __attribute__((visibility("hidden"))) ring_protocol {
 
  protected:
   ~ring_protocol() = default;
+
+  /// Where an SPSC record of `size` payload bytes goes: its offset and ring position.
+  struct spsc_slot {
+    std::uint64_t offset = 0;
+    std::uint64_t pos = 0;
+    std::size_t size = 0;
+  };
 
   void release_read_position() noexcept;
   /// Wakes the sleepers on `ev`, after this side published a position. Without a fence
@@ -155,6 +185,9 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   bool checked_ = false;  // feature_xxh3: records carry record_check_header's check
   std::size_t record_size_ = sizeof(record_header);  // SPSC: bytes of a record's header
   bool fenceless_ = false;                           // this process is registered for the asymmetric barrier
+  spsc_slot loan_{};                                 // sender: the open reservation (loan_open_)
+  bool loan_open_ = false;                           // sender: a reservation is open
+  bool peeked_ = false;  // receiver: try_peek() gave the record before read_pos_, unreleased
   // MPMC: attempts that found the ring full (sender) or empty (receiver), for note_would_block().
   std::uint32_t fruitless_polls_ = 0;
 
@@ -177,8 +210,29 @@ class __attribute__((visibility("hidden"))) ring_protocol {
     if (r == outcome::would_block) note_would_block();
     return r;
   }
+  // The halves shared with the loans are inline in ring/spsc_path.hpp.
+  /// try_send's first half: the checks, the room, the padding record of a wrap.
+  outcome spsc_reserve(std::size_t size, spsc_slot& slot);
+  /// try_send's second half: the header (and its check) over the payload in place, the tail.
+  void spsc_publish(const spsc_slot& slot, std::size_t length) noexcept;
   outcome spsc_try_send(std::span<const std::byte> message);
+  /// try_receive's first half: the next data record (after padding), validated; `offset`
+  /// of its header and its `length`. read_pos_ is at it.
+  outcome spsc_next(std::uint64_t& offset, std::uint32_t& length);
   outcome spsc_try_receive(std::span<std::byte> buffer, std::size_t& size);
+  [[noreturn, gnu::cold]] void throw_loan_open() const;
+  // The error paths of the functions above (ring/spsc_path.hpp), out of line.
+  [[noreturn, gnu::cold]] void throw_too_large(std::size_t size) const;
+  [[noreturn, gnu::cold]] void throw_receiver_closed() const;
+  [[noreturn, gnu::cold]] void throw_bad_head(std::uint64_t head) const;
+  [[noreturn, gnu::cold]] void throw_bad_tail(std::uint64_t tail) const;
+  [[noreturn, gnu::cold]] void throw_bad_record_header(std::uint64_t offset, std::uint64_t to_end,
+                                                       std::uint64_t available) const;
+  /// EBADMSG for a record whose type, or length against where it lies, is impossible.
+  [[noreturn, gnu::cold]] void throw_bad_record(const record_header& rh, std::uint64_t offset,
+                                                std::uint64_t to_end, std::uint64_t available) const;
+  /// EOPNOTSUPP for a loan or view on an MPMC ring.
+  [[noreturn]] void throw_no_loans(const char* what) const;
   /// Writes the header of a record (with its check when checked_) at `offset`, for ring position `pos`.
   void spsc_put_header(std::uint64_t offset, std::uint64_t pos, std::uint32_t length, std::uint32_t type,
                        std::span<const std::byte> payload) noexcept;

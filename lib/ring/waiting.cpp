@@ -245,9 +245,9 @@ void ring_endpoint::withdraw_sleep(event_count& ev, std::uint32_t key) noexcept 
   ev.seq.compare_exchange_strong(expected, key & ~sleeper_bit, std::memory_order_relaxed);
 }
 
-bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h,
-                                    std::stop_token token) {
-  const clock::time_point deadline = deadline_of(op);  // the send first has to wait here
+template <class Attempt>
+bool ring_endpoint::wait_for_room(task<>& wait, clock::time_point deadline, std::coroutine_handle<> h,
+                                  std::stop_token token, Attempt attempt) {
   // A sender that went on as soon as one record's room was free would write into the lines
   // the receiver is reading at that moment, and both would stall on every line: while
   // spinning, wait until a batch's room is free (the sleeping path takes any room).
@@ -256,35 +256,58 @@ bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_hand
   if (spin([&] {
         if (batch != 0 && tail_ - hdr_->head.load(std::memory_order_relaxed) > capacity_ - batch)
           return false;
-        return try_send(op.message_) == outcome::done;
+        return attempt();
       }) != 0) {
     return false;
   }
   note_wait(clock::now());
   const bool watch_peer = !(kind_ == kind_spsc && options_.wait_for_new_receiver);
-  op.wait_ = sleep_on(pooled_frame{}, hdr_->space, deadline, watch_peer, "send",
-                      [this, &op] { return try_send(op.message_) == outcome::done; });
-  return start_wait(op.wait_, h, std::move(token));
+  wait = sleep_on(pooled_frame{}, hdr_->space, deadline, watch_peer, "send", attempt);
+  return start_wait(wait, h, std::move(token));
+}
+
+template <class Attempt>
+bool ring_endpoint::wait_for_data(task<>& wait, clock::time_point deadline, std::coroutine_handle<> h,
+                                  std::stop_token token, Attempt attempt) {
+  if (spin([&] {
+        prefetch_next_record();
+        return attempt();
+      }) != 0) {
+    return false;
+  }
+  note_wait(clock::now());
+  wait = sleep_on(pooled_frame{}, hdr_->data, deadline, true, "receive", attempt);
+  return start_wait(wait, h, std::move(token));
+}
+
+bool ring_endpoint::start_send_wait(ring_send_operation& op, std::coroutine_handle<> h,
+                                    std::stop_token token) {
+  const clock::time_point deadline = deadline_of(op);  // the send first has to wait here
+  return wait_for_room(op.wait_, deadline, h, std::move(token),
+                       [this, &op] { return try_send(op.message_) == outcome::done; });
+}
+
+bool ring_endpoint::start_loan_wait(ring_loan_operation& op, std::coroutine_handle<> h,
+                                    std::stop_token token) {
+  const clock::time_point deadline = deadline_of(op);  // the loan first has to wait here
+  return wait_for_room(op.wait_, deadline, h, std::move(token),
+                       [this, &op] { return try_reserve(op.size_, op.space_) == outcome::done; });
 }
 
 bool ring_endpoint::start_receive_wait(ring_receive_operation& op, std::coroutine_handle<> h,
                                        std::stop_token token) {
   const clock::time_point deadline = deadline_of(op);  // the receive first has to wait here
-  if (spin([&] {
-        prefetch_next_record();
-        const outcome r = try_receive(op.buffer_, op.size_);
-        op.end_of_stream_ = r == outcome::end_of_stream;
-        return r != outcome::would_block;
-      }) != 0) {
-    return false;
-  }
-  note_wait(clock::now());
-  op.wait_ = sleep_on(pooled_frame{}, hdr_->data, deadline, true, "receive", [this, &op] {
+  return wait_for_data(op.wait_, deadline, h, std::move(token), [this, &op] {
     const outcome r = try_receive(op.buffer_, op.size_);
     op.end_of_stream_ = r == outcome::end_of_stream;
     return r != outcome::would_block;
   });
-  return start_wait(op.wait_, h, std::move(token));
+}
+
+bool ring_endpoint::start_view_wait(ring_view_operation& op, std::coroutine_handle<> h,
+                                    std::stop_token token) {
+  const clock::time_point deadline = deadline_of(op);  // the view first has to wait here
+  return wait_for_data(op.wait_, deadline, h, std::move(token), [&op] { return op.attempt(); });
 }
 
 bool ring_endpoint::start_wait(task<>& wait, std::coroutine_handle<> h, std::stop_token token) {

@@ -180,6 +180,32 @@ class IPCORO_API send_port : public port_base {
   send_operation flush_sent() { return send_operation{*this, drain(pooled_frame{})}; }
   /// The largest payload a message can carry.
   virtual std::size_t max_payload() const noexcept = 0;
+
+  // Zero-copy loans (channel_sender::loan): space for a payload in the transport itself.
+  // One at a time: `loan_open` while the channel's loan object holds it.
+
+  class [[nodiscard]] lend_operation : public port_wait {
+   public:
+    lend_operation(send_port& port, task<std::span<std::byte>> lend) noexcept
+        : port_wait(port, lend.handle().promise(), lend.handle()), lend_(std::move(lend)) {}
+    /// The lent payload space. Throws channel_closed when this end left before or while
+    /// the loan waited.
+    std::span<std::byte> await_resume();
+
+   private:
+    task<std::span<std::byte>> lend_;
+  };
+  /// Lends space for a payload of `size` bytes, waiting for room (after the greeting, the
+  /// first time), interruptible by leave() as send_prepared() is.
+  lend_operation lend(std::size_t size) { return lend_operation{*this, lend_task(pooled_frame{}, size)}; }
+  /// lend() when it need not wait: true with `space`; false when lend() must be awaited.
+  /// Throws channel_error(EOPNOTSUPP) naming the address on a transport that cannot lend.
+  virtual bool try_lend(std::size_t size, std::span<std::byte>& space);
+  /// Publishes the first `size` bytes of the open loan as one message. Never waits.
+  virtual void commit_loan(std::size_t size);
+  /// Gives the open loan up unpublished.
+  virtual void drop_loan() noexcept {}
+  bool loan_open = false;
   /// Called once the end has its identity, before any send: a transport that greets
   /// eagerly does it here. Never throws; what it cannot do now goes with the first send.
   virtual void opened() noexcept {}
@@ -190,6 +216,10 @@ class IPCORO_API send_port : public port_base {
   /// flush_sent()'s part in the transport: nothing where every send reaches the kernel
   /// before it completes.
   [[nodiscard]] virtual task<void> drain(pooled_frame);
+  /// The transport's part of lend(); by default refuses (EOPNOTSUPP, see try_lend).
+  [[nodiscard]] virtual task<std::span<std::byte>> lend_task(pooled_frame, std::size_t size);
+  /// channel_error(EOPNOTSUPP) naming the address: this transport lends no space.
+  [[noreturn]] void throw_cannot_lend() const;
   /// The greeting's payload, built once.
   std::span<const std::byte> greeting();
 
@@ -231,6 +261,21 @@ class IPCORO_API receive_port : public port_base {
   virtual bool try_next() { return false; }
   virtual std::span<const std::byte> current() const noexcept = 0;
   virtual void consume() noexcept = 0;
+
+  /// next() for a view (channel_receiver::receive_view): on a transport that can, the
+  /// message stays where it arrived (an SPSC ring) until consume(); elsewhere next().
+  next_operation next_view() { return next_operation{*this, fill_view(pooled_frame{})}; }
+  /// try_next() for a view, likewise.
+  virtual bool try_next_view() { return try_next(); }
+  /// Ends the view handed out of the current message, if any: consumes it.
+  void end_view() noexcept {
+    if (!viewing) return;
+    viewing = false;
+    consume();
+  }
+  /// A view of the current message is out (channel_view), numbered `view_serial`.
+  bool viewing = false;
+  std::uint64_t view_serial = 0;
   /// Acknowledges every message consumed so far, on a transport that keeps messages until
   /// then (a durable file ring); elsewhere a message is acknowledged as it is received.
   virtual void acknowledge() noexcept {}
@@ -238,6 +283,8 @@ class IPCORO_API receive_port : public port_base {
  protected:
   /// The transport's part of next(): true with a current message, false at the end.
   [[nodiscard]] virtual task<bool> fill(pooled_frame) = 0;
+  /// The transport's part of next_view(); fill() unless the transport keeps views in place.
+  [[nodiscard]] virtual task<bool> fill_view(pooled_frame) { return fill(pooled_frame{}); }
   /// Checks a greeting against the expected identity; throws channel_type_mismatch or
   /// channel_error (not a greeting at all).
   void check_greeting(std::span<const std::byte> payload) const;
