@@ -803,7 +803,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
     if (!port.lock.try_lock()) return false;
     const mutex::guard guard{port.lock};
     const detail::port_base::in_flight busy{port};
-    if (port.leaving()) return false;  // the coroutine reports it
+    if (port.leaving() || port.loan_open) return false;  // the coroutine reports it
     try {
       if (stop_requested) {
         settle();
@@ -903,6 +903,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     if (!port.lock.try_lock()) return false;
     guard_.emplace(port.lock);
     busy_.emplace(port);
+    port.end_view();  // as take_next: the view handed out last is released first
     bool got = false;
     try {
       got = !port.leaving() && port.try_next();
