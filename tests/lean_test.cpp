@@ -240,3 +240,29 @@ TEST_CASE("values sent as braced temporaries inside co_await arrive whole", "[le
   }(points.receiver));
   CHECK(bad == 0);
 }
+
+TEST_CASE("a receive that completes at once releases the view handed out before it", "[lean][channel]") {
+  ipcoro::io_context ctx;
+  std::optional<channel_link> link{channel_link::create(fresh_address("shm"))};
+  channel_receiver<int> rx = link->receiver<int>();
+  channel_sender<int> tx = link->sender<int>();
+  for (int i = 1; i <= 3; ++i) ipcoro::sync_wait(ctx, tx.send(i));
+  std::optional<ipcoro::channel_view> view = ipcoro::sync_wait(ctx, rx.receive_view());
+  REQUIRE(view);
+  CHECK(view->bytes().size() == sizeof(int));
+  const std::optional<int> second =
+      ipcoro::sync_wait(ctx, [](channel_receiver<int>& rx) -> task<std::optional<int>> {
+        co_return co_await rx.receive();  // awaited directly: the frame-free path
+      }(rx));
+  CHECK(second == std::optional<int>(2));
+  int into = 0;
+  const bool third = ipcoro::sync_wait(ctx, [](channel_receiver<int>& rx, int& into) -> task<bool> {
+    co_return co_await rx.receive_into(into);
+  }(rx, into));
+  CHECK((third && into == 3));
+  view.reset();
+  tx.close();
+  CHECK_FALSE(ipcoro::sync_wait(ctx, rx.receive()));
+  link.reset();
+  CHECK(nothing_left_behind());
+}
