@@ -42,6 +42,15 @@ concept viewing_receiver = requires(Transport& t) {
   t.receive_view();
 };
 
+/// A viewing transport that also serves copying receives in place: the channel decodes a
+/// message straight from the ring and frees its room once decoded, instead of copying it
+/// into the port's buffer first. Not where records carry checksums: a record is checked as
+/// it is taken, and a copy checked is what a peer can no longer change under the decoder.
+template <class Transport>
+concept in_place_receiver = viewing_receiver<Transport> && requires(const Transport& t) {
+  { t.reads_in_place() } -> std::same_as<bool>;
+};
+
 template <class Transport>
 concept acknowledging = requires(Transport& t, std::uint64_t p) {
   { t.position() } -> std::same_as<std::uint64_t>;
@@ -58,16 +67,33 @@ class message_send_port final : public send_port {
     buf_.grow(transport_.max_message(), 0);
   }
 
+  /// Where the ring has room now, the message is encoded straight into it (a loan that
+  /// try_send_prepared() commits): one copy fewer than through the port's buffer.
   std::span<std::byte> prepare(std::size_t size) override {
     check_fits(size);
-    put_head(buf_.data(), frame_kind::data);
     used_ = head_size + size;
+    if constexpr (loaning_sender<Transport>) {
+      drop_staged();
+      std::optional<ring_loan> l;
+      try {
+        if (greeted_) l = transport_.try_loan(used_);
+      } catch (...) {
+        rethrow_send_error();
+      }
+      if (l) {
+        loan_ = std::move(*l);
+        staged_ = true;
+        return open_loan();
+      }
+    }
+    put_head(buf_.data(), frame_kind::data);
     return {buf_.data() + head_size, size};
   }
 
   std::size_t max_payload() const noexcept override { return buf_.size() - head_size; }
 
   bool try_send_prepared() override {
+    if (commit_staged()) return true;
     if constexpr (trying_sender<Transport>) {
       if (!greeted_) return false;
       try {
@@ -82,6 +108,7 @@ class message_send_port final : public send_port {
   bool try_lend(std::size_t size, std::span<std::byte>& space) override {
     if constexpr (loaning_sender<Transport>) {
       check_fits(size);
+      drop_staged();
       if (!greeted_) return false;
       try {
         std::optional<ring_loan> l = transport_.try_loan(head_size + size);
@@ -109,6 +136,7 @@ class message_send_port final : public send_port {
 
  protected:
   task<void> commit(pooled_frame) override {
+    if (commit_staged()) co_return;
     try {
       if (!greeted_) co_await greet(pooled_frame{});
       co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
@@ -120,6 +148,7 @@ class message_send_port final : public send_port {
   task<std::span<std::byte>> lend_task(pooled_frame, std::size_t size) override {
     if constexpr (!loaning_sender<Transport>) throw_cannot_lend();
     check_fits(size);
+    drop_staged();
     try {
       if (!greeted_) co_await greet(pooled_frame{});
       if constexpr (loaning_sender<Transport>) {
@@ -134,6 +163,7 @@ class message_send_port final : public send_port {
 
   void finish(port_exit how) noexcept override {
     // An open loan is never published after this, and must not outlive an aborted end.
+    drop_staged();
     if constexpr (loaning_sender<Transport>) loan_.drop();
     switch (how) {
       case port_exit::close:
@@ -183,6 +213,24 @@ class message_send_port final : public send_port {
     co_await transport_.send(frame);
     greeted_ = true;
   }
+  /// A message prepared in the ring and then not sent (its encoding threw) is given up.
+  void drop_staged() noexcept {
+    if constexpr (loaning_sender<Transport>) {
+      if (staged_) loan_.drop();
+      staged_ = false;
+    }
+  }
+  /// Publishes a message prepared in the ring; false when it was prepared in buf_.
+  bool commit_staged() {
+    if constexpr (loaning_sender<Transport>) {
+      if (staged_) {
+        staged_ = false;
+        loan_.commit(used_);
+        return true;
+      }
+    }
+    return false;
+  }
   /// The payload space of the loan just taken, its head written.
   std::span<std::byte> open_loan() noexcept {
     const std::span<std::byte> all = loan_.bytes();
@@ -196,7 +244,8 @@ class message_send_port final : public send_port {
 
   Transport transport_;
   byte_buffer buf_;
-  ring_loan loan_;  // the open loan (loaning transports)
+  ring_loan loan_;       // the open loan (loaning transports)
+  bool staged_ = false;  // loan_ holds the prepared message, not a loan of the user's
   std::size_t used_ = 0;
   bool greeted_ = false;
 };
@@ -223,6 +272,9 @@ class message_receive_port final : public receive_port {
 
  protected:
   task<bool> fill(pooled_frame) override {
+    if constexpr (in_place_receiver<Transport>) {
+      if (transport_.reads_in_place()) co_return co_await fill_view(pooled_frame{});
+    }
     if (current_) co_return true;
     if (ended_) co_return false;
     for (;;) {
@@ -239,6 +291,9 @@ class message_receive_port final : public receive_port {
 
  public:
   bool try_next() override {
+    if constexpr (in_place_receiver<Transport>) {
+      if (transport_.reads_in_place()) return try_next_view();
+    }
     if (current_) return true;
     if constexpr (trying_receiver<Transport>) {
       while (!ended_) {

@@ -62,6 +62,10 @@ struct ring_receiving {
   ring_try_view try_receive_view() requires std::is_same_v<Ring, spsc_ring_receiver> {
     return ring.try_receive_view();
   }
+  /// Decode straight from the ring (see in_place_receiver), unless records carry checksums.
+  bool reads_in_place() const noexcept requires std::is_same_v<Ring, spsc_ring_receiver> {
+    return ring.checksum() == ring_checksum::none;
+  }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   /// One receiver of an MPMC ring leaving does not close the ring for the others; the
@@ -87,6 +91,7 @@ struct durable_ring_receiving {
   ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
   auto receive_view() noexcept { return ring.receive_view(); }
   ring_try_view try_receive_view() { return ring.try_receive_view(); }
+  bool reads_in_place() const noexcept { return ring.checksum() == ring_checksum::none; }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   std::uint64_t position() const noexcept { return ring.position(); }
