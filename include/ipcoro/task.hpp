@@ -70,16 +70,25 @@ std::stop_token stop_token_of(std::coroutine_handle<P> h) noexcept {
 /// An operation that consumes (takes a message off a channel) asks this at the moment it
 /// would commit, and leaves the message where it is when the answer is yes: that is what
 /// makes a receive that loses a when_any race, a timeout or a stop request lose nothing.
+/// Whether the coroutine behind `h` has been asked to stop: read in place for ipcoro's
+/// promises (no token copy, so no atomic increment and decrement).
+template <class P>
+bool stop_requested_of(std::coroutine_handle<P> h) noexcept {
+  if constexpr (stop_token_carrier<P>) {
+    return h.promise().stop_token().stop_requested();
+  } else if constexpr (env_stop_token_carrier<P>) {
+    return stop_token_of(h).stop_requested();
+  } else {
+    return false;
+  }
+}
+
 struct [[nodiscard]] stop_requested_awaiter {
   bool requested = false;
   bool await_ready() const noexcept { return false; }
   template <class P>
   bool await_suspend(std::coroutine_handle<P> h) noexcept {
-    if constexpr (stop_token_carrier<P>) {
-      requested = h.promise().stop_token().stop_requested();
-    } else if constexpr (env_stop_token_carrier<P>) {
-      requested = stop_token_of(h).stop_requested();
-    }
+    requested = stop_requested_of(h);
     return false;
   }
   bool await_resume() const noexcept { return requested; }
@@ -239,11 +248,11 @@ class [[nodiscard]] task {
 
   task() noexcept = default;
   explicit task(handle_type h) noexcept : handle_(h) {}
-  task(task&& other) noexcept : handle_(std::exchange(other.handle_, {})) {}
+  task(task&& other) noexcept : handle_(other.take()) {}
   task& operator=(task&& other) noexcept {
     if (this != &other) {
       destroy();
-      handle_ = std::exchange(other.handle_, {});
+      handle_ = other.take();
     }
     return *this;
   }
@@ -252,11 +261,12 @@ class [[nodiscard]] task {
   ~task() { destroy(); }
 
   /// False for a default-constructed or moved-from task.
-  bool valid() const noexcept { return static_cast<bool>(handle_); }
+  bool valid() const noexcept { return handle_ || make_ != nullptr; }
   bool done() const noexcept { return handle_ && handle_.done(); }
 
   /// Runs the task under `token` instead of the stop token of whoever awaits it.
   task&& with_stop_token(std::stop_token token) && {
+    make_now();
     if (handle_) handle_.promise().set_stop_token(std::move(token));
     return std::move(*this);
   }
@@ -306,12 +316,37 @@ class [[nodiscard]] task {
   /// For the library's own runners: the coroutine handle, still owned by this task.
   handle_type handle() const noexcept { return handle_; }
 
+ protected:
+  /// Makes the coroutine of a deferred task (see below) from the object it is given.
+  using make_fn = task (*)(task&);
+
+  /// A deferred task: an awaitable that derives from task and makes a coroutine only when
+  /// it cannot complete at once (a channel operation). Awaiting it is up to the derived
+  /// type; moving it into a task (passing it to sync_wait, when_any, a vector<task>...)
+  /// calls `make` on it, which must not throw other than std::bad_alloc (and that ends
+  /// the program: a task's move is noexcept).
+  explicit task(make_fn make) noexcept : make_(make) {}
+  /// Whether this is a deferred task that has made no coroutine yet.
+  bool deferred() const noexcept { return make_ != nullptr; }
+  /// Makes the coroutine of a deferred task now, keeping it here.
+  void make_now() {
+    if (make_ != nullptr) handle_ = take();
+  }
+  /// A deferred task that completed without a coroutine: it cannot be made any more.
+  void settle() noexcept { make_ = nullptr; }
+
  private:
+  handle_type take() noexcept {
+    if (make_ == nullptr) return std::exchange(handle_, {});
+    task made = std::exchange(make_, nullptr)(*this);
+    return std::exchange(made.handle_, {});
+  }
   void destroy() noexcept {
     if (handle_) std::exchange(handle_, {}).destroy();
   }
 
   handle_type handle_;
+  make_fn make_ = nullptr;
 };
 
 namespace detail {
