@@ -4,10 +4,13 @@
 #pragma once
 
 #include "ipcoro/channel_address.hpp"
+#include "ipcoro/channel_error.hpp"
+#include "ipcoro/channel_loan.hpp"
 #include "ipcoro/codec.hpp"
 #include "ipcoro/deadline.hpp"
 #include "ipcoro/detail/channel_port.hpp"
 #include "ipcoro/detail/frame_pool.hpp"
+#include "ipcoro/detail/local_channel.hpp"
 #include "ipcoro/detail/wait_list.hpp"
 #include "ipcoro/error.hpp"
 #include "ipcoro/export.hpp"
@@ -31,31 +34,6 @@
 
 namespace ipcoro {
 
-/// Base of the errors a channel reports; the message names the channel's address, and
-/// code() keeps the error below it: the errno of the system call that failed, EPIPE for a
-/// closed channel, ECONNRESET for a sender that left without closing, EPROTO or EBADMSG
-/// for a peer that does not speak the channel protocol, EMSGSIZE for a message too large.
-class IPCORO_API channel_error : public std::system_error {
- public:
-  channel_error(std::error_code code, const std::string& what) : std::system_error(code, what) {}
-  /// `errno_value` in std::system_category().
-  channel_error(int errno_value, const std::string& what)
-      : std::system_error(errno_value, std::system_category(), what) {}
-};
-
-/// A send on a channel whose receiver has gone, or that was closed (EPIPE by default).
-class IPCORO_API channel_closed : public channel_error {
- public:
-  explicit channel_closed(const std::string& what) : channel_error(EPIPE, what) {}
-  using channel_error::channel_error;
-};
-
-/// The peer speaks another type (or another codec version) than this end expects (EPROTO).
-class IPCORO_API channel_type_mismatch : public channel_error {
- public:
-  explicit channel_type_mismatch(const std::string& what) : channel_error(EPROTO, what) {}
-};
-
 template <class T>
 class channel_sender;
 template <class T>
@@ -78,162 +56,11 @@ IPCORO_API [[noreturn]] void throw_channel_error(int errno_value, const char* wh
 /// (`waited` false) or interrupted.
 IPCORO_API [[noreturn]] void throw_sender_left(const port_base& port, bool waited);
 
-/// Parks a coroutine in a wait_list until woken (or cancelled).
-class [[nodiscard]] park_operation : waiter {
- public:
-  explicit park_operation(wait_list& list) noexcept : list_(list) {}
-  bool await_ready() const noexcept { return false; }
-  template <class P>
-  bool await_suspend(std::coroutine_handle<P> h) {
-    return park(list_, h, stop_token_of(h));
-  }
-  void await_resume() { unpark(); }
-
- private:
-  wait_list& list_;
-};
-
-/// The shared state of an in-process channel: a bounded ring of values and the
-/// coroutines waiting for space or for data. Lives on one loop's thread.
-template <class T>
-struct local_channel {
-  explicit local_channel(std::size_t capacity) : slots(capacity) {}
-  std::vector<std::optional<T>> slots;
-  std::size_t head = 0;
-  std::size_t count = 0;
-  std::uint64_t sent = 0;
-  std::uint64_t received = 0;
-  bool sender_closed = false;
-  bool sender_aborted = false;
-  bool receiver_closed = false;
-  wait_list senders;
-  wait_list receivers;
-
-  bool readable() const noexcept { return count > 0 || sender_closed || receiver_closed; }
-};
-
 IPCORO_API [[nodiscard]] std::unique_ptr<send_port> link_send_port(void* link_state);
 IPCORO_API [[nodiscard]] std::unique_ptr<receive_port> link_receive_port(void* link_state);
 IPCORO_API [[nodiscard]] task<std::unique_ptr<send_port>> open_send_port(channel_address address);
 IPCORO_API [[nodiscard]] task<std::unique_ptr<receive_port>> open_receive_port(channel_address address);
 
-}  // namespace detail
-
-/// Space lent by a channel sender in its transport (channel_sender::loan): exactly the
-/// bytes asked for, where the message will travel: on an SPSC ring (`shm:`, `file:`) the
-/// ring itself, so the message is written once and never copied. The bytes are the
-/// message's encoding (codec<T>): what receive() decodes, or receive_view() shows.
-/// commit() publishes it as one message; destroying it (or drop()) uncommitted publishes
-/// nothing and frees the sender for its next operation. While a loan is open, the
-/// sender's send() and loan() throw channel_error(EBUSY); close(), detach() or abort() of
-/// the sender discard it (commit() then throws channel_closed). Move-only.
-class IPCORO_API channel_loan {
- public:
-  channel_loan() noexcept = default;
-  channel_loan(channel_loan&&) noexcept = default;
-  /// Drops what this loan holds first.
-  channel_loan& operator=(channel_loan&& other) noexcept;
-  ~channel_loan() { drop(); }
-
-  /// The lent bytes (none once committed, dropped or moved from).
-  std::span<std::byte> bytes() const noexcept { return port_ ? space_ : std::span<std::byte>{}; }
-  /// Publishes the whole loan as one message. Never waits (the room was taken by loan()).
-  void commit() { commit(space_.size()); }
-  /// Publishes the first `size` bytes as one message. Throws std::system_error(EINVAL)
-  /// naming both numbers when `size` is more than the loan holds (the loan stays open),
-  /// channel_closed when the sender was closed meanwhile (nothing is published).
-  void commit(std::size_t size);
-  /// Gives the space up unpublished; nothing for a committed, dropped or empty loan.
-  void drop() noexcept;
-  explicit operator bool() const noexcept { return port_ != nullptr; }
-
-  explicit channel_loan(std::shared_ptr<detail::send_port> port, std::span<std::byte> space) noexcept
-      : port_(std::move(port)), space_(space) {}
-
- private:
-  std::shared_ptr<detail::send_port> port_;
-  std::span<std::byte> space_;
-};
-
-/// A loan of one T in place (channel_sender::loan_object): a T value-initialised in the
-/// transport's memory, committed as one T. For trivially copyable T of alignment up to 8
-/// (a ring's records are 8-aligned).
-template <class T>
-class object_loan {
-  static_assert(std::is_trivially_copyable_v<T>, "object_loan: T must be trivially copyable");
-  static_assert(alignof(T) <= 8, "object_loan: a ring's records are 8-aligned; T may not need more");
-
- public:
-  object_loan() noexcept = default;
-  explicit object_loan(channel_loan loan) noexcept : loan_(std::move(loan)) {
-    ::new (static_cast<void*>(loan_.bytes().data())) T();
-  }
-  T& value() const noexcept { return *std::launder(reinterpret_cast<T*>(loan_.bytes().data())); }
-  T& operator*() const noexcept { return value(); }
-  T* operator->() const noexcept { return &value(); }
-  /// Publishes the T.
-  void commit() { loan_.commit(sizeof(T)); }
-  void drop() noexcept { loan_.drop(); }
-  explicit operator bool() const noexcept { return static_cast<bool>(loan_); }
-
- private:
-  channel_loan loan_;
-};
-
-/// The next message of a channel, not copied out (channel_receiver::receive_view): on an
-/// SPSC ring its bytes are in the ring; elsewhere in the receiver's own buffer. Valid until
-/// release(), its destruction, or the next receive of that receiver (receive, receive_into,
-/// receive_view, ready), which release it first. Until then its room in the ring is not
-/// given back to the sender: a sender that fills the ring waits for the release. Move-only.
-class IPCORO_API channel_view {
- public:
-  channel_view() noexcept = default;
-  channel_view(channel_view&&) noexcept = default;
-  /// Releases what this view holds first.
-  channel_view& operator=(channel_view&& other) noexcept;
-  ~channel_view() { release(); }
-
-  /// The message's encoding (what receive() would decode); none once released or moved from.
-  std::span<const std::byte> bytes() const noexcept { return port_ ? bytes_ : std::span<const std::byte>{}; }
-  /// Gives the message's room back; later calls do nothing.
-  void release() noexcept;
-  explicit operator bool() const noexcept { return port_ != nullptr; }
-
-  channel_view(std::shared_ptr<detail::receive_port> port, std::span<const std::byte> bytes,
-               std::uint64_t serial) noexcept
-      : port_(std::move(port)), bytes_(bytes), serial_(serial) {}
-
- private:
-  std::shared_ptr<detail::receive_port> port_;
-  std::span<const std::byte> bytes_;
-  std::uint64_t serial_ = 0;
-};
-
-/// A view of one T in place (channel_receiver::receive_object_view).
-template <class T>
-class object_view {
-  static_assert(std::is_trivially_copyable_v<T>, "object_view: T must be trivially copyable");
-  static_assert(alignof(T) <= 8, "object_view: a ring's records are 8-aligned; T may not need more");
-
- public:
-  object_view() noexcept = default;
-  explicit object_view(channel_view view) noexcept : view_(std::move(view)) {}
-  const T& value() const noexcept { return *std::launder(reinterpret_cast<const T*>(view_.bytes().data())); }
-  const T& operator*() const noexcept { return value(); }
-  const T* operator->() const noexcept { return &value(); }
-  void release() noexcept { view_.release(); }
-  explicit operator bool() const noexcept { return static_cast<bool>(view_); }
-
- private:
-  channel_view view_;
-};
-
-namespace detail {
-/// channel_error(EBUSY): `port` has a loan open.
-IPCORO_API [[noreturn]] void throw_loan_open(const send_port& port);
-/// Checks that a view holds one T where a T may live (decode_error / channel_error otherwise).
-IPCORO_API void check_object_view(std::span<const std::byte> bytes, std::size_t size, std::size_t align,
-                                  std::string_view type);
 }  // namespace detail
 
 /// The sending half of a channel. Move-only; destroying it closes it.
@@ -747,243 +574,6 @@ class channel_receiver {
   std::uint64_t received_ = 0;  // the count at close
 };
 
-/// What channel_sender::send returns: a task<void> that, awaited directly, first tries to
-/// send at once (room in an in-process channel; a transport that takes the message without
-/// waiting, with the port's lock free) and only otherwise starts the send's coroutine.
-/// Either way the outcome is the same: the stop token is checked before the message is
-/// committed, and the errors are those of the coroutine.
-template <class T>
-class [[nodiscard]] channel_send_operation : public task<void> {
- public:
-  channel_send_operation(channel_sender<T>& sender,
-                         T&& value) noexcept(std::is_nothrow_move_constructible_v<T>)
-      : task<void>(&make), sender_(sender), value_(std::move(value)) {}
-  channel_send_operation(const channel_send_operation&) = delete;
-  channel_send_operation& operator=(const channel_send_operation&) = delete;
-  ~channel_send_operation() = default;
-
-  struct awaiter {
-    channel_send_operation& op;
-    bool await_ready() const noexcept { return false; }
-    template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
-      if (op.deferred()) {
-        if (op.try_now(detail::stop_requested_of(h))) return false;
-        op.make_now();
-      }
-      return task<void>::awaiter{op.handle()}.await_suspend(h);
-    }
-    void await_resume() { op.resume(); }
-  };
-  awaiter operator co_await() & noexcept { return awaiter{*this}; }
-  awaiter operator co_await() && noexcept { return awaiter{*this}; }
-
- private:
-  static task<void> make(task<void>& base) {
-    auto& op = static_cast<channel_send_operation&>(base);
-    return op.sender_.start_send(std::move(op.value_));
-  }
-
-  /// True when the send is done (or has failed without waiting); false when it must wait.
-  bool try_now(bool stop_requested) {
-    if (detail::local_channel<T>* s = sender_.local_.get()) {
-      if (s->receiver_closed || s->sender_closed || s->count == s->slots.size()) return false;
-      settle();
-      cancelled_ = stop_requested;
-      if (!stop_requested) channel_sender<T>::put_local(*s, std::move(value_));
-      return true;
-    }
-    if constexpr (encodable<T>) {
-      if (detail::send_port* port = sender_.port_.get()) return try_port(*port, stop_requested);
-    }
-    return false;
-  }
-
-  bool try_port(detail::send_port& port, bool stop_requested) {
-    if (!port.lock.try_lock()) return false;
-    const mutex::guard guard{port.lock};
-    const detail::port_base::in_flight busy{port};
-    if (port.leaving() || port.loan_open) return false;  // the coroutine reports it
-    try {
-      if (stop_requested) {
-        settle();
-        cancelled_ = true;
-        return true;
-      }
-      const std::size_t size = codec<T>::size(value_);
-      codec<T>::encode(value_, port.prepare(size));
-      // Not sent at once: the coroutine prepares it again under the lock and waits.
-      if (!port.try_send_prepared()) return false;
-      settle();
-      ++port.messages;
-      port.bytes += size;
-    } catch (...) {
-      settle();
-      failure_ = std::current_exception();
-    }
-    return true;
-  }
-
-  void resume() {
-    if (handle()) return task<void>::awaiter{handle()}.await_resume();
-    if (cancelled_) throw operation_cancelled{};
-    if (failure_) std::rethrow_exception(failure_);
-  }
-
-  channel_sender<T>& sender_;
-  T value_;
-  std::exception_ptr failure_;
-  bool cancelled_ = false;
-};
-
-/// What channel_receiver::receive (R = std::optional<T>) and receive_into (R = bool)
-/// return: a task<R> that, awaited directly, takes a value that is already there (in an
-/// in-process channel; from a transport's try_next, with the port's lock free) without a
-/// coroutine frame, and only otherwise starts the receive's coroutine. A receive asked to
-/// stop leaves the value where it is, either way.
-template <class T, class R>
-class [[nodiscard]] channel_receive_operation : public task<R> {
-  static constexpr bool into_ = std::is_same_v<R, bool>;
-
- public:
-  channel_receive_operation(channel_receiver<T>& receiver, T* into) noexcept
-      : task<R>(&make), receiver_(receiver), into_ptr_(into) {}
-  channel_receive_operation(const channel_receive_operation&) = delete;
-  channel_receive_operation& operator=(const channel_receive_operation&) = delete;
-  ~channel_receive_operation() = default;
-
-  struct awaiter {
-    channel_receive_operation& op;
-    bool await_ready() const noexcept { return false; }
-    template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
-      if (op.deferred()) {
-        if (op.try_now(detail::stop_requested_of(h))) return false;
-        op.make_now();
-      }
-      return typename task<R>::awaiter{op.handle()}.await_suspend(h);
-    }
-    R await_resume() { return op.resume(); }
-  };
-  awaiter operator co_await() & noexcept { return awaiter{*this}; }
-  awaiter operator co_await() && noexcept { return awaiter{*this}; }
-
- private:
-  // What try_now found; the value itself is taken in resume(), which runs right after.
-  enum class ready : unsigned char { none, local, port, end, cancelled, failed };
-
-  static task<R> make(task<R>& base) {
-    auto& op = static_cast<channel_receive_operation&>(base);
-    if constexpr (into_) {
-      return op.receiver_.start_receive_into(*op.into_ptr_);
-    } else {
-      return op.receiver_.start_receive();
-    }
-  }
-
-  bool try_now(bool stop_requested) {
-    channel_receiver<T>& rx = receiver_;
-    if (detail::local_channel<T>* s = rx.local_.get()) {
-      if (s->receiver_closed || s->count == 0) return false;
-      return found(ready::local, stop_requested);
-    }
-    if constexpr (encodable<T>) {
-      if (detail::receive_port* port = rx.port_.get()) return try_port(*port, stop_requested);
-    }
-    return found(ready::end, false);  // an empty receiver: the end of the stream
-  }
-
-  bool found(ready what, bool stop_requested) noexcept {
-    this->settle();
-    ready_ = stop_requested ? ready::cancelled : what;
-    return true;
-  }
-
-  bool try_port(detail::receive_port& port, bool stop_requested) {
-    if (!port.lock.try_lock()) return false;
-    guard_.emplace(port.lock);
-    busy_.emplace(port);
-    port.end_view();  // as take_next: the view handed out last is released first
-    bool got = false;
-    try {
-      got = !port.leaving() && port.try_next();
-    } catch (...) {
-      release();
-      failure_ = std::current_exception();
-      return found(ready::failed, false);
-    }
-    if (got && !stop_requested) return found(ready::port, false);  // keeps the lock until resume()
-    release();
-    if (!got) return false;
-    return found(ready::cancelled, false);  // the message stays current
-  }
-
-  void release() noexcept {
-    busy_.reset();
-    guard_.reset();
-  }
-
-  R resume() {
-    switch (ready_) {
-      case ready::none:
-        return typename task<R>::awaiter{this->handle()}.await_resume();
-      case ready::end:
-        return R{};
-      case ready::cancelled:
-        throw operation_cancelled{};
-      case ready::failed:
-        std::rethrow_exception(failure_);
-      case ready::local:
-        return take_local(*receiver_.local_);
-      case ready::port:
-        break;
-    }
-    if constexpr (encodable<T>) {
-      return take_port(*receiver_.port_);
-    } else {
-      return R{};  // not reached: only encodable types have ports
-    }
-  }
-
-  R take_port(detail::receive_port& port) {
-    struct release_at_exit {
-      channel_receive_operation& op;
-      ~release_at_exit() { op.release(); }
-    } at_exit{*this};
-    if constexpr (into_) {
-      channel_receiver<T>::take_current(port,
-                                        [&](std::span<const std::byte> p) { decode_into(p, *into_ptr_); });
-      return true;
-    } else {
-      std::optional<T> value;
-      channel_receiver<T>::take_current(
-          port, [&](std::span<const std::byte> p) { value.emplace(codec<T>::decode(p)); });
-      return value;
-    }
-  }
-
-  R take_local(detail::local_channel<T>& s) {
-    if constexpr (into_) {
-      *into_ptr_ = std::move(*s.slots[s.head]);
-      channel_receiver<T>::pop_local(s);
-      return true;
-    } else {
-      // In place from T, not from the slot's optional: GCC 12 then sees no "maybe
-      // uninitialized" vector in the optional (-Werror).
-      R value{std::in_place, std::move(*s.slots[s.head])};
-      channel_receiver<T>::pop_local(s);
-      return value;
-    }
-  }
-
-  channel_receiver<T>& receiver_;
-  T* into_ptr_;
-  std::optional<mutex::guard> guard_;
-  std::optional<detail::port_base::in_flight> busy_;
-  std::exception_ptr failure_;
-  ready ready_ = ready::none;
-};
-
 template <class T>
 struct channel_pair {
   channel_sender<T> sender;
@@ -1089,3 +679,6 @@ template <class... R>
 }
 
 }  // namespace ipcoro
+
+// The operations send() and receive() return; templates on the complete sender and receiver.
+#include "ipcoro/detail/channel_operations.hpp"  // IWYU pragma: export

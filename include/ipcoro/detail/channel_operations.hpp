@@ -1,0 +1,252 @@
+// SPDX-License-Identifier: MIT
+// channel_send_operation and channel_receive_operation: what send() and receive() return.
+// Included at the end of ipcoro/channel.hpp, whose sender and receiver they work on.
+#pragma once
+
+#include "ipcoro/channel.hpp"
+
+#include <exception>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+namespace ipcoro {
+
+/// What channel_sender::send returns: a task<void> that, awaited directly, first tries to
+/// send at once (room in an in-process channel; a transport that takes the message without
+/// waiting, with the port's lock free) and only otherwise starts the send's coroutine.
+/// Either way the outcome is the same: the stop token is checked before the message is
+/// committed, and the errors are those of the coroutine.
+template <class T>
+class [[nodiscard]] channel_send_operation : public task<void> {
+ public:
+  channel_send_operation(channel_sender<T>& sender,
+                         T&& value) noexcept(std::is_nothrow_move_constructible_v<T>)
+      : task<void>(&make), sender_(sender), value_(std::move(value)) {}
+  channel_send_operation(const channel_send_operation&) = delete;
+  channel_send_operation& operator=(const channel_send_operation&) = delete;
+  ~channel_send_operation() = default;
+
+  struct awaiter {
+    channel_send_operation& op;
+    bool await_ready() const noexcept { return false; }
+    template <class P>
+    bool await_suspend(std::coroutine_handle<P> h) {
+      if (op.deferred()) {
+        if (op.try_now(detail::stop_requested_of(h))) return false;
+        op.make_now();
+      }
+      return task<void>::awaiter{op.handle()}.await_suspend(h);
+    }
+    void await_resume() { op.resume(); }
+  };
+  awaiter operator co_await() & noexcept { return awaiter{*this}; }
+  awaiter operator co_await() && noexcept { return awaiter{*this}; }
+
+ private:
+  static task<void> make(task<void>& base) {
+    auto& op = static_cast<channel_send_operation&>(base);
+    return op.sender_.start_send(std::move(op.value_));
+  }
+
+  /// True when the send is done (or has failed without waiting); false when it must wait.
+  bool try_now(bool stop_requested) {
+    if (detail::local_channel<T>* s = sender_.local_.get()) {
+      if (s->receiver_closed || s->sender_closed || s->count == s->slots.size()) return false;
+      settle();
+      cancelled_ = stop_requested;
+      if (!stop_requested) channel_sender<T>::put_local(*s, std::move(value_));
+      return true;
+    }
+    if constexpr (encodable<T>) {
+      if (detail::send_port* port = sender_.port_.get()) return try_port(*port, stop_requested);
+    }
+    return false;
+  }
+
+  bool try_port(detail::send_port& port, bool stop_requested) {
+    if (!port.lock.try_lock()) return false;
+    const mutex::guard guard{port.lock};
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving() || port.loan_open) return false;  // the coroutine reports it
+    try {
+      if (stop_requested) {
+        settle();
+        cancelled_ = true;
+        return true;
+      }
+      const std::size_t size = codec<T>::size(value_);
+      codec<T>::encode(value_, port.prepare(size));
+      // Not sent at once: the coroutine prepares it again under the lock and waits.
+      if (!port.try_send_prepared()) return false;
+      settle();
+      ++port.messages;
+      port.bytes += size;
+    } catch (...) {
+      settle();
+      failure_ = std::current_exception();
+    }
+    return true;
+  }
+
+  void resume() {
+    if (handle()) return task<void>::awaiter{handle()}.await_resume();
+    if (cancelled_) throw operation_cancelled{};
+    if (failure_) std::rethrow_exception(failure_);
+  }
+
+  channel_sender<T>& sender_;
+  T value_;
+  std::exception_ptr failure_;
+  bool cancelled_ = false;
+};
+
+/// What channel_receiver::receive (R = std::optional<T>) and receive_into (R = bool)
+/// return: a task<R> that, awaited directly, takes a value that is already there (in an
+/// in-process channel; from a transport's try_next, with the port's lock free) without a
+/// coroutine frame, and only otherwise starts the receive's coroutine. A receive asked to
+/// stop leaves the value where it is, either way.
+template <class T, class R>
+class [[nodiscard]] channel_receive_operation : public task<R> {
+  static constexpr bool into_ = std::is_same_v<R, bool>;
+
+ public:
+  channel_receive_operation(channel_receiver<T>& receiver, T* into) noexcept
+      : task<R>(&make), receiver_(receiver), into_ptr_(into) {}
+  channel_receive_operation(const channel_receive_operation&) = delete;
+  channel_receive_operation& operator=(const channel_receive_operation&) = delete;
+  ~channel_receive_operation() = default;
+
+  struct awaiter {
+    channel_receive_operation& op;
+    bool await_ready() const noexcept { return false; }
+    template <class P>
+    bool await_suspend(std::coroutine_handle<P> h) {
+      if (op.deferred()) {
+        if (op.try_now(detail::stop_requested_of(h))) return false;
+        op.make_now();
+      }
+      return typename task<R>::awaiter{op.handle()}.await_suspend(h);
+    }
+    R await_resume() { return op.resume(); }
+  };
+  awaiter operator co_await() & noexcept { return awaiter{*this}; }
+  awaiter operator co_await() && noexcept { return awaiter{*this}; }
+
+ private:
+  // What try_now found; the value itself is taken in resume(), which runs right after.
+  enum class ready : unsigned char { none, local, port, end, cancelled, failed };
+
+  static task<R> make(task<R>& base) {
+    auto& op = static_cast<channel_receive_operation&>(base);
+    if constexpr (into_) {
+      return op.receiver_.start_receive_into(*op.into_ptr_);
+    } else {
+      return op.receiver_.start_receive();
+    }
+  }
+
+  bool try_now(bool stop_requested) {
+    channel_receiver<T>& rx = receiver_;
+    if (detail::local_channel<T>* s = rx.local_.get()) {
+      if (s->receiver_closed || s->count == 0) return false;
+      return found(ready::local, stop_requested);
+    }
+    if constexpr (encodable<T>) {
+      if (detail::receive_port* port = rx.port_.get()) return try_port(*port, stop_requested);
+    }
+    return found(ready::end, false);  // an empty receiver: the end of the stream
+  }
+
+  bool found(ready what, bool stop_requested) noexcept {
+    this->settle();
+    ready_ = stop_requested ? ready::cancelled : what;
+    return true;
+  }
+
+  bool try_port(detail::receive_port& port, bool stop_requested) {
+    if (!port.lock.try_lock()) return false;
+    guard_.emplace(port.lock);
+    busy_.emplace(port);
+    port.end_view();  // as take_next: the view handed out last is released first
+    bool got = false;
+    try {
+      got = !port.leaving() && port.try_next();
+    } catch (...) {
+      release();
+      failure_ = std::current_exception();
+      return found(ready::failed, false);
+    }
+    if (got && !stop_requested) return found(ready::port, false);  // keeps the lock until resume()
+    release();
+    if (!got) return false;
+    return found(ready::cancelled, false);  // the message stays current
+  }
+
+  void release() noexcept {
+    busy_.reset();
+    guard_.reset();
+  }
+
+  R resume() {
+    switch (ready_) {
+      case ready::none:
+        return typename task<R>::awaiter{this->handle()}.await_resume();
+      case ready::end:
+        return R{};
+      case ready::cancelled:
+        throw operation_cancelled{};
+      case ready::failed:
+        std::rethrow_exception(failure_);
+      case ready::local:
+        return take_local(*receiver_.local_);
+      case ready::port:
+        break;
+    }
+    if constexpr (encodable<T>) {
+      return take_port(*receiver_.port_);
+    } else {
+      return R{};  // not reached: only encodable types have ports
+    }
+  }
+
+  R take_port(detail::receive_port& port) {
+    struct release_at_exit {
+      channel_receive_operation& op;
+      ~release_at_exit() { op.release(); }
+    } at_exit{*this};
+    if constexpr (into_) {
+      channel_receiver<T>::take_current(port,
+                                        [&](std::span<const std::byte> p) { decode_into(p, *into_ptr_); });
+      return true;
+    } else {
+      std::optional<T> value;
+      channel_receiver<T>::take_current(
+          port, [&](std::span<const std::byte> p) { value.emplace(codec<T>::decode(p)); });
+      return value;
+    }
+  }
+
+  R take_local(detail::local_channel<T>& s) {
+    if constexpr (into_) {
+      *into_ptr_ = std::move(*s.slots[s.head]);
+      channel_receiver<T>::pop_local(s);
+      return true;
+    } else {
+      // In place from T, not from the slot's optional: GCC 12 then sees no "maybe
+      // uninitialized" vector in the optional (-Werror).
+      R value{std::in_place, std::move(*s.slots[s.head])};
+      channel_receiver<T>::pop_local(s);
+      return value;
+    }
+  }
+
+  channel_receiver<T>& receiver_;
+  T* into_ptr_;
+  std::optional<mutex::guard> guard_;
+  std::optional<detail::port_base::in_flight> busy_;
+  std::exception_ptr failure_;
+  ready ready_ = ready::none;
+};
+
+}  // namespace ipcoro
