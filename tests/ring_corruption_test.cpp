@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -391,4 +392,49 @@ TEST_CASE("heavy MPMC traffic between several producer and consumer processes ra
   std::uint64_t once = 0;
   for (std::uint64_t s = 0; s < messages; ++s) once += counts.at<std::atomic<std::uint8_t>>(s).load() == 1;
   REQUIRE(once == messages);
+}
+
+TEST_CASE("a receiver killed between claiming a slot and moving the head is not taken for corruption",
+          "[ring_corruption][recovery]") {
+  // Such a kill leaves the slot at the head claimed by a dead pid and the head not moved.
+  // The sender frees the slot at its next liveness check; the head must move past it too,
+  // or the tail laps the head and the next receive reads the ring as corrupt (EBADMSG).
+  shared_memory mem(ipcoro::mpmc_ring_region_size(slots, max_message));
+  ipcoro::format_mpmc_ring(mem.bytes(), max_message);
+  advance(mem, 37 * slots + 3);
+  const std::uint64_t base = head_of(mem).load();
+  ipcoro::test::handshake attached;
+  child_process dead([&] {
+    ipcoro::mpmc_ring_receiver rx(mem.bytes(), options());
+    attached.signal();
+    for (;;) ::pause();
+    return 0;
+  });
+  REQUIRE(attached.wait());
+  const auto dead_pid = static_cast<std::uint32_t>(dead.pid());
+  dead.kill(SIGKILL);
+  REQUIRE(dead.wait() != 0);
+
+  const int result = run([&]() -> task<int> {
+    ipcoro::mpmc_ring_receiver rx(mem.bytes(), options());  // alive, so the sender goes on waiting
+    ipcoro::mpmc_ring_sender tx(mem.bytes(), options());
+    std::array<std::byte, max_message> buf{};
+    for (std::size_t i = 0; i < slots; ++i) {  // full
+      buf[0] = static_cast<std::byte>(i);
+      co_await tx.send(std::span(buf).first(8));
+    }
+    // The dead receiver's claim of the message at the head: sequence base + 1, its pid.
+    slot_word(mem, base).store(std::uint64_t{static_cast<std::uint32_t>(base + 1)} |
+                               (std::uint64_t{dead_pid} << 32));
+    buf[0] = static_cast<std::byte>(slots);
+    co_await tx.send(std::span(buf).first(8)).with_timeout(bound);  // after one check: the freed slot
+    if (head_of(mem).load() != base + 1) co_return 1;
+    // Message 0 went with the dead receiver; 1 .. slots arrive, in order, and nothing else.
+    for (std::size_t i = 1; i <= slots; ++i) {
+      const std::optional<std::size_t> n = co_await rx.receive(buf).with_timeout(bound);
+      if (!n || *n != 8 || buf[0] != static_cast<std::byte>(i)) co_return static_cast<int>(10 + i);
+    }
+    co_return tail_of(mem).load() == head_of(mem).load() ? 0 : 2;
+  }());
+  CHECK(result == 0);
 }

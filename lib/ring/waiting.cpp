@@ -81,12 +81,16 @@ pid_t ring_endpoint::dead_peer() {
     }
   } else {
     // A receiver killed while copying a message out holds its slot: free it (the message
-    // went with the receiver).
+    // went with the receiver). Killed before it moved the head past its claim, it leaves
+    // that to the next receiver; with none there, the tail would lap the head by one once
+    // the slot is free. Move the head on first, as a receiver that saw the claim would.
     const std::uint64_t pos = hdr_->tail.load(std::memory_order_relaxed);
     slot_header& s = slot_at(pos);
     std::uint64_t w = s.word.load(std::memory_order_acquire);
     if (slot_seq(w) == static_cast<std::uint32_t>(pos - capacity_ + 1) && slot_owner(w) != 0 &&
         !slot_owner_alive(slot_owner(w))) {
+      std::uint64_t claimed = pos - capacity_;
+      hdr_->head.compare_exchange_strong(claimed, claimed + 1, std::memory_order_seq_cst);
       if (s.word.compare_exchange_strong(w, make_slot_word(static_cast<std::uint32_t>(pos), 0),
                                          std::memory_order_acq_rel)) {
         notify(hdr_->space);
