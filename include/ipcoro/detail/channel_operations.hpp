@@ -12,6 +12,26 @@
 
 namespace ipcoro {
 
+namespace detail {
+/// How a channel operation (Op, a deferred task<R>) is awaited: it first tries the work at
+/// once (Op::try_now, told whether a stop was asked), and only when that cannot complete
+/// makes its coroutine and awaits it as a task; Op::resume gives the outcome either way.
+template <class Op, class R>
+struct channel_op_awaiter {
+  Op& op;
+  bool await_ready() const noexcept { return false; }
+  template <class P>
+  bool await_suspend(std::coroutine_handle<P> h) {
+    if (op.deferred()) {
+      if (op.try_now(stop_requested_of(h))) return false;
+      op.make_now();
+    }
+    return typename task<R>::awaiter{op.handle()}.await_suspend(h);
+  }
+  R await_resume() { return op.resume(); }
+};
+}  // namespace detail
+
 /// What channel_sender::send returns: a task<void> that, awaited directly, first tries to
 /// send at once (room in an in-process channel; a transport that takes the message without
 /// waiting, with the port's lock free) and only otherwise starts the send's coroutine.
@@ -27,23 +47,12 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   channel_send_operation& operator=(const channel_send_operation&) = delete;
   ~channel_send_operation() = default;
 
-  struct awaiter {
-    channel_send_operation& op;
-    bool await_ready() const noexcept { return false; }
-    template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
-      if (op.deferred()) {
-        if (op.try_now(detail::stop_requested_of(h))) return false;
-        op.make_now();
-      }
-      return task<void>::awaiter{op.handle()}.await_suspend(h);
-    }
-    void await_resume() { op.resume(); }
-  };
+  using awaiter = detail::channel_op_awaiter<channel_send_operation, void>;
   awaiter operator co_await() & noexcept { return awaiter{*this}; }
   awaiter operator co_await() && noexcept { return awaiter{*this}; }
 
  private:
+  friend awaiter;
   static task<void> make(task<void>& base) {
     auto& op = static_cast<channel_send_operation&>(base);
     return op.sender_.start_send(std::move(op.value_));
@@ -117,23 +126,12 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
   channel_receive_operation& operator=(const channel_receive_operation&) = delete;
   ~channel_receive_operation() = default;
 
-  struct awaiter {
-    channel_receive_operation& op;
-    bool await_ready() const noexcept { return false; }
-    template <class P>
-    bool await_suspend(std::coroutine_handle<P> h) {
-      if (op.deferred()) {
-        if (op.try_now(detail::stop_requested_of(h))) return false;
-        op.make_now();
-      }
-      return typename task<R>::awaiter{op.handle()}.await_suspend(h);
-    }
-    R await_resume() { return op.resume(); }
-  };
+  using awaiter = detail::channel_op_awaiter<channel_receive_operation, R>;
   awaiter operator co_await() & noexcept { return awaiter{*this}; }
   awaiter operator co_await() && noexcept { return awaiter{*this}; }
 
  private:
+  friend awaiter;
   // What try_now found; the value itself is taken in resume(), which runs right after.
   enum class ready : unsigned char { none, local, port, end, cancelled, failed };
 
