@@ -342,7 +342,7 @@ TEST_CASE("open_sender and open_receiver take a deadline; open_sender on a FIFO 
 
 TEST_CASE("mq_demux::receive takes a deadline and takes no message when it expires", "[mq][deadline]") {
   ipcoro::io_context ctx;
-  const std::string name = "/" + ipcoro::test::unique_name("demux");
+  const std::string name = std::string("/").append(ipcoro::test::unique_name("demux"));
   ipcoro::mq_attributes attributes;
   attributes.max_messages = 8;
   attributes.message_size = 64;

@@ -207,7 +207,7 @@ TEST_CASE("in-process waits time out holding nothing, and take what comes in tim
 TEST_CASE("an mq_demux receive times out taking no message", "[timeout]") {
   const bound how = GENERATE(bound::timeout, bound::deadline);
   ipcoro::io_context ctx;
-  const std::string name = "/" + ipcoro::test::unique_name("timeout-demux");
+  const std::string name = std::string("/").append(ipcoro::test::unique_name("timeout-demux"));
   auto q = ipcoro::message_queue::create(name, {8, 32});
   struct unlinker {
     std::string n;
