@@ -324,15 +324,22 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
     }
   }
 
-  /// One turn: resume the ready, submit, wait if nothing else is runnable, reap.
-  /// Returns false when there is nothing at all to wait for.
-  bool turn() {
+  /// What every turn does before it may wait: resume the ready, run the turn's end, submit,
+  /// and arm the cross-thread wake. False when nothing at all is left to wait for.
+  bool start_turn() {
     flush_backlog();
     drain_ready();
     run_turn_end();
     flush_backlog();
     if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
     arm_wake();
+    return true;
+  }
+
+  /// One turn: resume the ready, submit, wait if nothing else is runnable, reap.
+  /// Returns false when there is nothing at all to wait for.
+  bool turn() {
+    if (!start_turn()) return false;
     const bool must_not_wait = !ready.empty() || !backlog.empty() || (awaited_done && *awaited_done);
     if (must_not_wait && backlog.empty() && ring.sq_ready() == 0 && ++turns_without_enter < enter_every) {
       // Only coroutines to resume and nothing to submit: a hand-over between coroutines
@@ -354,12 +361,7 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
 
   /// poll()'s turn: as turn(), but never sleeping. Returns true while work remains.
   bool turn_without_waiting() {
-    flush_backlog();
-    drain_ready();
-    run_turn_end();
-    flush_backlog();
-    if (in_flight == 0 && external_work == 0 && ready.empty()) return false;
-    arm_wake();
+    if (!start_turn()) return false;
     enter(0);
     reap();
     return in_flight > 0 || external_work > 0 || !ready.empty();
