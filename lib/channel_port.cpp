@@ -43,6 +43,8 @@ void throw_decode_size(std::string_view type, std::size_t expected, std::size_t 
   throw decode_error(fmt::format("decoding {}: a message of {} bytes, expected {}", type, got, expected));
 }
 
+void copy_bytes(void* to, const void* from, std::size_t size) noexcept { std::memcpy(to, from, size); }
+
 task<void> send_port::drain(pooled_frame) { co_return; }
 
 std::span<const std::byte> send_port::greeting() {

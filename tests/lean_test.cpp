@@ -16,10 +16,13 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <span>
 #include <stop_token>
 #include <string>
 #include <thread>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -264,5 +267,80 @@ TEST_CASE("a receive that completes at once releases the view handed out before 
   tx.close();
   CHECK_FALSE(ipcoro::sync_wait(ctx, rx.receive()));
   link.reset();
+  CHECK(nothing_left_behind());
+}
+
+namespace {
+/// A value that counts how often it is copied or moved; its codec carries `n`.
+struct counted {
+  static inline int copies = 0;
+  static inline int moves = 0;
+  int n = 0;
+  explicit counted(int v) : n(v) {}
+  counted(const counted& o) : n(o.n) { ++copies; }
+  counted(counted&& o) noexcept : n(o.n) { ++moves; }
+  counted& operator=(const counted& o) {
+    n = o.n;
+    ++copies;
+    return *this;
+  }
+  counted& operator=(counted&& o) noexcept {
+    n = o.n;
+    ++moves;
+    return *this;
+  }
+  ~counted() = default;
+  static void reset() { copies = moves = 0; }
+};
+}  // namespace
+
+template <>
+struct ipcoro::codec<counted> {
+  static std::string type_name() { return "counted"; }
+  static constexpr std::uint32_t version = 1;
+  static std::size_t size(const counted&) noexcept { return sizeof(int); }
+  static void encode(const counted& v, std::span<std::byte> out) noexcept {
+    std::memcpy(out.data(), &v.n, sizeof v.n);
+  }
+  static counted decode(std::span<const std::byte> in) {
+    int n = 0;
+    std::memcpy(&n, in.data(), sizeof n);
+    return counted{n};
+  }
+};
+
+// The transport's copy is the only one: a send from an lvalue encodes from it, and a
+// receive decodes into the optional it returns. A send made a task copies the value then.
+TEST_CASE("a send from an lvalue and a receive copy no value; a send made a task keeps the value of then",
+          "[lean][channel]") {
+  ipcoro::io_context ctx;
+  {
+    channel_link link = channel_link::create(fresh_address("shm"));
+    channel_receiver<counted> rx = link.receiver<counted>();
+    channel_sender<counted> tx = link.sender<counted>();
+    const auto copies_and_moves = [&](int value) {
+      return ipcoro::sync_wait(ctx,
+                               [](channel_sender<counted>& tx, channel_receiver<counted>& rx,
+                                  int value) -> task<std::pair<int, int>> {
+                                 counted v{value};
+                                 counted::reset();
+                                 co_await tx.send(v);
+                                 std::optional<counted> got = co_await rx.receive();
+                                 const std::pair<int, int> made{counted::copies, counted::moves};
+                                 if (!got || got->n != value) co_return std::pair<int, int>{-1, -1};
+                                 co_return made;
+                               }(tx, rx, value));
+    };
+    (void)copies_and_moves(1);  // the greeting goes with the first message
+    CHECK(copies_and_moves(2) == std::pair<int, int>{0, 0});
+
+    counted v{7};
+    task<void> later = tx.send(v);
+    v.n = 8;  // after the task was made: not what it sends
+    ipcoro::sync_wait(ctx, std::move(later));
+    const std::optional<counted> got = ipcoro::sync_wait(ctx, rx.receive());
+    REQUIRE(got);
+    CHECK(got->n == 7);
+  }
   CHECK(nothing_left_behind());
 }

@@ -98,9 +98,18 @@ class channel_sender {
   /// The operation is a task<void> (it can be given to sync_wait, when_any, a
   /// vector<task<void>>...), but awaited directly, a send that can complete at once does so
   /// without a coroutine frame; it refers to this sender, which must outlive the co_await.
+  /// Sent from an lvalue, it also refers to that value instead of copying it: keep the value
+  /// alive and unchanged until the operation is awaited or made a task (`co_await
+  /// tx.send(v)` does both in one expression). Sent from an rvalue, the value is moved in.
   // Not inlined: GCC 12 at -O2, inlining it into `co_await tx.send(point{i, 2 * i})`, loses
   // stores into the braced temporary (the value sent carried a stale member).
-  [[nodiscard, gnu::noinline]] channel_send_operation<T> send(T value) {
+  // Two overloads rather than one by value: a large trivially copyable T is then copied
+  // once, by the transport, as a bare ring send copies it.
+  [[nodiscard, gnu::noinline]] channel_send_operation<T> send(const T& value) {
+    if (!local_ && !has_port()) empty_send();
+    return channel_send_operation<T>{*this, value};
+  }
+  [[nodiscard, gnu::noinline]] channel_send_operation<T> send(T&& value) {
     if (!local_ && !has_port()) empty_send();
     return channel_send_operation<T>{*this, std::move(value)};
   }
@@ -512,12 +521,8 @@ class channel_receiver {
   static task<std::optional<T>> receive_port(detail::pooled_frame,
                                              std::shared_ptr<detail::receive_port> owner) {
     return take_next<std::optional<T>>(
-        detail::pooled_frame{}, std::move(owner), false, [](std::shared_ptr<detail::receive_port>& owner) {
-          std::optional<T> value;
-          take_current(*owner,
-                       [&](std::span<const std::byte> payload) { value.emplace(codec<T>::decode(payload)); });
-          return value;
-        });
+        detail::pooled_frame{}, std::move(owner), false,
+        [](std::shared_ptr<detail::receive_port>& owner) { return take_current_value(*owner); });
   }
 
   static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner,
@@ -544,17 +549,30 @@ class channel_receiver {
   }
 
   /// Decodes the port's current message with `decode` and moves past it, also when
-  /// decoding throws (the bad message is not offered again).
+  /// decoding throws (the bad message is not offered again); returns what `decode` does,
+  /// built in place (a large T is not copied on its way out).
   template <class Decode>
-  static void take_current(detail::receive_port& port, Decode&& decode) {
+  static decltype(auto) take_current(detail::receive_port& port, Decode&& decode) {
+    const std::span<const std::byte> payload = port.current();
     struct consume_at_exit {
       detail::receive_port& port;
-      ~consume_at_exit() { port.consume(); }
-    } consume{port};
-    const std::span<const std::byte> payload = port.current();
-    decode(payload);
-    ++port.messages;
-    port.bytes += payload.size();
+      std::size_t size;
+      int unwinding = std::uncaught_exceptions();
+      ~consume_at_exit() {
+        if (std::uncaught_exceptions() == unwinding) {
+          ++port.messages;
+          port.bytes += size;
+        }
+        port.consume();
+      }
+    } consume{port, payload.size()};
+    return decode(payload);
+  }
+  /// take_current for a receive: the optional<T> is decoded into where it is returned.
+  static std::optional<T> take_current_value(detail::receive_port& port) {
+    return take_current(port, [](std::span<const std::byte> payload) {
+      return std::optional<T>{std::in_place, detail::decoded_as<T>{payload}};
+    });
   }
 
   static task<void> ready_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {

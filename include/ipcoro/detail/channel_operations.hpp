@@ -42,7 +42,10 @@ class [[nodiscard]] channel_send_operation : public task<void> {
  public:
   channel_send_operation(channel_sender<T>& sender,
                          T&& value) noexcept(std::is_nothrow_move_constructible_v<T>)
-      : task<void>(&make), sender_(sender), value_(std::move(value)) {}
+      : task<void>(&make), sender_(sender), owned_(std::in_place, std::move(value)), value_(&*owned_) {}
+  /// Refers to `value` (no copy): what co_await tx.send(v) keeps alive until it is done.
+  channel_send_operation(channel_sender<T>& sender, const T& value) noexcept
+      : task<void>(&make), sender_(sender), value_(&value) {}
   channel_send_operation(const channel_send_operation&) = delete;
   channel_send_operation& operator=(const channel_send_operation&) = delete;
   ~channel_send_operation() = default;
@@ -55,7 +58,8 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   friend awaiter;
   static task<void> make(task<void>& base) {
     auto& op = static_cast<channel_send_operation&>(base);
-    return op.sender_.start_send(std::move(op.value_));
+    if (op.owned_) return op.sender_.start_send(std::move(*op.owned_));
+    return op.sender_.start_send(T(*op.value_));
   }
 
   /// True when the send is done (or has failed without waiting); false when it must wait.
@@ -64,7 +68,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
       if (s->receiver_closed || s->sender_closed || s->count == s->slots.size()) return false;
       settle();
       cancelled_ = stop_requested;
-      if (!stop_requested) channel_sender<T>::put_local(*s, std::move(value_));
+      if (!stop_requested) channel_sender<T>::put_local(*s, owned_ ? std::move(*owned_) : T(*value_));
       return true;
     }
     if constexpr (encodable<T>) {
@@ -84,8 +88,8 @@ class [[nodiscard]] channel_send_operation : public task<void> {
         cancelled_ = true;
         return true;
       }
-      const std::size_t size = codec<T>::size(value_);
-      codec<T>::encode(value_, port.prepare(size));
+      const std::size_t size = codec<T>::size(*value_);
+      codec<T>::encode(*value_, port.prepare(size));
       // Not sent at once: the coroutine prepares it again under the lock and waits.
       if (!port.try_send_prepared()) return false;
       settle();
@@ -105,7 +109,8 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   }
 
   channel_sender<T>& sender_;
-  T value_;
+  std::optional<T> owned_;  // the value sent from an rvalue; an lvalue's is not copied
+  const T* value_;          // what is sent: *owned_ or the caller's lvalue
   std::exception_ptr failure_;
   bool cancelled_ = false;
 };
@@ -218,10 +223,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
                                         [&](std::span<const std::byte> p) { decode_into(p, *into_ptr_); });
       return true;
     } else {
-      std::optional<T> value;
-      channel_receiver<T>::take_current(
-          port, [&](std::span<const std::byte> p) { value.emplace(codec<T>::decode(p)); });
-      return value;
+      return channel_receiver<T>::take_current_value(port);
     }
   }
 
