@@ -11,6 +11,9 @@ static_assert(block_size(classes - 1) == std::size_t{1024} * 1024 &&
               class_of(std::size_t{1024} * 1024 + 1) == classes);
 static_assert(sizeof(std::uint32_t) <= prefix && sizeof(free_block) <= prefix);
 
+/// How many spare frames a miss puts on its class's list (within the class's limit).
+constexpr std::size_t refill = 3;
+
 std::size_t limit_of(std::size_t size_class) noexcept {
   return size_class < small_classes ? per_small_class : per_large_class;
 }
@@ -56,7 +59,17 @@ void* allocate_slow(std::size_t size, bool pooled) {
     --l->counts[size_class];
     return with_header(b, static_cast<std::uint32_t>(size_class));
   }
-  return with_header(::operator new(block_size(size_class)), static_cast<std::uint32_t>(size_class));
+  // A miss means more frames of this class are alive at once than ever before on this
+  // thread: keep a few more ready, so that a later, rarely reached high (one more frame
+  // alive for an instant) finds one instead of allocating in the middle of a steady stream.
+  const std::size_t block = block_size(size_class);
+  for (std::size_t i = 0; i < refill && l->counts[size_class] < limit_of(size_class); ++i) {
+    auto* spare = static_cast<free_block*>(::operator new(block));
+    spare->next = l->heads[size_class];
+    l->heads[size_class] = spare;
+    ++l->counts[size_class];
+  }
+  return with_header(::operator new(block), static_cast<std::uint32_t>(size_class));
 }
 
 void deallocate_slow(void* block, std::uint32_t size_class) noexcept {

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Proves by counting every operator new that steady-state I/O, timers and events allocate nothing.
+#include "ipcoro/detail/frame_pool.hpp"
 #include "ipcoro/event.hpp"
 #include "ipcoro/fd_io.hpp"
 #include "ipcoro/io_context.hpp"
@@ -314,4 +315,26 @@ TEST_CASE("a thread's pool frees what it holds when the thread exits", "[alloc][
   CHECK(held >= 5);
   // Everything the thread allocated (the pool's blocks among it) was freed by its exit.
   CHECK(after.allocations - before.allocations == after.deallocations - before.deallocations);
+}
+
+// A miss of the pool (more frames of one size alive at once than ever before on the
+// thread) keeps spares: the next such high, reached later in a steady stream, allocates
+// nothing. The frames are allocated straight from the pool, on a thread of their own.
+TEST_CASE("a pool miss keeps spares, so one more frame alive at once later allocates nothing",
+          "[alloc][frame_pool]") {
+  std::uint64_t at_first_miss = 0;
+  std::uint64_t at_next_highs = 0;
+  std::thread([&] {
+    constexpr std::size_t size = 3000;  // a class no one else on this thread uses
+    std::uint64_t before = ipcoro::test::allocations();
+    void* a = ipcoro::detail::allocate_frame(size, true);
+    at_first_miss = ipcoro::test::allocations() - before;
+    before = ipcoro::test::allocations();
+    void* b = ipcoro::detail::allocate_frame(size, true);  // two alive: a new high
+    void* c = ipcoro::detail::allocate_frame(size, true);  // three
+    at_next_highs = ipcoro::test::allocations() - before;
+    for (void* p : {a, b, c}) ipcoro::detail::deallocate_frame(p);
+  }).join();
+  CHECK(at_first_miss >= 1);
+  CHECK(at_next_highs == 0);
 }
