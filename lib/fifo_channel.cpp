@@ -37,7 +37,11 @@ fifo_ends open_fifo_ends(const channel_address& a) {
   if (::fcntl(r, F_SETFL, ::fcntl(r, F_GETFL) & ~O_NONBLOCK) != 0) {
     throw_errno(errno, fmt::format("channel {}: fcntl", a.text));
   }
-  if (a.capacity) set_pipe_capacity(w, *a.capacity);
+  if (a.capacity) {
+    set_pipe_capacity(w, *a.capacity);
+  } else {
+    widen_stream_pipe(w);
+  }
   return ends;
 }
 

@@ -91,6 +91,15 @@ struct stream_out : turn_end_hook {
   bool drained = false;              // set when that task ends (for finish() outside the loop)
 };
 
+/// Makes room for `need` bytes of held frames in `b`, keeping its first `keep`: small while
+/// a turn holds little; past 4 KiB, the whole bound at once. A busy sender's two buffers
+/// thus stop growing after their first bursts (no allocation later, at a new high of what
+/// a turn holds), and a sender of lone messages keeps small ones.
+void reserve_held(byte_buffer& b, std::size_t need, std::size_t keep, std::size_t bound) {
+  constexpr std::size_t small = 4096;
+  b.grow(need > small ? std::max(need, bound) : need, keep);
+}
+
 void note_write() noexcept { writes_made.fetch_add(1, std::memory_order_relaxed); }
 
 /// A deferred write failed: what is held is lost; the next send or flush reports `err`.
@@ -261,7 +270,11 @@ class stream_send_port final : public send_port {
     aside_ = o.held() > 0 && o.held() + frame_ > o.bound;
     byte_buffer& to = aside_ ? aside_buf_ : o.pending;
     const std::size_t at = aside_ ? 0 : o.used;
-    to.grow(at + frame_, at);
+    if (aside_) {
+      to.grow(frame_, 0);
+    } else {
+      reserve_held(to, at + frame_, at, o.bound);
+    }
     std::byte* p = to.data() + at;
     if (!greeted_) p = put_greeting(p);
     p = put(p, frame_kind::data, size);
@@ -290,7 +303,7 @@ class stream_send_port final : public send_port {
       if (o.held() > 0 && o.held() + frame_ > o.bound) co_await park_operation{o.progress};
       check();
     }
-    o.pending.grow(o.used + frame_, o.used);
+    reserve_held(o.pending, o.used + frame_, o.used, o.bound);
     std::memcpy(o.pending.data() + o.used, aside_buf_.data(), frame_);
     aside_ = false;
     accept();
@@ -542,6 +555,12 @@ class stream_receive_port final : public receive_port {
 };
 
 }  // namespace
+
+void widen_stream_pipe(int fd) noexcept {
+  const int now = ::fcntl(fd, F_GETPIPE_SZ);
+  if (now < 0 || static_cast<std::size_t>(now) >= default_stream_capacity) return;
+  (void)::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(default_stream_capacity));  // best effort
+}
 
 stream_stats stream_sender_stats() noexcept {
   return {writes_made.load(std::memory_order_relaxed), peak_held.load(std::memory_order_relaxed)};

@@ -25,6 +25,17 @@ std::unique_ptr<receive_port> make_stream_receiver(std::string address, unique_f
                                                    std::shared_ptr<void> keep = {},
                                                    unique_fd placeholder = {});
 
+/// The capacity a channel gives a pipe or FIFO whose address names none: four times the
+/// kernel's default, so that a 64 KiB message and its frame head fit with room to spare
+/// and a coalesced write carries more than one such message. A quarter of the 1 MiB that
+/// /proc/sys/fs/pipe-max-size allows by default, so that a user's many channels do not use
+/// up /proc/sys/fs/pipe-user-pages-soft (64 MiB), past which the kernel makes every new
+/// pipe of that user small.
+inline constexpr std::size_t default_stream_capacity = std::size_t{256} * 1024;
+/// Gives the pipe `fd` default_stream_capacity where the kernel allows it; where it does
+/// not (a lower pipe-max-size, the user's pipe pages used up), the pipe keeps the size it has.
+void widen_stream_pipe(int fd) noexcept;
+
 /// A link over a stream: its two connected descriptors, each taken once.
 class stream_link final : public link_ends {
  public:

@@ -3,18 +3,21 @@
 // close and abort write what is held, a dead receiver is reported, and backpressure is bounded.
 #include "ipcoro/channel.hpp"
 #include "ipcoro/io_context.hpp"
+#include "ipcoro/pipe.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/when_all.hpp"
 
 #include "channel_support.hpp"
 #include "process.hpp"
+#include "skip.hpp"
 
 #include <limits.h>
 #include <signal.h>
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -303,4 +306,45 @@ TEST_CASE("flush is a no-op where nothing is held back", "[channel][coalesce]") 
   CHECK(ipcoro::sync_wait(ctx, rx.receive()) == 1);
   tx.close();
   CHECK_THROWS_AS(ipcoro::sync_wait(ctx, tx.flush()), ipcoro::channel_closed);
+}
+
+// A pipe or FIFO whose address names no capacity= gets 256 KiB (the kernel's default is
+// 64 KiB, less than one 64 KiB message and its frame head): three such messages are in
+// the kernel before the receiver reads any. With 64 KiB, the flush would wait for the
+// receiver and time out.
+TEST_CASE("a channel's pipe or FIFO holds 256 KiB unless the address says otherwise",
+          "[channel][ipc][coalesce]") {
+  const std::size_t max = ipcoro::pipe_max_size();
+  if (max < std::size_t{256} * 1024) {
+    IPCORO_SKIP("/proc/sys/fs/pipe-max-size is " + std::to_string(max) +
+                ", below the 256 KiB a channel asks for");
+  }
+  const std::string transport = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(transport);
+  CAPTURE(address);
+  {
+    channel_link link = channel_link::create(address);
+    channel_receiver<std::vector<std::byte>> rx = link.receiver<std::vector<std::byte>>();
+    channel_sender<std::vector<std::byte>> tx = link.sender<std::vector<std::byte>>();
+    ipcoro::io_context ctx;
+    ipcoro::sync_wait(ctx,
+                      [](channel_sender<std::vector<std::byte>>& tx)
+                          -> task<void> {
+                        for (int i = 0; i < 3; ++i) {
+                          std::vector<std::byte> v(64 * 1024, static_cast<std::byte>(i + 1));
+                          co_await tx.send(std::move(v));
+                        }
+                        co_await tx.flush();
+                      }(tx)
+                                 .with_timeout(10s));  // nobody reads yet: only the pipe's room lets this end
+    tx.close();
+    for (int i = 0; i < 3; ++i) {
+      const std::optional<std::vector<std::byte>> v = ipcoro::sync_wait(ctx, rx.receive());
+      REQUIRE(v);
+      CHECK(v->size() == 64 * 1024);
+      CHECK(v->front() == static_cast<std::byte>(i + 1));
+    }
+    CHECK_FALSE(ipcoro::sync_wait(ctx, rx.receive()));
+  }
+  CHECK(nothing_left_behind());
 }
