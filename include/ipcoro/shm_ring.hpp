@@ -20,6 +20,7 @@
 #include <stop_token>
 #include <string>
 #include <system_error>
+#include <utility>
 
 // How the rings work, and what they promise
 // ----------------------------------------
@@ -283,8 +284,17 @@ struct ring_try_result {
 class IPCORO_API ring_loan {
  public:
   ring_loan() noexcept = default;
-  ring_loan(ring_loan&& other) noexcept;
-  ring_loan& operator=(ring_loan&& other) noexcept;
+  // Inline, as drop() and release() below: a channel moves a loan or view per message.
+  ring_loan(ring_loan&& other) noexcept
+      : endpoint_(std::exchange(other.endpoint_, nullptr)), space_(other.space_) {}
+  ring_loan& operator=(ring_loan&& other) noexcept {
+    if (this != &other) {
+      drop();
+      endpoint_ = std::exchange(other.endpoint_, nullptr);
+      space_ = other.space_;
+    }
+    return *this;
+  }
   ~ring_loan() { drop(); }
 
   /// The lent bytes: write the message here (never past them).
@@ -295,11 +305,14 @@ class IPCORO_API ring_loan {
   /// numbers when `size` is more than the loan holds (then the loan stays open).
   void commit(std::size_t size);
   /// Gives the space back unpublished; nothing when committed, dropped or empty.
-  void drop() noexcept;
+  void drop() noexcept {
+    if (endpoint_ != nullptr) drop_open();
+  }
   explicit operator bool() const noexcept { return endpoint_ != nullptr; }
 
  private:
   friend class ring_loan_operation;
+  void drop_open() noexcept;
   ring_loan(detail::ring_endpoint* endpoint, std::span<std::byte> space) noexcept
       : endpoint_(endpoint), space_(space) {}
 
@@ -317,17 +330,29 @@ class IPCORO_API ring_loan {
 class IPCORO_API ring_view {
  public:
   ring_view() noexcept = default;
-  ring_view(ring_view&& other) noexcept;
-  ring_view& operator=(ring_view&& other) noexcept;
+  ring_view(ring_view&& other) noexcept
+      : endpoint_(std::exchange(other.endpoint_, nullptr)), bytes_(other.bytes_), end_(other.end_) {}
+  ring_view& operator=(ring_view&& other) noexcept {
+    if (this != &other) {
+      release();
+      endpoint_ = std::exchange(other.endpoint_, nullptr);
+      bytes_ = other.bytes_;
+      end_ = other.end_;
+    }
+    return *this;
+  }
   ~ring_view() { release(); }
 
   std::span<const std::byte> bytes() const noexcept { return bytes_; }
   /// Gives the message's space back to the sender; later calls do nothing.
-  void release() noexcept;
+  void release() noexcept {
+    if (endpoint_ != nullptr) release_open();
+  }
   explicit operator bool() const noexcept { return endpoint_ != nullptr; }
 
  private:
   friend class ring_view_operation;
+  void release_open() noexcept;
   ring_view(detail::ring_endpoint* endpoint, std::span<const std::byte> bytes, std::uint64_t end) noexcept
       : endpoint_(endpoint), bytes_(bytes), end_(end) {}
 

@@ -254,26 +254,13 @@ ring_loan ring_loan_operation::await_resume() {
   return ring_loan{endpoint_, space_};
 }
 
-ring_loan::ring_loan(ring_loan&& other) noexcept
-    : endpoint_(std::exchange(other.endpoint_, nullptr)), space_(other.space_) {}
-
-ring_loan& ring_loan::operator=(ring_loan&& other) noexcept {
-  if (this != &other) {
-    drop();
-    endpoint_ = std::exchange(other.endpoint_, nullptr);
-    space_ = other.space_;
-  }
-  return *this;
-}
-
 void ring_loan::commit(std::size_t size) {
   if (endpoint_ == nullptr) throw_no_endpoint("ring loan commit");
   endpoint_->commit_reserved(size);  // throws (and keeps the loan) for a size above it
   endpoint_ = nullptr;
 }
 
-void ring_loan::drop() noexcept {
-  if (endpoint_ == nullptr) return;
+void ring_loan::drop_open() noexcept {
   endpoint_->drop_reserved();
   endpoint_ = nullptr;
 }
@@ -302,21 +289,7 @@ std::optional<ring_view> ring_view_operation::await_resume() {
   return ring_view{endpoint_, bytes_, endpoint_->read_position()};
 }
 
-ring_view::ring_view(ring_view&& other) noexcept
-    : endpoint_(std::exchange(other.endpoint_, nullptr)), bytes_(other.bytes_), end_(other.end_) {}
-
-ring_view& ring_view::operator=(ring_view&& other) noexcept {
-  if (this != &other) {
-    release();
-    endpoint_ = std::exchange(other.endpoint_, nullptr);
-    bytes_ = other.bytes_;
-    end_ = other.end_;
-  }
-  return *this;
-}
-
-void ring_view::release() noexcept {
-  if (endpoint_ == nullptr) return;
+void ring_view::release_open() noexcept {
   endpoint_->release_peeked(end_);
   endpoint_ = nullptr;
 }
