@@ -556,17 +556,17 @@ class channel_receiver {
     const std::span<const std::byte> payload = port.current();
     struct consume_at_exit {
       detail::receive_port& port;
-      std::size_t size;
-      int unwinding = std::uncaught_exceptions();
-      ~consume_at_exit() {
-        if (std::uncaught_exceptions() == unwinding) {
-          ++port.messages;
-          port.bytes += size;
-        }
-        port.consume();
-      }
-    } consume{port, payload.size()};
-    return decode(payload);
+      ~consume_at_exit() { port.consume(); }
+    } consume{port};
+    ++port.messages;  // counted first, so that the value can be returned as it is decoded
+    port.bytes += payload.size();
+    try {
+      return decode(payload);
+    } catch (...) {
+      --port.messages;
+      port.bytes -= payload.size();
+      throw;
+    }
   }
   /// take_current for a receive: the optional<T> is decoded into where it is returned.
   static std::optional<T> take_current_value(detail::receive_port& port) {

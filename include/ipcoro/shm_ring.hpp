@@ -375,11 +375,17 @@ class [[nodiscard]] IPCORO_API ring_loan_operation : public detail::deadline_met
   bool await_suspend(std::coroutine_handle<P> h) {
     return suspend(h, detail::stop_token_of(h));
   }
-  ring_loan await_resume();
+  // Inline (the outcome of a wait is out of line): a loan is then built in registers,
+  // not stored and read back.
+  ring_loan await_resume() {
+    if (wait_.valid()) finish_wait();
+    return ring_loan{endpoint_, space_};
+  }
 
  private:
   friend class detail::ring_endpoint;
   bool suspend(std::coroutine_handle<> h, std::stop_token token);
+  void finish_wait();
 
   detail::ring_endpoint* endpoint_;
   std::size_t size_;
@@ -398,16 +404,22 @@ class [[nodiscard]] IPCORO_API ring_view_operation : public detail::deadline_met
   bool await_suspend(std::coroutine_handle<P> h) {
     return suspend(h, detail::stop_token_of(h));
   }
-  std::optional<ring_view> await_resume();
+  std::optional<ring_view> await_resume() {
+    if (wait_.valid()) finish_wait();
+    if (end_of_stream_) return std::nullopt;
+    return ring_view{endpoint_, bytes_, end_};
+  }
 
  private:
   friend class detail::ring_endpoint;
   bool suspend(std::coroutine_handle<> h, std::stop_token token);
+  void finish_wait();
   /// One non-blocking look; true when done (a message, or the end).
   bool attempt();
 
   detail::ring_endpoint* endpoint_;
   std::span<const std::byte> bytes_;
+  std::uint64_t end_ = 0;  // the read position after the message found
   task<> wait_;
   bool end_of_stream_ = false;
 };

@@ -246,12 +246,9 @@ bool ring_loan_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
   return endpoint_->start_loan_wait(*this, h, std::move(token));
 }
 
-ring_loan ring_loan_operation::await_resume() {
-  if (wait_.valid()) {
-    const task<> wait = std::move(wait_);
-    wait.handle().promise().take_result();
-  }
-  return ring_loan{endpoint_, space_};
+void ring_loan_operation::finish_wait() {
+  const task<> wait = std::move(wait_);
+  wait.handle().promise().take_result();
 }
 
 void ring_loan::commit(std::size_t size) {
@@ -268,6 +265,7 @@ void ring_loan::drop_open() noexcept {
 bool ring_view_operation::attempt() {
   const auto r = endpoint_->try_peek(bytes_);
   end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
+  end_ = endpoint_->read_position();
   return r != detail::ring_endpoint::outcome::would_block;
 }
 
@@ -280,13 +278,9 @@ bool ring_view_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
   return endpoint_->start_view_wait(*this, h, std::move(token));
 }
 
-std::optional<ring_view> ring_view_operation::await_resume() {
-  if (wait_.valid()) {
-    const task<> wait = std::move(wait_);
-    wait.handle().promise().take_result();
-  }
-  if (end_of_stream_) return std::nullopt;
-  return ring_view{endpoint_, bytes_, endpoint_->read_position()};
+void ring_view_operation::finish_wait() {
+  const task<> wait = std::move(wait_);
+  wait.handle().promise().take_result();
 }
 
 void ring_view::release_open() noexcept {
