@@ -58,6 +58,7 @@ int read_proc_stat(pid_t pid, proc_stat_fields& out) noexcept {
     while (*p == ' ') ++p;
     ++field;
     if (field == 3) out.state = *p;
+    if (field == 9) out.flags = std::strtoull(p, nullptr, 10);
     if (field == 22) {
       char* end = nullptr;
       out.start_time = std::strtoull(p, &end, 10);
@@ -150,6 +151,13 @@ bool pid_alive(pid_t pid, std::uint64_t start_time, std::uint64_t start_mask) no
 }
 
 bool pid_running(pid_t pid) noexcept { return alive(pid, false, 0, 0); }
+
+bool pid_exiting(pid_t pid) noexcept {
+  constexpr std::uint64_t pf_exiting = 0x4;  // PF_EXITING, set as do_exit() begins
+  proc_stat_fields f;
+  if (read_proc_stat(pid, f) != 0) return false;
+  return f.state == 'Z' || f.state == 'X' || (f.flags & pf_exiting) != 0;
+}
 
 bool write_ends_closed(int fd) noexcept {
   ::pollfd p{fd, 0, 0};

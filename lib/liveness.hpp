@@ -42,13 +42,19 @@ bool write_ends_closed(int fd) noexcept;
 /// identity looks like this boot's, which errs on the side of "alive").
 std::uint64_t boot_id_hash() noexcept;
 
-/// Fields 3 (state, 'Z' for a zombie) and 22 (start time in clock ticks since boot) of
-/// /proc/<pid>/stat.
+/// Fields 3 (state, 'Z' for a zombie), 9 (the kernel's flags) and 22 (start time in clock
+/// ticks since boot) of /proc/<pid>/stat.
 struct proc_stat_fields {
   char state = '?';
+  std::uint64_t flags = 0;
   std::uint64_t start_time = 0;
 };
 /// Reads them; returns 0, or -errno (-ENOENT / -ESRCH when there is no such process).
 int read_proc_stat(pid_t pid, proc_stat_fields& out) noexcept;
+
+/// True when `pid` is on its way out: the kernel has begun its exit (it may have closed its
+/// descriptors, so its peers already see it gone) or it is a zombie. False when it runs, or
+/// when /proc cannot tell.
+bool pid_exiting(pid_t pid) noexcept;
 
 }  // namespace ipcoro::detail

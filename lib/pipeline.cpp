@@ -5,6 +5,8 @@
 #include "ipcoro/error.hpp"
 #include "ipcoro/when_any.hpp"
 
+#include "liveness.hpp"
+
 #include <fmt/core.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -221,6 +223,16 @@ task<void> await_dying_neighbour(stage_processes& sp, std::size_t f) {
 task<std::vector<std::size_t>> stop_the_rest(stage_processes& sp) {
   for (std::size_t i = 0; i < sp.size(); ++i) {
     if (!sp.status[i]) sp.status[i] = sp.procs[i].try_wait();
+  }
+  // A stage killed from outside closes its descriptors early in its exit, so a neighbour
+  // can fail, and be reaped, before the killed one is a zombie. One already exiting ends
+  // for its own reason: wait for that, rather than stop it and lose the reason.
+  for (std::size_t i = 0; i < sp.size(); ++i) {
+    if (sp.status[i] || !detail::pid_exiting(sp.pids[i])) continue;
+    try {
+      sp.status[i] = co_await sp.procs[i].wait(neighbour_grace);
+    } catch (const timed_out&) {
+    }
   }
   std::vector<std::size_t> stopped;
   for (std::size_t i = 0; i < sp.size(); ++i) {
