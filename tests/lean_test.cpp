@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <span>
 #include <stop_token>
@@ -343,4 +344,31 @@ TEST_CASE("a send from an lvalue and a receive copy no value; a send made a task
     CHECK(got->n == 7);
   }
   CHECK(nothing_left_behind());
+}
+
+template <class Sender, class T>
+concept can_send_lvalue = requires(Sender& s, const T& v) {
+  s.send(v);
+};
+
+// A type that can only be moved goes through a channel as before (send takes it as an
+// rvalue; there is no lvalue send for it).
+TEST_CASE("a move-only value is sent by moving it, directly and as a task", "[lean][channel]") {
+  ipcoro::io_context ctx;
+  auto [tx, rx] = ipcoro::make_channel<std::unique_ptr<int>>(4);
+  ipcoro::sync_wait(ctx, [](channel_sender<std::unique_ptr<int>>& tx) -> task<void> {
+    auto one = std::make_unique<int>(1);
+    co_await tx.send(std::move(one));
+  }(tx));
+  auto two = std::make_unique<int>(2);
+  task<void> later = tx.send(std::move(two));
+  ipcoro::sync_wait(ctx, std::move(later));
+  std::optional<std::unique_ptr<int>> a = ipcoro::sync_wait(ctx, rx.receive());
+  std::optional<std::unique_ptr<int>> b = ipcoro::sync_wait(ctx, rx.receive());
+  REQUIRE(a);
+  REQUIRE(b);
+  CHECK(**a == 1);
+  CHECK(**b == 2);
+  static_assert(!can_send_lvalue<channel_sender<std::unique_ptr<int>>, std::unique_ptr<int>>);
+  static_assert(can_send_lvalue<channel_sender<int>, int>);
 }

@@ -105,7 +105,8 @@ class channel_sender {
   // stores into the braced temporary (the value sent carried a stale member).
   // Two overloads rather than one by value: a large trivially copyable T is then copied
   // once, by the transport, as a bare ring send copies it.
-  [[nodiscard, gnu::noinline]] channel_send_operation<T> send(const T& value) {
+  [[nodiscard, gnu::noinline]] channel_send_operation<T> send(
+      const T& value) requires std::is_copy_constructible_v<T> {
     if (!local_ && !has_port()) empty_send();
     return channel_send_operation<T>{*this, value};
   }

@@ -44,7 +44,8 @@ class [[nodiscard]] channel_send_operation : public task<void> {
                          T&& value) noexcept(std::is_nothrow_move_constructible_v<T>)
       : task<void>(&make), sender_(sender), owned_(std::in_place, std::move(value)), value_(&*owned_) {}
   /// Refers to `value` (no copy): what co_await tx.send(v) keeps alive until it is done.
-  channel_send_operation(channel_sender<T>& sender, const T& value) noexcept
+  channel_send_operation(channel_sender<T>& sender,
+                         const T& value) noexcept requires std::is_copy_constructible_v<T>
       : task<void>(&make), sender_(sender), value_(&value) {}
   channel_send_operation(const channel_send_operation&) = delete;
   channel_send_operation& operator=(const channel_send_operation&) = delete;
@@ -58,8 +59,16 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   friend awaiter;
   static task<void> make(task<void>& base) {
     auto& op = static_cast<channel_send_operation&>(base);
-    if (op.owned_) return op.sender_.start_send(std::move(*op.owned_));
-    return op.sender_.start_send(T(*op.value_));
+    return op.sender_.start_send(op.take_value());
+  }
+
+  /// The value to store: moved from an rvalue's, or a copy of the lvalue (a type that
+  /// cannot be copied has no lvalue send, see the constructors).
+  T take_value() {
+    if constexpr (std::is_copy_constructible_v<T>) {
+      if (!owned_) return T(*value_);
+    }
+    return std::move(*owned_);
   }
 
   /// True when the send is done (or has failed without waiting); false when it must wait.
@@ -68,7 +77,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
       if (s->receiver_closed || s->sender_closed || s->count == s->slots.size()) return false;
       settle();
       cancelled_ = stop_requested;
-      if (!stop_requested) channel_sender<T>::put_local(*s, owned_ ? std::move(*owned_) : T(*value_));
+      if (!stop_requested) channel_sender<T>::put_local(*s, take_value());
       return true;
     }
     if constexpr (encodable<T>) {
