@@ -98,13 +98,10 @@ class channel_sender {
   /// The operation is a task<void> (it can be given to sync_wait, when_any, a
   /// vector<task<void>>...), but awaited directly, a send that can complete at once does so
   /// without a coroutine frame; it refers to this sender, which must outlive the co_await.
-  /// Sent from an lvalue, it also refers to that value instead of copying it: keep the value
-  /// alive and unchanged until the operation is awaited or made a task (`co_await
-  /// tx.send(v)` does both in one expression). Sent from an rvalue, the value is moved in.
-  // Not inlined: GCC 12 at -O2, inlining it into `co_await tx.send(point{i, 2 * i})`, loses
-  // stores into the braced temporary (the value sent carried a stale member).
-  // Two overloads rather than one by value: a large trivially copyable T is then copied
-  // once, by the transport, as a bare ring send copies it.
+  /// An lvalue sent is referred to, not copied: keep it unchanged until the operation is
+  /// awaited or made a task (as `co_await tx.send(v)` is at once). An rvalue is moved in.
+  // Not inlined: GCC 12 -O2, inlining it into `co_await tx.send(point{i, 2 * i})`, lost
+  // stores into the braced temporary. Two overloads, not one by value: T is copied once.
   [[nodiscard, gnu::noinline]] channel_send_operation<T> send(
       const T& value) requires std::is_copy_constructible_v<T> {
     if (!local_ && !has_port()) empty_send();
