@@ -270,11 +270,7 @@ class stream_send_port final : public send_port {
     aside_ = o.held() > 0 && o.held() + frame_ > o.bound;
     byte_buffer& to = aside_ ? aside_buf_ : o.pending;
     const std::size_t at = aside_ ? 0 : o.used;
-    if (aside_) {
-      to.grow(frame_, 0);
-    } else {
-      reserve_held(to, at + frame_, at, o.bound);
-    }
+    reserve_held(to, at + frame_, at, aside_ ? 0 : o.bound);  // the aside buffer: one frame
     std::byte* p = to.data() + at;
     if (!greeted_) p = put_greeting(p);
     p = put(p, frame_kind::data, size);

@@ -26,8 +26,9 @@ std::unique_ptr<receive_port> make_stream_receiver(std::string address, unique_f
                                                    unique_fd placeholder = {});
 
 /// The capacity a channel gives a pipe or FIFO whose address names none: four times the
-/// kernel's default, so that a 64 KiB message and its frame head fit with room to spare
-/// and a coalesced write carries more than one such message. A quarter of the 1 MiB that
+/// kernel's default, so that a 64 KiB message and its frame head fit, with room for the
+/// next while the receiver reads (the sender still holds at most 64 KiB unwritten). A
+/// quarter of the 1 MiB that
 /// /proc/sys/fs/pipe-max-size allows by default, so that a user's many channels do not use
 /// up /proc/sys/fs/pipe-user-pages-soft (64 MiB), past which the kernel makes every new
 /// pipe of that user small.

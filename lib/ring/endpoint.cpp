@@ -200,6 +200,13 @@ using detail::role_sender;
       EBADF, std::system_category(),
       fmt::format("{} on an empty ring endpoint (default-constructed or moved from)", what));
 }
+
+/// Ends an operation's finished wait: its frame goes back to the pool, and what ended the
+/// wait (an error, a timeout, a cancellation) is rethrown.
+void end_wait(task<>& pending) {
+  const task<> wait = std::move(pending);
+  wait.handle().promise().take_result();
+}
 }  // namespace
 
 bool ring_send_operation::await_ready() {
@@ -212,9 +219,7 @@ bool ring_send_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
 }
 
 void ring_send_operation::await_resume() {
-  if (!wait_.valid()) return;             // done without sleeping
-  const task<> wait = std::move(wait_);   // its frame goes back to the pool on return
-  wait.handle().promise().take_result();  // rethrows what ended the wait
+  if (wait_.valid()) end_wait(wait_);  // else done without sleeping
 }
 
 bool ring_receive_operation::await_ready() {
@@ -229,10 +234,7 @@ bool ring_receive_operation::suspend(std::coroutine_handle<> h, std::stop_token 
 }
 
 std::optional<std::size_t> ring_receive_operation::await_resume() {
-  if (wait_.valid()) {
-    const task<> wait = std::move(wait_);
-    wait.handle().promise().take_result();
-  }
+  if (wait_.valid()) end_wait(wait_);
   if (end_of_stream_) return std::nullopt;
   return size_;
 }
@@ -246,10 +248,7 @@ bool ring_loan_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
   return endpoint_->start_loan_wait(*this, h, std::move(token));
 }
 
-void ring_loan_operation::finish_wait() {
-  const task<> wait = std::move(wait_);
-  wait.handle().promise().take_result();
-}
+void ring_loan_operation::finish_wait() { end_wait(wait_); }
 
 void ring_loan::commit(std::size_t size) {
   if (endpoint_ == nullptr) throw_no_endpoint("ring loan commit");
@@ -278,10 +277,7 @@ bool ring_view_operation::suspend(std::coroutine_handle<> h, std::stop_token tok
   return endpoint_->start_view_wait(*this, h, std::move(token));
 }
 
-void ring_view_operation::finish_wait() {
-  const task<> wait = std::move(wait_);
-  wait.handle().promise().take_result();
-}
+void ring_view_operation::finish_wait() { end_wait(wait_); }
 
 void ring_view::release_open() noexcept {
   endpoint_->release_peeked(end_);
