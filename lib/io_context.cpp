@@ -65,7 +65,13 @@ io_context::io_context(const options& opts) : impl_(std::make_unique<impl>()) {
   req.cq_entries = opts.cq_entries;
   req.single_issuer = opts.single_issuer && !opts.embedded;
   if (int rc = impl_->ring.init(req); rc < 0) detail::throw_io_uring_setup_error(-rc);
-  impl_->busy_poll_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(opts.busy_poll).count();
+  if (opts.busy_poll.count() > 0) {
+    impl_->poll_budget_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(opts.busy_poll).count();
+  } else if (opts.adaptive_poll.count() > 0) {
+    impl_->adaptive_poll_ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(opts.adaptive_poll).count();
+    impl_->poll_budget_ns = impl_->adaptive_poll_ns;
+  }
   impl_->wake_fd.reset(::eventfd(0, EFD_CLOEXEC));
   if (!impl_->wake_fd) throw_errno(errno, "eventfd (the io_context's cross-thread wake-up)");
   // Room in both vectors of calls from other threads (stop requests, futex fallback
@@ -266,6 +272,10 @@ bool detail::loop::driven(const io_context& ctx) noexcept {
 }
 
 void detail::loop::count_driver(io_context& ctx, int delta) noexcept { ctx.impl_->driving += delta; }
+
+void detail::loop::sleep_at_once(io_context& ctx) noexcept {
+  if (ctx.impl_->polls_skipped == 0) ctx.impl_->polls_skipped = 1;
+}
 
 void detail::loop::at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept {
   if (!hook.queued) hook.next_hook = std::exchange(ctx.impl_->turn_end, &hook);

@@ -43,6 +43,10 @@ struct loop {
   /// Runs `hook.fn` at the end of the current turn of the loop (once, however often it is
   /// asked before then); also when run() or sync_wait returns and when the context shuts down.
   static void at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept;
+  /// The loop's next wait sleeps without polling first (options::adaptive_poll): what waits
+  /// knows that its answer comes from a thread on this CPU (an SPSC ring's peer), which
+  /// cannot run while the loop polls.
+  static void sleep_at_once(io_context& ctx) noexcept;
   /// Whether the loop is being turned: run(), sync_wait or poll() is on the stack, or another
   /// loop embeds this one (poll_fd). Work started on a context that is not may wait until the
   /// next sync_wait or the context's shutdown: a caller outside the loop must not rely on it.

@@ -4,9 +4,11 @@
 #include <ipcoro/ipcoro.hpp>
 
 #include "process.hpp"
+#include "skip.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <sched.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -293,6 +295,128 @@ TEST_CASE("with busy polling a forked peer's answers arrive and the loop counts 
   CHECK(ctx.stats().busy_polls > 0);
   parent_end.close_write();
   CHECK(echo.wait() == 0);
+}
+
+namespace {
+
+/// Pins the calling thread to `cpu` until destroyed, then gives it back its CPUs.
+class pinned {
+ public:
+  explicit pinned(int cpu) {
+    ::sched_getaffinity(0, sizeof before_, &before_);
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    ::sched_setaffinity(0, sizeof one, &one);
+  }
+  ~pinned() { ::sched_setaffinity(0, sizeof before_, &before_); }
+  pinned(const pinned&) = delete;
+  pinned& operator=(const pinned&) = delete;
+
+ private:
+  cpu_set_t before_{};
+};
+
+/// The first two CPUs this process may run on, or fewer.
+std::vector<int> usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> out;
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE && out.size() < 2; ++c)
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  return out;
+}
+
+struct ping_pong_result {
+  int verified = 0;
+  io_context::counters stats;
+};
+
+/// `rounds` 64-byte round trips between this process, pinned to `mine`, and a forked echo
+/// pinned to `theirs`, each with a default io_context; first `idle_waits` timer waits of 2 ms
+/// (which leave this loop's adaptive budget at its floor).
+ping_pong_result ping_pong(int mine, int theirs, int rounds, int idle_waits) {
+  auto [parent_end, child_end] = ipcoro::make_duplex_pipe();
+  ipcoro::test::child_process echo([&, theirs] {
+    parent_end.close();
+    const pinned here(theirs);
+    ipcoro::io_context ctx;
+    auto body = [&]() -> task<int> {
+      std::array<std::byte, 64> buf{};
+      while (const std::size_t n = co_await child_end.read(buf)) {
+        co_await child_end.write_all(std::span(buf).first(n));
+      }
+      co_return 0;
+    };
+    return ipcoro::sync_wait(ctx, body());
+  });
+  child_end.close();
+  const pinned here(mine);
+  io_context ctx;
+  auto body = [&]() -> task<int> {
+    for (int i = 0; i < idle_waits; ++i) co_await ipcoro::sleep_for(2ms);
+    int verified = 0;
+    for (int i = 0; i < rounds; ++i) {
+      std::array<std::byte, 64> out{};
+      ipcoro::test::fill_pattern(out, 11, static_cast<std::uint64_t>(i) * out.size());
+      co_await parent_end.write_all(out);
+      std::array<std::byte, 64> in{};
+      if (co_await parent_end.read_exact(in) == in.size() && in == out) ++verified;
+    }
+    co_return verified;
+  };
+  ping_pong_result r;
+  r.verified = ipcoro::sync_wait(ctx, body());
+  r.stats = ctx.stats();
+  parent_end.close_write();
+  CHECK(echo.wait() == 0);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("the adaptive poll of a loop whose waits are long shrinks to a sixteenth of its ceiling",
+          "[io_context]") {
+  io_context ctx(io_context::options{.adaptive_poll = std::chrono::microseconds(400)});
+  std::uint64_t first = 0;
+  std::uint64_t late = 0;
+  auto body = [&]() -> task<void> {
+    co_await ipcoro::sleep_for(2ms);
+    first = ctx.stats().busy_polls;
+    for (int i = 0; i < 20; ++i) co_await ipcoro::sleep_for(2ms);
+    const std::uint64_t before = ctx.stats().busy_polls;
+    for (int i = 0; i < 20; ++i) co_await ipcoro::sleep_for(2ms);
+    late = ctx.stats().busy_polls - before;
+  };
+  ipcoro::sync_wait(ctx, body());
+  INFO("polls before the first wait slept: " << first << "; in the last 20 waits: " << late);
+  REQUIRE(first > 0);
+  // 400 us of polling at first, 25 us later: the last waits poll ~1/16 as long each.
+  CHECK(late / 20.0 <= first / 4.0);
+  CHECK(ctx.stats().poll_hits == 0);  // a 2 ms timer never fires within the budget
+}
+
+TEST_CASE("a loop whose peer on another CPU answers within microseconds polls for it instead of sleeping",
+          "[io_context]") {
+  const std::vector<int> cpus = usable_cpus();
+  if (cpus.size() < 2) IPCORO_SKIP("needs two CPUs this process may run on");
+  // The idle waits first shrink this loop's budget to its floor: it must grow back once
+  // the answers come within microseconds.
+  const ping_pong_result r = ping_pong(cpus[0], cpus[1], 2000, 40);
+  CHECK(r.verified == 2000);
+  INFO("round trips 2000; waits met by polling " << r.stats.poll_hits);
+  CHECK(r.stats.poll_hits >= 400);
+}
+
+TEST_CASE("a loop whose peer shares its CPU soon sleeps at once rather than polling", "[io_context]") {
+  const std::vector<int> cpus = usable_cpus();
+  if (cpus.empty()) IPCORO_SKIP("no CPU this process may run on");
+  const ping_pong_result r = ping_pong(cpus[0], cpus[0], 2000, 0);
+  CHECK(r.verified == 2000);
+  INFO("round trips 2000; polls made " << r.stats.busy_polls);
+  // Polling first at every wait would make at least one poll per round trip.
+  CHECK(r.stats.busy_polls < 1000);
 }
 
 TEST_CASE("io_context::current throws std::logic_error when the thread has no io_context", "[io_context]") {

@@ -56,6 +56,14 @@ class IPCORO_API io_context {
     /// ~20 us here, so an answer that comes within the budget arrives far sooner — at the
     /// price of a CPU kept busy meanwhile (see `counters::busy_polls`). Zero: off.
     std::chrono::microseconds busy_poll{0};
+    /// Adaptive polling, on by default (busy_poll, when set, replaces it): before sleeping,
+    /// collect completions without sleeping for a budget that starts here and adapts, as
+    /// an SPSC ring's spin does. It doubles back towards this each time a completion came
+    /// within it and halves, to a sixteenth of this, each time none did. A peer that
+    /// answers within microseconds is met awake (a round trip across CPUs then costs less
+    /// CPU, not more: no sleep and wake-up); a loop whose waits are long polls about once
+    /// before it sleeps. Zero: sleep at once.
+    std::chrono::microseconds adaptive_poll{32};
     /// The context will be driven by another event loop through poll_fd() and poll(). The
     /// ring is then set up without DEFER_TASKRUN: with it, the kernel tells a waiter other
     /// than io_uring_enter of a completion only late (about 30 ms on Linux 6.18).
@@ -66,6 +74,7 @@ class IPCORO_API io_context {
     std::uint64_t completed = 0;   ///< CQEs reaped
     std::uint64_t overflowed = 0;  ///< times the CQ was full and the kernel's backlog was flushed
     std::uint64_t busy_polls = 0;  ///< non-sleeping checks for completions made by busy polling
+    std::uint64_t poll_hits = 0;   ///< polls (busy or adaptive) that found a completion: waits not slept
   };
 
   /// Sets up the ring. Throws std::system_error when io_uring is unavailable (naming

@@ -6,6 +6,7 @@
 #include "ipcoro/futex.hpp"
 
 #include "liveness.hpp"
+#include "loop.hpp"
 
 #include <fmt/core.h>
 #include <sched.h>
@@ -161,16 +162,17 @@ void ring_endpoint::note_wait(clock::time_point now) noexcept {
 }
 
 bool ring_endpoint::worth_spinning() noexcept {
-  if (spin_budget_ <= std::chrono::nanoseconds::zero()) return false;
   const int mine = role_ == role_sender ? 0 : 1;
   const std::int32_t cpu = current_cpu_tag();
   if (cpu != cpu_tag_) {
     cpu_tag_ = cpu;
     hdr_->cpu[mine].store(cpu, std::memory_order_relaxed);
   }
-  // On the same CPU the peer cannot run while this spins.
+  // On the same CPU the peer cannot run while this spins, nor while the loop polls.
   const std::int32_t peer = hdr_->cpu[1 - mine].load(std::memory_order_relaxed);
-  return peer == 0 || peer != cpu;
+  if (peer == 0 || peer != cpu) return spin_budget_ > std::chrono::nanoseconds::zero();
+  if (io_context* ctx = io_context::current_or_null()) loop::sleep_at_once(*ctx);
+  return false;
 }
 
 template <class Attempt>
