@@ -393,8 +393,11 @@ std::string channel_address(const std::string& transport, std::size_t size) {
   if (transport == "pipe") return "pipe:";
   if (transport == "fifo") return fmt::format("fifo:/tmp/{}", unique_name("chan"));
   if (transport == "mq")
-    // Room for the channel's framing of each message.
-    return fmt::format("mq:/{}?capacity=10&message_size={}", unique_name("chan"), size + 64);
+    // The defaults (10 messages of 8192 bytes), which hold a 1 KiB message and its framing;
+    // a channel with one receiver packs a loop turn's messages into them.
+    return size + 64 <= 8192
+               ? fmt::format("mq:/{}", unique_name("chan"))
+               : fmt::format("mq:/{}?capacity=10&message_size={}", unique_name("chan"), size + 64);
   const std::size_t capacity = size >= 65536 ? 4 << 20 : 1 << 20;
   if (transport == "shm") return fmt::format("shm:/{}?capacity={}", unique_name("chan"), capacity);
   return fmt::format("file:/tmp/{}?capacity={}", unique_name("chan"), capacity);

@@ -51,6 +51,13 @@ concept in_place_receiver = viewing_receiver<Transport> && requires(const Transp
   { t.reads_in_place() } -> std::same_as<bool>;
 };
 
+/// A transport that holds sent messages for a while (a queue that packs a loop turn's
+/// messages into one): drain() posts them now, waiting for room (the channel's flush()).
+template <class Transport>
+concept draining = requires(Transport& t) {
+  t.drain();
+};
+
 template <class Transport>
 concept acknowledging = requires(Transport& t, std::uint64_t p) {
   { t.position() } -> std::same_as<std::uint64_t>;
@@ -142,6 +149,16 @@ class message_send_port final : public send_port {
       co_await transport_.send(std::span<const std::byte>{buf_.data(), used_});
     } catch (...) {
       rethrow_send_error();
+    }
+  }
+
+  task<void> drain(pooled_frame) override {
+    if constexpr (draining<Transport>) {
+      try {
+        co_await transport_.drain();
+      } catch (...) {
+        rethrow_send_error();
+      }
     }
   }
 

@@ -2,11 +2,13 @@
 // mq_channel: channels over POSIX message queues: the adapters, the mq: scheme and its links.
 #include "ipcoro/channel.hpp"
 #include "ipcoro/error.hpp"
+#include "ipcoro/fd_io.hpp"
 #include "ipcoro/mqueue.hpp"
 #include "ipcoro/transport.hpp"
 
 #include "channel_wire.hpp"
 #include "link_claims.hpp"
+#include "loop.hpp"
 #include "message_port.hpp"
 #include "mq_peers.hpp"
 #include "proc_value.hpp"
@@ -15,10 +17,14 @@
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <mqueue.h>
+#include <poll.h>
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <chrono>
 #include <ctime>
+#include <exception>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -64,62 +70,350 @@ struct mq_end {
   }
 };
 
-/// The queue under a message channel's sending end, and its peer record. A wait for room
-/// in a full queue is looked at every check interval (mq_watched_wait) and ends with
-/// peer_died once every receiver recorded has died, or channel_closed once they have all
-/// closed.
-struct mq_sending : mq_end {
-  task<void> send(std::span<const std::byte> m) { return send_checked(pooled_frame{}, m); }
-  std::string size_advice(std::size_t wanted) const { return mq_size_advice(wanted); }
-  /// Never waits: the end goes into the peer record, where receivers find it once they
-  /// have emptied the queue, and the end marker, when it fits, wakes those waiting now.
-  /// (A queue without a record, made outside channels, gets the marker only if it fits.)
-  void close(std::uint32_t fingerprint) noexcept {
-    if (!queue) return;
-    peers.mark_end();
-    try_send_end(queue.native_handle(), fingerprint);
-    peers.close();
-    queue.close();
+/// Throws what a wait for room learns from the record: peer_died once every receiver
+/// recorded has died, channel_closed once they have all closed.
+void check_receivers(const mq_end& e) {
+  const mq_peers::verdict v = e.peers.peers();
+  if (v.state == mq_peers::verdict::dead) {
+    throw peer_died(v.pid, fmt::format("channel {}: {}, while this send waited for room in the full queue",
+                                       e.address, why_dead(v.pid, "receiver", "receiving")));
   }
-  void detach() noexcept {
-    peers.close();
-    queue.close();
+  if (v.state == mq_peers::verdict::left)
+    throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", e.address));
+}
+
+/// Posts `m` if the queue has room now: true once posted; false when the queue is full.
+/// Throws what mq_send reports otherwise.
+bool post_now(const mq_end& e, std::span<const std::byte> m) {
+  const timespec now{0, 0};  // an absolute time in the past: never block
+  for (;;) {
+    if (::mq_timedsend(static_cast<mqd_t>(e.queue.native_handle()), reinterpret_cast<const char*>(m.data()),
+                       m.size(), 0, &now) == 0)
+      return true;
+    if (errno == ETIMEDOUT || errno == EAGAIN) return false;
+    if (errno != EINTR) throw_errno(errno, fmt::format("channel {}: mq_send", e.address));
   }
-  /// The record keeps this process as a sender, so its exit reads as a death (peer_died).
-  void abort() noexcept {
-    peers.abort();
-    queue.close();
+}
+
+/// A queue message that carries several frames: message_head{batch, 0}, then each frame
+/// as a 4-byte length and the frame ({kind, fingerprint} head and payload).
+constexpr std::uint32_t batch_kind = 3;
+constexpr std::size_t batch_entry_head = 4;
+
+/// A sending end's queue and the frames it holds for the end of the loop turn, shared by
+/// the port, the end-of-turn hook and a task that waits for room, so that it outlives the
+/// port until what it holds is posted. Frames accepted in one turn leave together, as one
+/// queue message, while the queue has had one receiver only: with several, each message
+/// goes alone, so that the receivers share the work message by message.
+struct mq_out : turn_end_hook {
+  explicit mq_out(mq_end e) noexcept : end(std::move(e)) {}
+
+  bool packs() const noexcept { return end.peers && end.peers.receivers_seen() <= 1; }
+  /// The held frames as one queue message: a lone frame goes without the batch head.
+  std::span<const std::byte> message() noexcept {
+    if (frames == 1) return {held.data() + head_size + batch_entry_head, used - head_size - batch_entry_head};
+    return {held.data(), used};
+  }
+  bool fits(std::size_t frame) const noexcept {
+    return (used == 0 ? head_size : used) + batch_entry_head + frame <= end.max_message();
+  }
+  void hold(std::span<const std::byte> frame) {
+    if (used == 0) {
+      held.grow(end.max_message(), 0);
+      const message_head h{batch_kind, 0};
+      std::memcpy(held.data(), &h, sizeof h);
+      used = head_size;
+    }
+    const auto n = static_cast<std::uint32_t>(frame.size());
+    std::memcpy(held.data() + used, &n, sizeof n);
+    std::memcpy(held.data() + used + batch_entry_head, frame.data(), frame.size());
+    used += batch_entry_head + frame.size();
+    ++frames;
+  }
+  /// Whether the queue has a free message now: a batch is begun only then, so that
+  /// while this is the only sender, what it holds always has room to go (at the turn's
+  /// end, a flush, or the end) and a send that waits holds nothing.
+  bool has_room() const {
+    struct mq_attr attr {};
+    if (::mq_getattr(static_cast<mqd_t>(end.queue.native_handle()), &attr) != 0)
+      throw_errno(errno, fmt::format("channel {}: mq_getattr", end.address));
+    return attr.mq_curmsgs < attr.mq_maxmsg;
+  }
+  void posted() noexcept {
+    used = 0;
+    frames = 0;
+  }
+  /// Reports what a deferred post found (peer_died, channel_closed, ...), once.
+  void check() {
+    if (failure) std::rethrow_exception(std::exchange(failure, nullptr));
   }
 
- private:
-  task<void> send_checked(pooled_frame, std::span<const std::byte> m) {
-    peers.ensure_attached();
-    for (;;) {
-      mq_send_operation op = queue.send(m);
-      if (!peers) {
-        co_await op;
-        co_return;
-      }
-      {
-        const mq_watched_wait watch(peers, op, mq_watched_wait::waits_for::room);
-        try {
-          co_await op;
-          co_return;
-        } catch (const operation_cancelled&) {
-          if (!watch.fired()) throw;
-        }
-      }
-      const mq_peers::verdict v = peers.peers();
-      if (v.state == mq_peers::verdict::dead) {
-        throw peer_died(
-            v.pid, fmt::format("channel {}: {}, while this send waited for room in the full queue", address,
-                               why_dead(v.pid, "receiver", "receiving")));
-      }
-      if (v.state == mq_peers::verdict::left) {
-        throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", address));
-      }
+  mq_end end;
+  byte_buffer held;
+  std::size_t used = 0;          // bytes of `held` in use, its batch head included
+  std::size_t frames = 0;        // frames held
+  wait_list progress;            // sends and flushes waiting for a post in flight
+  std::shared_ptr<mq_out> keep;  // while the hook is queued or a post task runs
+  std::exception_ptr failure;    // a deferred post's error, for the next send or flush
+  bool posting = false;          // a coroutine waits for room to post `held`
+};
+
+/// How long a post that cannot use the loop (it has shut down, or none is turning) waits
+/// for room before what is held is given up.
+constexpr std::chrono::seconds end_patience{30};
+
+/// Posts what is held, waiting for room here, at most end_patience, and no longer once the
+/// receivers are dead or gone: for a loop that has shut down (the process is most likely
+/// ending) or none, and for the end (finish()). Throws channel_error(ETIMEDOUT) when the
+/// queue stays full.
+void post_patiently(mq_out& o) {
+  const auto until = std::chrono::steady_clock::now() + end_patience;
+  while (!post_now(o.end, o.message())) {
+    // The descriptor does not block: wait for room in slices of a liveness check
+    // interval, the record looked at between them.
+    pollfd pfd{o.end.queue.native_handle(), POLLOUT, 0};
+    if (::poll(&pfd, 1, 100) < 0 && errno != EINTR)
+      throw_errno(errno, fmt::format("channel {}: poll", o.end.address));
+    check_receivers(o.end);
+    if (std::chrono::steady_clock::now() >= until) {
+      throw channel_error(ETIMEDOUT,
+                          fmt::format("channel {}: the queue stayed full for {} s: the messages of the last "
+                                      "loop turn, held to go as one, are lost",
+                                      o.end.address, end_patience.count()));
     }
   }
+  o.posted();
+}
+
+/// Ends the sending end: the end goes into the peer record, where receivers find it once
+/// they have emptied the queue, and the end marker, when it fits, wakes those waiting now.
+/// (A queue without a record, made outside channels, gets the marker only if it fits.)
+void end_now(mq_out& o, port_exit how, std::uint32_t fingerprint) noexcept {
+  if (!o.end.queue) return;
+  switch (how) {
+    case port_exit::close:
+      o.end.peers.mark_end();
+      try_send_end(o.end.queue.native_handle(), fingerprint);
+      o.end.peers.close();
+      break;
+    case port_exit::detach:
+      o.end.peers.close();
+      break;
+    case port_exit::abort:
+      o.end.peers.abort();  // the record keeps this process: its exit reads as a death
+      break;
+  }
+  o.end.queue.close();
+}
+
+/// Waits through the loop until `e`'s queue has room (a poll, which posts nothing). The
+/// wait is looked at every check interval (mq_watched_wait) and ends with peer_died once
+/// every receiver recorded has died, or channel_closed once they have all closed.
+task<void> room_in(pooled_frame, mq_end& e) {
+  poll_operation room{e.queue.native_handle(), POLLOUT};
+  if (!e.peers) {
+    co_await room;
+    co_return;
+  }
+  {
+    const mq_watched_wait watch(e.peers, room, mq_watched_wait::waits_for::room);
+    try {
+      co_await room;
+      co_return;
+    } catch (const operation_cancelled&) {
+      if (!watch.fired()) throw;
+    }
+  }
+  check_receivers(e);
+}
+
+/// Posts what is held, waiting for room through the loop: the post is made from this
+/// process once there is room, so that a post made meanwhile by finish() leaves it
+/// nothing to do. Throws as room_in().
+task<void> post_held_waiting(pooled_frame, mq_out& o) {
+  while (o.used > 0) {
+    if (post_now(o.end, o.message())) {
+      o.posted();
+      break;
+    }
+    co_await room_in(pooled_frame{}, o.end);
+  }
+}
+
+/// A task that posts what is held once the queue has room; a failure is kept for the next
+/// send or flush. When the loop shuts down meanwhile, it waits here instead (bounded).
+task<void> post_held(pooled_frame, std::shared_ptr<mq_out> self) {
+  mq_out& o = *self;
+  bool cancelled = false;
+  try {
+    co_await post_held_waiting(pooled_frame{}, o);
+  } catch (const operation_cancelled&) {
+    cancelled = true;  // the loop is shutting down
+  } catch (...) {
+    o.failure = std::current_exception();
+  }
+  if (cancelled && o.used > 0) {
+    try {
+      post_patiently(o);
+    } catch (...) {
+      o.failure = std::current_exception();
+    }
+  }
+  o.posted();
+  o.posting = false;
+  o.progress.wake_all();
+}
+
+/// Posts what is held without waiting if the queue has room; else a task waits for room,
+/// or, with no loop to run it, this waits here (bounded). A failure is kept for the next
+/// send or flush, and what was held is then given up.
+void post_or_wait(mq_out& o, const std::shared_ptr<mq_out>& self) noexcept {
+  if (o.posting || o.used == 0) return;
+  try {
+    if (post_now(o.end, o.message())) {
+      o.posted();
+      return;
+    }
+    io_context* ctx = io_context::current_or_null();
+    if (ctx != nullptr && !ctx->stopping() && loop::driven(*ctx)) {
+      o.posting = true;
+      ctx->spawn(post_held(pooled_frame{}, self));
+      return;
+    }
+    post_patiently(o);
+  } catch (...) {
+    o.posting = false;
+    o.failure = std::current_exception();
+    o.posted();
+  }
+}
+
+void post_at_turn_end(turn_end_hook& hook) noexcept {
+  auto& o = static_cast<mq_out&>(hook);
+  const std::shared_ptr<mq_out> self = std::move(o.keep);
+  post_or_wait(o, self);
+}
+
+/// The queue under a message channel's sending end, and its peer record. A message sent
+/// while the queue has one receiver waits, with the others of the loop turn, for the
+/// turn's end, where they are posted as one queue message (see mq_out).
+class mq_sending {
+ public:
+  explicit mq_sending(mq_end e) : out_(std::make_shared<mq_out>(std::move(e))) {
+    out_->fn = &post_at_turn_end;
+  }
+
+  std::size_t max_message() const noexcept { return out_->end.max_message(); }
+  std::string size_advice(std::size_t wanted) const { return mq_size_advice(wanted); }
+
+  /// Holds `frame` for the end of this turn, where it is posted with the turn's others;
+  /// false when it must wait (the held frames are being posted, or it does not fit with
+  /// them and the queue is full) or the queue has several receivers.
+  bool try_send(std::span<const std::byte> frame) {
+    mq_out& o = *out_;
+    o.check();
+    if (o.posting || !o.packs()) return false;
+    if (!o.fits(frame.size())) {
+      if (o.used == 0 || !post_now(o.end, o.message())) return false;
+      o.posted();
+      if (!o.fits(frame.size())) return false;  // too large to share a queue message
+    }
+    if (o.used == 0 && !o.has_room()) return false;
+    accept(frame);
+    return true;
+  }
+
+  task<void> send(std::span<const std::byte> frame) { return send_waiting(pooled_frame{}, frame); }
+
+  /// Posts what is held now, waiting for room (the channel's flush()).
+  task<void> drain() { return drain_waiting(pooled_frame{}); }
+
+  void close(std::uint32_t fingerprint) noexcept { finish(port_exit::close, fingerprint); }
+  void detach() noexcept { finish(port_exit::detach, 0); }
+  void abort() noexcept { finish(port_exit::abort, 0); }
+
+ private:
+  void accept(std::span<const std::byte> frame) {
+    mq_out& o = *out_;
+    out_->end.peers.ensure_attached();
+    o.hold(frame);
+    if (o.queued) return;
+    if (io_context* ctx = io_context::current_or_null(); ctx != nullptr) {
+      o.keep = out_;
+      loop::at_turn_end(*ctx, o);
+    } else {
+      post_or_wait(o, out_);
+    }
+  }
+
+  /// Waits until no post is in flight, then posts what is held, waiting for room. A wait
+  /// cancelled leaves what is held for the next send, flush or the end.
+  task<void> post_held_here(pooled_frame) {
+    const std::shared_ptr<mq_out> self = out_;
+    mq_out& o = *self;
+    while (o.posting) co_await park_operation{o.progress};
+    o.check();
+    if (o.used == 0) co_return;
+    o.posting = true;
+    try {
+      co_await post_held_waiting(pooled_frame{}, o);
+    } catch (const operation_cancelled&) {
+      o.posting = false;
+      o.progress.wake_all();
+      throw;
+    } catch (...) {
+      o.posting = false;
+      o.posted();  // the receivers are dead or gone: what is held goes nowhere
+      o.progress.wake_all();
+      throw;
+    }
+    o.posting = false;
+    o.progress.wake_all();
+  }
+
+  task<void> send_waiting(pooled_frame, std::span<const std::byte> frame) {
+    mq_out& o = *out_;
+    o.end.peers.ensure_attached();
+    for (;;) {
+      while (o.posting) co_await park_operation{o.progress};
+      o.check();
+      if (o.packs() && o.fits(frame.size())) {
+        if (o.used > 0 || o.has_room()) {
+          accept(frame);
+          co_return;
+        }
+        co_await room_in(pooled_frame{}, o.end);
+        continue;
+      }
+      if (o.used == 0) break;
+      co_await post_held_here(pooled_frame{});  // the held ones go first
+    }
+    while (!post_now(o.end, frame)) co_await room_in(pooled_frame{}, o.end);
+  }
+
+  task<void> drain_waiting(pooled_frame) {
+    co_await post_held_here(pooled_frame{});
+    out_->check();
+  }
+
+  /// What is held is posted first: now if the queue has room, else once it has, waiting
+  /// here (at most end_patience, and no longer once the receivers are dead or gone), so
+  /// that a close that returned has put every message it accepted in the queue before its
+  /// end. A post task still waiting for room then finds nothing left to post.
+  void finish(port_exit how, std::uint32_t fingerprint) noexcept {
+    mq_out& o = *out_;
+    if (!o.end.queue) return;
+    if (o.used > 0) {
+      try {
+        post_patiently(o);
+      } catch (...) {  // lost: the receivers are dead or gone, or it timed out
+        o.posted();
+      }
+    }
+    end_now(o, how, fingerprint);
+  }
+
+  std::shared_ptr<mq_out> out_;
 };
 
 /// The queue under a message channel's receiving end, and its peer record. A wait on an
@@ -127,8 +421,17 @@ struct mq_sending : mq_end {
 /// close is recorded, and throws peer_died once every sender recorded has died without
 /// closing.
 struct mq_receiving : mq_end {
+  explicit mq_receiving(mq_end e) noexcept : mq_end(std::move(e)) {}
+
+  /// The next frame: one a queue message held from before (a sender's batch), else the
+  /// next queue message, or the first frame of it when it is a batch.
   task<std::optional<mq_message>> receive(std::span<std::byte> buffer) {
-    return receive_checked(pooled_frame{}, buffer);
+    return receive_unpacked(pooled_frame{}, buffer);
+  }
+  /// A frame of a batch already taken from the queue, without waiting: would_block when none is.
+  ring_try_result try_receive(std::span<std::byte> buffer) {
+    if (held_at_ == held_end_) return {true, std::nullopt};
+    return {false, take_held(buffer)};
   }
   static std::optional<std::size_t> size_of(const std::optional<mq_message>& m) noexcept {
     return m ? std::optional<std::size_t>(m->size) : std::nullopt;
@@ -143,6 +446,41 @@ struct mq_receiving : mq_end {
   }
 
  private:
+  /// Copies the next held frame into `buffer`; its size.
+  std::size_t take_held(std::span<std::byte> buffer) {
+    std::uint32_t n = 0;
+    std::memcpy(&n, held_.data() + held_at_, sizeof n);
+    const std::size_t at = held_at_ + batch_entry_head;
+    if (n > held_end_ - at || n > buffer.size()) {
+      held_at_ = held_end_ = 0;
+      throw channel_error(EBADMSG,
+                          fmt::format("channel {}: a batch of messages announces a frame of {} bytes "
+                                      "past its end: the queue holds a corrupt message",
+                                      address, n));
+    }
+    std::memcpy(buffer.data(), held_.data() + at, n);
+    held_at_ = at + n;
+    if (held_end_ - held_at_ < batch_entry_head) held_at_ = held_end_ = 0;
+    return n;
+  }
+  /// A batch received is kept, and its first frame given in its place in `buffer`.
+  task<std::optional<mq_message>> receive_unpacked(pooled_frame, std::span<std::byte> buffer) {
+    if (held_at_ < held_end_) co_return mq_message{take_held(buffer), 0};
+    std::optional<mq_message> m = co_await receive_checked(pooled_frame{}, buffer);
+    if (!m || m->size < head_size + batch_entry_head ||
+        read_head<message_head>(buffer.data()).kind != batch_kind)
+      co_return m;
+    held_.grow(buffer.size(), 0);
+    std::memcpy(held_.data(), buffer.data(), m->size);
+    held_at_ = head_size;
+    held_end_ = m->size;
+    co_return mq_message{take_held(buffer), m->priority};
+  }
+
+  byte_buffer held_;  // a batch taken from the queue, and how far it has been given out
+  std::size_t held_at_ = 0;
+  std::size_t held_end_ = 0;
+
   /// A message if the queue holds one; never waits.
   std::optional<mq_message> take_now(std::span<std::byte> buffer) const {
     for (;;) {
@@ -246,8 +584,8 @@ using mq_receive_port = message_receive_port<mq_receiving>;
 task<std::unique_ptr<receive_port>> open_mq_receiver(channel_address a) {
   mq_created c = create_queue(a);
   c.peers.attach(mq_peers::role::receiver);
-  co_return std::make_unique<mq_receive_port>(a.text,
-                                              mq_receiving{{std::move(c.queue), std::move(c.peers), a.text}});
+  co_return std::make_unique<mq_receive_port>(
+      a.text, mq_receiving{mq_end{std::move(c.queue), std::move(c.peers), a.text}});
 }
 
 task<std::unique_ptr<send_port>> open_mq_sender(channel_address a) {
@@ -260,7 +598,8 @@ task<std::unique_ptr<send_port>> open_mq_sender(channel_address a) {
   }
   mq_peers peers = mq_peers::open(a.name, q->native_handle());
   peers.attach(mq_peers::role::sender);
-  co_return std::make_unique<mq_send_port>(a.text, mq_sending{{std::move(*q), std::move(peers), a.text}});
+  co_return std::make_unique<mq_send_port>(a.text,
+                                           mq_sending{mq_end{std::move(*q), std::move(peers), a.text}});
 }
 
 /// A queue link: the queue is opened for both ends and its name removed at once; the
@@ -280,17 +619,17 @@ class mq_link final : public link_ends {
   }
   std::unique_ptr<send_port> take_sender() override {
     auto port = std::make_unique<mq_send_port>(
-        address_,
-        mq_sending{std::move(send_queue_),
-                   peers_.share(mq_peers::role::sender, std::move(claims_.receiver_watch)), address_});
+        address_, mq_sending{mq_end{std::move(send_queue_),
+                                    peers_.share(mq_peers::role::sender, std::move(claims_.receiver_watch)),
+                                    address_}});
     claims_.sender_claim.reset();  // the record holds this process now
     return port;
   }
   std::unique_ptr<receive_port> take_receiver() override {
     auto port = std::make_unique<mq_receive_port>(
-        address_,
-        mq_receiving{std::move(receive_queue_),
-                     peers_.share(mq_peers::role::receiver, std::move(claims_.sender_watch)), address_});
+        address_, mq_receiving{mq_end{std::move(receive_queue_),
+                                      peers_.share(mq_peers::role::receiver, std::move(claims_.sender_watch)),
+                                      address_}});
     claims_.receiver_claim.reset();  // the record holds this process now
     return port;
   }

@@ -84,6 +84,10 @@ class mq_peers {
   /// The state of the other side: alive (or not yet attached), dead, or left.
   /// Dead with pid 0: nobody attached and nobody can any more (the link's claims are gone).
   verdict peers() const noexcept;
+  /// How many receivers ever attached to the record (0 without a record).
+  std::uint32_t receivers_seen() const noexcept {
+    return record_ != nullptr ? record_->receivers_seen.load(std::memory_order_acquire) : 0;
+  }
 
   explicit operator bool() const noexcept { return record_ != nullptr; }
 
