@@ -70,8 +70,7 @@ struct mq_end {
   }
 };
 
-/// Throws what a wait for room learns from the record: peer_died once every receiver
-/// recorded has died, channel_closed once they have all closed.
+/// What a wait for room learns from the record: peer_died, or channel_closed (all closed).
 void check_receivers(const mq_end& e) {
   const mq_peers::verdict v = e.peers.peers();
   if (v.state == mq_peers::verdict::dead) {
@@ -130,9 +129,8 @@ struct mq_out : turn_end_hook {
     used += batch_entry_head + frame.size();
     ++frames;
   }
-  /// Whether the queue has a free message now: a batch is begun only then, so that
-  /// while this is the only sender, what it holds always has room to go (at the turn's
-  /// end, a flush, or the end) and a send that waits holds nothing.
+  /// Whether the queue has a free slot now: a batch is begun only then, so that a sender
+  /// alone on the queue always has room for what it holds, and a waiting send holds nothing.
   bool has_room() const {
     struct mq_attr attr {};
     if (::mq_getattr(static_cast<mqd_t>(end.queue.native_handle()), &attr) != 0)
@@ -158,19 +156,15 @@ struct mq_out : turn_end_hook {
   bool posting = false;          // a coroutine waits for room to post `held`
 };
 
-/// How long a post that cannot use the loop (it has shut down, or none is turning) waits
-/// for room before what is held is given up.
+/// How long a post that cannot use the loop waits for room before what is held is lost.
 constexpr std::chrono::seconds end_patience{30};
 
-/// Posts what is held, waiting for room here, at most end_patience, and no longer once the
-/// receivers are dead or gone: for a loop that has shut down (the process is most likely
-/// ending) or none, and for the end (finish()). Throws channel_error(ETIMEDOUT) when the
-/// queue stays full.
+/// Posts what is held, waiting here (at most end_patience; throws as check_receivers(), or
+/// channel_error(ETIMEDOUT)): with no running loop, and for finish().
 void post_patiently(mq_out& o) {
   const auto until = std::chrono::steady_clock::now() + end_patience;
   while (!post_now(o.end, o.message())) {
-    // The descriptor does not block: wait for room in slices of a liveness check
-    // interval, the record looked at between them.
+    // The descriptor does not block: poll for room, the record looked at every 100 ms.
     pollfd pfd{o.end.queue.native_handle(), POLLOUT, 0};
     if (::poll(&pfd, 1, 100) < 0 && errno != EINTR)
       throw_errno(errno, fmt::format("channel {}: poll", o.end.address));
@@ -206,9 +200,8 @@ void end_now(mq_out& o, port_exit how, std::uint32_t fingerprint) noexcept {
   o.end.queue.close();
 }
 
-/// Waits through the loop until `e`'s queue has room (a poll, which posts nothing). The
-/// wait is looked at every check interval (mq_watched_wait) and ends with peer_died once
-/// every receiver recorded has died, or channel_closed once they have all closed.
+/// Waits through the loop until `e`'s queue has room (a poll, which posts nothing), looked
+/// at every check interval (mq_watched_wait); throws as check_receivers().
 task<void> room_in(pooled_frame, mq_end& e) {
   poll_operation room{e.queue.native_handle(), POLLOUT};
   if (!e.peers) {
@@ -227,9 +220,8 @@ task<void> room_in(pooled_frame, mq_end& e) {
   check_receivers(e);
 }
 
-/// Posts what is held, waiting for room through the loop: the post is made from this
-/// process once there is room, so that a post made meanwhile by finish() leaves it
-/// nothing to do. Throws as room_in().
+/// Posts what is held, waiting for room through the loop (a post made meanwhile by
+/// finish() leaves it nothing to do). Throws as room_in().
 task<void> post_held_waiting(pooled_frame, mq_out& o) {
   while (o.used > 0) {
     if (post_now(o.end, o.message())) {
@@ -264,9 +256,8 @@ task<void> post_held(pooled_frame, std::shared_ptr<mq_out> self) {
   o.progress.wake_all();
 }
 
-/// Posts what is held without waiting if the queue has room; else a task waits for room,
-/// or, with no loop to run it, this waits here (bounded). A failure is kept for the next
-/// send or flush, and what was held is then given up.
+/// Posts what is held now if the queue has room; else a task waits for room (without a
+/// loop, this waits here). A failure is kept for the next send or flush.
 void post_or_wait(mq_out& o, const std::shared_ptr<mq_out>& self) noexcept {
   if (o.posting || o.used == 0) return;
   try {
@@ -294,9 +285,10 @@ void post_at_turn_end(turn_end_hook& hook) noexcept {
   post_or_wait(o, self);
 }
 
-/// The queue under a message channel's sending end, and its peer record. A message sent
-/// while the queue has one receiver waits, with the others of the loop turn, for the
-/// turn's end, where they are posted as one queue message (see mq_out).
+/// The queue under a message channel's sending end, and its peer record. While the queue
+/// has one receiver, the first message of a loop turn is posted at once, alone (a round
+/// trip costs what it did), and the turn's others wait for its end, where they are posted
+/// as one queue message (see mq_out).
 class mq_sending {
  public:
   explicit mq_sending(mq_end e) : out_(std::make_shared<mq_out>(std::move(e))) {
@@ -318,6 +310,11 @@ class mq_sending {
       o.posted();
       if (!o.fits(frame.size())) return false;  // too large to share a queue message
     }
+    if (o.used == 0 && !o.queued) {  // the turn's first message goes alone, at once
+      if (!post_now(o.end, frame)) return false;
+      mark_turn();
+      return true;
+    }
     if (o.used == 0 && !o.has_room()) return false;
     accept(frame);
     return true;
@@ -337,13 +334,17 @@ class mq_sending {
     mq_out& o = *out_;
     out_->end.peers.ensure_attached();
     o.hold(frame);
-    if (o.queued) return;
-    if (io_context* ctx = io_context::current_or_null(); ctx != nullptr) {
-      o.keep = out_;
-      loop::at_turn_end(*ctx, o);
-    } else {
-      post_or_wait(o, out_);
-    }
+    if (!mark_turn()) post_or_wait(o, out_);
+  }
+  /// Queues the end-of-turn hook (the turn's next message is not its first); false: no loop.
+  bool mark_turn() noexcept {
+    mq_out& o = *out_;
+    if (o.queued) return true;
+    io_context* ctx = io_context::current_or_null();
+    if (ctx == nullptr) return false;
+    o.keep = out_;
+    loop::at_turn_end(*ctx, o);
+    return true;
   }
 
   /// Waits until no post is in flight, then posts what is held, waiting for room. A wait
@@ -378,6 +379,7 @@ class mq_sending {
       while (o.posting) co_await park_operation{o.progress};
       o.check();
       if (o.packs() && o.fits(frame.size())) {
+        if (o.used == 0 && !o.queued) break;  // the turn's first message goes alone
         if (o.used > 0 || o.has_room()) {
           accept(frame);
           co_return;
@@ -389,6 +391,7 @@ class mq_sending {
       co_await post_held_here(pooled_frame{});  // the held ones go first
     }
     while (!post_now(o.end, frame)) co_await room_in(pooled_frame{}, o.end);
+    if (o.packs()) mark_turn();
   }
 
   task<void> drain_waiting(pooled_frame) {
@@ -396,10 +399,8 @@ class mq_sending {
     out_->check();
   }
 
-  /// What is held is posted first: now if the queue has room, else once it has, waiting
-  /// here (at most end_patience, and no longer once the receivers are dead or gone), so
-  /// that a close that returned has put every message it accepted in the queue before its
-  /// end. A post task still waiting for room then finds nothing left to post.
+  /// What is held is posted first, waiting here if need be (post_patiently), so that a
+  /// close that returned has put every message it accepted in the queue before its end.
   void finish(port_exit how, std::uint32_t fingerprint) noexcept {
     mq_out& o = *out_;
     if (!o.end.queue) return;

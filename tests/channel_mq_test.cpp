@@ -545,8 +545,9 @@ TEST_CASE(
     handshake sent, go;
     child_process sender([&] { return send_in_one_turn(address, 200, false, sent, go); });
     REQUIRE(sender.wait(bounded) == 0);
-    // The greeting and 200 messages in one queue message, then the end marker.
-    CHECK(queued(name) == 2);
+    // The turn's first message (the greeting) alone, the 200 messages in one queue
+    // message, then the end marker.
+    CHECK(queued(name) == 3);
     CHECK(receive_all(rx) == count_to(200));
   }
   CHECK(nothing_left_behind());

@@ -922,14 +922,14 @@ struct full_transport {
 constexpr std::size_t full_payload = 3600;
 
 // A pipe of one page holds the greeting and one message, and its sender holds one more
-// (up to the pipe's capacity unwritten); the next send waits. A queue of two with one receiver holds the
-// greeting and one message packed together, then the second (a sender begins to hold messages for the
-// end of the loop turn only where the queue has room for them); an MPMC ring of four slots the greeting and
+// (up to the pipe's capacity unwritten); the next send waits. A queue of two holds the greeting and one
+// message (a sender packs the messages of a loop turn after its first, and begins to hold them only
+// while the queue has room for them); an MPMC ring of four slots the greeting and
 // three; an SPSC ring of 8 KiB the greeting and two 3.6 KiB records.
 full_transport sized_transport(const std::string& transport) {
   if (transport == "pipe") return {fresh_address("pipe", "capacity=4096"), 2, true, false};
   if (transport == "fifo") return {fresh_address("fifo", "capacity=4096"), 2, true, false};
-  if (transport == "mq") return {fresh_address("mq", "capacity=2&message_size=4096"), 2, false, true};
+  if (transport == "mq") return {fresh_address("mq", "capacity=2&message_size=4096"), 1, false, true};
   if (transport == "shm") return {fresh_address("shm", "capacity=8192"), 2, false, false};
   if (transport == "file") return {fresh_address("file", "capacity=8192"), 2, false, false};
   return {fresh_address("shm-mpmc", "capacity=4&message_size=4096"), 3, false, false};
