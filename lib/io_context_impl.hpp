@@ -394,8 +394,8 @@ struct __attribute__((visibility("hidden"))) io_context::impl {  // never export
   /// once before it sleeps. Answers that keep coming while a yield ran another thread on
   /// this CPU (shared_cpu_signs in a row) come from a peer that shares it: there polling
   /// only adds system calls to what a sleep and a wake-up cost, so the next
-  /// shared_cpu_rest waits sleep at once. (Across CPUs, fewer than 1 % of answers come
-  /// during such a yield, and never several in a row.)
+  /// shared_cpu_rest waits sleep at once. (Across CPUs, fewer than 1 % of answers came
+  /// during such a yield in a pipe ping-pong here, so several in a row are rare.)
   bool busy_poll() {
     std::int64_t now = monotonic_now_ns();
     const std::int64_t deadline = now + poll_budget_ns;
