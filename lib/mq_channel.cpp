@@ -26,6 +26,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -41,10 +42,18 @@ std::string mq_size_advice(std::size_t wanted) {
       wanted, limit);
 }
 
+/// Posts `m` to `mqd` if the queue has room now: 0 once posted, EAGAIN when full, or the errno.
+int post_if_room(int mqd, std::span<const std::byte> m) noexcept {
+  const timespec now{0, 0};  // an absolute time in the past: never block
+  while (::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(m.data()), m.size(), 0,
+                        &now) != 0)
+    if (errno != EINTR) return errno == ETIMEDOUT ? EAGAIN : errno;
+  return 0;
+}
+
 bool try_send_end(int mqd, std::uint32_t fingerprint) noexcept {
   const message_head h{static_cast<std::uint32_t>(frame_kind::end), fingerprint};
-  const timespec now{0, 0};  // an absolute time in the past: never block
-  return ::mq_timedsend(static_cast<mqd_t>(mqd), reinterpret_cast<const char*>(&h), sizeof h, 0, &now) == 0;
+  return post_if_room(mqd, std::as_bytes(std::span(&h, 1))) == 0;
 }
 
 /// Why a queue's peer counts as dead: `pid` died, or (pid 0) a link's `end` that nobody
@@ -81,34 +90,26 @@ void check_receivers(const mq_end& e) {
     throw channel_closed(fmt::format("channel {}: the receiver has closed the channel", e.address));
 }
 
-/// Posts `m` if the queue has room now: true once posted; false when the queue is full.
-/// Throws what mq_send reports otherwise.
+/// post_if_room() for an end: true once posted, false when full; throws other errors.
 bool post_now(const mq_end& e, std::span<const std::byte> m) {
-  const timespec now{0, 0};  // an absolute time in the past: never block
-  for (;;) {
-    if (::mq_timedsend(static_cast<mqd_t>(e.queue.native_handle()), reinterpret_cast<const char*>(m.data()),
-                       m.size(), 0, &now) == 0)
-      return true;
-    if (errno == ETIMEDOUT || errno == EAGAIN) return false;
-    if (errno != EINTR) throw_errno(errno, fmt::format("channel {}: mq_send", e.address));
-  }
+  const int err = post_if_room(e.queue.native_handle(), m);
+  if (err != 0 && err != EAGAIN) throw_errno(err, fmt::format("channel {}: mq_send", e.address));
+  return err == 0;
 }
 
-/// A queue message that carries several frames: message_head{batch, 0}, then each frame
-/// as a 4-byte length and the frame ({kind, fingerprint} head and payload).
+/// A queue message of several frames: message_head{batch, 0}, then each as {u32 length, frame}.
 constexpr std::uint32_t batch_kind = 3;
 constexpr std::size_t batch_entry_head = 4;
 
-/// A sending end's queue and the frames it holds for the end of the loop turn, shared by
-/// the port, the end-of-turn hook and a task that waits for room, so that it outlives the
-/// port until what it holds is posted. Frames accepted in one turn leave together, as one
-/// queue message, while the queue has had one receiver only: with several, each message
-/// goes alone, so that the receivers share the work message by message.
+/// A sending end's queue and the frames it holds for the turn's end, shared by the port, the
+/// end-of-turn hook and a task that waits for room (it outlives the port until they are
+/// posted). They go as one queue message while the queue has had one receiver only; with
+/// several, each goes alone, so that the receivers share the work message by message.
 struct mq_out : turn_end_hook {
   explicit mq_out(mq_end e) noexcept : end(std::move(e)) {}
 
   bool packs() const noexcept { return end.peers && end.peers.receivers_seen() <= 1; }
-  /// The held frames as one queue message: a lone frame goes without the batch head.
+  /// The held frames as one queue message (a lone frame without the batch head).
   std::span<const std::byte> message() noexcept {
     if (frames == 1) return {held.data() + head_size + batch_entry_head, used - head_size - batch_entry_head};
     return {held.data(), used};
@@ -454,10 +455,9 @@ struct mq_receiving : mq_end {
     const std::size_t at = held_at_ + batch_entry_head;
     if (n > held_end_ - at || n > buffer.size()) {
       held_at_ = held_end_ = 0;
-      throw channel_error(EBADMSG,
-                          fmt::format("channel {}: a batch of messages announces a frame of {} bytes "
-                                      "past its end: the queue holds a corrupt message",
-                                      address, n));
+      throw channel_error(EBADMSG, fmt::format("channel {}: a corrupt batch of messages in the queue (a "
+                                               "frame of {} bytes past its end)",
+                                               address, n));
     }
     std::memcpy(buffer.data(), held_.data() + at, n);
     held_at_ = at + n;
