@@ -263,58 +263,29 @@ TEST_CASE("queue sizes the kernel cannot have are refused with std::invalid_argu
   CHECK(&ipcoro::io_context::current() == &ok);
 }
 
-TEST_CASE("with busy polling a forked peer's answers arrive and the loop counts its non-sleeping checks",
-          "[io_context]") {
-  auto [parent_end, child_end] = ipcoro::make_duplex_pipe();
-  ipcoro::test::child_process echo([&] {
-    parent_end.close();
-    ipcoro::io_context ctx;
-    auto body = [&]() -> task<int> {
-      std::array<std::byte, 64> buf{};
-      while (const std::size_t n = co_await child_end.read(buf)) {
-        co_await child_end.write_all(std::span(buf).first(n));
-      }
-      co_return 0;
-    };
-    return ipcoro::sync_wait(ctx, body());
-  });
-  child_end.close();
-  ipcoro::io_context ctx(ipcoro::io_context::options{.busy_poll = std::chrono::microseconds(500)});
-  auto body = [&]() -> task<int> {
-    int verified = 0;
-    for (int i = 0; i < 200; ++i) {
-      std::array<std::byte, 64> out{};
-      ipcoro::test::fill_pattern(out, 7, static_cast<std::uint64_t>(i) * out.size());
-      co_await parent_end.write_all(out);
-      std::array<std::byte, 64> in{};
-      if (co_await parent_end.read_exact(in) == in.size() && in == out) ++verified;
-    }
-    co_return verified;
-  };
-  CHECK(ipcoro::sync_wait(ctx, body()) == 200);
-  CHECK(ctx.stats().busy_polls > 0);
-  parent_end.close_write();
-  CHECK(echo.wait() == 0);
-}
-
 namespace {
 
-/// Pins the calling thread to `cpu` until destroyed, then gives it back its CPUs.
+/// Pins the calling thread to `cpu` (none: -1) until destroyed, then gives it back its CPUs.
 class pinned {
  public:
   explicit pinned(int cpu) {
+    if (cpu < 0) return;
+    pinned_ = true;
     ::sched_getaffinity(0, sizeof before_, &before_);
     cpu_set_t one;
     CPU_ZERO(&one);
     CPU_SET(cpu, &one);
     ::sched_setaffinity(0, sizeof one, &one);
   }
-  ~pinned() { ::sched_setaffinity(0, sizeof before_, &before_); }
+  ~pinned() {
+    if (pinned_) ::sched_setaffinity(0, sizeof before_, &before_);
+  }
   pinned(const pinned&) = delete;
   pinned& operator=(const pinned&) = delete;
 
  private:
   cpu_set_t before_{};
+  bool pinned_ = false;
 };
 
 /// The first two CPUs this process may run on, or fewer.
@@ -334,9 +305,11 @@ struct ping_pong_result {
 };
 
 /// `rounds` 64-byte round trips between this process, pinned to `mine`, and a forked echo
-/// pinned to `theirs`, each with a default io_context; first `idle_waits` timer waits of 2 ms
-/// (which leave this loop's adaptive budget at its floor).
-ping_pong_result ping_pong(int mine, int theirs, int rounds, int idle_waits) {
+/// pinned to `theirs` (-1: not pinned), the echo with a default io_context and this one with
+/// `options`; first `idle_waits` timer waits of 2 ms (which leave this loop's adaptive
+/// budget at its floor).
+ping_pong_result ping_pong(int mine, int theirs, int rounds, int idle_waits,
+                           const io_context::options& options = {}) {
   auto [parent_end, child_end] = ipcoro::make_duplex_pipe();
   ipcoro::test::child_process echo([&, theirs] {
     parent_end.close();
@@ -353,7 +326,7 @@ ping_pong_result ping_pong(int mine, int theirs, int rounds, int idle_waits) {
   });
   child_end.close();
   const pinned here(mine);
-  io_context ctx;
+  io_context ctx(options);
   auto body = [&]() -> task<int> {
     for (int i = 0; i < idle_waits; ++i) co_await ipcoro::sleep_for(2ms);
     int verified = 0;
@@ -375,6 +348,14 @@ ping_pong_result ping_pong(int mine, int theirs, int rounds, int idle_waits) {
 }
 
 }  // namespace
+
+TEST_CASE("with busy polling a forked peer's answers arrive and the loop counts its non-sleeping checks",
+          "[io_context]") {
+  const ping_pong_result r =
+      ping_pong(-1, -1, 200, 0, io_context::options{.busy_poll = std::chrono::microseconds(500)});
+  CHECK(r.verified == 200);
+  CHECK(r.stats.busy_polls > 0);
+}
 
 TEST_CASE("the adaptive poll of a loop whose waits are long shrinks to a sixteenth of its ceiling",
           "[io_context]") {
