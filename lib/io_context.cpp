@@ -282,6 +282,12 @@ void detail::loop::at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept {
   hook.queued = true;
 }
 
+bool detail::loop::end_turn_early(io_context& ctx) noexcept {
+  if (ctx.impl_->turn_end == nullptr) return false;
+  ctx.impl_->run_turn_end();
+  return true;
+}
+
 void detail::loop::hold_work(io_context& ctx) noexcept { ++ctx.impl_->external_work; }
 void detail::loop::release_work(io_context& ctx) noexcept { --ctx.impl_->external_work; }
 

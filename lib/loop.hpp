@@ -43,6 +43,10 @@ struct loop {
   /// Runs `hook.fn` at the end of the current turn of the loop (once, however often it is
   /// asked before then); also when run() or sync_wait returns and when the context shuts down.
   static void at_turn_end(io_context& ctx, turn_end_hook& hook) noexcept;
+  /// Runs the hooks queued for the turn's end now, and says whether there were any: what
+  /// is about to wait for a peer (a ring receive that found nothing, a ring's spin) first
+  /// sends what the turn held back, which may be what the peer, or itself, waits for.
+  static bool end_turn_early(io_context& ctx) noexcept;
   /// The loop's next wait sleeps without polling first (options::adaptive_poll): what waits
   /// knows that its answer comes from a thread on this CPU (an SPSC ring's peer), which
   /// cannot run while the loop polls.

@@ -22,6 +22,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -271,5 +272,130 @@ TEST_CASE("a ring link end taken late, by a process that still holds the link, i
     tx.close();
     CHECK(receiver.wait(hang_limit) == 0);
   }
+  CHECK(nothing_left_behind());
+}
+
+// ---- issue 12: an SPSC ring sender publishes a loop turn's messages together ----
+
+namespace {
+
+/// What the sender of send_held_turn does at the end of its turn of held messages.
+enum class turn_end { returns, flush, close, abort, killed };
+
+/// A sender in a child process: -1 in a turn of its own, then 0..n-1 in one turn, in
+/// which it then flushes, closes or aborts (per `how`), signals `sent` and waits for `go`.
+/// So the parent looks at the ring while the turn that sent 0..n-1 has not ended.
+int send_held_turn(const std::string& address, int n, turn_end how, const handshake& sent,
+                   const handshake& go) {
+  ipcoro::io_context ctx;
+  channel_sender<int> tx = ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address));
+  ipcoro::sync_wait(ctx, tx.send(-1));
+  ipcoro::sync_wait(ctx,
+                    [](channel_sender<int>& tx, int n, turn_end how, const handshake& sent,
+                       const handshake& go) -> task<void> {
+                      for (int i = 0; i < n; ++i) co_await tx.send(i);
+                      if (how == turn_end::flush) co_await tx.flush();
+                      if (how == turn_end::close) tx.close();
+                      if (how == turn_end::abort) tx.abort();
+                      sent.signal();
+                      (void)go.wait();  // blocks the loop: the turn does not end meanwhile
+                    }(tx, n, how, sent, go));
+  tx.close();  // nothing after a close or an abort
+  return 0;
+}
+
+std::optional<int> receive_bounded(channel_receiver<int>& rx) {
+  return ipcoro::sync_wait(ipcoro::io_context::current(), rx.receive().with_timeout(hang_limit));
+}
+
+/// Whether a receive finds nothing for 50 ms: what the sender holds is not in the ring.
+bool nothing_published(channel_receiver<int>& rx) {
+  try {
+    (void)ipcoro::sync_wait(ipcoro::io_context::current(), rx.receive().with_timeout(50ms));
+  } catch (const ipcoro::timed_out&) {
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "an SPSC ring sender publishes a loop turn's first message at once and holds the turn's others "
+    "until it ends, flushes, closes or aborts; a kill loses only what it held",
+    "[channel][ring][ipc]") {
+  const std::string transport = GENERATE("shm", "file");
+  const turn_end how =
+      GENERATE(turn_end::returns, turn_end::flush, turn_end::close, turn_end::abort, turn_end::killed);
+  const std::string name = unique_name("held");
+  const std::string address =
+      transport == "shm" ? "shm:/" + name + "?capacity=64k" : "file:/tmp/" + name + "?capacity=64k";
+  constexpr int n = 100;  // 2400 bytes of records: under the 4 KiB a sender holds at most
+  CAPTURE(address, static_cast<int>(how));
+  {
+    ipcoro::io_context ctx;
+    channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
+    handshake sent, go;
+    child_process sender([&] { return send_held_turn(address, n, how, sent, go); });
+    REQUIRE(sent.wait());
+    CHECK(receive_bounded(rx) == -1);
+    CHECK(receive_bounded(rx) == 0);  // the turn's first message went at once
+    std::vector<int> rest;
+    if (how == turn_end::returns || how == turn_end::killed) {
+      CHECK(nothing_published(rx));  // 1..n-1 are held while the turn goes on
+      if (how == turn_end::killed) {
+        sender.kill(SIGKILL);
+        CHECK(sender.wait(hang_limit) == 128 + SIGKILL);
+        CHECK_THROWS_AS(receive_bounded(rx), ipcoro::peer_died);  // what it held is lost
+      } else {
+        go.signal();
+        CHECK(sender.wait(hang_limit) == 0);
+      }
+    } else {
+      // Published by the flush, the close or the abort, before the turn ends.
+      for (int i = 1; i < n; ++i) rest.push_back(receive_bounded(rx).value_or(-2));
+      go.signal();
+      CHECK(sender.wait(hang_limit) == 0);
+    }
+    if (how != turn_end::killed) {
+      while (rest.size() < n - 1) {
+        const std::optional<int> v = receive_bounded(rx);
+        if (!v) break;
+        rest.push_back(*v);
+      }
+      std::vector<int> expected;
+      for (int i = 1; i < n; ++i) expected.push_back(i);
+      CHECK(rest == expected);
+      if (how == turn_end::abort) {
+        CHECK_THROWS_AS(receive_bounded(rx), ipcoro::peer_died);
+      } else {
+        CHECK(receive_bounded(rx) == std::nullopt);  // the end, after every message
+      }
+    }
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a durable file channel's sender publishes every message at once", "[channel][ring][ipc]") {
+  const std::string path = "/tmp/" + unique_name("durable-held");
+  const std::string address = "file:" + path + "?capacity=64k&durable=1";
+  constexpr int n = 100;
+  {
+    ipcoro::io_context ctx;
+    channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
+    handshake sent, go;
+    child_process sender([&] { return send_held_turn(address, n, turn_end::returns, sent, go); });
+    REQUIRE(sent.wait());
+    // All of them while the sender's turn goes on: a durable queue holds nothing back.
+    std::vector<int> got;
+    for (int i = -1; i < n; ++i) got.push_back(receive_bounded(rx).value_or(-2));
+    std::vector<int> expected;
+    for (int i = -1; i < n; ++i) expected.push_back(i);
+    CHECK(got == expected);
+    go.signal();
+    CHECK(sender.wait(hang_limit) == 0);
+    CHECK(receive_bounded(rx) == std::nullopt);
+  }
+  ::unlink(path.c_str());  // a durable channel's file is kept on purpose
   CHECK(nothing_left_behind());
 }

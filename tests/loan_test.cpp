@@ -272,6 +272,9 @@ TEST_CASE(
       ipcoro::sync_wait(ctx,
                         [](channel_sender<int>& tx, const handshake& holding, bool by_loan) -> task<void> {
                           for (int i = 0; i < 3; ++i) co_await tx.send(i);
+                          // Published: a turn's messages after its first are held until
+                          // it ends or a flush (docs/channels.md), and this turn never ends.
+                          co_await tx.flush();
                           if (by_loan) {
                             ipcoro::object_loan<int> loan = co_await tx.loan_object();
                             *loan = 42;  // written, never committed

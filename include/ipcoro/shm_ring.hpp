@@ -497,6 +497,14 @@ class IPCORO_API basic_ring_end {
     if (!op.await_ready()) return std::nullopt;
     return op.await_resume();
   }
+  /// SPSC sender: batches publication. The next sends and loan commits are written into
+  /// the ring but the receiver sees them only at publish(), or once they hold 4 KiB, or
+  /// when a send finds the ring full (only the receiver can free room), or at close(),
+  /// detach() or abort(). One store of the shared position per batch instead of per
+  /// message: a receiver polling the ring then takes many messages per cache transfer.
+  void hold_publication() noexcept requires(spsc&& sender) { hold_end(); }
+  /// SPSC sender: publishes what hold_publication() held, and ends holding.
+  void publish() noexcept requires(spsc&& sender) { publish_end(); }
   /// SPSC receiver: the next message in place (zero-copy); see ring_view.
   ring_view_operation receive_view() noexcept requires(spsc && !sender) {
     return ring_view_operation{endpoint_.get()};
@@ -562,6 +570,8 @@ class IPCORO_API basic_ring_end {
   void ack_through(std::uint64_t position) noexcept;
   void abort_end() noexcept;
   void leave_end() noexcept;
+  void hold_end() noexcept;
+  void publish_end() noexcept;
 
   std::unique_ptr<detail::ring_endpoint> endpoint_;
   int uncaught_ = std::uncaught_exceptions();  // SPSC sender: unwinding in the destructor is more than this

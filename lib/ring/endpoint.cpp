@@ -3,6 +3,7 @@
 #include "ring/endpoint.hpp"
 
 #include "liveness.hpp"
+#include "loop.hpp"
 #include "ring/checksum.hpp"
 
 #include <fmt/core.h>
@@ -68,6 +69,7 @@ void ring_endpoint::attach_spsc() {
   if (role_ == role_sender) {
     hdr_->sender_closed.store(0, std::memory_order_release);
     tail_ = tail;
+    published_tail_ = tail;
     head_cache_ = head;
   } else {
     hdr_->receiver_closed.store(0, std::memory_order_release);
@@ -121,6 +123,7 @@ void ring_endpoint::attach_mpmc() {
 
 void ring_endpoint::detach() noexcept {
   if (participant_index_ < 0) return;
+  if (kind_ == kind_spsc && role_ == role_sender) publish_held();
   std::uint64_t expected = identity_;
   hdr_->participants[participant_index_].compare_exchange_strong(expected, 0, std::memory_order_acq_rel);
   participant_index_ = -1;
@@ -162,6 +165,7 @@ void ring_endpoint::close() noexcept {
   if (participant_index_ < 0) return;
   if (role_ == role_sender) {
     drop_reserved();  // an open loan is never published after the close
+    publish_held();
     // After the last tail store: a receiver that sees the flag sees every message (and
     // the end check, which vouches that this close, at this position, set it).
     if (checked_) hdr_->end_check.store(end_mark(tail_), std::memory_order_relaxed);
@@ -201,6 +205,14 @@ using detail::role_sender;
       fmt::format("{} on an empty ring endpoint (default-constructed or moved from)", what));
 }
 
+/// Whether this thread's loop published what it held for the end of its turn (an SPSC
+/// channel sender's messages after the turn's first): a receive that found its ring empty
+/// then looks again, since the sender may be on this thread, before it makes a wait.
+bool published_held() noexcept {
+  io_context* ctx = io_context::current_or_null();
+  return ctx != nullptr && detail::loop::end_turn_early(*ctx);
+}
+
 /// Ends an operation's finished wait: its frame goes back to the pool, and what ended the
 /// wait (an error, a timeout, a cancellation) is rethrown.
 void end_wait(task<>& pending) {
@@ -224,7 +236,9 @@ void ring_send_operation::await_resume() {
 
 bool ring_receive_operation::await_ready() {
   if (endpoint_ == nullptr) throw_no_endpoint("ring receive");
-  const auto r = endpoint_->try_receive(buffer_, size_);
+  auto r = endpoint_->try_receive(buffer_, size_);
+  if (r == detail::ring_endpoint::outcome::would_block && published_held())
+    r = endpoint_->try_receive(buffer_, size_);
   end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
   return r != detail::ring_endpoint::outcome::would_block;
 }
@@ -262,7 +276,8 @@ void ring_loan::drop_open() noexcept {
 }
 
 bool ring_view_operation::attempt() {
-  const auto r = endpoint_->try_peek(bytes_);
+  auto r = endpoint_->try_peek(bytes_);
+  if (r == detail::ring_endpoint::outcome::would_block && published_held()) r = endpoint_->try_peek(bytes_);
   end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
   end_ = endpoint_->read_position();
   return r != detail::ring_endpoint::outcome::would_block;
@@ -354,6 +369,16 @@ void basic_ring_end<Kind, Role>::abort_end() noexcept {
   if (!endpoint_) return;
   endpoint_->abort();
   endpoint_.reset();
+}
+
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::hold_end() noexcept {
+  if (endpoint_) endpoint_->hold_publication();
+}
+
+template <ring_kind Kind, ring_role Role>
+void basic_ring_end<Kind, Role>::publish_end() noexcept {
+  if (endpoint_) endpoint_->publish_held();
 }
 
 template <ring_kind Kind, ring_role Role>

@@ -48,7 +48,10 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
   void leave_receiving() noexcept;
   /// Goes without removing this process's record, so that the other side takes the
   /// process's exit for the death of a peer.
-  void abort() noexcept { participant_index_ = -1; }
+  void abort() noexcept {
+    if (kind_ == kind_spsc && role_ == role_sender) publish_held();
+    participant_index_ = -1;
+  }
   void ack() noexcept;
   void ack_through(std::uint64_t position) noexcept;
 

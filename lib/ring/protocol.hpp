@@ -86,6 +86,16 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   /// Gives the open reservation up: nothing is published.
   void drop_reserved() noexcept { loan_open_ = false; }
   bool reservation_open() const noexcept { return loan_open_; }
+  /// SPSC sender: the next sends and commits are written but not published (the tail does
+  /// not move) until publish_held(), until they reach held_publish_limit bytes, or until a
+  /// send finds the ring full (which publishes them first: only the receiver frees room).
+  /// One tail store and wake-up check per batch instead of per message.
+  void hold_publication() noexcept { holding_ = kind_ == kind_spsc; }
+  /// SPSC sender: publishes what is held, and sends publish at once again.
+  void publish_held() noexcept {
+    holding_ = false;
+    if (tail_ != published_tail_) publish_tail();
+  }
   /// SPSC receiver: the next message in place: `view` points into the ring, valid until
   /// release_peeked() or the next try_receive / try_peek, which release it first. Its
   /// space is not given back to the sender before then (with manual_ack: before ack).
@@ -115,6 +125,12 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   };
 
   void release_read_position() noexcept;
+  /// SPSC sender: moves the shared tail to tail_ and wakes a sleeping receiver.
+  void publish_tail() noexcept {
+    published_tail_ = tail_;
+    hdr_->tail.store(tail_, std::memory_order_release);
+    notify(hdr_->data);
+  }
   /// Wakes the sleepers on `ev`, after this side published a position. Without a fence
   /// when this process takes part in the asymmetric barrier: the sleeper's membarrier()
   /// orders the publication for it.
@@ -176,17 +192,19 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   std::size_t max_message_;
   pid_t self_pid_;
   // SPSC positions kept privately: only this side moves them.
-  std::uint64_t tail_ = 0;        // sender: bytes written
-  std::uint64_t head_cache_ = 0;  // sender: last seen release position of the receiver
-  std::uint64_t read_pos_ = 0;    // receiver: next record
-  std::uint64_t tail_cache_ = 0;  // receiver: last seen tail
-  std::uint64_t moved_ = 0;       // messages this side moved
+  std::uint64_t tail_ = 0;            // sender: bytes written
+  std::uint64_t published_tail_ = 0;  // sender: what hdr_->tail holds (tail_ unless holding_)
+  std::uint64_t head_cache_ = 0;      // sender: last seen release position of the receiver
+  std::uint64_t read_pos_ = 0;        // receiver: next record
+  std::uint64_t tail_cache_ = 0;      // receiver: last seen tail
+  std::uint64_t moved_ = 0;           // messages this side moved
   bool manual_ack_;
   bool checked_ = false;  // feature_xxh3: records carry record_check_header's check
   std::size_t record_size_ = sizeof(record_header);  // SPSC: bytes of a record's header
   bool fenceless_ = false;                           // this process is registered for the asymmetric barrier
   spsc_slot loan_{};                                 // sender: the open reservation (loan_open_)
   bool loan_open_ = false;                           // sender: a reservation is open
+  bool holding_ = false;                             // sender: commits are not published yet
   bool peeked_ = false;  // receiver: try_peek() gave the record before read_pos_, unreleased
   // MPMC: attempts that found the ring full (sender) or empty (receiver), for note_would_block().
   std::uint32_t fruitless_polls_ = 0;

@@ -15,6 +15,9 @@ namespace ipcoro::detail {
 
 // How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
 inline constexpr std::uint64_t prefetch_distance = 256;
+// How many bytes a sender that holds publication (hold_publication) writes before it
+// publishes them anyway: the receiver works on one batch while the next is written.
+inline constexpr std::uint64_t held_publish_limit = 4096;
 
 inline void ring_protocol::spsc_put_header(std::uint64_t offset, std::uint64_t pos, std::uint32_t length,
                                            std::uint32_t type, std::span<const std::byte> payload) noexcept {
@@ -39,7 +42,10 @@ inline ring_protocol::outcome ring_protocol::spsc_reserve(std::size_t size, spsc
     const std::uint64_t head = hdr_->head.load(std::memory_order_acquire);
     if (head > tail_ || tail_ - head > capacity_) throw_bad_head(head);
     head_cache_ = head;
-    if (tail_ - head_cache_ + needed > capacity_) return outcome::would_block;
+    if (tail_ - head_cache_ + needed > capacity_) {
+      if (tail_ != published_tail_) publish_tail();  // what is held must reach the receiver
+      return outcome::would_block;
+    }
   }
   std::uint64_t tail = tail_;
   if (record > to_end) {
@@ -63,8 +69,8 @@ inline void ring_protocol::spsc_publish(const spsc_slot& slot, std::size_t lengt
   const std::span<const std::byte> payload{data_ + slot.offset + record_size_, length};
   spsc_put_header(slot.offset, slot.pos, static_cast<std::uint32_t>(length), record_data, payload);
   tail_ = slot.pos + align_record(record_size_ + length);
-  hdr_->tail.store(tail_, std::memory_order_release);
-  notify(hdr_->data);
+  if (holding_ && tail_ - published_tail_ < held_publish_limit) return;
+  publish_tail();
 }
 
 inline ring_protocol::outcome ring_protocol::spsc_next(std::uint64_t& offset, std::uint32_t& length) {
