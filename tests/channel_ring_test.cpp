@@ -380,6 +380,11 @@ TEST_CASE("a durable file channel's sender publishes every message at once", "[c
   const std::string path = "/tmp/" + unique_name("durable-held");
   const std::string address = "file:" + path + "?capacity=64k&durable=1";
   constexpr int n = 100;
+  // A durable channel's file is kept on purpose: removed here, also when a check throws.
+  struct remove_at_exit {
+    const std::string& path;
+    ~remove_at_exit() { ::unlink(path.c_str()); }
+  } remove{path};
   {
     ipcoro::io_context ctx;
     channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
@@ -396,6 +401,6 @@ TEST_CASE("a durable file channel's sender publishes every message at once", "[c
     CHECK(sender.wait(hang_limit) == 0);
     CHECK(receive_bounded(rx) == std::nullopt);
   }
-  ::unlink(path.c_str());  // a durable channel's file is kept on purpose
+  ::unlink(path.c_str());
   CHECK(nothing_left_behind());
 }
