@@ -63,7 +63,8 @@ class batched_publication {
       return;
     }
     io_context* ctx = io_context::current_or_null();
-    if (ctx == nullptr) return;  // no turn to end: every message is published at once
+    // No turn that will end soon (no loop, or one that nothing turns): published at once.
+    if (ctx == nullptr || !loop::driven(*ctx)) return;
     turn_->ring = &ring;
     turn_->keep = turn_;
     loop::at_turn_end(*ctx, *turn_);
