@@ -113,10 +113,10 @@ class channel_sender {
   }
 
   /// Completes once every value sent so far has reached the kernel: it is in the pipe, FIFO,
-  /// queue or ring, and a process may exit or block without losing it. Only byte streams
-  /// (pipe, FIFO, `fd:`) hold sent values back, until the end of the loop's turn; elsewhere
-  /// this does nothing. Throws channel_closed when the receiver has gone (a write made after
-  /// the send completed may be the one that found out), and when this sender is empty.
+  /// queue or ring, and a process may exit or block without losing it. Streams, queues with
+  /// one receiver and SPSC rings hold values sent in a loop turn until it ends (see
+  /// docs/channels.md); elsewhere this does nothing. Throws channel_closed when the receiver
+  /// has gone (a later write may be what found out), and when this sender is empty.
   [[nodiscard]] task<void> flush() {
     if constexpr (encodable<T>) {
       if (port_) return flush_port(detail::pooled_frame{}, port_);
