@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // batched_log: a process ships log records to a collector process over a pipe channel.
 // Records sent in one loop turn leave in one write (over a message queue: as one queue
-// message, after the turn's first); flush() says when they are all in the kernel, so the
+// message, after the turn's first; over a shared-memory ring: published together, after
+// the turn's first); flush() says when they are all in the kernel (or the ring), so the
 // shipper can report "shipped" only for what a crash could no longer lose.
 //
 //   shipper --pipe: channel--> collector
@@ -10,7 +11,7 @@
 // and closes; the collector checks every record's sequence number and text and exits 0
 // only when it saw all of them in order, then a clean end.
 //
-// Usage: batched_log [--records N] [--burst N] [--transport pipe|fifo|mq]
+// Usage: batched_log [--records N] [--burst N] [--transport pipe|fifo|mq|shm]
 #include <ipcoro/ipcoro.hpp>
 
 #include <fmt/core.h>
@@ -87,7 +88,8 @@ bool parse(int argc, char** argv, config& cfg) {
     }
   }
   return argc % 2 == 1 && cfg.burst > 0 &&
-         (cfg.transport == "pipe" || cfg.transport == "fifo" || cfg.transport == "mq");
+         (cfg.transport == "pipe" || cfg.transport == "fifo" || cfg.transport == "mq" ||
+          cfg.transport == "shm");
 }
 
 }  // namespace
@@ -95,11 +97,12 @@ bool parse(int argc, char** argv, config& cfg) {
 int main(int argc, char** argv) try {
   config cfg;
   if (!parse(argc, argv, cfg)) {
-    fmt::print(stderr, "usage: {} [--records N] [--burst N (>0)] [--transport pipe|fifo|mq]\n", argv[0]);
+    fmt::print(stderr, "usage: {} [--records N] [--burst N (>0)] [--transport pipe|fifo|mq|shm]\n", argv[0]);
     return 2;
   }
   const std::string address = cfg.transport == "pipe"   ? std::string("pipe:")
                               : cfg.transport == "fifo" ? fmt::format("fifo:/tmp/batched-log-{}", ::getpid())
+                              : cfg.transport == "shm"  ? fmt::format("shm:/batched-log-{}", ::getpid())
                                                         : fmt::format("mq:/batched-log-{}", ::getpid());
   ipcoro::channel_link link = ipcoro::channel_link::create(address);
   const pid_t collector = ::fork();
