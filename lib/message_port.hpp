@@ -35,6 +35,15 @@ concept loaning_sender = requires(Transport& t, std::size_t n) {
   { t.try_loan(n) } -> std::same_as<std::optional<ring_loan>>;
   t.loan(n);
 };
+/// A transport that reserves room in itself for one message and publishes it later (an
+/// SPSC ring): the channel encodes a message that fits straight into it. try_reserve is
+/// false when there is no room now; drop_reserved gives the room back unpublished.
+template <class Transport>
+concept reserving_sender = requires(Transport& t, std::size_t n, std::span<std::byte>& space) {
+  { t.try_reserve(n, space) } -> std::same_as<bool>;
+  t.commit_reserved(n);
+  t.drop_reserved();
+};
 /// A transport that gives messages in place (an SPSC ring): the channel's zero-copy views.
 template <class Transport>
 concept viewing_receiver = requires(Transport& t) {
@@ -74,23 +83,22 @@ class message_send_port final : public send_port {
     buf_.grow(transport_.max_message(), 0);
   }
 
-  /// Where the ring has room now, the message is encoded straight into it (a loan that
-  /// try_send_prepared() commits): one copy fewer than through the port's buffer.
+  /// Where the ring has room now, the message is encoded straight into it (a reservation
+  /// that try_send_prepared() commits): one copy fewer than through the port's buffer.
   std::span<std::byte> prepare(std::size_t size) override {
     check_fits(size);
     used_ = head_size + size;
-    if constexpr (loaning_sender<Transport>) {
+    if constexpr (reserving_sender<Transport>) {
       drop_staged();
-      std::optional<ring_loan> l;
+      std::span<std::byte> space;
       try {
-        if (greeted_) l = transport_.try_loan(used_);
+        staged_ = greeted_ && transport_.try_reserve(used_, space);
       } catch (...) {
         rethrow_send_error();
       }
-      if (l) {
-        loan_ = std::move(*l);
-        staged_ = true;
-        return open_loan();
+      if (staged_) {
+        put_head(space.data(), frame_kind::data);
+        return space.subspan(head_size);
       }
     }
     put_head(buf_.data(), frame_kind::data);
@@ -232,17 +240,17 @@ class message_send_port final : public send_port {
   }
   /// A message prepared in the ring and then not sent (its encoding threw) is given up.
   void drop_staged() noexcept {
-    if constexpr (loaning_sender<Transport>) {
-      if (staged_) loan_.drop();
+    if constexpr (reserving_sender<Transport>) {
+      if (staged_) transport_.drop_reserved();
       staged_ = false;
     }
   }
   /// Publishes a message prepared in the ring; false when it was prepared in buf_.
   bool commit_staged() {
-    if constexpr (loaning_sender<Transport>) {
+    if constexpr (reserving_sender<Transport>) {
       if (staged_) {
         staged_ = false;
-        loan_.commit(used_);
+        transport_.commit_reserved(used_);
         return true;
       }
     }
@@ -261,8 +269,8 @@ class message_send_port final : public send_port {
 
   Transport transport_;
   byte_buffer buf_;
-  ring_loan loan_;       // the open loan (loaning transports)
-  bool staged_ = false;  // loan_ holds the prepared message, not a loan of the user's
+  ring_loan loan_;       // the open loan of the user's (loaning transports)
+  bool staged_ = false;  // the transport holds the prepared message, reserved (reserving transports)
   std::size_t used_ = 0;
   bool greeted_ = false;
 };

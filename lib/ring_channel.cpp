@@ -10,6 +10,7 @@
 #include "link_claims.hpp"
 #include "loop.hpp"
 #include "message_port.hpp"
+#include "ring/endpoint.hpp"
 #include "ring/protocol.hpp"
 
 #include <fmt/core.h>
@@ -59,7 +60,7 @@ class batched_publication {
   void before_send(spsc_ring_sender& ring) noexcept {
     if (!turn_) return;
     if (turn_->queued) {
-      ring.hold_publication();
+      if (ring_endpoint* e = ring_access::endpoint(ring)) e->hold_publication();
       return;
     }
     io_context* ctx = io_context::current_or_null();
@@ -102,6 +103,18 @@ struct ring_sending {
   std::optional<ring_loan> try_loan(std::size_t n) requires spsc {
     batching.before_send(ring);
     return ring.try_loan(n);
+  }
+  /// The channel's path for a message that fits now: reserved in the ring, encoded there,
+  /// committed (what ring_loan does, without the loan object). False: no room now.
+  bool try_reserve(std::size_t n, std::span<std::byte>& space) requires spsc {
+    ring_endpoint* e = ring_access::endpoint(ring);
+    if (e == nullptr) return false;  // the waiting send reports the empty end
+    batching.before_send(ring);
+    return e->try_reserve(n, space) == ring_endpoint::outcome::done;
+  }
+  void commit_reserved(std::size_t n) requires spsc { ring_access::endpoint(ring)->commit_reserved(n); }
+  void drop_reserved() noexcept requires spsc {
+    if (ring_endpoint* e = ring_access::endpoint(ring)) e->drop_reserved();
   }
   /// The channel's flush(): what the turn held is published now (never waits).
   std::suspend_never drain() noexcept requires spsc {

@@ -205,6 +205,7 @@ IPCORO_API void format_mpmc_ring(std::span<std::byte> region, std::size_t max_me
 
 namespace detail {
 class ring_endpoint;
+struct ring_access;
 }  // namespace detail
 
 /// Sends one message: completes once the whole message is in the ring (waiting for space
@@ -573,6 +574,7 @@ class IPCORO_API basic_ring_end {
   void hold_end() noexcept;
   void publish_end() noexcept;
 
+  friend struct detail::ring_access;  // the library's channels reach the endpoint directly
   std::unique_ptr<detail::ring_endpoint> endpoint_;
   int uncaught_ = std::uncaught_exceptions();  // SPSC sender: unwinding in the destructor is more than this
 };

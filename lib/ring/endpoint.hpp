@@ -119,4 +119,14 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
   std::int32_t cpu_tag_ = 0;  // what this side last wrote into hdr_->cpu
 };
 
+/// The library's own way to a ring end's endpoint: a channel over an SPSC ring reserves,
+/// commits and holds publication on it directly, without the public ring_loan objects.
+struct ring_access {
+  /// Null for an empty end (moved from, or aborted).
+  template <ring_kind Kind, ring_role Role>
+  static ring_endpoint* endpoint(basic_ring_end<Kind, Role>& end) noexcept {
+    return end.endpoint_.get();
+  }
+};
+
 }  // namespace ipcoro::detail
