@@ -67,6 +67,19 @@ concept draining = requires(Transport& t) {
   t.drain();
 };
 
+/// What a peek at a transport's next message found.
+enum class peek_result : unsigned char { message, empty, end };
+
+/// An in-place receiver whose next message can be looked at without a view object (an SPSC
+/// ring): try_peek gives its bytes and the position to release it at, release_peeked frees
+/// it (the channel's path for a message that is there).
+template <class Transport>
+concept peeking_receiver = in_place_receiver<Transport> &&
+    requires(Transport& t, std::span<const std::byte>& m, std::uint64_t& end) {
+  { t.try_peek(m, end) } -> std::same_as<peek_result>;
+  t.release_peeked(end);
+};
+
 template <class Transport>
 concept acknowledging = requires(Transport& t, std::uint64_t p) {
   { t.position() } -> std::same_as<std::uint64_t>;
@@ -287,6 +300,7 @@ class message_receive_port final : public receive_port {
   std::span<const std::byte> current() const noexcept override { return {frame_ + head_size, length_}; }
   void consume() noexcept override {
     current_ = false;
+    release_peeked();
     if constexpr (viewing_receiver<Transport>) view_.release();
     if constexpr (acknowledging<Transport>) consumed_position_ = current_position_;
   }
@@ -336,7 +350,26 @@ class message_receive_port final : public receive_port {
   }
 
   bool try_next_view() override {
-    if constexpr (viewing_receiver<Transport>) {
+    if constexpr (peeking_receiver<Transport>) {
+      if (current_) return true;
+      while (!ended_) {
+        std::span<const std::byte> frame;
+        peek_result r;
+        try {
+          r = transport_.try_peek(frame, peeked_end_);
+        } catch (const peer_died& e) {
+          throw_peer_died(address(), e);
+        }
+        if (r == peek_result::empty) return false;
+        if (r == peek_result::end) return take_frame(std::nullopt).value_or(false);
+        peeked_ = true;
+        const std::optional<bool> data = take_frame(frame);
+        if (data && *data) return true;  // current until consume() releases it
+        release_peeked();                // a greeting, or the end frame
+        if (data) return *data;
+      }
+      return false;
+    } else if constexpr (viewing_receiver<Transport>) {
       if (current_) return true;
       while (!ended_) {
         ring_try_view r;
@@ -371,6 +404,7 @@ class message_receive_port final : public receive_port {
   }
 
   void finish(port_exit) noexcept override {
+    release_peeked();
     if constexpr (viewing_receiver<Transport>) view_.release();
     transport_.close();
     ended_ = true;
@@ -378,6 +412,13 @@ class message_receive_port final : public receive_port {
   }
 
  private:
+  /// Frees the message try_peek gave, if one is open.
+  void release_peeked() noexcept {
+    if constexpr (peeking_receiver<Transport>) {
+      if (peeked_) transport_.release_peeked(peeked_end_);
+      peeked_ = false;
+    }
+  }
   /// Takes the message of `size` bytes in the buffer (none: the end of the stream): true
   /// when it is a data message, now current; false at the end; empty for a greeting (go
   /// on to the next message).
@@ -435,6 +476,8 @@ class message_receive_port final : public receive_port {
   Transport transport_;
   byte_buffer buf_;
   ring_view view_;                    // the current message in place (viewing transports)
+  std::uint64_t peeked_end_ = 0;      // where the message try_peek gave ends (peeking transports)
+  bool peeked_ = false;               // ... and it is open (current, or being taken)
   const std::byte* frame_ = nullptr;  // the current message's frame: in buf_ or in view_
   std::size_t length_ = 0;
   std::uint64_t current_position_ = 0;   // the transport's position after the current message

@@ -140,6 +140,31 @@ struct ring_sending {
   }
 };
 
+/// The next message of an SPSC ring in place, for a channel's try_next (see
+/// peeking_receiver). An empty ring is looked at again after this thread's loop published
+/// what it held for the turn's end (the sender may be on this thread).
+peek_result peek_ring(spsc_ring_receiver& ring, std::span<const std::byte>& frame, std::uint64_t& end) {
+  ring_endpoint* e = ring_access::endpoint(ring);
+  if (e == nullptr) return peek_result::empty;  // the waiting receive reports the empty end
+  ring_endpoint::outcome r = e->try_peek(frame);
+  if (r == ring_endpoint::outcome::would_block) {
+    io_context* ctx = io_context::current_or_null();
+    if (ctx == nullptr || !loop::end_turn_early(*ctx)) return peek_result::empty;
+    r = e->try_peek(frame);
+    if (r == ring_endpoint::outcome::would_block) return peek_result::empty;
+  }
+  end = e->read_position();
+  return r == ring_endpoint::outcome::end_of_stream ? peek_result::end : peek_result::message;
+}
+void release_ring_peek(spsc_ring_receiver& ring, std::uint64_t end) noexcept {
+  if (ring_endpoint* e = ring_access::endpoint(ring)) e->release_peeked(end);
+}
+/// Whether a channel decodes straight from the ring: unless its records carry checksums.
+bool ring_in_place(const spsc_ring_receiver& ring) noexcept {
+  const ring_endpoint* e = ring_access::endpoint(ring);
+  return e != nullptr && !e->record_checks();
+}
+
 template <class Ring>
 struct ring_receiving {
   std::shared_ptr<void> region;
@@ -157,7 +182,14 @@ struct ring_receiving {
   }
   /// Decode straight from the ring (see in_place_receiver), unless records carry checksums.
   bool reads_in_place() const noexcept requires std::is_same_v<Ring, spsc_ring_receiver> {
-    return ring.checksum() == ring_checksum::none;
+    return ring_in_place(ring);
+  }
+  peek_result try_peek(std::span<const std::byte>& frame,
+                       std::uint64_t& end) requires std::is_same_v<Ring, spsc_ring_receiver> {
+    return peek_ring(ring, frame, end);
+  }
+  void release_peeked(std::uint64_t end) noexcept requires std::is_same_v<Ring, spsc_ring_receiver> {
+    release_ring_peek(ring, end);
   }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
@@ -184,7 +216,11 @@ struct durable_ring_receiving {
   ring_try_result try_receive(std::span<std::byte> buffer) { return ring.try_receive(buffer); }
   auto receive_view() noexcept { return ring.receive_view(); }
   ring_try_view try_receive_view() { return ring.try_receive_view(); }
-  bool reads_in_place() const noexcept { return ring.checksum() == ring_checksum::none; }
+  bool reads_in_place() const noexcept { return ring_in_place(ring); }
+  peek_result try_peek(std::span<const std::byte>& frame, std::uint64_t& end) {
+    return peek_ring(ring, frame, end);
+  }
+  void release_peeked(std::uint64_t end) noexcept { release_ring_peek(ring, end); }
   static std::optional<std::size_t> size_of(std::optional<std::size_t> size) noexcept { return size; }
   void pass_end_on(std::uint32_t) noexcept {}
   std::uint64_t position() const noexcept { return ring.position(); }
