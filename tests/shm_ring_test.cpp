@@ -1471,3 +1471,70 @@ TEST_CASE("try_send and try_receive move what fits without waiting, across proce
     drain(rx);
   }
 }
+
+TEST_CASE("an SPSC sender that holds publication shows nothing until publish, 4 KiB, a full ring or close",
+          "[ring]") {
+  const int how = GENERATE(0, 1, 2, 3);  // publish, 4 KiB held, ring full, close
+  CAPTURE(how);
+  // What the ring holds in the end: 85, one more, as many as fit (16384 / 48), 85.
+  const int expected = how == 1 ? 86 : how == 2 ? 341 : 85;
+  shared_memory mem(ipcoro::spsc_ring_region_size(16384));
+  ipcoro::format_spsc_ring(mem.bytes());
+  ipcoro::test::handshake held;
+  ipcoro::test::handshake looked;
+  // The child sends under hold_publication and says how many went in; the parent looks
+  // at the ring between the sends and what ends the hold.
+  ipcoro::test::child_process child([&] {
+    ipcoro::spsc_ring_sender tx(mem.bytes());
+    std::array<std::byte, 40> m{};  // 48-byte records
+    tx.hold_publication();
+    int sent = 0;
+    const int before_limit = 4096 / 48;  // 85 records (4080 bytes) stay under 4 KiB
+    for (; sent < before_limit; ++sent) {
+      m[0] = static_cast<std::byte>(sent);
+      if (!tx.try_send(m)) return 255;
+    }
+    held.signal();
+    if (!looked.wait()) return 254;
+    if (how == 0) tx.publish();
+    if (how == 1) {  // the next record reaches 4 KiB held: published with the others
+      m[0] = static_cast<std::byte>(sent++);
+      if (!tx.try_send(m)) return 253;
+    }
+    if (how == 2) {  // fill the ring: the send that finds it full publishes what is held
+      tx.hold_publication();
+      for (; sent < 1000; ++sent) {
+        m[0] = static_cast<std::byte>(sent);
+        if (!tx.try_send(m)) break;
+      }
+    }
+    if (how == 3) tx.close();
+    held.signal();
+    if (!looked.wait()) return 252;
+    tx.close();
+    return sent == expected ? 0 : 1;
+  });
+  ipcoro::spsc_ring_receiver rx(mem.bytes());
+  std::array<std::byte, 64> buf{};
+  REQUIRE(held.wait());
+  CHECK(rx.try_receive(buf).would_block);  // 85 records written, none published
+  looked.signal();
+  REQUIRE(held.wait());
+  int got = 0;
+  for (;;) {
+    const ipcoro::ring_try_result r = rx.try_receive(buf);
+    if (r.would_block || !r.size) break;
+    CHECK(buf[0] == static_cast<std::byte>(got));
+    ++got;
+  }
+  CHECK(got == expected);  // all of them, once what ends the hold came
+  looked.signal();
+  CHECK(child.wait() == 0);
+  for (;;) {
+    const ipcoro::ring_try_result r = rx.try_receive(buf);
+    if (r.would_block) continue;
+    if (!r.size) break;
+    ++got;
+  }
+  CHECK(got == expected);  // and nothing more before the end
+}
