@@ -288,6 +288,11 @@ bool detail::loop::end_turn_early(io_context& ctx) noexcept {
   return true;
 }
 
+bool detail::loop::end_turn_early_here() noexcept {
+  io_context* ctx = current_context;
+  return ctx != nullptr && end_turn_early(*ctx);
+}
+
 void detail::loop::hold_work(io_context& ctx) noexcept { ++ctx.impl_->external_work; }
 void detail::loop::release_work(io_context& ctx) noexcept { --ctx.impl_->external_work; }
 

@@ -47,6 +47,8 @@ struct loop {
   /// is about to wait for a peer (a ring receive that found nothing, a ring's spin) first
   /// sends what the turn held back, which may be what the peer, or itself, waits for.
   static bool end_turn_early(io_context& ctx) noexcept;
+  /// end_turn_early on this thread's context, if it has one.
+  static bool end_turn_early_here() noexcept;
   /// The loop's next wait sleeps without polling first (options::adaptive_poll): what waits
   /// knows that its answer comes from a thread on this CPU (an SPSC ring's peer), which
   /// cannot run while the loop polls.

@@ -148,8 +148,7 @@ peek_result peek_ring(spsc_ring_receiver& ring, std::span<const std::byte>& fram
   if (e == nullptr) return peek_result::empty;  // the waiting receive reports the empty end
   ring_endpoint::outcome r = e->try_peek(frame);
   if (r == ring_endpoint::outcome::would_block) {
-    io_context* ctx = io_context::current_or_null();
-    if (ctx == nullptr || !loop::end_turn_early(*ctx)) return peek_result::empty;
+    if (!loop::end_turn_early_here()) return peek_result::empty;
     r = e->try_peek(frame);
     if (r == ring_endpoint::outcome::would_block) return peek_result::empty;
   }

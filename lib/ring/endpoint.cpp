@@ -205,14 +205,6 @@ using detail::role_sender;
       fmt::format("{} on an empty ring endpoint (default-constructed or moved from)", what));
 }
 
-/// Whether this thread's loop published what it held for the end of its turn (an SPSC
-/// channel sender's messages after the turn's first): a receive that found its ring empty
-/// then looks again, since the sender may be on this thread, before it makes a wait.
-bool published_held() noexcept {
-  io_context* ctx = io_context::current_or_null();
-  return ctx != nullptr && detail::loop::end_turn_early(*ctx);
-}
-
 /// Ends an operation's finished wait: its frame goes back to the pool, and what ended the
 /// wait (an error, a timeout, a cancellation) is rethrown.
 void end_wait(task<>& pending) {
@@ -237,7 +229,9 @@ void ring_send_operation::await_resume() {
 bool ring_receive_operation::await_ready() {
   if (endpoint_ == nullptr) throw_no_endpoint("ring receive");
   auto r = endpoint_->try_receive(buffer_, size_);
-  if (r == detail::ring_endpoint::outcome::would_block && published_held())
+  // Found empty: once this thread's loop published what it held for its turn's end (the
+  // sender may be on this thread), look again before making a wait.
+  if (r == detail::ring_endpoint::outcome::would_block && detail::loop::end_turn_early_here())
     r = endpoint_->try_receive(buffer_, size_);
   end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
   return r != detail::ring_endpoint::outcome::would_block;
@@ -277,7 +271,8 @@ void ring_loan::drop_open() noexcept {
 
 bool ring_view_operation::attempt() {
   auto r = endpoint_->try_peek(bytes_);
-  if (r == detail::ring_endpoint::outcome::would_block && published_held()) r = endpoint_->try_peek(bytes_);
+  if (r == detail::ring_endpoint::outcome::would_block && detail::loop::end_turn_early_here())
+    r = endpoint_->try_peek(bytes_);  // as in ring_receive_operation::await_ready
   end_of_stream_ = r == detail::ring_endpoint::outcome::end_of_stream;
   end_ = endpoint_->read_position();
   return r != detail::ring_endpoint::outcome::would_block;

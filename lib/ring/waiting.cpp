@@ -179,7 +179,7 @@ template <class Attempt>
 unsigned ring_endpoint::spin(Attempt attempt) {
   if (!worth_spinning()) return 0;
   // The peer may be waiting for what this thread's senders hold until the turn's end.
-  if (io_context* ctx = io_context::current_or_null()) loop::end_turn_early(*ctx);
+  loop::end_turn_early_here();
   // The clock is read only once the answer did not come within the first few polls.
   clock::time_point start{};
   for (unsigned i = 1;; ++i) {
