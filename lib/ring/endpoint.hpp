@@ -124,7 +124,11 @@ class __attribute__((visibility("hidden"))) ring_endpoint : public ring_protocol
 struct ring_access {
   /// Null for an empty end (moved from, or aborted).
   template <ring_kind Kind, ring_role Role>
-  static ring_endpoint* endpoint(const basic_ring_end<Kind, Role>& end) noexcept {
+  static ring_endpoint* endpoint(basic_ring_end<Kind, Role>& end) noexcept {
+    return end.endpoint_.get();
+  }
+  template <ring_kind Kind, ring_role Role>
+  static const ring_endpoint* endpoint(const basic_ring_end<Kind, Role>& end) noexcept {
     return end.endpoint_.get();
   }
 };
