@@ -6,6 +6,7 @@
 #include "ipcoro/channel.hpp"
 
 #include <exception>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -59,7 +60,21 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   friend awaiter;
   static task<void> make(task<void>& base) {
     auto& op = static_cast<channel_send_operation&>(base);
+    if constexpr (encodable<T>) {
+      if (op.guard_) return send_prepared(detail::pooled_frame{}, op.sender_.port_, op.size_);
+    }
     return op.sender_.start_send(op.take_value());
+  }
+
+  /// The rest of a send that try_port prepared and the transport could not take at once:
+  /// it waits for the transport with the message as prepared, under the lock try_port
+  /// took (this operation holds it until resume()), so it is not encoded again.
+  static task<void> send_prepared(detail::pooled_frame, std::shared_ptr<detail::send_port> owner,
+                                  std::size_t size) {
+    detail::send_port& port = *owner;
+    co_await port.send_prepared();
+    ++port.messages;
+    port.bytes += size;
   }
 
   /// The value to store: moved from an rvalue's, or a copy of the lvalue (a type that
@@ -88,31 +103,48 @@ class [[nodiscard]] channel_send_operation : public task<void> {
 
   bool try_port(detail::send_port& port, bool stop_requested) {
     if (!port.lock.try_lock()) return false;
-    const mutex::guard guard{port.lock};
-    const detail::port_base::in_flight busy{port};
-    if (port.leaving() || port.loan_open) return false;  // the coroutine reports it
+    guard_.emplace(port.lock);
+    busy_.emplace(port);
+    if (port.leaving() || port.loan_open) {  // the coroutine reports it
+      release();
+      return false;
+    }
     try {
       if (stop_requested) {
+        release();
         settle();
         cancelled_ = true;
         return true;
       }
-      const std::size_t size = codec<T>::size(*value_);
-      codec<T>::encode(*value_, port.prepare(size));
-      // Not sent at once: the coroutine prepares it again under the lock and waits.
+      size_ = codec<T>::size(*value_);
+      codec<T>::encode(*value_, port.prepare(size_));
+      // Not sent at once: send_prepared() waits for the transport, and the lock stays
+      // held until then, so that nothing else is prepared over this message.
       if (!port.try_send_prepared()) return false;
       settle();
       ++port.messages;
-      port.bytes += size;
+      port.bytes += size_;
     } catch (...) {
       settle();
       failure_ = std::current_exception();
     }
+    release();
     return true;
   }
 
+  void release() noexcept {
+    busy_.reset();
+    guard_.reset();
+  }
+
   void resume() {
-    if (handle()) return task<void>::awaiter{handle()}.await_resume();
+    if (handle()) {
+      struct release_at_exit {
+        channel_send_operation& op;
+        ~release_at_exit() { op.release(); }
+      } at_exit{*this};
+      return task<void>::awaiter{handle()}.await_resume();
+    }
     if (cancelled_) throw operation_cancelled{};
     if (failure_) std::rethrow_exception(failure_);
   }
@@ -121,6 +153,11 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   std::optional<T> owned_;  // the value sent from an rvalue; an lvalue's is not copied
   const T* value_;          // what is sent: *owned_ or the caller's lvalue
   std::exception_ptr failure_;
+  // A message try_port prepared and the transport did not take at once: the port's lock
+  // and in-flight mark, kept for send_prepared(), and the payload's size.
+  std::optional<mutex::guard> guard_;
+  std::optional<detail::port_base::in_flight> busy_;
+  std::size_t size_ = 0;
   bool cancelled_ = false;
 };
 
