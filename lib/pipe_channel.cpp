@@ -38,7 +38,8 @@ std::unique_ptr<link_ends> make_pipe_link(const channel_address& a) {
   pipe_pair p = make_pipe(pipe_options{a.capacity.value_or(0)});
   if (!a.capacity) widen_stream_pipe(p.writer.native_handle());
   const write_path path = p.writer.path();
-  return std::make_unique<stream_link>(a.text, p.reader.release_fd(), p.writer.release_fd(), path);
+  // Both ends are ipcoro's, and its receiver reads: the sender may lend large frames.
+  return std::make_unique<stream_link>(a.text, p.reader.release_fd(), p.writer.release_fd(), path, true);
 }
 
 int checked_fd(const channel_address& a, int access) {

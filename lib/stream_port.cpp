@@ -9,6 +9,7 @@
 
 #include "channel_wire.hpp"
 #include "loop.hpp"
+#include "page_lending.hpp"
 
 #include <fcntl.h>
 #include <fmt/core.h>
@@ -84,6 +85,7 @@ struct stream_out : turn_end_hook {
   byte_buffer writing;
   std::size_t write_end = 0;
   std::size_t written = 0;
+  std::uint64_t put = 0;             // bytes put into the pipe in all (written and lent)
   wait_list progress;                // sends waiting for room, flushes waiting for the kernel
   std::shared_ptr<stream_out> keep;  // while the hook is queued
   int error = 0;                     // a deferred write's errno, for the next send or flush
@@ -100,7 +102,11 @@ void reserve_held(byte_buffer& b, std::size_t need, std::size_t keep, std::size_
   b.grow(need > small ? std::max(need, bound) : need, keep);
 }
 
-void note_write() noexcept { writes_made.fetch_add(1, std::memory_order_relaxed); }
+/// `n` more bytes are in the kernel, in one system call.
+void note_write(stream_out& o, std::size_t n) noexcept {
+  o.put += n;
+  writes_made.fetch_add(1, std::memory_order_relaxed);
+}
 
 /// A deferred write failed: what is held is lost; the next send or flush reports `err`.
 void fail(stream_out& o, int err) noexcept {
@@ -138,7 +144,7 @@ bool write_now(stream_out& o) noexcept {
       fail(o, errno);
       return true;
     }
-    note_write();
+    note_write(o, static_cast<std::size_t>(n));
     o.written += static_cast<std::size_t>(n);
     if (static_cast<std::size_t>(n) < chunk) return false;
   }
@@ -164,7 +170,7 @@ void write_patiently(stream_out& o) noexcept {
       fail(o, errno);
       return;
     }
-    note_write();
+    note_write(o, static_cast<std::size_t>(n));
     o.written += static_cast<std::size_t>(n);
   }
 }
@@ -181,9 +187,10 @@ task<void> keep_writing(pooled_frame, std::shared_ptr<stream_out> out) {
     try {
       co_await write;
       o.written += chunk;
-      note_write();
+      note_write(o, chunk);
     } catch (const operation_cancelled&) {
       o.written += write.written();
+      o.put += write.written();
       cancelled = true;  // the loop is shutting down
     } catch (const std::system_error& e) {
       fail(o, e.code().value());
@@ -249,16 +256,19 @@ class stream_send_port final : public send_port {
   /// `greet_at_open`: greet as soon as the end has its identity rather than with the first
   /// message (a FIFO opened by name, whose receiver waits for a greeting before it can
   /// tell a sender's end of file from "nobody came yet").
-  stream_send_port(std::string address, unique_fd fd, write_path path, bool greet_at_open = false)
+  /// `lend`: large frames are lent to the pipe (lent_pages), for a receiver known to read.
+  stream_send_port(std::string address, unique_fd fd, write_path path, bool greet_at_open, bool lend)
       : send_port(std::move(address)),
         out_(std::make_shared<stream_out>(std::move(fd), path)),
-        greet_at_open_(greet_at_open) {
+        greet_at_open_(greet_at_open),
+        lend_(lend) {
     out_->fn = &flush_at_turn_end;
     ignore_sigpipe();  // a close() may write without a loop
   }
 
-  /// Frames the message where it will wait: behind what is held while that stays within
-  /// the bound (or nothing is held), otherwise aside until there is room.
+  /// Frames the message where it will wait: in memory lent to the pipe when it is large
+  /// and the receiver is ours; otherwise behind what is held while that stays within the
+  /// bound (or nothing is held), else aside until there is room.
   std::span<std::byte> prepare(std::size_t size) override {
     if (size > max_stream_payload) {
       throw channel_error(
@@ -266,7 +276,14 @@ class stream_send_port final : public send_port {
                                 address(), size, max_stream_payload));
     }
     stream_out& o = *out_;
+    finish_lent();
     frame_ = head_size + size + (greeted_ ? 0 : head_size + greeting().size());
+    if (lend_ && greeted_) {
+      const std::span<std::byte> lent = pages_.claim(o.fd.get(), frame_, o.put);
+      lending_ = !lent.empty();
+      lent_ = 0;
+      if (lending_) return {put(lent.data(), frame_kind::data, size), size};
+    }
     aside_ = o.held() > 0 && o.held() + frame_ > o.bound;
     byte_buffer& to = aside_ ? aside_buf_ : o.pending;
     const std::size_t at = aside_ ? 0 : o.used;
@@ -281,8 +298,9 @@ class stream_send_port final : public send_port {
   /// turn of the loop, with whatever else is sent meanwhile.
   bool try_send_prepared() override {
     check();
+    if (lending_) return lend_now();
     if (aside_) return false;
-    accept();
+    accept(frame_);
     return true;
   }
 
@@ -293,6 +311,30 @@ class stream_send_port final : public send_port {
   task<void> commit(pooled_frame) override {
     check();
     stream_out& o = *out_;
+    if (lending_) {
+      // What is held goes first; then the frame as the pipe takes it. Once part of it is
+      // in the pipe the send is done even when this end leaves meanwhile: the rest is
+      // copied and written before the end frame, so the stream never stops mid-frame.
+      try {
+        while (!lend_now()) {
+          if (o.held() > 0 || o.flushing) {
+            start_flush(o, out_);
+            check();
+            if (o.held() > 0 || o.flushing) co_await park_operation{o.progress};
+          } else {
+            (void)co_await poll(o.fd.get(), POLLOUT);
+          }
+          check();
+        }
+      } catch (...) {
+        if (lent_ == 0 || o.error != 0) {
+          lending_ = false;
+          throw;
+        }
+        copy_rest();
+      }
+      co_return;
+    }
     while (o.held() > 0 && o.held() + frame_ > o.bound) {
       start_flush(o, out_);
       check();
@@ -302,7 +344,7 @@ class stream_send_port final : public send_port {
     reserve_held(o.pending, o.used + frame_, o.used, o.bound);
     std::memcpy(o.pending.data() + o.used, aside_buf_.data(), frame_);
     aside_ = false;
-    accept();
+    accept(frame_);
   }
 
   task<void> drain(pooled_frame) override {
@@ -326,6 +368,10 @@ class stream_send_port final : public send_port {
   void finish(port_exit how) noexcept override {
     stream_out& o = *out_;
     if (o.fd && o.error == 0) {
+      try {
+        finish_lent();
+      } catch (...) {  // no memory: the receiver reports a frame cut short
+      }
       if (how != port_exit::abort) {
         try {
           // A sender that never sent still greets first: end of file before any greeting
@@ -386,10 +432,59 @@ class stream_send_port final : public send_port {
     throw channel_error(err, fmt::format("channel {}: writing earlier messages failed", address()));
   }
 
-  /// The prepared frame now waits in `pending`, to go out at the end of this loop turn.
-  void accept() noexcept {
+  /// Lends the prepared frame to the pipe as far as it takes it now, once nothing is held
+  /// before it: true when all of it is in (or lending failed and it was copied).
+  bool lend_now() {
     stream_out& o = *out_;
-    o.used += frame_;
+    if (o.held() > 0 || o.flushing) return false;
+    while (lent_ < frame_) {
+      const ssize_t n = pages_.lend(o.fd.get(), lent_);
+      if (n == 0) return false;
+      if (n < 0) {
+        if (n != -EPIPE && lent_ == 0) {  // this pipe does not take lent pages: copy
+          lend_ = false;
+          copy_rest();
+          return true;
+        }
+        fail(o, static_cast<int>(-n));
+        lending_ = false;
+        check();  // throws
+        return true;
+      }
+      lent_ += static_cast<std::size_t>(n);
+      note_write(o, static_cast<std::size_t>(n));
+    }
+    pages_.settle(lent_, o.put);
+    lending_ = false;
+    greeted_ = true;
+    return true;
+  }
+
+  /// A frame prepared for lending and then left (its send failed or was never finished):
+  /// dropped when none of it is in the pipe, otherwise its rest follows (copy_rest).
+  void finish_lent() {
+    if (lending_ && lent_ == 0) lending_ = false;
+    copy_rest();
+  }
+
+  /// The rest of a frame being lent, copied to `pending`: for a sender that leaves, or a
+  /// pipe that does not take lent pages, partway through it.
+  void copy_rest() {
+    if (!lending_) return;
+    stream_out& o = *out_;
+    const std::size_t rest = frame_ - lent_;
+    reserve_held(o.pending, o.used + rest, o.used, o.bound);
+    std::memcpy(o.pending.data() + o.used, pages_.claimed().data() + lent_, rest);
+    pages_.settle(lent_, o.put);
+    lending_ = false;
+    accept(rest);
+  }
+
+  /// `n` bytes of the prepared frame now wait in `pending`, to go out at the end of this
+  /// loop turn.
+  void accept(std::size_t n) noexcept {
+    stream_out& o = *out_;
+    o.used += n;
     greeted_ = true;
     if (o.held() > peak_held.load(std::memory_order_relaxed))
       peak_held.store(o.held(), std::memory_order_relaxed);
@@ -408,6 +503,10 @@ class stream_send_port final : public send_port {
   bool aside_ = false;
   bool greet_at_open_ = false;
   bool greeted_ = false;
+  bool lend_ = false;     // large frames are lent to the pipe
+  bool lending_ = false;  // the prepared frame is in pages_, its first lent_ bytes in the pipe
+  std::size_t lent_ = 0;
+  lent_pages pages_;
 };
 
 class stream_receive_port final : public receive_port {
@@ -563,8 +662,9 @@ stream_stats stream_sender_stats() noexcept {
 }
 
 std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd, write_path path,
-                                              bool greet_at_open) {
-  return std::make_unique<stream_send_port>(std::move(address), std::move(fd), path, greet_at_open);
+                                              bool greet_at_open, bool lend_pages) {
+  return std::make_unique<stream_send_port>(std::move(address), std::move(fd), path, greet_at_open,
+                                            lend_pages);
 }
 
 std::unique_ptr<receive_port> make_stream_receiver(std::string address, unique_fd fd,

@@ -15,9 +15,11 @@ namespace ipcoro::detail {
 /// The sending end of a channel over the stream `fd`. `greet_at_open`: greet as soon as
 /// the end has its identity rather than with the first message (a FIFO opened by name,
 /// whose receiver waits for a greeting before it can tell a sender's end of file from
-/// "nobody came yet").
+/// "nobody came yet"). `lend_pages`: large frames are lent to the pipe with vmsplice
+/// instead of copied into it (page_lending.hpp), for a pipe whose reader is known to be an
+/// ipcoro receiver (a pipe: link).
 std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd, write_path path,
-                                              bool greet_at_open = false);
+                                              bool greet_at_open = false, bool lend_pages = false);
 /// The receiving end of a channel over the stream `fd`. `keep`: what must live as long as
 /// the end (a FIFO's name). `placeholder`: a writer of our own that keeps end of file away
 /// until the first sender has greeted (a FIFO receiver opened before any sender).
@@ -40,10 +42,16 @@ void widen_stream_pipe(int fd) noexcept;
 /// A link over a stream: its two connected descriptors, each taken once.
 class stream_link final : public link_ends {
  public:
-  stream_link(std::string address, unique_fd read, unique_fd write, write_path path) noexcept
-      : address_(std::move(address)), read_(std::move(read)), write_(std::move(write)), path_(path) {}
+  /// `lend_pages`: see make_stream_sender.
+  stream_link(std::string address, unique_fd read, unique_fd write, write_path path,
+              bool lend_pages = false) noexcept
+      : address_(std::move(address)),
+        read_(std::move(read)),
+        write_(std::move(write)),
+        path_(path),
+        lend_pages_(lend_pages) {}
   std::unique_ptr<send_port> take_sender() override {
-    return make_stream_sender(address_, std::move(write_), path_);
+    return make_stream_sender(address_, std::move(write_), path_, false, lend_pages_);
   }
   std::unique_ptr<receive_port> take_receiver() override {
     return make_stream_receiver(address_, std::move(read_));
@@ -54,6 +62,7 @@ class stream_link final : public link_ends {
   unique_fd read_;
   unique_fd write_;
   write_path path_;
+  bool lend_pages_;
 };
 
 }  // namespace ipcoro::detail

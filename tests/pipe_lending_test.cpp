@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: MIT
+// A pipe: channel lends large frames to the pipe (vmsplice) instead of copying them in: the
+// sender writes lent memory again only once the reader has read it, a killed sender's lent
+// frames still arrive, and a sender closed partway through lending a frame finishes it.
+#include "ipcoro/channel.hpp"
+#include "ipcoro/io_context.hpp"
+#include "ipcoro/sync_wait.hpp"
+#include "ipcoro/task.hpp"
+#include "ipcoro/when_all.hpp"
+
+#include "channel_support.hpp"
+#include "process.hpp"
+
+#include <signal.h>
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <optional>
+#include <string>
+
+namespace {
+
+using namespace std::chrono_literals;
+using ipcoro::channel_link;
+using ipcoro::channel_receiver;
+using ipcoro::channel_sender;
+using ipcoro::task;
+using ipcoro::test::child_process;
+using ipcoro::test::contains;
+using ipcoro::test::fresh_address;
+using ipcoro::test::nothing_left_behind;
+
+constexpr std::size_t big = std::size_t{64} * 1024;  // lent: larger than lent_pages::min_frame
+
+/// Message `i` of `size` bytes: every byte depends on `i`, so a message overwritten by a
+/// later one before it was read is told apart.
+std::string message(int i, std::size_t size = big) {
+  std::string m(size, '\0');
+  for (std::size_t j = 0; j < size; ++j)
+    m[j] = static_cast<char>((static_cast<std::size_t>(i) * 131 + j) & 0xff);
+  return m;
+}
+
+/// Receives `count` messages (message(0) ...) and then the end: 0 when all came intact.
+int expect_messages(channel_receiver<std::string>& rx, int count) {
+  ipcoro::io_context ctx;
+  for (int i = 0; i < count; ++i) {
+    std::optional<std::string> m = ipcoro::sync_wait(ctx, rx.receive());
+    if (!m) return 2;
+    if (*m != message(i)) {
+      std::fprintf(stderr, "receiver: message %d came changed\n", i);
+      return 3;
+    }
+  }
+  return ipcoro::sync_wait(ctx, rx.receive()) ? 4 : 0;
+}
+
+}  // namespace
+
+TEST_CASE("a pipe channel writes the memory it lent a frame from again only once the frame was read",
+          "[channel][ipc][lending]") {
+  // A 1 MiB pipe holds as much as the sender's 1 MiB of lent memory: with nobody reading,
+  // the sender comes round to memory whose frames are still in the pipe, and must copy.
+  const std::string address = fresh_address("pipe", "capacity=1048576");
+  constexpr int count = 40;
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake go;
+    child_process child([&]() -> int {
+      channel_receiver<std::string> rx = link.receiver<std::string>();
+      link.reset();
+      if (!go.wait()) return 5;
+      return expect_messages(rx, count);
+    });
+    ipcoro::io_context ctx;
+    channel_sender<std::string> tx = link.sender<std::string>();
+    link.reset();
+    // Sends until the full pipe holds a send back: nothing reads yet.
+    int sent = 0;
+    for (bool full = false; !full && sent < count;) {
+      try {
+        ipcoro::sync_wait(ctx, tx.send(message(sent)).with_timeout(200ms));
+        ++sent;
+      } catch (const ipcoro::timed_out&) {
+        full = true;
+      }
+    }
+    INFO("sent before the pipe was full: " << sent);
+    CHECK(sent > 15);  // a 1 MiB pipe takes fifteen frames of 64 KiB, and one in part
+    CHECK(sent < count);
+    go.signal();
+    ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx, int from) -> task<void> {
+      for (int i = from; i < count; ++i) co_await tx.send(message(i));
+      tx.close();
+    }(tx, sent));
+    ctx.run();
+    CHECK(child.wait() == 0);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a pipe channel's lent frames arrive intact after their sender was killed",
+          "[channel][ipc][lending][death]") {
+  const std::string address = fresh_address("pipe", "capacity=1048576");
+  constexpr int count = 12;  // 12 frames of 64 KiB fit in the 1 MiB pipe: every send completes
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake sent;
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<std::string> tx = link.sender<std::string>();
+      link.reset();
+      ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx) -> task<void> {
+        for (int i = 0; i < count; ++i) co_await tx.send(message(i));
+        co_await tx.flush();  // the first frame, which greets, is copied and held till then
+      }(tx));
+      sent.signal();
+      for (;;) ::pause();  // killed here, without closing: its memory goes with it
+    });
+    channel_receiver<std::string> rx = link.receiver<std::string>();
+    link.reset();
+    REQUIRE(sent.wait());
+    child.kill(SIGKILL);
+    REQUIRE(child.wait() == 128 + SIGKILL);
+    ipcoro::io_context ctx;
+    for (int i = 0; i < count; ++i) {
+      std::optional<std::string> m = ipcoro::sync_wait(ctx, rx.receive());
+      REQUIRE(m);
+      CHECK(*m == message(i));
+    }
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
+    CHECK(contains(error, "went away without closing"));
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a pipe channel closed while a send waits partway through lending a frame finishes that frame",
+          "[channel][ipc][lending][close]") {
+  // A 64 KiB pipe takes part of a 200 KiB frame; the send waits for room, and the sender
+  // is closed meanwhile. The frame is partly in the pipe, so the send completes and the
+  // rest is written before the end of the stream: the receiver gets it whole, then the end.
+  const std::string address = fresh_address("pipe", "capacity=65536");
+  const std::size_t large = std::size_t{200} * 1024;
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake go;
+    child_process child([&]() -> int {
+      channel_receiver<std::string> rx = link.receiver<std::string>();
+      link.reset();
+      if (!go.wait()) return 5;
+      ipcoro::io_context ctx;
+      std::optional<std::string> first = ipcoro::sync_wait(ctx, rx.receive());
+      if (!first || *first != "hello") return 2;
+      std::optional<std::string> second = ipcoro::sync_wait(ctx, rx.receive());
+      if (!second || *second != message(1, large)) return 3;
+      return ipcoro::sync_wait(ctx, rx.receive()) ? 4 : 0;
+    });
+    ipcoro::io_context ctx;
+    channel_sender<std::string> tx = link.sender<std::string>();
+    link.reset();
+    ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx) -> task<void> {
+      co_await tx.send(std::string("hello"));  // greets: the frames after it are lent
+      co_await tx.flush();
+    }(tx));
+    bool completed = false;
+    std::string failure;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_sender<std::string>& tx, std::size_t large, bool& completed,
+                                  std::string& failure) -> task<void> {
+                                 try {
+                                   co_await tx.send(message(1, large));
+                                   completed = true;
+                                 } catch (const std::exception& e) {
+                                   failure = e.what();
+                                 }
+                               }(tx, large, completed, failure),
+                               [](channel_sender<std::string>& tx) -> task<void> {
+                                 tx.close();  // the send above waits for room in the pipe
+                                 co_return;
+                               }(tx)));
+    INFO(failure);
+    CHECK(completed);
+    go.signal();
+    ctx.run();  // writes the rest of the frame and the end, as the receiver reads
+    CHECK(child.wait() == 0);
+  }
+  CHECK(nothing_left_behind());
+}
