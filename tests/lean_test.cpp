@@ -7,6 +7,7 @@
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
+#include "ipcoro/when_all.hpp"
 #include "ipcoro/when_any.hpp"
 
 #include "channel_support.hpp"
@@ -342,6 +343,46 @@ TEST_CASE("a send from an lvalue and a receive copy no value; a send made a task
     const std::optional<counted> got = ipcoro::sync_wait(ctx, rx.receive());
     REQUIRE(got);
     CHECK(got->n == 7);
+  }
+  CHECK(nothing_left_behind());
+}
+
+// A receive that has to wait for its message decodes it where it returns it, as one that
+// finds it there does: a large T is not copied out of the waiting coroutine's result.
+TEST_CASE("a receive that waits for its message copies and moves no value", "[lean][channel]") {
+  const std::string transport = GENERATE("pipe", "shm", "mq");
+  ipcoro::io_context ctx;
+  {
+    channel_link link = channel_link::create(fresh_address(transport));
+    CAPTURE(transport);
+    channel_receiver<counted> rx = link.receiver<counted>();
+    channel_sender<counted> tx = link.sender<counted>();
+    const auto copies_and_moves = [&](int value) {
+      return ipcoro::sync_wait(ctx,
+                               [](channel_sender<counted>& tx, channel_receiver<counted>& rx,
+                                  int value) -> task<std::pair<int, int>> {
+                                 std::optional<std::pair<int, int>> made;
+                                 bool right = false;
+                                 co_await ipcoro::when_all(
+                                     [](channel_receiver<counted>& rx, int value, bool& right,
+                                        std::optional<std::pair<int, int>>& made) -> task<void> {
+                                       counted::reset();
+                                       std::optional<counted> got =
+                                           co_await rx.receive();  // nothing there yet: it waits
+                                       made.emplace(counted::copies, counted::moves);
+                                       right = got && got->n == value;
+                                     }(rx, value, right, made),
+                                     [](channel_sender<counted>& tx, int value) -> task<void> {
+                                       counted v{value};
+                                       co_await tx.send(v);
+                                       co_await tx.flush();
+                                     }(tx, value));
+                                 if (!right || !made) co_return std::pair<int, int>{-1, -1};
+                                 co_return *made;
+                               }(tx, rx, value));
+    };
+    (void)copies_and_moves(1);  // the greeting goes with the first message
+    CHECK(copies_and_moves(2) == std::pair<int, int>{0, 0});
   }
   CHECK(nothing_left_behind());
 }

@@ -16,7 +16,8 @@ namespace ipcoro {
 namespace detail {
 /// How a channel operation (Op, a deferred task<R>) is awaited: it first tries the work at
 /// once (Op::try_now, told whether a stop was asked), and only when that cannot complete
-/// makes its coroutine and awaits it as a task; Op::resume gives the outcome either way.
+/// makes its coroutine (Op::make_awaited: one that may leave the last step to resume) and
+/// awaits it as a task; Op::resume gives the outcome either way.
 template <class Op, class R>
 struct channel_op_awaiter {
   Op& op;
@@ -25,7 +26,7 @@ struct channel_op_awaiter {
   bool await_suspend(std::coroutine_handle<P> h) {
     if (op.deferred()) {
       if (op.try_now(stop_requested_of(h))) return false;
-      op.make_now();
+      op.make_awaited();
     }
     return typename task<R>::awaiter{op.handle()}.await_suspend(h);
   }
@@ -58,6 +59,8 @@ class [[nodiscard]] channel_send_operation : public task<void> {
 
  private:
   friend awaiter;
+  void make_awaited() { make_now(); }
+
   static task<void> make(task<void>& base) {
     auto& op = static_cast<channel_send_operation&>(base);
     if constexpr (encodable<T>) {
@@ -186,13 +189,43 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
   // What try_now found; the value itself is taken in resume(), which runs right after.
   enum class ready : unsigned char { none, local, port, end, cancelled, failed };
 
+  /// The coroutine of a receive awaited directly waits for the message and leaves it
+  /// current, under the lock, for resume() to decode where it returns it: a large T is then
+  /// not copied out of the coroutine's result.
+  void make_awaited() {
+    awaited_ = true;
+    this->make_now();
+  }
+
   static task<R> make(task<R>& base) {
     auto& op = static_cast<channel_receive_operation&>(base);
+    if constexpr (encodable<T>) {
+      if (op.awaited_ && op.receiver_.port_) return wait_port(detail::pooled_frame{}, op.receiver_.port_, op);
+    }
     if constexpr (into_) {
       return op.receiver_.start_receive_into(*op.into_ptr_);
     } else {
       return op.receiver_.start_receive();
     }
+  }
+
+  /// take_next without the take: once a message is current, this operation holds the
+  /// port's lock and in-flight mark (as try_port does) and resume() takes it.
+  static task<R> wait_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner,
+                           channel_receive_operation& op) {
+    detail::receive_port& port = *owner;
+    mutex::guard guard = co_await port.lock.lock();
+    const detail::port_base::in_flight busy{port};
+    port.end_view();
+    if (port.leaving()) co_return R{};
+    bool got = port.try_next();
+    if (!got) got = co_await port.next();
+    if (!got) co_return R{};
+    if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
+    op.guard_.emplace(std::move(guard));
+    op.busy_.emplace(port);
+    op.waited_ = &port;
+    co_return R{};
   }
 
   bool try_now(bool stop_requested) {
@@ -240,7 +273,14 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
   R resume() {
     switch (ready_) {
       case ready::none:
-        return typename task<R>::awaiter{this->handle()}.await_resume();
+        if constexpr (encodable<T>) {
+          typename task<R>::awaiter waited{this->handle()};
+          if (!waited_) return waited.await_resume();
+          waited.await_resume();  // empty: the message is current in *waited_
+          return take_port(*waited_);
+        } else {
+          return typename task<R>::awaiter{this->handle()}.await_resume();
+        }
       case ready::end:
         return R{};
       case ready::cancelled:
@@ -289,6 +329,8 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
 
   channel_receiver<T>& receiver_;
   T* into_ptr_;
+  detail::receive_port* waited_ = nullptr;  // wait_port left a message current here
+  bool awaited_ = false;                    // awaited directly: make() makes wait_port
   std::optional<mutex::guard> guard_;
   std::optional<detail::port_base::in_flight> busy_;
   std::exception_ptr failure_;
