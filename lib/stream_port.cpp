@@ -510,6 +510,8 @@ class stream_send_port final : public send_port {
 };
 
 class stream_receive_port final : public receive_port {
+  static constexpr std::size_t large_frame = std::size_t{16} * 1024;
+
  public:
   /// `placeholder`: a writer of our own that keeps end of file away until the first
   /// sender has greeted (a FIFO receiver opened before any sender).
@@ -556,8 +558,12 @@ class stream_receive_port final : public receive_port {
         // head alone must not make this process reserve a gigabyte.
         if (end_ == buf_.size()) buf_.grow(std::min(need, 2 * buf_.size()), avail);
       }
+      // A large frame is read up to its end and no further: the next one then starts at
+      // the buffer's front instead of being moved there.
+      std::size_t room = buf_.size() - end_;
+      if (need >= large_frame) room = std::min(room, begin_ + need - end_);
       const std::size_t n =
-          co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, buf_.size() - end_}};
+          co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, room}};
       if (n == 0) {
         if (avail > 0) {
           throw channel_error(
