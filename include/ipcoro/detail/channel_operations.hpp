@@ -64,7 +64,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   static task<void> make(task<void>& base) {
     auto& op = static_cast<channel_send_operation&>(base);
     if constexpr (encodable<T>) {
-      if (op.guard_) return send_prepared(detail::pooled_frame{}, op.sender_.port_, op.size_);
+      if (op.prepared_) return send_prepared(detail::pooled_frame{}, op.sender_.port_, op.prepared_->size);
     }
     return op.sender_.start_send(op.take_value());
   }
@@ -106,45 +106,38 @@ class [[nodiscard]] channel_send_operation : public task<void> {
 
   bool try_port(detail::send_port& port, bool stop_requested) {
     if (!port.lock.try_lock()) return false;
-    guard_.emplace(port.lock);
-    busy_.emplace(port);
-    if (port.leaving() || port.loan_open) {  // the coroutine reports it
-      release();
-      return false;
-    }
+    mutex::guard guard{port.lock};
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving() || port.loan_open) return false;  // the coroutine reports it
     try {
       if (stop_requested) {
-        release();
         settle();
         cancelled_ = true;
         return true;
       }
-      size_ = codec<T>::size(*value_);
-      codec<T>::encode(*value_, port.prepare(size_));
-      // Not sent at once: send_prepared() waits for the transport, and the lock stays
-      // held until then, so that nothing else is prepared over this message.
-      if (!port.try_send_prepared()) return false;
+      const std::size_t size = codec<T>::size(*value_);
+      codec<T>::encode(*value_, port.prepare(size));
+      if (!port.try_send_prepared()) {
+        // Not sent at once: send_prepared() waits for the transport, with the lock and
+        // the in-flight mark kept until then, so nothing else is prepared over it.
+        prepared_.emplace(std::move(guard), port, size);
+        return false;
+      }
       settle();
       ++port.messages;
-      port.bytes += size_;
+      port.bytes += size;
     } catch (...) {
       settle();
       failure_ = std::current_exception();
     }
-    release();
     return true;
-  }
-
-  void release() noexcept {
-    busy_.reset();
-    guard_.reset();
   }
 
   void resume() {
     if (handle()) {
       struct release_at_exit {
         channel_send_operation& op;
-        ~release_at_exit() { op.release(); }
+        ~release_at_exit() { op.prepared_.reset(); }
       } at_exit{*this};
       return task<void>::awaiter{handle()}.await_resume();
     }
@@ -156,11 +149,16 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   std::optional<T> owned_;  // the value sent from an rvalue; an lvalue's is not copied
   const T* value_;          // what is sent: *owned_ or the caller's lvalue
   std::exception_ptr failure_;
-  // A message try_port prepared and the transport did not take at once: the port's lock
-  // and in-flight mark, kept for send_prepared(), and the payload's size.
-  std::optional<mutex::guard> guard_;
-  std::optional<detail::port_base::in_flight> busy_;
-  std::size_t size_ = 0;
+  /// A message try_port prepared and the transport did not take at once: the port's lock
+  /// and in-flight mark, kept for send_prepared(), and the payload's size.
+  struct prepared {
+    prepared(mutex::guard&& g, detail::port_base& port, std::size_t n) noexcept
+        : guard(std::move(g)), busy(port), size(n) {}
+    mutex::guard guard;
+    detail::port_base::in_flight busy;
+    std::size_t size;
+  };
+  std::optional<prepared> prepared_;
   bool cancelled_ = false;
 };
 
