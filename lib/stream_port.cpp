@@ -341,8 +341,12 @@ class stream_send_port final : public send_port {
       if (o.held() > 0 && o.held() + frame_ > o.bound) co_await park_operation{o.progress};
       check();
     }
-    reserve_held(o.pending, o.used + frame_, o.used, o.bound);
-    std::memcpy(o.pending.data() + o.used, aside_buf_.data(), frame_);
+    if (o.used == 0) {
+      std::swap(o.pending, aside_buf_);  // the frame becomes what is held, without a copy
+    } else {
+      reserve_held(o.pending, o.used + frame_, o.used, o.bound);
+      std::memcpy(o.pending.data() + o.used, aside_buf_.data(), frame_);
+    }
     aside_ = false;
     accept(frame_);
   }
