@@ -188,3 +188,49 @@ TEST_CASE("a pipe channel closed while a send waits partway through lending a fr
   }
   CHECK(nothing_left_behind());
 }
+
+TEST_CASE("a pipe channel's sender killed partway through lending a frame is reported as a cut frame",
+          "[channel][ipc][lending][death]") {
+  // Nobody reads: a 64 KiB pipe takes part of a 200 KiB lent frame and the send waits for
+  // room. The sender is killed there; the part in the pipe outlives it (the pipe holds the
+  // pages), and the receiver reports the frame cut short, never a message or a clean end.
+  const std::string address = fresh_address("pipe", "capacity=65536");
+  const std::size_t large = std::size_t{200} * 1024;
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake waiting;
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<std::string> tx = link.sender<std::string>();
+      link.reset();
+      ipcoro::sync_wait(ctx,
+                        [](channel_sender<std::string>& tx, std::size_t large,
+                           const ipcoro::test::handshake& waiting) -> task<void> {
+                          co_await tx.send(std::string("hello"));  // greets: the frames after it are lent
+                          co_await tx.flush();
+                          co_await ipcoro::when_all(
+                              [](channel_sender<std::string>& tx, std::size_t large) -> task<void> {
+                                co_await tx.send(message(1, large));  // never completes: nobody reads
+                              }(tx, large),
+                              [](const ipcoro::test::handshake& waiting) -> task<void> {
+                                waiting.signal();  // the send above has lent what fits and waits for room
+                                co_return;
+                              }(waiting));
+                        }(tx, large, waiting));
+      return 1;  // not reached
+    });
+    channel_receiver<std::string> rx = link.receiver<std::string>();
+    link.reset();
+    REQUIRE(waiting.wait());
+    child.kill(SIGKILL);
+    REQUIRE(child.wait() == 128 + SIGKILL);
+    ipcoro::io_context ctx;
+    std::optional<std::string> first = ipcoro::sync_wait(ctx, rx.receive());
+    REQUIRE(first);
+    CHECK(*first == "hello");
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
+    CHECK(contains(error, "the stream ended inside a message"));
+  }
+  CHECK(nothing_left_behind());
+}
