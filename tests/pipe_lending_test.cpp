@@ -32,6 +32,9 @@ using ipcoro::test::fresh_address;
 using ipcoro::test::nothing_left_behind;
 
 constexpr std::size_t big = std::size_t{64} * 1024;  // lent: larger than lent_pages::min_frame
+/// Three times the 64 KiB pipe of the tests that cut or close a lent frame (under
+/// lent_pages::max_frame): its send waits with part of it in the pipe.
+constexpr std::size_t large = std::size_t{200} * 1024;
 
 /// Message `i` of `size` bytes: every byte depends on `i`, so a message overwritten by a
 /// later one before it was read is told apart.
@@ -54,6 +57,12 @@ int expect_messages(channel_receiver<std::string>& rx, int count) {
     }
   }
   return ipcoro::sync_wait(ctx, rx.receive()) ? 4 : 0;
+}
+
+/// Sends "hello" and writes it: the sender has greeted, so the frames after it are lent.
+task<void> greet(channel_sender<std::string>& tx) {
+  co_await tx.send(std::string("hello"));
+  co_await tx.flush();
 }
 
 }  // namespace
@@ -142,7 +151,6 @@ TEST_CASE("a pipe channel closed while a send waits partway through lending a fr
   // is closed meanwhile. The frame is partly in the pipe, so the send completes and the
   // rest is written before the end of the stream: the receiver gets it whole, then the end.
   const std::string address = fresh_address("pipe", "capacity=65536");
-  const std::size_t large = std::size_t{200} * 1024;
   {
     channel_link link = channel_link::create(address);
     ipcoro::test::handshake go;
@@ -160,26 +168,23 @@ TEST_CASE("a pipe channel closed while a send waits partway through lending a fr
     ipcoro::io_context ctx;
     channel_sender<std::string> tx = link.sender<std::string>();
     link.reset();
-    ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx) -> task<void> {
-      co_await tx.send(std::string("hello"));  // greets: the frames after it are lent
-      co_await tx.flush();
-    }(tx));
+    ipcoro::sync_wait(ctx, greet(tx));
     bool completed = false;
     std::string failure;
-    ipcoro::sync_wait(ctx, ipcoro::when_all(
-                               [](channel_sender<std::string>& tx, std::size_t large, bool& completed,
-                                  std::string& failure) -> task<void> {
-                                 try {
-                                   co_await tx.send(message(1, large));
-                                   completed = true;
-                                 } catch (const std::exception& e) {
-                                   failure = e.what();
-                                 }
-                               }(tx, large, completed, failure),
-                               [](channel_sender<std::string>& tx) -> task<void> {
-                                 tx.close();  // the send above waits for room in the pipe
-                                 co_return;
-                               }(tx)));
+    ipcoro::sync_wait(
+        ctx, ipcoro::when_all(
+                 [](channel_sender<std::string>& tx, bool& completed, std::string& failure) -> task<void> {
+                   try {
+                     co_await tx.send(message(1, large));
+                     completed = true;
+                   } catch (const std::exception& e) {
+                     failure = e.what();
+                   }
+                 }(tx, completed, failure),
+                 [](channel_sender<std::string>& tx) -> task<void> {
+                   tx.close();  // the send above waits for room in the pipe
+                   co_return;
+                 }(tx)));
     INFO(failure);
     CHECK(completed);
     go.signal();
@@ -195,7 +200,6 @@ TEST_CASE("a pipe channel's sender killed partway through lending a frame is rep
   // room. The sender is killed there; the part in the pipe outlives it (the pipe holds the
   // pages), and the receiver reports the frame cut short, never a message or a clean end.
   const std::string address = fresh_address("pipe", "capacity=65536");
-  const std::size_t large = std::size_t{200} * 1024;
   {
     channel_link link = channel_link::create(address);
     ipcoro::test::handshake waiting;
@@ -203,20 +207,18 @@ TEST_CASE("a pipe channel's sender killed partway through lending a frame is rep
       ipcoro::io_context ctx;
       channel_sender<std::string> tx = link.sender<std::string>();
       link.reset();
-      ipcoro::sync_wait(ctx,
-                        [](channel_sender<std::string>& tx, std::size_t large,
-                           const ipcoro::test::handshake& waiting) -> task<void> {
-                          co_await tx.send(std::string("hello"));  // greets: the frames after it are lent
-                          co_await tx.flush();
-                          co_await ipcoro::when_all(
-                              [](channel_sender<std::string>& tx, std::size_t large) -> task<void> {
-                                co_await tx.send(message(1, large));  // never completes: nobody reads
-                              }(tx, large),
-                              [](const ipcoro::test::handshake& waiting) -> task<void> {
-                                waiting.signal();  // the send above has lent what fits and waits for room
-                                co_return;
-                              }(waiting));
-                        }(tx, large, waiting));
+      ipcoro::sync_wait(
+          ctx, [](channel_sender<std::string>& tx, const ipcoro::test::handshake& waiting) -> task<void> {
+            co_await greet(tx);
+            co_await ipcoro::when_all(
+                [](channel_sender<std::string>& tx) -> task<void> {
+                  co_await tx.send(message(1, large));  // never completes: nobody reads
+                }(tx),
+                [](const ipcoro::test::handshake& waiting) -> task<void> {
+                  waiting.signal();  // the send above has lent what fits and waits for room
+                  co_return;
+                }(waiting));
+          }(tx, waiting));
       return 1;  // not reached
     });
     channel_receiver<std::string> rx = link.receiver<std::string>();
