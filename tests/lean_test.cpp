@@ -108,6 +108,38 @@ TEST_CASE("a send with room and a receive of a value that is there make no corou
   }
 }
 
+TEST_CASE("a loan with room and a view of a message that is there make no coroutine frame",
+          "[lean][channel][loan]") {
+  std::uint64_t made = 0;
+  std::thread([&] {
+    ipcoro::detail::frame_pool::tls.gone = true;  // no pool: every coroutine frame is counted
+    ipcoro::io_context ctx;
+    channel_link link = channel_link::create(fresh_address("shm"));
+    channel_receiver<int> rx = link.receiver<int>();
+    channel_sender<int> tx = link.sender<int>();
+    const auto run = [](channel_sender<int>& tx, channel_receiver<int>& rx, int count) -> task<int> {
+      int sum = 0;
+      for (int i = 0; i < count; ++i) {
+        ipcoro::channel_loan loan = co_await tx.loan(sizeof i);
+        std::memcpy(loan.bytes().data(), &i, sizeof i);
+        loan.commit();
+        std::optional<ipcoro::channel_view> v = co_await rx.receive_view();
+        int got = -1000;
+        if (v && v->bytes().size() == sizeof got) std::memcpy(&got, v->bytes().data(), sizeof got);
+        sum += got;
+      }
+      co_return sum;
+    };
+    CHECK(ipcoro::sync_wait(ctx, run(tx, rx, 2)) == 1);  // the first loan greets, through the coroutine
+    const std::uint64_t before = ipcoro::test::allocations();
+    const int sum = ipcoro::sync_wait(ctx, run(tx, rx, 100));
+    made = ipcoro::test::allocations() - before;
+    CHECK(sum == 100 * 99 / 2);
+  }).join();
+  CHECK(made < 10);  // a frame per operation would be 200 more
+  CHECK(nothing_left_behind());
+}
+
 TEST_CASE("a receive whose task is stopped leaves the value that is there for the next receive",
           "[lean][channel]") {
   const std::string transport = GENERATE("inproc", "shm", "pipe");

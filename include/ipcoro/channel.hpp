@@ -40,6 +40,8 @@ template <class T>
 class channel_receiver;
 template <class T>
 class channel_send_operation;
+template <class T>
+class channel_loan_operation;
 template <class T, class R>
 class channel_receive_operation;
 
@@ -129,9 +131,10 @@ class channel_sender {
   /// (channel_closed, peer_died, EMSGSIZE; timed_out / operation_cancelled with nothing
   /// lent or published). SPSC rings (`shm:`, `file:`) only: elsewhere channel_error
   /// (EOPNOTSUPP) naming the address; an in-process channel holds values, not bytes.
-  [[nodiscard]] task<channel_loan> loan(std::size_t size) {
+  /// Awaited directly, a loan with room takes no coroutine frame (as send()).
+  [[nodiscard]] channel_loan_operation<T> loan(std::size_t size) {
     if constexpr (encodable<T>) {
-      if (port_) return loan_port(detail::pooled_frame{}, port_, size);
+      if (port_) return channel_loan_operation<T>{*this, size};
     }
     if (local_)
       detail::throw_channel_error(EOPNOTSUPP, "channel loan: an in-process channel holds values, not bytes");
@@ -178,6 +181,7 @@ class channel_sender {
 
  private:
   friend class channel_send_operation<T>;
+  friend class channel_loan_operation<T>;
 
   bool has_port() const noexcept {
     if constexpr (encodable<T>) {
@@ -246,21 +250,6 @@ class channel_sender {
       }
       co_await detail::park_operation{s.senders};
     }
-  }
-
-  static task<channel_loan> loan_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner,
-                                      std::size_t size) {
-    detail::send_port& port = *owner;
-    mutex::guard guard = co_await port.lock.lock();
-    const detail::port_base::in_flight busy{port};
-    if (port.leaving()) detail::throw_sender_left(port, false);
-    if (port.loan_open) detail::throw_loan_open(port);
-    if (co_await detail::stop_requested()) throw operation_cancelled{};
-    std::span<std::byte> space;
-    if (!port.try_lend(size, space)) space = co_await port.lend(size);
-    port.loan_open = true;
-    channel_loan loan{std::move(owner), space};
-    co_return loan;
   }
 
   static task<object_loan<T>> loan_object_port(detail::pooled_frame, task<channel_loan> lend) {
@@ -349,14 +338,11 @@ class channel_receiver {
   /// is lost to a cancellation or a timeout). Zero-copy on an SPSC ring (`shm:`, `file:`);
   /// elsewhere the bytes are the receiver's buffer. An in-process channel has none:
   /// channel_error(EOPNOTSUPP).
-  [[nodiscard]] task<std::optional<channel_view>> receive_view() {
-    if constexpr (encodable<T>) {
-      if (port_) return receive_view_port(detail::pooled_frame{}, port_);
-    }
+  [[nodiscard]] channel_receive_operation<T, std::optional<channel_view>> receive_view() {
     if (local_)
       detail::throw_channel_error(EOPNOTSUPP,
                                   "channel receive_view: an in-process channel holds values, not bytes");
-    return nothing_view(detail::pooled_frame{});
+    return channel_receive_operation<T, std::optional<channel_view>>{*this, nullptr};
   }
   /// receive_view() of one T: a const T& in place. Throws decode_error when the message
   /// does not hold exactly one T (it is released).
@@ -424,6 +410,7 @@ class channel_receiver {
  private:
   friend class channel_receive_operation<T, std::optional<T>>;
   friend class channel_receive_operation<T, bool>;
+  friend class channel_receive_operation<T, std::optional<channel_view>>;
 
   /// The receives as coroutines: for a receive that has to wait, or one moved into a task.
   task<std::optional<T>> start_receive() {
@@ -533,17 +520,23 @@ class channel_receiver {
         });
   }
 
-  static task<std::optional<channel_view>> receive_view_port(detail::pooled_frame,
-                                                             std::shared_ptr<detail::receive_port> owner) {
-    return take_next<std::optional<channel_view>>(
-        detail::pooled_frame{}, std::move(owner), true, [](std::shared_ptr<detail::receive_port>& owner) {
-          detail::receive_port& port = *owner;
-          const std::span<const std::byte> payload = port.current();
-          port.viewing = true;
-          ++port.messages;
-          port.bytes += payload.size();
-          return std::optional<channel_view>{std::in_place, owner, payload, ++port.view_serial};
-        });
+  task<std::optional<channel_view>> start_receive_view() {
+    if constexpr (encodable<T>) {
+      if (port_) {
+        return take_next<std::optional<channel_view>>(detail::pooled_frame{}, port_, true,
+                                                      &take_current_view);
+      }
+    }
+    return nothing_view(detail::pooled_frame{});  // (an in-process channel: receive_view() threw)
+  }
+  /// The port's current message as a view, which keeps `owner` alive.
+  static std::optional<channel_view> take_current_view(const std::shared_ptr<detail::receive_port>& owner) {
+    detail::receive_port& port = *owner;
+    const std::span<const std::byte> payload = port.current();
+    port.viewing = true;
+    ++port.messages;
+    port.bytes += payload.size();
+    return std::optional<channel_view>{std::in_place, owner, payload, ++port.view_serial};
   }
 
   /// Decodes the port's current message with `decode` and moves past it, also when

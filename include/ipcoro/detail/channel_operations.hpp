@@ -162,6 +162,92 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   bool cancelled_ = false;
 };
 
+/// What channel_sender::loan returns: a task<channel_loan> that, awaited directly, lends
+/// at once where the transport has room now (the port's lock free) and only otherwise
+/// starts the loan's coroutine, which waits for room. Either way the stop token is checked
+/// before anything is lent, and the errors are those of the coroutine.
+template <class T>
+class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
+ public:
+  channel_loan_operation(channel_sender<T>& sender, std::size_t size) noexcept
+      : task<channel_loan>(&make), sender_(sender), size_(size) {}
+  channel_loan_operation(const channel_loan_operation&) = delete;
+  channel_loan_operation& operator=(const channel_loan_operation&) = delete;
+  ~channel_loan_operation() = default;
+
+  using awaiter = detail::channel_op_awaiter<channel_loan_operation, channel_loan>;
+  awaiter operator co_await() & noexcept { return awaiter{*this}; }
+  awaiter operator co_await() && noexcept { return awaiter{*this}; }
+
+ private:
+  friend awaiter;
+  void make_awaited() { make_now(); }
+
+  static task<channel_loan> make(task<channel_loan>& base) {
+    auto& op = static_cast<channel_loan_operation&>(base);
+    if (op.sender_.port_) return lend_port(detail::pooled_frame{}, op.sender_.port_, op.size_);
+    return lend_none(detail::pooled_frame{});
+  }
+
+  static task<channel_loan> lend_port(detail::pooled_frame, std::shared_ptr<detail::send_port> owner,
+                                      std::size_t size) {
+    detail::send_port& port = *owner;
+    mutex::guard guard = co_await port.lock.lock();
+    const detail::port_base::in_flight busy{port};
+    if (port.leaving()) detail::throw_sender_left(port, false);
+    if (port.loan_open) detail::throw_loan_open(port);
+    if (co_await detail::stop_requested()) throw operation_cancelled{};
+    std::span<std::byte> space;
+    if (!port.try_lend(size, space)) space = co_await port.lend(size);
+    port.loan_open = true;
+    channel_loan loan{std::move(owner), space};
+    co_return loan;
+  }
+  /// The sender was closed (or moved from) after loan() and before the co_await.
+  static task<channel_loan> lend_none(detail::pooled_frame) {
+    detail::throw_channel_closed("channel loan: this sender is empty (moved from or closed)");
+    co_return channel_loan{};
+  }
+
+  /// True when the loan is made (or has failed without waiting); false when it must wait.
+  bool try_now(bool stop_requested) {
+    detail::send_port* port = sender_.port_.get();
+    if (port == nullptr || !port->lock.try_lock()) return false;
+    const mutex::guard guard{port->lock};
+    const detail::port_base::in_flight busy{*port};
+    if (port->leaving() || port->loan_open) return false;  // the coroutine reports it
+    try {
+      if (stop_requested) {
+        settle();
+        cancelled_ = true;
+        return true;
+      }
+      std::span<std::byte> space;
+      if (!port->try_lend(size_, space)) return false;  // nothing lent: the coroutine waits for room
+      port->loan_open = true;
+      loan_.emplace(sender_.port_, space);
+      settle();
+    } catch (...) {
+      settle();
+      failure_ = std::current_exception();
+    }
+    return true;
+  }
+
+  channel_loan resume() {
+    if (handle()) return task<channel_loan>::awaiter{handle()}.await_resume();
+    if (cancelled_) throw operation_cancelled{};
+    if (failure_) std::rethrow_exception(failure_);
+    return std::move(*loan_);
+  }
+
+  channel_sender<T>& sender_;
+  std::size_t size_;
+  std::optional<channel_loan> loan_;
+  std::exception_ptr failure_;
+  bool cancelled_ = false;
+};
+
 /// What channel_receiver::receive (R = std::optional<T>) and receive_into (R = bool)
 /// return: a task<R> that, awaited directly, takes a value that is already there (in an
 /// in-process channel; from a transport's try_next, with the port's lock free) without a
@@ -170,6 +256,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
 template <class T, class R>
 class [[nodiscard]] channel_receive_operation : public task<R> {
   static constexpr bool into_ = std::is_same_v<R, bool>;
+  static constexpr bool view_ = std::is_same_v<R, std::optional<channel_view>>;
 
  public:
   channel_receive_operation(channel_receiver<T>& receiver, T* into) noexcept
@@ -202,10 +289,15 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     }
     if constexpr (into_) {
       return op.receiver_.start_receive_into(*op.into_ptr_);
+    } else if constexpr (view_) {
+      return op.receiver_.start_receive_view();
     } else {
       return op.receiver_.start_receive();
     }
   }
+
+  /// try_next, or try_next_view for a receive_view().
+  static bool try_next(detail::receive_port& port) { return view_ ? port.try_next_view() : port.try_next(); }
 
   /// take_next without the take: once a message is current, this operation holds the
   /// port's lock and in-flight mark (as try_port does) and resume() takes it.
@@ -216,20 +308,26 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     const detail::port_base::in_flight busy{port};
     port.end_view();
     if (port.leaving()) co_return R{};
-    bool got = port.try_next();
-    if (!got) got = co_await port.next();
+    bool got = try_next(port);
+    if (!got) {
+      if constexpr (view_) {
+        got = co_await port.next_view();
+      } else {
+        got = co_await port.next();
+      }
+    }
     if (!got) co_return R{};
     if (co_await detail::stop_requested()) throw operation_cancelled{};  // the message stays current
     op.guard_.emplace(std::move(guard));
     op.busy_.emplace(port);
-    op.waited_ = &port;
+    op.waited_ = std::move(owner);
     co_return R{};
   }
 
   bool try_now(bool stop_requested) {
     channel_receiver<T>& rx = receiver_;
     if (detail::local_channel<T>* s = rx.local_.get()) {
-      if (s->receiver_closed || s->count == 0) return false;
+      if (view_ || s->receiver_closed || s->count == 0) return false;  // views: the coroutine throws
       return found(ready::local, stop_requested);
     }
     if constexpr (encodable<T>) {
@@ -251,7 +349,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     port.end_view();  // as take_next: the view handed out last is released first
     bool got = false;
     try {
-      got = !port.leaving() && port.try_next();
+      got = !port.leaving() && try_next(port);
     } catch (...) {
       release();
       failure_ = std::current_exception();
@@ -275,7 +373,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
           typename task<R>::awaiter waited{this->handle()};
           if (!waited_) return waited.await_resume();
           waited.await_resume();  // empty: the message is current in *waited_
-          return take_port(*waited_);
+          return take_port(waited_);
         } else {
           return typename task<R>::awaiter{this->handle()}.await_resume();
         }
@@ -286,23 +384,27 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
       case ready::failed:
         std::rethrow_exception(failure_);
       case ready::local:
-        return take_local(*receiver_.local_);
+        if constexpr (!view_) return take_local(*receiver_.local_);
+        return R{};  // not reached: a view is never taken from an in-process channel
       case ready::port:
         break;
     }
     if constexpr (encodable<T>) {
-      return take_port(*receiver_.port_);
+      return take_port(receiver_.port_);
     } else {
       return R{};  // not reached: only encodable types have ports
     }
   }
 
-  R take_port(detail::receive_port& port) {
+  R take_port(const std::shared_ptr<detail::receive_port>& owner) {
     struct release_at_exit {
       channel_receive_operation& op;
       ~release_at_exit() { op.release(); }
     } at_exit{*this};
-    if constexpr (into_) {
+    detail::receive_port& port = *owner;
+    if constexpr (view_) {
+      return channel_receiver<T>::take_current_view(owner);
+    } else if constexpr (into_) {
       channel_receiver<T>::take_current(port,
                                         [&](std::span<const std::byte> p) { decode_into(p, *into_ptr_); });
       return true;
@@ -327,8 +429,8 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
 
   channel_receiver<T>& receiver_;
   T* into_ptr_;
-  detail::receive_port* waited_ = nullptr;  // wait_port left a message current here
-  bool awaited_ = false;                    // awaited directly: make() makes wait_port
+  std::shared_ptr<detail::receive_port> waited_;  // wait_port left a message current here
+  bool awaited_ = false;                          // awaited directly: make() makes wait_port
   std::optional<mutex::guard> guard_;
   std::optional<detail::port_base::in_flight> busy_;
   std::exception_ptr failure_;
