@@ -444,15 +444,14 @@ class stream_send_port final : public send_port {
     while (lent_ < frame_) {
       const ssize_t n = pages_.lend(o.fd.get(), lent_);
       if (n == 0) return false;
-      if (n < 0) {
-        if (n != -EPIPE && lent_ == 0) {  // this pipe does not take lent pages: copy
-          lend_ = false;
-          copy_rest();
-          return true;
-        }
-        fail(o, static_cast<int>(-n));
+      if (n == -EPIPE) {  // the receiver has gone: reported as a write would be
+        fail(o, EPIPE);
         lending_ = false;
         check();  // throws
+      }
+      if (n < 0) {  // the pipe takes no lent pages (now): this frame's rest and later ones are copied
+        lend_ = false;
+        copy_rest();
         return true;
       }
       lent_ += static_cast<std::size_t>(n);
