@@ -84,8 +84,10 @@ std::unique_ptr<link_ends> make_fifo_link(const channel_address& a) {
   fifo node(a.name, fifo_options{a.mode, false});
   fifo_ends ends = open_fifo_ends(a);
   node.unlink();
+  // As a pipe: link: both ends are ipcoro's (the name was there only while they were
+  // opened), and its receiver reads, so the sender may lend large frames.
   return std::make_unique<stream_link>(a.text, std::move(ends.read), std::move(ends.write),
-                                       write_path::ring_only);
+                                       write_path::ring_only, true);
 }
 
 std::string inspect_fifo(const channel_address& a) {

@@ -44,6 +44,7 @@ std::size_t bound_for(int fd) noexcept {
 
 std::atomic<std::uint64_t> writes_made{0};
 std::atomic<std::uint64_t> peak_held{0};
+std::atomic<std::uint64_t> frames_lent{0};
 
 /// True once `fd` can take a write of at most PIPE_BUF bytes without blocking (or would
 /// fail at once: no reader left), waiting at most `wait` milliseconds for that.
@@ -460,6 +461,7 @@ class stream_send_port final : public send_port {
     pages_.settle(lent_, o.put);
     lending_ = false;
     greeted_ = true;
+    frames_lent.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
 
@@ -667,7 +669,8 @@ void widen_stream_pipe(int fd) noexcept {
 }
 
 stream_stats stream_sender_stats() noexcept {
-  return {writes_made.load(std::memory_order_relaxed), peak_held.load(std::memory_order_relaxed)};
+  return {writes_made.load(std::memory_order_relaxed), peak_held.load(std::memory_order_relaxed),
+          frames_lent.load(std::memory_order_relaxed)};
 }
 
 std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd, write_path path,

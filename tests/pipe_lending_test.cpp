@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
-// A pipe: channel lends large frames to the pipe (vmsplice) instead of copying them in: the
-// sender writes lent memory again only once the reader has read it, a killed sender's lent
-// frames still arrive, and a sender closed partway through lending a frame finishes it.
+// pipe: and fifo: links lend large frames to the pipe (vmsplice) instead of copying them in:
+// the sender writes lent memory again only once the reader has read it, a killed sender's
+// lent frames still arrive, and a sender closed partway through lending a frame finishes
+// it. A FIFO opened by name, which any program may read, copies.
 #include "ipcoro/channel.hpp"
 #include "ipcoro/io_context.hpp"
 #include "ipcoro/sync_wait.hpp"
@@ -67,11 +68,12 @@ task<void> greet(channel_sender<std::string>& tx) {
 
 }  // namespace
 
-TEST_CASE("a pipe channel writes the memory it lent a frame from again only once the frame was read",
+TEST_CASE("a pipe or FIFO link writes the memory it lent a frame from again only once the frame was read",
           "[channel][ipc][lending]") {
   // A 1 MiB pipe holds as much as the sender's 1 MiB of lent memory: with nobody reading,
   // the sender comes round to memory whose frames are still in the pipe, and must copy.
-  const std::string address = fresh_address("pipe", "capacity=1048576");
+  const std::string scheme = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(scheme, "capacity=1048576");
   constexpr int count = 40;
   {
     channel_link link = channel_link::create(address);
@@ -109,9 +111,10 @@ TEST_CASE("a pipe channel writes the memory it lent a frame from again only once
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a pipe channel's lent frames arrive intact after their sender was killed",
+TEST_CASE("a pipe or FIFO link's lent frames arrive intact after their sender was killed",
           "[channel][ipc][lending][death]") {
-  const std::string address = fresh_address("pipe", "capacity=1048576");
+  const std::string scheme = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(scheme, "capacity=1048576");
   constexpr int count = 12;  // 12 frames of 64 KiB fit in the 1 MiB pipe: every send completes
   {
     channel_link link = channel_link::create(address);
@@ -145,12 +148,13 @@ TEST_CASE("a pipe channel's lent frames arrive intact after their sender was kil
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a pipe channel closed while a send waits partway through lending a frame finishes that frame",
+TEST_CASE("a pipe or FIFO link closed while a send waits partway through lending a frame finishes that frame",
           "[channel][ipc][lending][close]") {
   // A 64 KiB pipe takes part of a 200 KiB frame; the send waits for room, and the sender
   // is closed meanwhile. The frame is partly in the pipe, so the send completes and the
   // rest is written before the end of the stream: the receiver gets it whole, then the end.
-  const std::string address = fresh_address("pipe", "capacity=65536");
+  const std::string scheme = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(scheme, "capacity=65536");
   {
     channel_link link = channel_link::create(address);
     ipcoro::test::handshake go;
@@ -194,12 +198,13 @@ TEST_CASE("a pipe channel closed while a send waits partway through lending a fr
   CHECK(nothing_left_behind());
 }
 
-TEST_CASE("a pipe channel's sender killed partway through lending a frame is reported as a cut frame",
+TEST_CASE("a pipe or FIFO link's sender killed partway through lending a frame is reported as a cut frame",
           "[channel][ipc][lending][death]") {
   // Nobody reads: a 64 KiB pipe takes part of a 200 KiB lent frame and the send waits for
   // room. The sender is killed there; the part in the pipe outlives it (the pipe holds the
   // pages), and the receiver reports the frame cut short, never a message or a clean end.
-  const std::string address = fresh_address("pipe", "capacity=65536");
+  const std::string scheme = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(scheme, "capacity=65536");
   {
     channel_link link = channel_link::create(address);
     ipcoro::test::handshake waiting;
@@ -233,6 +238,50 @@ TEST_CASE("a pipe channel's sender killed partway through lending a frame is rep
     const std::string error =
         ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
     CHECK(contains(error, "the stream ended inside a message"));
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("pipe and FIFO links lend large frames; a FIFO opened by name copies them",
+          "[channel][ipc][lending]") {
+  // The sender's count of frames lent whole tells the two paths apart (both deliver).
+  const std::string scheme = GENERATE("pipe", "fifo", "named fifo");
+  const bool named = scheme == "named fifo";
+  const std::string address = fresh_address(named ? "fifo" : scheme);
+  constexpr int count = 3;  // three frames of 64 KiB fit in the 256 KiB pipe of a channel
+  {
+    std::optional<channel_link> link;
+    if (!named) link.emplace(channel_link::create(address));
+    ipcoro::test::handshake opened;
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_receiver<std::string> rx =
+          named ? ipcoro::sync_wait(ctx, ipcoro::open_receiver<std::string>(address))
+                : link->receiver<std::string>();
+      link.reset();
+      opened.signal();
+      std::optional<std::string> first = ipcoro::sync_wait(ctx, rx.receive());
+      if (!first || *first != "hello") return 2;
+      for (int i = 0; i < count; ++i) {
+        std::optional<std::string> m = ipcoro::sync_wait(ctx, rx.receive());
+        if (!m || *m != message(i)) return 3;
+      }
+      return ipcoro::sync_wait(ctx, rx.receive()) ? 4 : 0;
+    });
+    ipcoro::io_context ctx;
+    REQUIRE(opened.wait());
+    channel_sender<std::string> tx = named ? ipcoro::sync_wait(ctx, ipcoro::open_sender<std::string>(address))
+                                           : link->sender<std::string>();
+    link.reset();
+    ipcoro::sync_wait(ctx, greet(tx));
+    const std::uint64_t before = ipcoro::detail::stream_sender_stats().lent_frames;
+    ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx) -> task<void> {
+      for (int i = 0; i < count; ++i) co_await tx.send(message(i));
+      tx.close();
+    }(tx));
+    ctx.run();
+    CHECK(child.wait() == 0);
+    CHECK(ipcoro::detail::stream_sender_stats().lent_frames - before == (named ? 0U : count));
   }
   CHECK(nothing_left_behind());
 }

@@ -228,10 +228,12 @@ class IPCORO_API send_port : public port_base {
 };
 
 /// What the stream senders of this process have done, for tests: write system calls made
-/// (those of the io_uring included), and the most bytes one sender held unwritten.
+/// (those of the io_uring included), the most bytes one sender held unwritten, and the
+/// frames lent to a pipe whole (vmsplice) instead of copied.
 struct stream_stats {
   std::uint64_t writes = 0;
   std::uint64_t peak_buffered = 0;
+  std::uint64_t lent_frames = 0;
 };
 IPCORO_API stream_stats stream_sender_stats() noexcept;
 
