@@ -110,6 +110,18 @@ void port_base::finish_once() noexcept {
   finish(exit_);
 }
 
+void unpin(port_base* port) noexcept {
+  if (--port->pins_ == 0 && port->orphaned_) delete port;
+}
+
+void port_deleter::operator()(port_base* port) const noexcept {
+  if (port->pins_ > 0) {
+    port->orphaned_ = true;  // the loan or view pinning it deletes it (unpin)
+  } else {
+    delete port;
+  }
+}
+
 bool port_wait::start(std::coroutine_handle<> awaiter) {
   if (port_.leaving_) return false;
   started_ = true;
@@ -262,53 +274,61 @@ void channel_loan::commit(std::size_t size) {
   if (!port_)
     detail::throw_channel_closed(
         "channel loan commit: this loan is empty (committed, dropped or moved from)");
-  const std::shared_ptr<detail::send_port> owner = port_;  // drop() below lets go of port_
-  detail::send_port& port = *owner;
+  detail::send_port& port = *port_;
   if (size > space_.size()) {
     throw std::system_error(EINVAL, std::system_category(),
                             fmt::format("channel {}: loan commit of {} bytes, but the loan holds only {}",
                                         port.address(), size, space_.size()));
   }
   if (port.leaving()) {
-    drop();
-    throw channel_closed(
+    // Said before drop(), which may free the port.
+    channel_closed left(
         fmt::format("channel {}: this sender was {} before the loan was committed; nothing "
                     "was sent",
                     port.address(), detail::left_word(port.left_how())));
+    drop();
+    throw left;
   }
   port.commit_loan(size);
   port.loan_open = false;
   ++port.messages;
   port.bytes += size;
-  port_.reset();
+  port_ = nullptr;
+  detail::unpin(&port);
 }
 
 channel_loan& channel_loan::operator=(channel_loan&& other) noexcept {
-  drop();
-  port_ = std::move(other.port_);
-  space_ = other.space_;
+  if (this != &other) {
+    drop();
+    port_ = std::exchange(other.port_, nullptr);
+    space_ = other.space_;
+  }
   return *this;
 }
 
 void channel_loan::drop() noexcept {
   if (!port_) return;
-  port_->drop_loan();
-  port_->loan_open = false;
-  port_.reset();
+  detail::send_port* port = std::exchange(port_, nullptr);
+  port->drop_loan();
+  port->loan_open = false;
+  detail::unpin(port);
 }
 
 channel_view& channel_view::operator=(channel_view&& other) noexcept {
-  release();
-  port_ = std::move(other.port_);
-  bytes_ = other.bytes_;
-  serial_ = other.serial_;
+  if (this != &other) {
+    release();
+    port_ = std::exchange(other.port_, nullptr);
+    bytes_ = other.bytes_;
+    serial_ = other.serial_;
+  }
   return *this;
 }
 
 void channel_view::release() noexcept {
   if (!port_) return;
-  if (port_->viewing && port_->view_serial == serial_) port_->end_view();
-  port_.reset();
+  detail::receive_port* port = std::exchange(port_, nullptr);
+  if (port->viewing && port->view_serial == serial_) port->end_view();
+  detail::unpin(port);
 }
 
 }  // namespace ipcoro

@@ -133,25 +133,34 @@ class message_send_port final : public send_port {
     return false;
   }
 
+  /// A loan with room now is a reservation in the ring, as a send's prepare() makes (no
+  /// ring_loan object); one that waits is a ring_loan (lend_task).
   bool try_lend(std::size_t size, std::span<std::byte>& space) override {
-    if constexpr (loaning_sender<Transport>) {
+    if constexpr (loaning_sender<Transport> && reserving_sender<Transport>) {
       check_fits(size);
       drop_staged();
       if (!greeted_) return false;
       try {
-        std::optional<ring_loan> l = transport_.try_loan(head_size + size);
-        if (!l) return false;
-        loan_ = std::move(*l);
+        if (!transport_.try_reserve(head_size + size, space)) return false;
       } catch (...) {
         rethrow_send_error();
       }
-      space = open_loan();
+      reserved_loan_ = true;
+      put_head(space.data(), frame_kind::data);
+      space = space.subspan(head_size);
       return true;
     } else {
       return send_port::try_lend(size, space);
     }
   }
   void commit_loan(std::size_t size) override {
+    if constexpr (reserving_sender<Transport>) {
+      if (reserved_loan_) {
+        reserved_loan_ = false;
+        transport_.commit_reserved(head_size + size);
+        return;
+      }
+    }
     if constexpr (loaning_sender<Transport>) {
       loan_.commit(head_size + size);
     } else {
@@ -159,6 +168,7 @@ class message_send_port final : public send_port {
     }
   }
   void drop_loan() noexcept override {
+    drop_reserved_loan();
     if constexpr (loaning_sender<Transport>) loan_.drop();
   }
 
@@ -202,7 +212,7 @@ class message_send_port final : public send_port {
   void finish(port_exit how) noexcept override {
     // An open loan is never published after this, and must not outlive an aborted end.
     drop_staged();
-    if constexpr (loaning_sender<Transport>) loan_.drop();
+    drop_loan();
     switch (how) {
       case port_exit::close:
         transport_.close(short_fingerprint(identity().fingerprint));
@@ -258,6 +268,13 @@ class message_send_port final : public send_port {
       staged_ = false;
     }
   }
+  /// A loan made by try_lend, given up.
+  void drop_reserved_loan() noexcept {
+    if constexpr (reserving_sender<Transport>) {
+      if (reserved_loan_) transport_.drop_reserved();
+      reserved_loan_ = false;
+    }
+  }
   /// Publishes a message prepared in the ring; false when it was prepared in buf_.
   bool commit_staged() {
     if constexpr (reserving_sender<Transport>) {
@@ -284,6 +301,7 @@ class message_send_port final : public send_port {
   byte_buffer buf_;
   ring_loan loan_;       // the open loan of the user's (loaning transports)
   bool staged_ = false;  // the transport holds the prepared message, reserved (reserving transports)
+  bool reserved_loan_ = false;  // the user's open loan is such a reservation (try_lend)
   std::size_t used_ = 0;
   bool greeted_ = false;
 };

@@ -377,6 +377,53 @@ TEST_CASE("close() or abort() of a sender with a loan open discards it: commit t
   CHECK(nothing_left_behind());
 }
 
+TEST_CASE("a loan and a view outlive their channel ends: their bytes stay usable until they are let go",
+          "[loan][ipc][view]") {
+  // Loans and views pin their end rather than share it: an end destroyed while one is
+  // open lives on, its memory mapped, until the loan or view is let go.
+  const std::string address = GENERATE(fresh_address("shm"), fresh_address("file"));
+  CAPTURE(address);
+  bool intact = false;
+  {
+    channel_link link = channel_link::create(address);
+    handshake viewed;
+    child_process sender([&]() -> int {
+      ipcoro::io_context ctx;
+      std::optional<channel_sender<bytes>> tx{link.sender<bytes>()};
+      link.reset();
+      return ipcoro::sync_wait(
+          ctx, [](std::optional<channel_sender<bytes>>& tx, const handshake& viewed) -> task<int> {
+            channel_loan first = co_await tx->loan(4096);
+            fill_pattern(first.bytes(), 1);
+            first.commit();
+            if (!viewed.wait()) co_return 2;
+            channel_loan open = co_await tx->loan(4096);
+            const std::span<std::byte> space = open.bytes();
+            tx.reset();              // the sender goes: it closes, the loan is discarded
+            fill_pattern(space, 2);  // its memory is still there to write
+            try {
+              open.commit();
+              co_return 3;
+            } catch (const ipcoro::channel_closed&) {
+            }
+            co_return open ? 4 : 0;  // committing a discarded loan empties it
+          }(tx, viewed));
+    });
+    std::optional<channel_receiver<bytes>> rx{link.receiver<bytes>()};
+    link.reset();
+    ipcoro::io_context ctx;
+    std::optional<channel_view> view = ipcoro::sync_wait(ctx, rx->receive_view().with_timeout(10s));
+    REQUIRE(view);
+    viewed.signal();
+    CHECK(sender.wait() == 0);
+    rx.reset();  // the receiver goes; the view still holds its message in the ring
+    intact = view->bytes().size() == 4096 && has_pattern(view->bytes(), 1);
+    view.reset();
+  }
+  CHECK(intact);
+  CHECK(nothing_left_behind());
+}
+
 TEST_CASE("a loan waiting for space ends by timeout or cancellation with nothing lent or published",
           "[loan][ipc][deadline]") {
   const std::string address = fresh_address("shm", "capacity=16384");

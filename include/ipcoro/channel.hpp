@@ -177,7 +177,8 @@ class channel_sender {
 
   explicit channel_sender(std::shared_ptr<detail::local_channel<T>> state) noexcept
       : local_(std::move(state)) {}
-  explicit channel_sender(std::unique_ptr<detail::send_port> port) noexcept : port_(std::move(port)) {}
+  explicit channel_sender(std::unique_ptr<detail::send_port> port) noexcept
+      : port_(port.release(), detail::port_deleter{}) {}
 
  private:
   friend class channel_send_operation<T>;
@@ -405,7 +406,8 @@ class channel_receiver {
 
   explicit channel_receiver(std::shared_ptr<detail::local_channel<T>> state) noexcept
       : local_(std::move(state)) {}
-  explicit channel_receiver(std::unique_ptr<detail::receive_port> port) noexcept : port_(std::move(port)) {}
+  explicit channel_receiver(std::unique_ptr<detail::receive_port> port) noexcept
+      : port_(port.release(), detail::port_deleter{}) {}
 
  private:
   friend class channel_receive_operation<T, std::optional<T>>;
@@ -529,14 +531,14 @@ class channel_receiver {
     }
     return nothing_view(detail::pooled_frame{});  // (an in-process channel: receive_view() threw)
   }
-  /// The port's current message as a view, which keeps `owner` alive.
+  /// The port's current message as a view, which pins the port.
   static std::optional<channel_view> take_current_view(const std::shared_ptr<detail::receive_port>& owner) {
     detail::receive_port& port = *owner;
     const std::span<const std::byte> payload = port.current();
     port.viewing = true;
     ++port.messages;
     port.bytes += payload.size();
-    return std::optional<channel_view>{std::in_place, owner, payload, ++port.view_serial};
+    return std::optional<channel_view>{std::in_place, port, payload, ++port.view_serial};
   }
 
   /// Decodes the port's current message with `decode` and moves past it, also when

@@ -23,11 +23,14 @@ namespace ipcoro {
 /// commit() publishes it as one message; destroying it (or drop()) uncommitted publishes
 /// nothing and frees the sender for its next operation. While a loan is open, the
 /// sender's send() and loan() throw channel_error(EBUSY); close(), detach() or abort() of
-/// the sender discard it (commit() then throws channel_closed). Move-only.
+/// the sender discard it (commit() then throws channel_closed). The loan keeps the
+/// sender's end, and the memory it lends, alive when the sender itself goes first. Use it
+/// on the thread of its sender. Move-only.
 class IPCORO_API channel_loan {
  public:
   channel_loan() noexcept = default;
-  channel_loan(channel_loan&&) noexcept = default;
+  channel_loan(channel_loan&& other) noexcept
+      : port_(std::exchange(other.port_, nullptr)), space_(other.space_) {}
   /// Drops what this loan holds first.
   channel_loan& operator=(channel_loan&& other) noexcept;
   ~channel_loan() { drop(); }
@@ -44,11 +47,14 @@ class IPCORO_API channel_loan {
   void drop() noexcept;
   explicit operator bool() const noexcept { return port_ != nullptr; }
 
-  explicit channel_loan(std::shared_ptr<detail::send_port> port, std::span<std::byte> space) noexcept
-      : port_(std::move(port)), space_(space) {}
+  /// Holds the loan `port` has open (pinning the port: see port_base::pin).
+  explicit channel_loan(detail::send_port& port, std::span<std::byte> space) noexcept
+      : port_(&port), space_(space) {
+    port.pin();
+  }
 
  private:
-  std::shared_ptr<detail::send_port> port_;
+  detail::send_port* port_ = nullptr;
   std::span<std::byte> space_;
 };
 
@@ -81,11 +87,14 @@ class object_loan {
 /// SPSC ring its bytes are in the ring; elsewhere in the receiver's own buffer. Valid until
 /// release(), its destruction, or the next receive of that receiver (receive, receive_into,
 /// receive_view, ready), which release it first. Until then its room in the ring is not
-/// given back to the sender: a sender that fills the ring waits for the release. Move-only.
+/// given back to the sender: a sender that fills the ring waits for the release. The view
+/// keeps the receiver's end, and the message's memory, alive when the receiver itself goes
+/// first. Use it on the thread of its receiver. Move-only.
 class IPCORO_API channel_view {
  public:
   channel_view() noexcept = default;
-  channel_view(channel_view&&) noexcept = default;
+  channel_view(channel_view&& other) noexcept
+      : port_(std::exchange(other.port_, nullptr)), bytes_(other.bytes_), serial_(other.serial_) {}
   /// Releases what this view holds first.
   channel_view& operator=(channel_view&& other) noexcept;
   ~channel_view() { release(); }
@@ -96,12 +105,14 @@ class IPCORO_API channel_view {
   void release() noexcept;
   explicit operator bool() const noexcept { return port_ != nullptr; }
 
-  channel_view(std::shared_ptr<detail::receive_port> port, std::span<const std::byte> bytes,
-               std::uint64_t serial) noexcept
-      : port_(std::move(port)), bytes_(bytes), serial_(serial) {}
+  /// The current message of `port` (pinning the port: see port_base::pin).
+  channel_view(detail::receive_port& port, std::span<const std::byte> bytes, std::uint64_t serial) noexcept
+      : port_(&port), bytes_(bytes), serial_(serial) {
+    port.pin();
+  }
 
  private:
-  std::shared_ptr<detail::receive_port> port_;
+  detail::receive_port* port_ = nullptr;
   std::span<const std::byte> bytes_;
   std::uint64_t serial_ = 0;
 };

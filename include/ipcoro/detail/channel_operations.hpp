@@ -200,7 +200,7 @@ class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
     std::span<std::byte> space;
     if (!port.try_lend(size, space)) space = co_await port.lend(size);
     port.loan_open = true;
-    channel_loan loan{std::move(owner), space};
+    channel_loan loan{port, space};
     co_return loan;
   }
   /// The sender was closed (or moved from) after loan() and before the co_await.
@@ -225,7 +225,7 @@ class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
       std::span<std::byte> space;
       if (!port->try_lend(size_, space)) return false;  // nothing lent: the coroutine waits for room
       port->loan_open = true;
-      loan_.emplace(sender_.port_, space);
+      loan_.emplace(*port, space);
       settle();
     } catch (...) {
       settle();

@@ -33,6 +33,11 @@ struct frame_view {
 /// abort (an end the receivers see as a failure).
 enum class port_exit : unsigned char { close, detach, abort };
 
+class port_base;
+/// Unpins `port` (port_base::pin); deletes it when it was the last pin of an end whose
+/// shared owners are gone.
+IPCORO_API void unpin(port_base* port) noexcept;
+
 /// What both ends of a transport keep: the address (for messages), the type identity of
 /// the channel, a lock that serialises the coroutines using the end, counters, and what
 /// lets leave() from one coroutine interrupt another one waiting in the transport.
@@ -79,6 +84,15 @@ class IPCORO_API port_base {
   std::uint64_t messages = 0;
   std::uint64_t bytes = 0;
 
+  /// Loans and views (channel_loan, channel_view) refer to their end by pointer and pin it,
+  /// instead of sharing it: a std::shared_ptr copy costs a pair of atomic instructions per
+  /// message. The ends' shared owners delete through port_deleter, which leaves an end
+  /// still pinned to its last unpin(). Pins are not atomic: a loan or view is used on the
+  /// thread of its channel end, as the end itself is.
+  void pin() noexcept { ++pins_; }
+  friend void unpin(port_base* port) noexcept;
+  friend struct port_deleter;
+
  protected:
   /// Closes, detaches or aborts the transport itself; runs once, with nothing in flight.
   virtual void finish(port_exit how) noexcept = 0;
@@ -92,9 +106,17 @@ class IPCORO_API port_base {
   // Made once per port; replaced only after a caller's cancellation has used it up.
   std::stop_source stop_;
   int in_flight_ = 0;
+  int pins_ = 0;
+  bool orphaned_ = false;  // its shared owners are gone; deleted at the last unpin()
   port_exit exit_ = port_exit::close;
   bool leaving_ = false;
   bool finished_ = false;
+};
+
+/// The deleter of a channel end's shared owners: an end that a loan or view still pins
+/// lives on until that lets it go.
+struct IPCORO_API port_deleter {
+  void operator()(port_base* port) const noexcept;
 };
 
 /// Awaits a transport task of a port (commit, fill) so that leave() can interrupt it. The
