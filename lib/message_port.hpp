@@ -299,8 +299,8 @@ class message_send_port final : public send_port {
 
   Transport transport_;
   byte_buffer buf_;
-  ring_loan loan_;       // the open loan of the user's (loaning transports)
-  bool staged_ = false;  // the transport holds the prepared message, reserved (reserving transports)
+  ring_loan loan_;              // the open loan of the user's (loaning transports)
+  bool staged_ = false;         // the transport holds the prepared message, reserved (reserving transports)
   bool reserved_loan_ = false;  // the user's open loan is such a reservation (try_lend)
   std::size_t used_ = 0;
   bool greeted_ = false;
@@ -315,7 +315,7 @@ class message_receive_port final : public receive_port {
     buf_.grow(transport_.max_message(), 0);
   }
 
-  std::span<const std::byte> current() const noexcept override { return {frame_ + head_size, length_}; }
+  std::span<const std::byte> current() noexcept override { return {frame_ + head_size, length_}; }
   void consume() noexcept override {
     current_ = false;
     release_peeked();

@@ -514,152 +514,6 @@ class stream_send_port final : public send_port {
   lent_pages pages_;
 };
 
-class stream_receive_port final : public receive_port {
-  static constexpr std::size_t large_frame = std::size_t{16} * 1024;
-
- public:
-  /// `placeholder`: a writer of our own that keeps end of file away until the first
-  /// sender has greeted (a FIFO receiver opened before any sender).
-  stream_receive_port(std::string address, unique_fd fd, std::shared_ptr<void> keep = {},
-                      unique_fd placeholder = {})
-      : receive_port(std::move(address)),
-        keep_(std::move(keep)),
-        fd_(std::move(fd)),
-        placeholder_(std::move(placeholder)) {
-    buf_.grow(std::size_t{64} * 1024, 0);
-  }
-
-  std::span<const std::byte> current() const noexcept override {
-    return {buf_data() + begin_ + head_size, length_};
-  }
-  void consume() noexcept override {
-    begin_ += head_size + length_;
-    current_ = false;
-    if (begin_ == end_) begin_ = end_ = 0;
-  }
-
- protected:
-  /// A message already read needs no wait (and no task): each read takes in up to 64 KiB,
-  /// which may hold hundreds of frames.
-  bool try_next() override {
-    if (current_) return true;
-    if (ended_) return false;
-    std::size_t need = 0;
-    return parse(need);
-  }
-
-  task<bool> fill(pooled_frame) override {
-    if (current_) co_return true;
-    if (ended_) co_return false;
-    for (;;) {
-      std::size_t need = 0;
-      if (parse(need)) co_return true;
-      const std::size_t avail = end_ - begin_;
-      if (begin_ + need > buf_.size()) {
-        std::memmove(buf_.data(), buf_.data() + begin_, avail);
-        begin_ = 0;
-        end_ = avail;
-        // Room grows with what has arrived, not with what a frame head announces: a
-        // head alone must not make this process reserve a gigabyte.
-        if (end_ == buf_.size()) buf_.grow(std::min(need, 2 * buf_.size()), avail);
-      }
-      // A large frame is read up to its end and no further: the next one then starts at
-      // the buffer's front instead of being moved there.
-      std::size_t room = buf_.size() - end_;
-      if (need >= large_frame) room = std::min(room, begin_ + need - end_);
-      const std::size_t n =
-          co_await read_operation{fd_.get(), std::span<std::byte>{buf_.data() + end_, room}};
-      if (n == 0) {
-        if (avail > 0) {
-          throw channel_error(
-              ECONNRESET, fmt::format("channel {}: the stream ended inside a message ({} of {} bytes came)",
-                                      address(), avail, need));
-        }
-        if (greetings_ > goodbyes_) {
-          throw channel_error(
-              ECONNRESET, fmt::format("channel {}: the sender went away without closing the channel: it died "
-                                      "or was killed mid-stream",
-                                      address()));
-        }
-        if (greetings_ == 0) {
-          // Every sender greets before it can close, so this one never started.
-          throw channel_error(
-              ECONNRESET,
-              fmt::format("channel {}: the sender went away before its greeting: it died or was "
-                          "killed before it began (or the writer is not an ipcoro channel sender)",
-                          address()));
-        }
-        ended_ = true;
-        co_return false;
-      }
-      end_ += n;
-    }
-  }
-
-  void finish(port_exit) noexcept override {
-    placeholder_.reset();
-    fd_.reset();
-    ended_ = true;
-    current_ = false;
-  }
-
- private:
-  /// Makes the next data frame already read current, taking greetings and goodbyes on the
-  /// way: true when there is one; false when more must be read (`need` bytes from begin_).
-  bool parse(std::size_t& need) {
-    for (;;) {
-      const std::size_t avail = end_ - begin_;
-      need = head_size;
-      if (avail < head_size) return false;
-      const auto h = read_head<stream_head>(buf_.data() + begin_);
-      if (h.length > max_stream_payload) {
-        throw channel_error(EBADMSG,
-                            fmt::format("channel {}: a frame announces {} bytes: the peer is not an ipcoro "
-                                        "channel sender, or the stream is corrupt",
-                                        address(), h.length));
-      }
-      need = head_size + h.length;
-      if (avail < need) return false;
-      const std::span<const std::byte> payload{buf_.data() + begin_ + head_size, h.length};
-      if (h.kind == static_cast<std::uint32_t>(frame_kind::hello)) {
-        check_greeting(payload);
-        ++greetings_;
-        placeholder_.reset();
-        begin_ += need;
-        continue;
-      }
-      if (h.kind == static_cast<std::uint32_t>(frame_kind::end) && greetings_ > goodbyes_) {
-        ++goodbyes_;
-        begin_ += need;
-        continue;
-      }
-      if (greetings_ == 0 || h.kind != static_cast<std::uint32_t>(frame_kind::data)) {
-        throw channel_error(EPROTO,
-                            fmt::format("channel {}: the peer is not an ipcoro channel sender (its first "
-                                        "message is not a greeting)",
-                                        address()));
-      }
-      length_ = h.length;
-      current_ = true;
-      return true;
-    }
-  }
-
-  const std::byte* buf_data() const noexcept { return const_cast<byte_buffer&>(buf_).data(); }
-
-  std::shared_ptr<void> keep_;
-  unique_fd fd_;
-  unique_fd placeholder_;
-  byte_buffer buf_;
-  std::size_t begin_ = 0;
-  std::size_t end_ = 0;
-  std::size_t length_ = 0;
-  std::size_t greetings_ = 0;
-  std::size_t goodbyes_ = 0;
-  bool current_ = false;
-  bool ended_ = false;
-};
-
 }  // namespace
 
 void widen_stream_pipe(int fd) noexcept {
@@ -668,21 +522,15 @@ void widen_stream_pipe(int fd) noexcept {
   (void)::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(default_stream_capacity));  // best effort
 }
 
-stream_stats stream_sender_stats() noexcept {
+stream_stats stream_counts() noexcept {
   return {writes_made.load(std::memory_order_relaxed), peak_held.load(std::memory_order_relaxed),
-          frames_lent.load(std::memory_order_relaxed)};
+          frames_lent.load(std::memory_order_relaxed), direct_payloads.load(std::memory_order_relaxed)};
 }
 
 std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd, write_path path,
                                               bool greet_at_open, bool lend_pages) {
   return std::make_unique<stream_send_port>(std::move(address), std::move(fd), path, greet_at_open,
                                             lend_pages);
-}
-
-std::unique_ptr<receive_port> make_stream_receiver(std::string address, unique_fd fd,
-                                                   std::shared_ptr<void> keep, unique_fd placeholder) {
-  return std::make_unique<stream_receive_port>(std::move(address), std::move(fd), std::move(keep),
-                                               std::move(placeholder));
 }
 
 }  // namespace ipcoro::detail

@@ -7,6 +7,8 @@
 #include "ipcoro/transport.hpp"
 #include "ipcoro/unique_fd.hpp"
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -26,6 +28,9 @@ std::unique_ptr<send_port> make_stream_sender(std::string address, unique_fd fd,
 std::unique_ptr<receive_port> make_stream_receiver(std::string address, unique_fd fd,
                                                    std::shared_ptr<void> keep = {},
                                                    unique_fd placeholder = {});
+
+/// Payloads stream receivers of this process read straight into values (stream_counts).
+extern std::atomic<std::uint64_t> direct_payloads;
 
 /// The capacity a channel gives a pipe or FIFO whose address names none: four times the
 /// kernel's default, so that a 64 KiB message and its frame head fit, with room for the

@@ -15,8 +15,10 @@
 #include <signal.h>
 #include <catch2/catch.hpp>
 
+#include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <optional>
 #include <string>
 
@@ -274,14 +276,134 @@ TEST_CASE("pipe and FIFO links lend large frames; a FIFO opened by name copies t
                                            : link->sender<std::string>();
     link.reset();
     ipcoro::sync_wait(ctx, greet(tx));
-    const std::uint64_t before = ipcoro::detail::stream_sender_stats().lent_frames;
+    const std::uint64_t before = ipcoro::detail::stream_counts().lent_frames;
     ipcoro::sync_wait(ctx, [](channel_sender<std::string>& tx) -> task<void> {
       for (int i = 0; i < count; ++i) co_await tx.send(message(i));
       tx.close();
     }(tx));
     ctx.run();
     CHECK(child.wait() == 0);
-    CHECK(ipcoro::detail::stream_sender_stats().lent_frames - before == (named ? 0U : count));
+    CHECK(ipcoro::detail::stream_counts().lent_frames - before == (named ? 0U : count));
+  }
+  CHECK(nothing_left_behind());
+}
+
+namespace {
+
+/// A value whose encoding is its bytes (codec<T> is bytewise), large enough that a stream
+/// receiver reads its payload straight from the pipe into it.
+using block = std::array<std::uint64_t, 8192>;  // 64 KiB
+
+block block_of(int i) {
+  block b;
+  for (std::size_t k = 0; k < b.size(); ++k) b[k] = static_cast<std::uint64_t>(i) * 1000003 + k;
+  return b;
+}
+
+}  // namespace
+
+TEST_CASE("a large value whose encoding is its bytes is read from the pipe straight into it",
+          "[channel][ipc][lending][direct]") {
+  // Every frame is in the 1 MiB pipe before the receiver starts: each receive() and
+  // receive_into() reads its payload into the value; a view reads it into the buffer.
+  const std::string scheme = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(scheme, "capacity=1048576");
+  constexpr int count = 12;
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake sent;
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<block> tx = link.sender<block>();
+      link.reset();
+      ipcoro::sync_wait(ctx, [](channel_sender<block>& tx) -> task<void> {
+        for (int i = 0; i < count; ++i) {
+          block b = block_of(i);
+          co_await tx.send(std::move(b));
+        }
+        co_await tx.flush();
+      }(tx));
+      sent.signal();
+      tx.close();
+      ctx.run();
+      return 0;
+    });
+    channel_receiver<block> rx = link.receiver<block>();
+    link.reset();
+    REQUIRE(sent.wait());
+    ipcoro::io_context ctx;
+    const std::uint64_t before = ipcoro::detail::stream_counts().direct_payloads;
+    int intact = 0;
+    block into{};
+    for (int i = 0; i < count; ++i) {
+      switch (i % 3) {
+        case 0: {
+          std::optional<block> m = ipcoro::sync_wait(ctx, rx.receive());
+          intact += m && *m == block_of(i);
+          break;
+        }
+        case 1:
+          intact += ipcoro::sync_wait(ctx, rx.receive_into(into)) && into == block_of(i);
+          break;
+        default: {
+          std::optional<ipcoro::channel_view> v = ipcoro::sync_wait(ctx, rx.receive_view());
+          const block expected = block_of(i);
+          intact += v && v->bytes().size() == sizeof(block) &&
+                    std::memcmp(v->bytes().data(), expected.data(), sizeof(block)) == 0;
+        }
+      }
+    }
+    CHECK(intact == count);
+    CHECK(ipcoro::detail::stream_counts().direct_payloads - before == count * 2 / 3);
+    CHECK_FALSE(ipcoro::sync_wait(ctx, rx.receive()));
+    CHECK(child.wait() == 0);
+  }
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a large value cut by its sender's death is reported as a cut frame, not read straight in",
+          "[channel][ipc][lending][direct][death]") {
+  // A 128 KiB pipe takes the first block and part of the second; the sender is killed
+  // while that send waits. The pipe holds less than the second frame: it is read as any
+  // frame, and its end is missing.
+  const std::string scheme = GENERATE("pipe", "fifo");
+  const std::string address = fresh_address(scheme, "capacity=131072");
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake waiting;
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<block> tx = link.sender<block>();
+      link.reset();
+      ipcoro::sync_wait(ctx,
+                        [](channel_sender<block>& tx, const ipcoro::test::handshake& waiting) -> task<void> {
+                          block first = block_of(0);
+                          co_await tx.send(std::move(first));
+                          co_await tx.flush();
+                          co_await ipcoro::when_all(
+                              [](channel_sender<block>& tx) -> task<void> {
+                                block second = block_of(1);
+                                co_await tx.send(std::move(second));  // never completes: nobody reads
+                              }(tx),
+                              [](const ipcoro::test::handshake& waiting) -> task<void> {
+                                waiting.signal();
+                                co_return;
+                              }(waiting));
+                        }(tx, waiting));
+      return 1;  // not reached
+    });
+    channel_receiver<block> rx = link.receiver<block>();
+    link.reset();
+    REQUIRE(waiting.wait());
+    child.kill(SIGKILL);
+    REQUIRE(child.wait() == 128 + SIGKILL);
+    ipcoro::io_context ctx;
+    std::optional<block> first = ipcoro::sync_wait(ctx, rx.receive());
+    REQUIRE(first);
+    CHECK(*first == block_of(0));
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
+    CHECK(contains(error, "the stream ended inside a message"));
   }
   CHECK(nothing_left_behind());
 }

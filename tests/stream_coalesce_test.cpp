@@ -35,7 +35,7 @@ using ipcoro::test::contains;
 using ipcoro::test::fresh_address;
 using ipcoro::test::nothing_left_behind;
 
-std::uint64_t writes_so_far() { return ipcoro::detail::stream_sender_stats().writes; }
+std::uint64_t writes_so_far() { return ipcoro::detail::stream_counts().writes; }
 
 /// Receives ints until the end; returns 0 when they are 0..count-1 in order, then a clean end.
 int expect_in_order(channel_receiver<int>& rx, int count) {
@@ -288,7 +288,7 @@ TEST_CASE("a slow receiver holds the sender back: it never holds more than the p
       }
       co_await tx.flush();
     }(tx));
-    const std::uint64_t peak = ipcoro::detail::stream_sender_stats().peak_buffered;
+    const std::uint64_t peak = ipcoro::detail::stream_counts().peak_buffered;
     CAPTURE(peak);
     CHECK(peak > 0);
     CHECK(peak <= 16384);

@@ -407,7 +407,9 @@ class channel_receiver {
   explicit channel_receiver(std::shared_ptr<detail::local_channel<T>> state) noexcept
       : local_(std::move(state)) {}
   explicit channel_receiver(std::unique_ptr<detail::receive_port> port) noexcept
-      : port_(port.release(), detail::port_deleter{}) {}
+      : port_(port.release(), detail::port_deleter{}) {
+    if constexpr (bytewise_codec<T>) port_->direct_size = sizeof(T);
+  }
 
  private:
   friend class channel_receive_operation<T, std::optional<T>>;
@@ -509,17 +511,16 @@ class channel_receiver {
                                              std::shared_ptr<detail::receive_port> owner) {
     return take_next<std::optional<T>>(
         detail::pooled_frame{}, std::move(owner), false,
-        [](std::shared_ptr<detail::receive_port>& owner) { return take_current_value(*owner); });
+        [](std::shared_ptr<detail::receive_port>& owner) { return detail::take_current_value<T>(*owner); });
   }
 
   static task<bool> receive_port_into(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner,
                                       T& into) {
-    return take_next<bool>(
-        detail::pooled_frame{}, std::move(owner), false,
-        [&into](std::shared_ptr<detail::receive_port>& owner) {
-          take_current(*owner, [&](std::span<const std::byte> payload) { decode_into(payload, into); });
-          return true;
-        });
+    return take_next<bool>(detail::pooled_frame{}, std::move(owner), false,
+                           [&into](std::shared_ptr<detail::receive_port>& owner) {
+                             detail::take_current_into(*owner, into);
+                             return true;
+                           });
   }
 
   task<std::optional<channel_view>> start_receive_view() {
@@ -539,33 +540,6 @@ class channel_receiver {
     ++port.messages;
     port.bytes += payload.size();
     return std::optional<channel_view>{std::in_place, port, payload, ++port.view_serial};
-  }
-
-  /// Decodes the port's current message with `decode` and moves past it, also when
-  /// decoding throws (the bad message is not offered again); returns what `decode` does,
-  /// built in place (a large T is not copied on its way out).
-  template <class Decode>
-  static decltype(auto) take_current(detail::receive_port& port, Decode&& decode) {
-    const std::span<const std::byte> payload = port.current();
-    struct consume_at_exit {
-      detail::receive_port& port;
-      ~consume_at_exit() { port.consume(); }
-    } consume{port};
-    ++port.messages;  // counted first, so that the value can be returned as it is decoded
-    port.bytes += payload.size();
-    try {
-      return decode(payload);
-    } catch (...) {
-      --port.messages;
-      port.bytes -= payload.size();
-      throw;
-    }
-  }
-  /// take_current for a receive: the optional<T> is decoded into where it is returned.
-  static std::optional<T> take_current_value(detail::receive_port& port) {
-    return take_current(port, [](std::span<const std::byte> payload) {
-      return std::optional<T>{std::in_place, detail::decoded_as<T>{payload}};
-    });
   }
 
   static task<void> ready_port(detail::pooled_frame, std::shared_ptr<detail::receive_port> owner) {

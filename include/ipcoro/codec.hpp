@@ -76,6 +76,8 @@ struct codec<T> {
     return std::string(detail::spelled_type_name<T>()) + "/" + std::to_string(sizeof(T));
   }
   static constexpr std::uint32_t version = 1;
+  /// A value's encoding is its bytes: a transport may put them straight into a value.
+  static constexpr bool bytewise = true;
   static constexpr std::size_t size(const T&) noexcept { return sizeof(T); }
   static void encode(const T& value, std::span<std::byte> out) noexcept {
     detail::copy_value_bytes<sizeof(T)>(out.data(), &value);
@@ -130,6 +132,12 @@ struct codec<std::vector<E>> {
     into.resize(in.size() / sizeof(E));  // keeps the capacity it has
     if (!into.empty()) std::memcpy(into.data(), in.data(), in.size());
   }
+};
+
+/// codec<T> is the one above for trivially copyable types: a value's encoding is its bytes.
+template <class T>
+concept bytewise_codec = requires {
+  requires codec<T>::bytewise;
 };
 
 /// A type has a codec when codec<T> provides the members listed above.

@@ -405,11 +405,10 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     if constexpr (view_) {
       return channel_receiver<T>::take_current_view(owner);
     } else if constexpr (into_) {
-      channel_receiver<T>::take_current(port,
-                                        [&](std::span<const std::byte> p) { decode_into(p, *into_ptr_); });
+      detail::take_current_into(port, *into_ptr_);
       return true;
     } else {
-      return channel_receiver<T>::take_current_value(port);
+      return detail::take_current_value<T>(port);
     }
   }
 

@@ -249,15 +249,17 @@ class IPCORO_API send_port : public port_base {
   std::string greeting_;
 };
 
-/// What the stream senders of this process have done, for tests: write system calls made
-/// (those of the io_uring included), the most bytes one sender held unwritten, and the
-/// frames lent to a pipe whole (vmsplice) instead of copied.
+/// What the stream ends of this process have done, for tests: write system calls made
+/// (those of the io_uring included), the most bytes one sender held unwritten, the frames
+/// lent to a pipe whole (vmsplice) instead of copied, and the payloads receivers read
+/// straight into values (read_pending).
 struct stream_stats {
   std::uint64_t writes = 0;
   std::uint64_t peak_buffered = 0;
   std::uint64_t lent_frames = 0;
+  std::uint64_t direct_payloads = 0;
 };
-IPCORO_API stream_stats stream_sender_stats() noexcept;
+IPCORO_API stream_stats stream_counts() noexcept;
 
 /// The receiving end of a transport. next() makes the next data message current (checking
 /// greetings on the way) or reports the end of the stream; consume() moves past it.
@@ -283,8 +285,21 @@ class IPCORO_API receive_port : public port_base {
   /// must be awaited (nothing has arrived, the stream ended, or the transport has no such
   /// path). Throws what next() would.
   virtual bool try_next() { return false; }
-  virtual std::span<const std::byte> current() const noexcept = 0;
+  /// The current message's payload. One still in the kernel (pending_payload) is read in
+  /// first, which throws channel_error if the stream fails.
+  virtual std::span<const std::byte> current() = 0;
   virtual void consume() noexcept = 0;
+
+  /// The payload size that the typed receiver takes straight into its value: its T's size
+  /// when codec<T> is bytewise, else 0. A stream then leaves a large message's payload in
+  /// the kernel once all of it has arrived (pending_payload), for read_pending to put it
+  /// where the value lives: one copy instead of a read and a decode.
+  std::size_t direct_size = 0;
+  /// Nonzero while the current message's payload, this many bytes, is still in the kernel.
+  std::size_t pending_payload = 0;
+  /// Copies the pending payload into `into` (pending_payload bytes); then consume() as for
+  /// any message. Throws channel_error if the stream fails.
+  virtual void read_pending(std::span<std::byte> into) { (void)into; }
 
   /// next() for a view (channel_receiver::receive_view): on a transport that can, the
   /// message stays where it arrived (an SPSC ring) until consume(); elsewhere next().
@@ -313,5 +328,73 @@ class IPCORO_API receive_port : public port_base {
   /// channel_error (not a greeting at all).
   void check_greeting(std::span<const std::byte> payload) const;
 };
+
+/// Reads a pending payload (receive_port::read_pending) when converted to T, so that
+/// `std::optional<T>{std::in_place, read_pending_as<T>{port}}` reads it where the value lives.
+template <class T>
+struct read_pending_as {
+  receive_port& port;
+  operator T() const {
+    T value;
+    port.read_pending(std::as_writable_bytes(std::span<T, 1>(&value, 1)));
+    return value;
+  }
+};
+
+/// take_current of a message of `size` bytes that `take` puts where it goes, and moves
+/// past it, also when that throws (a bad message is not offered again).
+template <class Take>
+decltype(auto) take_current_sized(receive_port& port, std::size_t size, Take&& take) {
+  struct consume_at_exit {
+    receive_port& port;
+    ~consume_at_exit() { port.consume(); }
+  } consume{port};
+  ++port.messages;  // counted first, so that the value can be returned as it is decoded
+  port.bytes += size;
+  try {
+    return take();
+  } catch (...) {
+    --port.messages;
+    port.bytes -= size;
+    throw;
+  }
+}
+
+/// Decodes the port's current message with `decode` and moves past it; returns what
+/// `decode` does, built in place (a large T is not copied on its way out).
+template <class Decode>
+decltype(auto) take_current(receive_port& port, Decode&& decode) {
+  const std::span<const std::byte> payload = port.current();
+  return take_current_sized(port, payload.size(), [&]() -> decltype(auto) { return decode(payload); });
+}
+
+/// take_current for a receive: the optional<T> is decoded into where it is returned; a
+/// payload still in the kernel is read there directly.
+template <encodable T>
+std::optional<T> take_current_value(receive_port& port) {
+  if constexpr (bytewise_codec<T>) {
+    if (port.pending_payload == sizeof(T)) {
+      return take_current_sized(port, sizeof(T), [&] {
+        return std::optional<T>{std::in_place, read_pending_as<T>{port}};
+      });
+    }
+  }
+  return take_current(port, [](std::span<const std::byte> payload) {
+    return std::optional<T>{std::in_place, decoded_as<T>{payload}};
+  });
+}
+
+/// take_current for receive_into.
+template <encodable T>
+void take_current_into(receive_port& port, T& into) {
+  if constexpr (bytewise_codec<T>) {
+    if (port.pending_payload == sizeof(T)) {
+      take_current_sized(port, sizeof(T),
+                         [&] { port.read_pending(std::as_writable_bytes(std::span<T, 1>(&into, 1))); });
+      return;
+    }
+  }
+  take_current(port, [&](std::span<const std::byte> payload) { ipcoro::decode_into(payload, into); });
+}
 
 }  // namespace ipcoro::detail
