@@ -63,6 +63,50 @@ int expect_messages(channel_receiver<std::string>& rx, int count) {
   return ipcoro::sync_wait(ctx, rx.receive()) ? 4 : 0;
 }
 
+/// Sends `first` and writes it, then `cut`, which the link's pipe cannot take whole; the
+/// sender is killed while that send waits for room (nobody reads). The receiver gets
+/// `first`, then reports the frame cut short: never a message or a clean end.
+template <class T>
+void check_cut_frame(const std::string& address, const T& first, const T& cut) {
+  {
+    channel_link link = channel_link::create(address);
+    ipcoro::test::handshake waiting;
+    child_process child([&]() -> int {
+      ipcoro::io_context ctx;
+      channel_sender<T> tx = link.sender<T>();
+      link.reset();
+      ipcoro::sync_wait(ctx,
+                        [](channel_sender<T>& tx, const T& first, const T& cut,
+                           const ipcoro::test::handshake& waiting) -> task<void> {
+                          co_await tx.send(first);
+                          co_await tx.flush();
+                          co_await ipcoro::when_all(
+                              [](channel_sender<T>& tx, const T& cut) -> task<void> {
+                                co_await tx.send(cut);  // never completes: nobody reads
+                              }(tx, cut),
+                              [](const ipcoro::test::handshake& waiting) -> task<void> {
+                                waiting.signal();  // the send above has put in what fits and waits for room
+                                co_return;
+                              }(waiting));
+                        }(tx, first, cut, waiting));
+      return 1;  // not reached
+    });
+    channel_receiver<T> rx = link.receiver<T>();
+    link.reset();
+    REQUIRE(waiting.wait());
+    child.kill(SIGKILL);
+    REQUIRE(child.wait() == 128 + SIGKILL);
+    ipcoro::io_context ctx;
+    std::optional<T> got = ipcoro::sync_wait(ctx, rx.receive());
+    REQUIRE(got);
+    CHECK(*got == first);
+    const std::string error =
+        ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
+    CHECK(contains(error, "the stream ended inside a message"));
+  }
+  CHECK(nothing_left_behind());
+}
+
 /// Sends "hello" and writes it: the sender has greeted, so the frames after it are lent.
 task<void> greet(channel_sender<std::string>& tx) {
   co_await tx.send(std::string("hello"));
@@ -203,46 +247,10 @@ TEST_CASE("a pipe or FIFO link closed while a send waits partway through lending
 
 TEST_CASE("a pipe or FIFO link's sender killed partway through lending a frame is reported as a cut frame",
           "[channel][ipc][lending][death]") {
-  // Nobody reads: a 64 KiB pipe takes part of a 200 KiB lent frame and the send waits for
-  // room. The sender is killed there; the part in the pipe outlives it (the pipe holds the
-  // pages), and the receiver reports the frame cut short, never a message or a clean end.
+  // A 64 KiB pipe takes part of a 200 KiB lent frame; the part in the pipe outlives its
+  // sender (the pipe holds the pages).
   const std::string scheme = GENERATE("pipe", "fifo");
-  const std::string address = fresh_address(scheme, "capacity=65536");
-  {
-    channel_link link = channel_link::create(address);
-    ipcoro::test::handshake waiting;
-    child_process child([&]() -> int {
-      ipcoro::io_context ctx;
-      channel_sender<std::string> tx = link.sender<std::string>();
-      link.reset();
-      ipcoro::sync_wait(
-          ctx, [](channel_sender<std::string>& tx, const ipcoro::test::handshake& waiting) -> task<void> {
-            co_await greet(tx);
-            co_await ipcoro::when_all(
-                [](channel_sender<std::string>& tx) -> task<void> {
-                  co_await tx.send(message(1, large));  // never completes: nobody reads
-                }(tx),
-                [](const ipcoro::test::handshake& waiting) -> task<void> {
-                  waiting.signal();  // the send above has lent what fits and waits for room
-                  co_return;
-                }(waiting));
-          }(tx, waiting));
-      return 1;  // not reached
-    });
-    channel_receiver<std::string> rx = link.receiver<std::string>();
-    link.reset();
-    REQUIRE(waiting.wait());
-    child.kill(SIGKILL);
-    REQUIRE(child.wait() == 128 + SIGKILL);
-    ipcoro::io_context ctx;
-    std::optional<std::string> first = ipcoro::sync_wait(ctx, rx.receive());
-    REQUIRE(first);
-    CHECK(*first == "hello");
-    const std::string error =
-        ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
-    CHECK(contains(error, "the stream ended inside a message"));
-  }
-  CHECK(nothing_left_behind());
+  check_cut_frame(fresh_address(scheme, "capacity=65536"), std::string("hello"), message(1, large));
 }
 
 TEST_CASE("pipe and FIFO links lend large frames; a FIFO opened by name copies them",
@@ -370,47 +378,8 @@ TEST_CASE("a large value whose encoding is its bytes is read from the pipe strai
 
 TEST_CASE("a large value cut by its sender's death is reported as a cut frame, not read straight in",
           "[channel][ipc][lending][direct][death]") {
-  // A 128 KiB pipe takes the first block and part of the second; the sender is killed
-  // while that send waits. The pipe holds less than the second frame: it is read as any
-  // frame, and its end is missing.
+  // A 128 KiB pipe takes the first block and part of the second. The pipe holds less than
+  // the second frame: it is read as any frame, and its end is missing.
   const std::string scheme = GENERATE("pipe", "fifo");
-  const std::string address = fresh_address(scheme, "capacity=131072");
-  {
-    channel_link link = channel_link::create(address);
-    ipcoro::test::handshake waiting;
-    child_process child([&]() -> int {
-      ipcoro::io_context ctx;
-      channel_sender<block> tx = link.sender<block>();
-      link.reset();
-      ipcoro::sync_wait(ctx,
-                        [](channel_sender<block>& tx, const ipcoro::test::handshake& waiting) -> task<void> {
-                          block first = block_of(0);
-                          co_await tx.send(std::move(first));
-                          co_await tx.flush();
-                          co_await ipcoro::when_all(
-                              [](channel_sender<block>& tx) -> task<void> {
-                                block second = block_of(1);
-                                co_await tx.send(std::move(second));  // never completes: nobody reads
-                              }(tx),
-                              [](const ipcoro::test::handshake& waiting) -> task<void> {
-                                waiting.signal();
-                                co_return;
-                              }(waiting));
-                        }(tx, waiting));
-      return 1;  // not reached
-    });
-    channel_receiver<block> rx = link.receiver<block>();
-    link.reset();
-    REQUIRE(waiting.wait());
-    child.kill(SIGKILL);
-    REQUIRE(child.wait() == 128 + SIGKILL);
-    ipcoro::io_context ctx;
-    std::optional<block> first = ipcoro::sync_wait(ctx, rx.receive());
-    REQUIRE(first);
-    CHECK(*first == block_of(0));
-    const std::string error =
-        ipcoro::test::what_of<ipcoro::channel_error>([&] { ipcoro::sync_wait(ctx, rx.receive()); });
-    CHECK(contains(error, "the stream ended inside a message"));
-  }
-  CHECK(nothing_left_behind());
+  check_cut_frame(fresh_address(scheme, "capacity=131072"), block_of(0), block_of(1));
 }
