@@ -375,7 +375,10 @@ TEST_CASE("the adaptive poll of a loop whose waits are long shrinks to a sixteen
   REQUIRE(first > 0);
   // 400 us of polling at first, 25 us later: the last waits poll ~1/16 as long each.
   CHECK(late / 20.0 <= first / 4.0);
-  CHECK(ctx.stats().poll_hits == 0);  // a 2 ms timer never fires within the budget
+  // A 2 ms timer fires within a 400 us budget only when the host held this vCPU off for
+  // most of the 2 ms (seen once in CI on a shared host): at most a couple of the 41 waits.
+  INFO("waits met by polling: " << ctx.stats().poll_hits);
+  CHECK(ctx.stats().poll_hits <= 2);
 }
 
 TEST_CASE("a loop whose peer on another CPU answers within microseconds polls for it instead of sleeping",
