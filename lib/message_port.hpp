@@ -13,6 +13,7 @@
 
 #include <concepts>
 #include <cstring>
+#include <exception>
 #include <optional>
 #include <vector>
 
@@ -43,6 +44,12 @@ concept reserving_sender = requires(Transport& t, std::size_t n, std::span<std::
   { t.try_reserve(n, space) } -> std::same_as<bool>;
   t.commit_reserved(n);
   t.drop_reserved();
+};
+/// A reserving transport that also reserves, writes and commits in one call (try_write).
+template <class Transport>
+concept writing_sender = reserving_sender<Transport> &&
+    requires(Transport& t, std::size_t n, void (*write)(void*, std::span<std::byte>), void* context) {
+  { t.try_write(n, write, context) } -> std::same_as<bool>;
 };
 /// A transport that gives messages in place (an SPSC ring): the channel's zero-copy views.
 template <class Transport>
@@ -131,6 +138,42 @@ class message_send_port final : public send_port {
       }
     }
     return false;
+  }
+
+  /// The message is written straight into the ring, head and payload, in one call. What
+  /// `encode` throws goes to the caller as it is, not as a transport's error.
+  bool try_send_encoded(std::size_t size, encode_fn encode, const void* value) override {
+    if constexpr (writing_sender<Transport>) {
+      check_fits(size);
+      if (!greeted_) return false;
+      drop_staged();
+      struct encode_threw {};
+      struct message {
+        const message_send_port& port;
+        encode_fn encode;
+        const void* value;
+        std::exception_ptr failure;
+      } m{*this, encode, value, nullptr};
+      const auto write = [](void* context, std::span<std::byte> out) {
+        auto& msg = *static_cast<message*>(context);
+        msg.port.put_head(out.data(), frame_kind::data);
+        try {
+          msg.encode(msg.value, out.subspan(head_size));
+        } catch (...) {
+          msg.failure = std::current_exception();
+          throw encode_threw{};
+        }
+      };
+      try {
+        return transport_.try_write(head_size + size, write, &m);
+      } catch (const encode_threw&) {
+        std::rethrow_exception(m.failure);
+      } catch (...) {
+        rethrow_send_error();
+      }
+    } else {
+      return send_port::try_send_encoded(size, encode, value);
+    }
   }
 
   /// A loan with room now is a reservation in the ring, as a send's prepare() makes (no

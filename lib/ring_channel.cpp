@@ -113,6 +113,13 @@ struct ring_sending {
     return e->try_reserve(n, space) == ring_endpoint::outcome::done;
   }
   void commit_reserved(std::size_t n) requires spsc { ring_access::endpoint(ring)->commit_reserved(n); }
+  /// try_reserve, `write` and commit_reserved in one call (ring_protocol::try_write).
+  bool try_write(std::size_t n, ring_endpoint::write_fn write, void* context) requires spsc {
+    ring_endpoint* e = ring_access::endpoint(ring);
+    if (e == nullptr) return false;
+    batching.before_send(ring);
+    return e->try_write(n, write, context) == ring_endpoint::outcome::done;
+  }
   void drop_reserved() noexcept requires spsc {
     if (ring_endpoint* e = ring_access::endpoint(ring)) e->drop_reserved();
   }

@@ -33,6 +33,18 @@ ring_protocol::outcome ring_protocol::try_reserve(std::size_t size, std::span<st
   });
 }
 
+ring_protocol::outcome ring_protocol::try_write(std::size_t size, write_fn write, void* context) {
+  return attempt([&] {
+    if (kind_ != kind_spsc) throw_no_loans("ring send in place");
+    spsc_slot slot;
+    const outcome r = spsc_reserve(size, slot);
+    if (r != outcome::done) return r;
+    write(context, {data_ + slot.offset + record_size_, size});
+    spsc_publish(slot, size);
+    return outcome::done;
+  });
+}
+
 void ring_protocol::commit_reserved(std::size_t length) {
   if (!loan_open_) {
     throw std::system_error(EINVAL, std::system_category(),

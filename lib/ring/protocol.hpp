@@ -85,6 +85,12 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   void commit_reserved(std::size_t length);
   /// Gives the open reservation up: nothing is published.
   void drop_reserved() noexcept { loan_open_ = false; }
+  /// Writes the `size` bytes of a message.
+  using write_fn = void (*)(void* context, std::span<std::byte> out);
+  /// SPSC sender: try_reserve, `write(context, space)` and commit_reserved in one call (no
+  /// reservation stays open): the channel's path for a message that fits now. When `write`
+  /// throws, nothing is published. Throws as try_reserve does.
+  outcome try_write(std::size_t size, write_fn write, void* context);
   bool reservation_open() const noexcept { return loan_open_; }
   /// SPSC sender: the next sends and commits are written but not published (the tail does
   /// not move) until publish_held(), until they reach held_publish_limit bytes, or until a

@@ -13,8 +13,12 @@
 
 namespace ipcoro::detail {
 
-// How far ahead of its position each SPSC side prefetches, in bytes (four cache lines).
-inline constexpr std::uint64_t prefetch_distance = 256;
+// How far ahead of its position each SPSC side prefetches, in bytes. The sender takes
+// the lines it will write two lines ahead: further ahead (four, eight, sixteen lines) cost
+// a 64-byte channel pair 10-35 % of its messages/s here, as the receiver reading at four
+// lines ahead is best for it (closer, or none, cost 10 %).
+inline constexpr std::uint64_t send_prefetch_distance = 128;
+inline constexpr std::uint64_t receive_prefetch_distance = 256;
 // How many bytes a sender that holds publication (hold_publication) writes before it
 // publishes them anyway: the receiver works on one batch while the next is written.
 inline constexpr std::uint64_t held_publish_limit = 4096;
@@ -55,11 +59,11 @@ inline ring_protocol::outcome ring_protocol::spsc_reserve(std::size_t size, spsc
     tail += to_end;
     offset = 0;
   }
-  if (tail + record + prefetch_distance + 64 <= head_cache_ + capacity_) {
+  if (tail + record + send_prefetch_distance + 64 <= head_cache_ + capacity_) {
     // Free room further on: take ownership of its lines now, so that later records are
     // not written into lines the receiver still holds.
-    __builtin_prefetch(data_ + ((tail + prefetch_distance) & mask_), 1);
-    __builtin_prefetch(data_ + ((tail + prefetch_distance + 64) & mask_), 1);
+    __builtin_prefetch(data_ + ((tail + send_prefetch_distance) & mask_), 1);
+    __builtin_prefetch(data_ + ((tail + send_prefetch_distance + 64) & mask_), 1);
   }
   slot = {offset, tail, size};
   return outcome::done;
@@ -109,10 +113,10 @@ inline ring_protocol::outcome ring_protocol::spsc_next(std::uint64_t& offset, st
     if (rh.type != record_data || rh.length > max_message_ || record > to_end || record > available) {
       throw_bad_record(rh, offset, to_end, available);
     }
-    if (read_pos_ + record + prefetch_distance + 64 <= tail_cache_) {
+    if (read_pos_ + record + receive_prefetch_distance + 64 <= tail_cache_) {
       // Published records further on: start fetching them from the sender's cache now.
-      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance) & mask_));
-      __builtin_prefetch(data_ + ((read_pos_ + prefetch_distance + 64) & mask_));
+      __builtin_prefetch(data_ + ((read_pos_ + receive_prefetch_distance) & mask_));
+      __builtin_prefetch(data_ + ((read_pos_ + receive_prefetch_distance + 64) & mask_));
     }
     length = rh.length;
     return outcome::done;

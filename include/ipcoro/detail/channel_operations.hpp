@@ -116,12 +116,14 @@ class [[nodiscard]] channel_send_operation : public task<void> {
         return true;
       }
       const std::size_t size = codec<T>::size(*value_);
-      codec<T>::encode(*value_, port.prepare(size));
-      if (!port.try_send_prepared()) {
-        // Not sent at once: send_prepared() waits for the transport, with the lock and
-        // the in-flight mark kept until then, so nothing else is prepared over it.
-        prepared_.emplace(std::move(guard), port, size);
-        return false;
+      if (!port.try_send_encoded(size, &encode_erased, value_)) {
+        codec<T>::encode(*value_, port.prepare(size));
+        if (!port.try_send_prepared()) {
+          // Not sent at once: send_prepared() waits for the transport, with the lock and
+          // the in-flight mark kept until then, so nothing else is prepared over it.
+          prepared_.emplace(std::move(guard), port, size);
+          return false;
+        }
       }
       settle();
       ++port.messages;
@@ -131,6 +133,10 @@ class [[nodiscard]] channel_send_operation : public task<void> {
       failure_ = std::current_exception();
     }
     return true;
+  }
+
+  static void encode_erased(const void* value, std::span<std::byte> out) {
+    codec<T>::encode(*static_cast<const T*>(value), out);
   }
 
   void resume() {

@@ -197,6 +197,16 @@ class IPCORO_API send_port : public port_base {
   /// send_prepared() would. The path of a message that needs no wait: no task, no stop
   /// machinery.
   virtual bool try_send_prepared() { return false; }
+  /// Writes a payload of `size` bytes: `encode(value, out)`.
+  using encode_fn = void (*)(const void* value, std::span<std::byte> out);
+  /// The path of a message the transport takes now, in one call: encodes it straight into
+  /// the transport and sends it. False when it did not (no room now, or a transport that
+  /// has no such path): nothing was encoded, and prepare() / try_send_prepared() /
+  /// send_prepared() follow. Throws what those would, and what `encode` throws.
+  virtual bool try_send_encoded(std::size_t size, encode_fn encode, const void* value) {
+    (void)size, (void)encode, (void)value;
+    return false;
+  }
   /// Completes once every message sent so far is in the kernel; throws what a send would
   /// (channel_closed once the receiver has gone, also when only a deferred write saw it).
   send_operation flush_sent() { return send_operation{*this, drain(pooled_frame{})}; }
