@@ -261,7 +261,7 @@ class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
   // The loan try_now made, until resume() hands it out. Kept as scalars, not as a
   // channel_loan: read back as one 16-byte span right after being written as two 8-byte
   // words, it cost a store-forwarding stall that waited for the ring's lines (measured:
-  // 57 % of a 64-byte loan producer's time).
+  // about half of a 64-byte loan producer's samples).
   detail::send_port* lent_ = nullptr;
   std::byte* lent_bytes_ = nullptr;
   std::size_t lent_size_ = 0;
