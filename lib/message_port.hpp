@@ -51,6 +51,12 @@ concept writing_sender = reserving_sender<Transport> &&
     requires(Transport& t, std::size_t n, void (*write)(void*, std::span<std::byte>), void* context) {
   { t.try_write(n, write, context) } -> std::same_as<bool>;
 };
+/// ... and that writes a frame's head and a payload given as bytes in one call.
+template <class Transport>
+concept headed_writing_sender = writing_sender<Transport> &&
+    requires(Transport& t, std::uint64_t head, std::span<const std::byte> payload) {
+  { t.try_write_headed(head, payload) } -> std::same_as<bool>;
+};
 /// A transport that gives messages in place (an SPSC ring): the channel's zero-copy views.
 template <class Transport>
 concept viewing_receiver = requires(Transport& t) {
@@ -173,6 +179,25 @@ class message_send_port final : public send_port {
       }
     } else {
       return send_port::try_send_encoded(size, encode, value);
+    }
+  }
+
+  bool try_send_bytes(std::span<const std::byte> payload) override {
+    if constexpr (headed_writing_sender<Transport>) {
+      check_fits(payload.size());
+      // A message another operation prepared is its to send or give up, under the lock.
+      if (!greeted_ || staged_) return false;
+      const message_head h{static_cast<std::uint32_t>(frame_kind::data),
+                           short_fingerprint(identity().fingerprint)};
+      std::uint64_t head = 0;
+      std::memcpy(&head, &h, sizeof head);
+      try {
+        return transport_.try_write_headed(head, payload);
+      } catch (...) {
+        rethrow_send_error();
+      }
+    } else {
+      return send_port::try_send_bytes(payload);
     }
   }
 
@@ -410,17 +435,42 @@ class message_receive_port final : public receive_port {
     return false;
   }
 
+  take_outcome try_take(decode_fn decode, void* out) override {
+    if constexpr (peeking_receiver<Transport>) {
+      if (current_ || ended_ || !transport_.reads_in_place()) return take_outcome::other;
+      std::span<const std::byte> frame;
+      const peek_result r = peek(frame);
+      if (r == peek_result::empty) return take_outcome::empty;
+      // Anything but a data message of this channel's type goes the way try_next takes it:
+      // it is still there to be peeked again.
+      if (r != peek_result::message || frame.size() < head_size) return take_outcome::other;
+      const auto h = read_head<message_head>(frame.data());
+      if (h.kind != static_cast<std::uint32_t>(frame_kind::data) ||
+          h.fingerprint != short_fingerprint(identity().fingerprint))
+        return take_outcome::other;
+      peeked_ = true;
+      if constexpr (acknowledging<Transport>) current_position_ = transport_.position();
+      struct consume_at_exit {
+        message_receive_port& port;
+        ~consume_at_exit() { port.consume(); }
+      } at_exit{*this};
+      const std::span<const std::byte> payload = frame.subspan(head_size);
+      decode(payload, out);
+      ++messages;
+      bytes += payload.size();
+      return take_outcome::taken;
+    } else {
+      (void)decode, (void)out;
+      return take_outcome::other;
+    }
+  }
+
   bool try_next_view() override {
     if constexpr (peeking_receiver<Transport>) {
       if (current_) return true;
       while (!ended_) {
         std::span<const std::byte> frame;
-        peek_result r;
-        try {
-          r = transport_.try_peek(frame, peeked_end_);
-        } catch (const peer_died& e) {
-          throw_peer_died(address(), e);
-        }
+        const peek_result r = peek(frame);
         if (r == peek_result::empty) return false;
         if (r == peek_result::end) return take_frame(std::nullopt).value_or(false);
         peeked_ = true;
@@ -473,6 +523,19 @@ class message_receive_port final : public receive_port {
   }
 
  private:
+  /// The transport's try_peek, its peer's death told as this channel's.
+  peek_result peek(std::span<const std::byte>& frame) {
+    if constexpr (peeking_receiver<Transport>) {
+      try {
+        return transport_.try_peek(frame, peeked_end_);
+      } catch (const peer_died& e) {
+        throw_peer_died(address(), e);
+      }
+    } else {
+      (void)frame;
+      return peek_result::empty;
+    }
+  }
   /// Frees the message try_peek gave, if one is open.
   void release_peeked() noexcept {
     if constexpr (peeking_receiver<Transport>) {

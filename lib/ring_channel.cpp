@@ -120,6 +120,13 @@ struct ring_sending {
     batching.before_send(ring);
     return e->try_write(n, write, context) == ring_endpoint::outcome::done;
   }
+  /// try_write of a message that is `head` and then `payload` (ring_protocol::try_write_headed).
+  bool try_write_headed(std::uint64_t head, std::span<const std::byte> payload) requires spsc {
+    ring_endpoint* e = ring_access::endpoint(ring);
+    if (e == nullptr) return false;
+    batching.before_send(ring);
+    return e->try_write_headed(head, payload) == ring_endpoint::outcome::done;
+  }
   void drop_reserved() noexcept requires spsc {
     if (ring_endpoint* e = ring_access::endpoint(ring)) e->drop_reserved();
   }

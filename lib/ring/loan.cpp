@@ -6,6 +6,7 @@
 #include <fmt/core.h>
 
 #include <cerrno>
+#include <cstring>
 #include <system_error>
 
 namespace ipcoro::detail {
@@ -40,6 +41,22 @@ ring_protocol::outcome ring_protocol::try_write(std::size_t size, write_fn write
     const outcome r = spsc_reserve(size, slot);
     if (r != outcome::done) return r;
     write(context, {data_ + slot.offset + record_size_, size});
+    spsc_publish(slot, size);
+    return outcome::done;
+  });
+}
+
+ring_protocol::outcome ring_protocol::try_write_headed(std::uint64_t head,
+                                                       std::span<const std::byte> payload) {
+  return attempt([&] {
+    if (kind_ != kind_spsc) throw_no_loans("ring send in place");
+    const std::size_t size = sizeof head + payload.size();
+    spsc_slot slot;
+    const outcome r = spsc_reserve(size, slot);
+    if (r != outcome::done) return r;
+    std::byte* at = data_ + slot.offset + record_size_;
+    std::memcpy(at, &head, sizeof head);
+    std::memcpy(at + sizeof head, payload.data(), payload.size());
     spsc_publish(slot, size);
     return outcome::done;
   });

@@ -91,6 +91,9 @@ class __attribute__((visibility("hidden"))) ring_protocol {
   /// reservation stays open): the channel's path for a message that fits now. When `write`
   /// throws, nothing is published. Throws as try_reserve does.
   outcome try_write(std::size_t size, write_fn write, void* context);
+  /// SPSC sender: one message made of the 8 bytes of `head` followed by `payload`, in one
+  /// call (a channel's frame of a value that is its bytes). Throws as try_reserve does.
+  outcome try_write_headed(std::uint64_t head, std::span<const std::byte> payload);
   bool reservation_open() const noexcept { return loan_open_; }
   /// SPSC sender: the next sends and commits are written but not published (the tail does
   /// not move) until publish_held(), until they reach held_publish_limit bytes, or until a

@@ -105,6 +105,24 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   }
 
   bool try_port(detail::send_port& port, bool stop_requested) {
+    if constexpr (bytewise_codec<T>) {
+      // The bytes are copied with no code of the user's running: no lock is needed, only
+      // that no other operation holds it (a send waiting for room goes first).
+      if (!stop_requested && !port.lock.locked() && !port.leaving() && !port.loan_open) {
+        try {
+          if (port.try_send_bytes(std::as_bytes(std::span<const T, 1>(value_, 1)))) {
+            settle();
+            ++port.messages;
+            port.bytes += sizeof(T);
+            return true;
+          }
+        } catch (...) {
+          settle();
+          failure_ = std::current_exception();
+          return true;
+        }
+      }
+    }
     if (!port.lock.try_lock()) return false;
     mutex::guard guard{port.lock};
     const detail::port_base::in_flight busy{port};
@@ -278,6 +296,19 @@ template <class T, class R>
 class [[nodiscard]] channel_receive_operation : public task<R> {
   static constexpr bool into_ = std::is_same_v<R, bool>;
   static constexpr bool view_ = std::is_same_v<R, std::optional<channel_view>>;
+  /// Whether a message there now is taken in one call (receive_port::try_take): into the
+  /// caller's value for receive_into; for receive, into this operation and copied out in
+  /// resume(), for a small T whose encoding is its bytes only (it lives in the awaiting
+  /// coroutine's frame, and any other T would be moved once more than it is now).
+  static constexpr bool takes_ = [] {
+    if constexpr (encodable<T> && !view_) {
+      return into_ || (bytewise_codec<T> && sizeof(T) <= 256);
+    } else {
+      return false;
+    }
+  }();
+  struct nothing {};
+  using taken_type = std::conditional_t<takes_ && !into_, std::optional<T>, nothing>;
 
  public:
   channel_receive_operation(channel_receiver<T>& receiver, T* into) noexcept
@@ -293,7 +324,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
  private:
   friend awaiter;
   // What try_now found; the value itself is taken in resume(), which runs right after.
-  enum class ready : unsigned char { none, local, port, end, cancelled, failed };
+  enum class ready : unsigned char { none, local, port, taken, end, cancelled, failed };
 
   /// The coroutine of a receive awaited directly waits for the message and leaves it
   /// current, under the lock, for resume() to decode where it returns it: a large T is then
@@ -370,6 +401,16 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     port.end_view();  // as take_next: the view handed out last is released first
     bool got = false;
     try {
+      if constexpr (takes_) {
+        // A receive asked to stop leaves the message where it is: try_next's way, below.
+        if (!stop_requested && !port.leaving()) {
+          const auto taken = port.try_take(&take_into, into_ ? static_cast<void*>(into_ptr_) : &taken_);
+          if (taken != detail::receive_port::take_outcome::other) {
+            release();
+            return taken == detail::receive_port::take_outcome::taken && found(ready::taken, false);
+          }
+        }
+      }
       got = !port.leaving() && try_next(port);
     } catch (...) {
       release();
@@ -380,6 +421,15 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     release();
     if (!got) return false;
     return found(ready::cancelled, false);  // the message stays current
+  }
+
+  /// What try_take calls: decodes into the caller's value or into taken_.
+  static void take_into(std::span<const std::byte> payload, void* out) {
+    if constexpr (into_) {
+      ipcoro::decode_into(payload, *static_cast<T*>(out));
+    } else if constexpr (takes_) {
+      static_cast<taken_type*>(out)->emplace(detail::decoded_as<T>{payload});
+    }
   }
 
   void release() noexcept {
@@ -407,6 +457,14 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
       case ready::local:
         if constexpr (!view_) return take_local(*receiver_.local_);
         return R{};  // not reached: a view is never taken from an in-process channel
+      case ready::taken:
+        if constexpr (into_) {
+          return true;
+        } else if constexpr (takes_) {
+          return std::move(taken_);
+        } else {
+          return R{};  // not reached: only takes_ makes ready::taken
+        }
       case ready::port:
         break;
     }
@@ -454,6 +512,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
   std::optional<mutex::guard> guard_;
   std::optional<detail::port_base::in_flight> busy_;
   std::exception_ptr failure_;
+  [[no_unique_address]] taken_type taken_;  // what try_take decoded (receive, a small T)
   ready ready_ = ready::none;
 };
 

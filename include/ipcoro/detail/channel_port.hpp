@@ -207,6 +207,13 @@ class IPCORO_API send_port : public port_base {
     (void)size, (void)encode, (void)value;
     return false;
   }
+  /// try_send_encoded of a value whose encoding is its bytes (a bytewise codec): no code of
+  /// the user's runs in it, so nothing can take the port's lock or leave the end meanwhile,
+  /// and the caller needs neither the lock nor an in-flight mark, only that the lock is free.
+  virtual bool try_send_bytes(std::span<const std::byte> payload) {
+    (void)payload;
+    return false;
+  }
   /// Completes once every message sent so far is in the kernel; throws what a send would
   /// (channel_closed once the receiver has gone, also when only a deferred write saw it).
   send_operation flush_sent() { return send_operation{*this, drain(pooled_frame{})}; }
@@ -295,6 +302,18 @@ class IPCORO_API receive_port : public port_base {
   /// must be awaited (nothing has arrived, the stream ended, or the transport has no such
   /// path). Throws what next() would.
   virtual bool try_next() { return false; }
+  /// Puts a message's payload where its value goes: `decode(payload, out)`.
+  using decode_fn = void (*)(std::span<const std::byte> payload, void* out);
+  enum class take_outcome : unsigned char { taken, empty, other };
+  /// The path of a data message that is there now, in one call: `decode` it and move past
+  /// it, also when `decode` throws (a bad message is not offered again; the exception goes
+  /// on). `empty`: nothing has arrived, next() must be awaited. `other`: try_next() must
+  /// take it (a greeting, the end, a message already current, a transport without this
+  /// path), and nothing was decoded. Throws what try_next() would.
+  virtual take_outcome try_take(decode_fn decode, void* out) {
+    (void)decode, (void)out;
+    return take_outcome::other;
+  }
   /// The current message's payload. One still in the kernel (pending_payload) is read in
   /// first, which throws channel_error if the stream fails.
   virtual std::span<const std::byte> current() = 0;
