@@ -8,6 +8,7 @@
 #include "ipcoro/sync_wait.hpp"
 #include "ipcoro/task.hpp"
 #include "ipcoro/timer.hpp"
+#include "ipcoro/when_all.hpp"
 
 #include "channel_support.hpp"
 #include "process.hpp"
@@ -15,6 +16,7 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -22,6 +24,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <new>
 #include <optional>
 #include <span>
 #include <string>
@@ -476,6 +479,122 @@ TEST_CASE("an encoder that throws while writing into the ring fails only its own
     CHECK(next() == 1);
     CHECK(next() == 3);
     CHECK(next() == std::nullopt);
+    CHECK(sender.wait(hang_limit) == 0);
+  }
+  CHECK(nothing_left_behind());
+}
+
+// Sends of a value's bytes and receives of a value that is there go straight to the ring
+// without the end's lock, only when no other operation holds it: one that waits keeps its
+// place. The second operation here starts once the first's wait is over in the ring (room
+// made, or its message arrived) but before the first has run again, when a direct path
+// that ignored the lock would overtake it.
+TEST_CASE("a send started while another waits for room goes after it", "[channel][ring][ipc]") {
+  const std::string transport = GENERATE("shm", "file");
+  const std::string address = small_ring_address(transport);
+  CAPTURE(address);
+  struct seen {
+    int before_marker = -2;
+    int out_of_order = -1;
+  };
+  auto* log = static_cast<seen*>(
+      ::mmap(nullptr, sizeof(seen), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  REQUIRE(log != MAP_FAILED);
+  new (log) seen{};
+  constexpr int total = 1000;  // far more than the 4 KiB ring holds
+  int pending = -1;
+  {
+    const handshake opened, go, drained;
+    child_process receiver([&] {
+      ipcoro::io_context ctx;
+      channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
+      opened.signal();
+      if (!go.wait()) return 1;
+      return ipcoro::sync_wait(
+          ctx, [](channel_receiver<int>& rx, const handshake& drained, seen& log) -> task<int> {
+            int last = -1;
+            log.out_of_order = 0;
+            bool first = true;
+            while (std::optional<int> v = co_await rx.receive()) {
+              if (first) drained.signal();  // room for the next message now
+              first = false;
+              if (*v == -1) {
+                log.before_marker = last;
+                continue;
+              }
+              if (*v != last + 1) ++log.out_of_order;
+              last = *v;
+            }
+            co_return last == total - 1 ? 0 : 2;
+          }(rx, drained, *log));
+    });
+    REQUIRE(opened.wait());
+    ipcoro::io_context ctx;
+    channel_sender<int> tx = ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address));
+    int completed = 0;
+    ipcoro::sync_wait(ctx, ipcoro::when_all(
+                               [](channel_sender<int>& tx, int& completed) -> task<void> {
+                                 for (int i = 0; i < total; ++i) {
+                                   co_await tx.send(i);
+                                   completed = i + 1;
+                                 }
+                               }(tx, completed),
+                               [](channel_sender<int>& tx, const int& completed, int& pending,
+                                  const handshake& go, const handshake& drained) -> task<void> {
+                                 pending = completed;  // the first coroutine waits to send this one
+                                 go.signal();
+                                 // Blocks this thread, so the first coroutine cannot run before this send.
+                                 if (drained.wait()) co_await tx.send(-1);
+                               }(tx, completed, pending, go, drained)));
+    tx.close();
+    CHECK(receiver.wait(hang_limit) == 0);
+  }
+  CHECK(pending > 0);
+  CHECK(pending < total);
+  CHECK(log->out_of_order == 0);
+  CHECK(log->before_marker == pending);
+  ::munmap(log, sizeof(seen));
+  CHECK(nothing_left_behind());
+}
+
+TEST_CASE("a receive started while another waits gets the message after the one the first waits for",
+          "[channel][ring][ipc]") {
+  const std::string transport = GENERATE("shm", "file");
+  const std::string name = unique_name("order");
+  const std::string address = transport == "shm" ? "shm:/" + name : "file:/tmp/" + name;
+  CAPTURE(address);
+  {
+    ipcoro::io_context ctx;
+    channel_receiver<int> rx = ipcoro::sync_wait(ctx, ipcoro::open_receiver<int>(address));
+    const handshake go, sent;
+    child_process sender([&] {
+      ipcoro::io_context ctx;
+      channel_sender<int> tx = ipcoro::sync_wait(ctx, ipcoro::open_sender<int>(address));
+      ipcoro::sync_wait(ctx, [](channel_sender<int>& tx, const handshake& go) -> task<void> {
+        co_await tx.send(0);  // with the greeting, which the receiver takes with it
+        co_await tx.flush();
+        if (!go.wait()) co_return;
+        co_await tx.send(1);
+        co_await tx.send(2);
+        co_await tx.flush();
+      }(tx, go));
+      sent.signal();
+      tx.close();
+      return 0;
+    });
+    REQUIRE(ipcoro::sync_wait(ctx, rx.receive().with_timeout(hang_limit)) == 0);
+    std::optional<int> first, second;
+    ipcoro::sync_wait(ctx, ipcoro::when_all([](channel_receiver<int>& rx, std::optional<int>& out)
+                                                -> task<void> { out = co_await rx.receive(); }(rx, first),
+                                            [](channel_receiver<int>& rx, std::optional<int>& out,
+                                               const handshake& go, const handshake& sent) -> task<void> {
+                                              go.signal();
+                                              // Blocks this thread: the first receive cannot run before this
+                                              // one.
+                                              if (sent.wait()) out = co_await rx.receive();
+                                            }(rx, second, go, sent)));
+    CHECK(first == 1);
+    CHECK(second == 2);
     CHECK(sender.wait(hang_limit) == 0);
   }
   CHECK(nothing_left_behind());

@@ -395,6 +395,20 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
   }
 
   bool try_port(detail::receive_port& port, bool stop_requested) {
+    if constexpr (takes_ && bytewise_codec<T>) {
+      // The bytes are copied with no code of the user's running: as a bytewise send, no
+      // lock is taken, only checked to be free (a receive waiting for a message goes first).
+      if (!stop_requested && !port.lock.locked() && !port.leaving() && !port.viewing) {
+        try {
+          const auto taken = port.try_take(&take_into, into_ ? static_cast<void*>(into_ptr_) : &taken_);
+          if (taken == detail::receive_port::take_outcome::taken) return found(ready::taken, false);
+          if (taken == detail::receive_port::take_outcome::empty) return false;
+        } catch (...) {
+          failure_ = std::current_exception();
+          return found(ready::failed, false);
+        }
+      }
+    }
     if (!port.lock.try_lock()) return false;
     guard_.emplace(port.lock);
     busy_.emplace(port);
