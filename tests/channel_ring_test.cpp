@@ -489,10 +489,11 @@ TEST_CASE("an encoder that throws while writing into the ring fails only its own
 // place. The second operation here starts once the first's wait is over in the ring (room
 // made, or its message arrived) but before the first has run again, when a direct path
 // that ignored the lock would overtake it.
-TEST_CASE("a send started while another waits for room goes after it", "[channel][ring][ipc]") {
+TEST_CASE("a send or loan started while a send waits for room goes after it", "[channel][ring][ipc]") {
   const std::string transport = GENERATE("shm", "file");
+  const bool loan = GENERATE(false, true);
   const std::string address = small_ring_address(transport);
-  CAPTURE(address);
+  CAPTURE(address, loan);
   struct seen {
     int before_marker = -2;
     int out_of_order = -1;
@@ -540,12 +541,21 @@ TEST_CASE("a send started while another waits for room goes after it", "[channel
                                  }
                                }(tx, completed),
                                [](channel_sender<int>& tx, const int& completed, int& pending,
-                                  const handshake& go, const handshake& drained) -> task<void> {
+                                  const handshake& go, const handshake& drained, bool loan) -> task<void> {
                                  pending = completed;  // the first coroutine waits to send this one
                                  go.signal();
                                  // Blocks this thread, so the first coroutine cannot run before this send.
-                                 if (drained.wait()) co_await tx.send(-1);
-                               }(tx, completed, pending, go, drained)));
+                                 if (!drained.wait()) co_return;
+                                 if (!loan) {
+                                   co_await tx.send(-1);
+                                 } else {
+                                   // loan() awaited directly: the path that lends at once.
+                                   ipcoro::channel_loan l = co_await tx.loan(sizeof(int));
+                                   const int marker = -1;
+                                   std::memcpy(l.bytes().data(), &marker, sizeof marker);
+                                   l.commit();
+                                 }
+                               }(tx, completed, pending, go, drained, loan)));
     tx.close();
     CHECK(receiver.wait(hang_limit) == 0);
   }

@@ -123,6 +123,12 @@ class [[nodiscard]] channel_send_operation : public task<void> {
         }
       }
     }
+    return try_port_locked(port, stop_requested);
+  }
+
+  /// try_port under the port's lock: every other send that can go at once. Out of line, so
+  /// that the direct path above stays small enough to inline where the send is awaited.
+  [[gnu::noinline]] bool try_port_locked(detail::send_port& port, bool stop_requested) {
     if (!port.lock.try_lock()) return false;
     mutex::guard guard{port.lock};
     const detail::port_base::in_flight busy{port};
@@ -238,10 +244,10 @@ class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
   /// True when the loan is made (or has failed without waiting); false when it must wait.
   bool try_now(bool stop_requested) {
     detail::send_port* port = sender_.port_.get();
-    if (port == nullptr || !port->lock.try_lock()) return false;
-    const mutex::guard guard{port->lock};
-    const detail::port_base::in_flight busy{*port};
-    if (port->leaving() || port->loan_open) return false;  // the coroutine reports it
+    // Lending runs no code of the user's, so, as a bytewise send, it needs only the lock to
+    // be free (an operation waiting goes first), not to hold it. Leaving or a loan already
+    // open: the coroutine reports it.
+    if (port == nullptr || port->lock.locked() || port->leaving() || port->loan_open) return false;
     try {
       if (stop_requested) {
         settle();
@@ -409,6 +415,12 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
         }
       }
     }
+    return try_port_locked(port, stop_requested);
+  }
+
+  /// try_port under the port's lock, kept until resume() when a message is current: every
+  /// other receive that can complete at once. Out of line, as the send's.
+  [[gnu::noinline]] bool try_port_locked(detail::receive_port& port, bool stop_requested) {
     if (!port.lock.try_lock()) return false;
     guard_.emplace(port.lock);
     busy_.emplace(port);
