@@ -107,6 +107,7 @@ class message_send_port final : public send_port {
   message_send_port(std::string address, Transport transport)
       : send_port(std::move(address)), transport_(std::move(transport)) {
     buf_.grow(transport_.max_message(), 0);
+    sends_bytes = headed_writing_sender<Transport>;
   }
 
   /// Where the ring has room now, the message is encoded straight into it (a reservation
@@ -381,6 +382,7 @@ class message_receive_port final : public receive_port {
   message_receive_port(std::string address, Transport transport)
       : receive_port(std::move(address)), transport_(std::move(transport)) {
     buf_.grow(transport_.max_message(), 0);
+    takes_now = peeking_receiver<Transport>;
   }
 
   std::span<const std::byte> current() noexcept override { return {frame_ + head_size, length_}; }

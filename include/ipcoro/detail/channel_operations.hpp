@@ -108,7 +108,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
     if constexpr (bytewise_codec<T>) {
       // The bytes are copied with no code of the user's running: no lock is needed, only
       // that no other operation holds it (a send waiting for room goes first).
-      if (!stop_requested && !port.lock.locked() && !port.leaving() && !port.loan_open) {
+      if (port.sends_bytes && !stop_requested && !port.lock.locked() && !port.leaving() && !port.loan_open) {
         try {
           if (port.try_send_bytes(std::as_bytes(std::span<const T, 1>(value_, 1)))) {
             settle();
@@ -404,7 +404,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     if constexpr (takes_ && bytewise_codec<T>) {
       // The bytes are copied with no code of the user's running: as a bytewise send, no
       // lock is taken, only checked to be free (a receive waiting for a message goes first).
-      if (!stop_requested && !port.lock.locked() && !port.leaving() && !port.viewing) {
+      if (port.takes_now && !stop_requested && !port.lock.locked() && !port.leaving() && !port.viewing) {
         try {
           const auto taken = port.try_take(&take_into, into_ ? static_cast<void*>(into_ptr_) : &taken_);
           if (taken == detail::receive_port::take_outcome::taken) return found(ready::taken, false);
@@ -429,7 +429,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     try {
       if constexpr (takes_) {
         // A receive asked to stop leaves the message where it is: try_next's way, below.
-        if (!stop_requested && !port.leaving()) {
+        if (port.takes_now && !stop_requested && !port.leaving()) {
           const auto taken = port.try_take(&take_into, into_ ? static_cast<void*>(into_ptr_) : &taken_);
           if (taken != detail::receive_port::take_outcome::other) {
             release();

@@ -214,6 +214,9 @@ class IPCORO_API send_port : public port_base {
     (void)payload;
     return false;
   }
+  /// Whether this end has a try_send_bytes path at all: a transport without one costs a
+  /// send no call to find that out.
+  bool sends_bytes = false;
   /// Completes once every message sent so far is in the kernel; throws what a send would
   /// (channel_closed once the receiver has gone, also when only a deferred write saw it).
   send_operation flush_sent() { return send_operation{*this, drain(pooled_frame{})}; }
@@ -314,6 +317,8 @@ class IPCORO_API receive_port : public port_base {
     (void)decode, (void)out;
     return take_outcome::other;
   }
+  /// Whether this end has a try_take path at all (see sends_bytes).
+  bool takes_now = false;
   /// The current message's payload. One still in the kernel (pending_payload) is read in
   /// first, which throws channel_error if the stream fails.
   virtual std::span<const std::byte> current() = 0;
