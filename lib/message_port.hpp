@@ -188,10 +188,8 @@ class message_send_port final : public send_port {
       check_fits(payload.size());
       // A message another operation prepared is its to send or give up, under the lock.
       if (!greeted_ || staged_) return false;
-      const message_head h{static_cast<std::uint32_t>(frame_kind::data),
-                           short_fingerprint(identity().fingerprint)};
       std::uint64_t head = 0;
-      std::memcpy(&head, &h, sizeof head);
+      put_head(reinterpret_cast<std::byte*>(&head), frame_kind::data);
       try {
         return transport_.try_write_headed(head, payload);
       } catch (...) {
