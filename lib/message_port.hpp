@@ -309,13 +309,15 @@ class message_send_port final : public send_port {
     }
   }
   void check_fits(std::size_t size) const {
-    if (head_size + size > buf_.size()) {
-      throw channel_error(
-          EMSGSIZE,
-          fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
-                      "carries is {} bytes ({} of them frame it); {}",
-                      address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
-    }
+    if (head_size + size > buf_.size()) throw_too_large(size);
+  }
+  /// Out of line and cold: the message's formatting costs the sends that fit nothing.
+  [[noreturn, gnu::cold, gnu::noinline]] void throw_too_large(std::size_t size) const {
+    throw channel_error(
+        EMSGSIZE,
+        fmt::format("channel {}: a message of {} bytes does not fit: the largest the transport "
+                    "carries is {} bytes ({} of them frame it); {}",
+                    address(), size, buf_.size(), head_size, transport_.size_advice(size + head_size)));
   }
   /// Sends the greeting, which shares the size limit; a long type name is cut (the
   /// fingerprint is what is compared).

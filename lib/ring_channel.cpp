@@ -63,6 +63,11 @@ class batched_publication {
       if (ring_endpoint* e = ring_access::endpoint(ring)) e->hold_publication();
       return;
     }
+    queue_turn(ring);
+  }
+  /// The rest of before_send, once a turn: out of line, so the sends that only hold
+  /// publication save no registers for it.
+  [[gnu::noinline]] void queue_turn(spsc_ring_sender& ring) noexcept {
     io_context* ctx = io_context::current_or_null();
     // No turn that will end soon (no loop, or one that nothing turns): published at once.
     if (ctx == nullptr || !loop::driven(*ctx)) return;

@@ -23,11 +23,15 @@ struct channel_op_awaiter {
   Op& op;
   bool await_ready() const noexcept { return false; }
   template <class P>
-  bool await_suspend(std::coroutine_handle<P> h) {
-    if (op.deferred()) {
-      if (op.try_now(stop_requested_of(h))) return false;
-      op.make_awaited();
-    }
+  [[gnu::always_inline]] bool await_suspend(std::coroutine_handle<P> h) {
+    if (op.deferred() && op.try_now(stop_requested_of(h))) return false;
+    return wait(h);
+  }
+  /// The operation's coroutine, made now if it was not: out of line, so that what is
+  /// tried at once inlines where the operation is awaited.
+  template <class P>
+  [[gnu::noinline]] bool wait(std::coroutine_handle<P> h) {
+    if (op.deferred()) op.make_awaited();
     return typename task<R>::awaiter{op.handle()}.await_suspend(h);
   }
   R await_resume() { return op.resume(); }
@@ -91,17 +95,19 @@ class [[nodiscard]] channel_send_operation : public task<void> {
 
   /// True when the send is done (or has failed without waiting); false when it must wait.
   bool try_now(bool stop_requested) {
-    if (detail::local_channel<T>* s = sender_.local_.get()) {
-      if (s->receiver_closed || s->sender_closed || s->count == s->slots.size()) return false;
-      settle();
-      cancelled_ = stop_requested;
-      if (!stop_requested) channel_sender<T>::put_local(*s, take_value());
-      return true;
-    }
+    if (detail::local_channel<T>* s = sender_.local_.get()) return try_local(*s, stop_requested);
     if constexpr (encodable<T>) {
       if (detail::send_port* port = sender_.port_.get()) return try_port(*port, stop_requested);
     }
     return false;
+  }
+
+  [[gnu::noinline]] bool try_local(detail::local_channel<T>& s, bool stop_requested) {
+    if (s.receiver_closed || s.sender_closed || s.count == s.slots.size()) return false;
+    settle();
+    cancelled_ = stop_requested;
+    if (!stop_requested) channel_sender<T>::put_local(s, take_value());
+    return true;
   }
 
   bool try_port(detail::send_port& port, bool stop_requested) {
