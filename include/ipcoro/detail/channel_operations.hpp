@@ -34,7 +34,7 @@ struct channel_op_awaiter {
     if (op.deferred()) op.make_awaited();
     return typename task<R>::awaiter{op.handle()}.await_suspend(h);
   }
-  R await_resume() { return op.resume(); }
+  [[gnu::always_inline]] R await_resume() { return op.resume(); }
 };
 }  // namespace detail
 
@@ -55,7 +55,9 @@ class [[nodiscard]] channel_send_operation : public task<void> {
       : task<void>(&make), sender_(sender), value_(&value) {}
   channel_send_operation(const channel_send_operation&) = delete;
   channel_send_operation& operator=(const channel_send_operation&) = delete;
-  ~channel_send_operation() = default;
+  // Inline where the operation is awaited, as try_now and resume, whatever the size of the
+  // caller's unit: the inliner left all three as calls in a large one (ipcoro-bench).
+  [[gnu::always_inline]] ~channel_send_operation() {}
 
   using awaiter = detail::channel_op_awaiter<channel_send_operation, void>;
   awaiter operator co_await() & noexcept { return awaiter{*this}; }
@@ -94,7 +96,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   }
 
   /// True when the send is done (or has failed without waiting); false when it must wait.
-  bool try_now(bool stop_requested) {
+  [[gnu::always_inline]] bool try_now(bool stop_requested) {
     if (detail::local_channel<T>* s = sender_.local_.get()) return try_local(*s, stop_requested);
     if constexpr (encodable<T>) {
       if (detail::send_port* port = sender_.port_.get()) return try_port(*port, stop_requested);
@@ -110,7 +112,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
     return true;
   }
 
-  bool try_port(detail::send_port& port, bool stop_requested) {
+  [[gnu::always_inline]] bool try_port(detail::send_port& port, bool stop_requested) {
     if constexpr (bytewise_codec<T>) {
       // The bytes are copied with no code of the user's running: no lock is needed, only
       // that no other operation holds it (a send waiting for room goes first).
@@ -169,7 +171,11 @@ class [[nodiscard]] channel_send_operation : public task<void> {
     codec<T>::encode(*static_cast<const T*>(value), out);
   }
 
-  void resume() {
+  [[gnu::always_inline]] void resume() {
+    if (handle() || cancelled_ || failure_) [[unlikely]]
+      resume_slow();
+  }
+  [[gnu::noinline]] void resume_slow() {
     if (handle()) {
       struct release_at_exit {
         channel_send_operation& op;
@@ -327,7 +333,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
       : task<R>(&make), receiver_(receiver), into_ptr_(into) {}
   channel_receive_operation(const channel_receive_operation&) = delete;
   channel_receive_operation& operator=(const channel_receive_operation&) = delete;
-  ~channel_receive_operation() = default;
+  [[gnu::always_inline]] ~channel_receive_operation() {}  // as the send's
 
   using awaiter = detail::channel_op_awaiter<channel_receive_operation, R>;
   awaiter operator co_await() & noexcept { return awaiter{*this}; }
@@ -388,7 +394,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     co_return R{};
   }
 
-  bool try_now(bool stop_requested) {
+  [[gnu::always_inline]] bool try_now(bool stop_requested) {
     channel_receiver<T>& rx = receiver_;
     if (detail::local_channel<T>* s = rx.local_.get()) {
       if (view_ || s->receiver_closed || s->count == 0) return false;  // views: the coroutine throws
@@ -406,7 +412,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     return true;
   }
 
-  bool try_port(detail::receive_port& port, bool stop_requested) {
+  [[gnu::always_inline]] bool try_port(detail::receive_port& port, bool stop_requested) {
     if constexpr (takes_ && bytewise_codec<T>) {
       // The bytes are copied with no code of the user's running: as a bytewise send, no
       // lock is taken, only checked to be free (a receive waiting for a message goes first).
@@ -469,7 +475,19 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
     guard_.reset();
   }
 
-  R resume() {
+  [[gnu::always_inline]] R resume() {
+    if constexpr (takes_) {
+      if (ready_ == ready::taken) {
+        if constexpr (into_) {
+          return true;
+        } else {
+          return std::move(taken_);
+        }
+      }
+    }
+    return resume_slow();
+  }
+  [[gnu::noinline]] R resume_slow() {
     switch (ready_) {
       case ready::none:
         if constexpr (encodable<T>) {
