@@ -254,7 +254,8 @@ class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
   }
 
   /// True when the loan is made (or has failed without waiting); false when it must wait.
-  bool try_now(bool stop_requested) {
+  /// Inline where the loan is awaited, as the send's.
+  [[gnu::always_inline]] bool try_now(bool stop_requested) {
     detail::send_port* port = sender_.port_.get();
     // Lending runs no code of the user's, so, as a bytewise send, it needs only the lock to
     // be free (an operation waiting goes first), not to hold it. Leaving or a loan already
@@ -280,7 +281,12 @@ class [[nodiscard]] channel_loan_operation : public task<channel_loan> {
     return true;
   }
 
-  channel_loan resume() {
+  [[gnu::always_inline]] channel_loan resume() {
+    if (handle() || cancelled_ || failure_) [[unlikely]]
+      return resume_slow();
+    return take_lent();
+  }
+  [[gnu::noinline]] channel_loan resume_slow() {
     if (handle()) return task<channel_loan>::awaiter{handle()}.await_resume();
     if (cancelled_) throw operation_cancelled{};
     if (failure_) std::rethrow_exception(failure_);
