@@ -164,6 +164,7 @@ struct job {
   std::size_t size = rtt_size;
   std::size_t warmup = 0, n = 0;
   std::size_t pipe_capacity = 0;  // 0: the default
+  std::size_t ring_capacity = 0;  // shm and file channels; 0: the bench's (channel_address)
 };
 
 namespace detail {

@@ -51,12 +51,27 @@ void channel_vs_ring(const results& res, std::vector<verdict>& out) {
                                 si(ring->msgs_per_s))
                   : "");
   }
-  const tput_row* loan = res.find_tput("shm", "ipcoro-channel", "loan", 65536);
-  const tput_row* copy = res.find_tput("shm", "ipcoro-channel", "", 65536);
+  // Each side at its better ring: the channel's default (1 MiB), in which the lines a
+  // 64 KiB loan writes are still in the sender's cache when it comes round to them, or
+  // the bench's 4 MiB at this size, which suits copying. Both pairs are printed.
+  const auto better = [](const tput_row* a, const tput_row* b) {
+    if (!a || !b) return a ? a : b;
+    return a->bytes_per_s >= b->bytes_per_s ? a : b;
+  };
+  const tput_row* loan1 = res.find_tput("shm", "ipcoro-channel", "loan-1MiB", 65536);
+  const tput_row* copy1 = res.find_tput("shm", "ipcoro-channel", "1MiB-ring", 65536);
+  const tput_row* loan4 = res.find_tput("shm", "ipcoro-channel", "loan", 65536);
+  const tput_row* copy4 = res.find_tput("shm", "ipcoro-channel", "", 65536);
+  const tput_row* loan = better(loan1, loan4);
+  const tput_row* copy = better(copy1, copy4);
   const auto l = ratio(loan, copy);
+  const auto pair = [](std::optional<double> r) { return r ? fmt::format("{:.3f}x", *r) : std::string("-"); };
   add_verdict(
-      out, "shm channel throughput at 64 KiB with loans >= 2x the copying channel", l, l && *l >= 2.0,
-      l ? fmt::format("{:.3f}x ({}B/s vs {}B/s)", *l, si(loan->bytes_per_s), si(copy->bytes_per_s)) : "");
+      out, "shm channel throughput at 64 KiB with loans >= 2x the copying channel (each at its better ring)",
+      l, l && *l >= 2.0,
+      l ? fmt::format("{:.3f}x ({}B/s vs {}B/s; 1 MiB ring {}, 4 MiB ring {})", *l, si(loan->bytes_per_s),
+                      si(copy->bytes_per_s), pair(ratio(loan1, copy1)), pair(ratio(loan4, copy4)))
+        : "");
 }
 
 /// The channels over byte streams and over shm against raw writes and the peer libraries.
