@@ -57,7 +57,7 @@ class [[nodiscard]] channel_send_operation : public task<void> {
   channel_send_operation& operator=(const channel_send_operation&) = delete;
   // Inline where the operation is awaited, as try_now and resume, whatever the size of the
   // caller's unit: the inliner left all three as calls in a large one (ipcoro-bench).
-  [[gnu::always_inline]] ~channel_send_operation() {}
+  [[gnu::always_inline]] ~channel_send_operation() = default;
 
   using awaiter = detail::channel_op_awaiter<channel_send_operation, void>;
   awaiter operator co_await() & noexcept { return awaiter{*this}; }
@@ -339,7 +339,7 @@ class [[nodiscard]] channel_receive_operation : public task<R> {
       : task<R>(&make), receiver_(receiver), into_ptr_(into) {}
   channel_receive_operation(const channel_receive_operation&) = delete;
   channel_receive_operation& operator=(const channel_receive_operation&) = delete;
-  [[gnu::always_inline]] ~channel_receive_operation() {}  // as the send's
+  [[gnu::always_inline]] ~channel_receive_operation() = default;  // as the send's
 
   using awaiter = detail::channel_op_awaiter<channel_receive_operation, R>;
   awaiter operator co_await() & noexcept { return awaiter{*this}; }
