@@ -25,6 +25,7 @@ struct owner {
   ~owner() {
     tls.current = nullptr;
     tls.gone = true;
+    for (free_block* b : l.hot) ::operator delete(b);
     for (free_block* head : l.heads) {
       while (free_block* b = head) {
         head = b->next;
@@ -93,6 +94,7 @@ std::size_t pooled_frames() noexcept {
   std::size_t total = 0;
   if (const frame_pool::lists* l = frame_pool::tls.current) {
     for (const std::uint8_t n : l->counts) total += n;
+    for (const frame_pool::free_block* b : l->hot) total += b != nullptr ? 1 : 0;
   }
   return total;
 }

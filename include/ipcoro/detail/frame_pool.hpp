@@ -49,8 +49,12 @@ struct free_block {
   free_block* next;
 };
 
-/// A thread's free lists.
+/// A thread's free blocks. Each class has one block in `hot`, in front of its list: the
+/// common case, one frame made and freed again and again (a task awaited in a loop, a
+/// channel operation per message), then touches one pointer, with no list link and no
+/// count to read and write back. A class holds at most its list's limit plus that one.
 struct lists {
+  free_block* hot[classes];
   free_block* heads[classes];
   std::uint8_t counts[classes];
 };
@@ -78,6 +82,11 @@ inline void* allocate_frame(std::size_t size, bool pooled) {
   const std::size_t size_class = fp::class_of(size + fp::prefix);
   if (pooled && size_class < fp::classes) {
     if (fp::lists* l = fp::tls.current) {
+      if (fp::free_block* b = l->hot[size_class]) {
+        l->hot[size_class] = nullptr;
+        *reinterpret_cast<std::uint32_t*>(b) = static_cast<std::uint32_t>(size_class);
+        return reinterpret_cast<std::byte*>(b) + fp::prefix;
+      }
       if (fp::free_block* b = l->heads[size_class]) {
         l->heads[size_class] = b->next;
         --l->counts[size_class];
@@ -97,6 +106,10 @@ inline void deallocate_frame(void* frame) noexcept {
   const std::uint32_t size_class = *reinterpret_cast<const std::uint32_t*>(block);
   if (size_class < fp::small_classes) {
     fp::lists* l = fp::tls.current;
+    if (l != nullptr && l->hot[size_class] == nullptr) {
+      l->hot[size_class] = reinterpret_cast<fp::free_block*>(block);
+      return;
+    }
     if (l != nullptr && l->counts[size_class] < fp::per_small_class) {
       auto* b = reinterpret_cast<fp::free_block*>(block);
       b->next = l->heads[size_class];
