@@ -338,3 +338,57 @@ TEST_CASE("a pool miss keeps spares, so one more frame alive at once later alloc
   CHECK(at_first_miss >= 1);
   CHECK(at_next_highs == 0);
 }
+
+// A class holds at most its list's limit plus its hot block: frames freed beyond that go
+// back to the heap, and exactly that many can be made again without allocating.
+TEST_CASE("a size class keeps its hot block and its list's limit, no more", "[alloc][frame_pool]") {
+  namespace fp = ipcoro::detail::frame_pool;
+  constexpr std::size_t kept = fp::per_small_class + 1;
+  std::size_t held = 0;
+  std::uint64_t refill_allocations = 0;
+  std::uint64_t past_kept_allocations = 0;
+  std::thread([&] {
+    constexpr std::size_t size = 2000;  // a class no one else on this thread uses
+    std::vector<void*> frames;
+    for (std::size_t i = 0; i < 3 * kept; ++i) frames.push_back(ipcoro::detail::allocate_frame(size, true));
+    for (void* p : frames) ipcoro::detail::deallocate_frame(p);
+    held = ipcoro::detail::pooled_frames();
+    frames.clear();
+    const std::uint64_t before = ipcoro::test::allocations();
+    for (std::size_t i = 0; i < kept; ++i) frames.push_back(ipcoro::detail::allocate_frame(size, true));
+    refill_allocations = ipcoro::test::allocations() - before;
+    frames.push_back(ipcoro::detail::allocate_frame(size, true));
+    past_kept_allocations = ipcoro::test::allocations() - before - refill_allocations;
+    for (void* p : frames) ipcoro::detail::deallocate_frame(p);
+  }).join();
+  CHECK(held == kept);
+  CHECK(refill_allocations == 0);
+  CHECK(past_kept_allocations >= 1);
+}
+
+// A frame may end on another thread than the one that made it: the freeing thread's pool
+// keeps it, and that thread's exit frees it (here from the hot block, where it went when
+// it was freed a second time).
+TEST_CASE("a frame freed on another thread is kept by that thread's pool and freed at its exit",
+          "[alloc][frame_pool]") {
+  const alloc_snapshot before;
+  void* frame = nullptr;
+  std::thread([&] { frame = ipcoro::detail::allocate_frame(1000, true); }).join();
+  std::size_t held_after_free = 0;
+  std::uint64_t reuse_allocations = 0;
+  bool same_block = false;
+  std::thread([&] {
+    ipcoro::detail::deallocate_frame(frame);
+    held_after_free = ipcoro::detail::pooled_frames();
+    const std::uint64_t at = ipcoro::test::allocations();
+    void* again = ipcoro::detail::allocate_frame(1000, true);
+    reuse_allocations = ipcoro::test::allocations() - at;
+    same_block = again == frame;
+    ipcoro::detail::deallocate_frame(again);
+  }).join();
+  const alloc_snapshot after;
+  CHECK(held_after_free == 1);
+  CHECK(reuse_allocations == 0);
+  CHECK(same_block);
+  CHECK(after.allocations - before.allocations == after.deallocations - before.deallocations);
+}
