@@ -53,10 +53,11 @@ struct free_block {
 /// common case, one frame made and freed again and again (a task awaited in a loop, a
 /// channel operation per message), then touches one pointer, with no list link and no
 /// count to read and write back. A class holds at most its list's limit plus that one.
+/// `hot` is last, so that code built against the layout without it still finds the lists.
 struct lists {
-  free_block* hot[classes];
   free_block* heads[classes];
   std::uint8_t counts[classes];
+  free_block* hot[classes];
 };
 
 /// The thread's lists (null before first use, and again once the thread is exiting),
